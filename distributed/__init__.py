@@ -1,0 +1,1 @@
+"""Ray and MLflow plumbing shared by the pipelines."""
