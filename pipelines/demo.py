@@ -45,9 +45,14 @@ def main() -> None:
         print(f"  {rec.id}: read back from Arrow and rebuilt: {'bit-exact' if same else 'DIFFERENT'}")
         if not same:
             raise SystemExit("round trip is not exact")
+    print("\n== 2. the method on digits (single process): zoo, meta-training, pruning vs baselines ==")
+    print("   (digits is too easy to tell pruning methods apart; see bench/quality.py for CIFAR-10)")
+    import subprocess
+
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "quality.py"), "--smoke",
+                    "--out", str(OUT / "quality")], check=True)
     print()
-    for step, issue in [("meta-training the metanetwork and pruning (single process)", 3),
-                        ("`make zoo`: the model zoo trained as Ray tasks", 4),
+    for step, issue in [("`make zoo`: the model zoo trained as Ray tasks", 4),
                         ("`ray job submit -- python pipelines/meta_train.py`", 5),
                         ("Ray Tune search and `python pipelines/prune_batch.py`", 6)]:
         print(f"not yet: {step} (see issue #{issue})")

@@ -1,0 +1,188 @@
+"""The metanetwork: a GNN that maps a network's graph to an edited graph of the same network.
+
+As in the paper: node and edge encoders (one edge encoder per edge type), L layers of PNA-style
+message passing with node and edge updates, each run over the edges and over the reversed edges
+(with the sign of half the edge channels flipped, so the two directions are told apart), LayerNorm
+without affine, and decoders back to the feature sizes. The output is ``input + r * decoded``, so
+with a small ``r`` the metanetwork starts near the identity.
+
+The running statistics of BatchNorm (node feature columns 2 and 3) are passed through unedited:
+they are buffers that no loss can give a gradient, so an edit there would be untrained noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metanet import message_passing as mp
+from metanet.graph import NODE_FEATURES, NetworkGraph
+
+EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
+
+
+@dataclass
+class MetaNetConfig:
+    """Size and behaviour of a metanetwork; ``edge_widths`` maps each edge type to its width."""
+
+    edge_widths: dict[str, int] = field(default_factory=lambda: {"identity": 1, "k1x1": 1, "k3x3": 9})
+    hidden: int = 64
+    layers: int = 8
+    residual: float = 0.01
+    backend: str = "dgl"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mlp(width_in: int, width_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width_in, width_out), nn.SiLU())
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:])
+
+
+class EdgeConv(nn.Module):
+    """One direction of one layer: node messages (aggregated mean/std/max/min) and edge updates."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.message_src = _mlp(hidden, hidden)  # g(x_j), times the edge feature
+        self.message_dst = _mlp(hidden, hidden)  # f(x_i)
+        self.combine = nn.Linear(4 * hidden, hidden)
+        self.edge_src = _mlp(hidden, hidden)
+        self.edge_dst = _mlp(hidden, hidden)
+
+    def message_and_aggregate(self, x: torch.Tensor, e: torch.Tensor, passing: mp.MessagePassing) -> torch.Tensor:
+        stats = passing.aggregate(self.message_src(x), e)
+        return mp.scale_by_destination(stats, self.message_dst(x))
+
+    def update_nodes(self, aggregated: torch.Tensor) -> torch.Tensor:
+        return self.combine(aggregated)
+
+    def update_edges(self, x: torch.Tensor, e: torch.Tensor, passing: mp.MessagePassing) -> torch.Tensor:
+        return passing.edge_product(self.edge_src(x), self.edge_dst(x)) * e
+
+    def forward(self, x, e, passing):
+        return self.update_nodes(self.message_and_aggregate(x, e, passing)), self.update_edges(x, e, passing)
+
+
+class MetaLayer(nn.Module):
+    """x += conv(LN x, E, LN e) + conv_rev(LN x, E^T, s * LN e);  e += de + s * de_rev."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.forward_conv = EdgeConv(hidden)
+        self.reverse_conv = EdgeConv(hidden)
+
+    def forward(self, x, e, passing_fwd, passing_rev, sign):
+        xn, en = _norm(x), _norm(e)
+        dx_f, de_f = self.forward_conv(xn, en, passing_fwd)
+        dx_r, de_r = self.reverse_conv(xn, en * sign, passing_rev)
+        return x + dx_f + dx_r, e + de_f + sign * de_r
+
+
+class MetaNetwork(nn.Module):
+    """Graph in, graph out: ``metanet(graph)`` is ``graph`` with edited node and edge features."""
+
+    def __init__(self, config: MetaNetConfig | None = None, **overrides):
+        super().__init__()
+        config = config or MetaNetConfig()
+        for k, v in overrides.items():
+            setattr(config, k, v)
+        if config.backend not in mp.BACKENDS:
+            raise ValueError(f"backend must be one of {mp.BACKENDS}, not {config.backend!r}")
+        self.config = config
+        h = config.hidden
+        self.node_encoder = nn.Linear(len(NODE_FEATURES), h)
+        self.edge_encoders = nn.ModuleDict({t: nn.Linear(k, h) for t, k in config.edge_widths.items()})
+        self.layers = nn.ModuleList(MetaLayer(h) for _ in range(config.layers))
+        self.node_decoder = nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(),
+                                          nn.Linear(h, len(NODE_FEATURES)))
+        self.edge_decoders = nn.ModuleDict({
+            t: nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, k))
+            for t, k in config.edge_widths.items()})
+        sign = torch.ones(h)
+        sign[h // 2:] = -1
+        self.register_buffer("sign", sign, persistent=False)
+        editable = torch.tensor([float(n in EDITABLE_NODE_FEATURES) for n in NODE_FEATURES])
+        self.register_buffer("node_edit_mask", editable, persistent=False)
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in mp.BACKENDS:
+            raise ValueError(f"backend must be one of {mp.BACKENDS}, not {name!r}")
+        self.config.backend = name
+
+    def _check(self, graph: NetworkGraph) -> None:
+        for t in graph.edge_types:
+            if t not in self.config.edge_widths:
+                raise ValueError(f"the graph has edges of type {t!r}, which this metanetwork was not built for "
+                                 f"(it knows {sorted(self.config.edge_widths)}); build it with edge_widths "
+                                 "covering the zoo (metanet.edge_widths_of)")
+            if graph.edge_feat[t].shape[1] != self.config.edge_widths[t]:
+                raise ValueError(f"edge type {t!r} has width {graph.edge_feat[t].shape[1]}, the metanetwork "
+                                 f"expects {self.config.edge_widths[t]}")
+
+    def forward(self, graph: NetworkGraph) -> NetworkGraph:
+        self._check(graph)
+        passing_fwd, passing_rev = mp.build(graph, self.config.backend)
+        x = self.node_encoder(graph.node_feat)
+        e = torch.cat([self.edge_encoders[t](graph.edge_feat[t]) for t in graph.edge_types])
+        for layer in self.layers:
+            x, e = layer(x, e, passing_fwd, passing_rev, self.sign)
+        r = self.config.residual
+        node_out = graph.node_feat + r * self.node_decoder(x) * self.node_edit_mask
+        edge_out, start = {}, 0
+        for t in graph.edge_types:
+            n = graph.edge_feat[t].shape[0]
+            edge_out[t] = graph.edge_feat[t] + r * self.edge_decoders[t](e[start:start + n])
+            start += n
+        return graph.with_features(node_out, edge_out)
+
+
+def edge_widths_of(graphs) -> dict[str, int]:
+    """The edge types (and widths) over a collection of graphs, to size a metanetwork's encoders."""
+    widths: dict[str, int] = {}
+    for g in graphs:
+        for t in g.edge_types:
+            k = int(g.edge_feat[t].shape[1])
+            if widths.setdefault(t, k) != k:
+                raise ValueError(f"edge type {t!r} has widths {widths[t]} and {k} in different graphs")
+    return dict(sorted(widths.items()))
+
+
+def save_metanetwork(metanet: MetaNetwork, path: str, **extra) -> None:
+    """Weights and config, loadable with ``torch.load(weights_only=True)``; atomic."""
+    import os
+    import uuid
+
+    payload = {"format": "metaprune.metanetwork/1", "config": metanet.config.to_dict(),
+               "state_dict": metanet.state_dict(), "extra": extra}
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_metanetwork(path: str, backend: str | None = None) -> tuple[MetaNetwork, dict]:
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"metanetwork file not found: {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != "metaprune.metanetwork/1":
+        raise ValueError(f"{path}: not a metanetwork file (no 'metaprune.metanetwork/1' format tag)")
+    config = MetaNetConfig(**payload["config"])
+    if backend is not None:
+        config.backend = backend
+    net = MetaNetwork(config)
+    net.load_state_dict(payload["state_dict"])
+    return net, payload.get("extra", {})

@@ -1,0 +1,98 @@
+"""The pruning recipe, and the baselines it is compared with, under one finetuning budget.
+
+- ``meta``: metanetwork forward -> finetune -> prune to the target speed-up -> finetune;
+- ``none``: finetune -> prune -> finetune (pruning without the metanetwork);
+- ``depgraph``: sparse learning (finetune with GroupNormPruner's group-sparsity term) -> prune
+  -> finetune (DepGraph with sparse learning).
+
+Every method spends ``before.epochs + after.epochs`` epochs of training. Accuracy is reported on
+the validation split at every stage and on the test split at the end; nothing is selected on test.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from metanet.graph import graph_to_network, network_to_graph
+from metanet.metanetwork import MetaNetwork
+from metanet.prune import prune_to_speedup
+from metanet.sparsity import GroupSparsity
+from zoo.data import TaskData
+from zoo.train import TrainConfig, evaluate, train
+
+METHODS = ("meta", "none", "depgraph")
+
+
+@dataclass
+class RecipeConfig:
+    target: float = 2.0
+    before: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01, schedule="constant"))
+    after: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01, schedule="cosine"))
+    sparse_reg: float = 5e-4  # DepGraph sparse learning (Torch-Pruning's benchmark value)
+    sparse_alpha: float = 4.0
+    steps: int = 200
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def apply_metanetwork(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
+    """One metanetwork forward pass: a new module of ``model``'s architecture with edited weights."""
+    metanet.eval()
+    return graph_to_network(metanet(network_to_graph(model, example_inputs)), model)
+
+
+def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
+                      metanet: MetaNetwork | None = None, report_test: bool = True) -> tuple[nn.Module, dict]:
+    """Runs one method on a copy of ``model``; returns the pruned, finetuned model and its record
+    (test accuracy only when ``report_test``: selection code never looks at it)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if method == "meta" and metanet is None:
+        raise ValueError("method 'meta' needs a metanetwork")
+    start = time.perf_counter()
+    x = torch.zeros(data.input_shape)
+    model = copy.deepcopy(model)
+    record: dict = {"method": method, "target": cfg.target, "val_acc_start": evaluate(model, data, "val")[0]}
+    extra = None
+    if method == "meta":
+        model = apply_metanetwork(metanet, model, x)
+        record["val_acc_after_metanet"] = evaluate(model, data, "val")[0]
+    elif method == "depgraph":
+        sparsity = GroupSparsity(model, x, reg=cfg.sparse_reg, alpha=cfg.sparse_alpha)
+        extra = lambda m: sparsity(dict(m.named_parameters()))  # noqa: E731
+    train(model, data, cfg.before, extra_loss=extra)
+    record["val_acc_before_prune"] = evaluate(model, data, "val")[0]
+    result = prune_to_speedup(model, x, cfg.target, steps=cfg.steps)
+    record.update(result.summary())
+    record["val_acc_pruned"], _ = evaluate(model, data, "val")
+    if report_test:
+        record["test_acc_pruned"], _ = evaluate(model, data, "test")
+    train(model, data, cfg.after)
+    record["val_acc"], record["val_loss"] = evaluate(model, data, "val")
+    if report_test:
+        record["test_acc"], record["test_loss"] = evaluate(model, data, "test")
+    record["seconds"] = time.perf_counter() - start
+    return model, record
+
+
+def selection_score(metanet: MetaNetwork, models: list[nn.Module], data: TaskData, cfg: RecipeConfig) -> float:
+    """Validation accuracy after metanetwork -> finetune -> prune (no final finetune), averaged
+    over ``models``: how checkpoints are compared. Uses only the validation split."""
+    scores = []
+    for model in models:
+        _, record = prune_with_method(model, data, "meta", _without_final_finetune(cfg), metanet, report_test=False)
+        scores.append(record["val_acc_pruned"])
+    return sum(scores) / len(scores)
+
+
+def _without_final_finetune(cfg: RecipeConfig) -> RecipeConfig:
+    out = copy.deepcopy(cfg)
+    out.after.epochs = 0
+    return out

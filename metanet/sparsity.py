@@ -1,0 +1,132 @@
+"""Torch-Pruning's GroupNormPruner regulariser as a differentiable, vectorised loss.
+
+``GroupNormPruner.regularize`` adds ``reg * gamma_c * w`` to the gradient of every weight slice
+that belongs to channel c of a dependency group (a Conv/Linear's output rows, a following layer's
+input columns, a BatchNorm's weight), where, with ``I_c`` the group's L2 importance of channel c
+(``GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="max")``, square-rooted),
+``gamma_c = alpha ** ((max I - I_c) / (max I - min I))``: the less important a channel, the harder
+it is pushed to zero. It loops over groups in Python and writes into ``.grad``.
+
+Here the same term is a loss, ``0.5 * reg * sum_c gamma_c * ||slices of c||^2`` with gamma held
+constant, so its gradient is exactly what ``regularize`` adds, it flows through
+``functional_call`` parameters into a metanetwork, and one backward pass serves the task loss and
+the regulariser together. The groups come from Torch-Pruning's own DependencyGraph, turned once
+per architecture into flat index maps; evaluating the loss is a handful of tensor ops per layer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Mapping, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+_OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+_IN = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+_BN = (tp.prune_batchnorm_out_channels,)
+
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The layer whose outputs are the network's outputs: the last Linear (or Conv) in the model."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            last = m
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer")
+    return last
+
+
+class GroupSparsity:
+    """The group-sparsity regulariser of one architecture (any module of that architecture).
+
+    ``GroupSparsity(model, example_inputs, reg=10, alpha=16)(params)`` is the loss for the
+    parameters ``params`` (a name -> tensor dict, e.g. from ``metanet.graph_to_params``, or
+    ``dict(model.named_parameters())``).
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, *, reg: float = 10.0, alpha: float = 16.0,
+                 ignored_layers: Sequence[nn.Module] | None = None):
+        self.reg, self.alpha = float(reg), float(alpha)
+        ignored = list(ignored_layers) if ignored_layers is not None else [classifier_of(model)]
+        names = {m: n for n, m in model.named_modules()}
+        pruner = tp.pruner.GroupNormPruner(
+            model, example_inputs, importance=importance(), ignored_layers=ignored, global_pruning=False)
+        rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        cols: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        vecs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        members, group_of = [], []
+        offset = 0
+        for group in pruner._groups:
+            size, count = None, 0
+            for i, (dep, idxs) in enumerate(group):
+                handler, layer = dep.handler, dep.target.module
+                if handler not in _OUT + _IN + _BN or not isinstance(layer, (nn.Conv2d, nn.Conv1d, nn.Linear,
+                                                                            nn.modules.batchnorm._BatchNorm)):
+                    continue
+                if handler in _BN and not layer.affine:
+                    continue
+                if isinstance(layer, (nn.Conv2d, nn.Conv1d)) and layer.groups != 1:
+                    raise ValueError(f"grouped convolution {names[layer]} is not supported")
+                root = torch.as_tensor(list(group[i].root_idxs), dtype=torch.int64)
+                idx = torch.as_tensor(list(idxs), dtype=torch.int64)
+                size = max(size or 0, int(root.max()) + 1)
+                target = rows if handler in _OUT else cols if handler in _IN else vecs
+                target[f"{names[layer]}.weight"].append((idx, offset + root))
+                count += 1
+            if count == 0:
+                continue
+            members.append(count)
+            group_of.append(torch.full((size,), len(members) - 1, dtype=torch.int64))
+            offset += size
+        self.num_channels = offset
+        self.num_groups = len(members)
+        self.members = torch.tensor(members, dtype=torch.float32)
+        self.group_of = torch.cat(group_of) if group_of else torch.zeros(0, dtype=torch.int64)
+        merge = lambda d: {k: (torch.cat([i for i, _ in v]), torch.cat([g for _, g in v])) for k, v in d.items()}  # noqa: E731
+        self.rows, self.cols, self.vecs = merge(rows), merge(cols), merge(vecs)
+
+    def slice_norms(self, params: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared L2 norm of every group-member slice, its global channel id)."""
+        norms, ids = [], []
+        for name, (idx, gid) in self.rows.items():
+            w = params[name]
+            norms.append(w.reshape(w.shape[0], -1).square().sum(1)[idx])
+            ids.append(gid)
+        for name, (idx, gid) in self.cols.items():
+            w = params[name]
+            norms.append(w.transpose(0, 1).reshape(w.shape[1], -1).square().sum(1)[idx])
+            ids.append(gid)
+        for name, (idx, gid) in self.vecs.items():
+            norms.append(params[name].square()[idx])
+            ids.append(gid)
+        return torch.cat(norms), torch.cat(ids)
+
+    def gamma(self, norms: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Per channel: alpha ** ((max I - I) / (max I - min I)) within its group; constant."""
+        with torch.no_grad():
+            device = norms.device
+            group_of = self.group_of.to(device)
+            imp = torch.zeros(self.num_channels, device=device, dtype=norms.dtype).index_add_(0, ids, norms)
+            imp = (imp / self.members.to(device)[group_of]).sqrt()
+            hi = torch.full((self.num_groups,), float("-inf"), device=device).scatter_reduce(
+                0, group_of, imp, reduce="amax")
+            lo = torch.full((self.num_groups,), float("inf"), device=device).scatter_reduce(
+                0, group_of, imp, reduce="amin")
+            span = (hi - lo)[group_of]
+            # a group whose channels are all equally important: Torch-Pruning divides 0 by 0; use 1
+            scaled = torch.where(span > 0, (hi[group_of] - imp) / span.clamp_min(1e-30), torch.zeros_like(imp))
+            return self.alpha ** scaled
+
+    def __call__(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        norms, ids = self.slice_norms(params)
+        gamma = self.gamma(norms.detach(), ids)
+        return 0.5 * self.reg * (gamma[ids] * norms).sum()
+
+
+def importance() -> tp.importance.GroupMagnitudeImportance:
+    """The method's channel importance: group L2 norm, mean over the group, max-normalised."""
+    return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="max")
+
