@@ -11,11 +11,12 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test test-fast demo bench clean
+.PHONY: help install test test-fast demo bench zoo clean
 
 help:
 	@echo "make demo     install, then run the pipeline on the embedded default (digits)"
 	@echo "make test     install, then run the test suite"
+	@echo "make zoo      build the digits zoo with Ray tasks (ZOO_ARGS='--spec zoo/specs/cifar10.yaml ...')"
 	@echo "make bench    install, then run the benchmarks under bench/"
 	@echo "make install  create $(VENV) and install the project with its dev extra"
 
@@ -36,6 +37,9 @@ test-fast: install
 
 demo: install
 	$(PY) pipelines/demo.py
+
+zoo: install
+	$(PY) pipelines/make_zoo.py $(ZOO_ARGS)
 
 bench: install
 	$(PY) bench/graph.py

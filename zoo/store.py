@@ -6,7 +6,7 @@ files are read memory-mapped, so a row's graph arrays are zero-copy views of the
 is written under a temporary name and renamed into place, so a reader never sees half of one.
 
 Row schema (version ``SCHEMA_VERSION``, in the schema metadata):
-- id, arch (JSON spec, see ``zoo.arch``), dataset, seed, status, error;
+- id, arch (JSON spec, see ``zoo.arch``), dataset, seed, role (train/val), status, error;
 - metrics: train/val/test accuracy and loss, macs, params, speedup (nullable);
 - the graph: num_nodes, input_shape, src, dst, edge_type (large lists, aligned by edge),
   edge_types and edge_feat_dims (one per type), node_feat_dim, node_feat (flat N*F),
@@ -30,7 +30,7 @@ from metanet.graph import NetworkGraph
 
 SCHEMA_VERSION = 1
 _KIND = b"metaprune.zoo-members"
-METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss", "speedup")
+METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss", "speedup", "seconds")
 INT_METRICS = ("macs", "params")
 
 SCHEMA = pa.schema(
@@ -39,6 +39,7 @@ SCHEMA = pa.schema(
         pa.field("arch", pa.string()),
         pa.field("dataset", pa.string()),
         pa.field("seed", pa.int64()),
+        pa.field("role", pa.string()),
         pa.field("status", pa.string()),
         pa.field("error", pa.string()),
         *[pa.field(m, pa.float64()) for m in METRICS],
@@ -78,6 +79,7 @@ class ZooRecord:
     metrics: dict[str, float | int | None] = field(default_factory=dict)
     status: str = "ok"
     error: str | None = None
+    role: str = "train"
 
 
 # ------------------------------------------------------------------------------ filesystems
@@ -148,6 +150,7 @@ def records_to_table(records: Sequence[ZooRecord]) -> pa.Table:
         "arch": [json.dumps(r.arch, sort_keys=True) for r in records],
         "dataset": [r.dataset for r in records],
         "seed": [int(r.seed) for r in records],
+        "role": [r.role for r in records],
         "status": [r.status for r in records],
         "error": [r.error for r in records],
     }
@@ -268,7 +271,8 @@ def record_from_row(table: pa.Table, row: int, with_graph: bool = True) -> ZooRe
     return ZooRecord(
         id=get("id"), arch=json.loads(get("arch")), dataset=get("dataset"), seed=get("seed"),
         graph=graph_from_row(table, row) if with_graph else None,
-        metrics={m: get(m) for m in METRICS + INT_METRICS}, status=get("status"), error=get("error"))
+        metrics={m: get(m) for m in METRICS + INT_METRICS}, status=get("status"), error=get("error"),
+        role=get("role"))
 
 
 def read_members(uri: str, with_graph: bool = True) -> list[ZooRecord]:
@@ -335,20 +339,22 @@ class Zoo:
             return pd.DataFrame(columns=cols)
         return pa.concat_tables(tables).to_pandas()
 
-    def write(self, name: str, records: Sequence[ZooRecord]) -> str:
-        """Writes ``records`` as ``members/<name>.arrow`` (atomically) and refreshes the manifest."""
+    def write(self, name: str, records: Sequence[ZooRecord], manifest: bool = True) -> str:
+        """Writes ``records`` as ``members/<name>.arrow`` (atomically), replacing a file of that name,
+        and refreshes the manifest unless ``manifest`` is False (many concurrent writers)."""
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"bad member file name {name!r}")
         path = write_members(self._uri(f"{self.members_dir}/{name}.arrow"), records)
         self._index = None
-        self.write_manifest()
+        if manifest:
+            self.write_manifest()
         return path
 
     def write_manifest(self) -> dict[str, Any]:
         """Rewrites ``manifest.json`` from the member files (atomically)."""
         members = []
         for path, table in self._tables():
-            meta = table.select(["id", "arch", "dataset", "seed", "status", "error", *METRICS, *INT_METRICS])
+            meta = table.select(["id", "arch", "dataset", "seed", "role", "status", "error", *METRICS, *INT_METRICS])
             for row in meta.to_pylist():
                 row["file"] = path.rsplit("/", 1)[-1]
                 members.append(row)

@@ -1,0 +1,51 @@
+"""MLflow tracking: where runs go, and small helpers shared by the pipelines.
+
+Default tracking URI: a SQLite database in the pipeline's output directory (MLflow's file store
+is deprecated); ``MLFLOW_TRACKING_URI`` overrides it, e.g. one ``mlflow server`` on 127.0.0.1 when
+many processes write at once. Artifacts of a SQLite-backed experiment go next to the database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import mlflow
+
+
+def tracking_uri(out_dir: str) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if "://" in out_dir:
+        raise ValueError(f"output {out_dir} is not a local path: set MLFLOW_TRACKING_URI to a tracking server")
+    os.makedirs(out_dir, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(out_dir)}/mlflow.db"
+
+
+def use_experiment(name: str, out_dir: str) -> str:
+    """Points MLflow at the tracking URI for ``out_dir`` and selects (or creates) ``name``."""
+    uri = tracking_uri(out_dir)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+    return uri
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys, lists as JSON: MLflow params are flat strings."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,210 @@
+"""Build a zoo of trained networks, one Ray task per member (`make zoo`).
+
+Each task trains a network from scratch, prunes it to the initial speed-up, finetunes it,
+evaluates it, converts it to its graph and writes ``members/<id>.arrow`` (atomically) under the
+output. Members already written are skipped, so killing the driver and running the same command
+again resumes. A task that dies is retried (``--max-retries``); a member that fails for good is
+written as a ``failed`` row with its error, and the run goes on.
+
+    python pipelines/make_zoo.py                                  # the embedded digits zoo
+    python pipelines/make_zoo.py --spec zoo/specs/cifar10.yaml --set dataset.root=/data/cifar10-jpeg
+    RAY_ADDRESS=ray://head:10001 python pipelines/make_zoo.py --out s3://bucket/zoo   # a cluster
+
+One MLflow run per build: the spec as params, counts/accuracy distribution/wall time as metrics,
+the manifest, a table of all members and an accuracy histogram as artifacts. (One table rather
+than a nested run per member: the members are rows to compare, and a run per member would mean
+dozens of tiny runs and as many database writes.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distributed.ray_env import cluster_address, init_ray, ray, shutdown  # noqa: E402
+from zoo.spec import DEFAULT_SPEC, MemberSpec, SpecError, load_spec, members  # noqa: E402
+from zoo.store import Zoo, ZooRecord  # noqa: E402
+
+FAULT_ENV = "METAPRUNE_FAULT_INJECT"  # testing hook: "crash-once:<index>:<marker dir>" / "error:<index>"
+
+
+def load_task_data(spec: dict):
+    from zoo.data import load_dataset
+
+    options = {k: v for k, v in spec["dataset"].items() if k not in ("name", "root")}
+    return load_dataset(spec["dataset"]["name"], spec["dataset"].get("root"), **options)
+
+
+def _inject_fault(fault: str | None, member: MemberSpec) -> None:
+    """Testing hook for the retry and failure paths (see tests/test_make_zoo.py)."""
+    for item in (fault or "").split(","):
+        parts = item.split(":")
+        if len(parts) >= 2 and int(parts[1]) == member.index:
+            if parts[0] == "crash-once":
+                marker = Path(parts[2]) / f"crashed-{member.index}"
+                if not marker.exists():
+                    marker.touch()
+                    os._exit(1)  # the worker process dies, as on OOM kill
+            elif parts[0] == "error":
+                raise RuntimeError(f"injected failure for member {member.index}")
+
+
+def run_member(spec: dict, member: MemberSpec, data, out: str, fault: str | None, threads: int) -> dict:
+    """One Ray task: build the member and write it; returns its summary."""
+    import torch
+
+    from zoo.build import build_member
+
+    torch.set_num_threads(max(1, threads))
+    _inject_fault(fault, member)
+    record = build_member(spec, member, data)
+    Zoo(out).write(member.id, [record], manifest=False)
+    return {"id": record.id, "status": record.status, "error": record.error}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spec", default=DEFAULT_SPEC, help="zoo spec (YAML or TOML); default: the digits zoo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec value")
+    p.add_argument("--members", type=int, help="number of members (overrides the spec)")
+    p.add_argument("--out", help="output directory or URI (overrides the spec's 'output')")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--cpus-per-member", type=float, default=1)
+    p.add_argument("--gpu", action="store_true", help="give each member task a GPU")
+    p.add_argument("--max-retries", type=int, default=2, help="retries of a task whose worker died")
+    p.add_argument("--shared-output", action="store_true",
+                   help="on a cluster: the local output path is on storage every node shares")
+    p.add_argument("--no-mlflow", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    overrides = list(args.set)
+    if args.members is not None:
+        overrides.append(f"members={args.members}")
+    if args.out is not None:
+        overrides.append(f"output={args.out}")
+    try:
+        spec = load_spec(args.spec, overrides)
+    except SpecError as err:
+        raise SystemExit(f"make_zoo: {err}")
+    out = spec["output"]
+    if cluster_address(args.address) and "://" not in out and not args.shared_output:
+        raise SystemExit(f"make_zoo: on a cluster, output {out!r} would be a path on each node: give a URI every "
+                         "node can reach (s3://..., or a shared path with --shared-output)")
+    start = time.perf_counter()
+    data = load_task_data(spec)
+    plan = members(spec, data.in_channels, data.num_classes, data.image_size)
+    zoo = Zoo.create(out)
+    done = set(zoo.metadata().query("status == 'ok'")["id"]) if zoo.files() else set()
+    todo = [m for m in plan if m.id not in done]
+    print(f"zoo {spec['name']}: {len(plan)} members, {len(plan) - len(todo)} already built, {len(todo)} to build "
+          f"-> {out}")
+    summaries = []
+    if todo:
+        resources = init_ray(args.address, args.num_cpus)
+        print(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs")
+        summaries = _run_tasks(spec, todo, data, out, args)
+        shutdown()
+    manifest = zoo.write_manifest()
+    wall = time.perf_counter() - start
+    _print_summary(zoo, manifest, wall)
+    if not args.no_mlflow:
+        _log_mlflow(spec, zoo, manifest, wall, out)
+    return {"manifest": manifest, "built": summaries, "seconds": wall}
+
+
+def _run_tasks(spec: dict, todo: list[MemberSpec], data, out: str, args) -> list[dict]:
+    from tqdm import tqdm
+
+    data_ref = ray.put(data)
+    threads = max(1, int(args.cpus_per_member))
+    task = ray.remote(run_member).options(num_cpus=args.cpus_per_member, num_gpus=1 if args.gpu else 0,
+                                          max_retries=args.max_retries, retry_exceptions=False)
+    fault = os.environ.get(FAULT_ENV)
+    pending = {task.remote(spec, m, data_ref, out, fault, threads): m for m in todo}
+    summaries, failed = [], 0
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / args.cpus_per_member))
+    bar = tqdm(total=len(pending), desc="building zoo", unit="member")
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        member = pending.pop(ready[0])
+        try:
+            summary = ray.get(ready[0])
+        except Exception as err:  # the task died for good (every retry): record it, go on
+            cause = getattr(err, "cause", None) or err  # a RayTaskError wraps the task's own exception
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
+            error = f"{type(cause).__name__}: {text.splitlines()[0][:300] if text else ''}"
+            Zoo(out).write(member.id, [ZooRecord(member.id, member.arch, spec["dataset"]["name"], member.seed, None,
+                                                 status="failed", error=error, role=member.role)], manifest=False)
+            summary = {"id": member.id, "status": "failed", "error": error}
+        failed += summary["status"] != "ok"
+        summaries.append(summary)
+        bar.update(1)
+        bar.set_postfix(done=len(summaries) - failed, failed=failed, running=min(len(pending), slots))
+    bar.close()
+    return summaries
+
+
+def _print_summary(zoo: Zoo, manifest: dict, wall: float) -> None:
+    meta = zoo.metadata()
+    ok = meta[meta.status == "ok"]
+    c = manifest["counts"]
+    print(f"\n{c['ok']} members ok, {c['failed']} failed, {wall:.0f} s")
+    if len(ok):
+        print(f"test accuracy: mean {ok.test_acc.mean():.3f}, min {ok.test_acc.min():.3f}, max {ok.test_acc.max():.3f}; "
+              f"initial speed-up {ok.speedup.mean():.2f}x")
+    for _, row in meta[meta.status != "ok"].iterrows():
+        print(f"  failed {row.id}: {row.error}")
+
+
+def _log_mlflow(spec: dict, zoo: Zoo, manifest: dict, wall: float, out: str) -> None:
+    import json
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from distributed.tracking import flatten, use_experiment
+
+    uri = use_experiment(f"zoo-{spec['name']}", out if "://" not in out else "runs")
+    meta = zoo.metadata()
+    ok = meta[meta.status == "ok"]
+    with mlflow.start_run(run_name=f"zoo-{spec['name']}"), tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_params({k: str(v)[:5000] for k, v in flatten(spec).items()})
+        metrics = {"members_ok": manifest["counts"]["ok"], "members_failed": manifest["counts"]["failed"],
+                   "wall_seconds": wall}
+        for col in ("train_acc", "val_acc", "test_acc"):
+            if len(ok):
+                metrics.update({f"{col}_mean": ok[col].mean(), f"{col}_min": ok[col].min(), f"{col}_max": ok[col].max()})
+        mlflow.log_metrics(metrics)
+        path = Path(tmp) / "manifest.json"
+        path.write_text(json.dumps(manifest, indent=1))
+        mlflow.log_artifact(str(path))
+        mlflow.log_table(meta.drop(columns=["arch"]), "members.json")
+        if len(ok):
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.hist(100 * ok.test_acc, bins=min(20, max(5, len(ok))), color="tab:blue", alpha=0.8)
+            ax.set_xlabel("test accuracy (%)")
+            ax.set_ylabel("members")
+            ax.set_title(f"zoo {spec['name']}: {len(ok)} members")
+            fig.tight_layout()
+            fig.savefig(Path(tmp) / "accuracy_histogram.png", dpi=110)
+            plt.close(fig)
+            mlflow.log_artifact(str(Path(tmp) / "accuracy_histogram.png"))
+    print(f"mlflow: run logged to {uri} (experiment zoo-{spec['name']})")
+
+
+if __name__ == "__main__":
+    main()

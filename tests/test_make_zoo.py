@@ -1,0 +1,124 @@
+"""`make zoo`: Ray tasks build the zoo; retries, permanent failures, resume after a killed driver,
+read-back accuracy, MLflow. Each run is a subprocess with its own local Ray on 127.0.0.1."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from zoo.arch import build_model
+from zoo.data import load_digits
+from zoo.store import Zoo
+from zoo.train import evaluate
+from metanet import graph_to_network
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _spec(tmp_path, members=3):
+    spec = yaml.safe_load((ROOT / "zoo/specs/digits.yaml").read_text())
+    spec.update(members=members, output=str(tmp_path / "zoo"))
+    spec["families"] = [{"family": "resnet", "depths": [8], "stage_widths": [[4, 6], [6, 8], [8]],
+                         "shortcut": ["identity", "projection"]},
+                        {"family": "vgg", "depths": [11], "width_mult": [0.0625], "classifier": [[]]}]
+    spec["train"]["epochs"] = 2
+    spec["finetune"]["epochs"] = 1
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(spec, *extra, env=None, **kw):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, str(ROOT / "pipelines/make_zoo.py"), "--spec", str(spec), "--num-cpus", "2", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kw)
+
+
+def test_build_read_back_resume_and_mlflow(tmp_path):
+    spec = _spec(tmp_path)
+    out = _run(spec)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "0 already built, 3 to build" in out.stdout and "3 members ok, 0 failed" in out.stdout
+    zoo = Zoo(str(tmp_path / "zoo"))
+    manifest = json.loads((tmp_path / "zoo/manifest.json").read_text())
+    assert manifest["counts"] == {"total": 3, "ok": 3, "failed": 0}
+    assert len({m["id"] for m in manifest["members"]}) == 3
+    # a member's recorded accuracy is the accuracy of the network rebuilt from its graph
+    data = load_digits()
+    for rec in zoo:
+        net = graph_to_network(rec.graph, build_model(rec.arch))
+        assert evaluate(net, data, "test")[0] == pytest.approx(rec.metrics["test_acc"], abs=1e-9)
+        assert rec.metrics["speedup"] >= 1.3 and rec.role in ("train", "val")
+    before = {p: Path(p).read_bytes() for p in zoo.files()}
+    again = _run(spec)
+    assert again.returncode == 0 and "3 already built, 0 to build" in again.stdout
+    assert {p: Path(p).read_bytes() for p in zoo.files()} == before
+    # MLflow: one run per build, with the manifest and histogram as artifacts
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/zoo/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["zoo-digits"])
+    assert len(runs) == 2 and set(runs["metrics.members_ok"]) == {3.0}
+    client = mlflow.MlflowClient()
+    names = {a.path for a in client.list_artifacts(runs.iloc[-1]["run_id"])}
+    assert {"manifest.json", "accuracy_histogram.png", "members.json"} <= names
+
+
+def test_dead_workers_are_retried_and_lasting_failures_recorded(tmp_path):
+    spec = _spec(tmp_path)
+    fault = f"crash-once:0:{tmp_path},error:1"
+    out = _run(spec, env={"METAPRUNE_FAULT_INJECT": fault})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "crashed-0").exists()  # member 0's worker really died once
+    meta = Zoo(str(tmp_path / "zoo")).metadata().set_index("id")
+    statuses = sorted(meta.status)
+    assert statuses == ["failed", "ok", "ok"]
+    failed = meta[meta.status == "failed"].iloc[0]
+    assert "injected failure for member 1" in failed.error
+    # a re-run retries the failed member (now without the fault) and keeps the others
+    again = _run(spec)
+    assert "2 already built, 1 to build" in again.stdout and "3 members ok" in again.stdout
+
+
+def test_a_killed_driver_resumes_without_losing_or_duplicating(tmp_path):
+    spec = _spec(tmp_path, members=4)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pipelines/make_zoo.py"), "--spec", str(spec),
+                             "--num-cpus", "1", "--no-mlflow"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    members = tmp_path / "zoo" / "members"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(members.glob("*.arrow"))) < 1:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and every process it started
+    proc.wait()
+    written = {p.name: p.read_bytes() for p in members.glob("*.arrow")}
+    assert 1 <= len(written) < 4
+    out = _run(spec, "--no-mlflow")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{len(written)} already built, {4 - len(written)} to build" in out.stdout
+    after = {p.name: p.read_bytes() for p in members.glob("*.arrow")}
+    assert len(after) == 4 and all(after[k] == v for k, v in written.items())
+    assert not list(members.glob("*.tmp-*"))
+    assert Zoo(str(tmp_path / "zoo")).metadata().status.tolist() == ["ok"] * 4
+
+
+def test_bad_specs_and_cluster_paths_are_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmembers: 3\n")
+    out = _run(bad)
+    assert out.returncode != 0 and "missing key(s) dataset" in out.stderr
+    out = _run(_spec(tmp_path), "--set", "members=0")
+    assert out.returncode != 0 and "members must be a positive integer" in out.stderr
+    out = _run(_spec(tmp_path), "--address", "127.0.0.1:1")
+    assert out.returncode != 0 and "would be a path on each node" in out.stderr
