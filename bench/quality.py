@@ -49,10 +49,10 @@ def settings(smoke: bool) -> dict:
     if smoke:
         return dict(zoo=4, val_members=1, held_out=1, seeds=2, targets=(2.0, 4.0), train_epochs=6, zoo_ft=1,
                     meta_epochs=3, select_every=1, before=1, after=1, hidden=16, layers=2, residual=0.02,
-                    batches_per_step=2)
+                    batches_per_step=2, meta_lr=1e-3, reg=0.1, select_target=2.0)
     return dict(zoo=10, val_members=2, held_out=2, seeds=3, targets=(2.0, 4.0, 8.0), train_epochs=12, zoo_ft=2,
                 meta_epochs=12, select_every=3, before=2, after=2, hidden=32, layers=4, residual=0.02,
-                batches_per_step=4)
+                batches_per_step=4, meta_lr=1e-3, reg=0.1, select_target=4.0)
 
 
 def random_spec(rng: random.Random, data: TaskData) -> dict:
@@ -136,8 +136,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--train-subset", type=int, default=10000)
     parser.add_argument("--test-subset", type=int, default=2000)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set residual=0.1 --set meta_epochs=40")
     args = parser.parse_args()
     s = settings(args.smoke)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        if key not in s:
+            raise SystemExit(f"--set: unknown setting {key!r}; known: {', '.join(sorted(s))}")
+        s[key] = type(s[key])(json.loads(value)) if not isinstance(s[key], tuple) else tuple(json.loads(value))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -150,11 +157,23 @@ def main() -> None:
     # 1. the zoo and the held-out networks
     from tqdm import tqdm
 
-    with _pool(args.workers, data) as pool:
-        futures = [pool.submit(train_member, spec, 100 + i, s["train_epochs"], s["zoo_ft"]) for i, spec in enumerate(specs)]
-        for _ in tqdm(cf.as_completed(futures), total=len(futures), desc="training zoo and held-out networks"):
-            pass
-        trained = [f.result() for f in futures]
+    cache = out / "trained-networks.pt"  # the zoo and held-out networks, reused while the recipe is tuned
+    cache_key = json.dumps([specs, s["train_epochs"], s["zoo_ft"], data.name, len(data.train[1])])
+    trained = None
+    if cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        if saved.get("key") == cache_key:
+            trained = saved["trained"]
+            print(f"reusing {len(trained)} trained networks from {cache}")
+    if trained is None:
+        with _pool(args.workers, data) as pool:
+            futures = [pool.submit(train_member, spec, 100 + i, s["train_epochs"], s["zoo_ft"])
+                       for i, spec in enumerate(specs)]
+            for _ in tqdm(cf.as_completed(futures), total=len(futures), desc="training zoo and held-out networks"):
+                pass
+            trained = [f.result() for f in futures]
+        torch.save({"key": cache_key, "trained": trained}, str(cache) + ".tmp")
+        os.replace(str(cache) + ".tmp", cache)
     zoo, held_out = trained[:s["zoo"]], trained[s["zoo"]:]
     print(f"zoo: {len(zoo)} networks, val acc {statistics.mean(m['val_acc'] for m in zoo):.3f} mean; "
           f"{time.perf_counter() - t0:.0f} s so far")
@@ -162,8 +181,8 @@ def main() -> None:
     torch.set_num_threads(max(1, args.workers))
 
     # 2. meta-training with checkpoint selection on validation members
-    meta_cfg = MetaTrainConfig(epochs=s["meta_epochs"], batches_per_step=s["batches_per_step"],
-                               milestones=(int(s["meta_epochs"] * 0.75),))
+    meta_cfg = MetaTrainConfig(epochs=s["meta_epochs"], batches_per_step=s["batches_per_step"], lr=s["meta_lr"],
+                               reg=s["reg"], milestones=(int(s["meta_epochs"] * 0.75),))
     graphs, models = [], []
     for m in zoo:
         model = build_model(m["arch"])
@@ -176,11 +195,12 @@ def main() -> None:
     net_cfg = MetaNetConfig(edge_widths=edge_widths_of(graphs), hidden=s["hidden"], layers=s["layers"],
                             residual=s["residual"])
     metanet = MetaNetwork(net_cfg)
-    select_cfg = RecipeConfig(target=4.0, before=TrainConfig(epochs=1, lr=0.01, schedule="constant"),
-                              after=TrainConfig(epochs=0))
+    select_cfg = RecipeConfig(target=s["select_target"], before=TrainConfig(epochs=1, lr=0.01, schedule="constant"),
+                              after=TrainConfig(epochs=1, lr=0.01, schedule="constant"))
     scores: list[tuple[int, float]] = [(-1, selection_score(metanet, val_models, data, select_cfg))]
     best = (scores[0][1], -1, snapshot(metanet))
-    print(f"selection score before meta-training (val acc after prune to 4x): {scores[0][1]:.3f}")
+    print(f"selection score before meta-training (val acc after finetune, prune to {s['select_target']}x, "
+          f"finetune): {scores[0][1]:.3f}")
 
     def on_epoch(epoch, metrics, net):
         nonlocal best
