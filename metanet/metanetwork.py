@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metanet import message_passing as mp
-from metanet.graph import NODE_FEATURES, NetworkGraph
+from metanet.graph import IDENTITY, NODE_FEATURES, NetworkGraph
 
 EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
 
@@ -103,9 +103,10 @@ class MetaNetwork(nn.Module):
         self.layers = nn.ModuleList(MetaLayer(h) for _ in range(config.layers))
         self.node_decoder = nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(),
                                           nn.Linear(h, len(NODE_FEATURES)))
+        # identity edges stand for residual additions, not weights: they inform, but are not edited
         self.edge_decoders = nn.ModuleDict({
             t: nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, k))
-            for t, k in config.edge_widths.items()})
+            for t, k in config.edge_widths.items() if t != IDENTITY})
         sign = torch.ones(h)
         sign[h // 2:] = -1
         self.register_buffer("sign", sign, persistent=False)
@@ -144,7 +145,10 @@ class MetaNetwork(nn.Module):
         edge_out, start = {}, 0
         for t in graph.edge_types:
             n = graph.edge_feat[t].shape[0]
-            edge_out[t] = graph.edge_feat[t] + r * self.edge_decoders[t](e[start:start + n])
+            if t in self.edge_decoders:
+                edge_out[t] = graph.edge_feat[t] + r * self.edge_decoders[t](e[start:start + n])
+            else:
+                edge_out[t] = graph.edge_feat[t]
             start += n
         return graph.with_features(node_out, edge_out)
 

@@ -104,6 +104,7 @@ def main(argv=None) -> dict:
     data = load_task_data(spec)
     plan = members(spec, data.in_channels, data.num_classes, data.image_size)
     zoo = Zoo.create(out)
+    zoo.write_spec(spec)
     done = set(zoo.metadata().query("status == 'ok'")["id"]) if zoo.files() else set()
     todo = [m for m in plan if m.id not in done]
     print(f"zoo {spec['name']}: {len(plan)} members, {len(plan) - len(todo)} already built, {len(todo)} to build "

@@ -366,6 +366,40 @@ class Zoo:
         atomic_write_bytes(self.fs, f"{self.path}/manifest.json", lambda s: s.write(data))
         return manifest
 
+    def edge_widths(self) -> dict[str, int]:
+        """Every edge type in the zoo and its feature width (read without the graph arrays)."""
+        widths: dict[str, int] = {}
+        for p in self.files():
+            t = read_table(self._uri(p), ["edge_types", "edge_feat_dims"])
+            for types, dims in zip(t.column("edge_types").to_pylist(), t.column("edge_feat_dims").to_pylist()):
+                for name, dim in zip(types or [], dims or []):
+                    if widths.setdefault(name, dim) != dim:
+                        raise ZooFormatError(f"{self.root}: edge type {name!r} has widths {widths[name]} and {dim}")
+        return dict(sorted(widths.items()))
+
+    def write_spec(self, spec: dict) -> None:
+        """Keeps the spec the zoo was built from (``spec.json``): later stages read its dataset."""
+        data = json.dumps(spec, indent=1, sort_keys=True).encode()
+        atomic_write_bytes(self.fs, f"{self.path}/spec.json", lambda s: s.write(data))
+
+    def spec(self) -> dict:
+        path = f"{self.path}/spec.json"
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.root}: no spec.json (was this zoo built by make_zoo.py?)") from None
+
+    def dataset(self, root: str | None = None):
+        """The zoo's task data, as its spec describes it (``root`` overrides the data folder)."""
+        from zoo.data import load_dataset
+
+        cfg = dict(self.spec()["dataset"])
+        name = cfg.pop("name")
+        data_root = root or cfg.pop("root", None)
+        cfg.pop("root", None)
+        return load_dataset(name, data_root, **cfg)
+
     @classmethod
     def create(cls, root: str) -> "Zoo":
         fs, path = open_fs(root)

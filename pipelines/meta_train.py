@@ -1,0 +1,296 @@
+"""Distributed meta-training of the metanetwork with Ray Train, then checkpoint selection.
+
+    ray job submit --working-dir . -- python pipelines/meta_train.py --zoo runs/zoo-digits --workers 2
+    make meta-train                                  # the same, on a local head it starts and stops
+
+Each of ``--workers`` Ray Train workers (gloo on CPU, nccl on GPU) takes its share of the zoo's
+training members every epoch, reading each member's graph from the Arrow zoo when it needs it,
+and computes the meta-objective (``metanet.meta_training.member_step``); DDP averages the
+metanetwork's gradients. Every epoch is a checkpoint (``ray.train.report``); running the same
+command again (same ``--out`` and ``--name``) resumes from the latest one, and a dead worker
+restarts the run from it (``--max-failures``).
+
+Then the kept checkpoints are scored on the zoo's validation members (metanetwork -> short
+finetune -> prune to ``--select-target`` -> short finetune -> validation accuracy; never the test
+split), one Ray task per checkpoint, and the best is written as ``<out>/<name>/metanetwork.pt``.
+MLflow (rank 0 and the driver): params, per-epoch loss terms, selection scores and their plot,
+the chosen metanetwork.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distributed.ray_env import init_ray, ray  # noqa: E402
+
+DEFAULTS = {
+    "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2, "epochs": 20,
+    "lr": 1e-3, "weight_decay": 5e-4, "milestones": [15], "batches_per_step": 4, "batch_size": 256,
+    "reg": 0.1, "alpha": 16.0, "hidden": 32, "layers": 4, "residual": 0.05, "backend": "dgl", "seed": 0,
+    "gpu": False, "max_failures": 2, "keep": 5, "select_target": 2.0, "select_finetune_epochs": 1,
+    "select_members": 4, "data_root": None, "mlflow": True,
+}
+
+
+# --------------------------------------------------------------------------- the training loop
+def train_func(config: dict) -> None:
+    """One Ray Train worker: reads like single-process meta-training, over this worker's members."""
+    import torch
+    import torch.distributed as dist
+
+    import ray.train
+    import ray.train.torch
+    from metanet.meta_training import MetaTrainConfig, make_member, member_step
+    from metanet.metanetwork import MetaNetConfig, MetaNetwork
+    from zoo.store import Zoo
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"])
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    zoo = Zoo(config["zoo"])
+    data = zoo.dataset(config["data_root"])
+    meta = zoo.metadata()
+    rows = [i for i, m in enumerate(meta.itertuples()) if m.status == "ok" and m.role == "train"]
+    if not rows:
+        raise ValueError(f"{config['zoo']}: no training members with status ok")
+    cfg = MetaTrainConfig(epochs=config["epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
+                          milestones=tuple(config["milestones"]), batches_per_step=config["batches_per_step"],
+                          batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
+                          seed=config["seed"])
+    net = MetaNetwork(MetaNetConfig(**config["metanet"]))
+    net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
+    core = net.module if hasattr(net, "module") else net
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        core.load_state_dict(state["metanet"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["epoch"] + 1
+    run_id = _mlflow_start(config) if rank == 0 and config["mlflow"] else None
+    steps = math.ceil(len(rows) / world)  # every worker takes the same number of steps (DDP needs it)
+    device = next(core.parameters()).device
+    for epoch in range(start, cfg.epochs):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        mine = [int(order[(s * world + rank) % len(rows)]) for s in range(steps)]
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * world + rank)
+        sums = torch.zeros(4, dtype=torch.float64)
+        began = time.perf_counter()
+        for i in mine:
+            record = zoo[rows[i]]  # streamed: one member's graph at a time, memory-mapped from Arrow
+            member = make_member(record.id, record.arch, record.graph.to(device), cfg)
+            member.model.to(device)
+            batches = [(x.to(device), y.to(device)) for x, y in
+                       data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
+                                    limit=cfg.batches_per_step)]
+            opt.zero_grad(set_to_none=True)
+            terms = member_step(net, member, batches)
+            opt.step()
+            sums += torch.tensor([terms["task_loss"], terms["sparsity_loss"], terms["train_acc"], 1.0])
+        if world > 1:
+            dist.all_reduce(sums)
+        metrics = {"epoch": epoch, "task_loss": float(sums[0] / sums[3]), "sparsity_loss": float(sums[1] / sums[3]),
+                   "train_acc": float(sums[2] / sums[3]), "seconds": time.perf_counter() - began,
+                   "mlflow_run_id": run_id or ""}
+        if rank == 0:
+            if run_id:
+                import mlflow
+
+                mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "mlflow_run_id")},
+                                   step=epoch)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"metanet": core.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                            "metanet_config": config["metanet"]}, os.path.join(d, "state.pt"))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+    if run_id:
+        import mlflow
+
+        mlflow.end_run()
+
+
+def _mlflow_start(config: dict) -> str:
+    import mlflow
+
+    from distributed.tracking import flatten, use_experiment
+
+    use_experiment("meta-train", config["out"])
+    existing = config.get("mlflow_run_id")
+    run = mlflow.start_run(run_id=existing) if existing else mlflow.start_run(run_name=config["name"])
+    if not existing:
+        mlflow.log_params({k: str(v) for k, v in flatten({k: v for k, v in config.items() if k != "mlflow_run_id"}).items()})
+    return run.info.run_id
+
+
+# ------------------------------------------------------------------------ checkpoint selection
+def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_root: str | None, target: float,
+                     epochs: int, members: int, seed: int) -> float:
+    """Validation score of one checkpoint (a Ray task in ``select``)."""
+    import torch
+
+    from metanet.graph import graph_to_network
+    from metanet.metanetwork import MetaNetConfig, MetaNetwork
+    from metanet.recipe import RecipeConfig, selection_score
+    from zoo.arch import build_model
+    from zoo.store import Zoo
+    from zoo.train import TrainConfig
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    zoo = Zoo(zoo_root)
+    data = zoo.dataset(data_root)
+    val = [r for r in zoo if r.status == "ok" and r.role == "val"][:members]
+    if not val:
+        raise ValueError(f"{zoo_root}: no validation members (role 'val') to select checkpoints with")
+    models = [graph_to_network(r.graph, build_model(r.arch)).eval() for r in val]
+    net = MetaNetwork(MetaNetConfig(**metanet_config))
+    net.load_state_dict(torch.load(os.path.join(ckpt_path, "state.pt"), weights_only=True)["metanet"])
+    cfg = RecipeConfig(target=target, before=TrainConfig(epochs=epochs, lr=0.01, schedule="constant", seed=seed),
+                       after=TrainConfig(epochs=epochs, lr=0.01, schedule="constant", seed=seed))
+    return selection_score(net, models, data, cfg)
+
+
+def select(result, config: dict, run_dir: Path) -> dict:
+    """Scores the kept checkpoints on validation members; writes the best as metanetwork.pt."""
+    import torch
+
+    from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
+
+    candidates = []
+    for ckpt, metrics in result.best_checkpoints:
+        candidates.append((int(metrics["epoch"]), ckpt.path))
+    candidates.sort()
+    task = ray.remote(num_cpus=1)(score_checkpoint)
+    refs = [task.remote(path, config["metanet"], config["zoo"], config["data_root"], config["select_target"],
+                        config["select_finetune_epochs"], config["select_members"], config["seed"])
+            for _, path in candidates]
+    scores = ray.get(refs)
+    table = sorted(zip((e for e, _ in candidates), scores, (p for _, p in candidates)))
+    best_epoch, best_score, best_path = max(table, key=lambda t: (t[1], t[0]))
+    net = MetaNetwork(MetaNetConfig(**config["metanet"]))
+    net.load_state_dict(torch.load(os.path.join(best_path, "state.pt"), weights_only=True)["metanet"])
+    out = run_dir / "metanetwork.pt"
+    save_metanetwork(net, str(out), epoch=best_epoch, selection_score=best_score,
+                     selection=f"val acc after finetune -> prune to {config['select_target']}x -> finetune",
+                     zoo=config["zoo"])
+    return {"epochs": [t[0] for t in table], "scores": [t[1] for t in table], "best_epoch": best_epoch,
+            "best_score": best_score, "path": str(out)}
+
+
+def _log_selection(config: dict, selection: dict, run_id: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from distributed.tracking import use_experiment
+
+    use_experiment("meta-train", config["out"])
+    with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=config["name"]):
+        for e, s in zip(selection["epochs"], selection["scores"]):
+            mlflow.log_metric("selection_score", s, step=e)
+        mlflow.log_metrics({"chosen_epoch": selection["best_epoch"], "chosen_score": selection["best_score"]})
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(selection["epochs"], [100 * s for s in selection["scores"]], marker="o")
+        ax.axvline(selection["best_epoch"], color="tab:red", ls="--", label="chosen")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(f"checkpoint selection: prune to {config['select_target']}x")
+        ax.legend()
+        fig.tight_layout()
+        mlflow.log_figure(fig, "selection_scores.png")
+        plt.close(fig)
+        mlflow.log_artifact(selection["path"])
+
+
+# ------------------------------------------------------------------------------------- driver
+def parse_args(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of settings (flags override it); e.g. a Tune best_config.yaml")
+    for key, value in DEFAULTS.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif isinstance(value, list):
+            p.add_argument(flag, type=int, nargs="+", default=None)
+        else:
+            p.add_argument(flag, type=type(value) if value is not None else str, default=None)
+    p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, or the job's cluster, else local)")
+    args = vars(p.parse_args(argv))
+    config = dict(DEFAULTS)
+    config_file = args.pop("config")
+    if config_file:
+        if not os.path.exists(config_file):
+            raise SystemExit(f"meta_train: config file not found: {config_file}")
+        with open(config_file) as f:
+            loaded = yaml.safe_load(f) or {}
+        unknown = set(loaded) - set(DEFAULTS)
+        if unknown:
+            raise SystemExit(f"meta_train: {config_file}: unknown setting(s) {', '.join(sorted(unknown))}")
+        config.update(loaded)
+    address = args.pop("address")
+    config.update({k: v for k, v in args.items() if v is not None})
+    config["address"] = address
+    return config
+
+
+def main(argv=None) -> dict:
+    config = parse_args(argv)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from zoo.store import Zoo
+
+    zoo = Zoo(config["zoo"])
+    meta = zoo.metadata()
+    if not ((meta.status == "ok") & (meta.role == "train")).any():
+        raise SystemExit(f"meta_train: {config['zoo']} has no training members")
+    config["metanet"] = {"edge_widths": zoo.edge_widths(), "hidden": config["hidden"],
+                         "layers": config["layers"], "residual": config["residual"], "backend": config["backend"]}
+    out = Path(config["out"]).resolve() if "://" not in config["out"] else config["out"]
+    config["out"] = str(out)
+    run_dir = Path(out) / config["name"]
+    init_ray(config.pop("address"))
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // config["workers"]))
+    config["threads"] = threads
+    trainer = TorchTrainer(
+        train_func, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=config["workers"], use_gpu=config["gpu"],
+                                     resources_per_worker={"CPU": threads}),
+        run_config=RunConfig(name=config["name"], storage_path=str(out),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config["keep"]),
+                             failure_config=FailureConfig(max_failures=config["max_failures"])))
+    started = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise SystemExit(f"meta_train: training failed: {result.error}")
+    print(f"meta-training done in {time.perf_counter() - started:.0f} s; final metrics {result.metrics}")
+    selection = select(result, config, run_dir)
+    print("checkpoint selection on validation members:")
+    for e, s in zip(selection["epochs"], selection["scores"]):
+        print(f"  epoch {e:>3}: {100 * s:6.2f}%{'  <- chosen' if e == selection['best_epoch'] else ''}")
+    print(f"wrote {selection['path']}")
+    if config["mlflow"]:
+        _log_selection(config, selection, result.metrics.get("mlflow_run_id", ""))
+    return {"selection": selection, "metrics": result.metrics, "run_dir": str(run_dir)}
+
+
+if __name__ == "__main__":
+    main()
