@@ -11,12 +11,13 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test test-fast demo bench zoo clean
+.PHONY: help install test test-fast demo bench zoo meta-train clean
 
 help:
 	@echo "make demo     install, then run the pipeline on the embedded default (digits)"
 	@echo "make test     install, then run the test suite"
 	@echo "make zoo      build the digits zoo with Ray tasks (ZOO_ARGS='--spec zoo/specs/cifar10.yaml ...')"
+	@echo "make meta-train  start a local Ray head, submit pipelines/meta_train.py as a job, stop the head"
 	@echo "make bench    install, then run the benchmarks under bench/"
 	@echo "make install  create $(VENV) and install the project with its dev extra"
 
@@ -40,6 +41,16 @@ demo: install
 
 zoo: install
 	$(PY) pipelines/make_zoo.py $(ZOO_ARGS)
+
+ZOO ?= runs/zoo-digits
+META_ARGS ?=
+HEAD_PID := runs/ray-head.pid
+meta-train: install
+	@test -f $(ZOO)/manifest.json || $(MAKE) zoo
+	$(PY) -m distributed.local_head start --pidfile $(HEAD_PID)
+	status=0; RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 $(VENV)/bin/ray job submit --working-dir . -- \
+	  python pipelines/meta_train.py --zoo $(abspath $(ZOO)) --out $(abspath runs/meta-train) $(META_ARGS) \
+	  || status=$$?; $(PY) -m distributed.local_head stop --pidfile $(HEAD_PID); exit $$status
 
 bench: install
 	$(PY) bench/graph.py

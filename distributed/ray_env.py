@@ -26,8 +26,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=False,
-                     log_to_driver=False, _node_ip_address="127.0.0.1")
+            # address="local": a new instance even if another Ray runs (or ran) on this machine
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus,
+                     include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     return ray.cluster_resources()
 
 

@@ -1,0 +1,96 @@
+"""Start and stop a local Ray head on 127.0.0.1, by the process group it started.
+
+    python -m distributed.local_head start --pidfile runs/ray-head.pid [--num-cpus 2]
+    python -m distributed.local_head stop --pidfile runs/ray-head.pid
+
+``ray start --head --block`` runs in a new session whose process group holds every Ray service it
+spawns; ``stop`` signals that group only, so other Ray instances on the machine are left alone
+(``ray stop`` would stop them all). The dashboard (and the job server ``ray job submit`` talks
+to) listens on 127.0.0.1, with Ray's token authentication: clients such as ``ray job submit``
+need ``RAY_AUTH_MODE=token`` to send the token in ``~/.ray/auth_token``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def start(pidfile: str, num_cpus: int | None, port: int, dashboard_port: int, timeout: float = 120) -> str:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # jobs run this venv's python
+    cmd = [_ray_bin(), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+           "--disable-usage-stats"]
+    if num_cpus:
+        cmd.append(f"--num-cpus={num_cpus}")
+    Path(pidfile).parent.mkdir(parents=True, exist_ok=True)
+    log = open(f"{pidfile}.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    Path(pidfile).write_text(str(proc.pid))
+    url = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"ray head exited with code {proc.returncode}; see {pidfile}.log")
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return url
+        except urllib.error.HTTPError:  # answering (Ray's token auth says 401): it is up
+            return url
+        except OSError:
+            time.sleep(1)
+    stop(pidfile)
+    raise SystemExit(f"ray head did not come up within {timeout:.0f} s; see {pidfile}.log")
+
+
+def stop(pidfile: str, timeout: float = 30) -> None:
+    path = Path(pidfile)
+    if not path.exists():
+        return
+    pgid = int(path.read_text())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            continue
+        break
+    path.unlink(missing_ok=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--pidfile", default="runs/ray-head.pid")
+    p.add_argument("--num-cpus", type=int)
+    p.add_argument("--port", type=int, default=6390)
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    a = p.parse_args()
+    if a.action == "start":
+        print(start(a.pidfile, a.num_cpus, a.port, a.dashboard_port))
+    else:
+        stop(a.pidfile)
+
+
+if __name__ == "__main__":
+    main()

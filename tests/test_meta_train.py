@@ -1,0 +1,105 @@
+"""Distributed meta-training: `ray job submit` on a local head end to end, and kill-and-resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metanet.metanetwork import load_metanetwork
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+ENV.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zoo")
+    spec = yaml.safe_load((ROOT / "zoo/specs/digits.yaml").read_text())
+    spec.update(members=4, output=str(tmp / "zoo"), val_members=0.25)
+    spec["families"] = [{"family": "resnet", "depths": [8], "stage_widths": [[4], [6], [8]], "shortcut": ["identity"]}]
+    spec["train"]["epochs"], spec["finetune"]["epochs"] = 2, 1
+    (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = subprocess.run([sys.executable, str(ROOT / "pipelines/make_zoo.py"), "--spec", str(tmp / "spec.yaml"),
+                          "--num-cpus", "2", "--no-mlflow"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return str(tmp / "zoo")
+
+
+def _meta_args(zoo, out, epochs):
+    return ["--zoo", zoo, "--out", out, "--workers", "2", "--epochs", str(epochs), "--keep", "2", "--hidden", "8",
+            "--layers", "1", "--select-members", "1", "--batches-per-step", "1", "--batch-size", "64"]
+
+
+def test_ray_job_submit_on_a_local_head(tiny_zoo, tmp_path):
+    pidfile = str(tmp_path / "head.pid")
+    start = subprocess.run([sys.executable, "-m", "distributed.local_head", "start", "--pidfile", pidfile,
+                            "--num-cpus", "2", "--port", "6391", "--dashboard-port", "8266"],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    pgid = int(Path(pidfile).read_text())
+    try:
+        job = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
+                              "http://127.0.0.1:8266", "--working-dir", str(ROOT), "--", "python",
+                              "pipelines/meta_train.py", *_meta_args(tiny_zoo, str(tmp_path / "mt"), 2)],
+                             cwd=ROOT, env={**ENV, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                             timeout=900)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        assert "succeeded" in job.stdout and "checkpoint selection on validation members" in job.stdout
+    finally:
+        subprocess.run([sys.executable, "-m", "distributed.local_head", "stop", "--pidfile", pidfile], cwd=ROOT,
+                       env=ENV, timeout=120)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # the head and everything it started are gone
+    run_dir = tmp_path / "mt" / "metanet"
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 2  # --keep 2
+    net, extra = load_metanetwork(str(run_dir / "metanetwork.pt"))
+    assert extra["epoch"] in (0, 1) and 0 <= extra["selection_score"] <= 1
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mt/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["meta-train"])
+    assert len(runs) == 1
+    run_id = runs.iloc[0]["run_id"]
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(run_id, "task_loss")) == 2
+    assert len(client.get_metric_history(run_id, "selection_score")) == 2
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"metanetwork.pt", "selection_scores.png"} <= names
+
+
+
+
+def test_killed_run_resumes_to_the_same_end(tiny_zoo, tmp_path):
+    args = _meta_args(tiny_zoo, str(tmp_path / "killed"), 3) + ["--no-mlflow"]
+    cmd = [sys.executable, str(ROOT / "pipelines/meta_train.py"), *args]
+    proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "killed" / "metanet"
+    deadline = time.time() + 600
+    while time.time() < deadline and not [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [p for p in run_dir.glob("checkpoint_*") if p.is_dir()], "no checkpoint before the kill"
+    resumed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = subprocess.run([sys.executable, str(ROOT / "pipelines/meta_train.py"),
+                               *_meta_args(tiny_zoo, str(tmp_path / "straight"), 3), "--no-mlflow"],
+                              env=ENV, capture_output=True, text=True, timeout=900)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    def final(text):
+        line = next(l for l in text.splitlines() if l.startswith("meta-training done"))
+        return eval(line.split("final metrics ", 1)[1])  # a dict printed by the pipeline
+
+    a, b = final(resumed.stdout), final(straight.stdout)
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["task_loss"] == pytest.approx(b["task_loss"], rel=0.05)
+    assert a["sparsity_loss"] == pytest.approx(b["sparsity_loss"], rel=0.05)
