@@ -54,6 +54,8 @@ meta-train: install
 
 bench: install
 	$(PY) bench/graph.py
+	$(PY) bench/metanet.py
+	$(PY) bench/zoo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -34,13 +34,6 @@ from zoo.store import Zoo, ZooRecord  # noqa: E402
 FAULT_ENV = "METAPRUNE_FAULT_INJECT"  # testing hook: "crash-once:<index>:<marker dir>" / "error:<index>"
 
 
-def load_task_data(spec: dict):
-    from zoo.data import load_dataset
-
-    options = {k: v for k, v in spec["dataset"].items() if k not in ("name", "root")}
-    return load_dataset(spec["dataset"]["name"], spec["dataset"].get("root"), **options)
-
-
 def _inject_fault(fault: str | None, member: MemberSpec) -> None:
     """Testing hook for the retry and failure paths (see tests/test_make_zoo.py)."""
     for item in (fault or "").split(","):
@@ -101,7 +94,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"make_zoo: on a cluster, output {out!r} would be a path on each node: give a URI every "
                          "node can reach (s3://..., or a shared path with --shared-output)")
     start = time.perf_counter()
-    data = load_task_data(spec)
+    from zoo.data import load_from_config
+
+    data = load_from_config(spec["dataset"])
     plan = members(spec, data.in_channels, data.num_classes, data.image_size)
     zoo = Zoo.create(out)
     zoo.write_spec(spec)

@@ -270,3 +270,9 @@ def load_dataset(name: str, root: str | None = None, **options) -> TaskData:
     if name == "svhn":
         return load_svhn(root, **options)
     return load_imagefolder(root, **options)
+
+
+def load_from_config(cfg: dict, root: str | None = None) -> TaskData:
+    """The dataset a zoo spec's ``dataset`` section describes (``root`` overrides its folder)."""
+    options = {k: v for k, v in cfg.items() if k not in ("name", "root")}
+    return load_dataset(cfg["name"], root or cfg.get("root"), **options)

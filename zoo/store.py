@@ -392,13 +392,9 @@ class Zoo:
 
     def dataset(self, root: str | None = None):
         """The zoo's task data, as its spec describes it (``root`` overrides the data folder)."""
-        from zoo.data import load_dataset
+        from zoo.data import load_from_config
 
-        cfg = dict(self.spec()["dataset"])
-        name = cfg.pop("name")
-        data_root = root or cfg.pop("root", None)
-        cfg.pop("root", None)
-        return load_dataset(name, data_root, **cfg)
+        return load_from_config(self.spec()["dataset"], root)
 
     @classmethod
     def create(cls, root: str) -> "Zoo":

@@ -1,0 +1,97 @@
+"""Meta-training throughput: seconds per epoch with 1 and 2 Ray Train workers on the same zoo, and
+the DGL and PyG backends side by side (time per meta-training step and peak memory).
+
+    python bench/meta_train.py --zoo runs/zoo-digits [--epochs 3] [--steps 6]
+
+The epoch time is the one ``pipelines/meta_train.py`` measures inside the training loop (start-up
+excluded), from the last epoch of each run; the backend rows come from fresh processes that run
+``--steps`` meta-training steps over the zoo's members (median step time, and the resident memory
+the steps added).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+ENV.pop("RAY_ADDRESS", None)
+
+
+def epoch_seconds(zoo: str, workers: int, epochs: int, out: str) -> float:
+    cmd = [sys.executable, str(ROOT / "pipelines/meta_train.py"), "--zoo", zoo, "--out", out, "--workers", str(workers),
+           "--epochs", str(epochs), "--keep", "1", "--no-mlflow", "--select-members", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, check=True)
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("meta-training done"))
+    return float(ast.literal_eval(line.split("final metrics ", 1)[1])["seconds"])
+
+
+def backend_worker(zoo_root: str, backend: str, steps: int) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from metanet.meta_training import MetaTrainConfig, make_member, member_step
+    from metanet.metanetwork import MetaNetConfig, MetaNetwork
+    from zoo.store import Zoo
+
+    torch.manual_seed(0)
+    zoo = Zoo(zoo_root)
+    data = zoo.dataset()
+    cfg = MetaTrainConfig()
+    members = [make_member(r.id, r.arch, r.graph, cfg) for r in zoo if r.status == "ok"]
+    net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=32, layers=4, backend=backend))
+    batches = list(data.batches("train", cfg.batch_size, limit=cfg.batches_per_step))
+    member_step(net, members[0], batches)  # warm-up
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        member_step(net, members[i % len(members)], batches)
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"backend": backend, "step_s": statistics.median(times), "peak_mb": peak - base}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", default="runs/zoo-digits")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--backend-worker", nargs=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    zoo = str(Path(args.zoo).resolve())
+    if args.backend_worker:
+        print(json.dumps(backend_worker(zoo, args.backend_worker[0], args.steps)))
+        return
+    if not (Path(zoo) / "manifest.json").exists():
+        raise SystemExit(f"no zoo at {zoo}: build one first (make zoo)")
+    with tempfile.TemporaryDirectory() as tmp:
+        per_epoch = {w: epoch_seconds(zoo, w, args.epochs, f"{tmp}/w{w}") for w in (1, 2)}
+    rows = []
+    for backend in ("dgl", "pyg"):
+        out = subprocess.run([sys.executable, __file__, "--zoo", zoo, "--steps", str(args.steps), "--backend-worker",
+                              backend], capture_output=True, text=True, check=True, env=ENV).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"\nmeta-training on {zoo}")
+    print(f"{'workers':>8}{'s / epoch':>11}{'speed-up':>10}")
+    for w, s in per_epoch.items():
+        print(f"{w:>8}{s:>11.1f}{per_epoch[1] / s:>10.2f}")
+    print(f"\n{'backend':<9}{'s / step':>10}{'peak MB':>9}{'time / dgl':>12}{'peak / dgl':>12}")
+    for r in rows:
+        print(f"{r['backend']:<9}{r['step_s']:>10.3f}{r['peak_mb']:>9.0f}{r['step_s'] / rows[0]['step_s']:>12.2f}"
+              f"{r['peak_mb'] / max(rows[0]['peak_mb'], 1):>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
