@@ -76,6 +76,7 @@ def test_ray_job_submit_on_a_local_head(tiny_zoo, tmp_path):
 
 
 
+@pytest.mark.timeout(1800)
 def test_killed_run_resumes_to_the_same_end(tiny_zoo, tmp_path):
     args = _meta_args(tiny_zoo, str(tmp_path / "killed"), 3) + ["--no-mlflow"]
     cmd = [sys.executable, str(ROOT / "pipelines/meta_train.py"), *args]
