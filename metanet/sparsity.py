@@ -108,6 +108,7 @@ class GroupSparsity:
         """Per channel: alpha ** ((max I - I) / (max I - min I)) within its group; constant."""
         with torch.no_grad():
             device = norms.device
+            ids = ids.to(device)
             group_of = self.group_of.to(device)
             imp = torch.zeros(self.num_channels, device=device, dtype=norms.dtype).index_add_(0, ids, norms)
             imp = (imp / self.members.to(device)[group_of]).sqrt()
@@ -123,7 +124,7 @@ class GroupSparsity:
     def __call__(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         norms, ids = self.slice_norms(params)
         gamma = self.gamma(norms.detach(), ids)
-        return 0.5 * self.reg * (gamma[ids] * norms).sum()
+        return 0.5 * self.reg * (gamma[ids.to(gamma.device)] * norms).sum()
 
 
 def importance() -> tp.importance.GroupMagnitudeImportance:

@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--cpus-per-member", type=float, default=1)
-    p.add_argument("--gpu", action="store_true", help="give each member task a GPU")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="give each member task a GPU (default: when the cluster has GPUs)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a task whose worker died")
     p.add_argument("--shared-output", action="store_true",
                    help="on a cluster: the local output path is on storage every node shares")
@@ -123,7 +124,8 @@ def _run_tasks(spec: dict, todo: list[MemberSpec], data, out: str, args) -> list
 
     data_ref = ray.put(data)
     threads = max(1, int(args.cpus_per_member))
-    task = ray.remote(run_member).options(num_cpus=args.cpus_per_member, num_gpus=1 if args.gpu else 0,
+    use_gpu = args.gpu if args.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    task = ray.remote(run_member).options(num_cpus=args.cpus_per_member, num_gpus=1 if use_gpu else 0,
                                           max_retries=args.max_retries, retry_exceptions=False)
     fault = os.environ.get(FAULT_ENV)
     pending = {task.remote(spec, m, data_ref, out, fault, threads): m for m in todo}

@@ -29,8 +29,9 @@ def build_member(spec: dict, member: MemberSpec, data: TaskData) -> ZooRecord:
     start = time.perf_counter()
     try:
         torch.manual_seed(member.seed)
-        model = build_model(member.arch)
-        x = torch.zeros(data.input_shape)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when the task was given one
+        model = build_model(member.arch).to(device)
+        x = torch.zeros(data.input_shape, device=device)
         macs0, _ = count(model, x)
         train(model, data, train_config(spec["train"], member.seed))
         if float(spec["initial_speedup"]) > 1:
@@ -41,7 +42,7 @@ def build_member(spec: dict, member: MemberSpec, data: TaskData) -> ZooRecord:
         metrics: dict = {"macs": macs, "params": params, "speedup": macs0 / macs}
         for split in ("train", "val", "test"):
             metrics[f"{split}_acc"], metrics[f"{split}_loss"] = evaluate(model, data, split)
-        graph = network_to_graph(model, x)
+        graph = network_to_graph(model, x).to("cpu")
         metrics["seconds"] = time.perf_counter() - start
         return ZooRecord(member.id, arch_spec(model), data.name, member.seed, graph, metrics, role=member.role)
     except Exception as err:  # recorded in the zoo, so the run goes on and the failure is visible
