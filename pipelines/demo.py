@@ -52,7 +52,7 @@ def main() -> None:
     subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "quality.py"), "--smoke",
                     "--out", str(OUT / "quality")], check=True)
     print("\n== 3. the distributed pipeline ==")
-    print("  make zoo          builds the digits zoo with Ray tasks (runs/zoo-digits, about 10 minutes)")
+    print("  make zoo          builds the digits zoo with Ray tasks (runs/zoo-digits, about 2 minutes on 2 cores)")
     print("  make meta-train   meta-trains on it as a Ray job on a local head (127.0.0.1)")
     print("not yet: Ray Tune search and `python pipelines/prune_batch.py` over many models (see issue #6)")
 
