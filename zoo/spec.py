@@ -16,7 +16,6 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
 
 import yaml
 
