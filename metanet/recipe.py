@@ -20,7 +20,7 @@ from torch import nn
 
 from metanet.graph import graph_to_network, network_to_graph
 from metanet.metanetwork import MetaNetwork
-from metanet.prune import prune_to_speedup
+from metanet.prune import prune_adaptive, prune_to_speedup
 from metanet.sparsity import GroupSparsity
 from zoo.data import TaskData
 from zoo.train import TrainConfig, evaluate, train
@@ -36,30 +36,35 @@ class RecipeConfig:
     sparse_reg: float = 5e-4  # DepGraph sparse learning (Torch-Pruning's benchmark value)
     sparse_alpha: float = 4.0
     steps: int = 200
+    floor: float | None = None  # adaptive mode: prune while validation accuracy stays >= floor
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def apply_metanetwork(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
     """One metanetwork forward pass: a new module of ``model``'s architecture with edited weights."""
-    metanet.eval()
+    metanet.eval().to(example_inputs.device)
     return graph_to_network(metanet(network_to_graph(model, example_inputs)), model)
 
 
-def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
-                      metanet: MetaNetwork | None = None, report_test: bool = True) -> tuple[nn.Module, dict]:
-    """Runs one method on a copy of ``model``; returns the pruned, finetuned model and its record
-    (test accuracy only when ``report_test``: selection code never looks at it)."""
+def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
+            metanet: MetaNetwork | None = None) -> tuple[nn.Module, dict]:
+    """The method's part before pruning, on a copy of ``model``: the metanetwork edit (``meta``)
+    or sparse learning (``depgraph``), then ``cfg.before``'s finetuning. Shared by every target."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     if method == "meta" and metanet is None:
         raise ValueError("method 'meta' needs a metanetwork")
     start = time.perf_counter()
-    x = torch.zeros(data.input_shape)
+    x = torch.zeros(data.input_shape, device=_device(model))
     model = copy.deepcopy(model)
-    record: dict = {"method": method, "target": cfg.target, "val_acc_start": evaluate(model, data, "val")[0]}
+    record: dict = {"method": method, "val_acc_start": evaluate(model, data, "val")[0]}
     extra = None
     if method == "meta":
         model = apply_metanetwork(metanet, model, x)
@@ -69,7 +74,23 @@ def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: Recipe
         extra = lambda m: sparsity(dict(m.named_parameters()))  # noqa: E731
     train(model, data, cfg.before, extra_loss=extra)
     record["val_acc_before_prune"] = evaluate(model, data, "val")[0]
-    result = prune_to_speedup(model, x, cfg.target, steps=cfg.steps)
+    record["seconds_before_prune"] = time.perf_counter() - start
+    return model, record
+
+
+def prune_and_finetune(prepared: nn.Module, data: TaskData, cfg: RecipeConfig, record: dict,
+                       report_test: bool = True) -> tuple[nn.Module, dict]:
+    """Prunes a copy of ``prepared`` to ``cfg.target`` (or, with ``cfg.floor``, while validation
+    accuracy stays at or above it), then finetunes with ``cfg.after``; returns it and its record."""
+    start = time.perf_counter()
+    x = torch.zeros(data.input_shape, device=_device(prepared))
+    model = copy.deepcopy(prepared)
+    record = dict(record, target=cfg.target, floor=cfg.floor)
+    if cfg.floor is None:
+        result = prune_to_speedup(model, x, cfg.target, steps=cfg.steps)
+    else:
+        result = prune_adaptive(model, x, lambda m: evaluate(m, data, "val")[0], cfg.floor, steps=cfg.steps)
+        model = result.model
     record.update(result.summary())
     record["val_acc_pruned"], _ = evaluate(model, data, "val")
     if report_test:
@@ -78,8 +99,16 @@ def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: Recipe
     record["val_acc"], record["val_loss"] = evaluate(model, data, "val")
     if report_test:
         record["test_acc"], record["test_loss"] = evaluate(model, data, "test")
-    record["seconds"] = time.perf_counter() - start
+    record["seconds"] = record.get("seconds_before_prune", 0.0) + time.perf_counter() - start
     return model, record
+
+
+def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
+                      metanet: MetaNetwork | None = None, report_test: bool = True) -> tuple[nn.Module, dict]:
+    """Runs one method on a copy of ``model``; returns the pruned, finetuned model and its record
+    (test accuracy only when ``report_test``: selection code never looks at it)."""
+    prepared, record = prepare(model, data, method, cfg, metanet)
+    return prune_and_finetune(prepared, data, cfg, record, report_test)
 
 
 def selection_score(metanet: MetaNetwork, models: list[nn.Module], data: TaskData, cfg: RecipeConfig) -> float:

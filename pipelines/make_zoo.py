@@ -103,6 +103,8 @@ def main(argv=None) -> dict:
     zoo.write_spec(spec)
     done = set(zoo.metadata().query("status == 'ok'")["id"]) if zoo.files() else set()
     todo = [m for m in plan if m.id not in done]
+    if done and (moved := zoo.set_roles({m.id: m.role for m in plan})):
+        print(f"zoo {spec['name']}: {moved} built member(s) given the spec's new train/val/test split")
     print(f"zoo {spec['name']}: {len(plan)} members, {len(plan) - len(todo)} already built, {len(todo)} to build "
           f"-> {out}")
     summaries = []

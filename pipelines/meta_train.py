@@ -27,8 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.ray_env import init_ray, ray  # noqa: E402
@@ -222,33 +220,12 @@ def _log_selection(config: dict, selection: dict, run_id: str) -> None:
 
 # ------------------------------------------------------------------------------------- driver
 def parse_args(argv=None) -> dict:
+    from distributed.settings import add_flags, resolve
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file of settings (flags override it); e.g. a Tune best_config.yaml")
-    for key, value in DEFAULTS.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif isinstance(value, list):
-            p.add_argument(flag, type=int, nargs="+", default=None)
-        else:
-            p.add_argument(flag, type=type(value) if value is not None else str, default=None)
+    add_flags(p, DEFAULTS)
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, or the job's cluster, else local)")
-    args = vars(p.parse_args(argv))
-    config = dict(DEFAULTS)
-    config_file = args.pop("config")
-    if config_file:
-        if not os.path.exists(config_file):
-            raise SystemExit(f"meta_train: config file not found: {config_file}")
-        with open(config_file) as f:
-            loaded = yaml.safe_load(f) or {}
-        unknown = set(loaded) - set(DEFAULTS)
-        if unknown:
-            raise SystemExit(f"meta_train: {config_file}: unknown setting(s) {', '.join(sorted(unknown))}")
-        config.update(loaded)
-    address = args.pop("address")
-    config.update({k: v for k, v in args.items() if v is not None})
-    config["address"] = address
-    return config
+    return resolve(vars(p.parse_args(argv)), DEFAULTS, "meta_train", "meta_train")
 
 
 def main(argv=None) -> dict:

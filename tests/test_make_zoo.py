@@ -62,12 +62,17 @@ def test_build_read_back_resume_and_mlflow(tmp_path):
     again = _run(spec)
     assert again.returncode == 0 and "3 already built, 0 to build" in again.stdout
     assert {p: Path(p).read_bytes() for p in zoo.files()} == before
+    # a spec whose split changed re-labels the built members instead of retraining them
+    split = _run(spec, "--set", "test_members=0.34")
+    assert split.returncode == 0 and "3 already built, 0 to build" in split.stdout
+    assert "1 built member(s) given the spec's new train/val/test split" in split.stdout
+    assert sorted(zoo.metadata()["role"]) == ["test", "train", "val"]
     # MLflow: one run per build, with the manifest and histogram as artifacts
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/zoo/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["zoo-digits"])
-    assert len(runs) == 2 and set(runs["metrics.members_ok"]) == {3.0}
+    assert len(runs) == 3 and set(runs["metrics.members_ok"]) == {3.0}
     client = mlflow.MlflowClient()
     names = {a.path for a in client.list_artifacts(runs.iloc[-1]["run_id"])}
     assert {"manifest.json", "accuracy_histogram.png", "members.json"} <= names

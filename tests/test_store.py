@@ -100,3 +100,15 @@ def test_a_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
         write_members(path, [rec])
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["m.arrow"]  # no temporary file left behind
+
+
+def test_set_roles_rewrites_only_the_role(tmp_path):
+    pairs = [_record(i, resnet_spec(8, (4, 4, 4))) for i in range(3)]
+    zoo = Zoo.create(str(tmp_path / "zoo"))
+    for _, rec in pairs:
+        zoo.write(rec.id, [rec], manifest=False)
+    assert zoo.set_roles({"net-1": "test", "net-2": "train", "absent": "val"}) == 1
+    assert list(zoo.metadata()["role"]) == ["train", "test", "train"]
+    assert zoo.set_roles({"net-1": "test"}) == 0
+    for (model, _), got in zip(pairs, zoo):  # the graphs are untouched
+        assert_same_state(model, graph_to_network(got.graph, build_model(got.arch)))

@@ -36,7 +36,7 @@ class MemberSpec:
     id: str
     arch: dict
     seed: int
-    role: str  # "train" or "val": which members meta-training may learn from / select with
+    role: str  # "train", "val" or "test": learn from / select checkpoints with / held out for pruning
 
 
 def load_spec(path: str | None = None, overrides: list[str] | None = None) -> dict:
@@ -76,6 +76,11 @@ def validate(spec: dict, where: str = "spec") -> None:
         raise SpecError(f"{where}: members must be a positive integer, got {spec['members']!r}")
     if not spec["initial_speedup"] or float(spec["initial_speedup"]) < 1:
         raise SpecError(f"{where}: initial_speedup must be >= 1 (1 means no initial pruning)")
+    for key in ("val_members", "test_members"):
+        if not 0 <= float(spec.get(key, 0.0)) < 1:
+            raise SpecError(f"{where}: {key} must be a fraction in [0, 1), got {spec[key]!r}")
+    if float(spec.get("val_members", 0.0)) + float(spec.get("test_members", 0.0)) >= 1:
+        raise SpecError(f"{where}: val_members + test_members must leave some members for training")
     if not spec["families"]:
         raise SpecError(f"{where}: families is empty")
     for fam in spec["families"]:
@@ -107,11 +112,13 @@ def members(spec: dict, in_channels: int, num_classes: int, image_size: int) -> 
     """The members a spec describes, in order; the same spec gives the same list."""
     weights = [float(f.get("weight", 1.0)) for f in spec["families"]]
     n_val = int(round(float(spec.get("val_members", 0.0)) * spec["members"]))
+    n_test = int(round(float(spec.get("test_members", 0.0)) * spec["members"]))
     out = []
     for i in range(spec["members"]):
         rng = random.Random(f"{spec.get('seed', 0)}:{i}")
         fam = rng.choices(spec["families"], weights=weights)[0]
         arch = _arch(copy.deepcopy(fam), rng, in_channels, num_classes, image_size)
         seed = rng.randrange(2**31)
-        out.append(MemberSpec(i, member_id(spec, arch, seed), arch, seed, "val" if i < n_val else "train"))
+        role = "val" if i < n_val else "test" if i >= spec["members"] - n_test else "train"
+        out.append(MemberSpec(i, member_id(spec, arch, seed), arch, seed, role))
     return out

@@ -6,7 +6,7 @@ files are read memory-mapped, so a row's graph arrays are zero-copy views of the
 is written under a temporary name and renamed into place, so a reader never sees half of one.
 
 Row schema (version ``SCHEMA_VERSION``, in the schema metadata):
-- id, arch (JSON spec, see ``zoo.arch``), dataset, seed, role (train/val), status, error;
+- id, arch (JSON spec, see ``zoo.arch``), dataset, seed, role (train/val/test), status, error;
 - metrics: train/val/test accuracy and loss, macs, params, speedup (nullable);
 - the graph: num_nodes, input_shape, src, dst, edge_type (large lists, aligned by edge),
   edge_types and edge_feat_dims (one per type), node_feat_dim, node_feat (flat N*F),
@@ -174,13 +174,13 @@ def write_members(uri: str, records: Sequence[ZooRecord]) -> str:
         raise ValueError("write_members: no records to write")
     fs, path = open_fs(uri)
     table = records_to_table(records)
-
-    def write(stream):
-        with pa.ipc.new_file(stream, table.schema) as writer:
-            writer.write_table(table)
-
-    atomic_write_bytes(fs, path, write)
+    atomic_write_bytes(fs, path, lambda stream: _write_ipc(stream, table))
     return path
+
+
+def _write_ipc(stream, table: pa.Table) -> None:
+    with pa.ipc.new_file(stream, table.schema) as writer:
+        writer.write_table(table)
 
 
 # ---------------------------------------------------------------------------- Arrow -> records
@@ -349,6 +349,22 @@ class Zoo:
         if manifest:
             self.write_manifest()
         return path
+
+    def set_roles(self, roles: dict[str, str]) -> int:
+        """Gives members the roles in ``roles`` (id -> role), rewriting only the files that change
+        (atomically); returns how many members changed. A spec's split can change after its members
+        were built (a ``test_members`` fraction added, say) without retraining anything."""
+        changed = 0
+        for path, table in list(self._tables()):
+            old = table.column("role").to_pylist()
+            new = [roles.get(i, r) for i, r in zip(table.column("id").to_pylist(), old)]
+            if new != old:
+                table = table.set_column(table.schema.get_field_index("role"), SCHEMA.field("role"),
+                                         pa.array(new, pa.string()))
+                atomic_write_bytes(self.fs, path, lambda s, t=table: _write_ipc(s, t))
+                changed += sum(a != b for a, b in zip(new, old))
+        self._index = None
+        return changed
 
     def write_manifest(self) -> dict[str, Any]:
         """Rewrites ``manifest.json`` from the member files (atomically)."""

@@ -1,0 +1,447 @@
+"""Prune many models with a trained metanetwork, in parallel on Ray (and the baselines, if asked).
+
+    python pipelines/prune_batch.py --zoo runs/zoo-digits --metanet runs/meta-train/metanet/metanetwork.pt \\
+        --targets 2 4 --baselines                      # the zoo's held-out (role 'test') members
+    python pipelines/prune_batch.py --models 'saved/*.pt' --dataset digits --metanet M.pt --targets 2
+    python pipelines/prune_batch.py --models saved/ --dataset digits --metanet M.pt --floor 0.9   # adaptive
+
+Per model and method, one Ray task: metanetwork forward pass (``meta``) or sparse learning
+(``depgraph``) or nothing (``none``) -> finetune -> for each target: prune to it (or, with
+``--floor``, while validation accuracy stays at or above the floor) -> finetune -> evaluate. Every
+method gets the same finetuning budget. The finetuning before pruning is shared by the targets.
+
+Outputs under ``--out``: every pruned model (``models/<model>__<method>__<target>.pt``, loadable with
+``zoo.model_files.load_model``), ``results.parquet`` and ``results.csv`` (one row per model,
+method and target), ``summary.md``, ``accuracy_vs_speedup.png``, and one MLflow run with all of it.
+Re-running skips rows already done; a model that cannot be loaded, has an unsupported layer or
+fails while pruning gets a ``failed`` row with the reason (retried on the next run), and the
+others go on. Models load through ``torch.load(weights_only=True)``; a pickled whole module only
+with ``--trust-pickle``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distributed.ray_env import init_ray, ray, shutdown  # noqa: E402
+
+DEFAULTS = {
+    "zoo": None, "split": "test", "models": [], "arch": None, "trust_pickle": False, "dataset": None,
+    "data_root": None, "metanet": None, "methods": ["meta"], "baselines": False, "targets": [2.0], "floor": None,
+    "before_epochs": 2, "before_lr": 0.01, "after_epochs": 2, "after_lr": 0.01, "batch_size": None, "augment": None,
+    "sparse_reg": 5e-4, "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
+    "mlflow": True,
+}
+COLUMNS = ["model", "source", "family", "method", "target", "floor", "status", "error", "speedup", "macs_before",
+           "macs_after", "params_before", "params_after", "val_acc_before", "test_acc_before", "val_acc_pruned",
+           "test_acc_pruned", "val_acc", "test_acc", "seconds", "path"]
+KEY = ["model", "method", "target", "floor"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one model comes from: a zoo member (``zoo`` + ``row``) or a file."""
+
+    name: str
+    ref: str  # the file path, or "<zoo>#<member id>"
+    zoo: str | None = None
+    row: int | None = None
+
+
+# ------------------------------------------------------------------------------- the task
+def _load(source: Source, arch: dict | None, trust_pickle: bool):
+    from metanet.graph import graph_to_network
+    from zoo.arch import build_model
+    from zoo.model_files import load_model
+    from zoo.store import Zoo
+
+    if source.zoo is not None:
+        record = Zoo(source.zoo)[source.row]
+        if record.graph is None:
+            raise ValueError(f"zoo member {record.id} has no graph (status {record.status})")
+        return graph_to_network(record.graph, build_model(record.arch)).eval()
+    return load_model(source.ref, arch=arch, trust_pickle=trust_pickle)[0]
+
+
+def _error(err: BaseException) -> str:
+    text = re.sub(r"\s+", " ", str(err)).strip()
+    return f"{type(err).__name__}: {text[:400]}"
+
+
+def prune_model(source: Source, method: str, runs: list[dict], config: dict, data, metanet_path: str | None,
+                out: str) -> list[dict]:
+    """One Ray task: the rows of one model and method, one per target in ``runs`` (each a dict
+    with ``target`` and ``floor``). Never raises for a bad model: its rows say ``failed``."""
+    import torch
+
+    from metanet.metanetwork import load_metanetwork
+    from metanet.prune import count
+    from metanet.recipe import RecipeConfig, prepare, prune_and_finetune
+    from zoo.model_files import save_model
+    from zoo.train import TrainConfig, evaluate
+
+    torch.set_num_threads(max(1, int(config["cpus_per_task"])))
+    torch.manual_seed(config["seed"])
+    base = {"model": source.name, "source": source.ref, "method": method, "status": "failed"}
+    rows = [dict(base, **r) for r in runs]
+    started = time.perf_counter()
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when the task was given one
+        model = _load(source, config["arch"], config["trust_pickle"]).to(device)
+        family = _family(model)
+        x = torch.zeros(data.input_shape, device=device)
+        macs, params = count(model, x)
+        before = {"family": family, "val_acc_before": evaluate(model, data, "val")[0],
+                  "test_acc_before": evaluate(model, data, "test")[0], "macs_before": macs, "params_before": params}
+        # DGL's wheel is a CPU build: on a GPU the metanetwork runs on the PyG backend
+        metanet = load_metanetwork(metanet_path, None if device == "cpu" else "pyg")[0] if method == "meta" else None
+        train_cfg = dict(batch_size=config["batch_size"], augment=config["augment"], seed=config["seed"])
+        cfg = RecipeConfig(before=TrainConfig(epochs=config["before_epochs"], lr=config["before_lr"],
+                                              schedule="constant", **train_cfg),
+                           after=TrainConfig(epochs=config["after_epochs"], lr=config["after_lr"],
+                                             schedule="cosine", **train_cfg),
+                           sparse_reg=config["sparse_reg"])
+        prepared, record = prepare(model, data, method, cfg, metanet)
+    except Exception as err:  # the model could not be loaded, converted or trained: every row says why
+        return [dict(r, error=_error(err), seconds=time.perf_counter() - started) for r in rows]
+    shared = record.pop("seconds_before_prune")
+    for row in rows:
+        began = time.perf_counter()
+        row.update(before)
+        try:
+            cfg.target = row["target"] if row["target"] is not None else cfg.target
+            cfg.floor = row["floor"]
+            pruned, result = prune_and_finetune(prepared, data, cfg, dict(record))
+            name = f"{source.name}__{method}__{_run_label(row)}.pt"
+            path = os.path.join(out, "models", name)
+            try:
+                save_model(pruned, path, model=source.name, method=method, target=row["target"], floor=row["floor"],
+                           source=source.ref)
+            except ValueError:  # not a zoo architecture (a trusted pickled module): keep it as one
+                torch.save(pruned.cpu(), path + ".tmp")
+                os.replace(path + ".tmp", path)
+            row.update({k: result[k] for k in ("speedup", "macs_after", "params_after", "val_acc_pruned",
+                                               "test_acc_pruned", "val_acc", "test_acc")},
+                       status="ok", error=None, path=path)
+        except Exception as err:
+            row.update(error=_error(err))
+        row["seconds"] = shared + time.perf_counter() - began
+    return rows
+
+
+def _family(model) -> str:
+    from zoo.arch import arch_spec
+
+    try:
+        return arch_spec(model)["family"]
+    except ValueError:
+        return type(model).__name__
+
+
+def _run_label(row: dict) -> str:
+    floor = row.get("floor")
+    return f"floor{floor:g}" if floor is not None and floor == floor else f"{row['target']:g}x"  # NaN: no floor
+
+
+# ---------------------------------------------------------------------------- the inputs
+def find_sources(config: dict) -> list[Source]:
+    """Every model to prune: the zoo split's members, then the files the ``models`` patterns match."""
+    sources: list[Source] = []
+    if config["zoo"]:
+        from zoo.store import Zoo
+
+        try:
+            meta = Zoo(config["zoo"]).metadata()
+        except FileNotFoundError as err:
+            raise SystemExit(f"prune_batch: {err}")
+        splits = {"all": set(meta.role)} if config["split"] == "all" else {config["split"]: {config["split"]}}
+        roles = next(iter(splits.values()))
+        for row, m in enumerate(meta.itertuples()):
+            if m.status == "ok" and m.role in roles:
+                sources.append(Source(m.id, f"{config['zoo']}#{m.id}", config["zoo"], row))
+        if not sources:
+            raise SystemExit(f"prune_batch: {config['zoo']} has no built members in split {config['split']!r} "
+                             f"(roles there: {sorted(set(meta.role))})")
+    for pattern in config["models"]:
+        if os.path.isdir(pattern):
+            matches = sorted(glob.glob(os.path.join(pattern, "*.pt")) + glob.glob(os.path.join(pattern, "*.pth")))
+        else:
+            matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise SystemExit(f"prune_batch: --models {pattern!r}: no such file, and no .pt/.pth files match it")
+        for path in matches:
+            sources.append(Source(Path(path).stem, os.path.abspath(path)))
+    names = [s.name for s in sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SystemExit(f"prune_batch: two models share the name(s) {dupes}; rename the files")
+    if not sources:
+        raise SystemExit("prune_batch: nothing to prune: give --zoo (and --split) and/or --models")
+    return sources
+
+
+def load_data(config: dict):
+    from zoo.data import DatasetError, load_dataset
+
+    try:
+        if config["dataset"]:
+            return load_dataset(config["dataset"], config["data_root"])
+        if config["zoo"]:
+            from zoo.store import Zoo
+
+            return Zoo(config["zoo"]).dataset(config["data_root"])
+    except (DatasetError, FileNotFoundError) as err:
+        raise SystemExit(f"prune_batch: {err}")
+    raise SystemExit("prune_batch: --dataset is needed when the models do not come from a zoo")
+
+
+def _finetune_defaults(config: dict) -> dict:
+    """Batch size and augmentation not given: the zoo's finetuning settings (digits, say, must not
+    be flipped), else 128 with augmentation."""
+    section = {}
+    if config["zoo"] and (config["batch_size"] is None or config["augment"] is None):
+        from zoo.store import Zoo
+
+        section = Zoo(config["zoo"]).spec().get("finetune", {})
+    return dict(config, batch_size=config["batch_size"] or int(section.get("batch_size", 128)),
+                augment=config["augment"] if config["augment"] is not None else bool(section.get("augment", True)))
+
+
+def _arch_file(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    import yaml
+
+    if not os.path.exists(path):
+        raise SystemExit(f"prune_batch: --arch file not found: {path}")
+    with open(path) as f:
+        arch = yaml.safe_load(f)
+    if not isinstance(arch, dict) or "family" not in arch:
+        raise SystemExit(f"prune_batch: --arch {path}: not an architecture spec (a mapping with 'family')")
+    return arch
+
+
+# ------------------------------------------------------------------------------- results
+def read_results(out: str):
+    import pandas as pd
+
+    path = os.path.join(out, "results.parquet")
+    if not os.path.exists(path):
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.read_parquet(path)
+
+
+def write_results(out: str, rows: list[dict]):
+    """Rewrites results.parquet and results.csv from ``rows`` (atomically); returns the frame."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame = frame.astype({"target": "float64", "floor": "float64"})
+    frame = frame.sort_values(["model", "method", "target", "floor"], na_position="last").reset_index(drop=True)
+    for name, write in (("results.parquet", lambda p: frame.to_parquet(p, index=False)),
+                        ("results.csv", lambda p: frame.to_csv(p, index=False))):
+        tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}")
+        write(tmp)
+        os.replace(tmp, os.path.join(out, name))
+    return frame
+
+
+def _key(row) -> tuple:
+    def num(v):
+        return None if v is None or v != v else round(float(v), 6)
+
+    return row["model"], row["method"], num(row["target"]), num(row["floor"])
+
+
+def summary_table(frame) -> str:
+    """Markdown: per method and target, the mean over models that finished."""
+    ok = frame[frame.status == "ok"]
+    lines = ["| method | target | models | reached speed-up | test acc before | test acc pruned (no ft) | "
+             "test acc after | val acc after | s each |", "|---|---|---|---|---|---|---|---|---|"]
+    group = ok.assign(run=[_run_label(r) for r in ok.to_dict("records")]).groupby(["run", "method"], sort=False)
+    order = sorted(group.groups, key=lambda k: (k[0], k[1]))
+    for run, method in order:
+        g = group.get_group((run, method))
+        lines.append(f"| {method} | {run} | {len(g)} | {g.speedup.mean():.2f}x | {100 * g.test_acc_before.mean():.2f} | "
+                     f"{100 * g.test_acc_pruned.mean():.2f} | {100 * g.test_acc.mean():.2f} | "
+                     f"{100 * g.val_acc.mean():.2f} | {g.seconds.mean():.0f} |")
+    failed = frame[frame.status != "ok"]
+    if len(failed):
+        lines += ["", f"{len(failed)} failed:", ""]
+        lines += [f"- {r.model} / {r.method} / {_run_label(r._asdict())}: {r.error}" for r in failed.itertuples()]
+    return "\n".join(lines)
+
+
+def plot(frame, path: str) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = frame[frame.status == "ok"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (method, g), marker in zip(ok.groupby("method"), "os^vD"):
+        ax.scatter(g.speedup, 100 * g.test_acc, marker=marker, alpha=0.35, s=18)
+        means = g.groupby(g.target.fillna(-1)).agg(x=("speedup", "mean"), y=("test_acc", "mean")).sort_values("x")
+        ax.plot(means.x, 100 * means.y, marker=marker, label=f"{method} (mean)",
+                color=ax.collections[-1].get_facecolor()[0][:3])
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.set_xlabel("MAC speed-up reached")
+    ax.set_ylabel("test accuracy after finetuning (%)")
+    ax.set_title(f"{ok.model.nunique()} models: accuracy vs speed-up")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _log_mlflow(config: dict, frame, out: str, wall: float) -> str:
+    import mlflow
+
+    from distributed.tracking import flatten, use_experiment
+
+    uri = use_experiment("prune-batch", out)
+    ok = frame[frame.status == "ok"]
+    with mlflow.start_run(run_name=f"prune-batch-{ok.model.nunique()}-models"):
+        mlflow.log_params({k: str(v)[:5000] for k, v in flatten(config).items()})
+        metrics = {"rows_ok": float(len(ok)), "rows_failed": float((frame.status != "ok").sum()), "wall_seconds": wall}
+        for r in ok.assign(run=[_run_label(r) for r in ok.to_dict("records")]).groupby(["method", "run"]):
+            (method, run), g = r
+            tag = re.sub(r"[^0-9A-Za-z_.x-]", "_", f"{method}_{run}")
+            metrics.update({f"test_acc_{tag}": g.test_acc.mean(), f"val_acc_{tag}": g.val_acc.mean(),
+                            f"speedup_{tag}": g.speedup.mean()})
+        mlflow.log_metrics(metrics)
+        for name in ("results.parquet", "results.csv", "summary.md", "accuracy_vs_speedup.png"):
+            if os.path.exists(os.path.join(out, name)):
+                mlflow.log_artifact(os.path.join(out, name))
+    return uri
+
+
+# ---------------------------------------------------------------------------------- driver
+def parse_args(argv=None) -> dict:
+    from distributed.settings import add_flags, resolve
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(p, DEFAULTS, types={"floor": float, "gpu": bool, "batch_size": int, "augment": bool})
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    config = resolve(vars(p.parse_args(argv)), DEFAULTS, "prune_batch", "prune_batch")
+    if config["baselines"]:
+        config["methods"] = list(dict.fromkeys([*config["methods"], "none", "depgraph"]))
+    from metanet.recipe import METHODS
+
+    bad = [m for m in config["methods"] if m not in METHODS]
+    if bad:
+        raise SystemExit(f"prune_batch: unknown method(s) {bad}; known: {', '.join(METHODS)}")
+    if "meta" in config["methods"]:
+        if not config["metanet"]:
+            raise SystemExit("prune_batch: --metanet FILE is needed for method 'meta' (or --methods none depgraph)")
+        if not os.path.isfile(config["metanet"]):
+            raise SystemExit(f"prune_batch: metanetwork file not found: {config['metanet']}")
+    if config["floor"] is None and any(t <= 1 for t in config["targets"]):
+        raise SystemExit(f"prune_batch: target speed-ups must be > 1, got {config['targets']}")
+    if config["floor"] is not None and not 0 < config["floor"] <= 1:
+        raise SystemExit(f"prune_batch: --floor is a validation accuracy in (0, 1], got {config['floor']}")
+    return config
+
+
+def main(argv=None) -> dict:
+    config = parse_args(argv)
+    started = time.perf_counter()
+    out = os.path.abspath(config["out"])
+    os.makedirs(os.path.join(out, "models"), exist_ok=True)
+    sources = find_sources(config)
+    arch = _arch_file(config["arch"])
+    config = _finetune_defaults(config)
+    config = dict(config, arch=arch, metanet=os.path.abspath(config["metanet"]) if config["metanet"] else None)
+    runs = [{"target": None, "floor": config["floor"]}] if config["floor"] is not None else \
+        [{"target": float(t), "floor": None} for t in config["targets"]]
+    previous = read_results(out)
+    done = {_key(r): r for r in previous.to_dict("records") if r["status"] == "ok"}
+    jobs = []
+    for source in sources:
+        for method in config["methods"]:
+            todo = [r for r in runs if _key({"model": source.name, "method": method, **r}) not in done]
+            if todo:
+                jobs.append((source, method, todo))
+    total = len(sources) * len(config["methods"]) * len(runs)
+    print(f"prune_batch: {len(sources)} models x {len(config['methods'])} methods x {len(runs)} targets = {total} "
+          f"rows; {len(done)} already done -> {out}")
+    rows = list(done.values())
+    if jobs:
+        data = load_data(config)
+        resources = init_ray(config.pop("address"), config.pop("num_cpus"))
+        print(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs; "
+              f"data {data.name} (train {len(data.train[1])}, val {len(data.val[1])}, test {len(data.test[1])})")
+        rows = _run(jobs, config, data, out, rows)
+        shutdown()
+    frame = write_results(out, rows)
+    table = summary_table(frame)
+    _write_text(os.path.join(out, "summary.md"), table + "\n")
+    if (frame.status == "ok").any():
+        plot(frame, os.path.join(out, "accuracy_vs_speedup.png"))
+    wall = time.perf_counter() - started
+    print(f"\n{table}\n\nwrote {out}/results.parquet, results.csv, summary.md, accuracy_vs_speedup.png "
+          f"({wall:.0f} s)")
+    if config["mlflow"]:
+        uri = _log_mlflow({k: v for k, v in config.items() if k not in ("address", "num_cpus")}, frame, out, wall)
+        print(f"mlflow: run logged to {uri} (experiment prune-batch)")
+    return {"results": frame, "seconds": wall}
+
+
+def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> list[dict]:
+    from tqdm import tqdm
+
+    data_ref = ray.put(data)
+    use_gpu = config["gpu"] if config["gpu"] is not None else ray.cluster_resources().get("GPU", 0) > 0
+    task = ray.remote(prune_model).options(num_cpus=config["cpus_per_task"], num_gpus=1 if use_gpu else 0,
+                                           max_retries=1)
+    pending = {task.remote(s, m, todo, config, data_ref, config["metanet"], out): (s, m, todo)
+               for s, m, todo in jobs}
+    models = {s.name for s, _, _ in jobs}
+    left = {name: sum(s.name == name for s, _, _ in jobs) for name in models}
+    failed = 0
+    bar = tqdm(total=len(models), desc="pruning models", unit="model")
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        source, method, todo = pending.pop(ready[0])
+        try:
+            new = ray.get(ready[0])
+        except Exception as err:  # the task itself died (every retry): its rows say so
+            cause = getattr(err, "cause", None) or err
+            new = [{"model": source.name, "source": source.ref, "method": method, "status": "failed",
+                    "error": _error(cause), **r} for r in todo]
+        failed += sum(r["status"] != "ok" for r in new)
+        rows = [r for r in rows if _key(r) not in {_key(n) for n in new}] + new
+        write_results(out, rows)  # after every task: a killed driver loses only what was running
+        left[source.name] -= 1
+        if left[source.name] == 0:
+            bar.update(1)
+        bar.set_postfix(rows_ok=sum(r["status"] == "ok" for r in rows), failed=failed)
+    bar.close()
+    return rows
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""`python pipelines/prune_batch.py`: many models in Ray tasks, baselines, saved models that load
+again, results table, resume, failed rows with their reason, safe loading, MLflow."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
+from zoo.arch import build_model, resnet_spec
+from zoo.build import build_member
+from zoo.data import load_digits
+from zoo.model_files import load_model, save_model
+from zoo.spec import members
+from zoo.store import Zoo
+from zoo.train import TrainConfig, evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A 3-member digits zoo (one held out as 'test'), a metanetwork for it, and a folder of model
+    files: a good one, a pickled module, a bare state dict, a corrupt file."""
+    tmp = tmp_path_factory.mktemp("prune-batch")
+    data = load_digits()
+    spec = yaml.safe_load((ROOT / "zoo/specs/digits.yaml").read_text())
+    spec.update(members=3, val_members=0.34, test_members=0.34, output=str(tmp / "zoo"))
+    spec["families"] = [{"family": "resnet", "depths": [8], "stage_widths": [[4], [6], [8]], "shortcut": ["identity"]}]
+    spec["train"]["epochs"], spec["finetune"]["epochs"] = 3, 1
+    zoo = Zoo.create(str(tmp / "zoo"))
+    zoo.write_spec(spec)
+    for m in members(spec, 1, 10, 8):
+        zoo.write(m.id, [build_member(spec, m, data)], manifest=False)
+    assert sorted(zoo.metadata().role) == ["test", "train", "val"]
+    metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=8, layers=1, residual=0.01))
+    save_metanetwork(metanet, str(tmp / "metanet.pt"))
+    models = tmp / "models"
+    models.mkdir()
+    torch.manual_seed(0)
+    good = build_model(resnet_spec(8, (4, 6, 8), in_channels=1, num_classes=10))
+    train(good, data, TrainConfig(epochs=2, lr=0.05, batch_size=64, augment=False))
+    save_model(good, str(models / "good.pt"))
+    torch.save(good, models / "pickled.pt")
+    torch.save(good.state_dict(), models / "bare.pt")
+    (models / "corrupt.pt").write_bytes(b"not a torch file")
+    return tmp
+
+
+def _run(*args, timeout=600):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(ROOT / "pipelines/prune_batch.py"), "--num-cpus", "2", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_prunes_zoo_and_files_with_baselines_resumes_and_records_failures(inputs, tmp_path):
+    out = tmp_path / "out"
+    args = ["--zoo", inputs / "zoo", "--models", inputs / "models", "--metanet", inputs / "metanet.pt",
+            "--targets", "1.5", "2", "--baselines", "--before-epochs", "1", "--after-epochs", "1", "--out", out]
+    first = _run(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "5 models x 3 methods x 2 targets = 30 rows; 0 already done" in first.stdout
+    frame = pd.read_parquet(out / "results.parquet")
+    csv = pd.read_csv(out / "results.csv")
+    assert len(frame) == 30 and list(csv.columns) == list(frame.columns)
+    assert (csv.test_acc.fillna(-1) == frame.test_acc.fillna(-1)).all()
+    ok = frame[frame.status == "ok"]
+    test_member = Zoo(str(inputs / "zoo")).metadata().query("role == 'test'").id.item()
+    assert set(ok.model) == {"good", test_member}  # only the held-out zoo member, and the loadable file
+    assert len(ok) == 12 and set(ok.method) == {"meta", "none", "depgraph"}
+    assert (ok.speedup >= ok.target).all()
+    failed = frame[frame.status == "failed"].groupby("model").error.first()
+    assert "--trust-pickle" in failed["pickled"] and "--arch" in failed["bare"]
+    assert "not a readable PyTorch file" in failed["corrupt"]
+    # every pruned model loads again (weights only) and scores what its row says
+    data = load_digits()
+    for row in ok.itertuples():
+        model, meta = load_model(row.path)
+        assert meta["method"] == row.method and meta["target"] == row.target
+        assert evaluate(model, data, "test")[0] == pytest.approx(row.test_acc, abs=1e-9)
+    assert (out / "summary.md").read_text().count("| meta |") == 2 and (out / "accuracy_vs_speedup.png").exists()
+    assert "| depgraph | 1.5x | 2 |" in first.stdout
+    # re-running skips the rows that are done, retries the failed ones; trusting pickles fixes one model
+    again = _run(*args, "--trust-pickle")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "30 rows; 12 already done" in again.stdout
+    frame2 = pd.read_parquet(out / "results.parquet").set_index(["model", "method", "target"])
+    before = frame.set_index(["model", "method", "target"])
+    assert frame2.loc[before[before.status == "ok"].index].equals(before[before.status == "ok"])
+    assert (frame2.loc["pickled"].status == "ok").all() and (frame2.loc["bare"].status == "failed").all()
+    # MLflow: one run per invocation, with the table and the plot
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["prune-batch"])
+    assert len(runs) == 2 and runs["metrics.rows_ok"].max() == 18
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"])}
+    assert {"results.parquet", "results.csv", "summary.md", "accuracy_vs_speedup.png"} <= names
+
+
+def test_an_unsupported_layer_fails_only_the_metanetwork_rows(inputs, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    depthwise = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    torch.save(depthwise, models / "depthwise.pt")
+    out = _run("--models", models, "--dataset", "digits", "--metanet", inputs / "metanet.pt", "--methods", "meta",
+               "none", "--targets", "1.5", "--trust-pickle", "--before-epochs", "0", "--after-epochs", "1",
+               "--out", tmp_path / "out", "--no-mlflow")
+    assert out.returncode == 0, out.stderr[-3000:]
+    frame = pd.read_parquet(tmp_path / "out/results.parquet").set_index("method")
+    assert frame.loc["none", "status"] == "ok" and frame.loc["meta", "status"] == "failed"
+    assert "UnsupportedNetworkError" in frame.loc["meta", "error"] and "groups" in frame.loc["meta", "error"]
+    pruned, _ = load_model(frame.loc["none", "path"], trust_pickle=True)  # not a zoo architecture: kept pickled
+    assert isinstance(pruned, nn.Sequential)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "nowhere/*.pt", "--dataset", "digits", "--methods", "none"], "no such file"),
+    (["--models", ".", "--dataset", "digits", "--metanet", "missing.pt"], "metanetwork file not found"),
+    (["--models", ".", "--dataset", "digits", "--methods", "magic"], "unknown method(s) ['magic']"),
+    (["--models", ".", "--methods", "none", "--targets", "1"], "must be > 1"),
+    (["--zoo", "no-zoo", "--methods", "none"], "zoo directory not found"),
+])
+def test_bad_inputs_are_named(args, message, tmp_path):
+    out = _run(*args, "--out", tmp_path / "out", timeout=120)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
