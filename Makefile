@@ -11,13 +11,16 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test test-fast demo bench zoo meta-train clean
+.PHONY: help install test test-fast demo bench zoo meta-train tune prune-batch clean
 
 help:
-	@echo "make demo     install, then run the pipeline on the embedded default (digits)"
+	@echo "make demo     install, then run the whole pipeline on the embedded default (digits): zoo ->"
+	@echo "              meta-train (Ray job on a local head) -> prune_batch with baselines; table, plot, MLflow"
 	@echo "make test     install, then run the test suite"
 	@echo "make zoo      build the digits zoo with Ray tasks (ZOO_ARGS='--spec zoo/specs/cifar10.yaml ...')"
 	@echo "make meta-train  start a local Ray head, submit pipelines/meta_train.py as a job, stop the head"
+	@echo "make tune     Ray Tune search of pruning hyperparameters (TUNE_ARGS='--search pipelines/searches/cifar10.yaml')"
+	@echo "make prune-batch  prune the zoo's held-out members with runs/meta-train's metanetwork and the baselines"
 	@echo "make bench    install, then run the benchmarks under bench/"
 	@echo "make install  create $(VENV) and install the project with its dev extra"
 
@@ -51,6 +54,16 @@ meta-train: install
 	status=0; RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 $(VENV)/bin/ray job submit --working-dir . -- \
 	  python pipelines/meta_train.py --zoo $(abspath $(ZOO)) --out $(abspath runs/meta-train) $(META_ARGS) \
 	  || status=$$?; $(PY) -m distributed.local_head stop --pidfile $(HEAD_PID); exit $$status
+
+TUNE_ARGS ?=
+tune: install
+	@test -n "$(TUNE_ARGS)" || test -f $(ZOO)/manifest.json || $(MAKE) zoo
+	$(PY) pipelines/tune.py $(TUNE_ARGS)
+
+PRUNE_ARGS ?= --targets 2 4 8
+prune-batch: install
+	$(PY) pipelines/prune_batch.py --zoo $(ZOO) --metanet runs/meta-train/metanet/metanetwork.pt --baselines \
+	  --out runs/prune-batch $(PRUNE_ARGS)
 
 bench: install
 	$(PY) bench/graph.py

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -111,13 +112,17 @@ def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: Recipe
     return prune_and_finetune(prepared, data, cfg, record, report_test)
 
 
-def selection_score(metanet: MetaNetwork, models: list[nn.Module], data: TaskData, cfg: RecipeConfig) -> float:
-    """Validation accuracy at the end of the recipe ``cfg`` (a short one), averaged over ``models``:
-    how checkpoints are compared. Uses only the validation split. (Accuracy right after pruning,
-    without any finetuning, sits at chance for every checkpoint on small budgets: measured on
-    CIFAR-10, it cannot rank them.)"""
+def selection_score(metanet: MetaNetwork, models: list[nn.Module], data: TaskData, cfg: RecipeConfig,
+                    targets: Sequence[float] | None = None) -> float:
+    """Validation accuracy at the end of the recipe ``cfg`` (a short one), averaged over ``models``
+    and over ``targets`` (default: ``cfg.target``; several targets share the finetuning before
+    pruning): how checkpoints and hyperparameters are compared. Uses only the validation split.
+    (Accuracy right after pruning, without any finetuning, sits at chance for every checkpoint on
+    small budgets: measured on CIFAR-10, it cannot rank them.)"""
     scores = []
     for model in models:
-        _, record = prune_with_method(model, data, "meta", cfg, metanet, report_test=False)
-        scores.append(record["val_acc"])
+        prepared, record = prepare(model, data, "meta", cfg, metanet)
+        for target in targets or [cfg.target]:
+            _, result = prune_and_finetune(prepared, data, replace(cfg, target=target), record, report_test=False)
+            scores.append(result["val_acc"])
     return sum(scores) / len(scores)

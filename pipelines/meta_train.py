@@ -159,8 +159,9 @@ def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_r
     models = [graph_to_network(r.graph, build_model(r.arch)).eval() for r in val]
     net = MetaNetwork(MetaNetConfig(**metanet_config))
     net.load_state_dict(torch.load(os.path.join(ckpt_path, "state.pt"), weights_only=True)["metanet"])
-    cfg = RecipeConfig(target=target, before=TrainConfig(epochs=epochs, lr=0.01, schedule="constant", seed=seed),
-                       after=TrainConfig(epochs=epochs, lr=0.01, schedule="constant", seed=seed))
+    ft = zoo.finetune_settings()
+    cfg = RecipeConfig(target=target, before=TrainConfig(epochs=epochs, lr=0.01, schedule="constant", seed=seed, **ft),
+                       after=TrainConfig(epochs=epochs, lr=0.01, schedule="constant", seed=seed, **ft))
     return selection_score(net, models, data, cfg)
 
 

@@ -205,15 +205,15 @@ def load_data(config: dict):
 
 
 def _finetune_defaults(config: dict) -> dict:
-    """Batch size and augmentation not given: the zoo's finetuning settings (digits, say, must not
-    be flipped), else 128 with augmentation."""
-    section = {}
+    """Batch size and augmentation not given: the zoo's finetuning settings, else 128 with
+    augmentation."""
+    zoo_settings = {"batch_size": 128, "augment": True}
     if config["zoo"] and (config["batch_size"] is None or config["augment"] is None):
         from zoo.store import Zoo
 
-        section = Zoo(config["zoo"]).spec().get("finetune", {})
-    return dict(config, batch_size=config["batch_size"] or int(section.get("batch_size", 128)),
-                augment=config["augment"] if config["augment"] is not None else bool(section.get("augment", True)))
+        zoo_settings = Zoo(config["zoo"]).finetune_settings()
+    return dict(config, batch_size=config["batch_size"] or zoo_settings["batch_size"],
+                augment=config["augment"] if config["augment"] is not None else zoo_settings["augment"])
 
 
 def _arch_file(path: str | None) -> dict | None:

@@ -33,3 +33,28 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def build_digits_zoo(root, members: int = 3, val: float = 0.34, test: float = 0.34, seed: int = 0):
+    """A tiny digits zoo built in-process (what make_zoo's tasks do, without Ray): ResNet-8s of
+    width 4-8, trained 3 epochs; roles from the val/test fractions."""
+    from pathlib import Path
+
+    import yaml
+
+    from zoo.build import build_member
+    from zoo.data import load_digits
+    from zoo.spec import members as plan
+    from zoo.store import Zoo
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "zoo/specs/digits.yaml").read_text())
+    spec.update(members=members, val_members=val, test_members=test, output=str(root), seed=seed)
+    spec["families"] = [{"family": "resnet", "depths": [8], "stage_widths": [[4], [6], [8]], "shortcut": ["identity"]}]
+    spec["train"]["epochs"], spec["finetune"]["epochs"] = 3, 1
+    zoo = Zoo.create(str(root))
+    zoo.write_spec(spec)
+    data = load_digits()
+    for m in plan(spec, 1, 10, 8):
+        zoo.write(m.id, [build_member(spec, m, data)], manifest=False)
+    zoo.write_manifest()
+    return zoo

@@ -9,15 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 from torch import nn
 
+from conftest import build_digits_zoo
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
 from zoo.arch import build_model, resnet_spec
-from zoo.build import build_member
 from zoo.data import load_digits
 from zoo.model_files import load_model, save_model
-from zoo.spec import members
 from zoo.store import Zoo
 from zoo.train import TrainConfig, evaluate, train
 
@@ -31,14 +29,7 @@ def inputs(tmp_path_factory):
     files: a good one, a pickled module, a bare state dict, a corrupt file."""
     tmp = tmp_path_factory.mktemp("prune-batch")
     data = load_digits()
-    spec = yaml.safe_load((ROOT / "zoo/specs/digits.yaml").read_text())
-    spec.update(members=3, val_members=0.34, test_members=0.34, output=str(tmp / "zoo"))
-    spec["families"] = [{"family": "resnet", "depths": [8], "stage_widths": [[4], [6], [8]], "shortcut": ["identity"]}]
-    spec["train"]["epochs"], spec["finetune"]["epochs"] = 3, 1
-    zoo = Zoo.create(str(tmp / "zoo"))
-    zoo.write_spec(spec)
-    for m in members(spec, 1, 10, 8):
-        zoo.write(m.id, [build_member(spec, m, data)], manifest=False)
+    zoo = build_digits_zoo(tmp / "zoo")
     assert sorted(zoo.metadata().role) == ["test", "train", "val"]
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=8, layers=1, residual=0.01))
     save_metanetwork(metanet, str(tmp / "metanet.pt"))

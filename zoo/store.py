@@ -406,6 +406,12 @@ class Zoo:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.root}: no spec.json (was this zoo built by make_zoo.py?)") from None
 
+    def finetune_settings(self) -> dict[str, Any]:
+        """Batch size and augmentation of the zoo's own finetuning: later finetuning on this dataset
+        follows them (digits, say, must not be flipped)."""
+        section = self.spec().get("finetune", {})
+        return {"batch_size": int(section.get("batch_size", 128)), "augment": bool(section.get("augment", True))}
+
     def dataset(self, root: str | None = None):
         """The zoo's task data, as its spec describes it (``root`` overrides the data folder)."""
         from zoo.data import load_from_config

@@ -1,0 +1,347 @@
+"""Ray Tune search of the hyperparameters that decide pruning quality (`make tune`).
+
+    python pipelines/tune.py                                   # digits: pipelines/searches/digits.yaml
+    python pipelines/tune.py --search pipelines/searches/cifar10.yaml --set zoo=runs/zoo-cifar10
+    python pipelines/meta_train.py --config runs/tune-digits/best_config.yaml     # use what it found
+    python pipelines/prune_batch.py --config runs/tune-digits/best_config.yaml --zoo ... --metanet ...
+
+A search file names the zoo, the search space (meta-training lr, alpha, reg, residual ratio r,
+metanetwork width and depth, finetuning lr and epochs before and after pruning), the targets and
+the trial budget. Each trial meta-trains a metanetwork on the zoo's training members (one process,
+``cpus_per_trial`` cores) and, every ``eval_every`` epochs, reports its *score*: validation accuracy
+of the zoo's validation members after the trial's recipe (metanetwork -> finetune -> prune to each
+target -> finetune), averaged over members and targets. ASHA stops weak trials early. The first
+trial is the default configuration (meta_train.py's and prune_batch.py's defaults), so the best
+score is read against it.
+
+Every trial is logged to MLflow (MLflowLoggerCallback); the best configuration is written to
+``best_config.yaml`` (sections ``meta_train`` and ``prune_batch``, which those pipelines read with
+``--config``); only then, for that one configuration, the test split of the zoo's held-out (role
+``test``) members is scored and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distributed.ray_env import init_ray, ray, shutdown  # noqa: E402
+
+SEARCH_DIR = Path(__file__).resolve().parent / "searches"
+DEFAULT_SEARCH = SEARCH_DIR / "digits.yaml"
+META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size")
+PRUNE_KEYS = ("before_epochs", "before_lr", "after_epochs", "after_lr")
+SAMPLERS = ("uniform", "loguniform", "choice", "randint")
+REQUIRED = ("name", "zoo", "space", "targets", "max_epochs")
+
+
+def default_trial() -> dict:
+    """The configuration a user gets without tuning: meta_train.py's and prune_batch.py's defaults."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import meta_train
+    import prune_batch
+
+    return {**{k: meta_train.DEFAULTS[k] for k in META_KEYS}, **{k: prune_batch.DEFAULTS[k] for k in PRUNE_KEYS}}
+
+
+# -------------------------------------------------------------------------------- the search file
+def load_search(path: str, overrides: list[str]) -> dict:
+    if not os.path.exists(path):
+        raise SystemExit(f"tune: search file not found: {path}")
+    with open(path) as f:
+        search = yaml.safe_load(f) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"tune: --set {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        search[key] = yaml.safe_load(value)
+    missing = [k for k in REQUIRED if k not in search]
+    if missing:
+        raise SystemExit(f"tune: {path}: missing key(s) {', '.join(missing)}")
+    known = set(META_KEYS) | set(PRUNE_KEYS)
+    for key, spec in {**search["space"], **search.get("fixed", {})}.items():
+        if key not in known:
+            raise SystemExit(f"tune: {path}: {key!r} is not a tunable setting; known: {', '.join(sorted(known))}")
+    for key, spec in search["space"].items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+            raise SystemExit(f"tune: {path}: space.{key} must be one of {{{', '.join(SAMPLERS)}: [...]}}, got {spec!r}")
+    return search
+
+
+def param_space(search: dict) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, spec in search["space"].items():
+        kind, args = next(iter(spec.items()))
+        space[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return {**default_trial(), **search.get("fixed", {}), **space}
+
+
+# ---------------------------------------------------------------------------------- one trial
+def trial(config: dict, search: dict, data) -> None:
+    """One Tune trial: meta-train with ``config`` and report the validation score as it goes."""
+    import torch
+
+    from ray import tune
+    from metanet.graph import graph_to_network
+    from metanet.meta_training import MetaTrainConfig, make_member, meta_train
+    from metanet.metanetwork import MetaNetConfig, MetaNetwork
+    from metanet.recipe import selection_score
+    from zoo.arch import build_model
+    from zoo.store import Zoo
+
+    torch.set_num_threads(max(1, int(search.get("cpus_per_trial", 1))))
+    torch.manual_seed(search.get("seed", 0))
+    zoo = Zoo(search["zoo"])
+    records = [r for r in zoo if r.status == "ok"]
+    cfg = MetaTrainConfig(epochs=search["max_epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
+                          milestones=(10**6,), batches_per_step=config["batches_per_step"],
+                          batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
+                          seed=search.get("seed", 0))
+    members = [make_member(r.id, r.arch, r.graph, cfg) for r in records if r.role == "train"]
+    val = [graph_to_network(r.graph, build_model(r.arch)).eval() for r in records if r.role == "val"]
+    val = val[:search.get("val_members", len(val))]
+    metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=config["hidden"],
+                                        layers=config["layers"], residual=config["residual"]))
+    recipe = recipe_config(config, zoo.finetune_settings(), search.get("seed", 0))
+    every = search.get("eval_every", 1)
+
+    def on_epoch(epoch: int, metrics: dict, net) -> None:
+        if (epoch + 1) % every:
+            return
+        score = selection_score(net, val, data, recipe, search["targets"])
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"metanet": net.state_dict(), "metanet_config": net.config.to_dict(), "epoch": epoch},
+                       os.path.join(d, "metanet.pt"))
+            tune.report({"score": score, "epoch": epoch, "task_loss": metrics["task_loss"],
+                         "sparsity_loss": metrics["sparsity_loss"], "meta_seconds": metrics["seconds"]},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+    meta_train(metanet, members, data, cfg, on_epoch=on_epoch, progress=False)
+
+
+def recipe_config(config: dict, finetune: dict, seed: int, target: float = 2.0):
+    from metanet.recipe import RecipeConfig
+    from zoo.train import TrainConfig
+
+    return RecipeConfig(target=target,
+                        before=TrainConfig(epochs=config["before_epochs"], lr=config["before_lr"], schedule="constant",
+                                           seed=seed, **finetune),
+                        after=TrainConfig(epochs=config["after_epochs"], lr=config["after_lr"], schedule="cosine",
+                                          seed=seed, **finetune))
+
+
+# ------------------------------------------------------------------------------------ driver
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--search", default=str(DEFAULT_SEARCH), help="search file (YAML); default: the digits search")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a search-file value")
+    p.add_argument("--out", help="output directory (default: runs/tune-<name>)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--no-mlflow", action="store_true")
+    args = p.parse_args(argv)
+    search = load_search(args.search, args.set)
+    out = Path(args.out or f"runs/tune-{search['name']}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    from zoo.store import Zoo
+
+    try:
+        zoo = Zoo(search["zoo"])
+        meta = zoo.metadata()
+        data = zoo.dataset(search.get("data_root"))
+    except FileNotFoundError as err:
+        raise SystemExit(f"tune: {err} (build it first: make zoo)")
+    for role in ("train", "val"):
+        if not ((meta.status == "ok") & (meta.role == role)).any():
+            raise SystemExit(f"tune: {search['zoo']} has no '{role}' members; the search needs both")
+    search["zoo"] = str(Path(search["zoo"]).resolve()) if "://" not in search["zoo"] else search["zoo"]
+    started = time.perf_counter()
+    resources = init_ray(args.address, args.num_cpus)
+    results, uri = _fit(search, data, out, resources, not args.no_mlflow)
+    report = _report(results, search, out, data, zoo.finetune_settings())
+    report["seconds"] = time.perf_counter() - started
+    shutdown()
+    _print_report(report, out)
+    if not args.no_mlflow:
+        _log_summary(report, out, search)
+        print(f"mlflow: every trial and the summary logged to {uri} (experiment tune-{search['name']})")
+    return report
+
+
+def _fit(search: dict, data, out: Path, resources: dict, use_mlflow: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    cpus = float(search.get("cpus_per_trial", 1))
+    concurrent = search.get("max_concurrent_trials") or max(1, int(resources.get("CPU", 1) // cpus))
+    evaluations = math.ceil(search["max_epochs"] / search.get("eval_every", 1))
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=evaluations,
+                              grace_period=min(search.get("grace_period", 1), evaluations),
+                              reduction_factor=search.get("reduction_factor", 2))
+    default = {k: v for k, v in default_trial().items() if k in search["space"]}
+    callbacks, uri = [], None
+    if use_mlflow:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        from distributed.tracking import use_experiment
+
+        uri = use_experiment(f"tune-{search['name']}", str(out))
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=f"tune-{search['name']}",
+                                              tags={"search": search["name"]}))
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trial, search=search, data=data), {"cpu": cpus}),
+        param_space=param_space(search),
+        tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
+                                    num_samples=search.get("num_samples", 8), max_concurrent_trials=concurrent,
+                                    search_alg=BasicVariantGenerator(points_to_evaluate=[default],
+                                                                     random_state=search.get("seed", 0))),
+        run_config=tune.RunConfig(name="trials", storage_path=str(out), callbacks=callbacks, verbose=1,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2,
+                                                                          checkpoint_score_attribute="score",
+                                                                          checkpoint_score_order="max")))
+    print(f"tune {search['name']}: {search.get('num_samples', 8)} trials (the first: the default configuration), "
+          f"{concurrent} at a time, ASHA over {evaluations} evaluations of {len(search['targets'])} target(s)")
+    return tuner.fit(), uri
+
+
+def _report(results, search: dict, out: Path, data, finetune: dict) -> dict:
+    """The best configuration (by validation score), written as best_config.yaml; then its test score."""
+    import torch
+
+    frames, trials = [], []
+    for i, result in enumerate(results):
+        if result.error or result.metrics_dataframe is None or "score" not in result.metrics_dataframe:
+            trials.append({"trial": i, "config": result.config, "best": None, "error": str(result.error)[:300]})
+            continue
+        history = result.metrics_dataframe[["training_iteration", "epoch", "score"]]
+        frames.append(history.assign(trial=i))
+        best_row = history.loc[history.score.idxmax()]
+        trials.append({"trial": i, "config": result.config, "best": float(best_row.score),
+                       "epoch": int(best_row.epoch), "iterations": int(history.training_iteration.max()),
+                       "path": result.path})
+    scored = [t for t in trials if t["best"] is not None]
+    if not scored:
+        raise SystemExit(f"tune: no trial reported a score; errors: {[t.get('error') for t in trials]}")
+    best = max(scored, key=lambda t: t["best"])
+    wanted = {k: v for k, v in default_trial().items() if k in search["space"]}
+    default = next((t for t in trials if all(t["config"].get(k) == v for k, v in wanted.items())), {})
+    result = next(r for i, r in enumerate(results) if i == best["trial"])
+    checkpoint = max(result.best_checkpoints, key=lambda cm: cm[1]["score"])[0]
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "metanet.pt"), weights_only=True)
+    config = best["config"]
+    best_config = {
+        "meta_train": {**{k: config[k] for k in META_KEYS}, "epochs": best["epoch"] + 1, "milestones": [best["epoch"] + 1]},
+        "prune_batch": {**{k: config[k] for k in PRUNE_KEYS}, "targets": list(map(float, search["targets"]))},
+        "tune": {"search": search["name"], "trial": best["trial"], "val_score": best["best"],
+                 "default_val_score": default.get("best"), "default_evaluations": default.get("iterations")},
+    }
+    best_config = yaml.safe_load(yaml.safe_dump(best_config))  # plain types (numpy scalars -> floats)
+    text = "# Written by pipelines/tune.py: the best configuration by validation score.\n" + \
+        yaml.safe_dump(best_config, sort_keys=False)
+    tmp = out / f".best_config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, out / "best_config.yaml")
+    test_score = _test_score(state, config, search, data, finetune)
+    return {"best": best, "default": default, "trials": trials, "best_config": best_config,
+            "test_score": test_score, "history": frames}
+
+
+def _test_score(state: dict, config: dict, search: dict, data, finetune: dict) -> dict:
+    """Test accuracy of the best configuration on the held-out (role 'test') members, per target."""
+    from metanet.graph import graph_to_network
+    from metanet.metanetwork import MetaNetConfig, MetaNetwork
+    from metanet.recipe import prepare, prune_and_finetune
+    from zoo.arch import build_model
+    from zoo.store import Zoo
+
+    held_out = [r for r in Zoo(search["zoo"]) if r.status == "ok" and r.role == "test"]
+    if not held_out:
+        return {}
+    net = MetaNetwork(MetaNetConfig(**state["metanet_config"]))
+    net.load_state_dict(state["metanet"])
+    recipe = recipe_config(config, finetune, search.get("seed", 0))
+    scores: dict[float, list[float]] = {float(t): [] for t in search["targets"]}
+    for record in held_out:
+        model = graph_to_network(record.graph, build_model(record.arch)).eval()
+        prepared, rec = prepare(model, data, "meta", recipe, net)
+        for target in scores:
+            recipe.target = target
+            scores[target].append(prune_and_finetune(prepared, data, recipe, rec)[1]["test_acc"])
+    return {t: sum(v) / len(v) for t, v in scores.items()} | {"members": len(held_out)}
+
+
+def _print_report(report: dict, out: Path) -> None:
+    print(f"\n{'trial':>5} {'val score':>10} {'epochs':>7}  configuration")
+    for t in sorted(report["trials"], key=lambda t: -(t["best"] or -1)):
+        score = f"{100 * t['best']:.2f}" if t["best"] is not None else "error"
+        label = " (default)" if t["trial"] == report["default"].get("trial") else ""
+        shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in t["config"].items()}
+        print(f"{t['trial']:>5} {score:>10} {t.get('epoch', -1) + 1:>7}  {shown}{label}")
+    best, default = report["best"], report["default"]
+    print(f"\nbest: trial {best['trial']}, validation score {100 * best['best']:.2f}% "
+          f"(default configuration: {100 * default['best']:.2f}% after {default['iterations']} evaluation(s))"
+          if default.get("best") is not None else f"\nbest: trial {best['trial']}, {100 * best['best']:.2f}%")
+    test = report["test_score"]
+    if test:
+        per = ", ".join(f"{t:g}x {100 * v:.2f}%" for t, v in test.items() if t != "members")
+        print(f"test accuracy of the best configuration on {test['members']} held-out member(s): {per}")
+    print(f"wrote {out / 'best_config.yaml'} and {out / 'tune_scores.png'}; {report['seconds']:.0f} s")
+    _plot(report, out / "tune_scores.png")
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for frame in report["history"]:
+        i = int(frame.trial.iloc[0])
+        style = dict(color="black", lw=2.2, label="default") if i == report["default"].get("trial") else \
+            dict(color="tab:red", lw=2.2, label=f"best (trial {i})") if i == report["best"]["trial"] else \
+            dict(color="tab:gray", lw=1, alpha=0.6)
+        ax.plot(frame.epoch + 1, 100 * frame.score, marker="o", ms=3, **style)
+    ax.set_xlabel("meta-training epoch")
+    ax.set_ylabel("validation score (%)")
+    ax.set_title("Tune trials (ASHA stops the weak ones early)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _log_summary(report: dict, out: Path, search: dict) -> None:
+    import mlflow
+
+    from distributed.tracking import flatten, use_experiment
+
+    use_experiment(f"tune-{search['name']}", str(out))
+    with mlflow.start_run(run_name=f"tune-{search['name']}-summary"):
+        mlflow.log_params({k: str(v)[:5000] for k, v in flatten(report["best_config"]).items()})
+        metrics = {"best_val_score": report["best"]["best"], "seconds": report["seconds"],
+                   "trials": len(report["trials"])}
+        if report["default"].get("best") is not None:
+            metrics["default_val_score"] = report["default"]["best"]
+        metrics.update({f"test_acc_{t:g}x": v for t, v in report["test_score"].items() if t != "members"})
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(out / "best_config.yaml"))
+        mlflow.log_artifact(str(out / "tune_scores.png"))
+
+
+if __name__ == "__main__":
+    main()

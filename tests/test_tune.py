@@ -1,0 +1,71 @@
+"""`pipelines/tune.py`: a Ray Tune search with ASHA over a tiny zoo; the default configuration is a
+trial; the best configuration file is one that meta_train.py and prune_batch.py accept; MLflow
+gets every trial; the test split is scored only for the best configuration."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import build_digits_zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipelines"))
+
+
+def _run(*args, timeout=900):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(ROOT / "pipelines/tune.py"), "--num-cpus", "2", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_search_writes_a_best_config_the_pipelines_accept(tmp_path):
+    zoo = build_digits_zoo(tmp_path / "zoo")
+    search = yaml.safe_load((ROOT / "pipelines/searches/digits.yaml").read_text())
+    search.update(zoo=str(tmp_path / "zoo"), num_samples=3, max_epochs=2, grace_period=1, val_members=1)
+    search["space"].update(hidden={"choice": [8]}, layers={"choice": [1, 2]})
+    search["fixed"].update(before_epochs=1)
+    search["space"].pop("before_epochs")
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
+    out = _run("--search", tmp_path / "search.yaml", "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(default)" in out.stdout and "test accuracy of the best configuration on 1 held-out member(s): 4x" in out.stdout
+    best = yaml.safe_load((tmp_path / "out/best_config.yaml").read_text())
+    assert set(best) == {"meta_train", "prune_batch", "tune"}
+    assert best["meta_train"]["hidden"] == 8 and best["meta_train"]["layers"] in (1, 2)
+    assert 1 <= best["meta_train"]["epochs"] <= 2 and best["prune_batch"]["before_epochs"] == 1
+    assert best["tune"]["val_score"] >= best["tune"]["default_val_score"]
+    import meta_train
+    import prune_batch
+
+    config = meta_train.parse_args(["--config", str(tmp_path / "out/best_config.yaml")])
+    assert config["lr"] == best["meta_train"]["lr"] and config["reg"] == best["meta_train"]["reg"]
+    config = prune_batch.parse_args(["--config", str(tmp_path / "out/best_config.yaml"), "--methods", "none"])
+    assert config["after_lr"] == best["prune_batch"]["after_lr"] and config["targets"] == [4.0]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/out/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["tune-digits"])
+    assert len(runs) == 3 + 1  # every trial, and the summary
+    trials = runs[runs["tags.mlflow.runName"] != "tune-digits-summary"]
+    assert trials["metrics.score"].notna().all() and (trials["metrics.training_iteration"] <= 2).all()
+    assert (tmp_path / "out/tune_scores.png").exists()
+    assert len(zoo.metadata()) == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space": {"learning_rate": {"uniform": [0, 1]}}}, "'learning_rate' is not a tunable setting"),
+    ({"space": {"lr": {"gaussian": [0, 1]}}}, "space.lr must be one of"),
+    ({"zoo": "no/such/zoo"}, "zoo directory not found"),
+])
+def test_bad_search_files_are_named(change, message, tmp_path):
+    search = yaml.safe_load((ROOT / "pipelines/searches/digits.yaml").read_text())
+    search.update(change)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(search))
+    out = _run("--search", tmp_path / "s.yaml", "--out", tmp_path / "out", timeout=120)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
