@@ -163,8 +163,9 @@ def find_sources(config: dict) -> list[Source]:
             meta = Zoo(config["zoo"]).metadata()
         except FileNotFoundError as err:
             raise SystemExit(f"prune_batch: {err}")
-        splits = {"all": set(meta.role)} if config["split"] == "all" else {config["split"]: {config["split"]}}
-        roles = next(iter(splits.values()))
+        if config["split"] not in ("train", "val", "test", "all"):
+            raise SystemExit(f"prune_batch: --split must be train, val, test or all, not {config['split']!r}")
+        roles = set(meta.role) if config["split"] == "all" else {config["split"]}
         for row, m in enumerate(meta.itertuples()):
             if m.status == "ok" and m.role in roles:
                 sources.append(Source(m.id, f"{config['zoo']}#{m.id}", config["zoo"], row))

@@ -1,0 +1,35 @@
+"""Pipeline settings: defaults < --config file (its own section, or the whole file) < flags."""
+
+import argparse
+
+import pytest
+
+from distributed.settings import add_flags, resolve
+
+DEFAULTS = {"lr": 1e-3, "epochs": 20, "targets": [2.0], "gpu": False, "floor": None}
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    add_flags(p, DEFAULTS, types={"floor": float})
+    return resolve(vars(p.parse_args(argv)), DEFAULTS, "meta_train", "test")
+
+
+def test_file_section_then_flags(tmp_path):
+    path = tmp_path / "best.yaml"
+    path.write_text("meta_train: {lr: 0.01, epochs: 5}\nprune_batch: {after_lr: 0.1}\n")
+    config = _parse(["--config", str(path), "--epochs", "7", "--targets", "2", "4", "--floor", "0.9", "--gpu"])
+    assert config == {"lr": 0.01, "epochs": 7, "targets": [2.0, 4.0], "gpu": True, "floor": 0.9}
+    assert _parse([]) == DEFAULTS
+
+
+def test_a_file_without_sections_and_bad_files(tmp_path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("lr: 0.5\n")
+    assert _parse(["--config", str(flat)])["lr"] == 0.5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("meta_train: {learning_rate: 0.5}\n")
+    with pytest.raises(SystemExit, match="unknown setting.*learning_rate"):
+        _parse(["--config", str(bad)])
+    with pytest.raises(SystemExit, match="config file not found"):
+        _parse(["--config", str(tmp_path / "missing.yaml")])
