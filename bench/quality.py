@@ -40,11 +40,10 @@ sys.path.insert(0, str(ROOT))
 from metanet.graph import graph_to_network  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
-from metanet.recipe import METHODS, RecipeConfig, prune_with_method, selection_score  # noqa: E402
+from metanet.recipe import METHODS, RecipeConfig, prune_with_method, recipe_from_settings, selection_score  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.data import TaskData  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
-from zoo.train import TrainConfig  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ settings
@@ -68,14 +67,6 @@ def apply_config(s: dict, path: str) -> None:
         for key, value in (loaded.get(section) or {}).items():
             if key in s:
                 s[key] = value
-
-
-def recipe(s: dict, target: float, seed: int, finetune: dict) -> RecipeConfig:
-    return RecipeConfig(target=target,
-                        before=TrainConfig(epochs=s["before_epochs"], lr=s["before_lr"], schedule="constant",
-                                           seed=seed, **finetune),
-                        after=TrainConfig(epochs=s["after_epochs"], lr=s["after_lr"], schedule="cosine", seed=seed,
-                                          **finetune))
 
 
 # ------------------------------------------------------------------------- worker plumbing
@@ -170,7 +161,7 @@ def main() -> None:
     net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=s["hidden"], layers=s["layers"],
                             residual=s["residual"])
     metanet = MetaNetwork(net_cfg)
-    select_cfg = recipe(s, s["select_target"], 0, finetune)
+    select_cfg = recipe_from_settings(s, **finetune, target=s["select_target"])
     select_cfg.before.epochs = select_cfg.after.epochs = 1
     scores: list[tuple[int, float]] = [(-1, selection_score(metanet, val_models, data, select_cfg))]
     best = (scores[0][1], -1, snapshot(metanet))
@@ -200,7 +191,7 @@ def main() -> None:
         state = graph_to_network(member.graph, build_model(member.arch)).state_dict()
         for target in s["targets"]:
             for seed in range(s["seeds"]):
-                cfg = recipe(s, target, seed, finetune)
+                cfg = recipe_from_settings(s, **finetune, seed=seed, target=target)
                 for method in METHODS:
                     meta_state = best[2] if method == "meta" else None
                     jobs.append(((h, seed), (member.arch, state, method, cfg, meta_state, net_cfg.to_dict())))

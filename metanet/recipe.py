@@ -43,6 +43,18 @@ class RecipeConfig:
         return asdict(self)
 
 
+def recipe_from_settings(settings: dict, *, batch_size: int = 128, augment: bool = True, seed: int = 0,
+                         target: float = 2.0, **extra) -> RecipeConfig:
+    """The recipe that the pipelines' settings (``before_epochs``, ``before_lr``, ``after_epochs``,
+    ``after_lr``) describe: a constant lr before pruning, cosine after; ``extra`` sets other fields."""
+    common = dict(batch_size=batch_size, augment=augment, seed=seed)
+    return RecipeConfig(target=target, **extra,
+                        before=TrainConfig(epochs=settings["before_epochs"], lr=settings["before_lr"],
+                                           schedule="constant", **common),
+                        after=TrainConfig(epochs=settings["after_epochs"], lr=settings["after_lr"],
+                                          schedule="cosine", **common))
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -85,9 +85,9 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
 
     from metanet.metanetwork import load_metanetwork
     from metanet.prune import count
-    from metanet.recipe import RecipeConfig, prepare, prune_and_finetune
+    from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings
     from zoo.model_files import save_model
-    from zoo.train import TrainConfig, evaluate
+    from zoo.train import evaluate
 
     torch.set_num_threads(max(1, int(config["cpus_per_task"])))
     torch.manual_seed(config["seed"])
@@ -104,12 +104,8 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
                   "test_acc_before": evaluate(model, data, "test")[0], "macs_before": macs, "params_before": params}
         # DGL's wheel is a CPU build: on a GPU the metanetwork runs on the PyG backend
         metanet = load_metanetwork(metanet_path, None if device == "cpu" else "pyg")[0] if method == "meta" else None
-        train_cfg = dict(batch_size=config["batch_size"], augment=config["augment"], seed=config["seed"])
-        cfg = RecipeConfig(before=TrainConfig(epochs=config["before_epochs"], lr=config["before_lr"],
-                                              schedule="constant", **train_cfg),
-                           after=TrainConfig(epochs=config["after_epochs"], lr=config["after_lr"],
-                                             schedule="cosine", **train_cfg),
-                           sparse_reg=config["sparse_reg"])
+        cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
+                                   seed=config["seed"], sparse_reg=config["sparse_reg"])
         prepared, record = prepare(model, data, method, cfg, metanet)
     except Exception as err:  # the model could not be loaded, converted or trained: every row says why
         return [dict(r, error=_error(err), seconds=time.perf_counter() - started) for r in rows]

@@ -34,7 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed.ray_env import init_ray, ray, shutdown  # noqa: E402
+from distributed.ray_env import init_ray, shutdown  # noqa: E402
 
 SEARCH_DIR = Path(__file__).resolve().parent / "searches"
 DEFAULT_SEARCH = SEARCH_DIR / "digits.yaml"
@@ -96,7 +96,7 @@ def trial(config: dict, search: dict, data) -> None:
     from metanet.graph import graph_to_network
     from metanet.meta_training import MetaTrainConfig, make_member, meta_train
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
-    from metanet.recipe import selection_score
+    from metanet.recipe import recipe_from_settings, selection_score
     from zoo.arch import build_model
     from zoo.store import Zoo
 
@@ -113,7 +113,7 @@ def trial(config: dict, search: dict, data) -> None:
     val = val[:search.get("val_members", len(val))]
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=config["hidden"],
                                         layers=config["layers"], residual=config["residual"]))
-    recipe = recipe_config(config, zoo.finetune_settings(), search.get("seed", 0))
+    recipe = recipe_from_settings(config, **zoo.finetune_settings(), seed=search.get("seed", 0))
     every = search.get("eval_every", 1)
 
     def on_epoch(epoch: int, metrics: dict, net) -> None:
@@ -128,17 +128,6 @@ def trial(config: dict, search: dict, data) -> None:
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     meta_train(metanet, members, data, cfg, on_epoch=on_epoch, progress=False)
-
-
-def recipe_config(config: dict, finetune: dict, seed: int, target: float = 2.0):
-    from metanet.recipe import RecipeConfig
-    from zoo.train import TrainConfig
-
-    return RecipeConfig(target=target,
-                        before=TrainConfig(epochs=config["before_epochs"], lr=config["before_lr"], schedule="constant",
-                                           seed=seed, **finetune),
-                        after=TrainConfig(epochs=config["after_epochs"], lr=config["after_lr"], schedule="cosine",
-                                          seed=seed, **finetune))
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -263,7 +252,7 @@ def _test_score(state: dict, config: dict, search: dict, data, finetune: dict) -
     """Test accuracy of the best configuration on the held-out (role 'test') members, per target."""
     from metanet.graph import graph_to_network
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
-    from metanet.recipe import prepare, prune_and_finetune
+    from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings
     from zoo.arch import build_model
     from zoo.store import Zoo
 
@@ -272,7 +261,7 @@ def _test_score(state: dict, config: dict, search: dict, data, finetune: dict) -
         return {}
     net = MetaNetwork(MetaNetConfig(**state["metanet_config"]))
     net.load_state_dict(state["metanet"])
-    recipe = recipe_config(config, finetune, search.get("seed", 0))
+    recipe = recipe_from_settings(config, **finetune, seed=search.get("seed", 0))
     scores: dict[float, list[float]] = {float(t): [] for t in search["targets"]}
     for record in held_out:
         model = graph_to_network(record.graph, build_model(record.arch)).eval()

@@ -115,6 +115,16 @@ def test_an_unsupported_layer_fails_only_the_metanetwork_rows(inputs, tmp_path):
     assert isinstance(pruned, nn.Sequential)
 
 
+def test_adaptive_mode_prunes_while_validation_accuracy_holds(inputs, tmp_path):
+    out = _run("--models", inputs / "models/good.pt", "--dataset", "digits", "--methods", "none", "--floor", "0.5",
+               "--before-epochs", "0", "--after-epochs", "1", "--out", tmp_path / "out", "--no-mlflow")
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = pd.read_parquet(tmp_path / "out/results.parquet").iloc[0]
+    assert row.status == "ok" and row.floor == 0.5 and pd.isna(row.target)
+    assert row.val_acc_pruned >= 0.5 and row.speedup > 1 and row.path.endswith("good__none__floor0.5.pt")
+    assert "| none | floor0.5 | 1 |" in out.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--models", "nowhere/*.pt", "--dataset", "digits", "--methods", "none"], "no such file"),
     (["--models", ".", "--dataset", "digits", "--metanet", "missing.pt"], "metanetwork file not found"),
