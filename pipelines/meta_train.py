@@ -6,11 +6,12 @@
 Each of ``--workers`` Ray Train workers (gloo on CPU, nccl on GPU) takes its share of the zoo's
 training members every epoch, reading each member's graph from the Arrow zoo when it needs it,
 and computes the meta-objective (``metanet.meta_training.member_step``); DDP averages the
-metanetwork's gradients. Every epoch is a checkpoint (``ray.train.report``); running the same
-command again (same ``--out`` and ``--name``) resumes from the latest one, and a dead worker
-restarts the run from it (``--max-failures``).
+metanetwork's gradients. ``--keep`` checkpoints are written, evenly spread over the run (every
+``ceil(epochs / keep)`` epochs, and the last: ``ray.train.report``); running the same command
+again (same ``--out`` and ``--name``) resumes from the latest one, and a dead worker restarts the
+run from it (``--max-failures``).
 
-Then the kept checkpoints are scored on the zoo's validation members (metanetwork -> short
+Then the checkpoints are scored on the zoo's validation members (metanetwork -> short
 finetune -> prune to ``--select-target`` -> short finetune -> validation accuracy; never the test
 split), one Ray task per checkpoint, and the best is written as ``<out>/<name>/metanetwork.pt``.
 MLflow (rank 0 and the driver): params, per-epoch loss terms, selection scores and their plot,
@@ -34,7 +35,7 @@ from distributed.ray_env import init_ray, ray  # noqa: E402
 DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2, "epochs": 20,
     "lr": 1e-3, "weight_decay": 5e-4, "milestones": [15], "batches_per_step": 4, "batch_size": 256,
-    "reg": 0.1, "alpha": 16.0, "hidden": 32, "layers": 4, "residual": 0.05, "backend": "dgl", "seed": 0,
+    "reg": 3e-3, "alpha": 16.0, "hidden": 32, "layers": 4, "residual": 0.05, "backend": "dgl", "seed": 0,
     "gpu": False, "max_failures": 2, "keep": 5, "select_target": 2.0, "select_finetune_epochs": 1,
     "select_members": 4, "data_root": None, "mlflow": True,
 }
@@ -105,12 +106,15 @@ def train_func(config: dict) -> None:
         metrics = {"epoch": epoch, "task_loss": float(sums[0] / sums[3]), "sparsity_loss": float(sums[1] / sums[3]),
                    "train_acc": float(sums[2] / sums[3]), "seconds": time.perf_counter() - began,
                    "mlflow_run_id": run_id or ""}
-        if rank == 0:
-            if run_id:
-                import mlflow
+        # checkpoints spread over the run, not the last few: an early one may be the best (the
+        # sparsity term can overtake the task loss late in training)
+        every = math.ceil(cfg.epochs / max(1, config["keep"]))
+        save = (epoch + 1) % every == 0 or epoch == cfg.epochs - 1
+        if rank == 0 and run_id:
+            import mlflow
 
-                mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "mlflow_run_id")},
-                                   step=epoch)
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "mlflow_run_id")}, step=epoch)
+        if rank == 0 and save:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"metanet": core.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                             "metanet_config": config["metanet"]}, os.path.join(d, "state.pt"))
