@@ -1,5 +1,7 @@
 """Shared helpers: networks with non-trivial BatchNorm state, so that round trips are meaningful."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -33,6 +35,16 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri():
+    """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in ``os.environ``, which every
+    pipeline a later test runs as a subprocess would inherit (and log there): no test starts with
+    it or leaves it behind."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def build_digits_zoo(root, members: int = 3, val: float = 0.34, test: float = 0.34, seed: int = 0):
