@@ -316,8 +316,8 @@ def _log_mlflow(config: dict, frame, out: str, wall: float) -> str:
     with mlflow.start_run(run_name=f"prune-batch-{ok.model.nunique()}-models"):
         mlflow.log_params({k: str(v)[:5000] for k, v in flatten(config).items()})
         metrics = {"rows_ok": float(len(ok)), "rows_failed": float((frame.status != "ok").sum()), "wall_seconds": wall}
-        for r in ok.assign(run=[_run_label(r) for r in ok.to_dict("records")]).groupby(["method", "run"]):
-            (method, run), g = r
+        labelled = ok.assign(run=[_run_label(r) for r in ok.to_dict("records")])
+        for (method, run), g in labelled.groupby(["method", "run"]):
             tag = re.sub(r"[^0-9A-Za-z_.x-]", "_", f"{method}_{run}")
             metrics.update({f"test_acc_{tag}": g.test_acc.mean(), f"val_acc_{tag}": g.val_acc.mean(),
                             f"speedup_{tag}": g.speedup.mean()})
