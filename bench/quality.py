@@ -37,7 +37,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metanet.graph import graph_to_network  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.recipe import METHODS, RecipeConfig, prune_with_method, recipe_from_settings, selection_score  # noqa: E402
@@ -157,7 +156,7 @@ def main() -> None:
                                alpha=s["alpha"], batch_size=s["batch_size"], weight_decay=s["weight_decay"],
                                milestones=(int(s["epochs"] * 0.75),))
     members = [make_member(r.id, r.arch, r.graph, meta_cfg) for r in by_role["train"]]
-    val_models = [graph_to_network(r.graph, build_model(r.arch)).eval() for r in by_role["val"][:s["select_members"]]]
+    val_models = [r.network() for r in by_role["val"][:s["select_members"]]]
     net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=s["hidden"], layers=s["layers"],
                             residual=s["residual"])
     metanet = MetaNetwork(net_cfg)
@@ -188,7 +187,7 @@ def main() -> None:
 
     jobs = []
     for h, member in enumerate(by_role["test"]):
-        state = graph_to_network(member.graph, build_model(member.arch)).state_dict()
+        state = member.network().state_dict()
         for target in s["targets"]:
             for seed in range(s["seeds"]):
                 cfg = recipe_from_settings(s, **finetune, seed=seed, target=target)

@@ -146,10 +146,8 @@ def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_r
     """Validation score of one checkpoint (a Ray task in ``select``)."""
     import torch
 
-    from metanet.graph import graph_to_network
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from metanet.recipe import RecipeConfig, selection_score
-    from zoo.arch import build_model
     from zoo.store import Zoo
     from zoo.train import TrainConfig
 
@@ -160,7 +158,7 @@ def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_r
     val = [r for r in zoo if r.status == "ok" and r.role == "val"][:members]
     if not val:
         raise ValueError(f"{zoo_root}: no validation members (role 'val') to select checkpoints with")
-    models = [graph_to_network(r.graph, build_model(r.arch)).eval() for r in val]
+    models = [r.network() for r in val]
     net = MetaNetwork(MetaNetConfig(**metanet_config))
     net.load_state_dict(torch.load(os.path.join(ckpt_path, "state.pt"), weights_only=True)["metanet"])
     ft = zoo.finetune_settings()

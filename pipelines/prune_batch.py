@@ -59,16 +59,11 @@ class Source:
 
 # ------------------------------------------------------------------------------- the task
 def _load(source: Source, arch: dict | None, trust_pickle: bool):
-    from metanet.graph import graph_to_network
-    from zoo.arch import build_model
     from zoo.model_files import load_model
     from zoo.store import Zoo
 
     if source.zoo is not None:
-        record = Zoo(source.zoo)[source.row]
-        if record.graph is None:
-            raise ValueError(f"zoo member {record.id} has no graph (status {record.status})")
-        return graph_to_network(record.graph, build_model(record.arch)).eval()
+        return Zoo(source.zoo)[source.row].network()
     return load_model(source.ref, arch=arch, trust_pickle=trust_pickle)[0]
 
 
@@ -423,7 +418,8 @@ def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> list[dict]:
             new = [{"model": source.name, "source": source.ref, "method": method, "status": "failed",
                     "error": _error(cause), **r} for r in todo]
         failed += sum(r["status"] != "ok" for r in new)
-        rows = [r for r in rows if _key(r) not in {_key(n) for n in new}] + new
+        replaced = {_key(n) for n in new}
+        rows = [r for r in rows if _key(r) not in replaced] + new
         write_results(out, rows)  # after every task: a killed driver loses only what was running
         left[source.name] -= 1
         if left[source.name] == 0:

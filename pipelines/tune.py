@@ -93,11 +93,9 @@ def trial(config: dict, search: dict, data) -> None:
     import torch
 
     from ray import tune
-    from metanet.graph import graph_to_network
     from metanet.meta_training import MetaTrainConfig, make_member, meta_train
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from metanet.recipe import recipe_from_settings, selection_score
-    from zoo.arch import build_model
     from zoo.store import Zoo
 
     torch.set_num_threads(max(1, int(search.get("cpus_per_trial", 1))))
@@ -109,7 +107,7 @@ def trial(config: dict, search: dict, data) -> None:
                           batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
                           seed=search.get("seed", 0))
     members = [make_member(r.id, r.arch, r.graph, cfg) for r in records if r.role == "train"]
-    val = [graph_to_network(r.graph, build_model(r.arch)).eval() for r in records if r.role == "val"]
+    val = [r.network() for r in records if r.role == "val"]
     val = val[:search.get("val_members", len(val))]
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=config["hidden"],
                                         layers=config["layers"], residual=config["residual"]))
@@ -250,10 +248,8 @@ def _report(results, search: dict, out: Path, data, finetune: dict) -> dict:
 
 def _test_score(state: dict, config: dict, search: dict, data, finetune: dict) -> dict:
     """Test accuracy of the best configuration on the held-out (role 'test') members, per target."""
-    from metanet.graph import graph_to_network
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings
-    from zoo.arch import build_model
     from zoo.store import Zoo
 
     held_out = [r for r in Zoo(search["zoo"]) if r.status == "ok" and r.role == "test"]
@@ -264,7 +260,7 @@ def _test_score(state: dict, config: dict, search: dict, data, finetune: dict) -
     recipe = recipe_from_settings(config, **finetune, seed=search.get("seed", 0))
     scores: dict[float, list[float]] = {float(t): [] for t in search["targets"]}
     for record in held_out:
-        model = graph_to_network(record.graph, build_model(record.arch)).eval()
+        model = record.network()
         prepared, rec = prepare(model, data, "meta", recipe, net)
         for target in scores:
             recipe.target = target

@@ -81,6 +81,15 @@ class ZooRecord:
     error: str | None = None
     role: str = "train"
 
+    def network(self):
+        """The member as a module (eval mode), rebuilt exactly from its graph."""
+        from metanet.graph import graph_to_network
+        from zoo.arch import build_model
+
+        if self.graph is None:
+            raise ValueError(f"zoo member {self.id} has no graph (status {self.status})")
+        return graph_to_network(self.graph, build_model(self.arch)).eval()
+
 
 # ------------------------------------------------------------------------------ filesystems
 def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
