@@ -1,21 +1,26 @@
-"""Does the metanetwork beat the baselines? Accuracy against MAC speed-up, honestly selected.
+"""Does the metanetwork beat the baselines? A paired benchmark that says when it cannot tell.
 
-1. The zoo that ``make zoo`` builds (``--zoo``): its ``train`` members meta-train the metanetwork,
-   its ``val`` members select the checkpoint, its held-out ``test`` members are pruned. (``--smoke``
-   builds a small digits zoo with ``pipelines/make_zoo.py`` first.)
-2. Meta-train on the training members; every ``select_every`` epochs score the checkpoint on the
-   validation members (metanetwork -> finetune -> prune -> finetune -> validation accuracy) and
-   keep the best. The test split is never looked at for this.
-3. Each held-out network is pruned to each target speed-up with the method (``meta``) and the
-   baselines (``none``: no metanetwork; ``depgraph``: sparse learning), the same finetuning budget
-   for all, over several seeds.
-4. A table (test accuracy mean +- std) and a plot of accuracy against speed-up, right after
-   pruning (no finetuning: the paper's diagnostic) and after finetuning.
+1. Networks: the zoo that ``make zoo`` builds (``--zoo``): its ``train`` members meta-train the
+   metanetwork, its ``val`` members select the checkpoint; the networks pruned are the zoo's held-out
+   ``test`` members plus every member of the ``--heldout`` zoos (specs of networks unlike any zoo
+   member, e.g. ``zoo/specs/digits-heldout.yaml``). The test split is never used for selection.
+2. Meta-training, with the diagnostics of ``metanet.diagnostics`` on the validation members after
+   every ``select_every`` epochs (selectivity of the edit, accuracy after BatchNorm recalibration,
+   the recalibrated pruning curve and its area); the checkpoint with the largest area is kept.
+3. Every held-out network x seed x method (``meta``, ``none``, ``depgraph`` and the sensitivity
+   check ``oracle``: sparse learning at a strong reg, the same steps): the method's preparation,
+   its diagnostics (the curve of the prepared network; for ``meta`` also the curve right after the
+   edit; for ``none`` also the unedited network's curve), then prune to each target, recalibrate,
+   finetune. Same network, seed and budget for every method: the comparisons are paired.
+4. Tables: each method's mean with a 95% interval over networks; paired differences meta - none,
+   meta - depgraph (and oracle - none) with 95% intervals; the recalibrated curves; selectivity.
+   The sensitivity check: if oracle - none on the recalibrated curve has no interval above zero,
+   the benchmark says it cannot tell methods apart on these networks. Plots and MLflow.
 
-    make zoo ZOO_ARGS="--spec zoo/specs/cifar10.yaml --set dataset.root=DIR/cifar10-jpeg"
-    python bench/quality.py --zoo runs/zoo-cifar10                         # about 25 minutes
-    python bench/quality.py --zoo runs/zoo-cifar10 --config runs/tune-cifar10/best_config.yaml
-    python bench/quality.py --smoke                                        # digits, a few minutes
+    python bench/quality.py --smoke                                        # digits, about 3 minutes
+    python pipelines/make_zoo.py --spec zoo/specs/digits-heldout.yaml      # held-out digits networks
+    python bench/quality.py --zoo runs/zoo-digits --heldout runs/zoo-digits-heldout
+    python bench/quality.py --zoo runs/zoo-cifar10w --heldout runs/zoo-cifar10-heldout --preset cifar10
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -37,25 +43,38 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from metanet.diagnostics import CURVE_SPEEDUPS, diagnose  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
-from metanet.recipe import METHODS, RecipeConfig, prune_with_method, recipe_from_settings, selection_score  # noqa: E402
+from metanet.paired import mean_ci, method_table, paired_difference, paired_table  # noqa: E402
+from metanet.recipe import ALL_METHODS, apply_metanetwork, prepare, prune_and_finetune, recipe_from_settings  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.data import TaskData  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
+CURVE_KEYS = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
+# the curves reported: (label, method whose job computes it, key prefix)
+CURVES = [("unedited", "none", "raw_"), ("after the edit", "meta", "edit_"), ("edit + finetune (meta)", "meta", ""),
+          ("finetune (none)", "none", ""), ("sparse learning (depgraph)", "depgraph", ""),
+          ("strong sparse learning (oracle)", "oracle", "")]
+
 
 # ------------------------------------------------------------------------------ settings
 # Names as in pipelines/meta_train.py and pipelines/prune_batch.py, so a Tune best_config.yaml applies.
-def settings(smoke: bool) -> dict:
-    if smoke:
-        return dict(seeds=2, targets=[2.0, 4.0], select_members=1, select_every=1, select_target=2.0, epochs=3,
-                    lr=1e-3, reg=3e-3, alpha=16.0, residual=0.02, hidden=16, layers=2, batches_per_step=2,
-                    batch_size=256, weight_decay=5e-4, before_epochs=1, before_lr=0.01, after_epochs=1,
-                    after_lr=0.01)
-    return dict(seeds=3, targets=[2.0, 4.0, 8.0], select_members=2, select_every=3, select_target=4.0, epochs=12,
-                lr=1e-3, reg=3e-3, alpha=16.0, residual=0.02, hidden=32, layers=4, batches_per_step=4,
-                batch_size=256, weight_decay=5e-4, before_epochs=2, before_lr=0.01, after_epochs=2, after_lr=0.01)
+PRESETS = {
+    "digits": dict(seeds=2, targets=[2.0, 4.0, 8.0], select_members=4, select_every=2, epochs=12, lr=1e-3, reg=3e-3,
+                   alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=256,
+                   weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80, after_lr=0.01,
+                   sparse_reg=5e-4, oracle_reg=5e-2),
+    "cifar10": dict(seeds=2, targets=[2.0, 4.0, 8.0], select_members=2, select_every=2, epochs=8, lr=1e-3, reg=3e-3,
+                    alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=128,
+                    weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80,
+                    after_lr=0.01, sparse_reg=5e-4, oracle_reg=5e-2),
+    "smoke": dict(seeds=2, targets=[2.0, 4.0], select_members=1, select_every=1, epochs=2, lr=1e-3, reg=3e-3,
+                  alpha=16.0, residual=0.05, hidden=16, layers=2, batches_per_step=2, batch_size=128,
+                  weight_decay=5e-4, bn_mode="eval", before_steps=10, before_lr=0.01, after_steps=10, after_lr=0.01,
+                  sparse_reg=5e-4, oracle_reg=5e-2),
+}
 
 
 def apply_config(s: dict, path: str) -> None:
@@ -78,191 +97,403 @@ def _init(data: TaskData) -> None:
     _DATA = data
 
 
-def prune_job(arch: dict, state: dict, method: str, cfg: RecipeConfig, metanet_state: dict | None,
-              metanet_cfg: dict | None) -> dict:
+def prune_job(arch: dict, state: dict, method: str, s: dict, finetune: dict, seed: int,
+              metanet_state: dict | None, metanet_cfg: dict | None) -> list[dict]:
+    """One network x seed x method: prepare, diagnose, then prune to every target and finetune."""
+    data = _DATA
     model = build_model(arch)
     model.load_state_dict(state)
+    model.eval()
     metanet = None
     if metanet_state is not None:
         metanet = MetaNetwork(MetaNetConfig(**metanet_cfg))
         metanet.load_state_dict(metanet_state)
-    torch.manual_seed(cfg.before.seed)
-    _, record = prune_with_method(model.eval(), _DATA, method, cfg, metanet)
-    return record
+    cfg = recipe_from_settings(s, **finetune, seed=seed, sparse_reg=s["sparse_reg"], oracle_reg=s["oracle_reg"])
+    torch.manual_seed(seed)
+    extra: dict = {}
+    if method == "none":  # the unedited network's own curve, once per network and seed
+        extra.update({f"raw_{k}": v for k, v in diagnose(model, model, data, cfg, split="test").items()})
+    if method == "meta":
+        edited = apply_metanetwork(metanet, model, torch.zeros(data.input_shape))
+        extra.update({f"edit_{k}": v for k, v in diagnose(model, edited, data, cfg, split="test").items()})
+    prepared, record = prepare(model, data, method, cfg, metanet)
+    extra.update(diagnose(model, prepared, data, cfg, split="test"))
+    rows = []
+    for target in s["targets"]:
+        cfg.target = target
+        _, result = prune_and_finetune(prepared, data, cfg, dict(record))
+        rows.append(dict(result, **extra))
+    return rows
 
 
 def _pool(workers: int, data: TaskData):
     return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init, initargs=(data,))
 
 
-def smoke_zoo(out: Path) -> str:
-    """A small digits zoo (8 members: 4 train, 2 val, 2 test), built by make_zoo.py."""
-    zoo = out / "zoo"
-    cmd = [sys.executable, str(ROOT / "pipelines/make_zoo.py"), "--out", str(zoo), "--members", "8", "--no-mlflow",
-           "--set", "val_members=0.25", "--set", "test_members=0.25", "--set", "train.epochs=6",
-           "--set", "finetune.epochs=1"]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"quality: building the smoke zoo failed:\n{result.stderr[-2000:]}")
-    return str(zoo)
+def build_zoo_here(out: Path, spec_path: str | None, overrides: list[str]) -> str:
+    """A zoo built in this process, member after member (what make_zoo's Ray tasks do): the
+    smoke run's zoos are small, and a second local Ray beside a running one is not worth it."""
+    from zoo.build import build_member
+    from zoo.data import load_from_config
+    from zoo.spec import load_spec, members
+
+    spec = load_spec(spec_path, [*overrides, f"output={out}"])
+    data = load_from_config(spec["dataset"])
+    zoo = Zoo.create(str(out))
+    zoo.write_spec(spec)
+    done = set(zoo.metadata().query("status == 'ok'")["id"]) if zoo.files() else set()
+    for m in members(spec, data.in_channels, data.num_classes, data.image_size):
+        if m.id not in done:
+            zoo.write(m.id, [build_member(spec, m, data)], manifest=False)
+    zoo.write_manifest()
+    return str(out)
+
+
+def smoke_zoos(out: Path) -> tuple[str, list[str]]:
+    """A small digits zoo (8 members: 4 train, 2 val, 2 test) and 2 held-out networks from the
+    held-out spec (deeper and wider than any zoo member)."""
+    zoo = build_zoo_here(out / "zoo", None, ["members=8", "val_members=0.25", "test_members=0.25", "train.epochs=6",
+                                              "finetune.epochs=1"])
+    held = build_zoo_here(out / "heldout", str(ROOT / "zoo/specs/digits-heldout.yaml"), ["members=2", "train.epochs=6"])
+    return zoo, [held]
+
+
+# ----------------------------------------------------------------------- meta-training
+def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> tuple[MetaNetwork, dict]:
+    """Meta-trains on the zoo's train members; diagnoses every ``select_every`` epochs on the
+    validation members; returns the network with the best checkpoint loaded and the history."""
+    finetune = zoo.finetune_settings()
+    meta_cfg = MetaTrainConfig(epochs=s["epochs"], batches_per_step=s["batches_per_step"], lr=s["lr"], reg=s["reg"],
+                               alpha=s["alpha"], batch_size=s["batch_size"], weight_decay=s["weight_decay"],
+                               milestones=(int(s["epochs"] * 0.75),), bn_mode=s["bn_mode"])
+    members = [make_member(r.id, r.arch, r.graph, meta_cfg) for r in by_role["train"]]
+    val_models = [r.network().eval() for r in by_role["val"][:s["select_members"]]]
+    net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=s["hidden"], layers=s["layers"],
+                            residual=s["residual"])
+    metanet = MetaNetwork(net_cfg)
+    cfg = recipe_from_settings(s, **finetune)
+    x = torch.zeros(data.input_shape)
+
+    def diagnostics(net: MetaNetwork) -> dict:
+        per = [diagnose(m, apply_metanetwork(net, m, x), data, cfg, split="val") for m in val_models]
+        return {k: statistics.mean(d[k] for d in per) for k in per[0]}
+
+    unedited = [diagnose(m, m, data, cfg, split="val") for m in val_models]
+    epochs = [{"epoch": -1, **diagnostics(metanet)}]
+    log(f"validation members, unedited: curve AUC {100 * statistics.mean(d['auc'] for d in unedited):.1f}; "
+        f"edited before meta-training: {_diag_line(epochs[0])}")
+    best = (epochs[0]["auc"], -1, snapshot(metanet))
+
+    def on_epoch(epoch, metrics, net):
+        nonlocal best
+        line = f"  epoch {epoch}: task {metrics['task_loss']:.3f} sparsity {metrics['sparsity_loss']:.3f} " \
+               f"({metrics['seconds']:.0f} s)"
+        if (epoch + 1) % s["select_every"] == 0 or epoch == meta_cfg.epochs - 1:
+            d = diagnostics(net)
+            epochs.append({"epoch": epoch, **metrics, **d})
+            line += "; " + _diag_line(d)
+            if d["auc"] > best[0]:
+                best = (d["auc"], epoch, snapshot(net))
+        log(line)
+
+    meta_train(metanet, members, data, meta_cfg, on_epoch=on_epoch, progress=False)
+    metanet.load_state_dict(best[2])
+    history = {"epochs": epochs, "chosen_epoch": best[1], "chosen_auc": best[0],
+               "unedited_auc": statistics.mean(d["auc"] for d in unedited), "config": net_cfg.to_dict()}
+    log(f"chosen checkpoint: epoch {best[1]} (validation curve AUC {100 * best[0]:.1f}, unedited "
+        f"{100 * history['unedited_auc']:.1f})")
+    return metanet, history
+
+
+def _diag_line(d: dict) -> str:
+    return (f"curve AUC {100 * d['auc']:.1f}, acc after recal {100 * d['acc_recal']:.1f}, ratio spread "
+            f"{d['ratio_spread']:.3f}, mean ratio {d['mean_ratio']:.2f}, below 0.1: {100 * d['share_below_0.1']:.0f}%")
 
 
 # ------------------------------------------------------------------------------------ main
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", help="a zoo built by make zoo (with train, val and test members)")
+    parser.add_argument("--heldout", nargs="*", default=[], help="zoos whose every member is pruned too "
+                        "(networks unlike any zoo member)")
     parser.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     parser.add_argument("--smoke", action="store_true", help="build a small digits zoo and run a tiny budget")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="settings preset (default: by dataset)")
     parser.add_argument("--config", help="a config file (Tune's best_config.yaml): its meta_train and prune_batch "
-                        "settings replace the defaults")
-    parser.add_argument("--out", default="runs/quality")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+                        "settings replace the preset's")
+    parser.add_argument("--out", default="runs/quality", help="output folder (default: runs/quality)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: 2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set residual=0.1 --set epochs=40")
-    args = parser.parse_args()
-    s = settings(args.smoke)
-    if args.config:
-        if not os.path.exists(args.config):
-            raise SystemExit(f"--config: file not found: {args.config}")
-        apply_config(s, args.config)
-    for item in args.set:
-        key, value = item.split("=", 1)
-        if key not in s:
-            raise SystemExit(f"--set: unknown setting {key!r}; known: {', '.join(sorted(s))}")
-        s[key] = yaml.safe_load(value)
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.zoo and not args.smoke:
-        raise SystemExit("--zoo PATH is required (a zoo built by make zoo); or --smoke for digits")
-    zoo = Zoo(args.zoo or smoke_zoo(out))
+        raise SystemExit("quality: --zoo PATH is required (a zoo built by make zoo); or --smoke for digits")
+    if args.smoke:
+        zoo_path, heldout = smoke_zoos(out)
+    else:
+        zoo_path, heldout = args.zoo, args.heldout
+    zoo = Zoo(zoo_path)
     data = zoo.dataset(args.data_root)
-    finetune = zoo.finetune_settings()
+    preset = args.preset or ("smoke" if args.smoke else "cifar10" if data.image_size > 8 else "digits")
+    s = dict(PRESETS[preset])
+    if args.config:
+        if not os.path.exists(args.config):
+            raise SystemExit(f"quality: --config: file not found: {args.config}")
+        apply_config(s, args.config)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in s:
+            raise SystemExit(f"quality: --set: unknown setting {key!r}; known: {', '.join(sorted(s))}")
+        s[key] = yaml.safe_load(value)
+    log_lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_lines.append(line)
+
     records = [r for r in zoo if r.status == "ok"]
     by_role = {role: [r for r in records if r.role == role] for role in ("train", "val", "test")}
-    missing = [role for role, rs in by_role.items() if not rs]
+    missing = [role for role in ("train", "val") if not by_role[role]]
     if missing:
-        raise SystemExit(f"{zoo.root}: no members with role(s) {missing}: build it with val_members and test_members")
-    print(f"data: {data.name}, train {len(data.train[1])}, val {len(data.val[1])}, test {len(data.test[1])}; zoo "
-          f"{zoo.root}: {len(by_role['train'])} train, {len(by_role['val'])} val, {len(by_role['test'])} held-out "
-          f"members (val acc {statistics.mean(r.metrics['val_acc'] for r in records):.3f} mean)")
+        raise SystemExit(f"quality: {zoo.root}: no members with role(s) {missing}: build it with val_members")
+    networks = [(r, "zoo test split") for r in by_role["test"]]
+    for path in heldout:
+        held = Zoo(path)
+        if held.dataset(args.data_root).name != data.name:
+            raise SystemExit(f"quality: --heldout {path}: dataset {held.dataset().name}, the zoo's is {data.name}")
+        networks += [(r, f"unlike the zoo ({held.spec().get('name', path)})") for r in held if r.status == "ok"]
+    if not networks:
+        raise SystemExit("quality: no held-out networks: build the zoo with test_members, or give --heldout")
+    kinds = Counter(f"{r.arch['family']} ({origin})" for r, origin in networks)
+    log(f"data: {data.name}, train {len(data.train[1])}, val {len(data.val[1])}, test {len(data.test[1])}; zoo "
+        f"{zoo.root}: {len(by_role['train'])} train, {len(by_role['val'])} val members; {len(networks)} held-out "
+        f"networks: {dict(kinds)}; preset {preset}")
     _init(data)
     torch.set_num_threads(max(1, args.workers))
 
-    # 1. meta-training with checkpoint selection on validation members
-    meta_cfg = MetaTrainConfig(epochs=s["epochs"], batches_per_step=s["batches_per_step"], lr=s["lr"], reg=s["reg"],
-                               alpha=s["alpha"], batch_size=s["batch_size"], weight_decay=s["weight_decay"],
-                               milestones=(int(s["epochs"] * 0.75),))
-    members = [make_member(r.id, r.arch, r.graph, meta_cfg) for r in by_role["train"]]
-    val_models = [r.network() for r in by_role["val"][:s["select_members"]]]
-    net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=s["hidden"], layers=s["layers"],
-                            residual=s["residual"])
-    metanet = MetaNetwork(net_cfg)
-    select_cfg = recipe_from_settings(s, **finetune, target=s["select_target"])
-    select_cfg.before.epochs = select_cfg.after.epochs = 1
-    scores: list[tuple[int, float]] = [(-1, selection_score(metanet, val_models, data, select_cfg))]
-    best = (scores[0][1], -1, snapshot(metanet))
-    print(f"selection score before meta-training (val acc after finetune, prune to {s['select_target']}x, "
-          f"finetune): {scores[0][1]:.3f}")
+    metanet, history = train_metanetwork(zoo, data, s, by_role, log)
+    meta_state = metanet.state_dict()
+    log(f"{time.perf_counter() - t0:.0f} s so far")
 
-    def on_epoch(epoch, metrics, net):
-        nonlocal best
-        print(f"  epoch {epoch}: task {metrics['task_loss']:.3f} sparsity {metrics['sparsity_loss']:.3f} "
-              f"({metrics['seconds']:.0f} s)")
-        if (epoch + 1) % s["select_every"] == 0 or epoch == meta_cfg.epochs - 1:
-            score = selection_score(net, val_models, data, select_cfg)
-            scores.append((epoch, score))
-            print(f"  epoch {epoch}: selection score {score:.3f}")
-            if score > best[0]:
-                best = (score, epoch, snapshot(net))
-
-    history = meta_train(metanet, members, data, meta_cfg, on_epoch=on_epoch)
-    print(f"chosen checkpoint: epoch {best[1]} (validation score {best[0]:.3f}); "
-          f"{time.perf_counter() - t0:.0f} s so far")
-
-    # 2. prune the held-out networks with every method
     from tqdm import tqdm
 
+    finetune = zoo.finetune_settings()
     jobs = []
-    for h, member in enumerate(by_role["test"]):
+    for h, (member, origin) in enumerate(networks):
         state = member.network().state_dict()
-        for target in s["targets"]:
-            for seed in range(s["seeds"]):
-                cfg = recipe_from_settings(s, **finetune, seed=seed, target=target)
-                for method in METHODS:
-                    meta_state = best[2] if method == "meta" else None
-                    jobs.append(((h, seed), (member.arch, state, method, cfg, meta_state, net_cfg.to_dict())))
+        for seed in range(s["seeds"]):
+            for method in ALL_METHODS:
+                net = (meta_state, history["config"]) if method == "meta" else (None, None)
+                jobs.append(((h, member, origin, seed, method), (member.arch, state, method, s, finetune, seed, *net)))
     results = []
     with _pool(args.workers, data) as pool:
         futures = {pool.submit(prune_job, *a): key for key, a in jobs}
-        for f in tqdm(cf.as_completed(futures), total=len(futures), desc="pruning held-out networks"):
-            h, seed = futures[f]
-            results.append(dict(f.result(), network=h, seed=seed))
+        for f in tqdm(cf.as_completed(futures), total=len(futures), desc="pruning held-out networks", unit="job"):
+            h, member, origin, seed, method = futures[f]
+            for row in f.result():
+                results.append(dict(row, network=h, member=member.id, family=member.arch["family"], origin=origin,
+                                    seed=seed, acc_unpruned=member.metrics["test_acc"]))
     total = time.perf_counter() - t0
-    report(results, s, scores, best, history, out, total, data.name)
+    summary = report(results, s, history, out, total, data.name, log)
+    (out / "log.txt").write_text("\n".join(log_lines) + "\n")
+    if not args.no_mlflow:
+        _log_mlflow(s, summary, out, preset)
+    return summary
 
 
-def _ms(values) -> str:
-    values = [100 * v for v in values]
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):6.2f} +- {sd:4.2f}"
+# ------------------------------------------------------------------------------------ report
+def _curve_value(rows: list[dict], method: str, prefix: str, key: str) -> dict:
+    """Per network: the seed mean of ``prefix + key`` in ``method``'s rows (one row per job)."""
+    first = [r for r in rows if r["method"] == method and r["target"] == rows[0]["target"]]
+    by: dict = {}
+    for r in first:
+        by.setdefault(r["network"], []).append(r[prefix + key])
+    return {n: statistics.mean(v) for n, v in by.items()}
 
 
-def report(records, s, scores, best, history, out: Path, total: float, dataset: str) -> None:
-    print(f"\n{dataset}: held-out networks x {s['seeds']} seeds; finetuning budget {s['before_epochs']}+"
-          f"{s['after_epochs']} epochs "
-          "for every method; accuracy in %, test split (selection used the validation split only)")
-    head = f"{'method':<10}{'target':>7}{'reached':>9}{'pruned, no ft (test)':>23}{'final (test)':>17}{'final (val)':>17}{'time s':>8}"
-    print(head)
-    print("-" * len(head))
-    for target in s["targets"]:
-        for method in METHODS:
-            rs = [r for r in records if r["method"] == method and r["target"] == target]
-            if not rs:
-                continue
-            print(f"{method:<10}{target:>7.1f}{statistics.mean(r['speedup'] for r in rs):>9.2f}"
-                  f"{_ms([r['test_acc_pruned'] for r in rs]):>23}{_ms([r['test_acc'] for r in rs]):>17}"
-                  f"{_ms([r['val_acc'] for r in rs]):>17}{statistics.mean(r['seconds'] for r in rs):>8.0f}")
-    print(f"\nmetanetwork checkpoint chosen on validation members: epoch {best[1]} (score {best[0]:.3f}); "
-          f"scores by epoch: {[(e, round(v, 3)) for e, v in scores]}")
-    print(f"total wall time {total / 60:.1f} min")
-    (out / "results.json").write_text(json.dumps({"records": records, "settings": s, "selection": scores,
-                                                  "chosen_epoch": best[1], "meta_history": history}, indent=1))
-    plot(records, s, out / "quality.png", dataset)
-    print(f"wrote {out / 'results.json'} and {out / 'quality.png'}")
+def sensitivity(rows: list[dict]) -> dict:
+    """oracle - none on the recalibrated curve, paired by network: can the benchmark see a method
+    that does what the metanetwork should do?"""
+    first = [r for r in rows if r["target"] == rows[0]["target"]]
+    diffs = {k: paired_difference(first, "oracle", "none", k) for k in CURVE_KEYS}
+    return {"differences": diffs, "separates": any(d.excludes_zero and d.mean > 0 for d in diffs.values())}
 
 
-def plot(records, s, path: Path, dataset: str) -> None:
+def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, dataset: str, log) -> dict:
+    targets = s["targets"]
+    n_nets = len({r["network"] for r in rows})
+    first = [r for r in rows if r["target"] == targets[0]]
+    log(f"\n{dataset}: {n_nets} held-out networks x {s['seeds']} seeds; budget {s['before_steps']} + "
+        f"{s['after_steps']} optimiser steps for every method; BatchNorm recalibrated after pruning; test split "
+        f"(selection used validation members only). Intervals: 95%, Student t over networks (seeds averaged).")
+    log(f"unpruned test accuracy: {100 * statistics.mean(r['acc_unpruned'] for r in first):.1f}%")
+    log("\nFinal test accuracy (%) after prune + finetune, mean ± half-width of the 95% interval:\n")
+    log(method_table(rows, ALL_METHODS, targets))
+    pairs = [("meta", "none"), ("meta", "depgraph"), ("depgraph", "none"), ("oracle", "none")]
+    log("\nPaired differences in final test accuracy (points):\n")
+    log(paired_table(rows, pairs, targets))
+    log("\nRecalibrated pruning curve (test accuracy right after pruning, BN recomputed, no finetuning), %:\n")
+    head = "| network | " + " | ".join(k.removeprefix("curve_") for k in CURVE_KEYS) + " | AUC |"
+    lines = [head, "|" + "---|" * (len(CURVE_KEYS) + 2)]
+    curves = {}
+    for label, method, prefix in CURVES:
+        cells, curves[label] = [], {}
+        for k in [*CURVE_KEYS, "auc"]:
+            ci = mean_ci([100 * v for v in _curve_value(rows, method, prefix, k).values()])
+            curves[label][k] = ci
+            cells.append(f"{ci.mean:.1f} ± {(ci.high - ci.low) / 2:.1f}" if ci.n > 1 else f"{ci.mean:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    log("\n".join(lines))
+    log("\nPaired differences on the recalibrated curve (points):\n")
+    lines = ["| difference | " + " | ".join(k.removeprefix("curve_") for k in CURVE_KEYS) + " |",
+             "|" + "---|" * (len(CURVE_KEYS) + 1)]
+    for a, b in pairs:
+        lines.append(f"| {a} - {b} | " + " | ".join(str(paired_difference(first, a, b, k)) for k in CURVE_KEYS) + " |")
+    log("\n".join(lines))
+    log("\nSelectivity of each preparation (mean over networks): ratio spread = within-group coefficient of "
+        "variation of channel group-norm ratios; below 0.1 = share of prunable channels under 0.1 normalised "
+        "importance; acc = test accuracy after BN recalibration, before pruning:\n")
+    lines = ["| preparation | ratio spread | mean ratio | below 0.1 | acc |", "|---|---|---|---|---|"]
+    for label, method, prefix in [("unedited", "none", "raw_"), ("after the edit", "meta", "edit_"),
+                                  ("meta", "meta", ""), ("none", "none", ""), ("depgraph", "depgraph", ""),
+                                  ("oracle", "oracle", "")]:
+        vals = {k: statistics.mean(_curve_value(rows, method, prefix, k).values())
+                for k in ("ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal")}
+        lines.append(f"| {label} | {vals['ratio_spread']:.3f} | {vals['mean_ratio']:.2f} | "
+                     f"{100 * vals['share_below_0.1']:.1f}% | {100 * vals['acc_recal']:.1f} |")
+    log("\n".join(lines))
+    check = sensitivity(rows)
+    verdict = ("the benchmark CAN tell methods apart on these networks: the oracle's curve is above none's with a "
+               "95% interval above zero at " + ", ".join(k.removeprefix("curve_") for k, d in
+                                                          check["differences"].items() if d.excludes_zero and d.mean > 0)
+               if check["separates"] else
+               "the benchmark CANNOT tell methods apart on these networks: even the oracle (per-network strong "
+               "sparse learning) does not separate from none on the recalibrated curve")
+    log(f"\nSensitivity check: oracle - none on the curve: "
+        + ", ".join(f"{k.removeprefix('curve_')} {d}" for k, d in check["differences"].items()) + f"\n-> {verdict}")
+    log(f"\nmetanetwork: checkpoint of epoch {history['chosen_epoch']} chosen on validation members by curve AUC "
+        f"({100 * history['chosen_auc']:.1f}; unedited {100 * history['unedited_auc']:.1f}); total wall time "
+        f"{total / 60:.1f} min")
+    summary = {"records": rows, "settings": s, "meta_history": history, "separates": check["separates"],
+               "sensitivity": {k: vars(d) for k, d in check["differences"].items()},
+               "curves": {label: {k: vars(ci) for k, ci in c.items()} for label, c in curves.items()},
+               "paired": {f"{a}-{b}": {str(t): vars(paired_difference(rows, a, b, "test_acc", t)) for t in targets}
+                          for a, b in pairs}}
+    _atomic_text(out / "results.json", json.dumps(summary, indent=1, default=float))
+    plot(rows, s, history, curves, out, dataset)
+    log(f"wrote {out / 'results.json'}, {out / 'quality.png'}, {out / 'meta_training.png'}")
+    return summary
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot(rows, s, history, curves, out: Path, dataset: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
-    for ax, key, title in ((axes[0], "test_acc_pruned", "right after pruning (no finetuning)"),
-                           (axes[1], "test_acc", "after finetuning")):
-        for method, marker in zip(METHODS, "os^"):
-            xs, ys, es = [], [], []
-            for target in s["targets"]:
-                rs = [r for r in records if r["method"] == method and r["target"] == target]
-                if rs:
-                    xs.append(statistics.mean(r["speedup"] for r in rs))
-                    vals = [100 * r[key] for r in rs]
-                    ys.append(statistics.mean(vals))
-                    es.append(statistics.stdev(vals) if len(vals) > 1 else 0)
-            ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=method)
+    import matplotlib.ticker
+
+    unpruned = 100 * statistics.mean(r["acc_unpruned"] for r in rows if r["target"] == s["targets"][0])
+    first = [r for r in rows if r["target"] == s["targets"][0]]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    ax = axes[0]
+    for label, c in curves.items():
+        ys = [c[k].mean for k in CURVE_KEYS]
+        es = [(c[k].high - c[k].low) / 2 if c[k].n > 1 else 0 for k in CURVE_KEYS]
+        ax.errorbar(CURVE_SPEEDUPS, ys, yerr=es, marker="o", capsize=3, label=label)
+    ax.axhline(unpruned, color="gray", ls="--", label="unpruned")
+    ax.set_title("recalibrated pruning curve (no finetuning after pruning)")
+    ax.set_ylabel("test accuracy (%), 95% interval over networks")
+    ax = axes[1]
+    for (a, b), marker in zip([("meta", "none"), ("depgraph", "none"), ("oracle", "none")], "o^D"):
+        ds = [paired_difference(first, a, b, k) for k in CURVE_KEYS]
+        ax.errorbar(CURVE_SPEEDUPS, [d.mean for d in ds], yerr=[(d.high - d.low) / 2 if d.n > 1 else 0 for d in ds],
+                    marker=marker, capsize=3, label=f"{a} - {b}")
+    ax.axhline(0, color="gray", ls="--")
+    ax.set_title("paired difference on the recalibrated curve")
+    ax.set_ylabel("points (same network and seed), 95% interval")
+    ax = axes[2]
+    for method, marker in zip(ALL_METHODS, "os^vD"):
+        xs, ys, es = [], [], []
+        for t in s["targets"]:
+            vals = {}
+            for r in rows:
+                if r["method"] == method and r["target"] == t:
+                    vals.setdefault(r["network"], []).append((r["speedup"], 100 * r["test_acc"]))
+            ci = mean_ci([statistics.mean(v for _, v in p) for p in vals.values()])
+            xs.append(statistics.mean(x for p in vals.values() for x, _ in p))
+            ys.append(ci.mean)
+            es.append((ci.high - ci.low) / 2 if ci.n > 1 else 0)
+        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=method)
+    ax.axhline(unpruned, color="gray", ls="--", label="unpruned")
+    ax.set_title(f"after prune + finetune ({s['before_steps']}+{s['after_steps']} steps)")
+    ax.set_ylabel("test accuracy (%), 95% interval over networks")
+    for ax in axes:
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("MAC speed-up")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{dataset}: metanetwork (meta) vs no metanetwork (none) vs sparse learning (depgraph)")
+        ax.legend(fontsize=8)
+    for ax in (axes[0], axes[2]):
+        ax.set_ylim(0, 100)
+    axes[0].set_xticks(CURVE_SPEEDUPS)
+    axes[1].set_xticks(CURVE_SPEEDUPS)
+    axes[2].set_xticks(s["targets"])
+    fig.suptitle(f"{dataset}: {len({r['network'] for r in rows})} held-out networks x {s['seeds']} seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(out / "quality.png", dpi=110)
     plt.close(fig)
+
+    epochs = [e for e in history["epochs"]]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    xs = [e["epoch"] + 1 for e in epochs]
+    axes[0].plot(xs, [100 * e["auc"] for e in epochs], marker="o", label="edited")
+    axes[0].axhline(100 * history["unedited_auc"], color="gray", ls="--", label="unedited")
+    axes[0].set_title("validation curve AUC (%)")
+    axes[1].plot(xs, [e["ratio_spread"] for e in epochs], marker="o")
+    axes[1].set_title("ratio spread (within-group CV)")
+    axes[2].plot(xs, [100 * e["share_below_0.1"] for e in epochs], marker="o", label="below 0.1 (%)")
+    axes[2].plot(xs, [100 * e["acc_recal"] for e in epochs], marker="s", label="acc after recal (%)")
+    axes[2].set_title("selectivity and accuracy")
+    for ax in axes:
+        ax.set_xlabel("meta-training epochs done")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(out / "meta_training.png", dpi=120)
+    plt.close(fig)
+
+
+def _log_mlflow(s: dict, summary: dict, out: Path, preset: str) -> None:
+    import mlflow
+
+    from distributed.tracking import flatten, use_experiment
+
+    use_experiment("quality", str(out))
+    with mlflow.start_run(run_name=f"quality-{preset}"):
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(s).items()})
+        for e in summary["meta_history"]["epochs"]:
+            mlflow.log_metrics({f"val_{k}": float(v) for k, v in e.items() if isinstance(v, (int, float))
+                                and k != "epoch" and not math.isnan(float(v))}, step=e["epoch"] + 1)
+        metrics = {"separates": float(summary["separates"])}
+        for pair, by_t in summary["paired"].items():
+            metrics.update({f"paired_{pair}_{t}x": v["mean"] for t, v in by_t.items() if not math.isnan(v["mean"])})
+        mlflow.log_metrics(metrics)
+        for name in ("results.json", "quality.png", "meta_training.png", "log.txt"):
+            if (out / name).exists():
+                mlflow.log_artifact(str(out / name))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,25 @@
 """Structured pruning with Torch-Pruning to a target MAC speed-up, and saving pruned networks.
 
-Global pruning with the method's importance (group L2, mean over the group, max-normalised),
-in small iterative steps, stopping at the first step whose MACs speed-up reaches the target; the
-classifier's outputs are never pruned. ``prune_adaptive`` instead prunes while validation accuracy
-(without finetuning) stays at or above a floor.
+The method's importance (group L2, mean over the group), in small iterative steps, stopping at
+the first step whose MACs speed-up reaches the target; the classifier's outputs are never pruned.
+``prune_adaptive`` instead prunes while validation accuracy (without finetuning) stays at or
+above a floor. ``recalibrate_bn`` recomputes BatchNorm statistics after pruning.
+
+How channels are chosen is a ``PruneSettings``. The default prunes the same fraction of every
+layer (``global_pruning=False``), chosen by ``bench/pruner_settings.py`` on held-out digits
+networks (README, "Pruner settings"): the paper's global ranking with max-normalised importance
+collapsed whole layers (one ResNet's last stage went from 20 channels to 1), because importances
+inside a group are nearly flat, so one outlier channel pushes the rest below every other group.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch_pruning as tp
@@ -54,40 +61,99 @@ def count(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def _pruner(model: nn.Module, example_inputs: torch.Tensor, steps: int, max_ratio: float) -> tp.pruner.BasePruner:
+@dataclass(frozen=True)
+class PruneSettings:
+    """How channels are chosen. ``global_pruning``: rank channels of all layers together (the
+    paper) or prune the same fraction of every layer; ``max_ratio``: the most of one layer's
+    channels that may go; ``normalizer``: Torch-Pruning's importance normaliser within a group
+    (``'max'``, ``'mean'``, ``'sum'``, ``'standarization'``, or None); ``steps``: the iterative
+    schedule (a step prunes ``max_ratio / steps`` more of each layer, or the global equivalent)."""
+
+    global_pruning: bool = False
+    max_ratio: float = 0.9
+    normalizer: str | None = "max"
+    steps: int = 200
+
+    def label(self) -> str:
+        scope = "global" if self.global_pruning else "per-layer"
+        return f"{scope}, cap {self.max_ratio:g}, normalizer {self.normalizer}"
+
+
+DEFAULT_PRUNING = PruneSettings()
+
+
+def _pruner(model: nn.Module, example_inputs: torch.Tensor, settings: PruneSettings) -> tp.pruner.BasePruner:
     return tp.pruner.BasePruner(
-        model, example_inputs, importance=importance(), global_pruning=True, pruning_ratio=max_ratio,
-        max_pruning_ratio=max_ratio, iterative_steps=steps, ignored_layers=[classifier_of(model)])
+        model, example_inputs, importance=importance(settings.normalizer), global_pruning=settings.global_pruning,
+        pruning_ratio=settings.max_ratio, max_pruning_ratio=settings.max_ratio, iterative_steps=settings.steps,
+        ignored_layers=[classifier_of(model)])
 
 
-def prune_to_speedup(model: nn.Module, example_inputs: torch.Tensor, target: float, *, steps: int = 200,
-                     max_ratio: float = 0.95) -> PruneResult:
-    """Prunes ``model`` in place until MACs(before) / MACs(now) >= ``target``."""
-    if not target > 1:
-        raise ValueError(f"target speed-up must be > 1, got {target}")
+def prune_in_steps(model: nn.Module, example_inputs: torch.Tensor, targets: Sequence[float],
+                   settings: PruneSettings = DEFAULT_PRUNING) -> Iterator[tuple[float, PruneResult]]:
+    """Prunes ``model`` in place along one iterative schedule and yields ``(target, result)`` at
+    the first step that reaches each of ``targets`` (ascending), so a whole accuracy-against-speed-up
+    curve costs one pruning run. ``result.model`` is ``model`` itself: copy it to keep it."""
+    targets = sorted(float(t) for t in targets)
+    for t in targets:
+        if not (t > 1 and math.isfinite(t)):
+            raise ValueError(f"target speed-up must be a finite number > 1, got {t}")
     model.eval()
     macs0, params0 = count(model, example_inputs)
-    pruner = _pruner(model, example_inputs, steps, max_ratio)
+    pruner = _pruner(model, example_inputs, settings)
     macs, params, done = macs0, params0, 0
-    while macs0 / macs < target:
-        if done >= steps:
-            raise UnreachableSpeedupError(
-                f"target speed-up {target}x cannot be reached: {steps} steps (pruning at most {max_ratio:.0%} of "
-                f"each layer's channels) reach {macs0 / macs:.2f}x")
-        pruner.step()
-        done += 1
-        macs, params = count(model, example_inputs)
-    return PruneResult(model, macs0, macs, params0, params, done)
+    for target in targets:
+        while macs0 / macs < target:
+            if done >= settings.steps:
+                raise UnreachableSpeedupError(
+                    f"target speed-up {target}x cannot be reached: {settings.steps} steps (pruning at most "
+                    f"{settings.max_ratio:.0%} of each layer's channels) reach {macs0 / macs:.2f}x")
+            pruner.step()
+            done += 1
+            macs, params = count(model, example_inputs)
+        yield target, PruneResult(model, macs0, macs, params0, params, done)
+
+
+def prune_to_speedup(model: nn.Module, example_inputs: torch.Tensor, target: float,
+                     settings: PruneSettings = DEFAULT_PRUNING) -> PruneResult:
+    """Prunes ``model`` in place until MACs(before) / MACs(now) >= ``target``."""
+    for _, result in prune_in_steps(model, example_inputs, [target], settings):
+        return result
+    raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Recomputes every BatchNorm's running statistics as the exact average over ``batches``
+    (inputs only; no gradient step). Pruning leaves the statistics of the removed channels'
+    consumers stale: one ResNet at 2x reads 10.6% before and 81.7% after this, on 10 batches."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return model
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches, not an exponential one
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    for x in batches:
+        model(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return model
 
 
 def prune_adaptive(model: nn.Module, example_inputs: torch.Tensor, score: Callable[[nn.Module], float],
-                   floor: float, *, steps: int = 200, max_ratio: float = 0.95, check_every: int = 5) -> PruneResult:
+                   floor: float, settings: PruneSettings = DEFAULT_PRUNING, *, check_every: int = 5) -> PruneResult:
     """Prunes ``model`` while ``score(model)`` (validation accuracy, say) stays >= ``floor``; returns
     the last network that met the floor (a copy; ``model`` itself ends pruned one check further)."""
     macs0, params0 = count(model, example_inputs)
     if score(model) < floor:
         raise ValueError(f"the unpruned network already scores below the floor {floor}")
-    pruner = _pruner(model, example_inputs, steps, max_ratio)
+    steps = settings.steps
+    pruner = _pruner(model, example_inputs, settings)
     best, best_steps, done = copy.deepcopy(model), 0, 0
     while done < steps:
         for _ in range(min(check_every, steps - done)):

@@ -104,18 +104,26 @@ class GroupSparsity:
             ids.append(gid)
         return torch.cat(norms), torch.cat(ids)
 
+    def channel_importance(self, norms: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Every channel's group L2 importance: sqrt of the mean squared norm of its slices over
+        the group's members (Torch-Pruning's importance before normalisation)."""
+        ids = ids.to(norms.device)
+        imp = torch.zeros(self.num_channels, device=norms.device, dtype=norms.dtype).index_add_(0, ids, norms)
+        return (imp / self.members.to(norms.device)[self.group_of.to(norms.device)]).sqrt()
+
+    def group_reduce(self, values: torch.Tensor, reduce: str) -> torch.Tensor:
+        """Per group, ``reduce`` ('amax', 'amin', 'sum', 'mean') of a per-channel tensor."""
+        fill = {"amax": float("-inf"), "amin": float("inf")}.get(reduce, 0.0)
+        group_of = self.group_of.to(values.device)
+        out = torch.full((self.num_groups,), fill, device=values.device, dtype=values.dtype)
+        return out.scatter_reduce(0, group_of, values, reduce=reduce, include_self=reduce in ("amax", "amin"))
+
     def gamma(self, norms: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Per channel: alpha ** ((max I - I) / (max I - min I)) within its group; constant."""
         with torch.no_grad():
-            device = norms.device
-            ids = ids.to(device)
-            group_of = self.group_of.to(device)
-            imp = torch.zeros(self.num_channels, device=device, dtype=norms.dtype).index_add_(0, ids, norms)
-            imp = (imp / self.members.to(device)[group_of]).sqrt()
-            hi = torch.full((self.num_groups,), float("-inf"), device=device).scatter_reduce(
-                0, group_of, imp, reduce="amax")
-            lo = torch.full((self.num_groups,), float("inf"), device=device).scatter_reduce(
-                0, group_of, imp, reduce="amin")
+            imp = self.channel_importance(norms, ids)
+            group_of = self.group_of.to(imp.device)
+            hi, lo = self.group_reduce(imp, "amax"), self.group_reduce(imp, "amin")
             span = (hi - lo)[group_of]
             # a group whose channels are all equally important: Torch-Pruning divides 0 by 0; use 1
             scaled = torch.where(span > 0, (hi[group_of] - imp) / span.clamp_min(1e-30), torch.zeros_like(imp))
@@ -127,7 +135,8 @@ class GroupSparsity:
         return 0.5 * self.reg * (gamma[ids.to(gamma.device)] * norms).sum()
 
 
-def importance() -> tp.importance.GroupMagnitudeImportance:
-    """The method's channel importance: group L2 norm, mean over the group, max-normalised."""
-    return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="max")
+def importance(normalizer: str | None = "max") -> tp.importance.GroupMagnitudeImportance:
+    """The method's channel importance: group L2 norm, mean over the group, normalised within the
+    group by ``normalizer`` (the paper: the maximum)."""
+    return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=normalizer)
 

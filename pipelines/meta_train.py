@@ -11,11 +11,17 @@ metanetwork's gradients. ``--keep`` checkpoints are written, evenly spread over 
 again (same ``--out`` and ``--name``) resumes from the latest one, and a dead worker restarts the
 run from it (``--max-failures``).
 
-Then the checkpoints are scored on the zoo's validation members (metanetwork -> short
-finetune -> prune to ``--select-target`` -> short finetune -> validation accuracy; never the test
-split), one Ray task per checkpoint, and the best is written as ``<out>/<name>/metanetwork.pt``.
-MLflow (rank 0 and the driver): params, per-epoch loss terms, selection scores and their plot,
-the chosen metanetwork.
+After every epoch rank 0 diagnoses the metanetwork on ``--select-members`` validation members
+(``metanet.diagnostics``: the recalibrated pruning curve of the edited network and its area, the
+selectivity of the edit, accuracy after BatchNorm recalibration), reported with the epoch's
+metrics and logged to MLflow (``val_*``; ``--diagnose-every 0`` turns it off).
+
+Then a checkpoint is chosen among the kept ones (never with the test split): by default
+(``--selection auc``) the one whose edit has the largest validation curve area; with
+``--selection recipe`` each is scored by a short recipe (metanetwork -> finetune -> prune to
+``--select-target`` -> finetune -> validation accuracy), one Ray task per checkpoint. The best is
+written as ``<out>/<name>/metanetwork.pt``. MLflow (rank 0 and the driver): params, per-epoch
+loss terms and diagnostics, selection scores and their plot, the chosen metanetwork.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2, "epochs": 20,
     "lr": 1e-3, "weight_decay": 5e-4, "milestones": [15], "batches_per_step": 4, "batch_size": 256,
     "reg": 3e-3, "alpha": 16.0, "hidden": 32, "layers": 4, "residual": 0.05, "backend": "dgl", "seed": 0,
-    "gpu": False, "max_failures": 2, "keep": 5, "select_target": 2.0, "select_finetune_epochs": 1,
-    "select_members": 4, "data_root": None, "mlflow": True,
+    "gpu": False, "max_failures": 2, "keep": 5, "selection": "auc", "select_target": 2.0, "select_finetune_steps": 20,
+    "select_members": 4, "diagnose_every": 1, "bn_mode": "eval", "data_root": None, "mlflow": True,
 }
+SELECTIONS = ("auc", "recipe")
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -66,7 +73,7 @@ def train_func(config: dict) -> None:
     cfg = MetaTrainConfig(epochs=config["epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
                           milestones=tuple(config["milestones"]), batches_per_step=config["batches_per_step"],
                           batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
-                          seed=config["seed"])
+                          seed=config["seed"], bn_mode=config["bn_mode"])
     net = MetaNetwork(MetaNetConfig(**config["metanet"]))
     net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
     core = net.module if hasattr(net, "module") else net
@@ -106,6 +113,9 @@ def train_func(config: dict) -> None:
         metrics = {"epoch": epoch, "task_loss": float(sums[0] / sums[3]), "sparsity_loss": float(sums[1] / sums[3]),
                    "train_acc": float(sums[2] / sums[3]), "seconds": time.perf_counter() - began,
                    "mlflow_run_id": run_id or ""}
+        every_diag = config["diagnose_every"]
+        if rank == 0 and every_diag and ((epoch + 1) % every_diag == 0 or epoch == cfg.epochs - 1):
+            metrics.update({f"val_{k}": v for k, v in validation_diagnostics(core, zoo, data, config).items()})
         # checkpoints spread over the run, not the last few: an early one may be the best (the
         # sparsity term can overtake the task loss late in training)
         every = math.ceil(cfg.epochs / max(1, config["keep"]))
@@ -113,7 +123,8 @@ def train_func(config: dict) -> None:
         if rank == 0 and run_id:
             import mlflow
 
-            mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "mlflow_run_id")}, step=epoch)
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "mlflow_run_id")
+                                and v == v}, step=epoch)  # v == v: NaN (an unreachable speed-up) is not logged
         if rank == 0 and save:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"metanet": core.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
@@ -140,9 +151,34 @@ def _mlflow_start(config: dict) -> str:
     return run.info.run_id
 
 
+def validation_diagnostics(metanet, zoo, data, config: dict) -> dict:
+    """``metanet.diagnostics.diagnose`` of the metanetwork's edit, averaged over the first
+    ``select_members`` validation members (an empty dict when the zoo has none)."""
+    import torch
+
+    from metanet.diagnostics import diagnose
+    from metanet.recipe import RecipeConfig, apply_metanetwork
+    from zoo.train import TrainConfig
+
+    val = [r for r in zoo if r.status == "ok" and r.role == "val"][:config["select_members"]]
+    if not val:
+        return {}
+    ft = zoo.finetune_settings()
+    cfg = RecipeConfig(before=TrainConfig(steps=0, seed=config["seed"], **ft))
+    device = next(metanet.parameters()).device
+    was_training = metanet.training
+    per = []
+    for record in val:
+        model = record.network().to(device).eval()
+        edited = apply_metanetwork(metanet, model, torch.zeros(data.input_shape, device=device))
+        per.append(diagnose(model, edited, data, cfg, split="val"))
+    metanet.train(was_training)
+    return {k: sum(d[k] for d in per) / len(per) for k in per[0]}
+
+
 # ------------------------------------------------------------------------ checkpoint selection
 def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_root: str | None, target: float,
-                     epochs: int, members: int, seed: int) -> float:
+                     steps: int, members: int, seed: int) -> float:
     """Validation score of one checkpoint (a Ray task in ``select``)."""
     import torch
 
@@ -162,8 +198,8 @@ def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_r
     net = MetaNetwork(MetaNetConfig(**metanet_config))
     net.load_state_dict(torch.load(os.path.join(ckpt_path, "state.pt"), weights_only=True)["metanet"])
     ft = zoo.finetune_settings()
-    cfg = RecipeConfig(target=target, before=TrainConfig(epochs=epochs, lr=0.01, schedule="constant", seed=seed, **ft),
-                       after=TrainConfig(epochs=epochs, lr=0.01, schedule="constant", seed=seed, **ft))
+    cfg = RecipeConfig(target=target, before=TrainConfig(steps=steps, lr=0.01, schedule="constant", seed=seed, **ft),
+                       after=TrainConfig(steps=steps, lr=0.01, schedule="constant", seed=seed, **ft))
     return selection_score(net, models, data, cfg)
 
 
@@ -173,25 +209,33 @@ def select(result, config: dict, run_dir: Path) -> dict:
 
     from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
 
-    candidates = []
+    candidates, areas = [], {}
     for ckpt, metrics in result.best_checkpoints:
         candidates.append((int(metrics["epoch"]), ckpt.path))
+        areas[int(metrics["epoch"])] = metrics.get("val_auc", float("nan"))
     candidates.sort()
-    task = ray.remote(num_cpus=1)(score_checkpoint)
-    refs = [task.remote(path, config["metanet"], config["zoo"], config["data_root"], config["select_target"],
-                        config["select_finetune_epochs"], config["select_members"], config["seed"])
-            for _, path in candidates]
-    scores = ray.get(refs)
+    use_auc = config["selection"] == "auc" and all(areas[e] == areas[e] for e, _ in candidates)
+    if config["selection"] == "auc" and not use_auc:
+        print("meta_train: some kept checkpoints have no validation diagnostics (--diagnose-every); "
+              "selecting by the short recipe instead")
+    if use_auc:
+        scores = [areas[e] for e, _ in candidates]
+        how = "validation curve area of the edit (mean accuracy right after pruning, BN recalibrated)"
+    else:
+        task = ray.remote(num_cpus=1)(score_checkpoint)
+        refs = [task.remote(path, config["metanet"], config["zoo"], config["data_root"], config["select_target"],
+                            config["select_finetune_steps"], config["select_members"], config["seed"])
+                for _, path in candidates]
+        scores = ray.get(refs)
+        how = f"val acc after finetune -> prune to {config['select_target']}x -> finetune"
     table = sorted(zip((e for e, _ in candidates), scores, (p for _, p in candidates)))
     best_epoch, best_score, best_path = max(table, key=lambda t: (t[1], t[0]))
     net = MetaNetwork(MetaNetConfig(**config["metanet"]))
     net.load_state_dict(torch.load(os.path.join(best_path, "state.pt"), weights_only=True)["metanet"])
     out = run_dir / "metanetwork.pt"
-    save_metanetwork(net, str(out), epoch=best_epoch, selection_score=best_score,
-                     selection=f"val acc after finetune -> prune to {config['select_target']}x -> finetune",
-                     zoo=config["zoo"])
+    save_metanetwork(net, str(out), epoch=best_epoch, selection_score=best_score, selection=how, zoo=config["zoo"])
     return {"epochs": [t[0] for t in table], "scores": [t[1] for t in table], "best_epoch": best_epoch,
-            "best_score": best_score, "path": str(out)}
+            "best_score": best_score, "path": str(out), "how": how}
 
 
 def _log_selection(config: dict, selection: dict, run_id: str) -> None:
@@ -212,8 +256,8 @@ def _log_selection(config: dict, selection: dict, run_id: str) -> None:
         ax.plot(selection["epochs"], [100 * s for s in selection["scores"]], marker="o")
         ax.axvline(selection["best_epoch"], color="tab:red", ls="--", label="chosen")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("validation accuracy (%)")
-        ax.set_title(f"checkpoint selection: prune to {config['select_target']}x")
+        ax.set_ylabel("validation score (%)")
+        ax.set_title(f"checkpoint selection: {config['selection']}")
         ax.legend()
         fig.tight_layout()
         mlflow.log_figure(fig, "selection_scores.png")
@@ -228,7 +272,12 @@ def parse_args(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, DEFAULTS)
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, or the job's cluster, else local)")
-    return resolve(vars(p.parse_args(argv)), DEFAULTS, "meta_train", "meta_train")
+    config = resolve(vars(p.parse_args(argv)), DEFAULTS, "meta_train", "meta_train")
+    if config["selection"] not in SELECTIONS:
+        raise SystemExit(f"meta_train: --selection must be one of {', '.join(SELECTIONS)}, not {config['selection']!r}")
+    if config["bn_mode"] not in ("eval", "train"):
+        raise SystemExit(f"meta_train: --bn-mode must be eval or train, not {config['bn_mode']!r}")
+    return config
 
 
 def main(argv=None) -> dict:
@@ -263,7 +312,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"meta_train: training failed: {result.error}")
     print(f"meta-training done in {time.perf_counter() - started:.0f} s; final metrics {result.metrics}")
     selection = select(result, config, run_dir)
-    print("checkpoint selection on validation members:")
+    print(f"checkpoint selection on validation members ({selection['how']}):")
     for e, s in zip(selection["epochs"], selection["scores"]):
         print(f"  epoch {e:>3}: {100 * s:6.2f}%{'  <- chosen' if e == selection['best_epoch'] else ''}")
     print(f"wrote {selection['path']}")

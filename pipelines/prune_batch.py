@@ -7,8 +7,12 @@
 
 Per model and method, one Ray task: metanetwork forward pass (``meta``) or sparse learning
 (``depgraph``) or nothing (``none``) -> finetune -> for each target: prune to it (or, with
-``--floor``, while validation accuracy stays at or above the floor) -> finetune -> evaluate. Every
-method gets the same finetuning budget. The finetuning before pruning is shared by the targets.
+``--floor``, while validation accuracy stays at or above the floor) -> recompute BatchNorm
+statistics -> finetune -> evaluate. Every method gets the same finetuning budget, counted in
+optimiser steps (``--before-steps``, ``--after-steps``). The finetuning before pruning is shared
+by the targets. With several methods the summary adds paired differences (same model) with 95%
+intervals; ``--diagnostics`` adds each prepared model's recalibrated pruning curve and the
+selectivity of its edit (``metanet.diagnostics``) to the rows and a curve plot.
 
 Outputs under ``--out``: every pruned model (``models/<model>__<method>__<target>.pt``, loadable with
 ``zoo.model_files.load_model``), ``results.parquet`` and ``results.csv`` (one row per model,
@@ -33,17 +37,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.ray_env import init_ray, ray, shutdown  # noqa: E402
+from metanet.diagnostics import CURVE_SPEEDUPS  # noqa: E402
+from metanet.recipe import AFTER_STEPS, BEFORE_STEPS  # noqa: E402
 
 DEFAULTS = {
     "zoo": None, "split": "test", "models": [], "arch": None, "trust_pickle": False, "dataset": None,
     "data_root": None, "metanet": None, "methods": ["meta"], "baselines": False, "targets": [2.0], "floor": None,
-    "before_epochs": 2, "before_lr": 0.01, "after_epochs": 2, "after_lr": 0.01, "batch_size": None, "augment": None,
-    "sparse_reg": 5e-4, "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
-    "mlflow": True,
+    "before_steps": BEFORE_STEPS, "before_lr": 0.01, "after_steps": AFTER_STEPS, "after_lr": 0.01, "batch_size": None,
+    "augment": None, "sparse_reg": 5e-4, "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
+    "mlflow": True, "diagnostics": False,
 }
+DIAGNOSTICS = ["ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal",
+               *(f"curve_{s:g}x" for s in CURVE_SPEEDUPS), "auc"]
 COLUMNS = ["model", "source", "family", "method", "target", "floor", "status", "error", "speedup", "macs_before",
            "macs_after", "params_before", "params_after", "val_acc_before", "test_acc_before", "val_acc_pruned",
-           "test_acc_pruned", "val_acc", "test_acc", "seconds", "path"]
+           "test_acc_pruned", "val_acc", "test_acc", "seconds", "path", *DIAGNOSTICS]
 KEY = ["model", "method", "target", "floor"]
 
 
@@ -102,6 +110,10 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
                                    seed=config["seed"], sparse_reg=config["sparse_reg"])
         prepared, record = prepare(model, data, method, cfg, metanet)
+        if config["diagnostics"]:  # on the test split: a report, nothing is selected with it
+            from metanet.diagnostics import diagnose
+
+            before.update(diagnose(model, prepared, data, cfg, CURVE_SPEEDUPS, split="test"))
     except Exception as err:  # the model could not be loaded, converted or trained: every row says why
         return [dict(r, error=_error(err), seconds=time.perf_counter() - started) for r in rows]
     shared = record.pop("seconds_before_prune")
@@ -254,10 +266,44 @@ def _key(row) -> tuple:
     return row["model"], row["method"], num(row["target"]), num(row["floor"])
 
 
+def paired_summary(frame) -> str:
+    """Markdown: paired differences in final test accuracy (same model) with 95% intervals, for
+    meta against each baseline (or the baselines against each other), per target; '' if one method."""
+    from metanet.paired import paired_table
+
+    ok = frame[(frame.status == "ok") & frame.floor.isna()]
+    methods = list(dict.fromkeys(ok.method))
+    if len(methods) < 2:
+        return ""
+    pairs = [("meta", b) for b in methods if b != "meta"] if "meta" in methods else \
+        [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+    targets = sorted(set(ok.target))
+    rows = ok.to_dict("records")
+    text = ("Paired by model, final test accuracy, mean difference in points [95% interval over "
+            f"{ok.model.nunique()} models]:\n\n" + paired_table(rows, pairs, targets, "test_acc", unit="model"))
+    if ok["auc"].notna().any():
+        curve = [r for r in rows if r["target"] == targets[0]]
+        keys = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
+        text += ("\n\nRecalibrated pruning curve of the prepared models (no finetuning after pruning), "
+                 "paired by model, points:\n\n" + _curve_table(curve, pairs, keys))
+    return text
+
+
+def _curve_table(rows: list[dict], pairs, keys: list[str]) -> str:
+    from metanet.paired import paired_difference
+
+    lines = ["| difference | " + " | ".join(k.removeprefix("curve_") for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 1)]
+    for a, b in pairs:
+        lines.append(f"| {a} - {b} | " + " | ".join(str(paired_difference(rows, a, b, k, unit="model"))
+                                                     for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def summary_table(frame) -> str:
     """Markdown: per method and target, the mean over models that finished."""
     ok = frame[frame.status == "ok"]
-    lines = ["| method | target | models | reached speed-up | test acc before | test acc pruned (no ft) | "
+    lines = ["| method | target | models | reached speed-up | test acc before | test acc pruned (BN recal, no ft) | "
              "test acc after | val acc after | s each |", "|---|---|---|---|---|---|---|---|---|"]
     group = ok.assign(run=[_run_label(r) for r in ok.to_dict("records")]).groupby(["run", "method"], sort=False)
     order = sorted(group.groups, key=lambda k: (k[0], k[1]))
@@ -270,7 +316,8 @@ def summary_table(frame) -> str:
     if len(failed):
         lines += ["", f"{len(failed)} failed:", ""]
         lines += [f"- {r.model} / {r.method} / {_run_label(r._asdict())}: {r.error}" for r in failed.itertuples()]
-    return "\n".join(lines)
+    paired = paired_summary(frame)
+    return "\n".join(lines) + (f"\n\n{paired}" if paired else "")
 
 
 def plot(frame, path: str) -> None:
@@ -344,7 +391,7 @@ def parse_args(argv=None) -> dict:
             raise SystemExit("prune_batch: --metanet FILE is needed for method 'meta' (or --methods none depgraph)")
         if not os.path.isfile(config["metanet"]):
             raise SystemExit(f"prune_batch: metanetwork file not found: {config['metanet']}")
-    if config["floor"] is None and any(t <= 1 for t in config["targets"]):
+    if config["floor"] is None and any(not (t > 1 and t != float("inf")) for t in config["targets"]):
         raise SystemExit(f"prune_batch: target speed-ups must be > 1, got {config['targets']}")
     if config["floor"] is not None and not 0 < config["floor"] <= 1:
         raise SystemExit(f"prune_batch: --floor is a validation accuracy in (0, 1], got {config['floor']}")

@@ -6,7 +6,7 @@
     python pipelines/prune_batch.py --config runs/tune-digits/best_config.yaml --zoo ... --metanet ...
 
 A search file names the zoo, the search space (meta-training lr, alpha, reg, residual ratio r,
-metanetwork width and depth, finetuning lr and epochs before and after pruning), the targets and
+metanetwork width and depth, finetuning lr and optimiser steps before and after pruning), the targets and
 the trial budget. Each trial meta-trains a metanetwork on the zoo's training members (one process,
 ``cpus_per_trial`` cores) and, every ``eval_every`` epochs, reports its *score*: validation accuracy
 of the zoo's validation members after the trial's recipe (metanetwork -> finetune -> prune to each
@@ -39,7 +39,7 @@ from distributed.ray_env import init_ray, shutdown  # noqa: E402
 SEARCH_DIR = Path(__file__).resolve().parent / "searches"
 DEFAULT_SEARCH = SEARCH_DIR / "digits.yaml"
 META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size")
-PRUNE_KEYS = ("before_epochs", "before_lr", "after_epochs", "after_lr")
+PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 REQUIRED = ("name", "zoo", "space", "targets", "max_epochs")
 

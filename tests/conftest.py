@@ -31,6 +31,13 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), f"{k} differs"
 
 
+@pytest.fixture(scope="session")
+def digits():
+    from zoo.data import load_digits
+
+    return load_digits()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

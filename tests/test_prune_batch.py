@@ -55,7 +55,8 @@ def _run(*args, timeout=600):
 def test_prunes_zoo_and_files_with_baselines_resumes_and_records_failures(inputs, tmp_path):
     out = tmp_path / "out"
     args = ["--zoo", inputs / "zoo", "--models", inputs / "models", "--metanet", inputs / "metanet.pt",
-            "--targets", "1.5", "2", "--baselines", "--before-epochs", "1", "--after-epochs", "1", "--out", out]
+            "--targets", "1.5", "2", "--baselines", "--before-steps", "10", "--after-steps", "10", "--out", out,
+            "--diagnostics"]
     first = _run(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "5 models x 3 methods x 2 targets = 30 rows; 0 already done" in first.stdout
@@ -79,6 +80,10 @@ def test_prunes_zoo_and_files_with_baselines_resumes_and_records_failures(inputs
         assert evaluate(model, data, "test")[0] == pytest.approx(row.test_acc, abs=1e-9)
     assert (out / "summary.md").read_text().count("| meta |") == 2 and (out / "accuracy_vs_speedup.png").exists()
     assert "| depgraph | 1.5x | 2 |" in first.stdout
+    # several methods: the paired summary (same model) with intervals, and the diagnostics per row
+    assert "Paired by model, final test accuracy" in first.stdout and "| meta - none |" in first.stdout
+    assert "| meta - depgraph |" in first.stdout and "Recalibrated pruning curve of the prepared" in first.stdout
+    assert ok[["auc", "curve_2x", "ratio_spread", "share_below_0.1", "acc_recal"]].notna().all().all()
     # re-running skips the rows that are done, retries the failed ones; trusting pickles fixes one model
     again = _run(*args, "--trust-pickle")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -105,7 +110,7 @@ def test_an_unsupported_layer_fails_only_the_metanetwork_rows(inputs, tmp_path):
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     torch.save(depthwise, models / "depthwise.pt")
     out = _run("--models", models, "--dataset", "digits", "--metanet", inputs / "metanet.pt", "--methods", "meta",
-               "none", "--targets", "1.5", "--trust-pickle", "--before-epochs", "0", "--after-epochs", "1",
+               "none", "--targets", "1.5", "--trust-pickle", "--before-steps", "0", "--after-steps", "10",
                "--out", tmp_path / "out", "--no-mlflow")
     assert out.returncode == 0, out.stderr[-3000:]
     frame = pd.read_parquet(tmp_path / "out/results.parquet").set_index("method")
@@ -117,7 +122,7 @@ def test_an_unsupported_layer_fails_only_the_metanetwork_rows(inputs, tmp_path):
 
 def test_adaptive_mode_prunes_while_validation_accuracy_holds(inputs, tmp_path):
     out = _run("--models", inputs / "models/good.pt", "--dataset", "digits", "--methods", "none", "--floor", "0.5",
-               "--before-epochs", "0", "--after-epochs", "1", "--out", tmp_path / "out", "--no-mlflow")
+               "--before-steps", "0", "--after-steps", "10", "--out", tmp_path / "out", "--no-mlflow")
     assert out.returncode == 0, out.stderr[-3000:]
     row = pd.read_parquet(tmp_path / "out/results.parquet").iloc[0]
     assert row.status == "ok" and row.floor == 0.5 and pd.isna(row.target)

@@ -29,8 +29,8 @@ def test_search_writes_a_best_config_the_pipelines_accept(tmp_path):
     search = yaml.safe_load((ROOT / "pipelines/searches/digits.yaml").read_text())
     search.update(zoo=str(tmp_path / "zoo"), num_samples=3, max_epochs=2, grace_period=1, val_members=1)
     search["space"].update(hidden={"choice": [8]}, layers={"choice": [1, 2]})
-    search["fixed"].update(before_epochs=1)
-    search["space"].pop("before_epochs")
+    search["fixed"].update(before_steps=10)
+    search["space"].pop("before_steps")
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
     out = _run("--search", tmp_path / "search.yaml", "--out", tmp_path / "out")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -38,7 +38,7 @@ def test_search_writes_a_best_config_the_pipelines_accept(tmp_path):
     best = yaml.safe_load((tmp_path / "out/best_config.yaml").read_text())
     assert set(best) == {"meta_train", "prune_batch", "tune"}
     assert best["meta_train"]["hidden"] == 8 and best["meta_train"]["layers"] in (1, 2)
-    assert 1 <= best["meta_train"]["epochs"] <= 2 and best["prune_batch"]["before_epochs"] == 1
+    assert 1 <= best["meta_train"]["epochs"] <= 2 and best["prune_batch"]["before_steps"] == 10
     assert best["tune"]["val_score"] >= best["tune"]["default_val_score"]
     import meta_train
     import prune_batch

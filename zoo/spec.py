@@ -76,10 +76,12 @@ def validate(spec: dict, where: str = "spec") -> None:
         raise SpecError(f"{where}: members must be a positive integer, got {spec['members']!r}")
     if not spec["initial_speedup"] or float(spec["initial_speedup"]) < 1:
         raise SpecError(f"{where}: initial_speedup must be >= 1 (1 means no initial pruning)")
+    if spec.get("held_out", False) not in (True, False):
+        raise SpecError(f"{where}: held_out must be true or false, got {spec['held_out']!r}")
     for key in ("val_members", "test_members"):
         if not 0 <= float(spec.get(key, 0.0)) < 1:
             raise SpecError(f"{where}: {key} must be a fraction in [0, 1), got {spec[key]!r}")
-    if float(spec.get("val_members", 0.0)) + float(spec.get("test_members", 0.0)) >= 1:
+    if not spec.get("held_out") and float(spec.get("val_members", 0.0)) + float(spec.get("test_members", 0.0)) >= 1:
         raise SpecError(f"{where}: val_members + test_members must leave some members for training")
     if not spec["families"]:
         raise SpecError(f"{where}: families is empty")
@@ -120,5 +122,7 @@ def members(spec: dict, in_channels: int, num_classes: int, image_size: int) -> 
         arch = _arch(copy.deepcopy(fam), rng, in_channels, num_classes, image_size)
         seed = rng.randrange(2**31)
         role = "val" if i < n_val else "test" if i >= spec["members"] - n_test else "train"
+        if spec.get("held_out"):  # a spec of networks kept only for judging pruning
+            role = "test"
         out.append(MemberSpec(i, member_id(spec, arch, seed), arch, seed, role))
     return out

@@ -1,0 +1,98 @@
+"""Does the metanetwork do its job? The paper's pruning curve and the selectivity of an edit.
+
+- ``pruning_curve``: accuracy right after pruning to each speed-up, BatchNorm statistics
+  recomputed, no finetuning (the paper's diagnostic: what pruning removes, before training hides
+  it), from one iterative pruning run. Its mean over the speed-ups is the curve's ``auc``.
+- ``selectivity``: how an edit changed the channels of each dependency group. ``ratio_spread``
+  is the coefficient of variation, within a group, of every channel's group-norm ratio
+  (after / before), averaged over groups: a uniform shrink has spread 0, an edit that singles
+  out channels to remove has a large one. ``share_below_0.1`` is the share of prunable channels
+  whose max-normalised group importance after the edit is below 0.1 (channels the pruner can
+  remove for free). ``mean_ratio`` is the average ratio (how much the edit shrank overall).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from metanet.recipe import RecipeConfig, recalibrate
+from metanet.prune import UnreachableSpeedupError, prune_in_steps
+from metanet.sparsity import GroupSparsity
+from zoo.data import TaskData
+from zoo.train import evaluate
+
+CURVE_SPEEDUPS = (1.5, 2.0, 3.0, 4.0)
+LOW_IMPORTANCE = 0.1
+
+
+def curve_auc(curve: dict[float, float]) -> float:
+    """The mean accuracy over the curve's speed-ups (NaN where a speed-up was unreachable)."""
+    values = list(curve.values())
+    return sum(values) / len(values) if values else float("nan")
+
+
+def pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups: Sequence[float] = CURVE_SPEEDUPS,
+                  split: str = "val") -> dict[float, float]:
+    """{speed-up: accuracy on ``split``} right after pruning a copy of ``model`` to each speed-up
+    (``cfg.pruning``) and recomputing BatchNorm statistics; ``model`` is not changed."""
+    device = next(model.parameters()).device
+    work = copy.deepcopy(model)
+    x = torch.zeros(data.input_shape, device=device)
+    curve: dict[float, float] = {}
+    try:
+        for target, result in prune_in_steps(work, x, speedups, cfg.pruning):
+            curve[target] = evaluate(recalibrate(copy.deepcopy(result.model), data, cfg), data, split)[0]
+    except UnreachableSpeedupError:
+        pass
+    return {float(s): curve.get(float(s), float("nan")) for s in speedups}
+
+
+def _importance(sparsity: GroupSparsity, model: nn.Module) -> torch.Tensor:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    norms, ids = sparsity.slice_norms(params)
+    return sparsity.channel_importance(norms, ids)
+
+
+def selectivity(before: nn.Module, after: nn.Module, data: TaskData,
+                sparsity: GroupSparsity | None = None) -> dict[str, float]:
+    """The selectivity of the edit that turned ``before`` into ``after`` (same architecture)."""
+    x = torch.zeros(data.input_shape, device=next(before.parameters()).device)
+    sparsity = sparsity or GroupSparsity(copy.deepcopy(before), x, reg=0.0)
+    with torch.no_grad():
+        return _selectivity(sparsity, _importance(sparsity, before), _importance(sparsity, after))
+
+
+def _selectivity(sparsity: GroupSparsity, imp0: torch.Tensor, imp1: torch.Tensor) -> dict[str, float]:
+    group_of = sparsity.group_of.to(imp0.device)
+    ratio = imp1 / imp0.clamp_min(1e-12)
+    counts = sparsity.group_reduce(torch.ones_like(ratio), "sum")
+    mean = sparsity.group_reduce(ratio, "sum") / counts
+    var = sparsity.group_reduce((ratio - mean[group_of]) ** 2, "sum") / (counts - 1).clamp_min(1)
+    spread = var.sqrt() / mean.abs().clamp_min(1e-12)
+    normalised = imp1 / sparsity.group_reduce(imp1, "amax")[group_of].clamp_min(1e-12)
+    normalised0 = imp0 / sparsity.group_reduce(imp0, "amax")[group_of].clamp_min(1e-12)
+    return {"ratio_spread": float(spread[counts > 1].mean()), "mean_ratio": float(ratio.mean()),
+            "share_below_0.1": float((normalised < LOW_IMPORTANCE).float().mean()),
+            "share_below_0.1_before": float((normalised0 < LOW_IMPORTANCE).float().mean())}
+
+
+def recalibrated_accuracy(model: nn.Module, data: TaskData, cfg: RecipeConfig, split: str = "val") -> float:
+    """Accuracy of a copy of ``model`` after recomputing its BatchNorm statistics."""
+    return evaluate(recalibrate(copy.deepcopy(model), data, cfg), data, split)[0]
+
+
+def diagnose(before: nn.Module, after: nn.Module, data: TaskData, cfg: RecipeConfig,
+             speedups: Sequence[float] = CURVE_SPEEDUPS, split: str = "val",
+             sparsity: GroupSparsity | None = None) -> dict[str, float]:
+    """Selectivity of ``before -> after``, ``after``'s recalibrated accuracy and its pruning curve
+    (``curve_<s>x`` keys and ``auc``), as one flat dict of metrics (for tables and MLflow)."""
+    out = selectivity(before, after, data, sparsity)
+    out["acc_recal"] = recalibrated_accuracy(after, data, cfg, split)
+    curve = pruning_curve(after, data, cfg, speedups, split)
+    out.update({f"curve_{s:g}x": v for s, v in curve.items()})
+    out["auc"] = curve_auc(curve)
+    return out

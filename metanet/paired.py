@@ -1,0 +1,98 @@
+"""Paired comparisons of pruning methods: mean differences with 95% confidence intervals.
+
+Methods are compared on the same network (and seed), so the network's own difficulty cancels.
+The unit of the interval is the network: differences are first averaged over a network's seeds
+(seeds of one network are not independent evidence about the method), then a Student-t interval
+is taken over networks. With n networks the interval has n - 1 degrees of freedom; with one
+network there is no interval (NaN), which the tables print as such rather than hide.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.n > 1 and (self.low > 0 or self.high < 0)
+
+    def __str__(self) -> str:
+        if self.n < 2 or math.isnan(self.low):
+            return f"{self.mean:+.1f} (n={self.n}, no CI)"
+        return f"{self.mean:+.1f} [{self.low:+.1f}, {self.high:+.1f}]"
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> Interval:
+    """Mean and Student-t confidence interval of ``values``."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = sum(values) / n
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, n)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def per_unit(rows: Iterable[Mapping], method: str, key: str, target: float | None = None,
+             unit: str = "network") -> dict:
+    """``key`` of ``method``'s rows (at ``target``), averaged over seeds per ``unit``."""
+    groups: dict = defaultdict(list)
+    for r in rows:
+        if r.get("method") != method or (target is not None and r.get("target") != target):
+            continue
+        value = r.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        groups[r[unit]].append(float(value))
+    return {u: sum(v) / len(v) for u, v in groups.items()}
+
+
+def paired_difference(rows: Iterable[Mapping], a: str, b: str, key: str, target: float | None = None,
+                      unit: str = "network", scale: float = 100.0) -> Interval:
+    """Mean of ``a - b`` in ``key`` (times ``scale``: percentage points) over the units both have."""
+    rows = list(rows)
+    va, vb = per_unit(rows, a, key, target, unit), per_unit(rows, b, key, target, unit)
+    common = sorted(set(va) & set(vb), key=str)
+    return mean_ci([scale * (va[u] - vb[u]) for u in common])
+
+
+def paired_table(rows: Iterable[Mapping], pairs: Sequence[tuple[str, str]], targets: Sequence[float],
+                 key: str = "test_acc", unit: str = "network") -> str:
+    """A markdown table: one line per pair, one column per target, cells 'mean [low, high]'."""
+    rows = list(rows)
+    head = "| difference (points) | " + " | ".join(f"{t:g}x" for t in targets) + " |"
+    lines = [head, "|" + "---|" * (len(targets) + 1)]
+    for a, b in pairs:
+        cells = [str(paired_difference(rows, a, b, key, t, unit)) for t in targets]
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def method_table(rows: Iterable[Mapping], methods: Sequence[str], targets: Sequence[float],
+                 key: str = "test_acc", unit: str = "network") -> str:
+    """A markdown table of each method's mean over units with its 95% interval, per target."""
+    rows = list(rows)
+    lines = ["| method | " + " | ".join(f"{t:g}x" for t in targets) + " |", "|" + "---|" * (len(targets) + 1)]
+    for m in methods:
+        cells = []
+        for t in targets:
+            ci = mean_ci([100 * v for v in per_unit(rows, m, key, t, unit).values()])
+            cells.append("n/a" if ci.n == 0 else f"{ci.mean:.1f}" if ci.n < 2 else
+                         f"{ci.mean:.1f} ± {(ci.high - ci.low) / 2:.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
