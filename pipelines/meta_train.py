@@ -262,7 +262,31 @@ def _log_selection(config: dict, selection: dict, run_id: str) -> None:
         fig.tight_layout()
         mlflow.log_figure(fig, "selection_scores.png")
         plt.close(fig)
+        _log_diagnostics_figure(mlflow.active_run().info.run_id)
         mlflow.log_artifact(selection["path"])
+
+
+def _log_diagnostics_figure(run_id: str) -> None:
+    """The per-epoch validation diagnostics (MLflow metric history) as one figure in the run."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    panels = [("val_auc", "curve area (%)", 100), ("val_ratio_spread", "ratio spread", 1),
+              ("val_share_below_0.1", "channels below 0.1 (%)", 100), ("val_acc_recal", "acc after recal (%)", 100)]
+    history = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k, _, _ in panels}
+    if not any(history.values()):
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.4))
+    for ax, (key, title, scale) in zip(axes, panels):
+        ax.plot([s + 1 for s, _ in history[key]], [scale * v for _, v in history[key]], marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("epochs done")
+        ax.grid(alpha=0.3)
+    fig.suptitle("validation members: the edit's diagnostics during meta-training")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "validation_diagnostics.png")
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------- driver

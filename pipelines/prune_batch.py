@@ -348,6 +348,46 @@ def plot(frame, path: str) -> None:
     os.replace(tmp, path)
 
 
+def plot_curves(frame, path: str) -> bool:
+    """With ``--diagnostics``: each method's recalibrated pruning curve (mean over models, 95%
+    interval), the unedited networks' beside them. False when no row has diagnostics."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metanet.paired import mean_ci
+
+    ok = frame[(frame.status == "ok") & frame["auc"].notna()]
+    if ok.empty:
+        return False
+    first = ok[ok.target == ok.target.min()] if ok.target.notna().any() else ok
+    keys = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (method, g), marker in zip(first.groupby("method"), "os^vD"):
+        cis = [mean_ci(list(100 * g.groupby("model")[k].mean())) for k in keys]
+        ax.errorbar(CURVE_SPEEDUPS, [c.mean for c in cis], yerr=[(c.high - c.low) / 2 if c.n > 1 else 0 for c in cis],
+                    marker=marker, capsize=3, label=f"{method} (prepared)")
+    ax.axhline(100 * first.groupby("model").test_acc_before.first().mean(), color="gray", ls="--", label="unpruned")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(CURVE_SPEEDUPS)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("MAC speed-up")
+    ax.set_ylabel("test accuracy right after pruning (%)")
+    ax.set_title(f"recalibrated pruning curve, {first.model.nunique()} models (95% interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
 def _log_mlflow(config: dict, frame, out: str, wall: float) -> str:
     import mlflow
 
@@ -364,7 +404,7 @@ def _log_mlflow(config: dict, frame, out: str, wall: float) -> str:
             metrics.update({f"test_acc_{tag}": g.test_acc.mean(), f"val_acc_{tag}": g.val_acc.mean(),
                             f"speedup_{tag}": g.speedup.mean()})
         mlflow.log_metrics(metrics)
-        for name in ("results.parquet", "results.csv", "summary.md", "accuracy_vs_speedup.png"):
+        for name in ("results.parquet", "results.csv", "summary.md", "accuracy_vs_speedup.png", "pruning_curve.png"):
             if os.path.exists(os.path.join(out, name)):
                 mlflow.log_artifact(os.path.join(out, name))
     return uri
@@ -431,11 +471,14 @@ def main(argv=None) -> dict:
     frame = write_results(out, rows)
     table = summary_table(frame)
     _write_text(os.path.join(out, "summary.md"), table + "\n")
+    written = ["results.parquet", "results.csv", "summary.md"]
     if (frame.status == "ok").any():
         plot(frame, os.path.join(out, "accuracy_vs_speedup.png"))
+        written.append("accuracy_vs_speedup.png")
+        if plot_curves(frame, os.path.join(out, "pruning_curve.png")):
+            written.append("pruning_curve.png")
     wall = time.perf_counter() - started
-    print(f"\n{table}\n\nwrote {out}/results.parquet, results.csv, summary.md, accuracy_vs_speedup.png "
-          f"({wall:.0f} s)")
+    print(f"\n{table}\n\nwrote {', '.join(f'{out}/{w}' for w in written)} ({wall:.0f} s)")
     if config["mlflow"]:
         uri = _log_mlflow({k: v for k, v in config.items() if k not in ("address", "num_cpus")}, frame, out, wall)
         print(f"mlflow: run logged to {uri} (experiment prune-batch)")

@@ -8,9 +8,12 @@
 A search file names the zoo, the search space (meta-training lr, alpha, reg, residual ratio r,
 metanetwork width and depth, finetuning lr and optimiser steps before and after pruning), the targets and
 the trial budget. Each trial meta-trains a metanetwork on the zoo's training members (one process,
-``cpus_per_trial`` cores) and, every ``eval_every`` epochs, reports its *score*: validation accuracy
-of the zoo's validation members after the trial's recipe (metanetwork -> finetune -> prune to each
-target -> finetune), averaged over members and targets. ASHA stops weak trials early. The first
+``cpus_per_trial`` cores) and, every ``eval_every`` epochs, reports its *score* (the search file's
+``objective``): with ``recipe`` (the default, since the search covers the finetuning settings too)
+validation accuracy of the zoo's validation members after the trial's recipe (metanetwork ->
+finetune -> prune to each target -> finetune), averaged over members and targets; with ``auc`` the
+area under the validation members' recalibrated pruning curve right after the edit
+(``metanet.diagnostics``), which scores the metanetwork alone. ASHA stops weak trials early. The first
 trial is the default configuration (meta_train.py's and prune_batch.py's defaults), so the best
 score is read against it.
 
@@ -42,6 +45,7 @@ META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual
 PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 REQUIRED = ("name", "zoo", "space", "targets", "max_epochs")
+OBJECTIVES = ("recipe", "auc")
 
 
 def default_trial() -> dict:
@@ -67,6 +71,8 @@ def load_search(path: str, overrides: list[str]) -> dict:
     missing = [k for k in REQUIRED if k not in search]
     if missing:
         raise SystemExit(f"tune: {path}: missing key(s) {', '.join(missing)}")
+    if search.setdefault("objective", "recipe") not in OBJECTIVES:
+        raise SystemExit(f"tune: {path}: objective must be one of {', '.join(OBJECTIVES)}, not {search['objective']!r}")
     known = set(META_KEYS) | set(PRUNE_KEYS)
     for key, spec in {**search["space"], **search.get("fixed", {})}.items():
         if key not in known:
@@ -95,7 +101,8 @@ def trial(config: dict, search: dict, data) -> None:
     from ray import tune
     from metanet.meta_training import MetaTrainConfig, make_member, meta_train
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
-    from metanet.recipe import recipe_from_settings, selection_score
+    from metanet.diagnostics import curve_auc, pruning_curve
+    from metanet.recipe import apply_metanetwork, recipe_from_settings, selection_score
     from zoo.store import Zoo
 
     torch.set_num_threads(max(1, int(search.get("cpus_per_trial", 1))))
@@ -117,7 +124,11 @@ def trial(config: dict, search: dict, data) -> None:
     def on_epoch(epoch: int, metrics: dict, net) -> None:
         if (epoch + 1) % every:
             return
-        score = selection_score(net, val, data, recipe, search["targets"])
+        if search["objective"] == "auc":
+            x = torch.zeros(data.input_shape)
+            score = sum(curve_auc(pruning_curve(apply_metanetwork(net, m, x), data, recipe)) for m in val) / len(val)
+        else:
+            score = selection_score(net, val, data, recipe, search["targets"])
         with tempfile.TemporaryDirectory() as d:
             torch.save({"metanet": net.state_dict(), "metanet_config": net.config.to_dict(), "epoch": epoch},
                        os.path.join(d, "metanet.pt"))

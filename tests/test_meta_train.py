@@ -70,8 +70,12 @@ def test_ray_job_submit_on_a_local_head(tiny_zoo, tmp_path):
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(run_id, "task_loss")) == 2
     assert len(client.get_metric_history(run_id, "selection_score")) == 2
+    # the edit's diagnostics on the validation members, every epoch; selection by their curve area
+    aucs = client.get_metric_history(run_id, "val_auc")
+    assert len(aucs) == 2 and len(client.get_metric_history(run_id, "val_ratio_spread")) == 2
+    assert extra["selection_score"] == pytest.approx(max(m.value for m in aucs))
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"metanetwork.pt", "selection_scores.png"} <= names
+    assert {"metanetwork.pt", "selection_scores.png", "validation_diagnostics.png"} <= names
 
 
 

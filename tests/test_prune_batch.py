@@ -84,6 +84,7 @@ def test_prunes_zoo_and_files_with_baselines_resumes_and_records_failures(inputs
     assert "Paired by model, final test accuracy" in first.stdout and "| meta - none |" in first.stdout
     assert "| meta - depgraph |" in first.stdout and "Recalibrated pruning curve of the prepared" in first.stdout
     assert ok[["auc", "curve_2x", "ratio_spread", "share_below_0.1", "acc_recal"]].notna().all().all()
+    assert (out / "pruning_curve.png").stat().st_size > 10_000
     # re-running skips the rows that are done, retries the failed ones; trusting pickles fixes one model
     again = _run(*args, "--trust-pickle")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -1,0 +1,118 @@
+"""Which validation score picks the metanetwork checkpoint that prunes best?
+
+Meta-trains on a zoo's training members and keeps a checkpoint every ``--every`` epochs. Each is
+scored on half of the validation members (A) by the two candidate selection scores:
+
+- ``auc``: the area under the recalibrated pruning curve of the edited networks (mean validation
+  accuracy right after pruning to 1.5/2/3/4x, BatchNorm recomputed, no finetuning);
+- ``recipe``: the short recipe scored before this change (metanetwork -> finetune -> prune to 2x
+  -> finetune, ``--short-steps`` each, validation accuracy), with two seeds to show its noise;
+
+and on the other half (B) by the outcome the score should predict: the full recipe's final
+validation accuracy at 2x, 4x and 8x (the default budget), averaged over two seeds. Prints each
+checkpoint's scores, each score's Spearman correlation with the outcome, and the outcome of the
+checkpoint each score picks against the best one (regret).
+
+    python bench/selection.py --zoo runs/zoo-digits          # about 15 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from metanet.diagnostics import curve_auc, pruning_curve  # noqa: E402
+from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
+from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
+from metanet.recipe import (AFTER_STEPS, BEFORE_STEPS, apply_metanetwork, prepare, prune_and_finetune,  # noqa: E402
+                            recipe_from_settings)
+from zoo.store import Zoo  # noqa: E402
+
+
+def recipe_score(net, models, data, finetune, steps: tuple[int, int], targets, seeds) -> float:
+    scores = []
+    settings = {"before_steps": steps[0], "before_lr": 0.01, "after_steps": steps[1], "after_lr": 0.01}
+    for seed in seeds:
+        cfg = recipe_from_settings(settings, **finetune, seed=seed)
+        for model in models:
+            torch.manual_seed(seed)
+            prepared, record = prepare(model, data, "meta", cfg, net)
+            for t in targets:
+                _, r = prune_and_finetune(prepared, data, replace(cfg, target=t), record, report_test=False)
+                scores.append(r["val_acc"])
+    return statistics.mean(scores)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", default="runs/zoo-digits", help="a make_zoo output with train and val members")
+    p.add_argument("--epochs", type=int, default=12, help="meta-training epochs")
+    p.add_argument("--every", type=int, default=2, help="epochs between kept checkpoints")
+    p.add_argument("--members", type=int, default=4, help="validation members in each half")
+    p.add_argument("--short-steps", type=int, default=18, help="the short recipe's steps before and after pruning "
+                   "(18: one epoch of digits at batch 64, the old selection)")
+    p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    zoo = Zoo(args.zoo)
+    data = zoo.dataset(args.data_root)
+    finetune = zoo.finetune_settings()
+    records = [r for r in zoo if r.status == "ok"]
+    val = [r.network().eval() for r in records if r.role == "val"]
+    if len(val) < 2 * args.members:
+        raise SystemExit(f"selection: {args.zoo} has {len(val)} validation members; need {2 * args.members}")
+    half_a, half_b = val[:args.members], val[args.members:2 * args.members]
+    cfg = MetaTrainConfig(epochs=args.epochs, milestones=(int(args.epochs * 0.75),), batch_size=256)
+    members = [make_member(r.id, r.arch, r.graph, cfg) for r in records if r.role == "train"]
+    metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=32, layers=4, residual=0.05))
+    kept = [(-1, snapshot(metanet))]
+
+    def on_epoch(epoch, metrics, net):
+        if (epoch + 1) % args.every == 0:
+            kept.append((epoch, snapshot(net)))
+
+    meta_train(metanet, members, data, cfg, on_epoch=on_epoch, progress=False)
+    print(f"meta-trained {args.epochs} epochs on {len(members)} members, {len(kept)} checkpoints "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    x = torch.zeros(data.input_shape)
+    recipe_cfg = recipe_from_settings({"before_steps": 0, "before_lr": 0.01, "after_steps": 0, "after_lr": 0.01},
+                                      **finetune)
+    rows = []
+    for epoch, state in kept:
+        metanet.load_state_dict(state)
+        auc = statistics.mean(curve_auc(pruning_curve(apply_metanetwork(metanet, m, x), data, recipe_cfg))
+                              for m in half_a)
+        short = [recipe_score(metanet, half_a, data, finetune, (args.short_steps, args.short_steps), [2.0], [s])
+                 for s in (0, 1)]
+        outcome = recipe_score(metanet, half_b, data, finetune, (BEFORE_STEPS, AFTER_STEPS), [2.0, 4.0, 8.0], [0, 1])
+        rows.append((epoch, auc, short[0], short[1], outcome))
+        print(f"  checkpoint after epoch {epoch + 1}: auc {100 * auc:.1f}, short recipe {100 * short[0]:.1f} / "
+              f"{100 * short[1]:.1f} (seeds 0/1), outcome {100 * outcome:.1f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    outcomes = [r[4] for r in rows]
+    best = max(outcomes)
+    print(f"\n{len(rows)} checkpoints; outcome = full recipe ({BEFORE_STEPS}+{AFTER_STEPS} steps) final validation "
+          f"accuracy at 2/4/8x on {args.members} other validation members, 2 seeds")
+    print(f"{'score':<22}{'Spearman vs outcome':>20}{'picks epoch':>13}{'regret (points)':>17}")
+    for name, col in (("auc", 1), ("short recipe, seed 0", 2), ("short recipe, seed 1", 3)):
+        values = [r[col] for r in rows]
+        rho = stats.spearmanr(values, outcomes).statistic
+        pick = max(range(len(rows)), key=lambda i: values[i])
+        print(f"{name:<22}{rho:>20.2f}{rows[pick][0] + 1:>13}{100 * (best - outcomes[pick]):>17.1f}")
+    rho = stats.spearmanr([r[2] for r in rows], [r[3] for r in rows]).statistic
+    print(f"short recipe seed 0 vs seed 1 (its own repeatability): Spearman {rho:.2f}")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
