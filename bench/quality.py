@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from metanet.diagnostics import CURVE_SPEEDUPS, diagnose  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
-from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
+from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # noqa: E402
 from metanet.paired import mean_ci, method_table, paired_difference, paired_table  # noqa: E402
 from metanet.recipe import ALL_METHODS, apply_metanetwork, prepare, prune_and_finetune, recipe_from_settings  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
@@ -66,7 +66,7 @@ PRESETS = {
                    alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=256,
                    weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80, after_lr=0.01,
                    sparse_reg=5e-4, oracle_reg=5e-2),
-    "cifar10": dict(seeds=2, targets=[2.0, 4.0, 8.0], select_members=2, select_every=2, epochs=8, lr=1e-3, reg=3e-3,
+    "cifar10": dict(seeds=2, targets=[2.0, 4.0, 8.0], select_members=2, select_every=1, epochs=8, lr=1e-3, reg=3e-3,
                     alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=128,
                     weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80,
                     after_lr=0.01, sparse_reg=5e-4, oracle_reg=5e-2),
@@ -277,6 +277,8 @@ def main(argv=None) -> dict:
 
     metanet, history = train_metanetwork(zoo, data, s, by_role, log)
     meta_state = metanet.state_dict()
+    save_metanetwork(metanet, str(out / "metanetwork.pt"), epoch=history["chosen_epoch"],
+                     selection_score=history["chosen_auc"], selection="validation curve area", zoo=str(zoo.root))
     log(f"{time.perf_counter() - t0:.0f} s so far")
 
     from tqdm import tqdm
@@ -385,7 +387,8 @@ def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, da
                           for a, b in pairs}}
     _atomic_text(out / "results.json", json.dumps(summary, indent=1, default=float))
     plot(rows, s, history, curves, out, dataset)
-    log(f"wrote {out / 'results.json'}, {out / 'quality.png'}, {out / 'meta_training.png'}")
+    log(f"wrote {out / 'results.json'}, {out / 'quality.png'}, {out / 'meta_training.png'}, "
+        f"{out / 'metanetwork.pt'}")
     return summary
 
 

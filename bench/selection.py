@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=2, help="epochs between kept checkpoints")
     p.add_argument("--members", type=int, default=4, help="validation members in each half")
     p.add_argument("--short-steps", type=int, default=18, help="the short recipe's steps before and after pruning "
-                   "(18: one epoch of digits at batch 64, the old selection)")
+                   "(18: about one epoch of digits at batch 64, as the old selection)")
     p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     args = p.parse_args()
     torch.set_num_threads(2)

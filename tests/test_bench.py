@@ -43,3 +43,4 @@ def test_quality_smoke_pairs_every_method_and_reports_the_sensitivity_check(tmp_
     assert isinstance(results["separates"], bool)
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert (tmp_path / "meta_training.png").stat().st_size > 10_000
+    assert (tmp_path / "metanetwork.pt").exists()  # the chosen checkpoint, for prune_batch --metanet

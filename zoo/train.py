@@ -31,9 +31,9 @@ class TrainConfig:
     seed: int = 0
     max_batches: int | None = None  # per epoch; None: the whole training split
     # The budget in optimiser steps; when set it replaces ``epochs`` (the data is cycled through as
-    # often as needed) and the schedule advances every step. An epoch of digits at batch 64 is
-    # 18 steps and one of CIFAR-10 is 78 at batch 128: a budget in epochs means very different
-    # amounts of training on different datasets.
+    # often as needed) and the schedule advances every step. An epoch of digits at batch 64 is 17
+    # steps, one of a 20,000-image CIFAR-10 subset 157 at batch 128: a budget in epochs means very
+    # different amounts of training on different datasets.
     steps: int | None = None
 
 
