@@ -2,14 +2,16 @@
 
 The method's importance (group L2, mean over the group), in small iterative steps, stopping at
 the first step whose MACs speed-up reaches the target; the classifier's outputs are never pruned.
-``prune_adaptive`` instead prunes while validation accuracy (without finetuning) stays at or
-above a floor. ``recalibrate_bn`` recomputes BatchNorm statistics after pruning.
+``prune_adaptive`` instead prunes while a score (validation accuracy, say) stays at or above
+a floor. ``recalibrate_bn`` recomputes BatchNorm statistics after pruning.
 
 How channels are chosen is a ``PruneSettings``. The default prunes the same fraction of every
 layer (``global_pruning=False``), chosen by ``bench/pruner_settings.py`` on held-out digits
-networks (README, "Pruner settings"): the paper's global ranking with max-normalised importance
-collapsed whole layers (one ResNet's last stage went from 20 channels to 1), because importances
-inside a group are nearly flat, so one outlier channel pushes the rest below every other group.
+networks (README, "The pruning recipe's defaults"): the paper's global ranking with
+max-normalised importance collapsed whole layers (one ResNet's last stage went from 20 channels
+to 1), because importances inside a group are nearly flat, so one outlier channel pushes the rest
+below every other group. ``prune_adaptive`` judges accuracy as its caller's ``score`` does (the
+recipe recalibrates BatchNorm first).
 """
 
 from __future__ import annotations
