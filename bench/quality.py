@@ -6,7 +6,10 @@
    member, e.g. ``zoo/specs/digits-heldout.yaml``). The test split is never used for selection.
 2. Meta-training, with the diagnostics of ``metanet.diagnostics`` on the validation members after
    every ``select_every`` epochs (selectivity of the edit, accuracy after BatchNorm recalibration,
-   the recalibrated pruning curve and its area); the checkpoint with the largest area is kept.
+   the recalibrated pruning curve and its area) and the selection score: the short recipe
+   (metanetwork -> finetune -> prune to 2x -> finetune, ``select_steps`` each, validation
+   accuracy), which ranks checkpoints by what the full recipe reaches where the curve area right
+   after the edit does not (``bench/selection.py``). The best-scoring checkpoint is kept.
 3. Every held-out network x seed x method (``meta``, ``none``, ``depgraph`` and the sensitivity
    check ``oracle``: sparse learning at a strong reg, the same steps): the method's preparation,
    its diagnostics (the curve of the prepared network; for ``meta`` also the curve right after the
@@ -47,7 +50,8 @@ from metanet.diagnostics import CURVE_SPEEDUPS, diagnose  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # noqa: E402
 from metanet.paired import mean_ci, method_table, paired_difference, paired_table  # noqa: E402
-from metanet.recipe import ALL_METHODS, apply_metanetwork, prepare, prune_and_finetune, recipe_from_settings  # noqa: E402
+from metanet.recipe import (ALL_METHODS, apply_metanetwork, prepare, prune_and_finetune,  # noqa: E402
+                            recipe_from_settings, selection_score)
 from zoo.arch import build_model  # noqa: E402
 from zoo.data import TaskData  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
@@ -65,15 +69,15 @@ PRESETS = {
     "digits": dict(seeds=2, targets=[2.0, 4.0, 8.0], select_members=4, select_every=2, epochs=12, lr=1e-3, reg=3e-3,
                    alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=256,
                    weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80, after_lr=0.01,
-                   sparse_reg=5e-4, oracle_reg=5e-2),
+                   sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18),
     "cifar10": dict(seeds=2, targets=[2.0, 4.0, 8.0], select_members=2, select_every=1, epochs=8, lr=1e-3, reg=3e-3,
                     alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=128,
                     weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80,
-                    after_lr=0.01, sparse_reg=5e-4, oracle_reg=5e-2),
+                    after_lr=0.01, sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18),
     "smoke": dict(seeds=2, targets=[2.0, 4.0], select_members=1, select_every=1, epochs=2, lr=1e-3, reg=3e-3,
                   alpha=16.0, residual=0.05, hidden=16, layers=2, batches_per_step=2, batch_size=128,
                   weight_decay=5e-4, bn_mode="eval", before_steps=10, before_lr=0.01, after_steps=10, after_lr=0.01,
-                  sparse_reg=5e-4, oracle_reg=5e-2),
+                  sparse_reg=5e-4, oracle_reg=5e-2, select_steps=5),
 }
 
 
@@ -172,17 +176,22 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
                             residual=s["residual"])
     metanet = MetaNetwork(net_cfg)
     cfg = recipe_from_settings(s, **finetune)
+    short = {"before_steps": s["select_steps"], "before_lr": s["before_lr"], "after_steps": s["select_steps"],
+             "after_lr": s["after_lr"]}
+    select_cfg = recipe_from_settings(short, **finetune, target=2.0)
     x = torch.zeros(data.input_shape)
 
     def diagnostics(net: MetaNetwork) -> dict:
         per = [diagnose(m, apply_metanetwork(net, m, x), data, cfg, split="val") for m in val_models]
-        return {k: statistics.mean(d[k] for d in per) for k in per[0]}
+        out = {k: statistics.mean(d[k] for d in per) for k in per[0]}
+        out["score"] = selection_score(net, val_models, data, select_cfg)
+        return out
 
     unedited = [diagnose(m, m, data, cfg, split="val") for m in val_models]
     epochs = [{"epoch": -1, **diagnostics(metanet)}]
     log(f"validation members, unedited: curve AUC {100 * statistics.mean(d['auc'] for d in unedited):.1f}; "
         f"edited before meta-training: {_diag_line(epochs[0])}")
-    best = (epochs[0]["auc"], -1, snapshot(metanet))
+    best = (epochs[0]["score"], -1, snapshot(metanet))
 
     def on_epoch(epoch, metrics, net):
         nonlocal best
@@ -192,21 +201,20 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
             d = diagnostics(net)
             epochs.append({"epoch": epoch, **metrics, **d})
             line += "; " + _diag_line(d)
-            if d["auc"] > best[0]:
-                best = (d["auc"], epoch, snapshot(net))
+            if d["score"] > best[0]:
+                best = (d["score"], epoch, snapshot(net))
         log(line)
 
     meta_train(metanet, members, data, meta_cfg, on_epoch=on_epoch, progress=False)
     metanet.load_state_dict(best[2])
-    history = {"epochs": epochs, "chosen_epoch": best[1], "chosen_auc": best[0],
+    history = {"epochs": epochs, "chosen_epoch": best[1], "chosen_score": best[0],
                "unedited_auc": statistics.mean(d["auc"] for d in unedited), "config": net_cfg.to_dict()}
-    log(f"chosen checkpoint: epoch {best[1]} (validation curve AUC {100 * best[0]:.1f}, unedited "
-        f"{100 * history['unedited_auc']:.1f})")
+    log(f"chosen checkpoint: epoch {best[1]} (validation score {100 * best[0]:.1f})")
     return metanet, history
 
 
 def _diag_line(d: dict) -> str:
-    return (f"curve AUC {100 * d['auc']:.1f}, acc after recal {100 * d['acc_recal']:.1f}, ratio spread "
+    return (f"score {100 * d['score']:.1f}; curve AUC {100 * d['auc']:.1f}, acc after recal {100 * d['acc_recal']:.1f}, ratio spread "
             f"{d['ratio_spread']:.3f}, mean ratio {d['mean_ratio']:.2f}, below 0.1: {100 * d['share_below_0.1']:.0f}%")
 
 
@@ -278,7 +286,8 @@ def main(argv=None) -> dict:
     metanet, history = train_metanetwork(zoo, data, s, by_role, log)
     meta_state = metanet.state_dict()
     save_metanetwork(metanet, str(out / "metanetwork.pt"), epoch=history["chosen_epoch"],
-                     selection_score=history["chosen_auc"], selection="validation curve area", zoo=str(zoo.root))
+                     selection_score=history["chosen_score"], zoo=str(zoo.root),
+                     selection=f"val acc after finetune -> prune to 2x -> finetune ({s['select_steps']} steps each)")
     log(f"{time.perf_counter() - t0:.0f} s so far")
 
     from tqdm import tqdm
@@ -377,9 +386,8 @@ def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, da
                "sparse learning) does not separate from none on the recalibrated curve")
     log(f"\nSensitivity check: oracle - none on the curve: "
         + ", ".join(f"{k.removeprefix('curve_')} {d}" for k, d in check["differences"].items()) + f"\n-> {verdict}")
-    log(f"\nmetanetwork: checkpoint of epoch {history['chosen_epoch']} chosen on validation members by curve AUC "
-        f"({100 * history['chosen_auc']:.1f}; unedited {100 * history['unedited_auc']:.1f}); total wall time "
-        f"{total / 60:.1f} min")
+    log(f"\nmetanetwork: checkpoint of epoch {history['chosen_epoch']} chosen on validation members by the short "
+        f"recipe (score {100 * history['chosen_score']:.1f}); total wall time {total / 60:.1f} min")
     summary = {"records": rows, "settings": s, "meta_history": history, "separates": check["separates"],
                "sensitivity": {k: vars(d) for k, d in check["differences"].items()},
                "curves": {label: {k: vars(ci) for k, ci in c.items()} for label, c in curves.items()},
@@ -461,9 +469,11 @@ def plot(rows, s, history, curves, out: Path, dataset: str) -> None:
     epochs = [e for e in history["epochs"]]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     xs = [e["epoch"] + 1 for e in epochs]
-    axes[0].plot(xs, [100 * e["auc"] for e in epochs], marker="o", label="edited")
-    axes[0].axhline(100 * history["unedited_auc"], color="gray", ls="--", label="unedited")
-    axes[0].set_title("validation curve AUC (%)")
+    axes[0].plot(xs, [100 * e["auc"] for e in epochs], marker="o", label="curve AUC, edited")
+    axes[0].axhline(100 * history["unedited_auc"], color="gray", ls="--", label="curve AUC, unedited")
+    axes[0].plot(xs, [100 * e["score"] for e in epochs], marker="s", label="selection score (short recipe)")
+    axes[0].axvline(history["chosen_epoch"] + 1, color="tab:red", ls=":", label="chosen")
+    axes[0].set_title("validation members (%)")
     axes[1].plot(xs, [e["ratio_spread"] for e in epochs], marker="o")
     axes[1].set_title("ratio spread (within-group CV)")
     axes[2].plot(xs, [100 * e["share_below_0.1"] for e in epochs], marker="o", label="below 0.1 (%)")

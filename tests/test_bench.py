@@ -37,8 +37,9 @@ def test_quality_smoke_pairs_every_method_and_reports_the_sensitivity_check(tmp_
     ratio = {m: statistics.mean(r["mean_ratio"] for r in records if r["method"] == m) for m in ("oracle", "none")}
     assert ratio["oracle"] < 0.97 < ratio["none"], ratio
     history = results["meta_history"]
-    assert history["epochs"][0]["epoch"] == -1 and all("auc" in e for e in history["epochs"])
-    assert history["chosen_epoch"] in [e["epoch"] for e in history["epochs"]]
+    assert history["epochs"][0]["epoch"] == -1 and all("auc" in e and "score" in e for e in history["epochs"])
+    chosen = max(history["epochs"], key=lambda e: e["score"])  # selection by the short recipe's score
+    assert history["chosen_epoch"] == chosen["epoch"] and history["chosen_score"] == chosen["score"]
     assert set(results["paired"]) >= {"meta-none", "meta-depgraph", "oracle-none"}
     assert isinstance(results["separates"], bool)
     assert (tmp_path / "quality.png").stat().st_size > 10_000

@@ -47,7 +47,8 @@ def test_ray_job_submit_on_a_local_head(tiny_zoo, tmp_path):
     try:
         job = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
                               "http://127.0.0.1:8266", "--working-dir", str(ROOT), "--", "python",
-                              "pipelines/meta_train.py", *_meta_args(tiny_zoo, str(tmp_path / "mt"), 2)],
+                              "pipelines/meta_train.py", *_meta_args(tiny_zoo, str(tmp_path / "mt"), 2),
+                              "--selection", "auc"],
                              cwd=ROOT, env={**ENV, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
                              timeout=900)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
@@ -70,7 +71,7 @@ def test_ray_job_submit_on_a_local_head(tiny_zoo, tmp_path):
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(run_id, "task_loss")) == 2
     assert len(client.get_metric_history(run_id, "selection_score")) == 2
-    # the edit's diagnostics on the validation members, every epoch; selection by their curve area
+    # the edit's diagnostics on the validation members, every epoch; --selection auc: by their curve area
     aucs = client.get_metric_history(run_id, "val_auc")
     assert len(aucs) == 2 and len(client.get_metric_history(run_id, "val_ratio_spread")) == 2
     assert extra["selection_score"] == pytest.approx(max(m.value for m in aucs))
