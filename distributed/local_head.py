@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,9 +31,11 @@ def _ray_bin() -> str:
 def start(pidfile: str, num_cpus: int | None, port: int, dashboard_port: int, timeout: float = 120) -> str:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # jobs run this venv's python
+    # the job agent's HTTP port is fixed (52365) unless given: a second Ray on the machine (a
+    # make_zoo build, say) holds it, and this head's agent then never starts ("No available agent")
     cmd = [_ray_bin(), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-           "--disable-usage-stats"]
+           f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     Path(pidfile).parent.mkdir(parents=True, exist_ok=True)
@@ -46,13 +49,46 @@ def start(pidfile: str, num_cpus: int | None, port: int, dashboard_port: int, ti
             raise SystemExit(f"ray head exited with code {proc.returncode}; see {pidfile}.log")
         try:
             with urllib.request.urlopen(f"{url}/api/version", timeout=2):
-                return url
+                break
         except urllib.error.HTTPError:  # answering (Ray's token auth says 401): it is up
-            return url
+            break
         except OSError:
             time.sleep(1)
-    stop(pidfile)
-    raise SystemExit(f"ray head did not come up within {timeout:.0f} s; see {pidfile}.log")
+    else:
+        stop(pidfile)
+        raise SystemExit(f"ray head did not come up within {timeout:.0f} s; see {pidfile}.log")
+    if not _jobs_accepted(url, deadline):
+        stop(pidfile)
+        raise SystemExit(f"ray head's job agent did not come up within {timeout:.0f} s; see {pidfile}.log")
+    return url
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _jobs_accepted(url: str, deadline: float) -> bool:
+    """Waits until the head runs a job: the dashboard answers before the node's job agent is up,
+    and a job submitted then fails with "No available agent to submit job" (seen on a loaded
+    2-core machine). Submits a no-op job until one succeeds."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # the client sends ~/.ray/auth_token
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    while time.time() < deadline:
+        try:
+            client = JobSubmissionClient(url)
+            job = client.submit_job(entrypoint="python -c pass")
+        except (RuntimeError, ConnectionError):  # no agent yet
+            time.sleep(1)
+            continue
+        while time.time() < deadline:
+            status = client.get_job_status(job)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                return status == JobStatus.SUCCEEDED
+            time.sleep(0.5)
+    return False
 
 
 def stop(pidfile: str, timeout: float = 30) -> None:
