@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from metanet.diagnostics import CURVE_SPEEDUPS, diagnose  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # noqa: E402
-from metanet.paired import mean_ci, method_table, paired_difference, paired_table  # noqa: E402
+from metanet.paired import mean_ci, method_table, paired_difference, paired_key_table, paired_table  # noqa: E402
 from metanet.recipe import (ALL_METHODS, apply_metanetwork, prepare, prune_and_finetune,  # noqa: E402
                             recipe_from_settings, selection_score)
 from zoo.arch import build_model  # noqa: E402
@@ -361,11 +361,7 @@ def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, da
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     log("\n".join(lines))
     log("\nPaired differences on the recalibrated curve (points):\n")
-    lines = ["| difference | " + " | ".join(k.removeprefix("curve_") for k in CURVE_KEYS) + " |",
-             "|" + "---|" * (len(CURVE_KEYS) + 1)]
-    for a, b in pairs:
-        lines.append(f"| {a} - {b} | " + " | ".join(str(paired_difference(first, a, b, k)) for k in CURVE_KEYS) + " |")
-    log("\n".join(lines))
+    log(paired_key_table(first, pairs, CURVE_KEYS))
     log("\nSelectivity of each preparation (mean over networks): ratio spread = within-group coefficient of "
         "variation of channel group-norm ratios; below 0.1 = share of prunable channels under 0.1 normalised "
         "importance; acc = test accuracy after BN recalibration, before pruning:\n")
@@ -385,7 +381,7 @@ def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, da
                if check["separates"] else
                "the benchmark CANNOT tell methods apart on these networks: even the oracle (per-network strong "
                "sparse learning) does not separate from none on the recalibrated curve")
-    log(f"\nSensitivity check: oracle - none on the curve: "
+    log("\nSensitivity check: oracle - none on the curve: "
         + ", ".join(f"{k.removeprefix('curve_')} {d}" for k, d in check["differences"].items()) + f"\n-> {verdict}")
     log(f"\nmetanetwork: checkpoint of epoch {history['chosen_epoch']} chosen on validation members by the short "
         f"recipe (score {100 * history['chosen_score']:.1f}); total wall time {total / 60:.1f} min")

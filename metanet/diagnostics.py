@@ -45,7 +45,7 @@ def pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups:
     curve: dict[float, float] = {}
     try:
         for target, result in prune_in_steps(work, x, speedups, cfg.pruning):
-            curve[target] = evaluate(recalibrate(copy.deepcopy(result.model), data, cfg), data, split)[0]
+            curve[target] = recalibrated_accuracy(result.model, data, cfg, split)
     except UnreachableSpeedupError:
         pass
     return {float(s): curve.get(float(s), float("nan")) for s in speedups}
@@ -74,10 +74,8 @@ def _selectivity(sparsity: GroupSparsity, imp0: torch.Tensor, imp1: torch.Tensor
     var = sparsity.group_reduce((ratio - mean[group_of]) ** 2, "sum") / (counts - 1).clamp_min(1)
     spread = var.sqrt() / mean.abs().clamp_min(1e-12)
     normalised = imp1 / sparsity.group_reduce(imp1, "amax")[group_of].clamp_min(1e-12)
-    normalised0 = imp0 / sparsity.group_reduce(imp0, "amax")[group_of].clamp_min(1e-12)
     return {"ratio_spread": float(spread[counts > 1].mean()), "mean_ratio": float(ratio.mean()),
-            "share_below_0.1": float((normalised < LOW_IMPORTANCE).float().mean()),
-            "share_below_0.1_before": float((normalised0 < LOW_IMPORTANCE).float().mean())}
+            "share_below_0.1": float((normalised < LOW_IMPORTANCE).float().mean())}
 
 
 def recalibrated_accuracy(model: nn.Module, data: TaskData, cfg: RecipeConfig, split: str = "val") -> float:

@@ -83,6 +83,19 @@ def paired_table(rows: Iterable[Mapping], pairs: Sequence[tuple[str, str]], targ
     return "\n".join(lines)
 
 
+def paired_key_table(rows: Iterable[Mapping], pairs: Sequence[tuple[str, str]], keys: Sequence[str],
+                     unit: str = "network", prefix: str = "curve_") -> str:
+    """A markdown table: one line per pair, one column per key (e.g. the points of a pruning
+    curve, labelled without ``prefix``), cells 'mean [low, high]'."""
+    rows = list(rows)
+    lines = ["| difference | " + " | ".join(k.removeprefix(prefix) for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 1)]
+    for a, b in pairs:
+        lines.append(f"| {a} - {b} | " + " | ".join(str(paired_difference(rows, a, b, k, unit=unit))
+                                                     for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def method_table(rows: Iterable[Mapping], methods: Sequence[str], targets: Sequence[float],
                  key: str = "test_acc", unit: str = "network") -> str:
     """A markdown table of each method's mean over units with its 95% interval, per target."""

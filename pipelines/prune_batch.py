@@ -269,7 +269,7 @@ def _key(row) -> tuple:
 def paired_summary(frame) -> str:
     """Markdown: paired differences in final test accuracy (same model) with 95% intervals, for
     meta against each baseline (or the baselines against each other), per target; '' if one method."""
-    from metanet.paired import paired_table
+    from metanet.paired import paired_key_table, paired_table
 
     ok = frame[(frame.status == "ok") & frame.floor.isna()]
     methods = list(dict.fromkeys(ok.method))
@@ -285,19 +285,8 @@ def paired_summary(frame) -> str:
         curve = [r for r in rows if r["target"] == targets[0]]
         keys = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
         text += ("\n\nRecalibrated pruning curve of the prepared models (no finetuning after pruning), "
-                 "paired by model, points:\n\n" + _curve_table(curve, pairs, keys))
+                 "paired by model, points:\n\n" + paired_key_table(curve, pairs, keys, unit="model"))
     return text
-
-
-def _curve_table(rows: list[dict], pairs, keys: list[str]) -> str:
-    from metanet.paired import paired_difference
-
-    lines = ["| difference | " + " | ".join(k.removeprefix("curve_") for k in keys) + " |",
-             "|" + "---|" * (len(keys) + 1)]
-    for a, b in pairs:
-        lines.append(f"| {a} - {b} | " + " | ".join(str(paired_difference(rows, a, b, k, unit="model"))
-                                                     for k in keys) + " |")
-    return "\n".join(lines)
 
 
 def summary_table(frame) -> str:
