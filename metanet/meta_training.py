@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metanet.gates import gatable, gate_from_logit, optimise_gates
 from metanet.graph import NetworkGraph, graph_to_params
 from metanet.metanetwork import MetaNetwork
 from metanet.sparsity import GroupSparsity
@@ -53,10 +54,22 @@ class MetaTrainConfig:
     alpha: float = 16.0
     seed: int = 0
     bn_mode: str = "eval"  # "eval": the member's running statistics (the paper); "train": batch statistics
+    # "none": the paper's term, on the weights' own scale; "group": each dependency group's term
+    # divided by the member's own squared group norm (GroupSparsity.group_weights), so a uniform
+    # shrink costs every layer alike and ``reg`` means the same on every network
+    sparsity_norm: str = "none"
+    # distillation (gate edits only): before the meta-objective, ``distill_epochs`` epochs of
+    # regressing the metanetwork's gates on gates optimised for each member (metanet.gates)
+    distill_epochs: int = 0
+    gate_steps: int = 40  # steps of the per-member gate optimisation that makes the targets
+    gate_lr: float = 0.2
+    gate_reg: float = 0.1  # its sparsity strength, on the "group" normalisation's scale
 
     def __post_init__(self):
         if self.bn_mode not in ("eval", "train"):
             raise ValueError(f"bn_mode must be 'eval' or 'train', not {self.bn_mode!r}")
+        if self.sparsity_norm not in ("none", "group"):
+            raise ValueError(f"sparsity_norm must be 'none' or 'group', not {self.sparsity_norm!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +84,7 @@ class Member:
     graph: NetworkGraph
     model: nn.Module
     sparsity: GroupSparsity
+    group_weights: torch.Tensor | None = None  # the "group" normalisation of the sparsity term
 
 
 _SPARSITY_CACHE: dict[tuple, GroupSparsity] = {}
@@ -81,7 +95,9 @@ def make_member(member_id: str, arch: dict, graph: NetworkGraph, cfg: MetaTrainC
     key = (graph.fingerprint, cfg.reg, cfg.alpha)
     if key not in _SPARSITY_CACHE:
         _SPARSITY_CACHE[key] = GroupSparsity(model, torch.zeros(graph.input_shape), reg=cfg.reg, alpha=cfg.alpha)
-    return Member(member_id, graph, model.train(cfg.bn_mode == "train"), _SPARSITY_CACHE[key])
+    sparsity = _SPARSITY_CACHE[key]
+    weights = sparsity.group_weights(graph_to_params(graph, model)) if cfg.sparsity_norm == "group" else None
+    return Member(member_id, graph, model.train(cfg.bn_mode == "train"), sparsity, weights)
 
 
 def task_objective(member: Member, params: dict[str, torch.Tensor],
@@ -110,11 +126,45 @@ def member_step(metanet: MetaNetwork, member: Member, batches: Iterable[tuple[to
     params = graph_to_params(metanet(member.graph), member.model)
     leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
     task, accuracy = task_objective(member, leaves, list(batches))
-    sparse = member.sparsity(leaves)
+    sparse = member.sparsity(leaves, member.group_weights)
     sparse.backward()
     grads = [(params[k], leaves[k].grad) for k in params if params[k].requires_grad and leaves[k].grad is not None]
     torch.autograd.backward([p for p, _ in grads], [g for _, g in grads])
     return {"task_loss": task, "sparsity_loss": float(sparse.detach()), "train_acc": accuracy}
+
+
+def gate_targets(member: Member, data: TaskData, cfg: MetaTrainConfig) -> torch.Tensor:
+    """Gate logits optimised for this one member (``cfg.gate_steps`` Adam steps on the
+    meta-objective with ``cfg.gate_reg``, group-normalised): the distillation target."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = [list(data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
+                                 limit=cfg.batches_per_step)) for _ in range(cfg.gate_steps)]
+    sparsity = GroupSparsity(member.model, torch.zeros(member.graph.input_shape), reg=cfg.gate_reg, alpha=cfg.alpha)
+    return optimise_gates(member.model, member.graph, batches, sparsity, lr=cfg.gate_lr)
+
+
+def distill(metanet: MetaNetwork, members: Sequence[Member], targets: Sequence[torch.Tensor],
+            cfg: MetaTrainConfig, progress: bool = True) -> list[float]:
+    """``cfg.distill_epochs`` epochs of AdamW on the mean squared error between the metanetwork's
+    gates and ``targets`` (logits, one per member) over hidden channels: a warm start that shows
+    the metanetwork what a selective edit of each member looks like. Returns per-epoch losses."""
+    from tqdm import tqdm
+
+    opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in tqdm(range(cfg.distill_epochs), desc="distillation", unit="epoch", disable=not progress):
+        total = 0.0
+        for i in torch.randperm(len(members), generator=gen).tolist():
+            opt.zero_grad(set_to_none=True)
+            mask = gatable(members[i].graph)
+            gates = gate_from_logit(metanet.gate_logits(members[i].graph))[mask]
+            loss = F.mse_loss(gates, gate_from_logit(targets[i])[mask])
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        losses.append(total / len(members))
+    return losses
 
 
 def _lr_at(cfg: MetaTrainConfig, epoch: int) -> float:
@@ -128,6 +178,9 @@ def meta_train(metanet: MetaNetwork, members: Sequence[Member], data: TaskData, 
     (for checkpoints and selection). Returns per-epoch mean loss terms."""
     from tqdm import tqdm
 
+    if cfg.distill_epochs > 0:
+        targets = [gate_targets(m, data, cfg) for m in members]
+        distill(metanet, members, targets, cfg, progress)
     opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []

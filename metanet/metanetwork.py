@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from metanet import message_passing as mp
+from metanet.gates import EVIDENCE_FEATURES, apply_gates, channel_evidence, gate_from_logit
 from metanet.graph import IDENTITY, NODE_FEATURES, NetworkGraph
 
 EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
+EDITS = ("additive", "gate", "gate+additive")
 
 
 @dataclass
@@ -33,6 +35,10 @@ class MetaNetConfig:
     layers: int = 8
     residual: float = 0.01
     backend: str = "dgl"
+    # "additive": the paper's edit, input + r * decoded; "gate": a per-channel gate decoded from the
+    # node states (metanet.gates); "gate+additive": the additive edit, then the gates
+    edit: str = "additive"
+    evidence: bool = False  # the gate decoder also reads each channel's evidence (metanet.gates)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +102,8 @@ class MetaNetwork(nn.Module):
             setattr(config, k, v)
         if config.backend not in mp.BACKENDS:
             raise ValueError(f"backend must be one of {mp.BACKENDS}, not {config.backend!r}")
+        if config.edit not in EDITS:
+            raise ValueError(f"edit must be one of {EDITS}, not {config.edit!r}")
         self.config = config
         h = config.hidden
         self.node_encoder = nn.Linear(len(NODE_FEATURES), h)
@@ -107,6 +115,13 @@ class MetaNetwork(nn.Module):
         self.edge_decoders = nn.ModuleDict({
             t: nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, k))
             for t, k in config.edge_widths.items() if t != IDENTITY})
+        if config.edit != "additive":
+            width = h + (len(EVIDENCE_FEATURES) if config.evidence else 0)
+            self.gate_decoder = nn.Sequential(nn.Linear(width, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(),
+                                              nn.Linear(h, 1))
+            # every gate starts at exactly 1: the metanetwork starts as the identity
+            nn.init.zeros_(self.gate_decoder[-1].weight)
+            nn.init.zeros_(self.gate_decoder[-1].bias)
         sign = torch.ones(h)
         sign[h // 2:] = -1
         self.register_buffer("sign", sign, persistent=False)
@@ -133,13 +148,37 @@ class MetaNetwork(nn.Module):
                 raise ValueError(f"edge type {t!r} has width {graph.edge_feat[t].shape[1]}, the metanetwork "
                                  f"expects {self.config.edge_widths[t]}")
 
-    def forward(self, graph: NetworkGraph) -> NetworkGraph:
+    def _embed(self, graph: NetworkGraph) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(graph)
         passing_fwd, passing_rev = mp.build(graph, self.config.backend)
         x = self.node_encoder(graph.node_feat)
         e = torch.cat([self.edge_encoders[t](graph.edge_feat[t]) for t in graph.edge_types])
         for layer in self.layers:
             x, e = layer(x, e, passing_fwd, passing_rev, self.sign)
+        return x, e
+
+    def _gate_logits(self, graph: NetworkGraph, x: torch.Tensor) -> torch.Tensor:
+        features = _norm(x)
+        if self.config.evidence:
+            features = torch.cat([features, channel_evidence(graph)], 1)
+        return self.gate_decoder(features).squeeze(1)
+
+    def gate_logits(self, graph: NetworkGraph) -> torch.Tensor:
+        """[N] the gate logits this metanetwork decodes for ``graph`` (gate = 2 sigmoid(logit))."""
+        if self.config.edit == "additive":
+            raise ValueError("this metanetwork's edit is 'additive': it has no gates")
+        return self._gate_logits(graph, self._embed(graph)[0])
+
+    def forward(self, graph: NetworkGraph) -> NetworkGraph:
+        x, e = self._embed(graph)
+        if self.config.edit == "gate":
+            return apply_gates(graph, gate_from_logit(self._gate_logits(graph, x)))
+        edited = self._additive(graph, x, e)
+        if self.config.edit == "gate+additive":
+            edited = apply_gates(edited, gate_from_logit(self._gate_logits(graph, x)))
+        return edited
+
+    def _additive(self, graph: NetworkGraph, x: torch.Tensor, e: torch.Tensor) -> NetworkGraph:
         r = self.config.residual
         node_out = graph.node_feat + r * self.node_decoder(x) * self.node_edit_mask
         edge_out, start = {}, 0

@@ -4,6 +4,11 @@
 - ``none``: finetune -> prune -> finetune (pruning without the metanetwork);
 - ``depgraph``: sparse learning (finetune with GroupNormPruner's group-sparsity term) -> prune
   -> finetune (DepGraph with sparse learning);
+- ``gate``: per-channel gates (``metanet.gates``) optimised on the network itself (``before.steps``
+  steps on the meta-objective: task loss with the network's running statistics + group-normalised
+  group sparsity at ``gate_reg``) -> finetune -> prune -> finetune: the per-network optimisation
+  that a gate-editing metanetwork does in one forward pass, so it spends ``before.steps`` more
+  steps than the other methods (its gates' optimisation in place of the metanetwork's forward);
 - ``oracle``: sparse learning at a strong ``oracle_reg``, the same steps: not a method a user
   would pick (it costs accuracy before pruning) but the benchmark's sensitivity check, a per-network
   optimisation of what the metanetwork is meant to learn.
@@ -24,6 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from metanet.gates import apply_gates, gate_from_logit, optimise_gates
 from metanet.graph import graph_to_network, network_to_graph
 from metanet.metanetwork import MetaNetwork
 from metanet.prune import DEFAULT_PRUNING, PruneSettings, prune_adaptive, prune_to_speedup, recalibrate_bn
@@ -32,7 +38,7 @@ from zoo.data import TaskData
 from zoo.train import TrainConfig, evaluate, train
 
 METHODS = ("meta", "none", "depgraph")  # what prune_batch compares
-ALL_METHODS = (*METHODS, "oracle")  # plus the benchmark's sensitivity check
+ALL_METHODS = (*METHODS, "gate", "oracle")  # plus the per-network gates and the sensitivity check
 
 # The finetuning budget in optimiser steps (README, "The pruning recipe's defaults", measured
 # with bench/pruner_settings.py): on held-out digits networks at 2x, 'none' ends 0.9 points
@@ -50,6 +56,8 @@ class RecipeConfig:
     sparse_reg: float = 5e-4  # DepGraph sparse learning (Torch-Pruning's benchmark value)
     sparse_alpha: float = 4.0
     oracle_reg: float = 5e-2  # the sensitivity check's strong sparse learning
+    gate_reg: float = 0.1  # the gate baseline's sparsity (group-normalised scale)
+    gate_lr: float = 0.2
     pruning: PruneSettings = DEFAULT_PRUNING
     recal_batches: int = RECAL_BATCHES  # training batches that recompute BatchNorm statistics after pruning
     floor: float | None = None  # adaptive mode: prune while validation accuracy stays >= floor
@@ -89,6 +97,24 @@ def apply_metanetwork(metanet: MetaNetwork, model: nn.Module, example_inputs: to
     return graph_to_network(metanet(network_to_graph(model, example_inputs)), model)
 
 
+def gate_logits_for(model: nn.Module, data: TaskData, cfg: RecipeConfig):
+    """(``model``'s graph, per-channel gate logits optimised on it for ``cfg.before.steps`` steps,
+    one training batch each, at ``cfg.gate_reg``)."""
+    x = torch.zeros(data.input_shape, device=_device(model))
+    graph = network_to_graph(model, x)
+    gen = torch.Generator().manual_seed(cfg.before.seed)
+    batches = [list(data.batches("train", cfg.before.batch_size, shuffle=True, augment=cfg.before.augment,
+                                 generator=gen, limit=1)) for _ in range(cfg.before.steps)]
+    sparsity = GroupSparsity(copy.deepcopy(model), x, reg=cfg.gate_reg, alpha=cfg.sparse_alpha)
+    return graph, optimise_gates(model, graph, batches, sparsity, lr=cfg.gate_lr)
+
+
+def optimised_gates(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> nn.Module:
+    """``model`` with per-channel gates optimised on it: the ``gate`` baseline's edit."""
+    graph, logit = gate_logits_for(model, data, cfg)
+    return graph_to_network(apply_gates(graph, gate_from_logit(logit)), model)
+
+
 def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
             metanet: MetaNetwork | None = None) -> tuple[nn.Module, dict]:
     """The method's part before pruning, on a copy of ``model``: the metanetwork edit (``meta``)
@@ -105,6 +131,9 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
     if method == "meta":
         model = apply_metanetwork(metanet, model, x)
         record["val_acc_after_metanet"] = evaluate(model, data, "val")[0]
+    elif method == "gate":
+        model = optimised_gates(model, data, cfg)
+        record["val_acc_after_gates"] = evaluate(model, data, "val")[0]
     elif method in ("depgraph", "oracle"):
         reg = cfg.sparse_reg if method == "depgraph" else cfg.oracle_reg
         sparsity = GroupSparsity(model, x, reg=reg, alpha=cfg.sparse_alpha)

@@ -129,9 +129,22 @@ class GroupSparsity:
             scaled = torch.where(span > 0, (hi[group_of] - imp) / span.clamp_min(1e-30), torch.zeros_like(imp))
             return self.alpha ** scaled
 
-    def __call__(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def group_weights(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[num_groups] 1 / each group's total squared norm in ``params`` (constant). Passed to
+        ``__call__``, they normalise the term per group: a group's share of the loss is then
+        ``sum_c gamma_c n_c / sum_c n0_c`` (n0: the norms of ``params``), the same for a layer of
+        large weights as for one of small weights, so ``reg`` means the same on every network."""
+        with torch.no_grad():
+            norms, ids = self.slice_norms(params)
+            per_channel = torch.zeros(self.num_channels, device=norms.device, dtype=norms.dtype)
+            per_channel.index_add_(0, ids.to(norms.device), norms)
+            return 1.0 / self.group_reduce(per_channel, "sum").clamp_min(1e-12)
+
+    def __call__(self, params: Mapping[str, torch.Tensor], group_weights: torch.Tensor | None = None) -> torch.Tensor:
         norms, ids = self.slice_norms(params)
         gamma = self.gamma(norms.detach(), ids)
+        if group_weights is not None:
+            gamma = gamma * group_weights.to(gamma.device)[self.group_of.to(gamma.device)]
         return 0.5 * self.reg * (gamma[ids.to(gamma.device)] * norms).sum()
 
 
