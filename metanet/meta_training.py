@@ -42,6 +42,9 @@ from zoo.arch import build_model
 from zoo.data import TaskData
 
 
+SPARSITY_NORMS = ("none", "group", "relative")
+
+
 @dataclass
 class MetaTrainConfig:
     epochs: int = 20
@@ -56,20 +59,21 @@ class MetaTrainConfig:
     bn_mode: str = "eval"  # "eval": the member's running statistics (the paper); "train": batch statistics
     # "none": the paper's term, on the weights' own scale; "group": each dependency group's term
     # divided by the member's own squared group norm (GroupSparsity.group_weights), so a uniform
-    # shrink costs every layer alike and ``reg`` means the same on every network
+    # shrink costs every layer alike and ``reg`` means the same on every network; "relative": the
+    # scale-free form (GroupSparsity.relative), which a uniform shrink does not lower at all
     sparsity_norm: str = "none"
     # distillation (gate edits only): before the meta-objective, ``distill_epochs`` epochs of
     # regressing the metanetwork's gates on gates optimised for each member (metanet.gates)
     distill_epochs: int = 0
     gate_steps: int = 40  # steps of the per-member gate optimisation that makes the targets
-    gate_lr: float = 0.2
-    gate_reg: float = 0.1  # its sparsity strength, on the "group" normalisation's scale
+    gate_lr: float = 0.05
+    gate_reg: float = 3.0  # its sparsity strength (GroupSparsity.relative's scale)
 
     def __post_init__(self):
         if self.bn_mode not in ("eval", "train"):
             raise ValueError(f"bn_mode must be 'eval' or 'train', not {self.bn_mode!r}")
-        if self.sparsity_norm not in ("none", "group"):
-            raise ValueError(f"sparsity_norm must be 'none' or 'group', not {self.sparsity_norm!r}")
+        if self.sparsity_norm not in SPARSITY_NORMS:
+            raise ValueError(f"sparsity_norm must be one of {SPARSITY_NORMS}, not {self.sparsity_norm!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +89,7 @@ class Member:
     model: nn.Module
     sparsity: GroupSparsity
     group_weights: torch.Tensor | None = None  # the "group" normalisation of the sparsity term
+    relative_sparsity: bool = False  # the "relative" form (GroupSparsity.relative)
 
 
 _SPARSITY_CACHE: dict[tuple, GroupSparsity] = {}
@@ -97,7 +102,8 @@ def make_member(member_id: str, arch: dict, graph: NetworkGraph, cfg: MetaTrainC
         _SPARSITY_CACHE[key] = GroupSparsity(model, torch.zeros(graph.input_shape), reg=cfg.reg, alpha=cfg.alpha)
     sparsity = _SPARSITY_CACHE[key]
     weights = sparsity.group_weights(graph_to_params(graph, model)) if cfg.sparsity_norm == "group" else None
-    return Member(member_id, graph, model.train(cfg.bn_mode == "train"), sparsity, weights)
+    return Member(member_id, graph, model.train(cfg.bn_mode == "train"), sparsity, weights,
+                  cfg.sparsity_norm == "relative")
 
 
 def task_objective(member: Member, params: dict[str, torch.Tensor],
@@ -126,7 +132,10 @@ def member_step(metanet: MetaNetwork, member: Member, batches: Iterable[tuple[to
     params = graph_to_params(metanet(member.graph), member.model)
     leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
     task, accuracy = task_objective(member, leaves, list(batches))
-    sparse = member.sparsity(leaves, member.group_weights)
+    if member.relative_sparsity:
+        sparse = member.sparsity.relative(leaves)
+    else:
+        sparse = member.sparsity(leaves, member.group_weights)
     sparse.backward()
     grads = [(params[k], leaves[k].grad) for k in params if params[k].requires_grad and leaves[k].grad is not None]
     torch.autograd.backward([p for p, _ in grads], [g for _, g in grads])
@@ -135,7 +144,7 @@ def member_step(metanet: MetaNetwork, member: Member, batches: Iterable[tuple[to
 
 def gate_targets(member: Member, data: TaskData, cfg: MetaTrainConfig) -> torch.Tensor:
     """Gate logits optimised for this one member (``cfg.gate_steps`` Adam steps on the
-    meta-objective with ``cfg.gate_reg``, group-normalised): the distillation target."""
+    meta-objective with the relative sparsity term at ``cfg.gate_reg``): the distillation target."""
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = [list(data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
                                  limit=cfg.batches_per_step)) for _ in range(cfg.gate_steps)]
@@ -143,11 +152,21 @@ def gate_targets(member: Member, data: TaskData, cfg: MetaTrainConfig) -> torch.
     return optimise_gates(member.model, member.graph, batches, sparsity, lr=cfg.gate_lr)
 
 
+def distill_step(metanet: MetaNetwork, member: Member, target: torch.Tensor) -> float:
+    """Forward and backward of the distillation loss for one member: the mean squared error
+    between the metanetwork's gates and ``target``'s (logits) over its hidden channels. Gradients
+    accumulate in ``metanet``'s parameters; returns the loss."""
+    mask = gatable(member.graph)
+    gates = gate_from_logit(metanet.gate_logits(member.graph))[mask]
+    loss = F.mse_loss(gates, gate_from_logit(target.to(gates.device))[mask])
+    loss.backward()
+    return float(loss.detach())
+
+
 def distill(metanet: MetaNetwork, members: Sequence[Member], targets: Sequence[torch.Tensor],
             cfg: MetaTrainConfig, progress: bool = True) -> list[float]:
-    """``cfg.distill_epochs`` epochs of AdamW on the mean squared error between the metanetwork's
-    gates and ``targets`` (logits, one per member) over hidden channels: a warm start that shows
-    the metanetwork what a selective edit of each member looks like. Returns per-epoch losses."""
+    """``cfg.distill_epochs`` epochs of AdamW on ``distill_step``: a warm start that shows the
+    metanetwork what a selective edit of each member looks like. Returns per-epoch mean losses."""
     from tqdm import tqdm
 
     opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -157,12 +176,8 @@ def distill(metanet: MetaNetwork, members: Sequence[Member], targets: Sequence[t
         total = 0.0
         for i in torch.randperm(len(members), generator=gen).tolist():
             opt.zero_grad(set_to_none=True)
-            mask = gatable(members[i].graph)
-            gates = gate_from_logit(metanet.gate_logits(members[i].graph))[mask]
-            loss = F.mse_loss(gates, gate_from_logit(targets[i])[mask])
-            loss.backward()
+            total += distill_step(metanet, members[i], targets[i])
             opt.step()
-            total += float(loss.detach())
         losses.append(total / len(members))
     return losses
 

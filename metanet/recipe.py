@@ -5,8 +5,8 @@
 - ``depgraph``: sparse learning (finetune with GroupNormPruner's group-sparsity term) -> prune
   -> finetune (DepGraph with sparse learning);
 - ``gate``: per-channel gates (``metanet.gates``) optimised on the network itself (``before.steps``
-  steps on the meta-objective: task loss with the network's running statistics + group-normalised
-  group sparsity at ``gate_reg``) -> finetune -> prune -> finetune: the per-network optimisation
+  Adam steps on the meta-objective: task loss with the network's running statistics + the
+  scale-free group sparsity ``GroupSparsity.relative`` at ``gate_reg``) -> finetune -> prune -> finetune: the per-network optimisation
   that a gate-editing metanetwork does in one forward pass, so it spends ``before.steps`` more
   steps than the other methods (its gates' optimisation in place of the metanetwork's forward);
 - ``oracle``: sparse learning at a strong ``oracle_reg``, the same steps: not a method a user
@@ -56,8 +56,8 @@ class RecipeConfig:
     sparse_reg: float = 5e-4  # DepGraph sparse learning (Torch-Pruning's benchmark value)
     sparse_alpha: float = 4.0
     oracle_reg: float = 5e-2  # the sensitivity check's strong sparse learning
-    gate_reg: float = 0.1  # the gate baseline's sparsity (group-normalised scale)
-    gate_lr: float = 0.2
+    gate_reg: float = 3.0  # the gate baseline's sparsity (GroupSparsity.relative's scale)
+    gate_lr: float = 0.05
     pruning: PruneSettings = DEFAULT_PRUNING
     recal_batches: int = RECAL_BATCHES  # training batches that recompute BatchNorm statistics after pruning
     floor: float | None = None  # adaptive mode: prune while validation accuracy stays >= floor

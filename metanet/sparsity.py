@@ -140,6 +140,19 @@ class GroupSparsity:
             per_channel.index_add_(0, ids.to(norms.device), norms)
             return 1.0 / self.group_reduce(per_channel, "sum").clamp_min(1e-12)
 
+    def relative(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The scale-free form: per group ``sum_c gamma_c n_c / sum_c n_c`` (the gamma-weighted mean
+        of where the group's squared norm sits), summed over groups, times ``reg / 2``. A uniform
+        shrink leaves it unchanged; only moving norm from less to more important channels lowers
+        it, so it rewards selectivity and never a shrink that the task loss must resist."""
+        norms, ids = self.slice_norms(params)
+        gamma = self.gamma(norms.detach(), ids)
+        ids = ids.to(norms.device)
+        per_channel = torch.zeros(self.num_channels, device=norms.device, dtype=norms.dtype).index_add(0, ids, norms)
+        weighted = torch.zeros_like(per_channel).index_add(0, ids, gamma[ids] * norms)
+        totals = self.group_reduce(per_channel, "sum").clamp_min(1e-12)
+        return 0.5 * self.reg * (self.group_reduce(weighted, "sum") / totals).sum()
+
     def __call__(self, params: Mapping[str, torch.Tensor], group_weights: torch.Tensor | None = None) -> torch.Tensor:
         norms, ids = self.slice_norms(params)
         gamma = self.gamma(norms.detach(), ids)

@@ -46,6 +46,7 @@ DEFAULTS = {
     "reg": 3e-3, "alpha": 16.0, "hidden": 32, "layers": 4, "residual": 0.05, "backend": "dgl", "seed": 0,
     "gpu": False, "max_failures": 2, "keep": 5, "selection": "recipe", "select_target": 2.0, "select_finetune_steps": 18,
     "select_members": 4, "diagnose_every": 1, "bn_mode": "eval", "data_root": None, "mlflow": True,
+    "edit": "additive", "evidence": False, "sparsity_norm": "none", "distill_epochs": 0, "gate_reg": 3.0,
 }
 SELECTIONS = ("auc", "recipe")
 
@@ -75,7 +76,8 @@ def train_func(config: dict) -> None:
     cfg = MetaTrainConfig(epochs=config["epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
                           milestones=tuple(config["milestones"]), batches_per_step=config["batches_per_step"],
                           batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
-                          seed=config["seed"], bn_mode=config["bn_mode"])
+                          seed=config["seed"], bn_mode=config["bn_mode"], sparsity_norm=config["sparsity_norm"],
+                          distill_epochs=config["distill_epochs"], gate_reg=config["gate_reg"])
     net = MetaNetwork(MetaNetConfig(**config["metanet"]))
     net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
     core = net.module if hasattr(net, "module") else net
@@ -91,6 +93,16 @@ def train_func(config: dict) -> None:
     run_id = _mlflow_start(config) if rank == 0 and config["mlflow"] else None
     steps = math.ceil(len(rows) / world)  # every worker takes the same number of steps (DDP needs it)
     device = next(core.parameters()).device
+
+    def load_member(i: int):
+        record = zoo[rows[i]]  # streamed: one member's graph at a time, memory-mapped from Arrow
+        member = make_member(record.id, record.arch, record.graph.to(device), cfg)
+        member.model.to(device)
+        return member
+
+    if start == 0 and cfg.distill_epochs > 0:
+        distill_on_workers(core, [load_member(int(i)) for i in range(rank, steps * world, world)
+                                  if i < len(rows)] or [load_member(rank % len(rows))], data, cfg, steps, world)
     for epoch in range(start, cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
@@ -100,9 +112,7 @@ def train_func(config: dict) -> None:
         sums = torch.zeros(4, dtype=torch.float64)
         began = time.perf_counter()
         for i in mine:
-            record = zoo[rows[i]]  # streamed: one member's graph at a time, memory-mapped from Arrow
-            member = make_member(record.id, record.arch, record.graph.to(device), cfg)
-            member.model.to(device)
+            member = load_member(i)
             batches = [(x.to(device), y.to(device)) for x, y in
                        data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
                                     limit=cfg.batches_per_step)]
@@ -138,6 +148,31 @@ def train_func(config: dict) -> None:
         import mlflow
 
         mlflow.end_run()
+
+
+def distill_on_workers(metanet, members, data, cfg, steps: int, world: int) -> None:
+    """Distillation (``metanet.meta_training.distill_step``) over this worker's ``members``, the
+    same ``steps`` per epoch on every worker, gradients averaged across workers by hand
+    (``gate_logits`` bypasses DDP's forward, so DDP does not see these passes)."""
+    import torch
+    import torch.distributed as dist
+
+    from metanet.meta_training import distill_step, gate_targets
+
+    targets = [gate_targets(m, data, cfg) for m in members]
+    opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for _ in range(cfg.distill_epochs):
+        for s in range(steps):
+            k = s % len(members)
+            opt.zero_grad(set_to_none=True)
+            distill_step(metanet, members[k], targets[k])
+            if world > 1:
+                for p in metanet.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            opt.step()
 
 
 def _mlflow_start(config: dict) -> str:
@@ -303,6 +338,17 @@ def parse_args(argv=None) -> dict:
         raise SystemExit(f"meta_train: --selection must be one of {', '.join(SELECTIONS)}, not {config['selection']!r}")
     if config["bn_mode"] not in ("eval", "train"):
         raise SystemExit(f"meta_train: --bn-mode must be eval or train, not {config['bn_mode']!r}")
+    from metanet.metanetwork import EDITS
+
+    if config["edit"] not in EDITS:
+        raise SystemExit(f"meta_train: --edit must be one of {', '.join(EDITS)}, not {config['edit']!r}")
+    from metanet.meta_training import SPARSITY_NORMS
+
+    if config["sparsity_norm"] not in SPARSITY_NORMS:
+        raise SystemExit(f"meta_train: --sparsity-norm must be one of {', '.join(SPARSITY_NORMS)}, "
+                         f"not {config['sparsity_norm']!r}")
+    if config["distill_epochs"] and config["edit"] == "additive":
+        raise SystemExit("meta_train: --distill-epochs needs a gate edit (--edit gate): the additive edit has no gates")
     return config
 
 
@@ -318,7 +364,8 @@ def main(argv=None) -> dict:
     if not ((meta.status == "ok") & (meta.role == "train")).any():
         raise SystemExit(f"meta_train: {config['zoo']} has no training members")
     config["metanet"] = {"edge_widths": zoo.edge_widths(), "hidden": config["hidden"],
-                         "layers": config["layers"], "residual": config["residual"], "backend": config["backend"]}
+                         "layers": config["layers"], "residual": config["residual"], "backend": config["backend"],
+                         "edit": config["edit"], "evidence": config["evidence"]}
     out = Path(config["out"]).resolve() if "://" not in config["out"] else config["out"]
     config["out"] = str(out)
     run_dir = Path(out) / config["name"]
