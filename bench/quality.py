@@ -65,19 +65,21 @@ CURVES = [("unedited", "none", "raw_"), ("after the edit", "meta", "edit_"), ("e
 
 # ------------------------------------------------------------------------------ settings
 # Names as in pipelines/meta_train.py and pipelines/prune_batch.py, so a Tune best_config.yaml applies.
+# the metanetwork's edit and its sparsity term (bench/edits.py chose them; README)
+EDIT = dict(edit="additive", evidence=False, sparsity_norm="none", distill_epochs=0)
 PRESETS = {
     "digits": dict(seeds=2, targets=[2.0, 4.0, 8.0], select_members=4, select_every=2, epochs=12, lr=1e-3, reg=3e-3,
                    alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=256,
                    weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80, after_lr=0.01,
-                   sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18),
+                   sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18, **EDIT),
     "cifar10": dict(seeds=2, targets=[2.0, 4.0, 8.0], select_members=2, select_every=1, epochs=8, lr=1e-3, reg=3e-3,
                     alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=128,
                     weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80,
-                    after_lr=0.01, sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18),
+                    after_lr=0.01, sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18, **EDIT),
     "smoke": dict(seeds=2, targets=[2.0, 4.0], select_members=1, select_every=1, epochs=2, lr=1e-3, reg=3e-3,
                   alpha=16.0, residual=0.05, hidden=16, layers=2, batches_per_step=2, batch_size=128,
                   weight_decay=5e-4, bn_mode="eval", before_steps=10, before_lr=0.01, after_steps=10, after_lr=0.01,
-                  sparse_reg=5e-4, oracle_reg=5e-2, select_steps=5),
+                  sparse_reg=5e-4, oracle_reg=5e-2, select_steps=5, **EDIT),
 }
 
 
@@ -169,11 +171,12 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
     finetune = zoo.finetune_settings()
     meta_cfg = MetaTrainConfig(epochs=s["epochs"], batches_per_step=s["batches_per_step"], lr=s["lr"], reg=s["reg"],
                                alpha=s["alpha"], batch_size=s["batch_size"], weight_decay=s["weight_decay"],
-                               milestones=(int(s["epochs"] * 0.75),), bn_mode=s["bn_mode"])
+                               milestones=(int(s["epochs"] * 0.75),), bn_mode=s["bn_mode"],
+                               sparsity_norm=s["sparsity_norm"], distill_epochs=s["distill_epochs"])
     members = [make_member(r.id, r.arch, r.graph, meta_cfg) for r in by_role["train"]]
     val_models = [r.network().eval() for r in by_role["val"][:s["select_members"]]]
     net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=s["hidden"], layers=s["layers"],
-                            residual=s["residual"])
+                            residual=s["residual"], edit=s["edit"], evidence=s["evidence"])
     metanet = MetaNetwork(net_cfg)
     cfg = recipe_from_settings(s, **finetune)
     short = {"before_steps": s["select_steps"], "before_lr": s["before_lr"], "after_steps": s["select_steps"],

@@ -410,11 +410,11 @@ def parse_args(argv=None) -> dict:
     config = resolve(vars(p.parse_args(argv)), DEFAULTS, "prune_batch", "prune_batch")
     if config["baselines"]:
         config["methods"] = list(dict.fromkeys([*config["methods"], "none", "depgraph"]))
-    from metanet.recipe import METHODS
+    from metanet.recipe import ALL_METHODS
 
-    bad = [m for m in config["methods"] if m not in METHODS]
+    bad = [m for m in config["methods"] if m not in ALL_METHODS]
     if bad:
-        raise SystemExit(f"prune_batch: unknown method(s) {bad}; known: {', '.join(METHODS)}")
+        raise SystemExit(f"prune_batch: unknown method(s) {bad}; known: {', '.join(ALL_METHODS)}")
     if "meta" in config["methods"]:
         if not config["metanet"]:
             raise SystemExit("prune_batch: --metanet FILE is needed for method 'meta' (or --methods none depgraph)")

@@ -41,7 +41,8 @@ from distributed.ray_env import init_ray, shutdown  # noqa: E402
 
 SEARCH_DIR = Path(__file__).resolve().parent / "searches"
 DEFAULT_SEARCH = SEARCH_DIR / "digits.yaml"
-META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size")
+META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size",
+             "edit", "evidence", "sparsity_norm")
 PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 REQUIRED = ("name", "zoo", "space", "targets", "max_epochs")
@@ -112,12 +113,13 @@ def trial(config: dict, search: dict, data) -> None:
     cfg = MetaTrainConfig(epochs=search["max_epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
                           milestones=(10**6,), batches_per_step=config["batches_per_step"],
                           batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
-                          seed=search.get("seed", 0))
+                          sparsity_norm=config["sparsity_norm"], seed=search.get("seed", 0))
     members = [make_member(r.id, r.arch, r.graph, cfg) for r in records if r.role == "train"]
     val = [r.network() for r in records if r.role == "val"]
     val = val[:search.get("val_members", len(val))]
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=config["hidden"],
-                                        layers=config["layers"], residual=config["residual"]))
+                                        layers=config["layers"], residual=config["residual"], edit=config["edit"],
+                                        evidence=config["evidence"]))
     recipe = recipe_from_settings(config, **zoo.finetune_settings(), seed=search.get("seed", 0))
     every = search.get("eval_every", 1)
 

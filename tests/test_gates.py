@@ -145,3 +145,42 @@ def test_optimised_gates_are_selective(digits):
     gates = gate_from_logit(optimise_gates(model, graph, batches, sparsity, lr=0.2))[gatable(graph)]
     assert model.training is False  # left in the mode it came in
     assert gates.min() < 0.3 and gates.max() > 0.9  # some channels pushed out, others kept
+
+
+def test_relative_sparsity_ignores_a_uniform_shrink_and_rewards_concentration():
+    model = _model()
+    sparsity = GroupSparsity(copy.deepcopy(model), X, reg=2.0, alpha=16)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    base = sparsity.relative(params)
+    shrunk = sparsity.relative({k: 0.3 * v for k, v in params.items()})
+    torch.testing.assert_close(shrunk, base, rtol=1e-5, atol=1e-6)  # scale-free
+    assert float(sparsity(params)) > float(sparsity({k: 0.3 * v for k, v in params.items()}))  # the paper's is not
+    # its gradient shrinks the group's least important channel and grows its most important one
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    sparsity.relative(leaves).backward()
+    conv = "layers.0.conv1.weight"
+    radial = (leaves[conv].grad * params[conv]).flatten(1).sum(1)  # > 0: gradient descent shrinks it
+    norms, ids = sparsity.slice_norms(params)
+    gamma = sparsity.gamma(norms, ids)
+    rows, channel_ids = sparsity.rows[conv]
+    g = gamma[channel_ids]
+    assert radial[rows[g.argmax()]] > 0 > radial[rows[g.argmin()]]
+    # the group weights make every group's share of the plain term start in [1, alpha] * reg / 2
+    per_group = sparsity(params, sparsity.group_weights(params)) / sparsity.num_groups
+    assert 1.0 * 0.5 * 2.0 <= float(per_group) <= 16 * 0.5 * 2.0
+
+
+def test_distillation_moves_the_metanetworks_gates_towards_the_targets(digits):
+    from metanet.meta_training import MetaTrainConfig, distill, make_member
+
+    model = build_model(resnet_spec(8, (4, 8, 8), in_channels=1)).eval()
+    graph = network_to_graph(model, torch.zeros(digits.input_shape))
+    cfg = MetaTrainConfig(distill_epochs=30, lr=1e-2)
+    member = make_member("m", resnet_spec(8, (4, 8, 8), in_channels=1), graph, cfg)
+    # out with the weaker half of every layer (by kernel-row norm): a target the evidence can explain
+    rank = channel_evidence(graph)[:, EVIDENCE_FEATURES.index("row_norm_rank")]
+    target = torch.where(rank < 0.5, -3.0, 0.5)
+    net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), hidden=16, layers=2, edit="gate",
+                                    evidence=True))
+    losses = distill(net, [member], [target], cfg, progress=False)
+    assert losses[-1] < 0.5 * losses[0]
