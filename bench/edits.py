@@ -127,7 +127,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--epochs", type=int, default=20, help="meta-training epochs per variant (default 20)")
     p.add_argument("--val-members", type=int, default=4, help="validation members used for the choice")
     p.add_argument("--out", default="runs/edits", help="where rows.json goes")
+    p.add_argument("--report", action="store_true", help="print the table of every result saved in --out, run nothing")
     args = p.parse_args(argv)
+    if args.report:
+        saved = json.loads((Path(args.out) / "rows.json").read_text())
+        rows = [r for entry in saved.values() for r in entry["rows"]]
+        zoo = Zoo(args.zoo)
+        val_names = {r.id for r in zoo if r.status == "ok" and r.role == "val"}
+        print_table(rows, val_names, args)
+        return rows
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     zoo, held = Zoo(args.zoo), Zoo(args.heldout)
@@ -178,7 +186,7 @@ def print_table(rows: list[dict], val_names: set[str], args) -> None:
               dict.fromkeys(r["method"] for r in rows)}
     print(f"\nheld-out networks (test split) after the edit and a {40}-step finetune; paired difference to "
           "none in points (95% interval); val auc: validation members (the choice)")
-    head = f"{'variant':<29}{'val auc':>8}{'<0.1':>6}{'acc':>6}{'2x':>6}{'3x':>6}{'2x - none':>20}{'3x - none':>20}{'gate corr':>10}"
+    head = f"{'variant':<29}{'val auc':>8}{'<0.1':>6}{'acc':>6}{'2x':>6}{'3x':>6}{'2x - none':>22}{'3x - none':>22}{'gate corr':>10}"
     print(head)
     for label in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in test if r["method"] == label]
@@ -187,7 +195,7 @@ def print_table(rows: list[dict], val_names: set[str], args) -> None:
             print(f"{label:<29}every network diverged")
             continue
         mean = lambda k, rs=mine: statistics.mean(r[k] for r in rs)  # noqa: E731
-        diffs = "".join(f"{str(paired_difference(test, label, 'none', f'curve_{s:g}x')) if label != 'none' else '':>20}"
+        diffs = "".join(f"{str(paired_difference(test, label, 'none', f'curve_{s:g}x')) if label != 'none' else '':>22}"
                         for s in SPEEDUPS)
         corr = f"{mean('gate_corr'):>10.2f}" if "gate_corr" in mine[0] else f"{'':>10}"
         print(f"{label:<29}{100 * mean('auc', val):>8.1f}{100 * mean('share_below_0.1'):>5.0f}%{100 * mean('acc_recal'):>6.1f}"
