@@ -60,6 +60,13 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "gate+evidence, rel. 0.03": ({"edit": "gate", "evidence": True}, {"reg": 0.03, "sparsity_norm": "relative"}),
     "gate+ev.+distill, rel. 0.03": ({"edit": "gate", "evidence": True},
                                     {"reg": 0.03, "sparsity_norm": "relative", "distill_epochs": 10}),
+    "gate+evidence, rel. 0.1": ({"edit": "gate", "evidence": True}, {"reg": 0.1, "sparsity_norm": "relative"}),
+    "gate+ev., rel. 0.1, paper GNN": ({"edit": "gate", "evidence": True, "shared_directions": True,
+                                       "edge_norm": False}, {"reg": 0.1, "sparsity_norm": "relative"}),
+    "additive r=0.5, rel. 0.1": ({"edit": "additive", "residual": 0.5}, {"reg": 0.1, "sparsity_norm": "relative"}),
+    "gate+ev.+distill, rel. 0.03, 60 ep": ({"edit": "gate", "evidence": True},
+                                           {"reg": 0.03, "sparsity_norm": "relative", "distill_epochs": 10,
+                                            "epochs": 60}),
 }
 BASELINES = ("none", "gate", "depgraph")
 SPEEDUPS = (2.0, 3.0)
@@ -108,8 +115,9 @@ def _key(*parts) -> str:
 
 def train_variant(name: str, zoo: Zoo, data, args) -> MetaNetwork:
     net_settings, meta_settings = VARIANTS[name]
-    cfg = MetaTrainConfig(epochs=args.epochs, milestones=(int(args.epochs * 0.75),), lr=1e-3,
-                          batches_per_step=4, batch_size=256, **meta_settings)
+    epochs = meta_settings.get("epochs", args.epochs)
+    cfg = MetaTrainConfig(milestones=(int(epochs * 0.75),), lr=1e-3, batches_per_step=4, batch_size=256,
+                          **{"epochs": epochs, **meta_settings})
     members = [make_member(r.id, r.arch, r.graph, cfg) for r in zoo if r.status == "ok" and r.role == "train"]
     net = MetaNetwork(MetaNetConfig(**{"edge_widths": zoo.edge_widths(), "hidden": 32, "layers": 4,
                                        **net_settings}))
@@ -186,19 +194,19 @@ def print_table(rows: list[dict], val_names: set[str], args) -> None:
               dict.fromkeys(r["method"] for r in rows)}
     print(f"\nheld-out networks (test split) after the edit and a {40}-step finetune; paired difference to "
           "none in points (95% interval); val auc: validation members (the choice)")
-    head = f"{'variant':<29}{'val auc':>8}{'<0.1':>6}{'acc':>6}{'2x':>6}{'3x':>6}{'2x - none':>22}{'3x - none':>22}{'gate corr':>10}"
+    head = f"{'variant':<36}{'val auc':>8}{'<0.1':>6}{'acc':>6}{'2x':>6}{'3x':>6}{'2x - none':>22}{'3x - none':>22}{'gate corr':>10}"
     print(head)
     for label in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in test if r["method"] == label]
         val = [r for r in rows if r["method"] == label and r["network"] in val_names and not r["diverged"]]
         if not mine or not val:
-            print(f"{label:<29}every network diverged")
+            print(f"{label:<36}every network diverged")
             continue
         mean = lambda k, rs=mine: statistics.mean(r[k] for r in rs)  # noqa: E731
         diffs = "".join(f"{str(paired_difference(test, label, 'none', f'curve_{s:g}x')) if label != 'none' else '':>22}"
                         for s in SPEEDUPS)
         corr = f"{mean('gate_corr'):>10.2f}" if "gate_corr" in mine[0] else f"{'':>10}"
-        print(f"{label:<29}{100 * mean('auc', val):>8.1f}{100 * mean('share_below_0.1'):>5.0f}%{100 * mean('acc_recal'):>6.1f}"
+        print(f"{label:<36}{100 * mean('auc', val):>8.1f}{100 * mean('share_below_0.1'):>5.0f}%{100 * mean('acc_recal'):>6.1f}"
               f"{100 * mean('curve_2x'):>6.1f}{100 * mean('curve_3x'):>6.1f}{diffs}{corr}"
               + (f"  ({broken[label]} diverged, left out)" if broken[label] else ""))
 

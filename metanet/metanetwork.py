@@ -39,6 +39,8 @@ class MetaNetConfig:
     # node states (metanet.gates); "gate+additive": the additive edit, then the gates
     edit: str = "additive"
     evidence: bool = False  # the gate decoder also reads each channel's evidence (metanet.gates)
+    shared_directions: bool = False  # one message-passing module for both edge directions (the paper's)
+    edge_norm: bool = True  # LayerNorm on edge states before each layer (the paper's code has none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,15 +80,19 @@ class EdgeConv(nn.Module):
 
 
 class MetaLayer(nn.Module):
-    """x += conv(LN x, E, LN e) + conv_rev(LN x, E^T, s * LN e);  e += de + s * de_rev."""
+    """x += conv(LN x, E, LN e) + conv_rev(LN x, E^T, s * LN e);  e += de + s * de_rev.
 
-    def __init__(self, hidden: int):
+    ``shared``: one EdgeConv for both directions (the paper's code; the sign flip of half the edge
+    channels still tells them apart); ``edge_norm=False``: no LayerNorm on edge states (likewise)."""
+
+    def __init__(self, hidden: int, shared: bool = False, edge_norm: bool = True):
         super().__init__()
         self.forward_conv = EdgeConv(hidden)
-        self.reverse_conv = EdgeConv(hidden)
+        self.reverse_conv = self.forward_conv if shared else EdgeConv(hidden)
+        self.edge_norm = edge_norm
 
     def forward(self, x, e, passing_fwd, passing_rev, sign):
-        xn, en = _norm(x), _norm(e)
+        xn, en = _norm(x), _norm(e) if self.edge_norm else e
         dx_f, de_f = self.forward_conv(xn, en, passing_fwd)
         dx_r, de_r = self.reverse_conv(xn, en * sign, passing_rev)
         return x + dx_f + dx_r, e + de_f + sign * de_r
@@ -108,7 +114,8 @@ class MetaNetwork(nn.Module):
         h = config.hidden
         self.node_encoder = nn.Linear(len(NODE_FEATURES), h)
         self.edge_encoders = nn.ModuleDict({t: nn.Linear(k, h) for t, k in config.edge_widths.items()})
-        self.layers = nn.ModuleList(MetaLayer(h) for _ in range(config.layers))
+        self.layers = nn.ModuleList(MetaLayer(h, config.shared_directions, config.edge_norm)
+                                    for _ in range(config.layers))
         self.node_decoder = nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(),
                                           nn.Linear(h, len(NODE_FEATURES)))
         # identity edges stand for residual additions, not weights: they inform, but are not edited

@@ -47,6 +47,7 @@ DEFAULTS = {
     "gpu": False, "max_failures": 2, "keep": 5, "selection": "recipe", "select_target": 2.0, "select_finetune_steps": 18,
     "select_members": 4, "diagnose_every": 1, "bn_mode": "eval", "data_root": None, "mlflow": True,
     "edit": "additive", "evidence": False, "sparsity_norm": "none", "distill_epochs": 0, "gate_reg": 3.0,
+    "min_member_acc": 0.0,
 }
 SELECTIONS = ("auc", "recipe")
 
@@ -70,9 +71,10 @@ def train_func(config: dict) -> None:
     zoo = Zoo(config["zoo"])
     data = zoo.dataset(config["data_root"])
     meta = zoo.metadata()
-    rows = [i for i, m in enumerate(meta.itertuples()) if m.status == "ok" and m.role == "train"]
+    rows = training_rows(meta, config["min_member_acc"])
     if not rows:
-        raise ValueError(f"{config['zoo']}: no training members with status ok")
+        raise ValueError(f"{config['zoo']}: no training members with status ok and val_acc >= "
+                         f"{config['min_member_acc']}")
     cfg = MetaTrainConfig(epochs=config["epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
                           milestones=tuple(config["milestones"]), batches_per_step=config["batches_per_step"],
                           batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
@@ -148,6 +150,13 @@ def train_func(config: dict) -> None:
         import mlflow
 
         mlflow.end_run()
+
+
+def training_rows(meta, min_acc: float) -> list[int]:
+    """Zoo rows meta-trained on: training members that trained (status ok) to at least ``min_acc``
+    validation accuracy (weak members teach the metanetwork to edit networks nobody would prune)."""
+    return [i for i, m in enumerate(meta.itertuples())
+            if m.status == "ok" and m.role == "train" and (m.val_acc >= min_acc if min_acc > 0 else True)]
 
 
 def distill_on_workers(metanet, members, data, cfg, steps: int, world: int) -> None:
@@ -363,6 +372,9 @@ def main(argv=None) -> dict:
     meta = zoo.metadata()
     if not ((meta.status == "ok") & (meta.role == "train")).any():
         raise SystemExit(f"meta_train: {config['zoo']} has no training members")
+    if not training_rows(meta, config["min_member_acc"]):
+        raise SystemExit(f"meta_train: --min-member-acc {config['min_member_acc']}: no training member of "
+                         f"{config['zoo']} reaches that validation accuracy")
     config["metanet"] = {"edge_widths": zoo.edge_widths(), "hidden": config["hidden"],
                          "layers": config["layers"], "residual": config["residual"], "backend": config["backend"],
                          "edit": config["edit"], "evidence": config["evidence"]}

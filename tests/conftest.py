@@ -31,6 +31,18 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), f"{k} differs"
 
 
+def permute_hidden_channels(model, perm):
+    """Reorders the output channels of layers.0.conv1 (and its BN, and the next conv's inputs):
+    the same function, a different parameterisation."""
+    block = model.layers[0]
+    with torch.no_grad():
+        block.conv1.weight.copy_(block.conv1.weight[perm])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(block.bn1, name).copy_(getattr(block.bn1, name)[perm])
+        block.conv2.weight.copy_(block.conv2.weight[:, perm])
+    return model
+
+
 @pytest.fixture(scope="session")
 def digits():
     from zoo.data import load_digits

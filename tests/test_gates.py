@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import randomize_state
+from conftest import permute_hidden_channels, randomize_state
 from metanet import graph_to_network, network_to_graph
 from metanet.gates import (EVIDENCE_FEATURES, apply_gates, channel_evidence, gatable, gate_from_logit, layer_ids,
                            optimise_gates)
@@ -106,13 +106,7 @@ def test_gate_metanetwork_starts_as_the_identity_and_is_equivariant():
     # with a non-zero decoder, permuting a layer's channels permutes their gates
     torch.nn.init.normal_(net.gate_decoder[-1].weight, std=1.0)
     perm = torch.tensor([2, 0, 3, 1])
-    permuted = copy.deepcopy(model)
-    block = permuted.layers[0]
-    with torch.no_grad():
-        block.conv1.weight.copy_(block.conv1.weight[perm])
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            getattr(block.bn1, name).copy_(getattr(block.bn1, name)[perm])
-        block.conv2.weight.copy_(block.conv2.weight[:, perm])
+    permuted = permute_hidden_channels(copy.deepcopy(model), perm)
     g0, g1 = network_to_graph(model, X), network_to_graph(permuted, X)
     with torch.no_grad():
         a, b = net.eval().gate_logits(g0), net.gate_logits(g1)

@@ -4,7 +4,7 @@ the identity, and refuses graphs it was not built for."""
 import pytest
 import torch
 
-from conftest import randomize_state
+from conftest import permute_hidden_channels, randomize_state
 from metanet import graph_to_network, network_to_graph
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of, load_metanetwork, save_metanetwork
 from zoo.arch import build_model, resnet_spec, vgg_spec
@@ -43,33 +43,24 @@ def test_dgl_and_pyg_backends_agree_forward_and_backward():
         torch.testing.assert_close(grads["dgl"][k], grads["pyg"][k], rtol=1e-4, atol=1e-5)
 
 
-def _permute_hidden_channels(model, perm):
-    """Reorders the output channels of layers.0.conv1 (and its BN, and the next conv's inputs):
-    the same function, a different parameterisation."""
-    block = model.layers[0]
-    with torch.no_grad():
-        block.conv1.weight.copy_(block.conv1.weight[perm])
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            getattr(block.bn1, name).copy_(getattr(block.bn1, name)[perm])
-        block.conv2.weight.copy_(block.conv2.weight[:, perm])
-    return model
-
-
-@pytest.mark.parametrize("backend", ["dgl", "pyg"])
-def test_equivariant_to_permuting_hidden_channels(backend):
+@pytest.mark.parametrize("backend,options", [
+    ("dgl", {}), ("pyg", {}),
+    ("dgl", {"shared_directions": True, "edge_norm": False}),  # the paper's GNN details
+])
+def test_equivariant_to_permuting_hidden_channels(backend, options):
     model, g = _graph()
-    net = _metanet(g, backend=backend).eval()
+    net = _metanet(g, backend=backend, **options).eval()
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         edited = graph_to_network(net(g), model)
         perm = torch.tensor([2, 0, 3, 1])
-        permuted = _permute_hidden_channels(build_model(resnet_spec(20, (4, 8, 12), shortcut="identity")), torch.arange(4))
+        permuted = permute_hidden_channels(build_model(resnet_spec(20, (4, 8, 12), shortcut="identity")), torch.arange(4))
         permuted.load_state_dict(model.state_dict())
-        permuted = _permute_hidden_channels(permuted, perm).eval()
+        permuted = permute_hidden_channels(permuted, perm).eval()
         torch.testing.assert_close(permuted(x), model(x), rtol=1e-5, atol=1e-5)  # same function
         edited_p = graph_to_network(net(network_to_graph(permuted, X)), permuted)
     unperm = torch.argsort(perm)
-    restored = _permute_hidden_channels(edited_p, unperm)
+    restored = permute_hidden_channels(edited_p, unperm)
     for (k, a), b in zip(edited.state_dict().items(), restored.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
     assert not torch.equal(edited.layers[0].conv1.weight, model.layers[0].conv1.weight)
@@ -117,3 +108,12 @@ def test_vgg_graph_runs_through_both_backends():
         net.backend = "pyg"
         b = net(g)
     torch.testing.assert_close(a.edge_feat["k3x3"], b.edge_feat["k3x3"], rtol=1e-5, atol=1e-6)
+
+
+def test_shared_directions_use_one_module_per_layer():
+    _, g = _graph()
+    separate, shared = _metanet(g), _metanet(g, shared_directions=True)
+    assert all(layer.reverse_conv is layer.forward_conv for layer in shared.layers)
+    conv = sum(p.numel() for p in separate.layers[0].forward_conv.parameters())
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(separate) - count(shared) == conv * len(shared.layers)
