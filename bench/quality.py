@@ -60,7 +60,7 @@ CURVE_KEYS = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
 # the curves reported: (label, method whose job computes it, key prefix)
 CURVES = [("unedited", "none", "raw_"), ("after the edit", "meta", "edit_"), ("edit + finetune (meta)", "meta", ""),
           ("finetune (none)", "none", ""), ("sparse learning (depgraph)", "depgraph", ""),
-          ("strong sparse learning (oracle)", "oracle", "")]
+          ("per-network gates (gate)", "gate", ""), ("strong sparse learning (oracle)", "oracle", "")]
 
 
 # ------------------------------------------------------------------------------ settings
@@ -237,8 +237,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set residual=0.1 --set epochs=40")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--report", action="store_true", help="print the report again from --out's results.json "
+                        "(after a change to the report), run nothing")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.report:
+        if not (out / "results.json").exists():
+            raise SystemExit(f"quality: --report: no results.json in {out}")
+        saved = json.loads((out / "results.json").read_text())
+        dataset = "cifar10" if "cifar" in str(saved["settings"].get("preset", out)) else "digits"
+        return report(saved["records"], saved["settings"], saved["meta_history"], out, float("nan"), dataset, print)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.zoo and not args.smoke:
@@ -348,7 +356,8 @@ def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, da
     log(f"unpruned test accuracy: {100 * statistics.mean(r['acc_unpruned'] for r in first):.1f}%")
     log("\nFinal test accuracy (%) after prune + finetune, mean ± half-width of the 95% interval:\n")
     log(method_table(rows, ALL_METHODS, targets))
-    pairs = [("meta", "none"), ("meta", "depgraph"), ("depgraph", "none"), ("oracle", "none")]
+    pairs = [("meta", "none"), ("meta", "depgraph"), ("depgraph", "none"), ("gate", "none"), ("meta", "gate"),
+             ("oracle", "none")]
     log("\nPaired differences in final test accuracy (points):\n")
     log(paired_table(rows, pairs, targets))
     log("\nRecalibrated pruning curve (test accuracy right after pruning, BN recomputed, no finetuning), %:\n")
@@ -371,7 +380,7 @@ def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, da
     lines = ["| preparation | ratio spread | mean ratio | below 0.1 | acc |", "|---|---|---|---|---|"]
     for label, method, prefix in [("unedited", "none", "raw_"), ("after the edit", "meta", "edit_"),
                                   ("meta", "meta", ""), ("none", "none", ""), ("depgraph", "depgraph", ""),
-                                  ("oracle", "oracle", "")]:
+                                  ("gate", "gate", ""), ("oracle", "oracle", "")]:
         vals = {k: statistics.mean(_curve_value(rows, method, prefix, k).values())
                 for k in ("ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal")}
         lines.append(f"| {label} | {vals['ratio_spread']:.3f} | {vals['mean_ratio']:.2f} | "
