@@ -22,7 +22,6 @@ what the metanetwork should come close to without any per-network optimisation),
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metanet.graph import IDENTITY, NetworkGraph, graph_to_params
+from metanet.sparsity import GroupSparsity, sparsity_term
 
 EVIDENCE_FEATURES = ("log_row_norm", "log_col_norm", "bn_scale", "bn_shift",
                      "row_norm_of_max", "col_norm_of_max", "bn_scale_of_max",
@@ -152,18 +153,31 @@ def optimise_gates(model: nn.Module, graph: NetworkGraph, batches: Sequence[Sequ
     logits [N] (0 = gate 1)."""
     was_training = model.training
     model.eval()
-    if form not in ("relative", "group", "none"):
-        raise ValueError(f"form must be 'relative', 'group' or 'none', not {form!r}")
     weights = sparsity.group_weights(graph_to_params(graph, model)) if form == "group" else None
     logit = torch.zeros(graph.num_nodes, device=graph.node_feat.device, requires_grad=True)
     opt = torch.optim.Adam([logit], lr=lr) if optimizer == "adam" else torch.optim.SGD([logit], lr=lr, momentum=0.9)
     for step_batches in batches:
         opt.zero_grad(set_to_none=True)
         params = graph_to_params(apply_gates(graph, gate_from_logit(logit)), model)
-        loss = sparsity.relative(params) if form == "relative" else sparsity(params, weights)
+        loss = sparsity_term(sparsity, params, form, weights)
         for x, y in step_batches:
             loss = loss + F.cross_entropy(torch.func.functional_call(model, params, (x,)), y) / len(step_batches)
         loss.backward()
         opt.step()
     model.train(was_training)
     return logit.detach()
+
+
+def fit_gates(model: nn.Module, graph: NetworkGraph, data, *, steps: int, batches_per_step: int, batch_size: int,
+              augment: bool, seed: int, reg: float, alpha: float, lr: float) -> torch.Tensor:
+    """``optimise_gates`` on ``steps`` steps of ``batches_per_step`` shuffled training batches of
+    ``data`` (a ``zoo.data.TaskData``) with the relative sparsity term at ``reg``: the ``gate``
+    baseline's and the distillation targets' gates. Returns the logits [N]."""
+    import copy
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = [list(data.batches("train", batch_size, shuffle=True, augment=augment, generator=gen,
+                                 limit=batches_per_step)) for _ in range(steps)]
+    sparsity = GroupSparsity(copy.deepcopy(model), torch.zeros(graph.input_shape, device=graph.src.device),
+                             reg=reg, alpha=alpha)
+    return optimise_gates(model, graph, batches, sparsity, lr=lr)

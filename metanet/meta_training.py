@@ -34,15 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metanet.gates import gatable, gate_from_logit, optimise_gates
+from metanet.gates import fit_gates, gatable, gate_from_logit
 from metanet.graph import NetworkGraph, graph_to_params
 from metanet.metanetwork import MetaNetwork
-from metanet.sparsity import GroupSparsity
+from metanet.sparsity import SPARSITY_FORMS, GroupSparsity, sparsity_term
 from zoo.arch import build_model
 from zoo.data import TaskData
-
-
-SPARSITY_NORMS = ("none", "group", "relative")
 
 
 @dataclass
@@ -72,8 +69,8 @@ class MetaTrainConfig:
     def __post_init__(self):
         if self.bn_mode not in ("eval", "train"):
             raise ValueError(f"bn_mode must be 'eval' or 'train', not {self.bn_mode!r}")
-        if self.sparsity_norm not in SPARSITY_NORMS:
-            raise ValueError(f"sparsity_norm must be one of {SPARSITY_NORMS}, not {self.sparsity_norm!r}")
+        if self.sparsity_norm not in SPARSITY_FORMS:
+            raise ValueError(f"sparsity_norm must be one of {SPARSITY_FORMS}, not {self.sparsity_norm!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,8 +85,8 @@ class Member:
     graph: NetworkGraph
     model: nn.Module
     sparsity: GroupSparsity
-    group_weights: torch.Tensor | None = None  # the "group" normalisation of the sparsity term
-    relative_sparsity: bool = False  # the "relative" form (GroupSparsity.relative)
+    sparsity_form: str = "none"  # metanet.sparsity.SPARSITY_FORMS
+    group_weights: torch.Tensor | None = None  # the "group" form's normalisation
 
 
 _SPARSITY_CACHE: dict[tuple, GroupSparsity] = {}
@@ -102,8 +99,7 @@ def make_member(member_id: str, arch: dict, graph: NetworkGraph, cfg: MetaTrainC
         _SPARSITY_CACHE[key] = GroupSparsity(model, torch.zeros(graph.input_shape), reg=cfg.reg, alpha=cfg.alpha)
     sparsity = _SPARSITY_CACHE[key]
     weights = sparsity.group_weights(graph_to_params(graph, model)) if cfg.sparsity_norm == "group" else None
-    return Member(member_id, graph, model.train(cfg.bn_mode == "train"), sparsity, weights,
-                  cfg.sparsity_norm == "relative")
+    return Member(member_id, graph, model.train(cfg.bn_mode == "train"), sparsity, cfg.sparsity_norm, weights)
 
 
 def task_objective(member: Member, params: dict[str, torch.Tensor],
@@ -132,10 +128,7 @@ def member_step(metanet: MetaNetwork, member: Member, batches: Iterable[tuple[to
     params = graph_to_params(metanet(member.graph), member.model)
     leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
     task, accuracy = task_objective(member, leaves, list(batches))
-    if member.relative_sparsity:
-        sparse = member.sparsity.relative(leaves)
-    else:
-        sparse = member.sparsity(leaves, member.group_weights)
+    sparse = sparsity_term(member.sparsity, leaves, member.sparsity_form, member.group_weights)
     sparse.backward()
     grads = [(params[k], leaves[k].grad) for k in params if params[k].requires_grad and leaves[k].grad is not None]
     torch.autograd.backward([p for p, _ in grads], [g for _, g in grads])
@@ -145,11 +138,9 @@ def member_step(metanet: MetaNetwork, member: Member, batches: Iterable[tuple[to
 def gate_targets(member: Member, data: TaskData, cfg: MetaTrainConfig) -> torch.Tensor:
     """Gate logits optimised for this one member (``cfg.gate_steps`` Adam steps on the
     meta-objective with the relative sparsity term at ``cfg.gate_reg``): the distillation target."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = [list(data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
-                                 limit=cfg.batches_per_step)) for _ in range(cfg.gate_steps)]
-    sparsity = GroupSparsity(member.model, torch.zeros(member.graph.input_shape), reg=cfg.gate_reg, alpha=cfg.alpha)
-    return optimise_gates(member.model, member.graph, batches, sparsity, lr=cfg.gate_lr)
+    return fit_gates(member.model, member.graph, data, steps=cfg.gate_steps, batches_per_step=cfg.batches_per_step,
+                     batch_size=cfg.batch_size, augment=True, seed=cfg.seed, reg=cfg.gate_reg, alpha=cfg.alpha,
+                     lr=cfg.gate_lr)
 
 
 def distill_step(metanet: MetaNetwork, member: Member, target: torch.Tensor) -> float:

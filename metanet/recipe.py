@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from metanet.gates import apply_gates, gate_from_logit, optimise_gates
+from metanet.gates import apply_gates, fit_gates, gate_from_logit
 from metanet.graph import graph_to_network, network_to_graph
 from metanet.metanetwork import MetaNetwork
 from metanet.prune import DEFAULT_PRUNING, PruneSettings, prune_adaptive, prune_to_speedup, recalibrate_bn
@@ -100,13 +100,10 @@ def apply_metanetwork(metanet: MetaNetwork, model: nn.Module, example_inputs: to
 def gate_logits_for(model: nn.Module, data: TaskData, cfg: RecipeConfig):
     """(``model``'s graph, per-channel gate logits optimised on it for ``cfg.before.steps`` steps,
     one training batch each, at ``cfg.gate_reg``)."""
-    x = torch.zeros(data.input_shape, device=_device(model))
-    graph = network_to_graph(model, x)
-    gen = torch.Generator().manual_seed(cfg.before.seed)
-    batches = [list(data.batches("train", cfg.before.batch_size, shuffle=True, augment=cfg.before.augment,
-                                 generator=gen, limit=1)) for _ in range(cfg.before.steps)]
-    sparsity = GroupSparsity(copy.deepcopy(model), x, reg=cfg.gate_reg, alpha=cfg.sparse_alpha)
-    return graph, optimise_gates(model, graph, batches, sparsity, lr=cfg.gate_lr)
+    graph = network_to_graph(model, torch.zeros(data.input_shape, device=_device(model)))
+    b = cfg.before
+    return graph, fit_gates(model, graph, data, steps=b.steps, batches_per_step=1, batch_size=b.batch_size,
+                            augment=b.augment, seed=b.seed, reg=cfg.gate_reg, alpha=cfg.sparse_alpha, lr=cfg.gate_lr)
 
 
 def optimised_gates(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> nn.Module:

@@ -161,6 +161,21 @@ class GroupSparsity:
         return 0.5 * self.reg * (gamma[ids.to(gamma.device)] * norms).sum()
 
 
+SPARSITY_FORMS = ("none", "group", "relative")
+
+
+def sparsity_term(sparsity: GroupSparsity, params: Mapping[str, torch.Tensor], form: str,
+                  group_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The group-sparsity loss in one of ``SPARSITY_FORMS``: "none" (the paper's, on the weights'
+    own scale), "group" (normalised by ``group_weights``, see ``GroupSparsity.group_weights``) or
+    "relative" (scale-free, ``GroupSparsity.relative``)."""
+    if form not in SPARSITY_FORMS:
+        raise ValueError(f"sparsity form must be one of {SPARSITY_FORMS}, not {form!r}")
+    if form == "relative":
+        return sparsity.relative(params)
+    return sparsity(params, group_weights if form == "group" else None)
+
+
 def importance(normalizer: str | None = "max") -> tp.importance.GroupMagnitudeImportance:
     """The method's channel importance: group L2 norm, mean over the group, normalised within the
     group by ``normalizer`` (the paper: the maximum)."""

@@ -103,8 +103,8 @@ def train_func(config: dict) -> None:
         return member
 
     if start == 0 and cfg.distill_epochs > 0:
-        distill_on_workers(core, [load_member(int(i)) for i in range(rank, steps * world, world)
-                                  if i < len(rows)] or [load_member(rank % len(rows))], data, cfg, steps, world)
+        mine = [load_member(i) for i in range(rank, len(rows), world)] or [load_member(rank % len(rows))]
+        distill_on_workers(core, mine, data, cfg, steps, world)
     for epoch in range(start, cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
@@ -351,10 +351,10 @@ def parse_args(argv=None) -> dict:
 
     if config["edit"] not in EDITS:
         raise SystemExit(f"meta_train: --edit must be one of {', '.join(EDITS)}, not {config['edit']!r}")
-    from metanet.meta_training import SPARSITY_NORMS
+    from metanet.sparsity import SPARSITY_FORMS
 
-    if config["sparsity_norm"] not in SPARSITY_NORMS:
-        raise SystemExit(f"meta_train: --sparsity-norm must be one of {', '.join(SPARSITY_NORMS)}, "
+    if config["sparsity_norm"] not in SPARSITY_FORMS:
+        raise SystemExit(f"meta_train: --sparsity-norm must be one of {', '.join(SPARSITY_FORMS)}, "
                          f"not {config['sparsity_norm']!r}")
     if config["distill_epochs"] and config["edit"] == "additive":
         raise SystemExit("meta_train: --distill-epochs needs a gate edit (--edit gate): the additive edit has no gates")

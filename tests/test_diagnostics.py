@@ -14,8 +14,8 @@ from metanet.meta_training import MetaTrainConfig, make_member, task_objective
 from metanet.paired import mean_ci, paired_difference
 from metanet.prune import PruneSettings, prune_in_steps, prune_to_speedup, recalibrate_bn
 from metanet.recipe import RecipeConfig
-from zoo.arch import arch_spec, build_model, resnet_spec, vgg_spec
-from zoo.train import TrainConfig, evaluate, train
+from zoo.arch import arch_spec, build_model, resnet_spec
+from zoo.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

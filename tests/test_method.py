@@ -11,7 +11,6 @@ from metanet.prune import PruneSettings, UnreachableSpeedupError, count, load_pr
 from metanet.recipe import ALL_METHODS, RecipeConfig, prune_with_method
 from metanet.sparsity import GroupSparsity, classifier_of, importance
 from zoo.arch import build_model, resnet_spec, vgg_spec
-from zoo.data import load_digits
 from zoo.train import TrainConfig, evaluate, train
 
 
