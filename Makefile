@@ -51,9 +51,11 @@ HEAD_PID := runs/ray-head.pid
 meta-train: install
 	@test -f $(ZOO)/manifest.json || $(MAKE) zoo
 	$(PY) -m distributed.local_head start --pidfile $(HEAD_PID)
-	status=0; RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 $(VENV)/bin/ray job submit --working-dir . -- \
+	# the job's code from a snapshot, not ".": a log growing in the repository would break the upload
+	status=0; snap=$$($(PY) -m distributed.job_snapshot); \
+	RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 $(VENV)/bin/ray job submit --working-dir $$snap -- \
 	  python pipelines/meta_train.py --zoo $(abspath $(ZOO)) --out $(abspath runs/meta-train) $(META_ARGS) \
-	  || status=$$?; $(PY) -m distributed.local_head stop --pidfile $(HEAD_PID); exit $$status
+	  || status=$$?; rm -rf $$snap; $(PY) -m distributed.local_head stop --pidfile $(HEAD_PID); exit $$status
 
 TUNE_ARGS ?=
 tune: install

@@ -3,7 +3,9 @@
 Each pipeline declares its settings once, as a dict of defaults; the flags are derived from it.
 A config file may hold one section per pipeline (``meta_train:``, ``prune_batch:``), as the best
 configuration that ``pipelines/tune.py`` writes does; a pipeline reads its own section, or the
-whole file when it has none. Unknown keys are an error that names them.
+whole file when it has none. The file is validated against a schema made from the defaults
+(``settings_model``: pydantic, unknown keys forbidden, each value of its default's type), and a
+bad one is one line naming the file, the key, the value and what is allowed (``SettingsError``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,27 @@ import os
 from typing import Any
 
 import yaml
+from pydantic import ValidationError, create_model
+
+from distributed.schema import Strict, describe
+
+
+class SettingsError(ValueError):
+    """A settings file that is missing, not a mapping, or has an unknown key or a bad value."""
+
+
+def settings_model(defaults: dict[str, Any], types: dict[str, type] | None = None, name: str = "Settings"):
+    """A pydantic model of ``defaults``: every key optional, typed after its default (or ``types``)."""
+    types = types or {}
+    fields: dict[str, Any] = {}
+    for key, value in defaults.items():
+        kind: Any = types.get(key) or (type(value) if value is not None else Any)
+        if isinstance(value, list):
+            kind = list[type(value[0])] if value else list
+        if value is None:
+            kind = kind | None if kind is not Any else Any
+        fields[key] = (kind, value)
+    return create_model(name, __base__=Strict, **fields)
 
 
 def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any],
@@ -33,28 +56,42 @@ def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any],
             parser.add_argument(flag, type=kind, default=None)
 
 
-def load_config(path: str, section: str, known: set[str], program: str) -> dict[str, Any]:
-    """The settings in ``path`` for ``section`` (or the whole file if it has no such section)."""
+def load_config(path: str, section: str, defaults: dict[str, Any], types: dict[str, type] | None = None,
+                sections: tuple[str, ...] = ("meta_train", "prune_batch", "tune")) -> dict[str, Any]:
+    """The settings in ``path`` for ``section`` (or the whole file if it has none of ``sections``),
+    validated; only the keys the file sets."""
     if not os.path.exists(path):
-        raise SystemExit(f"{program}: config file not found: {path}")
-    with open(path) as f:
-        loaded = yaml.safe_load(f) or {}
+        raise SettingsError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise SettingsError(f"{path}: not valid YAML: {' '.join(str(err).split())[:200]}") from None
     if not isinstance(loaded, dict):
-        raise SystemExit(f"{program}: {path}: a config file must be a mapping of settings")
-    if section in loaded:
-        loaded = loaded[section] or {}
-    unknown = set(loaded) - known
-    if unknown:
-        raise SystemExit(f"{program}: {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        raise SettingsError(f"{path}: a config file must be a mapping of settings")
+    where = path
+    if any(k in sections for k in loaded):
+        where = f"{path}: {section}"
+        loaded = loaded.get(section) or {}
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{where}: must be a mapping of settings")
+    try:
+        settings_model(defaults, types).model_validate(loaded)
+    except ValidationError as err:
+        raise SettingsError(describe(err, where, settings_model(defaults, types))) from None
     return loaded
 
 
-def resolve(args: dict[str, Any], defaults: dict[str, Any], section: str, program: str) -> dict[str, Any]:
+def resolve(args: dict[str, Any], defaults: dict[str, Any], section: str, program: str,
+            types: dict[str, type] | None = None) -> dict[str, Any]:
     """Defaults, updated by the ``--config`` file, updated by the flags that were given. ``args``
     is ``vars(parser.parse_args())``; entries that are not settings pass through unchanged."""
     config = dict(defaults)
     path = args.pop("config", None)
     if path:
-        config.update(load_config(path, section, set(defaults), program))
+        try:
+            config.update(load_config(path, section, defaults, types))
+        except SettingsError as err:
+            raise SystemExit(f"{program}: {err}") from None
     config.update({k: v for k, v in args.items() if v is not None or k not in defaults})
     return config

@@ -673,12 +673,22 @@ def _checked_layout(graph: NetworkGraph, model: nn.Module) -> GraphLayout:
             f"the graph (architecture {graph.fingerprint}, {graph.num_nodes} nodes, edges "
             f"{graph.edge_counts}) does not come from a {type(model).__name__} of this shape "
             f"(architecture {layout.fingerprint}, {layout.num_nodes} nodes)")
-    for t in layout.edge_types:
+    extra = sorted(set(graph.edge_feat) - set(layout.edge_types))
+    if extra:
+        raise GraphMismatchError(f"the graph has edge features of type(s) {extra} that a "
+                                 f"{type(model).__name__} of this shape does not have")
+    for i, t in enumerate(layout.edge_types):
         feat = graph.edge_feat.get(t)
         width = layout.edge_widths[t]
-        if feat is None or feat.dim() != 2 or feat.shape[1] != width:
-            raise GraphMismatchError(f"edge features of type {t!r} must be [E, {width}], got "
-                                     f"{None if feat is None else tuple(feat.shape)}")
+        rows = int((layout.edge_type == i).sum())
+        if feat is None or feat.dim() != 2 or feat.shape[1] != width or feat.shape[0] != rows:
+            # name the layer whose rows are missing, or the first one past the end
+            got = 0 if feat is None or feat.dim() != 2 else feat.shape[0]
+            slot = next((s for s in layout.edge_slots if s.etype == t and s.start + s.rows > got), None)
+            where = f" (layer weight {slot.name!r} needs rows {slot.start}..{slot.start + slot.rows - 1})" \
+                if slot is not None and got < rows else ""
+            raise GraphMismatchError(f"edge features of type {t!r} must be [{rows}, {width}], got "
+                                     f"{None if feat is None else tuple(feat.shape)}{where}")
     if graph.node_feat.shape != (layout.num_nodes, len(NODE_FEATURES)):
         raise GraphMismatchError(f"node features must be [{layout.num_nodes}, {len(NODE_FEATURES)}], "
                                  f"got {tuple(graph.node_feat.shape)}")

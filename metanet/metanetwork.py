@@ -222,17 +222,37 @@ def save_metanetwork(metanet: MetaNetwork, path: str, **extra) -> None:
     os.replace(tmp, path)
 
 
+class MetanetFileError(ValueError):
+    """A file that is not a loadable metanetwork file."""
+
+
 def load_metanetwork(path: str, backend: str | None = None) -> tuple[MetaNetwork, dict]:
+    """The metanetwork saved at ``path`` and its extra fields; ``MetanetFileError`` (naming the file
+    and what is wrong) for a truncated or foreign file, an unknown config key or mismatched weights."""
+    import dataclasses
     import os
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"metanetwork file not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, a pickle torch refuses, a text file: all "not loadable"
+        raise MetanetFileError(f"{path}: not a readable metanetwork file (truncated or foreign?): "
+                               f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
     if not isinstance(payload, dict) or payload.get("format") != "metaprune.metanetwork/1":
-        raise ValueError(f"{path}: not a metanetwork file (no 'metaprune.metanetwork/1' format tag)")
-    config = MetaNetConfig(**payload["config"])
-    if backend is not None:
-        config.backend = backend
-    net = MetaNetwork(config)
-    net.load_state_dict(payload["state_dict"])
+        raise MetanetFileError(f"{path}: not a metanetwork file (no 'metaprune.metanetwork/1' format tag)")
+    known = {f.name for f in dataclasses.fields(MetaNetConfig)}
+    unknown = sorted(set(payload.get("config", {})) - known)
+    if unknown:
+        raise MetanetFileError(f"{path}: unknown metanetwork config key(s) {', '.join(unknown)} (a newer or "
+                               f"foreign file?); known: {', '.join(sorted(known))}")
+    try:
+        config = MetaNetConfig(**payload["config"])
+        if backend is not None:
+            config.backend = backend
+        net = MetaNetwork(config)
+        net.load_state_dict(payload["state_dict"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise MetanetFileError(f"{path}: config and weights do not make a metanetwork: "
+                               f"{' '.join(str(err).split())[:300]}") from None
     return net, payload.get("extra", {})

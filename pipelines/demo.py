@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distributed import local_head  # noqa: E402
+from distributed.job_snapshot import snapshot  # noqa: E402
 from metanet import graph_to_network, network_to_graph  # noqa: E402
 from zoo.arch import arch_spec, build_model, resnet_spec, vgg_spec  # noqa: E402
 from zoo.store import Zoo, ZooRecord  # noqa: E402
@@ -92,13 +94,15 @@ def main() -> None:
     pidfile = str(OUT / "ray-head.pid")
     address = local_head.start(pidfile, None, HEAD_PORT, DASHBOARD_PORT)
     print(f"  local Ray head up; dashboard and job server on {address}")
+    code = snapshot(root=str(ROOT))  # not "." itself: output written into the repository would break the upload
     try:
         runtime_env = json.dumps({"env_vars": env})
-        run(str(Path(py).with_name("ray")), "job", "submit", "--address", address, "--working-dir", ".",
+        run(str(Path(py).with_name("ray")), "job", "submit", "--address", address, "--working-dir", code,
             "--runtime-env-json", runtime_env, "--", "python", "pipelines/meta_train.py", "--zoo", str(zoo),
             "--out", str(OUT / "meta-train"), env={"RAY_AUTH_MODE": "token"})
     finally:
         local_head.stop(pidfile)
+        shutil.rmtree(code, ignore_errors=True)
         print("  local Ray head stopped")
     print(f"  ({time.perf_counter() - t:.0f} s)")
 

@@ -23,13 +23,17 @@ import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distributed.cli import run_cli  # noqa: E402
+from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import cluster_address, init_ray, ray, shutdown  # noqa: E402
-from zoo.spec import DEFAULT_SPEC, MemberSpec, SpecError, load_spec, members  # noqa: E402
-from zoo.store import Zoo, ZooRecord  # noqa: E402
+from zoo.data import DatasetError  # noqa: E402
+from zoo.spec import DEFAULT_SPEC, MemberSpec, SpecError, load_spec, members, role_of  # noqa: E402
+from zoo.store import Zoo, ZooFormatError, ZooRecord  # noqa: E402
 
 FAULT_ENV = "METAPRUNE_FAULT_INJECT"  # testing hook: "crash-once:<index>:<marker dir>" / "error:<index>"
 
@@ -58,7 +62,8 @@ def run_member(spec: dict, member: MemberSpec, data, out: str, fault: str | None
     _inject_fault(fault, member)
     record = build_member(spec, member, data)
     Zoo(out).write(member.id, [record], manifest=False)
-    return {"id": record.id, "status": record.status, "error": record.error}
+    return {"id": record.id, "status": record.status, "error": record.error,
+            "node": ray.get_runtime_context().get_node_id()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,10 +91,7 @@ def main(argv=None) -> dict:
         overrides.append(f"members={args.members}")
     if args.out is not None:
         overrides.append(f"output={args.out}")
-    try:
-        spec = load_spec(args.spec, overrides)
-    except SpecError as err:
-        raise SystemExit(f"make_zoo: {err}")
+    spec = load_spec(args.spec, overrides)  # validated before anything is read or written
     out = spec["output"]
     if cluster_address(args.address) and "://" not in out and not args.shared_output:
         raise SystemExit(f"make_zoo: on a cluster, output {out!r} would be a path on each node: give a URI every "
@@ -97,28 +99,67 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     from zoo.data import load_from_config
 
-    data = load_from_config(spec["dataset"])
+    data = load_from_config(spec["dataset"])  # a missing dataset root fails here, before the output is touched
     plan = members(spec, data.in_channels, data.num_classes, data.image_size)
-    zoo = Zoo.create(out)
-    zoo.write_spec(spec)
-    done = set(zoo.metadata().query("status == 'ok'")["id"]) if zoo.files() else set()
-    todo = [m for m in plan if m.id not in done]
-    if done and (moved := zoo.set_roles({m.id: m.role for m in plan})):
-        print(f"zoo {spec['name']}: {moved} built member(s) given the spec's new train/val/test split")
-    print(f"zoo {spec['name']}: {len(plan)} members, {len(plan) - len(todo)} already built, {len(todo)} to build "
-          f"-> {out}")
-    summaries = []
-    if todo:
-        resources = init_ray(args.address, args.num_cpus)
-        print(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs")
-        summaries = _run_tasks(spec, todo, data, out, args)
-        shutdown()
-    manifest = zoo.write_manifest()
+    with exclusive(out, "make_zoo") if "://" not in out else nullcontext():
+        zoo = Zoo.create(out)
+        zoo.skip_unreadable = True
+        previous = _previous_spec(zoo, spec)
+        meta = zoo.metadata() if zoo.files() else None
+        done = set(meta.query("status == 'ok'")["id"]) if meta is not None else set()
+        for path, error in zoo.unreadable.items():
+            print(f"zoo {spec['name']}: member file {path} is unreadable ({error}); it is rebuilt if the spec "
+                  "has that member")
+        if meta is not None and previous is not None and _split(previous) != _split(spec):
+            _move_roles(zoo, meta, spec)
+        todo = [m for m in plan if m.id not in done]
+        zoo.write_spec(spec)
+        print(f"zoo {spec['name']}: {len(plan)} members, {len(plan) - len(todo)} already built, {len(todo)} to build "
+              f"-> {out}")
+        summaries = []
+        if todo:
+            resources = init_ray(args.address, args.num_cpus)
+            print(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs "
+                  f"on {len([n for n in ray.nodes() if n['Alive']])} node(s)")
+            summaries = _run_tasks(spec, todo, data, out, args)
+            nodes = {s["node"] for s in summaries if s.get("node")}
+            print(f"tasks ran on {len(nodes)} node(s)")
+            shutdown()
+        manifest = zoo.write_manifest()
     wall = time.perf_counter() - start
     _print_summary(zoo, manifest, wall)
     if not args.no_mlflow:
         _log_mlflow(spec, zoo, manifest, wall, out)
-    return {"manifest": manifest, "built": summaries, "seconds": wall}
+    return {"manifest": manifest, "built": summaries, "seconds": wall, "failed": manifest["counts"]["failed"]}
+
+
+def _split(spec: dict) -> tuple:
+    return float(spec.get("val_members", 0.0)), float(spec.get("test_members", 0.0)), bool(spec.get("held_out"))
+
+
+def _previous_spec(zoo: Zoo, spec: dict) -> dict | None:
+    """The spec the zoo was built from (None for a new zoo); refuses one of another dataset, whose
+    members could not be meta-trained or pruned together with these."""
+    try:
+        previous = zoo.spec()
+    except FileNotFoundError:
+        return None
+    if previous.get("dataset") != spec["dataset"]:
+        raise SystemExit(f"make_zoo: {spec['output']} holds a zoo of dataset {previous.get('dataset')}, the spec "
+                         f"says {spec['dataset']}; give another --out")
+    return previous
+
+
+def _move_roles(zoo: Zoo, meta, spec: dict) -> None:
+    """The spec's val/test fractions changed: every member takes the role its id gives under the
+    new fractions (``zoo.spec.role_of``), and each move is printed."""
+    val, test, held_out = _split(spec)
+    roles = {i: role_of(i, val, test, held_out) for i in meta.id}
+    moves = [(i, old, roles[i]) for i, old in zip(meta.id, meta.role) if roles[i] != old]
+    zoo.set_roles(roles)
+    print(f"zoo {spec['name']}: the spec's train/val/test fractions changed: {len(moves)} built member(s) move")
+    for i, old, new in moves:
+        print(f"  {i}: {old} -> {new}")
 
 
 def _run_tasks(spec: dict, todo: list[MemberSpec], data, out: str, args) -> list[dict]:
@@ -206,5 +247,13 @@ def _log_mlflow(spec: dict, zoo: Zoo, manifest: dict, wall: float, out: str) -> 
     print(f"mlflow: run logged to {uri} (experiment zoo-{spec['name']})")
 
 
+# the errors a user's input can cause: one line and exit code 2 (distributed.cli)
+KNOWN_ERRORS = (SpecError, ZooFormatError, DatasetError)
+
+
+def cli(argv=None) -> None:
+    run_cli(main, "make_zoo", KNOWN_ERRORS, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

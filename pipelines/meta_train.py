@@ -38,7 +38,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distributed.cli import run_cli  # noqa: E402
 from distributed.ray_env import init_ray, ray  # noqa: E402
+from distributed.settings import SettingsError  # noqa: E402
+from zoo.data import DatasetError  # noqa: E402
+from zoo.store import ZooFormatError  # noqa: E402
 
 DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2, "epochs": 20,
@@ -50,6 +54,7 @@ DEFAULTS = {
     "min_member_acc": 0.0,
 }
 SELECTIONS = ("auc", "recipe")
+FAULT_ENV = "METAPRUNE_FAULT_INJECT"  # testing hook, see _inject_fault
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -68,7 +73,7 @@ def train_func(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    zoo = Zoo(config["zoo"])
+    zoo = Zoo(config["zoo"], skip_unreadable=True)  # the driver checked that no train/val member is unreadable
     data = zoo.dataset(config["data_root"])
     meta = zoo.metadata()
     rows = training_rows(meta, config["min_member_acc"])
@@ -92,6 +97,7 @@ def train_func(config: dict) -> None:
         core.load_state_dict(state["metanet"])
         opt.load_state_dict(state["optimizer"])
         start = state["epoch"] + 1
+        config = dict(config, mlflow_run_id=state.get("mlflow_run_id"))  # a restart goes on logging to the same run
     run_id = _mlflow_start(config) if rank == 0 and config["mlflow"] else None
     steps = math.ceil(len(rows) / world)  # every worker takes the same number of steps (DDP needs it)
     device = next(core.parameters()).device
@@ -113,7 +119,9 @@ def train_func(config: dict) -> None:
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * world + rank)
         sums = torch.zeros(4, dtype=torch.float64)
         began = time.perf_counter()
-        for i in mine:
+        for step, i in enumerate(mine):
+            if step == 1:
+                _inject_fault(config.get("fault"), epoch, rank)
             member = load_member(i)
             batches = [(x.to(device), y.to(device)) for x, y in
                        data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
@@ -126,7 +134,7 @@ def train_func(config: dict) -> None:
             dist.all_reduce(sums)
         metrics = {"epoch": epoch, "task_loss": float(sums[0] / sums[3]), "sparsity_loss": float(sums[1] / sums[3]),
                    "train_acc": float(sums[2] / sums[3]), "seconds": time.perf_counter() - began,
-                   "mlflow_run_id": run_id or ""}
+                   "mlflow_run_id": run_id or "", "started_at_epoch": start}
         every_diag = config["diagnose_every"]
         if rank == 0 and every_diag and ((epoch + 1) % every_diag == 0 or epoch == cfg.epochs - 1):
             metrics.update({f"val_{k}": v for k, v in validation_diagnostics(core, zoo, data, config).items()})
@@ -142,7 +150,8 @@ def train_func(config: dict) -> None:
         if rank == 0 and save:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"metanet": core.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                            "metanet_config": config["metanet"]}, os.path.join(d, "state.pt"))
+                            "metanet_config": config["metanet"], "mlflow_run_id": run_id},
+                           os.path.join(d, "state.pt"))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
@@ -150,6 +159,23 @@ def train_func(config: dict) -> None:
         import mlflow
 
         mlflow.end_run()
+
+
+def _inject_fault(fault: str | None, epoch: int, rank: int) -> None:
+    """Testing hook (``METAPRUNE_FAULT_INJECT=kill-worker:<epoch>:<marker dir>``): the last worker
+    dies mid-epoch ``epoch``, once (a marker file remembers), as on an OOM kill or a lost node. It
+    first waits a few of Ray Train's 2 s polls, so that the controller has registered the previous
+    epoch's checkpoint: a worker lost sooner restarts from the checkpoint before that one."""
+    import ray.train
+
+    parts = (fault or "").split(":")
+    if len(parts) == 3 and parts[0] == "kill-worker" and int(parts[1]) == epoch \
+            and rank == ray.train.get_context().get_world_size() - 1:
+        marker = Path(parts[2]) / f"killed-worker-epoch{epoch}"
+        if not marker.exists():
+            marker.touch()
+            time.sleep(8)
+            os._exit(1)
 
 
 def training_rows(meta, min_acc: float) -> list[int]:
@@ -237,7 +263,7 @@ def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_r
     torch.manual_seed(seed)
     zoo = Zoo(zoo_root)
     data = zoo.dataset(data_root)
-    val = [r for r in zoo if r.status == "ok" and r.role == "val"][:members]
+    val = [r for r in Zoo(zoo_root, skip_unreadable=True) if r.status == "ok" and r.role == "val"][:members]
     if not val:
         raise ValueError(f"{zoo_root}: no validation members (role 'val') to select checkpoints with")
     models = [r.network() for r in val]
@@ -368,8 +394,13 @@ def main(argv=None) -> dict:
 
     from zoo.store import Zoo
 
-    zoo = Zoo(config["zoo"])
+    zoo = Zoo(config["zoo"], skip_unreadable=True)
     meta = zoo.metadata()
+    for path, error in zoo.unreadable.items():
+        if zoo.expected_role(path) in ("train", "val"):
+            raise SystemExit(f"meta_train: {error} (a {zoo.expected_role(path)} member: rebuild it with make_zoo "
+                             "and the zoo's spec)")
+        print(f"meta_train: skipping unreadable held-out member file {path}")
     if not ((meta.status == "ok") & (meta.role == "train")).any():
         raise SystemExit(f"meta_train: {config['zoo']} has no training members")
     if not training_rows(meta, config["min_member_acc"]):
@@ -384,6 +415,7 @@ def main(argv=None) -> dict:
     init_ray(config.pop("address"))
     threads = max(1, int(ray.cluster_resources().get("CPU", 1) // config["workers"]))
     config["threads"] = threads
+    config["fault"] = os.environ.get(FAULT_ENV)
     trainer = TorchTrainer(
         train_func, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=config["workers"], use_gpu=config["gpu"],
@@ -396,6 +428,9 @@ def main(argv=None) -> dict:
     if result.error:
         raise SystemExit(f"meta_train: training failed: {result.error}")
     print(f"meta-training done in {time.perf_counter() - started:.0f} s; final metrics {result.metrics}")
+    if result.metrics.get("started_at_epoch"):
+        print(f"the last workers started from the checkpoint of epoch {result.metrics['started_at_epoch'] - 1} "
+              "(a resumed run, or workers restarted after a failure)")
     selection = select(result, config, run_dir)
     print(f"checkpoint selection on validation members ({selection['how']}):")
     for e, s in zip(selection["epochs"], selection["scores"]):
@@ -406,5 +441,13 @@ def main(argv=None) -> dict:
     return {"selection": selection, "metrics": result.metrics, "run_dir": str(run_dir)}
 
 
+# the errors a user's input can cause: one line and exit code 2 (distributed.cli)
+KNOWN_ERRORS = (ZooFormatError, DatasetError, SettingsError, FileNotFoundError)
+
+
+def cli(argv=None) -> None:
+    run_cli(main, "meta_train", KNOWN_ERRORS, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -17,16 +17,20 @@ selectivity of its edit (``metanet.diagnostics``) to the rows and a curve plot.
 Outputs under ``--out``: every pruned model (``models/<model>__<method>__<target>.pt``, loadable with
 ``zoo.model_files.load_model``), ``results.parquet`` and ``results.csv`` (one row per model,
 method and target), ``summary.md``, ``accuracy_vs_speedup.png``, and one MLflow run with all of it.
-Re-running skips rows already done; a model that cannot be loaded, has an unsupported layer or
-fails while pruning gets a ``failed`` row with the reason (retried on the next run), and the
-others go on. Models load through ``torch.load(weights_only=True)``; a pickled whole module only
-with ``--trust-pickle``.
+Every row records what produced it: a content hash of the model file (or zoo member file), of the
+metanetwork file (``meta`` rows) and of the settings that change the result (``RESULT_SETTINGS``).
+Re-running reuses a row only when all three match, and says why it recomputes one otherwise. A
+model that cannot be loaded, has an unsupported layer, NaN weights or fails while pruning gets a
+``failed`` row with the reason (retried on the next run), the others go on, and the run exits 1.
+One run at a time per ``--out`` (a second one refuses, exit 3). Models load through
+``torch.load(weights_only=True)``; a pickled whole module only with ``--trust-pickle``.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import re
 import sys
@@ -36,9 +40,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distributed.cli import run_cli  # noqa: E402
+from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import init_ray, ray, shutdown  # noqa: E402
+from distributed.settings import SettingsError  # noqa: E402
 from metanet.diagnostics import CURVE_SPEEDUPS  # noqa: E402
+from metanet.metanetwork import MetanetFileError  # noqa: E402
 from metanet.recipe import AFTER_STEPS, BEFORE_STEPS  # noqa: E402
+from zoo.data import DatasetError  # noqa: E402
+from zoo.store import ZooFormatError  # noqa: E402
 
 DEFAULTS = {
     "zoo": None, "split": "test", "models": [], "arch": None, "trust_pickle": False, "dataset": None,
@@ -47,12 +57,17 @@ DEFAULTS = {
     "augment": None, "sparse_reg": 5e-4, "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
     "mlflow": True, "diagnostics": False,
 }
+FLAG_TYPES = {"floor": float, "gpu": bool, "batch_size": int, "augment": bool}
 DIAGNOSTICS = ["ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal",
                *(f"curve_{s:g}x" for s in CURVE_SPEEDUPS), "auc"]
 COLUMNS = ["model", "source", "family", "method", "target", "floor", "status", "error", "speedup", "macs_before",
            "macs_after", "params_before", "params_after", "val_acc_before", "test_acc_before", "val_acc_pruned",
-           "test_acc_pruned", "val_acc", "test_acc", "seconds", "path", *DIAGNOSTICS]
+           "test_acc_pruned", "val_acc", "test_acc", "seconds", "path", *DIAGNOSTICS,
+           "model_sha", "metanet_sha", "settings_sha", "settings", "node"]
 KEY = ["model", "method", "target", "floor"]
+# the settings a row's result depends on (besides its model, method, target/floor and metanetwork)
+RESULT_SETTINGS = ("arch", "dataset", "data_root", "before_steps", "before_lr", "after_steps", "after_lr",
+                   "batch_size", "augment", "sparse_reg", "seed", "diagnostics")
 
 
 @dataclass(frozen=True)
@@ -62,7 +77,8 @@ class Source:
     name: str
     ref: str  # the file path, or "<zoo>#<member id>"
     zoo: str | None = None
-    row: int | None = None
+    digest: str = ""  # content hash of the file the model is read from
+    error: str | None = None  # set when the source cannot be read at all (its rows fail without a task)
 
 
 # ------------------------------------------------------------------------------- the task
@@ -71,8 +87,19 @@ def _load(source: Source, arch: dict | None, trust_pickle: bool):
     from zoo.store import Zoo
 
     if source.zoo is not None:
-        return Zoo(source.zoo)[source.row].network()
+        return Zoo(source.zoo, skip_unreadable=True).record(source.name).network()
     return load_model(source.ref, arch=arch, trust_pickle=trust_pickle)[0]
+
+
+def check_finite(model, where: str) -> None:
+    """A model with NaN or inf weights cannot be pruned meaningfully: say which tensor."""
+    import itertools
+
+    import torch
+
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {name} has non-finite values (NaN or inf); the model file is broken")
 
 
 def _error(err: BaseException) -> str:
@@ -94,12 +121,14 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
 
     torch.set_num_threads(max(1, int(config["cpus_per_task"])))
     torch.manual_seed(config["seed"])
-    base = {"model": source.name, "source": source.ref, "method": method, "status": "failed"}
+    base = {"model": source.name, "source": source.ref, "method": method, "status": "failed",
+            "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
     rows = [dict(base, **r) for r in runs]
     started = time.perf_counter()
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when the task was given one
         model = _load(source, config["arch"], config["trust_pickle"]).to(device)
+        check_finite(model, source.ref)
         family = _family(model)
         x = torch.zeros(data.input_shape, device=device)
         macs, params = count(model, x)
@@ -163,15 +192,21 @@ def find_sources(config: dict) -> list[Source]:
         from zoo.store import Zoo
 
         try:
-            meta = Zoo(config["zoo"]).metadata()
+            zoo = Zoo(config["zoo"], skip_unreadable=True)  # an unreadable member fails only its own rows
+            meta = zoo.metadata()
         except FileNotFoundError as err:
             raise SystemExit(f"prune_batch: {err}")
         if config["split"] not in ("train", "val", "test", "all"):
             raise SystemExit(f"prune_batch: --split must be train, val, test or all, not {config['split']!r}")
-        roles = set(meta.role) if config["split"] == "all" else {config["split"]}
-        for row, m in enumerate(meta.itertuples()):
+        roles = {"train", "val", "test"} if config["split"] == "all" else {config["split"]}
+        files = {m.id: f for m, f in zip(meta.itertuples(), _member_files(zoo))}
+        for m in meta.itertuples():
             if m.status == "ok" and m.role in roles:
-                sources.append(Source(m.id, f"{config['zoo']}#{m.id}", config["zoo"], row))
+                sources.append(Source(m.id, f"{config['zoo']}#{m.id}", config["zoo"], file_digest(files[m.id])))
+        for path, error in zoo.unreadable.items():
+            if zoo.expected_role(path) in roles:
+                name = Path(path).stem
+                sources.append(Source(name, f"{config['zoo']}#{name}", config["zoo"], error=error))
         if not sources:
             raise SystemExit(f"prune_batch: {config['zoo']} has no built members in split {config['split']!r} "
                              f"(roles there: {sorted(set(meta.role))})")
@@ -183,7 +218,7 @@ def find_sources(config: dict) -> list[Source]:
         if not matches:
             raise SystemExit(f"prune_batch: --models {pattern!r}: no such file, and no .pt/.pth files match it")
         for path in matches:
-            sources.append(Source(Path(path).stem, os.path.abspath(path)))
+            sources.append(Source(Path(path).stem, os.path.abspath(path), digest=file_digest(path)))
     names = [s.name for s in sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -191,6 +226,54 @@ def find_sources(config: dict) -> list[Source]:
     if not sources:
         raise SystemExit("prune_batch: nothing to prune: give --zoo (and --split) and/or --models")
     return sources
+
+
+def _member_files(zoo) -> list[str]:
+    """The file of each row of ``zoo.metadata()``, in order."""
+    return [path for path, _ in zoo.index()]
+
+
+def file_digest(path: str) -> str:
+    """Content hash of a file (the first 16 hex digits of its SHA-256)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def settings_digest(config: dict) -> tuple[str, str]:
+    """The settings that change a row's result, as JSON, and their hash."""
+    import hashlib
+    import json
+
+    text = json.dumps({k: config.get(k) for k in RESULT_SETTINGS}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], text
+
+
+def why_recompute(previous: dict, current: dict) -> str | None:
+    """None when ``previous`` (a finished row) was produced by what ``current`` describes; else
+    what changed, in words."""
+    import json
+
+    def text(key):  # a missing value reads back from parquet as None or NaN
+        value = previous.get(key)
+        return value if isinstance(value, str) else ""
+
+    if not text("settings_sha"):
+        return "the row records no fingerprint (written by an older version)"
+    reasons = []
+    if text("model_sha") != current["model_sha"]:
+        reasons.append("the model file changed")
+    if text("metanet_sha") != current["metanet_sha"]:
+        reasons.append("the metanetwork file changed")
+    if previous.get("settings_sha") != current["settings_sha"]:
+        old, new = json.loads(text("settings") or "{}"), json.loads(current["settings"])
+        changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+        reasons.append("settings changed: " + (", ".join(changed) or "(unknown)"))
+    return "; ".join(reasons) or None
 
 
 def load_data(config: dict):
@@ -404,10 +487,10 @@ def parse_args(argv=None) -> dict:
     from distributed.settings import add_flags, resolve
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(p, DEFAULTS, types={"floor": float, "gpu": bool, "batch_size": int, "augment": bool})
+    add_flags(p, DEFAULTS, types=FLAG_TYPES)
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    config = resolve(vars(p.parse_args(argv)), DEFAULTS, "prune_batch", "prune_batch")
+    config = resolve(vars(p.parse_args(argv)), DEFAULTS, "prune_batch", "prune_batch", types=FLAG_TYPES)
     if config["baselines"]:
         config["methods"] = list(dict.fromkeys([*config["methods"], "none", "depgraph"]))
     from metanet.recipe import ALL_METHODS
@@ -420,9 +503,9 @@ def parse_args(argv=None) -> dict:
             raise SystemExit("prune_batch: --metanet FILE is needed for method 'meta' (or --methods none depgraph)")
         if not os.path.isfile(config["metanet"]):
             raise SystemExit(f"prune_batch: metanetwork file not found: {config['metanet']}")
-    if config["floor"] is None and any(not (t > 1 and t != float("inf")) for t in config["targets"]):
-        raise SystemExit(f"prune_batch: target speed-ups must be > 1, got {config['targets']}")
-    if config["floor"] is not None and not 0 < config["floor"] <= 1:
+    if config["floor"] is None and any(not (math.isfinite(t) and t > 1) for t in config["targets"]):
+        raise SystemExit(f"prune_batch: --targets must be finite speed-ups > 1, got {config['targets']}")
+    if config["floor"] is not None and not (math.isfinite(config["floor"]) and 0 < config["floor"] <= 1):
         raise SystemExit(f"prune_batch: --floor is a validation accuracy in (0, 1], got {config['floor']}")
     return config
 
@@ -431,30 +514,60 @@ def main(argv=None) -> dict:
     config = parse_args(argv)
     started = time.perf_counter()
     out = os.path.abspath(config["out"])
-    os.makedirs(os.path.join(out, "models"), exist_ok=True)
+    with exclusive(out, "prune_batch"):  # also the check that --out is writable
+        os.makedirs(os.path.join(out, "models"), exist_ok=True)
+        return _main(config, out, started)
+
+
+def _main(config: dict, out: str, started: float) -> dict:
+    metanet_sha = ""
+    if "meta" in config["methods"]:
+        from metanet.metanetwork import load_metanetwork
+
+        load_metanetwork(config["metanet"])  # a truncated or foreign file: one line now, not a failed row per model
+        metanet_sha = file_digest(config["metanet"])
     sources = find_sources(config)
     arch = _arch_file(config["arch"])
     config = _finetune_defaults(config)
     config = dict(config, arch=arch, metanet=os.path.abspath(config["metanet"]) if config["metanet"] else None)
+    settings_sha, settings = settings_digest(config)
     runs = [{"target": None, "floor": config["floor"]}] if config["floor"] is not None else \
         [{"target": float(t), "floor": None} for t in config["targets"]]
-    previous = read_results(out)
-    done = {_key(r): r for r in previous.to_dict("records") if r["status"] == "ok"}
-    jobs = []
+    previous = {_key(r): r for r in read_results(out).to_dict("records")}
+    kept, jobs, failed_now, reused = {}, [], [], 0
     for source in sources:
         for method in config["methods"]:
-            todo = [r for r in runs if _key({"model": source.name, "method": method, **r}) not in done]
+            current = {"model_sha": source.digest, "metanet_sha": metanet_sha if method == "meta" else "",
+                       "settings_sha": settings_sha, "settings": settings}
+            todo = []
+            for r in runs:
+                key = _key({"model": source.name, "method": method, **r})
+                old = previous.get(key)
+                if source.error is not None:
+                    failed_now.append({"model": source.name, "source": source.ref, "method": method, **r,
+                                       "status": "failed", "error": source.error, **current})
+                    continue
+                reason = why_recompute(old, current) if old is not None and old["status"] == "ok" else "not done"
+                if reason is None:
+                    kept[key] = old
+                    reused += 1
+                    continue
+                if reason != "not done":
+                    print(f"  {source.name} / {method} / {_run_label(r)}: recomputed ({reason})")
+                todo.append(dict(r, **current))
             if todo:
                 jobs.append((source, method, todo))
+    this_run = {_key({"model": s.name, "method": m, **r}) for s in sources for m in config["methods"] for r in runs}
+    rows = [r for k, r in previous.items() if k not in this_run] + list(kept.values()) + failed_now
     total = len(sources) * len(config["methods"]) * len(runs)
     print(f"prune_batch: {len(sources)} models x {len(config['methods'])} methods x {len(runs)} targets = {total} "
-          f"rows; {len(done)} already done -> {out}")
-    rows = list(done.values())
+          f"rows; {reused} already done with the same model, metanetwork and settings -> {out}")
     if jobs:
         data = load_data(config)
         resources = init_ray(config.pop("address"), config.pop("num_cpus"))
-        print(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs; "
-              f"data {data.name} (train {len(data.train[1])}, val {len(data.val[1])}, test {len(data.test[1])})")
+        print(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs on "
+              f"{len([n for n in ray.nodes() if n['Alive']])} node(s); data {data.name} (train {len(data.train[1])}, "
+              f"val {len(data.val[1])}, test {len(data.test[1])})")
         rows = _run(jobs, config, data, out, rows)
         shutdown()
     frame = write_results(out, rows)
@@ -467,11 +580,17 @@ def main(argv=None) -> dict:
         if plot_curves(frame, os.path.join(out, "pruning_curve.png")):
             written.append("pruning_curve.png")
     wall = time.perf_counter() - started
-    print(f"\n{table}\n\nwrote {', '.join(f'{out}/{w}' for w in written)} ({wall:.0f} s)")
+    mine = frame[[_key(r) in this_run for r in frame.to_dict("records")]]
+    failed = int((mine.status != "ok").sum())
+    nodes = set(mine.node.dropna()) if "node" in mine else set()
+    print(f"\n{table}\n\nwrote {', '.join(f'{out}/{w}' for w in written)} ({wall:.0f} s)"
+          + (f"; tasks ran on {len(nodes)} node(s)" if nodes else ""))
+    if failed:
+        print(f"prune_batch: {failed} of {len(mine)} rows failed (reasons above); exit code 1", file=sys.stderr)
     if config["mlflow"]:
         uri = _log_mlflow({k: v for k, v in config.items() if k not in ("address", "num_cpus")}, frame, out, wall)
         print(f"mlflow: run logged to {uri} (experiment prune-batch)")
-    return {"results": frame, "seconds": wall}
+    return {"results": frame, "seconds": wall, "failed": failed}
 
 
 def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> list[dict]:
@@ -481,8 +600,8 @@ def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> list[dict]:
     use_gpu = config["gpu"] if config["gpu"] is not None else ray.cluster_resources().get("GPU", 0) > 0
     task = ray.remote(prune_model).options(num_cpus=config["cpus_per_task"], num_gpus=1 if use_gpu else 0,
                                            max_retries=1)
-    pending = {task.remote(s, m, todo, config, data_ref, config["metanet"], out): (s, m, todo)
-               for s, m, todo in jobs}
+    pending = {task.remote(s, m, [{"target": r["target"], "floor": r["floor"]} for r in todo], config, data_ref,
+                           config["metanet"], out): (s, m, todo) for s, m, todo in jobs}
     models = {s.name for s, _, _ in jobs}
     left = {name: sum(s.name == name for s, _, _ in jobs) for name in models}
     failed = 0
@@ -495,7 +614,9 @@ def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> list[dict]:
         except Exception as err:  # the task itself died (every retry): its rows say so
             cause = getattr(err, "cause", None) or err
             new = [{"model": source.name, "source": source.ref, "method": method, "status": "failed",
-                    "error": _error(cause), **r} for r in todo]
+                    "error": _error(cause)} for r in todo]
+        new = [dict(n, **{k: r[k] for k in ("model_sha", "metanet_sha", "settings_sha", "settings", "target",
+                                             "floor")}) for n, r in zip(new, todo)]
         failed += sum(r["status"] != "ok" for r in new)
         replaced = {_key(n) for n in new}
         rows = [r for r in rows if _key(r) not in replaced] + new
@@ -515,5 +636,13 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+# the errors a user's input can cause: one line and exit code 2 (distributed.cli)
+KNOWN_ERRORS = (MetanetFileError, ZooFormatError, DatasetError, SettingsError, FileNotFoundError)
+
+
+def cli(argv=None) -> None:
+    run_cli(main, "prune_batch", KNOWN_ERRORS, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -33,11 +33,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Annotated, Any, Literal
+
 import yaml
+from pydantic import Field, ValidationError, model_validator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distributed.cli import run_cli  # noqa: E402
+from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import init_ray, shutdown  # noqa: E402
+from distributed.schema import Strict, describe  # noqa: E402
+from zoo.store import ZooFormatError  # noqa: E402
 
 SEARCH_DIR = Path(__file__).resolve().parent / "searches"
 DEFAULT_SEARCH = SEARCH_DIR / "digits.yaml"
@@ -45,7 +52,6 @@ META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual
              "edit", "evidence", "sparsity_norm")
 PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
-REQUIRED = ("name", "zoo", "space", "targets", "max_epochs")
 OBJECTIVES = ("recipe", "auc")
 
 
@@ -59,29 +65,70 @@ def default_trial() -> dict:
 
 
 # -------------------------------------------------------------------------------- the search file
+Tunable = Literal[META_KEYS + PRUNE_KEYS]  # type: ignore[valid-type]
+
+
+class Sampler(Strict):
+    """One of ``uniform: [low, high]``, ``loguniform: [low, high]``, ``randint: [low, high]``,
+    ``choice: [values]``."""
+
+    uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    loguniform: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] | None = None
+    randint: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
+    choice: Annotated[list[Any], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in SAMPLERS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(SAMPLERS)}, not {given or 'none'}")
+        return self
+
+
+class SearchFile(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    zoo: str
+    data_root: str | None = None
+    targets: Annotated[list[Annotated[float, Field(gt=1, allow_inf_nan=False)]], Field(min_length=1)]
+    objective: Literal[OBJECTIVES] = "recipe"  # type: ignore[valid-type]
+    val_members: Annotated[int, Field(ge=1)] | None = None
+    max_epochs: Annotated[int, Field(ge=1)]
+    eval_every: Annotated[int, Field(ge=1)] = 1
+    grace_period: Annotated[int, Field(ge=1)] = 1
+    reduction_factor: Annotated[float, Field(gt=1)] = 2
+    num_samples: Annotated[int, Field(ge=1)] = 8
+    cpus_per_trial: Annotated[float, Field(gt=0)] = 1
+    max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+    fixed: dict[Tunable, Any] = {}
+    space: Annotated[dict[Tunable, Sampler], Field(min_length=1)]
+
+
+class SearchError(ValueError):
+    """A search file that is missing or does not match ``SearchFile``."""
+
+
 def load_search(path: str, overrides: list[str]) -> dict:
+    """The search file at ``path`` with ``key=value`` overrides, validated (``SearchError`` names the
+    key, the value and what is allowed); unset optional keys are left out."""
     if not os.path.exists(path):
-        raise SystemExit(f"tune: search file not found: {path}")
-    with open(path) as f:
-        search = yaml.safe_load(f) or {}
+        raise SearchError(f"search file not found: {path}")
+    try:
+        with open(path) as f:
+            search = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise SearchError(f"{path}: not valid YAML: {' '.join(str(err).split())[:200]}") from None
+    if not isinstance(search, dict):
+        raise SearchError(f"{path}: a search file must be a mapping")
     for item in overrides:
         if "=" not in item:
-            raise SystemExit(f"tune: --set {item!r} must look like key=value")
+            raise SearchError(f"--set {item!r} must look like key=value")
         key, value = item.split("=", 1)
         search[key] = yaml.safe_load(value)
-    missing = [k for k in REQUIRED if k not in search]
-    if missing:
-        raise SystemExit(f"tune: {path}: missing key(s) {', '.join(missing)}")
-    if search.setdefault("objective", "recipe") not in OBJECTIVES:
-        raise SystemExit(f"tune: {path}: objective must be one of {', '.join(OBJECTIVES)}, not {search['objective']!r}")
-    known = set(META_KEYS) | set(PRUNE_KEYS)
-    for key, spec in {**search["space"], **search.get("fixed", {})}.items():
-        if key not in known:
-            raise SystemExit(f"tune: {path}: {key!r} is not a tunable setting; known: {', '.join(sorted(known))}")
-    for key, spec in search["space"].items():
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
-            raise SystemExit(f"tune: {path}: space.{key} must be one of {{{', '.join(SAMPLERS)}: [...]}}, got {spec!r}")
-    return search
+    try:
+        return SearchFile.model_validate(search).model_dump(exclude_none=True)
+    except ValidationError as err:
+        raise SearchError(describe(err, path, SearchFile)) from None
 
 
 def param_space(search: dict) -> dict:
@@ -153,7 +200,6 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     search = load_search(args.search, args.set)
     out = Path(args.out or f"runs/tune-{search['name']}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
     from zoo.store import Zoo
 
     try:
@@ -166,6 +212,12 @@ def main(argv=None) -> dict:
         if not ((meta.status == "ok") & (meta.role == role)).any():
             raise SystemExit(f"tune: {search['zoo']} has no '{role}' members; the search needs both")
     search["zoo"] = str(Path(search["zoo"]).resolve()) if "://" not in search["zoo"] else search["zoo"]
+    with exclusive(str(out), "tune"):
+        return _search(search, out, args, zoo, data)
+
+
+def _search(search: dict, out: Path, args, zoo, data) -> dict:
+    check_same_search(out, search)
     started = time.perf_counter()
     resources = init_ray(args.address, args.num_cpus)
     results, uri = _fit(search, data, out, resources, not args.no_mlflow)
@@ -177,6 +229,24 @@ def main(argv=None) -> dict:
         _log_summary(report, out, search)
         print(f"mlflow: every trial and the summary logged to {uri} (experiment tune-{search['name']})")
     return report
+
+
+def check_same_search(out: Path, search: dict) -> None:
+    """A search resumes only into an output that holds the same search (``search.json``): another
+    search's trials would be mixed with this one's. Writes ``search.json`` for a new output."""
+    import json
+
+    path = out / "search.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(search)):
+            changed = sorted(k for k in set(old) | set(search) if old.get(k) != search.get(k))
+            raise SearchError(f"{out} holds another search (different {', '.join(changed)}); give another --out "
+                              "or remove that directory")
+        return
+    tmp = out / f".search.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(search, indent=1, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def _fit(search: dict, data, out: Path, resources: dict, use_mlflow: bool):
@@ -200,12 +270,19 @@ def _fit(search: dict, data, out: Path, resources: dict, use_mlflow: bool):
         uri = use_experiment(f"tune-{search['name']}", str(out))
         callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=f"tune-{search['name']}",
                                               tags={"search": search["name"]}))
+    trainable = tune.with_resources(tune.with_parameters(trial, search=search, data=data), {"cpu": cpus})
+    experiment = out / "trials"
+    if tune.Tuner.can_restore(str(experiment)):  # a killed search: finished trials are kept, the rest go on
+        print(f"tune {search['name']}: resuming the search in {experiment}")
+        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=param_space(search)).fit(), uri
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial, search=search, data=data), {"cpu": cpus}),
+        trainable,
         param_space=param_space(search),
+        # the concurrency limit lives on the search algorithm: TuneConfig's is ignored when one is given
         tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
-                                    num_samples=search.get("num_samples", 8), max_concurrent_trials=concurrent,
-                                    search_alg=BasicVariantGenerator(points_to_evaluate=[default],
+                                    num_samples=search.get("num_samples", 8),
+                                    search_alg=BasicVariantGenerator(points_to_evaluate=[default], max_concurrent=concurrent,
                                                                      random_state=search.get("seed", 0))),
         run_config=tune.RunConfig(name="trials", storage_path=str(out), callbacks=callbacks, verbose=1,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2,
@@ -341,5 +418,13 @@ def _log_summary(report: dict, out: Path, search: dict) -> None:
         mlflow.log_artifact(str(out / "tune_scores.png"))
 
 
+# the errors a user's input can cause: one line and exit code 2 (distributed.cli)
+KNOWN_ERRORS = (SearchError, ZooFormatError, FileNotFoundError)
+
+
+def cli(argv=None) -> None:
+    run_cli(main, "tune", KNOWN_ERRORS, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

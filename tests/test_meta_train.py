@@ -1,6 +1,7 @@
 """Distributed meta-training: `ray job submit` on a local head end to end, and kill-and-resume."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distributed.job_snapshot import snapshot
 from metanet.metanetwork import load_metanetwork
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +24,7 @@ ENV.pop("RAY_ADDRESS", None)
 def tiny_zoo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zoo")
     spec = yaml.safe_load((ROOT / "zoo/specs/digits.yaml").read_text())
-    spec.update(members=4, output=str(tmp / "zoo"), val_members=0.25)
+    spec.update(members=4, output=str(tmp / "zoo"), val_members=0.25, seed=2)  # seed 2: 3 train, 1 val
     spec["families"] = [{"family": "resnet", "depths": [8], "stage_widths": [[4], [6], [8]], "shortcut": ["identity"]}]
     spec["train"]["epochs"], spec["finetune"]["epochs"] = 2, 1
     (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -45,12 +47,22 @@ def test_ray_job_submit_on_a_local_head(tiny_zoo, tmp_path):
     assert start.returncode == 0, start.stderr[-2000:]
     pgid = int(Path(pidfile).read_text())
     try:
-        job = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
-                              "http://127.0.0.1:8266", "--working-dir", str(ROOT), "--", "python",
-                              "pipelines/meta_train.py", *_meta_args(tiny_zoo, str(tmp_path / "mt"), 2),
-                              "--selection", "auc"],
-                             cwd=ROOT, env={**ENV, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                             timeout=900)
+        # the job's code from a snapshot (as make meta-train and make demo submit it), while a log
+        # grows inside the repository: with --working-dir . that made the upload fail (issue 12)
+        code = snapshot(root=str(ROOT))
+        log = ROOT / f"test-growing-{os.getpid()}.log"  # in the repository, not git-ignored: like demo.log
+        writer = subprocess.Popen(["bash", "-c", f"while true; do date >> {log}; sleep 0.05; done"])
+        try:
+            job = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
+                                  "http://127.0.0.1:8266", "--working-dir", code, "--", "python",
+                                  "pipelines/meta_train.py", *_meta_args(tiny_zoo, str(tmp_path / "mt"), 2),
+                                  "--selection", "auc"],
+                                 cwd=ROOT, env={**ENV, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                                 timeout=900)
+        finally:
+            writer.kill()
+            log.unlink(missing_ok=True)
+            shutil.rmtree(code)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in job.stdout and "checkpoint selection on validation members" in job.stdout
     finally:
@@ -82,7 +94,7 @@ def test_ray_job_submit_on_a_local_head(tiny_zoo, tmp_path):
 
 
 @pytest.mark.timeout(1800)
-def test_killed_run_resumes_to_the_same_end(tiny_zoo, tmp_path):
+def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
     args = _meta_args(tiny_zoo, str(tmp_path / "killed"), 3) + ["--no-mlflow"]
     cmd = [sys.executable, str(ROOT / "pipelines/meta_train.py"), *args]
     proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -96,16 +108,21 @@ def test_killed_run_resumes_to_the_same_end(tiny_zoo, tmp_path):
     assert [p for p in run_dir.glob("checkpoint_*") if p.is_dir()], "no checkpoint before the kill"
     resumed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the other run loses a Ray Train worker mid-epoch 2 (os._exit): FailureConfig restarts the
+    # workers from the last checkpoint (epoch 1) and the run ends where an uninterrupted one would
     straight = subprocess.run([sys.executable, str(ROOT / "pipelines/meta_train.py"),
                                *_meta_args(tiny_zoo, str(tmp_path / "straight"), 3), "--no-mlflow"],
-                              env=ENV, capture_output=True, text=True, timeout=900)
+                              env={**ENV, "METAPRUNE_FAULT_INJECT": f"kill-worker:2:{tmp_path}"},
+                              capture_output=True, text=True, timeout=900)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    assert (tmp_path / "killed-worker-epoch2").exists()  # a worker really died
+    assert "the last workers started from the checkpoint of epoch 1" in straight.stdout
 
     def final(text):
         line = next(l for l in text.splitlines() if l.startswith("meta-training done"))
         return eval(line.split("final metrics ", 1)[1])  # a dict printed by the pipeline
 
     a, b = final(resumed.stdout), final(straight.stdout)
-    assert a["epoch"] == b["epoch"] == 2
+    assert a["epoch"] == b["epoch"] == 2 and b["started_at_epoch"] == 2
     assert a["task_loss"] == pytest.approx(b["task_loss"], rel=0.05)
     assert a["sparsity_loss"] == pytest.approx(b["sparsity_loss"], rel=0.05)

@@ -54,11 +54,16 @@ def _run(*args, timeout=600):
 
 def test_prunes_zoo_and_files_with_baselines_resumes_and_records_failures(inputs, tmp_path):
     out = tmp_path / "out"
-    args = ["--zoo", inputs / "zoo", "--models", inputs / "models", "--metanet", inputs / "metanet.pt",
+    models = tmp_path / "models"  # a copy: this test rewrites files in it
+    models.mkdir()
+    for f in (inputs / "models").iterdir():
+        (models / f.name).write_bytes(f.read_bytes())
+    args = ["--zoo", inputs / "zoo", "--models", models, "--metanet", inputs / "metanet.pt",
             "--targets", "1.5", "2", "--baselines", "--before-steps", "10", "--after-steps", "10", "--out", out,
             "--diagnostics"]
     first = _run(*args)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 1, first.stderr[-3000:]  # done, but some rows failed (the bad files)
+    assert "18 of 30 rows failed" in first.stderr
     assert "5 models x 3 methods x 2 targets = 30 rows; 0 already done" in first.stdout
     frame = pd.read_parquet(out / "results.parquet")
     csv = pd.read_csv(out / "results.csv")
@@ -85,13 +90,19 @@ def test_prunes_zoo_and_files_with_baselines_resumes_and_records_failures(inputs
     assert "| meta - depgraph |" in first.stdout and "Recalibrated pruning curve of the prepared" in first.stdout
     assert ok[["auc", "curve_2x", "ratio_spread", "share_below_0.1", "acc_recal"]].notna().all().all()
     assert (out / "pruning_curve.png").stat().st_size > 10_000
-    # re-running skips the rows that are done, retries the failed ones; trusting pickles fixes one model
+    # re-running skips the rows that are done, retries the failed ones; trusting pickles fixes one
+    # model; a different file under the same name is recomputed, and the run says why
+    other = build_model(resnet_spec(8, (4, 6, 8), in_channels=1, num_classes=10))
+    save_model(other, str(models / "good.pt"))
     again = _run(*args, "--trust-pickle")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "30 rows; 12 already done" in again.stdout
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert "30 rows; 6 already done with the same model, metanetwork and settings" in again.stdout
+    assert "good / meta / 1.5x: recomputed (the model file changed)" in again.stdout
     frame2 = pd.read_parquet(out / "results.parquet").set_index(["model", "method", "target"])
     before = frame.set_index(["model", "method", "target"])
-    assert frame2.loc[before[before.status == "ok"].index].equals(before[before.status == "ok"])
+    kept = before[(before.status == "ok") & (before.index.get_level_values(0) == test_member)]
+    assert frame2.loc[kept.index].equals(kept)  # the zoo member's rows, reused as they were
+    assert not frame2.loc["good"].model_sha.eq(before.loc["good"].model_sha).any()
     assert (frame2.loc["pickled"].status == "ok").all() and (frame2.loc["bare"].status == "failed").all()
     # MLflow: one run per invocation, with the table and the plot
     import mlflow
@@ -113,7 +124,7 @@ def test_an_unsupported_layer_fails_only_the_metanetwork_rows(inputs, tmp_path):
     out = _run("--models", models, "--dataset", "digits", "--metanet", inputs / "metanet.pt", "--methods", "meta",
                "none", "--targets", "1.5", "--trust-pickle", "--before-steps", "0", "--after-steps", "10",
                "--out", tmp_path / "out", "--no-mlflow")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 1, out.stderr[-3000:]  # the metanetwork row failed
     frame = pd.read_parquet(tmp_path / "out/results.parquet").set_index("method")
     assert frame.loc["none", "status"] == "ok" and frame.loc["meta", "status"] == "failed"
     assert "UnsupportedNetworkError" in frame.loc["meta", "error"] and "groups" in frame.loc["meta", "error"]
@@ -135,9 +146,9 @@ def test_adaptive_mode_prunes_while_validation_accuracy_holds(inputs, tmp_path):
     (["--models", "nowhere/*.pt", "--dataset", "digits", "--methods", "none"], "no such file"),
     (["--models", ".", "--dataset", "digits", "--metanet", "missing.pt"], "metanetwork file not found"),
     (["--models", ".", "--dataset", "digits", "--methods", "magic"], "unknown method(s) ['magic']"),
-    (["--models", ".", "--methods", "none", "--targets", "1"], "must be > 1"),
+    (["--models", ".", "--methods", "none", "--targets", "1"], "--targets must be finite speed-ups > 1"),
     (["--zoo", "no-zoo", "--methods", "none"], "zoo directory not found"),
 ])
 def test_bad_inputs_are_named(args, message, tmp_path):
     out = _run(*args, "--out", tmp_path / "out", timeout=120)
-    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

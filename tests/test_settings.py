@@ -29,7 +29,22 @@ def test_a_file_without_sections_and_bad_files(tmp_path):
     assert _parse(["--config", str(flat)])["lr"] == 0.5
     bad = tmp_path / "bad.yaml"
     bad.write_text("meta_train: {learning_rate: 0.5}\n")
-    with pytest.raises(SystemExit, match="unknown setting.*learning_rate"):
+    with pytest.raises(SystemExit, match="learning_rate: unknown key"):
         _parse(["--config", str(bad)])
     with pytest.raises(SystemExit, match="config file not found"):
         _parse(["--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("meta_train: {lr: fast}\n", "meta_train.yaml: meta_train: lr = 'fast': must be a valid number"),
+    ("meta_train: {targets: 2}\n", "targets = 2: must be a valid list"),
+    ("meta_train: 3\n", "meta_train: must be a mapping of settings"),
+    ("[1, 2]\n", "a config file must be a mapping"),
+    ("lr: [\n", "not valid YAML"),
+])
+def test_bad_values_name_the_key_and_value(text, message, tmp_path):
+    path = tmp_path / "meta_train.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as err:
+        _parse(["--config", str(path)])
+    assert message in str(err.value) and "\n" not in str(err.value)

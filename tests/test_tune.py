@@ -56,11 +56,21 @@ def test_search_writes_a_best_config_the_pipelines_accept(tmp_path):
     assert trials["metrics.score"].notna().all() and (trials["metrics.training_iteration"] <= 2).all()
     assert (tmp_path / "out/tune_scores.png").exists()
     assert len(zoo.metadata()) == 3
+    # the same search again resumes the experiment: every trial is finished, none runs again
+    again = _run("--search", tmp_path / "search.yaml", "--out", tmp_path / "out")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming the search in" in again.stdout
+    runs = mlflow.search_runs(experiment_names=["tune-digits"])
+    assert len(runs) == 3 + 2  # the trials of the first run, and one summary per run
+    assert yaml.safe_load((tmp_path / "out/best_config.yaml").read_text())["tune"] == best["tune"]
+    # another search into the same output is refused, naming what differs
+    other = _run("--search", tmp_path / "search.yaml", "--out", tmp_path / "out", "--set", "num_samples=4")
+    assert other.returncode == 2 and "holds another search (different num_samples)" in other.stderr
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"space": {"learning_rate": {"uniform": [0, 1]}}}, "'learning_rate' is not a tunable setting"),
-    ({"space": {"lr": {"gaussian": [0, 1]}}}, "space.lr must be one of"),
+    ({"space": {"learning_rate": {"uniform": [0, 1]}}}, "space.learning_rate: not an allowed key; must be 'lr'"),
+    ({"space": {"lr": {"gaussian": [0, 1]}}}, "space.lr.gaussian: unknown key (allowed: uniform"),
     ({"zoo": "no/such/zoo"}, "zoo directory not found"),
 ])
 def test_bad_search_files_are_named(change, message, tmp_path):
@@ -68,4 +78,4 @@ def test_bad_search_files_are_named(change, message, tmp_path):
     search.update(change)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(search))
     out = _run("--search", tmp_path / "s.yaml", "--out", tmp_path / "out", timeout=120)
-    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

@@ -2,10 +2,16 @@
 
 A spec names the dataset, the architecture families with the ranges to draw from (depths, widths
 per stage, shortcuts, VGG width multipliers), how many members, the seed, the training, initial
-pruning and finetuning budgets, and the output URI. ``members(spec)`` expands it into member
-descriptions, deterministically: member i's architecture and seed depend only on the spec's seed
-and i, and its id is a hash of everything that decides its result, so a re-run recognises the
-members already built.
+pruning and finetuning budgets, and the output URI. ``ZooSpec`` is its schema (pydantic, unknown
+keys forbidden): ``load_spec`` validates the file with its overrides before anything is built or
+written, and a bad spec is one line naming the key, the value and what is allowed.
+
+``members(spec)`` expands a spec into member descriptions, deterministically: member i's
+architecture and seed depend only on the spec's seed and i, and its id is a hash of everything
+that decides its result, so a re-run recognises the members already built. A member's role
+(train / val / test) is a pure function of its id (``role_of``: a hash bucket), so growing or
+shrinking a zoo never moves a held-out member into training; only changing ``val_members`` or
+``test_members`` does, and ``make_zoo`` then says which members move.
 """
 
 from __future__ import annotations
@@ -16,18 +22,105 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from typing import Annotated, Literal, Union
 
 import yaml
+from pydantic import Field, ValidationError, model_validator
 
-from zoo.arch import resnet_spec, vgg_spec
+from distributed.schema import Strict, describe, register_union_tags
+from zoo.arch import VGG_CONFIGS, resnet_spec, vgg_spec
 
 SPEC_DIR = os.path.join(os.path.dirname(__file__), "specs")
 DEFAULT_SPEC = os.path.join(SPEC_DIR, "digits.yaml")
-REQUIRED = ("name", "dataset", "members", "families", "train", "initial_speedup", "finetune", "output")
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagefolder")
 
 
 class SpecError(ValueError):
     """A zoo spec that is missing a key or has a bad value."""
+
+
+# ----------------------------------------------------------------------------------- the schema
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class DatasetSection(Strict):
+    name: Literal[DATASETS]  # type: ignore[valid-type]
+    root: str | None = None  # required for every dataset but digits (checked when it is loaded)
+    seed: int = 0
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
+    train_subset: PositiveInt | None = None
+    test_subset: PositiveInt | None = None
+    size: PositiveInt | None = None
+
+
+class TrainSection(Strict):
+    """``zoo.train.TrainConfig`` without its seed (each member draws its own)."""
+
+    epochs: PositiveInt = 10
+    lr: Annotated[float, Field(gt=0)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 5e-4
+    batch_size: PositiveInt = 128
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[Annotated[float, Field(gt=0, lt=1)]] = [0.5, 0.75]
+    augment: bool = True
+    max_batches: PositiveInt | None = None
+    steps: PositiveInt | None = None
+
+
+class FinetuneSection(TrainSection):
+    epochs: Annotated[int, Field(ge=0)] = 2  # 0: no finetuning after the initial pruning
+
+
+class ResNetFamily(Strict):
+    family: Literal["resnet"]
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    depths: list[int] = Field(min_length=1)
+    stage_widths: list[list[PositiveInt]] = Field(min_length=1)
+    shortcut: list[Literal["identity", "projection"]] = Field(default=["identity"], min_length=1)
+
+    @model_validator(mode="after")
+    def _depths(self):
+        bad = [d for d in self.depths if d < 8 or (d - 2) % 6]
+        if bad:
+            raise ValueError(f"resnet depths must be 6n+2 (8, 14, 20, ...), got {bad}")
+        if any(not choices for choices in self.stage_widths):
+            raise ValueError("every stage of stage_widths needs at least one width")
+        return self
+
+
+class VGGFamily(Strict):
+    family: Literal["vgg"]
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    depths: list[Literal[tuple(sorted(VGG_CONFIGS))]] = Field(min_length=1)  # type: ignore[valid-type]
+    width_mult: list[Annotated[float, Field(gt=0)]] = Field(default=[1.0], min_length=1)
+    classifier: list[list[PositiveInt]] = Field(default=[[]], min_length=1)
+
+
+Family = Annotated[Union[ResNetFamily, VGGFamily], Field(discriminator="family")]
+register_union_tags("resnet", "vgg")
+
+
+class ZooSpec(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    dataset: DatasetSection
+    members: PositiveInt
+    seed: int = 0
+    val_members: Fraction = 0.0   # expected share of members with role 'val' (hash buckets)
+    test_members: Fraction = 0.0  # expected share held out ('test')
+    held_out: bool = False        # every member 'test': a zoo kept only for judging pruning
+    families: list[Family] = Field(min_length=1)
+    train: TrainSection
+    initial_speedup: Annotated[float, Field(ge=1)]
+    finetune: FinetuneSection
+    output: Annotated[str, Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _split(self):
+        if not self.held_out and self.val_members + self.test_members >= 1:
+            raise ValueError("val_members + test_members must leave some members for training")
+        return self
 
 
 @dataclass(frozen=True)
@@ -40,56 +133,56 @@ class MemberSpec:
 
 
 def load_spec(path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """The spec at ``path`` (default: the embedded digits spec) with ``key.sub=value`` overrides."""
+    """The spec at ``path`` (default: the embedded digits spec) with ``key.sub=value`` overrides,
+    validated (``SpecError`` names the key and value). Returned as the plain mapping the file
+    holds, so member ids hash what the user wrote, not defaults filled in."""
     path = path or DEFAULT_SPEC
     if not os.path.exists(path):
         raise SpecError(f"zoo spec not found: {path}")
-    with open(path) as f:
-        if path.endswith(".toml"):
-            import tomllib
+    try:
+        with open(path) as f:
+            if path.endswith(".toml"):
+                import tomllib
 
-            spec = tomllib.loads(f.read())
-        else:
-            spec = yaml.safe_load(f)
+                spec = tomllib.loads(f.read())
+            else:
+                spec = yaml.safe_load(f)
+    except (yaml.YAMLError, ValueError) as err:
+        raise SpecError(f"{path}: not valid {'TOML' if path.endswith('.toml') else 'YAML'}: "
+                        f"{' '.join(str(err).split())[:200]}") from None
     if not isinstance(spec, dict):
         raise SpecError(f"{path}: a zoo spec must be a mapping")
     for item in overrides or []:
         if "=" not in item:
-            raise SpecError(f"override {item!r} must look like key.sub=value")
+            raise SpecError(f"--set {item!r} must look like key.sub=value")
         key, value = item.split("=", 1)
         node = spec
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise SpecError(f"override {item!r}: {p} is not a mapping")
+                raise SpecError(f"--set {item!r}: {p} is not a mapping")
         node[parts[-1]] = yaml.safe_load(value)
     validate(spec, path)
     return spec
 
 
-def validate(spec: dict, where: str = "spec") -> None:
-    missing = [k for k in REQUIRED if k not in spec]
-    if missing:
-        raise SpecError(f"{where}: missing key(s) {', '.join(missing)}")
-    if not isinstance(spec["members"], int) or spec["members"] < 1:
-        raise SpecError(f"{where}: members must be a positive integer, got {spec['members']!r}")
-    if not spec["initial_speedup"] or float(spec["initial_speedup"]) < 1:
-        raise SpecError(f"{where}: initial_speedup must be >= 1 (1 means no initial pruning)")
-    if spec.get("held_out", False) not in (True, False):
-        raise SpecError(f"{where}: held_out must be true or false, got {spec['held_out']!r}")
-    for key in ("val_members", "test_members"):
-        if not 0 <= float(spec.get(key, 0.0)) < 1:
-            raise SpecError(f"{where}: {key} must be a fraction in [0, 1), got {spec[key]!r}")
-    if not spec.get("held_out") and float(spec.get("val_members", 0.0)) + float(spec.get("test_members", 0.0)) >= 1:
-        raise SpecError(f"{where}: val_members + test_members must leave some members for training")
-    if not spec["families"]:
-        raise SpecError(f"{where}: families is empty")
-    for fam in spec["families"]:
-        if fam.get("family") not in ("resnet", "vgg"):
-            raise SpecError(f"{where}: family must be resnet or vgg, got {fam.get('family')!r}")
-    if "name" not in spec["dataset"]:
-        raise SpecError(f"{where}: dataset.name is missing")
+def validate(spec: dict, where: str = "spec") -> ZooSpec:
+    try:
+        return ZooSpec.model_validate(spec)
+    except ValidationError as err:
+        raise SpecError(describe(err, where, ZooSpec)) from None
+
+
+# ----------------------------------------------------------------------------------- the members
+def role_of(member_id: str, val: float, test: float, held_out: bool = False) -> str:
+    """A member's role from its id alone: a uniform hash bucket u in [0, 1) gives 'val' below
+    ``val``, 'test' at or above ``1 - test``, else 'train'. Adding or removing other members never
+    changes it; raising ``test`` only moves members into 'test' (and lowering it, out)."""
+    if held_out:
+        return "test"
+    u = int(hashlib.sha256(member_id.encode()).hexdigest()[:13], 16) / 16**13
+    return "val" if u < val else "test" if u >= 1 - test else "train"
 
 
 def _arch(fam: dict, rng: random.Random, in_channels: int, num_classes: int, image_size: int) -> dict:
@@ -113,16 +206,14 @@ def member_id(spec: dict, arch: dict, seed: int) -> str:
 def members(spec: dict, in_channels: int, num_classes: int, image_size: int) -> list[MemberSpec]:
     """The members a spec describes, in order; the same spec gives the same list."""
     weights = [float(f.get("weight", 1.0)) for f in spec["families"]]
-    n_val = int(round(float(spec.get("val_members", 0.0)) * spec["members"]))
-    n_test = int(round(float(spec.get("test_members", 0.0)) * spec["members"]))
     out = []
     for i in range(spec["members"]):
         rng = random.Random(f"{spec.get('seed', 0)}:{i}")
         fam = rng.choices(spec["families"], weights=weights)[0]
         arch = _arch(copy.deepcopy(fam), rng, in_channels, num_classes, image_size)
         seed = rng.randrange(2**31)
-        role = "val" if i < n_val else "test" if i >= spec["members"] - n_test else "train"
-        if spec.get("held_out"):  # a spec of networks kept only for judging pruning
-            role = "test"
-        out.append(MemberSpec(i, member_id(spec, arch, seed), arch, seed, role))
+        mid = member_id(spec, arch, seed)
+        role = role_of(mid, float(spec.get("val_members", 0.0)), float(spec.get("test_members", 0.0)),
+                       bool(spec.get("held_out", False)))
+        out.append(MemberSpec(i, mid, arch, seed, role))
     return out

@@ -294,11 +294,16 @@ class Zoo:
     """A zoo directory: ``members/*.arrow`` plus ``manifest.json``.
 
     ``Zoo(root)[i]`` reads member ``i`` (its graph too); ``Zoo(root).metadata()`` is a pandas
-    DataFrame of every member without the graph columns.
+    DataFrame of every member without the graph columns. A member file that cannot be read raises
+    ``ZooFormatError``; with ``skip_unreadable=True`` it is left out of everything (index,
+    metadata, iteration) and listed in ``unreadable`` (path -> error) for the caller to decide
+    whether it needed it (``expected_role`` says what that member was for).
     """
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, skip_unreadable: bool = False):
         self.root = root.rstrip("/")
+        self.skip_unreadable = skip_unreadable
+        self.unreadable: dict[str, str] = {}
         self.fs, self.path = open_fs(self.root)
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.NotFound:
@@ -317,9 +322,16 @@ class Zoo:
     def _uri(self, path: str) -> str:
         return path if isinstance(self.fs, pafs.LocalFileSystem) else f"{self.root.split('://')[0]}://{path}"
 
-    def _tables(self) -> Iterator[tuple[str, pa.Table]]:
+    def _tables(self, columns: Sequence[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
         for path in self.files():
-            yield path, read_table(self._uri(path))
+            try:
+                table = read_table(self._uri(path), columns)
+            except ZooFormatError as err:
+                if not self.skip_unreadable:
+                    raise
+                self.unreadable[path] = str(err)
+                continue
+            yield path, table
 
     def index(self) -> list[tuple[str, int]]:
         if self._index is None:
@@ -333,6 +345,35 @@ class Zoo:
         path, row = self.index()[i]
         return record_from_row(read_table(self._uri(path)), row)
 
+    def record(self, member_id: str) -> ZooRecord:
+        """Member ``member_id`` (its graph too), read from ``members/<id>.arrow`` when the zoo keeps
+        one member per file (as make_zoo writes it), else found by scanning."""
+        path = f"{self.members_dir}/{member_id}.arrow"
+        tables = [(path, read_table(self._uri(path)))] if self.fs.get_file_info(path).type == pafs.FileType.File \
+            else self._tables()
+        for _, table in tables:
+            ids = table.column("id").to_pylist()
+            if member_id in ids:
+                return record_from_row(table, ids.index(member_id))
+        raise KeyError(f"{self.root}: no member {member_id!r}")
+
+    def expected_role(self, path: str) -> str:
+        """The role of the member in file ``path`` without reading it: as the manifest recorded
+        it, else from its id (the file name) and the spec's fractions (``zoo.spec.role_of``)."""
+        from zoo.spec import role_of
+
+        name = path.rsplit("/", 1)[-1]
+        try:
+            with self.fs.open_input_stream(f"{self.path}/manifest.json") as f:
+                recorded = {m["file"]: m["role"] for m in json.loads(f.read())["members"]}
+        except (FileNotFoundError, OSError, ValueError, KeyError):
+            recorded = {}
+        if name in recorded:
+            return recorded[name]
+        spec = self.spec()
+        return role_of(name.removesuffix(".arrow"), float(spec.get("val_members", 0.0)),
+                       float(spec.get("test_members", 0.0)), bool(spec.get("held_out", False)))
+
     def __iter__(self) -> Iterator[ZooRecord]:
         for _, table in self._tables():
             for row in range(table.num_rows):
@@ -343,7 +384,7 @@ class Zoo:
         import pandas as pd
 
         cols = [f.name for f in SCHEMA if f.name not in GRAPH_COLUMNS]
-        tables = [read_table(self._uri(p), cols) for p in self.files()]
+        tables = [t for _, t in self._tables(cols)]
         if not tables:
             return pd.DataFrame(columns=cols)
         return pa.concat_tables(tables).to_pandas()
@@ -394,8 +435,7 @@ class Zoo:
     def edge_widths(self) -> dict[str, int]:
         """Every edge type in the zoo and its feature width (read without the graph arrays)."""
         widths: dict[str, int] = {}
-        for p in self.files():
-            t = read_table(self._uri(p), ["edge_types", "edge_feat_dims"])
+        for _, t in self._tables(["edge_types", "edge_feat_dims"]):
             for types, dims in zip(t.column("edge_types").to_pylist(), t.column("edge_feat_dims").to_pylist()):
                 for name, dim in zip(types or [], dims or []):
                     if widths.setdefault(name, dim) != dim:

@@ -1,0 +1,215 @@
+"""Hostile but fair inputs to the pipelines: each is refused with one line naming the thing that
+is wrong (exit code 2, or 3 for an output in use), before anything is built, and every output
+already there is byte-identical afterwards. The pipelines run in-process through their CLI
+wrapper (``distributed.cli.run_cli``), without Ray: every case is refused before Ray starts."""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distributed.locks import exclusive
+from metanet.graph import GraphMismatchError, graph_to_network, network_to_graph
+from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
+from zoo.arch import arch_spec, build_model, resnet_spec
+from zoo.spec import load_spec, members
+from zoo.store import Zoo, ZooRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipelines"))
+
+import make_zoo  # noqa: E402
+import meta_train  # noqa: E402
+import prune_batch  # noqa: E402
+import tune  # noqa: E402
+
+PROGRAMS = {"make_zoo": make_zoo, "prune_batch": prune_batch, "meta_train": meta_train, "tune": tune}
+
+
+def _member(i: int, role: str) -> ZooRecord:
+    torch.manual_seed(i)
+    model = build_model(resnet_spec(8, (4, 6, 8), in_channels=1)).eval()
+    graph = network_to_graph(model, torch.zeros(1, 1, 8, 8))
+    return ZooRecord(f"resnet-{i:012d}", arch_spec(model), "digits", i, graph,
+                     metrics={"val_acc": 0.5, "test_acc": 0.5}, role=role)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small zoo (untrained members: nothing here trains), a metanetwork file, broken copies of
+    both, a finished prune_batch output, and a plain file to put outputs under."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    spec = yaml.safe_load((ROOT / "zoo/specs/digits.yaml").read_text())
+    spec.update(output=str(tmp / "zoo"), members=3)
+    zoo = Zoo.create(str(tmp / "zoo"))
+    zoo.write_spec(spec)
+    for i, role in enumerate(("train", "val", "test")):
+        zoo.write(f"resnet-{i:012d}", [_member(i, role)], manifest=False)
+    zoo.write_manifest()
+    broken = tmp / "broken-zoo"
+    broken.mkdir()
+    for path in (tmp / "zoo").rglob("*"):
+        if path.is_file():
+            (broken / path.relative_to(tmp / "zoo")).parent.mkdir(parents=True, exist_ok=True)
+            (broken / path.relative_to(tmp / "zoo")).write_bytes(path.read_bytes())
+    train_file = broken / "members" / "resnet-000000000000.arrow"
+    train_file.write_bytes(train_file.read_bytes()[:200])  # the train member, truncated
+    net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=8, layers=1))
+    save_metanetwork(net, str(tmp / "metanet.pt"))
+    (tmp / "truncated.pt").write_bytes((tmp / "metanet.pt").read_bytes()[:300])
+    payload = torch.load(tmp / "metanet.pt", weights_only=True)
+    payload["config"]["bogus_option"] = 1
+    torch.save(payload, tmp / "foreign.pt")
+    (tmp / "done").mkdir()
+    (tmp / "done" / "results.csv").write_text("model,method\nx,none\n")  # stands for a finished run's output
+    (tmp / "a-file").write_text("not a directory")
+    return tmp
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file's bytes, but the lock files a run leaves (``distributed.locks``: empty of results)."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+CASES = [
+    # (program, arguments, exit code, what the one line must name)
+    ("make_zoo", ["--set", "memberz=4"], 2, "memberz: unknown key"),
+    ("make_zoo", ["--set", "nonexistent.key=1"], 2, "nonexistent: unknown key"),
+    ("make_zoo", ["--set", "train.epochz=1"], 2, "train.epochz: unknown key (allowed: epochs"),
+    ("make_zoo", ["--set", "train.epochs=-5"], 2, "train.epochs = -5: must be greater than or equal to 1"),
+    ("make_zoo", ["--set", "train=3"], 2, "train = 3: must be a valid dictionary"),
+    ("make_zoo", ["--set", "families=[{family: resnet, depths: [9], stage_widths: [[4]]}]"], 2, "6n+2"),
+    ("make_zoo", ["--set", "dataset.name=cifar10", "--set", "dataset.root={tmp}/no-data"], 2,
+     "cifar10: expected {tmp}/no-data/cifar-10-batches-py"),
+    ("make_zoo", ["--set", "dataset.name=svhn", "--set", "dataset.root={tmp}"], 2, "svhn: expected"),
+    ("make_zoo", ["--out", "{tmp}/a-file/zoo"], 2, "{tmp}/a-file/zoo"),
+    ("make_zoo", ["--out", "{tmp}/zoo", "--set", "dataset.seed=3"], 2, "holds a zoo of dataset"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--metanet", "{tmp}/truncated.pt", "--out", "{tmp}/done"], 2,
+     "{tmp}/truncated.pt: not a readable metanetwork file"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--metanet", "{tmp}/foreign.pt", "--out", "{tmp}/done"], 2,
+     "unknown metanetwork config key(s) bogus_option"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--targets", "nan", "--out", "{tmp}/done"], 2,
+     "--targets must be finite speed-ups > 1, got [nan]"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--targets", "inf", "--out", "{tmp}/done"], 2,
+     "--targets must be finite"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--floor", "nan", "--out", "{tmp}/done"], 2,
+     "--floor is a validation accuracy"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--out", "{tmp}/a-file/out"], 2, "{tmp}/a-file/out"),
+    ("prune_batch", ["--models", "{tmp}/metanet.pt", "--methods", "none", "--dataset", "cifar10", "--data-root",
+                     "{tmp}/no-data", "--out", "{tmp}/done", "--before-steps", "1"], 2, "cifar10: expected"),
+    ("meta_train", ["--zoo", "{tmp}/broken-zoo", "--out", "{tmp}/mt"], 2,
+     "{tmp}/broken-zoo/members/resnet-000000000000.arrow: not a readable Arrow IPC file"),
+    ("meta_train", ["--zoo", "{tmp}/no-zoo", "--out", "{tmp}/mt"], 2, "zoo directory not found"),
+    ("tune", ["--set", "zoo={tmp}/zoo", "--set", "num_samplez=3", "--out", "{tmp}/done"], 2,
+     "num_samplez: unknown key"),
+    ("tune", ["--set", "zoo={tmp}/zoo", "--set", "targets=[.nan]", "--out", "{tmp}/done"], 2,
+     "targets.0 = nan: must be a finite number"),
+    ("tune", ["--set", "zoo={tmp}/zoo", "--set", "space={lr: {gaussian: [0, 1]}}", "--out", "{tmp}/done"], 2,
+     "space.lr.gaussian: unknown key (allowed: uniform, loguniform, randint, choice)"),
+]
+
+
+@pytest.mark.parametrize("program, args, code, message", CASES,
+                         ids=[f"{c[0]}:{' '.join(c[1])[:40]}" for c in CASES])
+def test_bad_input_is_one_line_and_nothing_changes(program, args, code, message, world, capsys):
+    fill = lambda s: s.replace("{tmp}", str(world))  # noqa: E731
+    argv = [fill(a) for a in args]
+    if program == "make_zoo":
+        argv = ["--spec", str(ROOT / "zoo/specs/digits.yaml"), "--no-mlflow",
+                *(["--out", str(world / "new-zoo")] if "--out" not in argv else []), *argv]
+    before = _snapshot(world)
+    with pytest.raises(SystemExit) as exit_:
+        PROGRAMS[program].cli(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == code, err
+    assert fill(message) in err and "\n" not in err and "Traceback" not in err, err
+    assert _snapshot(world) == before  # nothing already written changed
+    assert not (world / "new-zoo").exists()  # nothing written for a refused spec
+
+
+@pytest.mark.parametrize("program", ["make_zoo", "prune_batch", "tune"])
+def test_an_output_in_use_is_refused_with_the_holder_named(program, world, capsys):
+    busy = str(world / f"busy-{program}")
+    argv = {"make_zoo": ["--spec", str(ROOT / "zoo/specs/digits.yaml"), "--out", busy, "--no-mlflow"],
+            "prune_batch": ["--zoo", str(world / "zoo"), "--methods", "none", "--out", busy],
+            "tune": ["--set", f"zoo={world / 'zoo'}", "--out", busy]}[program]
+    with exclusive(busy, f"another {program}"):
+        with pytest.raises(SystemExit) as exit_:
+            PROGRAMS[program].cli(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 3 and f"is in use by another run (another {program}, pid" in err
+    assert sorted(p.name for p in Path(busy).iterdir()) == [".lock"]  # the second run wrote nothing
+    with exclusive(busy, "the next run"):  # released when the holder is done
+        pass
+
+
+def test_an_unreadable_member_fails_only_what_needs_it(world):
+    config = {**prune_batch.DEFAULTS, "zoo": str(world / "broken-zoo"), "split": "test"}
+    sources = prune_batch.find_sources(config)  # the truncated file is a train member: not needed here
+    assert [s.name for s in sources] == ["resnet-000000000002"] and sources[0].error is None
+    sources = prune_batch.find_sources(dict(config, split="train"))
+    assert len(sources) == 1 and "not a readable Arrow IPC file" in sources[0].error  # its rows fail, with why
+    with pytest.raises(Exception, match="resnet-000000000000.arrow: not a readable"):
+        Zoo(str(world / "broken-zoo")).metadata()  # without skip_unreadable nothing is skipped silently
+
+
+def test_nan_weights_fail_the_row_naming_the_tensor(world):
+    from zoo.data import load_digits
+    from zoo.model_files import save_model
+
+    model = build_model(resnet_spec(8, (4, 6, 8), in_channels=1)).eval()
+    with torch.no_grad():
+        model.layers[1].conv2.weight[0, 0, 0, 0] = float("nan")
+    save_model(model, str(world / "nan.pt"))
+    source = prune_batch.Source("nan", str(world / "nan.pt"))
+    config = {**prune_batch.DEFAULTS, "arch": None, "batch_size": 64, "augment": False}
+    rows = prune_batch.prune_model(source, "none", [{"target": 2.0, "floor": None}], config, load_digits(), None,
+                                   str(world / "nan-out"))
+    assert rows[0]["status"] == "failed" and "layers.1.conv2.weight has non-finite values" in rows[0]["error"]
+
+
+def test_results_are_reused_only_when_what_produced_them_is_unchanged():
+    settings = {"before_steps": 10, "seed": 0}
+    sha, text = prune_batch.settings_digest(settings)
+    current = {"model_sha": "m1", "metanet_sha": "n1", "settings_sha": sha, "settings": text}
+    assert prune_batch.why_recompute(dict(current), current) is None
+    assert prune_batch.why_recompute(dict(current, model_sha="m0"), current) == "the model file changed"
+    assert prune_batch.why_recompute(dict(current, metanet_sha="n0"), current) == "the metanetwork file changed"
+    old_sha, old_text = prune_batch.settings_digest(dict(settings, before_steps=5))
+    assert prune_batch.why_recompute(dict(current, settings_sha=old_sha, settings=old_text), current) == \
+        "settings changed: before_steps 5 -> 10"
+    assert "no fingerprint" in prune_batch.why_recompute({"model_sha": float("nan")}, current)
+
+
+def test_growing_a_zoo_never_moves_a_member_between_roles():
+    spec = load_spec(None)
+    small = {m.id: m.role for m in members(spec, 1, 10, 8)}
+    grown = {m.id: m.role for m in members(dict(spec, members=spec["members"] + 9), 1, 10, 8)}
+    shrunk = {m.id: m.role for m in members(dict(spec, members=6), 1, 10, 8)}
+    assert {i: grown[i] for i in small} == small and {i: small[i] for i in shrunk} == shrunk
+    assert set(small.values()) == {"train", "val", "test"}
+    # raising the test fraction only moves members into 'test'
+    more_test = {m.id: m.role for m in members(dict(spec, test_members=0.3), 1, 10, 8)}
+    moved = {i for i in small if more_test[i] != small[i]}
+    assert moved and all(more_test[i] == "test" for i in moved)
+
+
+def test_graph_with_missing_or_extra_edge_rows_names_the_layer():
+    model = build_model(resnet_spec(8, (4, 6, 8), in_channels=1)).eval()
+    graph = network_to_graph(model, torch.zeros(1, 1, 8, 8))
+    short = copy.copy(graph)
+    short.edge_feat = dict(graph.edge_feat, k3x3=graph.edge_feat["k3x3"][:-20])
+    with pytest.raises(GraphMismatchError, match=r"must be \[208, 9\], got \(188, 9\) \(layer weight "
+                                                 r"'layers.2.conv2.weight' needs rows 144..207\)"):
+        graph_to_network(short, model)
+    long = copy.copy(graph)
+    long.edge_feat = dict(graph.edge_feat, k3x3=torch.cat([graph.edge_feat["k3x3"], graph.edge_feat["k3x3"][:2]]))
+    with pytest.raises(GraphMismatchError, match=r"'k3x3' must be \[208, 9\], got \(210, 9\)"):
+        graph_to_network(long, model)
+    extra = copy.copy(graph)
+    extra.edge_feat = dict(graph.edge_feat, k5x5=torch.zeros(3, 25))
+    with pytest.raises(GraphMismatchError, match=r"type\(s\) \['k5x5'\]"):
+        graph_to_network(extra, model)
