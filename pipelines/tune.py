@@ -298,6 +298,9 @@ def _report(results, search: dict, out: Path, data, finetune: dict) -> dict:
     import torch
 
     frames, trials = [], []
+    # in the order Tune created the trials (the path names count them): a restored search's
+    # ResultGrid lists them in another order, and the trial numbers must not change on a resume
+    results = sorted(results, key=lambda r: os.path.basename(r.path or ""))
     for i, result in enumerate(results):
         if result.error or result.metrics_dataframe is None or "score" not in result.metrics_dataframe:
             trials.append({"trial": i, "config": result.config, "best": None, "error": str(result.error)[:300]})
