@@ -36,6 +36,7 @@ from metanet.diagnostics import diagnose  # noqa: E402
 from metanet.gates import gatable  # noqa: E402
 from metanet.graph import network_to_graph  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train  # noqa: E402
+from zoo.arch import build_model  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import paired_difference  # noqa: E402
 from metanet.recipe import gate_logits_for, prepare, recipe_from_settings  # noqa: E402
@@ -117,7 +118,7 @@ def train_variant(name: str, zoo: Zoo, data, args) -> MetaNetwork:
     epochs = meta_settings.get("epochs", args.epochs)
     cfg = MetaTrainConfig(milestones=(int(epochs * 0.75),), lr=1e-3, batches_per_step=4, batch_size=256,
                           **{"epochs": epochs, **meta_settings})
-    members = [make_member(r.id, r.arch, r.graph, cfg) for r in zoo if r.status == "ok" and r.role == "train"]
+    members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in zoo if r.status == "ok" and r.role == "train"]
     net = MetaNetwork(MetaNetConfig(**{"edge_widths": zoo.edge_widths(), "hidden": 32, "layers": 4,
                                        **net_settings}))
     torch.manual_seed(0)

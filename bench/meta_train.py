@@ -41,6 +41,7 @@ def backend_worker(zoo_root: str, backend: str, steps: int) -> dict:
     import torch
 
     from metanet.meta_training import MetaTrainConfig, make_member, member_step
+    from zoo.arch import build_model
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from zoo.store import Zoo
 
@@ -48,7 +49,7 @@ def backend_worker(zoo_root: str, backend: str, steps: int) -> dict:
     zoo = Zoo(zoo_root)
     data = zoo.dataset()
     cfg = MetaTrainConfig()
-    members = [make_member(r.id, r.arch, r.graph, cfg) for r in zoo if r.status == "ok"]
+    members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in zoo if r.status == "ok"]
     net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=32, layers=4, backend=backend))
     batches = list(data.batches("train", cfg.batch_size, limit=cfg.batches_per_step))
     member_step(net, members[0], batches)  # warm-up

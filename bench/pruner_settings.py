@@ -26,7 +26,7 @@ from metanet.diagnostics import CURVE_SPEEDUPS, pruning_curve  # noqa: E402
 from metanet.prune import PruneSettings  # noqa: E402
 from metanet.recipe import RecipeConfig, prune_with_method  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
-from zoo.train import TrainConfig  # noqa: E402
+from metanet.train import TrainConfig  # noqa: E402
 
 SETTINGS = {
     "global, max, cap 0.95 (old default)": PruneSettings(global_pruning=True, max_ratio=0.95, normalizer="max"),

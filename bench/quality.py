@@ -53,7 +53,7 @@ from metanet.paired import mean_ci, method_table, paired_difference, paired_key_
 from metanet.recipe import (ALL_METHODS, apply_metanetwork, prepare, prune_and_finetune,  # noqa: E402
                             recipe_from_settings, selection_score)
 from zoo.arch import build_model  # noqa: E402
-from zoo.data import TaskData  # noqa: E402
+from metanet.data import TaskData  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
 CURVE_KEYS = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
@@ -173,7 +173,7 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
                                alpha=s["alpha"], batch_size=s["batch_size"], weight_decay=s["weight_decay"],
                                milestones=(int(s["epochs"] * 0.75),), bn_mode=s["bn_mode"],
                                sparsity_norm=s["sparsity_norm"], distill_epochs=s["distill_epochs"])
-    members = [make_member(r.id, r.arch, r.graph, meta_cfg) for r in by_role["train"]]
+    members = [make_member(r.id, build_model(r.arch), r.graph, meta_cfg) for r in by_role["train"]]
     val_models = [r.network().eval() for r in by_role["val"][:s["select_members"]]]
     net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=s["hidden"], layers=s["layers"],
                             residual=s["residual"], edit=s["edit"], evidence=s["evidence"])

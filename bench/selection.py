@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metanet.diagnostics import curve_auc, pruning_curve  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
+from zoo.arch import build_model  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.recipe import (AFTER_STEPS, BEFORE_STEPS, apply_metanetwork, prepare, prune_and_finetune,  # noqa: E402
                             recipe_from_settings)
@@ -73,7 +74,7 @@ def main() -> None:
         raise SystemExit(f"selection: {args.zoo} has {len(val)} validation members; need {2 * args.members}")
     half_a, half_b = val[:args.members], val[args.members:2 * args.members]
     cfg = MetaTrainConfig(epochs=args.epochs, milestones=(int(args.epochs * 0.75),), batch_size=256)
-    members = [make_member(r.id, r.arch, r.graph, cfg) for r in records if r.role == "train"]
+    members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in records if r.role == "train"]
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=32, layers=4, residual=0.05))
     kept = [(-1, snapshot(metanet))]
 

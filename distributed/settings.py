@@ -39,21 +39,27 @@ def settings_model(defaults: dict[str, Any], types: dict[str, type] | None = Non
 
 
 def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any],
-              types: dict[str, type] | None = None) -> None:
+              types: dict[str, type] | None = None, helps: dict[str, str] | None = None) -> None:
     """``--config`` plus one flag per setting (``--some-key``), typed after its default (or after
-    ``types``, for settings whose default is None)."""
-    parser.add_argument("--config", help="YAML file of settings (flags override it), e.g. a Tune best_config.yaml")
-    types = types or {}
+    ``types``, for settings whose default is None), its help line ``helps[key]`` plus the default."""
+    parser.add_argument("--config", help="YAML file of settings (flags override it), e.g. a Tune best_config.yaml "
+                                         "(default: none)")
+    types, helps = types or {}, helps or {}
+    missing = sorted(set(defaults) - set(helps))
+    if helps and missing:
+        raise ValueError(f"add_flags: no help for {', '.join(missing)}")
     for key, value in defaults.items():
         flag = "--" + key.replace("_", "-")
+        shown = " ".join(map(str, value)) if isinstance(value, list) else value
+        text = f"{helps.get(key, '')} (default: {'none' if shown is None or shown == '' else shown})".strip()
         if isinstance(value, bool) or types.get(key) is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(value, list):
             kind = type(value[0]) if value else str
-            parser.add_argument(flag, type=kind, nargs="+", default=None)
+            parser.add_argument(flag, type=kind, nargs="+", default=None, help=text)
         else:
             kind = types.get(key) or (type(value) if value is not None else str)
-            parser.add_argument(flag, type=kind, default=None)
+            parser.add_argument(flag, type=kind, default=None, help=text)
 
 
 def load_config(path: str, section: str, defaults: dict[str, Any], types: dict[str, type] | None = None,

@@ -22,8 +22,8 @@ from torch import nn
 from metanet.recipe import RecipeConfig, recalibrate
 from metanet.prune import UnreachableSpeedupError, prune_in_steps
 from metanet.sparsity import GroupSparsity
-from zoo.data import TaskData
-from zoo.train import evaluate
+from metanet.data import TaskData
+from metanet.train import evaluate
 
 CURVE_SPEEDUPS = (1.5, 2.0, 3.0, 4.0)
 LOW_IMPORTANCE = 0.1

@@ -38,8 +38,7 @@ from metanet.gates import fit_gates, gatable, gate_from_logit
 from metanet.graph import NetworkGraph, graph_to_params
 from metanet.metanetwork import MetaNetwork
 from metanet.sparsity import SPARSITY_FORMS, GroupSparsity, sparsity_term
-from zoo.arch import build_model
-from zoo.data import TaskData
+from metanet.data import TaskData
 
 
 @dataclass
@@ -92,8 +91,9 @@ class Member:
 _SPARSITY_CACHE: dict[tuple, GroupSparsity] = {}
 
 
-def make_member(member_id: str, arch: dict, graph: NetworkGraph, cfg: MetaTrainConfig) -> Member:
-    model = build_model(arch)
+def make_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: MetaTrainConfig) -> Member:
+    """A zoo member ready for the meta-objective: ``model`` is a module of the member's architecture
+    (its weights are not used: they come from ``graph``)."""
     key = (graph.fingerprint, cfg.reg, cfg.alpha)
     if key not in _SPARSITY_CACHE:
         _SPARSITY_CACHE[key] = GroupSparsity(model, torch.zeros(graph.input_shape), reg=cfg.reg, alpha=cfg.alpha)

@@ -34,8 +34,8 @@ from metanet.graph import graph_to_network, network_to_graph
 from metanet.metanetwork import MetaNetwork
 from metanet.prune import DEFAULT_PRUNING, PruneSettings, prune_adaptive, prune_to_speedup, recalibrate_bn
 from metanet.sparsity import GroupSparsity
-from zoo.data import TaskData
-from zoo.train import TrainConfig, evaluate, train
+from metanet.data import TaskData
+from metanet.train import TrainConfig, evaluate, train
 
 METHODS = ("meta", "none", "depgraph")  # what prune_batch compares
 ALL_METHODS = (*METHODS, "gate", "oracle")  # plus the per-network gates and the sensitivity check

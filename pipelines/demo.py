@@ -73,7 +73,14 @@ def graphs() -> None:
     print(f"  wrote them to {path}; read back and rebuilt: bit-exact")
 
 
-def main() -> None:
+def build_parser():
+    import argparse
+
+    return argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def main(argv=None) -> None:
+    build_parser().parse_args(argv)  # no options; --help says what the demo does
     py = sys.executable
     OUT.mkdir(parents=True, exist_ok=True)
     mlflow_uri = f"sqlite:///{OUT / 'mlflow.db'}"

@@ -66,22 +66,27 @@ def run_member(spec: dict, member: MemberSpec, data, out: str, fault: str | None
             "node": ray.get_runtime_context().get_node_id()}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--spec", default=DEFAULT_SPEC, help="zoo spec (YAML or TOML); default: the digits zoo")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec value")
-    p.add_argument("--members", type=int, help="number of members (overrides the spec)")
-    p.add_argument("--out", help="output directory or URI (overrides the spec's 'output')")
+    p.add_argument("--spec", default=DEFAULT_SPEC, help="zoo spec (YAML or TOML) (default: the digits zoo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, e.g. train.epochs=4 (default: none)")
+    p.add_argument("--members", type=int, help="number of members (default: the spec's)")
+    p.add_argument("--out", help="output directory or URI (default: the spec's 'output')")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--cpus-per-member", type=float, default=1)
+    p.add_argument("--cpus-per-member", type=float, default=1, help="CPUs per member task (default: 1)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="give each member task a GPU (default: when the cluster has GPUs)")
-    p.add_argument("--max-retries", type=int, default=2, help="retries of a task whose worker died")
+    p.add_argument("--max-retries", type=int, default=2, help="retries of a task whose worker died (default: 2)")
     p.add_argument("--shared-output", action="store_true",
-                   help="on a cluster: the local output path is on storage every node shares")
-    p.add_argument("--no-mlflow", action="store_true")
-    return p.parse_args(argv)
+                   help="on a cluster: the local output path is on storage every node shares (default: off)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the build to MLflow (default: log)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> dict:

@@ -53,6 +53,42 @@ DEFAULTS = {
     "edit": "additive", "evidence": False, "sparsity_norm": "none", "distill_epochs": 0, "gate_reg": 3.0,
     "min_member_acc": 0.0,
 }
+HELP = {
+    "zoo": "zoo directory or URI to meta-train on (its 'train' members; 'val' members select checkpoints)",
+    "out": "Ray Train storage path: checkpoints, MLflow store, <name>/metanetwork.pt",
+    "name": "run name under --out; the same --out and --name resume",
+    "workers": "Ray Train workers (data-parallel, each takes its share of the members)",
+    "epochs": "meta-training epochs (one pass over the training members each)",
+    "lr": "AdamW learning rate of the metanetwork",
+    "weight_decay": "AdamW weight decay",
+    "milestones": "epochs after which the learning rate drops x0.1",
+    "batches_per_step": "task batches per member per optimiser step",
+    "batch_size": "task batch size",
+    "reg": "group-sparsity strength of the meta-objective",
+    "alpha": "GroupNormPruner's alpha (layer-depth scaling of the group weights)",
+    "hidden": "metanetwork width (node and edge state size)",
+    "layers": "message-passing layers of the metanetwork",
+    "residual": "r in: new weights = weights + r * learned edit",
+    "backend": "message-passing backend: dgl or pyg",
+    "seed": "seed of the member order, batches and initialisation",
+    "gpu": "one GPU per worker (nccl)",
+    "max_failures": "restarts from the last checkpoint after a worker dies",
+    "keep": "checkpoints kept, spread evenly over the run; selection chooses among them",
+    "selection": "checkpoint choice: recipe (short finetune-prune-finetune on val members) or auc",
+    "select_target": "speed-up the selection recipe prunes to",
+    "select_finetune_steps": "finetuning steps before and after pruning in the selection recipe",
+    "select_members": "validation members used for selection and diagnostics",
+    "diagnose_every": "epochs between validation diagnostics (0: never)",
+    "bn_mode": "BatchNorm mode of members in the meta-objective: eval (the paper) or train",
+    "data_root": "dataset folder, overriding the zoo spec's",
+    "mlflow": "log params, metrics and artifacts to MLflow",
+    "edit": "metanetwork edit: additive (the paper), gate or gate+additive",
+    "evidence": "give the metanetwork per-channel evidence features",
+    "sparsity_norm": "sparsity term: none (the paper), group or relative",
+    "distill_epochs": "epochs of regression on per-member gates before the meta-objective (gate edits)",
+    "gate_reg": "sparsity strength of the per-member gates that distillation targets",
+    "min_member_acc": "skip training members below this validation accuracy",
+}
 SELECTIONS = ("auc", "recipe")
 FAULT_ENV = "METAPRUNE_FAULT_INJECT"  # testing hook, see _inject_fault
 
@@ -66,6 +102,7 @@ def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from metanet.meta_training import MetaTrainConfig, make_member, member_step
+    from zoo.arch import build_model
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from zoo.store import Zoo
 
@@ -104,7 +141,7 @@ def train_func(config: dict) -> None:
 
     def load_member(i: int):
         record = zoo[rows[i]]  # streamed: one member's graph at a time, memory-mapped from Arrow
-        member = make_member(record.id, record.arch, record.graph.to(device), cfg)
+        member = make_member(record.id, build_model(record.arch), record.graph.to(device), cfg)
         member.model.to(device)
         return member
 
@@ -230,7 +267,7 @@ def validation_diagnostics(metanet, zoo, data, config: dict) -> dict:
 
     from metanet.diagnostics import diagnose
     from metanet.recipe import RecipeConfig, apply_metanetwork
-    from zoo.train import TrainConfig
+    from metanet.train import TrainConfig
 
     val = [r for r in zoo if r.status == "ok" and r.role == "val"][:config["select_members"]]
     if not val:
@@ -257,7 +294,7 @@ def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_r
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from metanet.recipe import RecipeConfig, selection_score
     from zoo.store import Zoo
-    from zoo.train import TrainConfig
+    from metanet.train import TrainConfig
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -362,13 +399,19 @@ def _log_diagnostics_figure(run_id: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- driver
-def parse_args(argv=None) -> dict:
-    from distributed.settings import add_flags, resolve
+def build_parser() -> argparse.ArgumentParser:
+    from distributed.settings import add_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(p, DEFAULTS)
+    add_flags(p, DEFAULTS, helps=HELP)
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, or the job's cluster, else local)")
-    config = resolve(vars(p.parse_args(argv)), DEFAULTS, "meta_train", "meta_train")
+    return p
+
+
+def parse_args(argv=None) -> dict:
+    from distributed.settings import resolve
+
+    config = resolve(vars(build_parser().parse_args(argv)), DEFAULTS, "meta_train", "meta_train")
     if config["selection"] not in SELECTIONS:
         raise SystemExit(f"meta_train: --selection must be one of {', '.join(SELECTIONS)}, not {config['selection']!r}")
     if config["bn_mode"] not in ("eval", "train"):

@@ -57,6 +57,33 @@ DEFAULTS = {
     "augment": None, "sparse_reg": 5e-4, "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
     "mlflow": True, "diagnostics": False,
 }
+HELP = {
+    "zoo": "zoo whose --split members to prune",
+    "split": "zoo split to prune: train, val, test (held out) or all",
+    "models": "model files, folders or globs to prune (zoo.model_files formats)",
+    "arch": "YAML architecture spec for bare state dicts",
+    "trust_pickle": "allow pickled whole modules (runs code from the file)",
+    "dataset": "dataset of --models files (digits, cifar10, cifar100, svhn, imagefolder)",
+    "data_root": "dataset folder (overrides the zoo spec's)",
+    "metanet": "metanetwork file (meta_train.py's metanetwork.pt), needed for method meta",
+    "methods": "methods: meta, none, depgraph, gate, oracle",
+    "baselines": "add the baselines none and depgraph",
+    "targets": "MAC speed-ups to prune to (finite, > 1)",
+    "floor": "instead of targets: prune while validation accuracy stays at or above this",
+    "before_steps": "finetuning steps after the edit, before pruning",
+    "before_lr": "learning rate of the finetuning before pruning (constant)",
+    "after_steps": "finetuning steps after pruning",
+    "after_lr": "learning rate of the finetuning after pruning (cosine)",
+    "batch_size": "finetuning batch size (default: the zoo's, else 128)",
+    "augment": "augment while finetuning (default: the zoo's, else yes)",
+    "sparse_reg": "group-sparsity strength of the depgraph baseline's sparse learning",
+    "seed": "seed of finetuning batches",
+    "out": "output directory: results, models, summary, plots, MLflow store",
+    "cpus_per_task": "CPUs per Ray task (one task per model and method)",
+    "gpu": "one GPU per task (default: when the cluster has GPUs)",
+    "mlflow": "log the run to MLflow",
+    "diagnostics": "add the prepared models' recalibrated pruning curves and edit selectivity",
+}
 FLAG_TYPES = {"floor": float, "gpu": bool, "batch_size": int, "augment": bool}
 DIAGNOSTICS = ["ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal",
                *(f"curve_{s:g}x" for s in CURVE_SPEEDUPS), "auc"]
@@ -117,7 +144,7 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
     from metanet.prune import count
     from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings
     from zoo.model_files import save_model
-    from zoo.train import evaluate
+    from metanet.train import evaluate
 
     torch.set_num_threads(max(1, int(config["cpus_per_task"])))
     torch.manual_seed(config["seed"])
@@ -483,14 +510,20 @@ def _log_mlflow(config: dict, frame, out: str, wall: float) -> str:
 
 
 # ---------------------------------------------------------------------------------- driver
-def parse_args(argv=None) -> dict:
-    from distributed.settings import add_flags, resolve
+def build_parser() -> argparse.ArgumentParser:
+    from distributed.settings import add_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(p, DEFAULTS, types=FLAG_TYPES)
+    add_flags(p, DEFAULTS, types=FLAG_TYPES, helps=HELP)
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    config = resolve(vars(p.parse_args(argv)), DEFAULTS, "prune_batch", "prune_batch", types=FLAG_TYPES)
+    return p
+
+
+def parse_args(argv=None) -> dict:
+    from distributed.settings import resolve
+
+    config = resolve(vars(build_parser().parse_args(argv)), DEFAULTS, "prune_batch", "prune_batch", types=FLAG_TYPES)
     if config["baselines"]:
         config["methods"] = list(dict.fromkeys([*config["methods"], "none", "depgraph"]))
     from metanet.recipe import ALL_METHODS

@@ -148,6 +148,7 @@ def trial(config: dict, search: dict, data) -> None:
 
     from ray import tune
     from metanet.meta_training import MetaTrainConfig, make_member, meta_train
+    from zoo.arch import build_model
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from metanet.diagnostics import curve_auc, pruning_curve
     from metanet.recipe import apply_metanetwork, recipe_from_settings, selection_score
@@ -161,7 +162,7 @@ def trial(config: dict, search: dict, data) -> None:
                           milestones=(10**6,), batches_per_step=config["batches_per_step"],
                           batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
                           sparsity_norm=config["sparsity_norm"], seed=search.get("seed", 0))
-    members = [make_member(r.id, r.arch, r.graph, cfg) for r in records if r.role == "train"]
+    members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in records if r.role == "train"]
     val = [r.network() for r in records if r.role == "val"]
     val = val[:search.get("val_members", len(val))]
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=config["hidden"],
@@ -189,15 +190,20 @@ def trial(config: dict, search: dict, data) -> None:
 
 
 # ------------------------------------------------------------------------------------ driver
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--search", default=str(DEFAULT_SEARCH), help="search file (YAML); default: the digits search")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a search-file value")
-    p.add_argument("--out", help="output directory (default: runs/tune-<name>)")
+    p.add_argument("--search", default=str(DEFAULT_SEARCH), help="search file (YAML) (default: the digits search)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a search-file value, e.g. num_samples=4 (default: none)")
+    p.add_argument("--out", help="output directory; the same one resumes the search (default: runs/tune-<name>)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--no-mlflow", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--no-mlflow", action="store_true", help="do not log trials to MLflow (default: log)")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     search = load_search(args.search, args.set)
     out = Path(args.out or f"runs/tune-{search['name']}").resolve()
     from zoo.store import Zoo

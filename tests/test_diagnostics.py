@@ -15,7 +15,7 @@ from metanet.paired import mean_ci, paired_difference
 from metanet.prune import PruneSettings, prune_in_steps, prune_to_speedup, recalibrate_bn
 from metanet.recipe import RecipeConfig
 from zoo.arch import arch_spec, build_model, resnet_spec
-from zoo.train import TrainConfig, train
+from metanet.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_eval_mode_objective_sees_a_shrunk_conv_and_train_mode_does_not(trained,
     name = "layers.0.conv1.weight"
     change = {}
     for mode in ("eval", "train"):
-        member = make_member("m", arch_spec(trained), graph, MetaTrainConfig(bn_mode=mode))
+        member = make_member("m", build_model(arch_spec(trained)), graph, MetaTrainConfig(bn_mode=mode))
         params = graph_to_params(graph, member.model)
         base, _ = task_objective(member, params, batches)
         shrunk = dict(params, **{name: 0.5 * params[name]})

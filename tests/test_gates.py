@@ -126,7 +126,7 @@ def test_additive_metanetwork_has_no_gates():
 
 
 def test_optimised_gates_are_selective(digits):
-    from zoo.train import TrainConfig, train
+    from metanet.train import TrainConfig, train
 
     torch.manual_seed(0)
     model = build_model(resnet_spec(8, (8, 8, 8), in_channels=1, num_classes=10))
@@ -170,7 +170,7 @@ def test_distillation_moves_the_metanetworks_gates_towards_the_targets(digits):
     model = build_model(resnet_spec(8, (4, 8, 8), in_channels=1)).eval()
     graph = network_to_graph(model, torch.zeros(digits.input_shape))
     cfg = MetaTrainConfig(distill_epochs=30, lr=1e-2)
-    member = make_member("m", resnet_spec(8, (4, 8, 8), in_channels=1), graph, cfg)
+    member = make_member("m", build_model(resnet_spec(8, (4, 8, 8), in_channels=1)), graph, cfg)
     # out with the weaker half of every layer (by kernel-row norm): a target the evidence can explain
     rank = channel_evidence(graph)[:, EVIDENCE_FEATURES.index("row_norm_rank")]
     target = torch.where(rank < 0.5, -3.0, 0.5)

@@ -16,7 +16,7 @@ import yaml
 from zoo.arch import build_model
 from zoo.data import load_digits
 from zoo.store import Zoo
-from zoo.train import evaluate
+from metanet.train import evaluate
 from metanet import graph_to_network
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,12 +119,19 @@ def test_a_killed_driver_resumes_without_losing_or_duplicating(tmp_path):
     assert Zoo(str(tmp_path / "zoo")).metadata().status.tolist() == ["ok"] * 4
 
 
-def test_bad_specs_and_cluster_paths_are_refused(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nmembers: 3\n")
-    out = _run(bad)
-    assert out.returncode == 2 and "dataset: missing (required)" in out.stderr
-    out = _run(_spec(tmp_path), "--set", "members=0")
-    assert out.returncode == 2 and "members = 0: must be greater than or equal to 1" in out.stderr
-    out = _run(_spec(tmp_path), "--address", "127.0.0.1:1")
-    assert out.returncode != 0 and "would be a path on each node" in out.stderr
+@pytest.mark.parametrize("spec_text, args, message", [
+    ("name: x\nmembers: 3\n", [], "dataset: missing (required)"),
+    (None, ["--set", "members=0"], "members = 0: must be greater than or equal to 1"),
+    (None, ["--address", "127.0.0.1:1"], "would be a path on each node"),
+])
+def test_bad_specs_and_cluster_paths_are_refused(spec_text, args, message, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import make_zoo
+
+    spec = _spec(tmp_path)
+    if spec_text is not None:
+        spec.write_text(spec_text)
+    with pytest.raises(SystemExit) as exit_:  # in-process: refused before Ray starts
+        make_zoo.cli(["--spec", str(spec), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err, err

@@ -11,10 +11,10 @@ import torch
 from metanet.graph import network_to_graph
 from metanet.prune import count, prune_to_speedup
 from zoo.arch import arch_spec, build_model
-from zoo.data import TaskData
+from metanet.data import TaskData
 from zoo.spec import MemberSpec
 from zoo.store import ZooRecord
-from zoo.train import TrainConfig, evaluate, train
+from metanet.train import TrainConfig, evaluate, train
 
 
 def train_config(section: dict, seed: int) -> TrainConfig:

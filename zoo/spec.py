@@ -55,7 +55,7 @@ class DatasetSection(Strict):
 
 
 class TrainSection(Strict):
-    """``zoo.train.TrainConfig`` without its seed (each member draws its own)."""
+    """``metanet.train.TrainConfig`` without its seed (each member draws its own)."""
 
     epochs: PositiveInt = 10
     lr: Annotated[float, Field(gt=0)] = 0.05

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.data import TaskData
+from metanet.data import TaskData
 
 
 @dataclass
