@@ -25,7 +25,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metanet import graph_to_network, network_to_graph  # noqa: E402
-from metanet.graph import _LAYOUTS  # noqa: E402
+from metanet.graph import clear_layout_cache  # noqa: E402
 from zoo.arch import build_model, resnet_spec, vgg_spec  # noqa: E402
 from zoo.store import ZooRecord, read_members, write_members  # noqa: E402
 
@@ -57,7 +57,7 @@ def main() -> None:
     for name, (make, shape) in NETWORKS.items():
         model = make().eval()
         x = torch.zeros(shape)
-        _LAYOUTS.clear()
+        clear_layout_cache()
         t = time.perf_counter()
         graph = network_to_graph(model, x)
         cold = (time.perf_counter() - t) * 1e3

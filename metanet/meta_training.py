@@ -191,29 +191,50 @@ def meta_train(metanet: MetaNetwork, members: Sequence[Member], data: TaskData, 
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
     bar = tqdm(total=cfg.epochs * len(members), desc="meta-training", unit="step", disable=not progress)
+
+    def step_done(step: int, terms: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, task=f"{terms['task_loss']:.3f}", sparse=f"{terms['sparsity_loss']:.3f}")
+
     for epoch in range(cfg.epochs):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, epoch)
-        metanet.train()
-        sums: dict[str, float] = {}
         start = time.perf_counter()
-        for i in torch.randperm(len(members), generator=gen).tolist():
-            opt.zero_grad(set_to_none=True)
-            batches = data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
-                                   limit=cfg.batches_per_step)
-            terms = member_step(metanet, members[i], batches)
-            opt.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, task=f"{terms['task_loss']:.3f}", sparse=f"{terms['sparsity_loss']:.3f}")
-        metrics = {k: v / len(members) for k, v in sums.items()}
+        order = (members[i] for i in torch.randperm(len(members), generator=gen).tolist())
+        sums = run_epoch(metanet, opt, order, data, cfg, epoch, gen, on_step=step_done)
+        metrics = {k: v / sums["steps"] for k, v in sums.items() if k != "steps"}
         metrics.update(epoch=epoch, lr=_lr_at(cfg, epoch), seconds=time.perf_counter() - start)
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics, metanet)
     bar.close()
     return history
+
+
+def run_epoch(metanet: nn.Module, opt: torch.optim.Optimizer, members: Iterable[Member], data: TaskData,
+              cfg: MetaTrainConfig, epoch: int, gen: torch.Generator,
+              on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+    """One epoch of meta-training over ``members`` (in the order given; an iterator may load each
+    member only when it is reached): the epoch's learning rate (``_lr_at``), then per member one
+    optimiser step on ``member_step`` over ``cfg.batches_per_step`` training batches drawn with
+    ``gen``. ``metanet`` may be a DDP wrapper (its gradients are then averaged across workers).
+    Returns the summed loss terms and ``steps``; ``on_step(step, terms)`` after each step."""
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(cfg, epoch)
+    metanet.train()
+    device = next(metanet.parameters()).device
+    sums: dict[str, float] = {"steps": 0.0}
+    for step, member in enumerate(members):
+        batches = [(x.to(device), y.to(device)) for x, y in
+                   data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
+                                limit=cfg.batches_per_step)]
+        opt.zero_grad(set_to_none=True)
+        terms = member_step(metanet, member, batches)
+        opt.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+        sums["steps"] += 1
+        if on_step is not None:
+            on_step(step, terms)
+    return sums
 
 
 def snapshot(metanet: MetaNetwork) -> dict[str, torch.Tensor]:

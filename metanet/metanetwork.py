@@ -212,14 +212,11 @@ def edge_widths_of(graphs) -> dict[str, int]:
 
 def save_metanetwork(metanet: MetaNetwork, path: str, **extra) -> None:
     """Weights and config, loadable with ``torch.load(weights_only=True)``; atomic."""
-    import os
-    import uuid
+    from metanet.files import atomic_write
 
     payload = {"format": "metaprune.metanetwork/1", "config": metanet.config.to_dict(),
                "state_dict": metanet.state_dict(), "extra": extra}
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 class MetanetFileError(ValueError):

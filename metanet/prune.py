@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -27,6 +26,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from metanet.files import atomic_write
 from metanet.sparsity import classifier_of, importance
 
 PRUNED_FORMAT = "metaprune.pruned/1"
@@ -182,10 +182,7 @@ def save_pruned(model: nn.Module, path: str, **meta) -> None:
                       "buffers": {k: v.detach().cpu() for k, v in m._buffers.items() if v is not None}}
                for name, m in model.named_modules()}
     payload = {"format": PRUNED_FORMAT, "modules": modules, "meta": meta}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(os.path.abspath(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_pruned(path: str, template: nn.Module) -> tuple[nn.Module, dict]:

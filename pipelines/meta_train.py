@@ -101,7 +101,7 @@ def train_func(config: dict) -> None:
 
     import ray.train
     import ray.train.torch
-    from metanet.meta_training import MetaTrainConfig, make_member, member_step
+    from metanet.meta_training import MetaTrainConfig, make_member, run_epoch
     from zoo.arch import build_model
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from zoo.store import Zoo
@@ -149,24 +149,14 @@ def train_func(config: dict) -> None:
         mine = [load_member(i) for i in range(rank, len(rows), world)] or [load_member(rank % len(rows))]
         distill_on_workers(core, mine, data, cfg, steps, world)
     for epoch in range(start, cfg.epochs):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         mine = [int(order[(s * world + rank) % len(rows)]) for s in range(steps)]
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * world + rank)
-        sums = torch.zeros(4, dtype=torch.float64)
         began = time.perf_counter()
-        for step, i in enumerate(mine):
-            if step == 1:
-                _inject_fault(config.get("fault"), epoch, rank)
-            member = load_member(i)
-            batches = [(x.to(device), y.to(device)) for x, y in
-                       data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
-                                    limit=cfg.batches_per_step)]
-            opt.zero_grad(set_to_none=True)
-            terms = member_step(net, member, batches)
-            opt.step()
-            sums += torch.tensor([terms["task_loss"], terms["sparsity_loss"], terms["train_acc"], 1.0])
+        after_step = lambda step, terms: _inject_fault(config.get("fault"), epoch, rank) if step == 0 else None  # noqa: E731
+        done = run_epoch(net, opt, (load_member(i) for i in mine), data, cfg, epoch, gen, on_step=after_step)
+        sums = torch.tensor([done["task_loss"], done["sparsity_loss"], done["train_acc"], done["steps"]],
+                            dtype=torch.float64)
         if world > 1:
             dist.all_reduce(sums)
         metrics = {"epoch": epoch, "task_loss": float(sums[0] / sums[3]), "sparsity_loss": float(sums[1] / sums[3]),

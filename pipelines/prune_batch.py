@@ -45,6 +45,7 @@ from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import init_ray, ray, shutdown  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.diagnostics import CURVE_SPEEDUPS  # noqa: E402
+from metanet.files import atomic_write, atomic_write_text  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
 from metanet.recipe import AFTER_STEPS, BEFORE_STEPS  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
@@ -186,8 +187,7 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
                 save_model(pruned, path, model=source.name, method=method, target=row["target"], floor=row["floor"],
                            source=source.ref)
             except ValueError:  # not a zoo architecture (a trusted pickled module): keep it as one
-                torch.save(pruned.cpu(), path + ".tmp")
-                os.replace(path + ".tmp", path)
+                atomic_write(path, lambda tmp: torch.save(pruned.cpu(), tmp))
             row.update({k: result[k] for k in ("speedup", "macs_after", "params_after", "val_acc_pruned",
                                                "test_acc_pruned", "val_acc", "test_acc")},
                        status="ok", error=None, path=path)
@@ -361,11 +361,8 @@ def write_results(out: str, rows: list[dict]):
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame = frame.astype({"target": "float64", "floor": "float64"})
     frame = frame.sort_values(["model", "method", "target", "floor"], na_position="last").reset_index(drop=True)
-    for name, write in (("results.parquet", lambda p: frame.to_parquet(p, index=False)),
-                        ("results.csv", lambda p: frame.to_csv(p, index=False))):
-        tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}")
-        write(tmp)
-        os.replace(tmp, os.path.join(out, name))
+    atomic_write(os.path.join(out, "results.parquet"), lambda p: frame.to_parquet(p, index=False))
+    atomic_write(os.path.join(out, "results.csv"), lambda p: frame.to_csv(p, index=False))
     return frame
 
 
@@ -441,10 +438,8 @@ def plot(frame, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_curves(frame, path: str) -> bool:
@@ -480,10 +475,8 @@ def plot_curves(frame, path: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -605,7 +598,7 @@ def _main(config: dict, out: str, started: float) -> dict:
         shutdown()
     frame = write_results(out, rows)
     table = summary_table(frame)
-    _write_text(os.path.join(out, "summary.md"), table + "\n")
+    atomic_write_text(os.path.join(out, "summary.md"), table + "\n")
     written = ["results.parquet", "results.csv", "summary.md"]
     if (frame.status == "ok").any():
         plot(frame, os.path.join(out, "accuracy_vs_speedup.png"))
@@ -660,13 +653,6 @@ def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> list[dict]:
         bar.set_postfix(rows_ok=sum(r["status"] == "ok" for r in rows), failed=failed)
     bar.close()
     return rows
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # the errors a user's input can cause: one line and exit code 2 (distributed.cli)

@@ -44,6 +44,7 @@ from distributed.cli import run_cli  # noqa: E402
 from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import init_ray, shutdown  # noqa: E402
 from distributed.schema import Strict, describe  # noqa: E402
+from metanet.files import atomic_write, atomic_write_text  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
 SEARCH_DIR = Path(__file__).resolve().parent / "searches"
@@ -250,9 +251,7 @@ def check_same_search(out: Path, search: dict) -> None:
             raise SearchError(f"{out} holds another search (different {', '.join(changed)}); give another --out "
                               "or remove that directory")
         return
-    tmp = out / f".search.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(search, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(search, indent=1, sort_keys=True))
 
 
 def _fit(search: dict, data, out: Path, resources: dict, use_mlflow: bool):
@@ -337,9 +336,7 @@ def _report(results, search: dict, out: Path, data, finetune: dict) -> dict:
     best_config = yaml.safe_load(yaml.safe_dump(best_config))  # plain types (numpy scalars -> floats)
     text = "# Written by pipelines/tune.py: the best configuration by validation score.\n" + \
         yaml.safe_dump(best_config, sort_keys=False)
-    tmp = out / f".best_config.yaml.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, out / "best_config.yaml")
+    atomic_write_text(out / "best_config.yaml", text)
     test_score = _test_score(state, config, search, data, finetune)
     return {"best": best, "default": default, "trials": trials, "best_config": best_config,
             "test_score": test_score, "history": frames}
@@ -405,7 +402,7 @@ def _plot(report: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 

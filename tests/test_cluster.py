@@ -3,7 +3,6 @@ with one CPU, both on 127.0.0.1): `make_zoo` and `prune_batch` run tasks on both
 zoo on a path both see. The nodes are stopped by the process groups this test started."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys

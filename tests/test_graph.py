@@ -286,3 +286,49 @@ def test_spec_round_trip_and_bad_specs():
         build_model({"family": "transformer"})
     with pytest.raises(ValueError, match="bad 'resnet' architecture spec"):
         build_model({"family": "resnet", "depth": 20})
+
+
+class _ChannelScale(nn.Module):
+    """A user's module that torch.fx cannot trace through (its forward branches on the data): it
+    scales positive-mean activations by a fixed factor, channel by channel."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor if x.mean() > 0 else x
+
+
+def test_a_user_registers_a_rule_for_their_module_type():
+    from metanet.graph import ModuleRule, keep_channels, refuse, register_module_rule
+    from metanet.graph.rules import MODULE_RULES
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), _ChannelScale(0.5), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with pytest.raises(UnsupportedNetworkError, match="torch.fx cannot trace its forward"):
+        network_to_graph(net, torch.zeros(1, 1, 8, 8))
+    try:  # a module type with a rule is a leaf of the trace: the rule says what it is
+        @register_module_rule(_ChannelScale)
+        class ChannelScaleRule(ModuleRule):
+            def apply(self, t, node, name, module, x, in_shape, shape):
+                return keep_channels(t, node, x, in_shape, shape)
+
+        graph = network_to_graph(net, torch.zeros(1, 1, 8, 8))
+        assert graph.num_nodes == 1 + 4 + 3 and graph.edge_counts == {"k1x1": 12, "k3x3": 4}
+        assert_same_state(graph_to_network(graph, net), net)
+        refuse(_ChannelScale, "a fixed scale has no place here")  # replaces the rule; the cached layout is dropped
+        with pytest.raises(UnsupportedNetworkError, match=r"layer '2' \(_ChannelScale\) in module '2': a fixed scale has no place"):
+            network_to_graph(net, torch.zeros(1, 1, 8, 8))
+    finally:
+        MODULE_RULES.pop(_ChannelScale, None)
+
+
+def test_a_subclass_inherits_its_base_layers_rule():
+    class MyConv(nn.Conv2d):
+        pass
+
+    net = nn.Sequential(MyConv(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    graph = network_to_graph(net, torch.zeros(1, 1, 8, 8))
+    assert graph.edge_counts == {"k1x1": 12, "k3x3": 4}
+    assert_same_state(graph_to_network(graph, net), net)

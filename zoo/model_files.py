@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import uuid
 from typing import Any
 
 import torch
 from torch import nn
 
+from metanet.files import atomic_write
 from metanet.prune import PRUNED_FORMAT, load_pruned
 from zoo.arch import arch_spec, build_model
 
@@ -41,14 +41,7 @@ def save_model(model: nn.Module, path: str, /, **meta: Any) -> None:
     ``meta`` must be plain data (numbers, strings, lists, dicts)."""
     payload = {"format": MODEL_FORMAT, "arch": arch_spec(model),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(os.path.abspath(path), lambda tmp: torch.save(payload, tmp))
 
 
 def _from_state(state: dict, arch: dict, path: str) -> nn.Module:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from metanet.files import atomic_write
 from metanet.graph import NetworkGraph
 
 SCHEMA_VERSION = 1
@@ -100,20 +100,9 @@ def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def atomic_write_bytes(fs: pafs.FileSystem, path: str, write) -> None:
-    """Calls ``write(stream)`` on a temporary file next to ``path``, then renames it to ``path``."""
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open_output_stream(tmp) as stream:
-            write(stream)
-        fs.move(tmp, path)
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except (OSError, FileNotFoundError):
-            pass
-        raise
+    """Calls ``write(stream)`` on a temporary file next to ``path`` on ``fs``, then renames it to
+    ``path`` (``metanet.files.atomic_write``)."""
+    atomic_write(path, write, fs=fs)
 
 
 # ---------------------------------------------------------------------------- records -> Arrow

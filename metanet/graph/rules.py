@@ -1,0 +1,353 @@
+"""The converter's rules: one per layer type (and per operation), each saying which graph nodes,
+edges and node-feature columns it makes. The tracer (``metanet.graph.tracer``) walks a torch.fx
+trace of the network and hands every module call to the rule registered for its type (by MRO, so
+subclasses inherit their base's rule) and every function or method call to the rule for its target.
+
+A rule for your own module type, like Torch-Pruning's customised pruners::
+
+    from metanet.graph import ModuleRule, register_module_rule
+
+    @register_module_rule(MyScale)           # a module that scales each channel by a fixed vector
+    class MyScaleRule(ModuleRule):
+        def apply(self, t, node, name, module, x, in_shape, shape):
+            return keep_channels(t, node, x, in_shape, shape)
+
+A module type whose parameters have no place in the graph is refused with its reason
+(``refuse(nn.LayerNorm, "...")``); the error names the layer and says why.
+
+Every rule gets the tracer ``t`` (``t.new_nodes``, ``t.add_edges``, ``t.edge_slot``,
+``t.node_slot``, ``t.claim``, ``t.fail``, ``t.depth``, ``t.has_norm``, ``t.counter_names``), the
+fx node, and the input's ``Channels`` with the traced input and output shapes.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from metanet.graph.layout import Channels
+from metanet.graph.network_graph import IDENTITY, NODE_FEATURES
+
+MODULE_RULES: dict[type, "ModuleRule"] = {}
+FUNCTION_RULES: dict[Any, "FunctionRule"] = {}  # a function, or a method name (str)
+_on_change: list[Callable[[], None]] = []  # e.g. clearing the layout cache when a rule changes
+
+
+class ModuleRule:
+    """How calls of one module type become graph nodes and edges."""
+
+    def apply(self, t, node: torch.fx.Node, name: str, module: nn.Module, x: Channels | None,
+              in_shape: tuple[int, ...] | None, shape: tuple[int, ...] | None) -> Channels:
+        raise NotImplementedError
+
+
+class FunctionRule:
+    """How calls of one function or tensor method become graph nodes and edges. ``args`` are the
+    call's arguments that are traced activations (in order), ``x`` the first one's channels."""
+
+    def apply(self, t, node: torch.fx.Node, env: dict, args: list[torch.fx.Node], x: Channels | None,
+              in_shape: tuple[int, ...] | None, shape: tuple[int, ...]) -> Channels:
+        raise NotImplementedError
+
+
+def register_module_rule(*types: type) -> Callable:
+    """Class decorator (or call with an instance): the rule for modules of ``types`` and their
+    subclasses; replaces an earlier rule for the same type."""
+    def register(rule):
+        instance = rule() if isinstance(rule, type) else rule
+        for typ in types:
+            MODULE_RULES[typ] = instance
+        for hook in _on_change:
+            hook()
+        return rule
+    return register
+
+
+def register_function_rule(*targets: Any) -> Callable:
+    """Class decorator: the rule for calls of ``targets`` (functions, or method names)."""
+    def register(rule):
+        instance = rule() if isinstance(rule, type) else rule
+        for target in targets:
+            FUNCTION_RULES[target] = instance
+        for hook in _on_change:
+            hook()
+        return rule
+    return register
+
+
+def module_rule(module: nn.Module) -> ModuleRule | None:
+    """The rule for ``module``: the one registered for its class or the nearest base class."""
+    for cls in type(module).__mro__:
+        if cls in MODULE_RULES:
+            return MODULE_RULES[cls]
+    return None
+
+
+# ------------------------------------------------------------------------ shared actions
+def keep_channels(t, node, x: Channels, in_shape, shape) -> Channels:
+    """The output's channels are the input's (activations, pooling, dropout, scalar arithmetic)."""
+    if shape is None or in_shape is None or len(shape) < 2 or shape[1] != in_shape[1]:
+        raise t.fail(node, f"operation '{node.name}'", "it changes the channel dimension")
+    return Channels(x.nodes, x.spatial if len(shape) == 2 else (1, 1))
+
+
+def flatten(t, node, x: Channels, in_shape, shape) -> Channels:
+    """[batch, C, H, W] -> [batch, C*H*W]: the same channel nodes, each now a block of H*W
+    features, which the next Linear layer reads as one edge of width H*W per channel."""
+    if shape is not None and in_shape is not None and shape == in_shape:
+        return Channels(x.nodes, x.spatial)
+    if (shape is None or in_shape is None or len(shape) != 2 or len(in_shape) < 3
+            or shape[0] != in_shape[0] or shape[1] != x.nodes.numel() * _prod(in_shape[2:])):
+        raise t.fail(node, f"reshape '{node.name}'",
+                     "only flattening [batch, channels, ...] into [batch, features] is supported")
+    spatial = tuple(in_shape[2:]) if len(in_shape) == 4 else (1, _prod(in_shape[2:]))
+    return Channels(x.nodes, spatial)
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def _weight_edges(t, node, name: str, module: nn.Module, x: Channels, out_count: int, in_count: int,
+                  etype: str, width: int) -> Channels:
+    """One new node per output channel; one edge per (output, input) channel pair, in row-major
+    order of the weight (output-major), carrying that pair's kernel; the bias in column 'bias'."""
+    if x.nodes.numel() != in_count:
+        raise t.fail(node, f"layer '{name}'", f"expects {in_count} input channels, "
+                     f"the traced input has {x.nodes.numel()}")
+    depth = int(t.depth[x.nodes].max()) + 1 if x.nodes.numel() else 1
+    out = t.new_nodes(out_count, depth)
+    start = t.add_edges(etype, x.nodes.repeat(out_count), out.repeat_interleave(in_count), width)
+    t.edge_slot(f"{name}.weight", etype, start, out_count * in_count, tuple(module.weight.shape))
+    if module.bias is not None:
+        t.node_slot(f"{name}.bias", NODE_FEATURES.index("bias"), out)
+    return Channels(out)
+
+
+# ------------------------------------------------------------------------------ the layers
+@register_module_rule(nn.Conv2d, nn.Conv1d)
+class ConvRule(ModuleRule):
+    """Conv1d/Conv2d (groups=1): nodes: one per output channel; edges: every input channel ->
+    every output channel; edge type ``k{kh}x{kw}`` (``k1x{k}`` for Conv1d), width kh*kw (the
+    kernel); node feature: the bias. Grouped and depthwise convolutions are refused."""
+
+    def apply(self, t, node, name, module, x, in_shape, shape):
+        t.claim(node, f"layer '{name}'", name)
+        kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Conv1d"
+        if module.groups != 1:
+            raise t.fail(node, f"layer '{name}' ({kind}, groups={module.groups})",
+                         "grouped and depthwise convolutions are not supported")
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+        else:
+            kh, kw = 1, module.kernel_size[0]
+        return _weight_edges(t, node, name, module, x, module.out_channels, module.in_channels, f"k{kh}x{kw}",
+                             kh * kw)
+
+
+@register_module_rule(nn.Linear)
+class LinearRule(ModuleRule):
+    """Linear on [batch, features]: nodes: one per output feature; edges: every input channel ->
+    every output; edge type ``k{h}x{w}`` and width h*w when it reads a flattened h x w map per
+    channel (``k1x1``, width 1, on plain features); node feature: the bias."""
+
+    def apply(self, t, node, name, module, x, in_shape, shape):
+        t.claim(node, f"layer '{name}'", name)
+        if len(in_shape) != 2:
+            raise t.fail(node, f"layer '{name}' (Linear on a {len(in_shape)}-d tensor)",
+                         "Linear layers must read [batch, features] tensors")
+        in_count = int(x.nodes.numel())
+        width = module.in_features // max(in_count, 1)
+        if width * in_count != module.in_features or x.spatial[0] * x.spatial[1] != width:
+            raise t.fail(node, f"layer '{name}'", "its input features do not map to channels")
+        return _weight_edges(t, node, name, module, x, module.out_features, in_count,
+                             f"k{x.spatial[0]}x{x.spatial[1]}", width)
+
+
+@register_module_rule(nn.BatchNorm1d, nn.BatchNorm2d)
+class BatchNormRule(ModuleRule):
+    """BatchNorm: no nodes or edges of its own; its weight, bias, running mean and running var
+    become the node features ``bn_weight``, ``bn_bias``, ``bn_running_mean``, ``bn_running_var``
+    of the channels it normalises (at most one BatchNorm per channel); its batch counter is kept
+    beside the graph (``counters``)."""
+
+    COLUMNS = {"weight": NODE_FEATURES.index("bn_weight"), "bias": NODE_FEATURES.index("bn_bias"),
+               "running_mean": NODE_FEATURES.index("bn_running_mean"),
+               "running_var": NODE_FEATURES.index("bn_running_var")}
+
+    def apply(self, t, node, name, module, x, in_shape, shape):
+        t.claim(node, f"norm layer '{name}'", name)
+        if x.nodes.numel() != module.num_features:
+            raise t.fail(node, f"norm layer '{name}'", "its width does not match its input")
+        if bool(t.has_norm[x.nodes].any()):
+            raise t.fail(node, f"norm layer '{name}'", "its channels already carry another BatchNorm's parameters")
+        t.has_norm[x.nodes] = True
+        for attr, column in self.COLUMNS.items():
+            if getattr(module, attr, None) is not None:
+                t.node_slot(f"{name}.{attr}", column, x.nodes)
+        if getattr(module, "num_batches_tracked", None) is not None:
+            t.counter_names.append(f"{name}.num_batches_tracked")
+        return x
+
+
+CHANNELWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.Dropout1d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.ZeroPad2d, nn.Upsample,
+)
+
+
+@register_module_rule(*CHANNELWISE_MODULES)
+class ChannelwiseRule(ModuleRule):
+    """Activations, pooling, dropout, padding, upsampling: no nodes, edges or features; the output
+    channels are the input's."""
+
+    def apply(self, t, node, name, module, x, in_shape, shape):
+        return keep_channels(t, node, x, in_shape, shape)
+
+
+@register_module_rule(nn.Flatten)
+class FlattenRule(ModuleRule):
+    """Flatten [batch, C, ...] into [batch, features]: no nodes or edges (see ``flatten``)."""
+
+    def apply(self, t, node, name, module, x, in_shape, shape):
+        return flatten(t, node, x, in_shape, shape)
+
+
+class Refuse(ModuleRule):
+    """A module type the graph cannot hold, and why (the error names the layer)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def apply(self, t, node, name, module, x, in_shape, shape):
+        raise t.fail(node, f"layer '{name}' ({type(module).__name__})", self.reason)
+
+
+def refuse(module_type: type, reason: str) -> None:
+    register_module_rule(module_type)(Refuse(reason))
+
+
+refuse(nn.MultiheadAttention, "attention mixes positions with weights computed from the input")
+for _recurrent in (nn.LSTM, nn.GRU, nn.RNN):
+    refuse(_recurrent, "recurrent layers carry state across time steps")
+refuse(nn.LayerNorm, "only BatchNorm is a per-channel node feature")
+refuse(nn.GroupNorm, "only BatchNorm is a per-channel node feature")
+refuse(nn.Embedding, "an embedding table is not a channel-to-channel weight")
+refuse(nn.PReLU, "learned activation parameters have no place in the graph")
+
+
+# -------------------------------------------------------------------------- the operations
+@register_function_rule(operator.add, operator.iadd, torch.add, "add", "add_")
+class ResidualAddRule(FunctionRule):
+    """a + b of two activations (a residual connection): one ``identity`` edge per channel, width
+    1 (feature 1.0), from the shallower operand's node into the deeper one's, which then stands
+    for the sum; no new nodes. Adding a constant keeps the channels."""
+
+    def apply(self, t, node, env, args, x, in_shape, shape):
+        if len(args) == 2:
+            a, b = env[args[0]], env[args[1]]
+            if a.nodes.numel() != b.nodes.numel():
+                raise t.fail(node, f"addition '{node.name}'", "its operands have different widths")
+            if bool((a.nodes == b.nodes).any()):
+                raise t.fail(node, f"addition '{node.name}'", "it adds channels to themselves")
+            da, db = t.depth[a.nodes], t.depth[b.nodes]
+            a_deeper = (da > db) | ((da == db) & (a.nodes > b.nodes))
+            into = torch.where(a_deeper, a.nodes, b.nodes)
+            t.add_edges(IDENTITY, torch.where(a_deeper, b.nodes, a.nodes), into, 1)
+            t.identity_count += int(into.numel())
+            return Channels(into)
+        if len(args) == 1:
+            return keep_channels(t, node, x, in_shape, shape)
+        raise t.fail(node, f"operation '{node.name}' ({_name(node.target)})",
+                     "no rule maps this operation to graph nodes and edges")
+
+
+@register_function_rule(operator.mul, operator.imul, operator.truediv, operator.itruediv, operator.sub,
+                        operator.isub, torch.mul, torch.sub, torch.div, "mul", "mul_", "div", "sub")
+class ScalarArithmeticRule(FunctionRule):
+    """An activation times, divided by or minus a constant: the channels are kept. A product of two
+    activations (gating, attention) is refused."""
+
+    def apply(self, t, node, env, args, x, in_shape, shape):
+        if len(args) == 1:
+            return keep_channels(t, node, x, in_shape, shape)
+        raise t.fail(node, f"operation '{node.name}' ({_name(node.target)})",
+                     "a product of two activations (gating, attention) is not supported")
+
+
+CHANNELWISE_FUNCTIONS = (
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh,
+    F.mish, F.softplus, F.dropout, F.dropout2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d,
+    F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.interpolate, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid,
+    F.tanh, torch.nn.functional.relu_, torch.relu_, operator.neg,
+)
+CHANNELWISE_METHODS = ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "float", "mean",
+                       "amax", "sum", "clamp", "clamp_min", "clamp_")
+
+
+@register_function_rule(*CHANNELWISE_FUNCTIONS, *CHANNELWISE_METHODS)
+class ChannelwiseFunctionRule(FunctionRule):
+    """Functional activations and pooling, and reductions over spatial dimensions only: the
+    channels are kept. A reduction over the channel (or batch) dimension is refused."""
+
+    def apply(self, t, node, env, args, x, in_shape, shape):
+        if x is None:
+            raise t.fail(node, f"operation '{node.name}'", "it has no activation input")
+        if node.op == "call_method" and node.target in ("mean", "amax", "sum"):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            if not dims or any(d % len(in_shape) in (0, 1) for d in dims):
+                raise t.fail(node, f"reduction '{node.name}'", "it reduces over channels")
+        return keep_channels(t, node, x, in_shape, shape)
+
+
+@register_function_rule(torch.flatten, torch.reshape, "view", "reshape", "flatten")
+class ReshapeRule(FunctionRule):
+    """flatten / view / reshape: only [batch, C, ...] -> [batch, features] (see ``flatten``)."""
+
+    def apply(self, t, node, env, args, x, in_shape, shape):
+        return flatten(t, node, x, in_shape, shape)
+
+
+@register_function_rule(operator.getitem)
+class IndexRule(FunctionRule):
+    """x[:, :, ...]: keeps every channel; selecting or reordering channels is refused."""
+
+    def apply(self, t, node, env, args, x, in_shape, shape):
+        if x is None:
+            raise t.fail(node, f"operation '{node.name}' ({_name(node.target)})",
+                         "no rule maps this operation to graph nodes and edges")
+        index = node.args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) >= 2 and index[1] == slice(None) and index[0] == slice(None):
+            return keep_channels(t, node, x, in_shape, shape)
+        raise t.fail(node, f"indexing '{node.name}'", "it selects or reorders channels")
+
+
+@register_function_rule(torch.cat)
+class ConcatRule(FunctionRule):
+    """torch.cat along channels: the output's channels are the operands' nodes, in order; no new
+    nodes or edges. Concatenation along another dimension is refused."""
+
+    def apply(self, t, node, env, args, x, in_shape, shape):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        parts = node.args[0]
+        if dim in (1, -len(shape) + 1) and all(isinstance(env.get(p), Channels) for p in parts):
+            return Channels(torch.cat([env[p].nodes for p in parts]))
+        raise t.fail(node, f"concatenation '{node.name}'", "only concatenation along channels")
+
+
+def _name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
