@@ -49,3 +49,33 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def log_run(experiment: str, out_dir: str, *, run_name: str | None = None, run_id: str | None = None,
+            params: dict | None = None, metrics: dict | None = None, step_metrics: dict | None = None,
+            artifacts: list[str] = (), figures: dict | None = None, tables: dict | None = None) -> str:
+    """One MLflow run (or more logging into run ``run_id``): params (flattened, as strings),
+    metrics (NaN left out), ``step_metrics`` as {name: [(step, value), ...]}, artifact files that
+    exist, matplotlib figures {file name: figure} and pandas tables {file name: frame}. Returns
+    the tracking URI."""
+    import math
+
+    uri = use_experiment(experiment, out_dir)
+    with (mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name or experiment)):
+        if params:
+            mlflow.log_params({k: str(v)[:5000] for k, v in flatten(params).items()})
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                                if v is not None and not (isinstance(v, float) and math.isnan(v))})
+        for name, points in (step_metrics or {}).items():
+            for step, value in points:
+                mlflow.log_metric(name, float(value), step=int(step))
+        for path in artifacts:
+            if os.path.exists(path):
+                mlflow.log_artifact(path)
+        for name, fig in (figures or {}).items():
+            mlflow.log_figure(fig, name)
+        for name, frame in (tables or {}).items():
+            mlflow.log_table(frame, name)
+    return uri
+

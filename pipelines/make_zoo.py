@@ -19,9 +19,10 @@ dozens of tiny runs and as many database writes.)
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.cli import run_cli  # noqa: E402
+from distributed.fanout import fan_out  # noqa: E402
 from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import cluster_address, init_ray, ray, shutdown  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
@@ -168,35 +170,26 @@ def _move_roles(zoo: Zoo, meta, spec: dict) -> None:
 
 
 def _run_tasks(spec: dict, todo: list[MemberSpec], data, out: str, args) -> list[dict]:
-    from tqdm import tqdm
-
     data_ref = ray.put(data)
     threads = max(1, int(args.cpus_per_member))
     use_gpu = args.gpu if args.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    task = ray.remote(run_member).options(num_cpus=args.cpus_per_member, num_gpus=1 if use_gpu else 0,
-                                          max_retries=args.max_retries, retry_exceptions=False)
     fault = os.environ.get(FAULT_ENV)
-    pending = {task.remote(spec, m, data_ref, out, fault, threads): m for m in todo}
-    summaries, failed = [], 0
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / args.cpus_per_member))
-    bar = tqdm(total=len(pending), desc="building zoo", unit="member")
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        member = pending.pop(ready[0])
-        try:
-            summary = ray.get(ready[0])
-        except Exception as err:  # the task died for good (every retry): record it, go on
-            cause = getattr(err, "cause", None) or err  # a RayTaskError wraps the task's own exception
-            text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip()
-            error = f"{type(cause).__name__}: {text.splitlines()[0][:300] if text else ''}"
-            Zoo(out).write(member.id, [ZooRecord(member.id, member.arch, spec["dataset"]["name"], member.seed, None,
-                                                 status="failed", error=error, role=member.role)], manifest=False)
-            summary = {"id": member.id, "status": "failed", "error": error}
-        failed += summary["status"] != "ok"
+    summaries: list[dict] = []
+
+    def done(member: MemberSpec, summary: dict) -> dict:
         summaries.append(summary)
-        bar.update(1)
-        bar.set_postfix(done=len(summaries) - failed, failed=failed, running=min(len(pending), slots))
-    bar.close()
+        failed = sum(s["status"] != "ok" for s in summaries)
+        return {"done": len(summaries) - failed, "failed": failed}
+
+    def lost(member: MemberSpec, error: str) -> dict:  # the worker died on every retry: a failed member
+        Zoo(out).write(member.id, [ZooRecord(member.id, member.arch, spec["dataset"]["name"], member.seed, None,
+                                             status="failed", error=error, role=member.role)], manifest=False)
+        return done(member, {"id": member.id, "status": "failed", "error": error})
+
+    fan_out(run_member, [((spec, m, data_ref, out, fault, threads), m) for m in todo],
+            options={"num_cpus": args.cpus_per_member, "num_gpus": 1 if use_gpu else 0,
+                     "max_retries": args.max_retries, "retry_exceptions": False},
+            desc="building zoo", unit="member", on_result=done, on_death=lost)
     return summaries
 
 
@@ -213,42 +206,34 @@ def _print_summary(zoo: Zoo, manifest: dict, wall: float) -> None:
 
 
 def _log_mlflow(spec: dict, zoo: Zoo, manifest: dict, wall: float, out: str) -> None:
-    import json
-    import tempfile
+    from distributed.tracking import log_run
+    from metanet.plotting import pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import mlflow
-
-    from distributed.tracking import flatten, use_experiment
-
-    uri = use_experiment(f"zoo-{spec['name']}", out if "://" not in out else "runs")
     meta = zoo.metadata()
     ok = meta[meta.status == "ok"]
-    with mlflow.start_run(run_name=f"zoo-{spec['name']}"), tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_params({k: str(v)[:5000] for k, v in flatten(spec).items()})
-        metrics = {"members_ok": manifest["counts"]["ok"], "members_failed": manifest["counts"]["failed"],
-                   "wall_seconds": wall}
-        for col in ("train_acc", "val_acc", "test_acc"):
-            if len(ok):
-                metrics.update({f"{col}_mean": ok[col].mean(), f"{col}_min": ok[col].min(), f"{col}_max": ok[col].max()})
-        mlflow.log_metrics(metrics)
+    metrics = {"members_ok": manifest["counts"]["ok"], "members_failed": manifest["counts"]["failed"],
+               "wall_seconds": wall}
+    for col in ("train_acc", "val_acc", "test_acc"):
+        if len(ok):
+            metrics.update({f"{col}_mean": ok[col].mean(), f"{col}_min": ok[col].min(), f"{col}_max": ok[col].max()})
+    figures = {}
+    if len(ok):
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(100 * ok.test_acc, bins=min(20, max(5, len(ok))), color="tab:blue", alpha=0.8)
+        ax.set_xlabel("test accuracy (%)")
+        ax.set_ylabel("members")
+        ax.set_title(f"zoo {spec['name']}: {len(ok)} members")
+        fig.tight_layout()
+        figures["accuracy_histogram.png"] = fig
+    with tempfile.TemporaryDirectory() as tmp:  # the manifest as an artifact, wherever the zoo lives
         path = Path(tmp) / "manifest.json"
         path.write_text(json.dumps(manifest, indent=1))
-        mlflow.log_artifact(str(path))
-        mlflow.log_table(meta.drop(columns=["arch"]), "members.json")
-        if len(ok):
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            ax.hist(100 * ok.test_acc, bins=min(20, max(5, len(ok))), color="tab:blue", alpha=0.8)
-            ax.set_xlabel("test accuracy (%)")
-            ax.set_ylabel("members")
-            ax.set_title(f"zoo {spec['name']}: {len(ok)} members")
-            fig.tight_layout()
-            fig.savefig(Path(tmp) / "accuracy_histogram.png", dpi=110)
-            plt.close(fig)
-            mlflow.log_artifact(str(Path(tmp) / "accuracy_histogram.png"))
+        uri = log_run(f"zoo-{spec['name']}", out if "://" not in out else "runs", run_name=f"zoo-{spec['name']}",
+                      params=spec, metrics=metrics, artifacts=[str(path)], figures=figures,
+                      tables={"members.json": meta.drop(columns=["arch"])})
+    for fig in figures.values():
+        pyplot().close(fig)
     print(f"mlflow: run logged to {uri} (experiment zoo-{spec['name']})")
 
 

@@ -338,45 +338,45 @@ def select(result, config: dict, run_dir: Path) -> dict:
 
 
 def _log_selection(config: dict, selection: dict, run_id: str) -> None:
-    import matplotlib
+    from distributed.tracking import log_run, use_experiment
+    from metanet.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(selection["epochs"], [100 * s for s in selection["scores"]], marker="o")
+    ax.axvline(selection["best_epoch"], color="tab:red", ls="--", label="chosen")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation score (%)")
+    ax.set_title(f"checkpoint selection: {config['selection']}")
+    ax.legend()
+    fig.tight_layout()
+    figures = {"selection_scores.png": fig}
+    if run_id:  # rank 0's run: its metric history has the diagnostics of every epoch
+        use_experiment("meta-train", config["out"])
+        diagnostics = _diagnostics_figure(run_id)
+        if diagnostics is not None:
+            figures["validation_diagnostics.png"] = diagnostics
+    log_run("meta-train", config["out"], run_id=run_id or None, run_name=config["name"],
+            metrics={"chosen_epoch": selection["best_epoch"], "chosen_score": selection["best_score"]},
+            step_metrics={"selection_score": list(zip(selection["epochs"], selection["scores"]))},
+            artifacts=[selection["path"]], figures=figures)
+    for f in figures.values():
+        plt.close(f)
+
+
+def _diagnostics_figure(run_id: str):
+    """The per-epoch validation diagnostics (MLflow metric history) as one figure (None if none)."""
     import mlflow
 
-    from distributed.tracking import use_experiment
-
-    use_experiment("meta-train", config["out"])
-    with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=config["name"]):
-        for e, s in zip(selection["epochs"], selection["scores"]):
-            mlflow.log_metric("selection_score", s, step=e)
-        mlflow.log_metrics({"chosen_epoch": selection["best_epoch"], "chosen_score": selection["best_score"]})
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(selection["epochs"], [100 * s for s in selection["scores"]], marker="o")
-        ax.axvline(selection["best_epoch"], color="tab:red", ls="--", label="chosen")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation score (%)")
-        ax.set_title(f"checkpoint selection: {config['selection']}")
-        ax.legend()
-        fig.tight_layout()
-        mlflow.log_figure(fig, "selection_scores.png")
-        plt.close(fig)
-        _log_diagnostics_figure(mlflow.active_run().info.run_id)
-        mlflow.log_artifact(selection["path"])
-
-
-def _log_diagnostics_figure(run_id: str) -> None:
-    """The per-epoch validation diagnostics (MLflow metric history) as one figure in the run."""
-    import matplotlib.pyplot as plt
-    import mlflow
+    from metanet.plotting import pyplot
 
     client = mlflow.MlflowClient()
     panels = [("val_auc", "curve area (%)", 100), ("val_ratio_spread", "ratio spread", 1),
               ("val_share_below_0.1", "channels below 0.1 (%)", 100), ("val_acc_recal", "acc after recal (%)", 100)]
     history = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k, _, _ in panels}
     if not any(history.values()):
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.4))
+        return None
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(15, 3.4))
     for ax, (key, title, scale) in zip(axes, panels):
         ax.plot([s + 1 for s, _ in history[key]], [scale * v for _, v in history[key]], marker="o")
         ax.set_title(title)
@@ -384,8 +384,7 @@ def _log_diagnostics_figure(run_id: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("validation members: the edit's diagnostics during meta-training")
     fig.tight_layout()
-    mlflow.log_figure(fig, "validation_diagnostics.png")
-    plt.close(fig)
+    return fig
 
 
 # ------------------------------------------------------------------------------------- driver

@@ -384,10 +384,9 @@ def _print_report(report: dict, out: Path) -> None:
 
 
 def _plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from metanet.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for frame in report["history"]:
@@ -407,21 +406,15 @@ def _plot(report: dict, path: Path) -> None:
 
 
 def _log_summary(report: dict, out: Path, search: dict) -> None:
-    import mlflow
+    from distributed.tracking import log_run
 
-    from distributed.tracking import flatten, use_experiment
-
-    use_experiment(f"tune-{search['name']}", str(out))
-    with mlflow.start_run(run_name=f"tune-{search['name']}-summary"):
-        mlflow.log_params({k: str(v)[:5000] for k, v in flatten(report["best_config"]).items()})
-        metrics = {"best_val_score": report["best"]["best"], "seconds": report["seconds"],
-                   "trials": len(report["trials"])}
-        if report["default"].get("best") is not None:
-            metrics["default_val_score"] = report["default"]["best"]
-        metrics.update({f"test_acc_{t:g}x": v for t, v in report["test_score"].items() if t != "members"})
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(out / "best_config.yaml"))
-        mlflow.log_artifact(str(out / "tune_scores.png"))
+    metrics = {"best_val_score": report["best"]["best"], "seconds": report["seconds"], "trials": len(report["trials"])}
+    if report["default"].get("best") is not None:
+        metrics["default_val_score"] = report["default"]["best"]
+    metrics.update({f"test_acc_{t:g}x": v for t, v in report["test_score"].items() if t != "members"})
+    log_run(f"tune-{search['name']}", str(out), run_name=f"tune-{search['name']}-summary",
+            params=report["best_config"], metrics=metrics,
+            artifacts=[str(out / "best_config.yaml"), str(out / "tune_scores.png")])
 
 
 # the errors a user's input can cause: one line and exit code 2 (distributed.cli)

@@ -14,6 +14,7 @@ import yaml
 from distributed.locks import exclusive
 from metanet.graph import GraphMismatchError, graph_to_network, network_to_graph
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
+from zoo import batch
 from zoo.arch import arch_spec, build_model, resnet_spec
 from zoo.spec import load_spec, members
 from zoo.store import Zoo, ZooRecord
@@ -148,9 +149,9 @@ def test_an_output_in_use_is_refused_with_the_holder_named(program, world, capsy
 
 def test_an_unreadable_member_fails_only_what_needs_it(world):
     config = {**prune_batch.DEFAULTS, "zoo": str(world / "broken-zoo"), "split": "test"}
-    sources = prune_batch.find_sources(config)  # the truncated file is a train member: not needed here
+    sources = batch.find_sources(config)  # the truncated file is a train member: not needed here
     assert [s.name for s in sources] == ["resnet-000000000002"] and sources[0].error is None
-    sources = prune_batch.find_sources(dict(config, split="train"))
+    sources = batch.find_sources(dict(config, split="train"))
     assert len(sources) == 1 and "not a readable Arrow IPC file" in sources[0].error  # its rows fail, with why
     with pytest.raises(Exception, match="resnet-000000000000.arrow: not a readable"):
         Zoo(str(world / "broken-zoo")).metadata()  # without skip_unreadable nothing is skipped silently
@@ -164,24 +165,24 @@ def test_nan_weights_fail_the_row_naming_the_tensor(world):
     with torch.no_grad():
         model.layers[1].conv2.weight[0, 0, 0, 0] = float("nan")
     save_model(model, str(world / "nan.pt"))
-    source = prune_batch.Source("nan", str(world / "nan.pt"))
+    source = batch.Source("nan", str(world / "nan.pt"))
     config = {**prune_batch.DEFAULTS, "arch": None, "batch_size": 64, "augment": False}
-    rows = prune_batch.prune_model(source, "none", [{"target": 2.0, "floor": None}], config, load_digits(), None,
+    rows = batch.prune_model(source, "none", [{"target": 2.0, "floor": None}], config, load_digits(), None,
                                    str(world / "nan-out"))
     assert rows[0]["status"] == "failed" and "layers.1.conv2.weight has non-finite values" in rows[0]["error"]
 
 
 def test_results_are_reused_only_when_what_produced_them_is_unchanged():
     settings = {"before_steps": 10, "seed": 0}
-    sha, text = prune_batch.settings_digest(settings)
+    sha, text = batch.settings_digest(settings)
     current = {"model_sha": "m1", "metanet_sha": "n1", "settings_sha": sha, "settings": text}
-    assert prune_batch.why_recompute(dict(current), current) is None
-    assert prune_batch.why_recompute(dict(current, model_sha="m0"), current) == "the model file changed"
-    assert prune_batch.why_recompute(dict(current, metanet_sha="n0"), current) == "the metanetwork file changed"
-    old_sha, old_text = prune_batch.settings_digest(dict(settings, before_steps=5))
-    assert prune_batch.why_recompute(dict(current, settings_sha=old_sha, settings=old_text), current) == \
+    assert batch.why_recompute(dict(current), current) is None
+    assert batch.why_recompute(dict(current, model_sha="m0"), current) == "the model file changed"
+    assert batch.why_recompute(dict(current, metanet_sha="n0"), current) == "the metanetwork file changed"
+    old_sha, old_text = batch.settings_digest(dict(settings, before_steps=5))
+    assert batch.why_recompute(dict(current, settings_sha=old_sha, settings=old_text), current) == \
         "settings changed: before_steps 5 -> 10"
-    assert "no fingerprint" in prune_batch.why_recompute({"model_sha": float("nan")}, current)
+    assert "no fingerprint" in batch.why_recompute({"model_sha": float("nan")}, current)
 
 
 def test_growing_a_zoo_never_moves_a_member_between_roles():
@@ -213,3 +214,19 @@ def test_graph_with_missing_or_extra_edge_rows_names_the_layer():
     extra.edge_feat = dict(graph.edge_feat, k5x5=torch.zeros(3, 25))
     with pytest.raises(GraphMismatchError, match=r"type\(s\) \['k5x5'\]"):
         graph_to_network(extra, model)
+
+
+def test_plan_reuses_only_rows_made_by_the_same_inputs():
+    sources = [batch.Source("a", "/a.pt", digest="m1"), batch.Source("b", "/b.pt", digest="m2")]
+    runs = [{"target": 2.0, "floor": None}]
+    settings = batch.settings_digest({"before_steps": 10})
+    first = batch.plan(sources, ["none"], runs, [], "", settings)
+    assert first.reused == 0 and [(s.name, m) for s, m, _ in first.jobs] == [("a", "none"), ("b", "none")]
+    done = [dict(r, model=s.name, method=m, status="ok") for s, m, todo in first.jobs for r in todo]
+    again = batch.plan(sources, ["none"], runs, done, "", settings)
+    assert again.reused == 2 and not again.jobs and len(again.rows) == 2
+    third = batch.plan([batch.Source("a", "/a.pt", digest="m9"), sources[1]], ["none"], runs, done, "", settings)
+    assert [s.name for s, _, _ in third.jobs] == ["a"] and len(third.rows) == 1  # b's row kept as it was
+    assert third.notes == ["a / none / 2x: recomputed (the model file changed)"]
+    other = batch.plan(sources, ["none"], runs, done, "", batch.settings_digest({"before_steps": 5}))
+    assert len(other.jobs) == 2 and "settings changed: before_steps 10 -> 5" in other.notes[0]

@@ -1,0 +1,469 @@
+"""Batch pruning as a library: which models to prune, one model's rows (the work of one Ray task
+in ``pipelines/prune_batch.py``), the results store with its resume key, and the summary.
+
+A row is one model, method and target (or accuracy floor). Every row records what produced it:
+content hashes of the model file (or zoo member file) and of the metanetwork file, and the
+settings that change its result (``RESULT_SETTINGS``); ``plan`` reuses a finished row only when
+all of them match, and says why it recomputes one otherwise.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from metanet.diagnostics import CURVE_SPEEDUPS
+from metanet.files import atomic_write
+
+
+class BatchInputError(ValueError):
+    """Models, a zoo split or a dataset that cannot be pruned as asked."""
+
+
+DIAGNOSTICS = ["ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal",
+               *(f"curve_{s:g}x" for s in CURVE_SPEEDUPS), "auc"]
+COLUMNS = ["model", "source", "family", "method", "target", "floor", "status", "error", "speedup", "macs_before",
+           "macs_after", "params_before", "params_after", "val_acc_before", "test_acc_before", "val_acc_pruned",
+           "test_acc_pruned", "val_acc", "test_acc", "seconds", "path", *DIAGNOSTICS,
+           "model_sha", "metanet_sha", "settings_sha", "settings", "node"]
+KEY = ["model", "method", "target", "floor"]
+# the settings a row's result depends on (besides its model, method, target/floor and metanetwork)
+RESULT_SETTINGS = ("arch", "dataset", "data_root", "before_steps", "before_lr", "after_steps", "after_lr",
+                   "batch_size", "augment", "sparse_reg", "seed", "diagnostics")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one model comes from: a zoo member (``zoo`` + ``row``) or a file."""
+
+    name: str
+    ref: str  # the file path, or "<zoo>#<member id>"
+    zoo: str | None = None
+    digest: str = ""  # content hash of the file the model is read from
+    error: str | None = None  # set when the source cannot be read at all (its rows fail without a task)
+
+
+# ------------------------------------------------------------------------------- the task
+def _load(source: Source, arch: dict | None, trust_pickle: bool):
+    from zoo.model_files import load_model
+    from zoo.store import Zoo
+
+    if source.zoo is not None:
+        return Zoo(source.zoo, skip_unreadable=True).record(source.name).network()
+    return load_model(source.ref, arch=arch, trust_pickle=trust_pickle)[0]
+
+
+def check_finite(model, where: str) -> None:
+    """A model with NaN or inf weights cannot be pruned meaningfully: say which tensor."""
+    import itertools
+
+    import torch
+
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {name} has non-finite values (NaN or inf); the model file is broken")
+
+
+def _error(err: BaseException) -> str:
+    text = re.sub(r"\s+", " ", str(err)).strip()
+    return f"{type(err).__name__}: {text[:400]}"
+
+
+def prune_model(source: Source, method: str, runs: list[dict], config: dict, data, metanet_path: str | None,
+                out: str) -> list[dict]:
+    """One Ray task: the rows of one model and method, one per target in ``runs`` (each a dict
+    with ``target`` and ``floor``). Never raises for a bad model: its rows say ``failed``."""
+    import torch
+
+    from metanet.metanetwork import load_metanetwork
+    from metanet.prune import count
+    from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings
+    from zoo.model_files import save_model
+    from metanet.train import evaluate
+
+    torch.set_num_threads(max(1, int(config["cpus_per_task"])))
+    torch.manual_seed(config["seed"])
+    base = {"model": source.name, "source": source.ref, "method": method, "status": "failed"}
+    rows = [dict(base, **r) for r in runs]
+    started = time.perf_counter()
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when the task was given one
+        model = _load(source, config["arch"], config["trust_pickle"]).to(device)
+        check_finite(model, source.ref)
+        family = _family(model)
+        x = torch.zeros(data.input_shape, device=device)
+        macs, params = count(model, x)
+        before = {"family": family, "val_acc_before": evaluate(model, data, "val")[0],
+                  "test_acc_before": evaluate(model, data, "test")[0], "macs_before": macs, "params_before": params}
+        # DGL's wheel is a CPU build: on a GPU the metanetwork runs on the PyG backend
+        metanet = load_metanetwork(metanet_path, None if device == "cpu" else "pyg")[0] if method == "meta" else None
+        cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
+                                   seed=config["seed"], sparse_reg=config["sparse_reg"])
+        prepared, record = prepare(model, data, method, cfg, metanet)
+        if config["diagnostics"]:  # on the test split: a report, nothing is selected with it
+            from metanet.diagnostics import diagnose
+
+            before.update(diagnose(model, prepared, data, cfg, CURVE_SPEEDUPS, split="test"))
+    except Exception as err:  # the model could not be loaded, converted or trained: every row says why
+        return [dict(r, error=_error(err), seconds=time.perf_counter() - started) for r in rows]
+    shared = record.pop("seconds_before_prune")
+    for row in rows:
+        began = time.perf_counter()
+        row.update(before)
+        try:
+            cfg.target = row["target"] if row["target"] is not None else cfg.target
+            cfg.floor = row["floor"]
+            pruned, result = prune_and_finetune(prepared, data, cfg, dict(record))
+            name = f"{source.name}__{method}__{run_label(row)}.pt"
+            path = os.path.join(out, "models", name)
+            try:
+                save_model(pruned, path, model=source.name, method=method, target=row["target"], floor=row["floor"],
+                           source=source.ref)
+            except ValueError:  # not a zoo architecture (a trusted pickled module): keep it as one
+                atomic_write(path, lambda tmp: torch.save(pruned.cpu(), tmp))
+            row.update({k: result[k] for k in ("speedup", "macs_after", "params_after", "val_acc_pruned",
+                                               "test_acc_pruned", "val_acc", "test_acc")},
+                       status="ok", error=None, path=path)
+        except Exception as err:
+            row.update(error=_error(err))
+        row["seconds"] = shared + time.perf_counter() - began
+    return rows
+
+
+def _family(model) -> str:
+    from zoo.arch import arch_spec
+
+    try:
+        return arch_spec(model)["family"]
+    except ValueError:
+        return type(model).__name__
+
+
+def run_label(row: dict) -> str:
+    floor = row.get("floor")
+    return f"floor{floor:g}" if floor is not None and floor == floor else f"{row['target']:g}x"  # NaN: no floor
+
+
+# ---------------------------------------------------------------------------- the inputs
+def find_sources(config: dict) -> list[Source]:
+    """Every model to prune: the zoo split's members, then the files the ``models`` patterns match."""
+    sources: list[Source] = []
+    if config["zoo"]:
+        from zoo.store import Zoo
+
+        try:
+            zoo = Zoo(config["zoo"], skip_unreadable=True)  # an unreadable member fails only its own rows
+            meta = zoo.metadata()
+        except FileNotFoundError as err:
+            raise BatchInputError(f"{err}")
+        if config["split"] not in ("train", "val", "test", "all"):
+            raise BatchInputError(f"--split must be train, val, test or all, not {config['split']!r}")
+        roles = {"train", "val", "test"} if config["split"] == "all" else {config["split"]}
+        files = {m.id: f for m, f in zip(meta.itertuples(), _member_files(zoo))}
+        for m in meta.itertuples():
+            if m.status == "ok" and m.role in roles:
+                sources.append(Source(m.id, f"{config['zoo']}#{m.id}", config["zoo"], file_digest(files[m.id])))
+        for path, error in zoo.unreadable.items():
+            if zoo.expected_role(path) in roles:
+                name = Path(path).stem
+                sources.append(Source(name, f"{config['zoo']}#{name}", config["zoo"], error=error))
+        if not sources:
+            raise BatchInputError(f"{config['zoo']} has no built members in split {config['split']!r} "
+                             f"(roles there: {sorted(set(meta.role))})")
+    for pattern in config["models"]:
+        if os.path.isdir(pattern):
+            matches = sorted(glob.glob(os.path.join(pattern, "*.pt")) + glob.glob(os.path.join(pattern, "*.pth")))
+        else:
+            matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise BatchInputError(f"--models {pattern!r}: no such file, and no .pt/.pth files match it")
+        for path in matches:
+            sources.append(Source(Path(path).stem, os.path.abspath(path), digest=file_digest(path)))
+    names = [s.name for s in sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise BatchInputError(f"two models share the name(s) {dupes}; rename the files")
+    if not sources:
+        raise BatchInputError("nothing to prune: give --zoo (and --split) and/or --models")
+    return sources
+
+
+def _member_files(zoo) -> list[str]:
+    """The file of each row of ``zoo.metadata()``, in order."""
+    return [path for path, _ in zoo.index()]
+
+
+def file_digest(path: str) -> str:
+    """Content hash of a file (the first 16 hex digits of its SHA-256)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def settings_digest(config: dict) -> tuple[str, str]:
+    """The settings that change a row's result, as JSON, and their hash."""
+    import hashlib
+    import json
+
+    text = json.dumps({k: config.get(k) for k in RESULT_SETTINGS}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], text
+
+
+def why_recompute(previous: dict, current: dict) -> str | None:
+    """None when ``previous`` (a finished row) was produced by what ``current`` describes; else
+    what changed, in words."""
+    import json
+
+    def text(key):  # a missing value reads back from parquet as None or NaN
+        value = previous.get(key)
+        return value if isinstance(value, str) else ""
+
+    if not text("settings_sha"):
+        return "the row records no fingerprint (written by an older version)"
+    reasons = []
+    if text("model_sha") != current["model_sha"]:
+        reasons.append("the model file changed")
+    if text("metanet_sha") != current["metanet_sha"]:
+        reasons.append("the metanetwork file changed")
+    if previous.get("settings_sha") != current["settings_sha"]:
+        old, new = json.loads(text("settings") or "{}"), json.loads(current["settings"])
+        changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+        reasons.append("settings changed: " + (", ".join(changed) or "(unknown)"))
+    return "; ".join(reasons) or None
+
+
+def load_data(config: dict):
+    from zoo.data import load_dataset
+
+    try:
+        if config["dataset"]:
+            return load_dataset(config["dataset"], config["data_root"])
+        if config["zoo"]:
+            from zoo.store import Zoo
+
+            return Zoo(config["zoo"]).dataset(config["data_root"])
+    except FileNotFoundError as err:
+        raise BatchInputError(str(err)) from None
+    raise BatchInputError("--dataset is needed when the models do not come from a zoo")
+
+
+def finetune_defaults(config: dict) -> dict:
+    """Batch size and augmentation not given: the zoo's finetuning settings, else 128 with
+    augmentation."""
+    zoo_settings = {"batch_size": 128, "augment": True}
+    if config["zoo"] and (config["batch_size"] is None or config["augment"] is None):
+        from zoo.store import Zoo
+
+        zoo_settings = Zoo(config["zoo"]).finetune_settings()
+    return dict(config, batch_size=config["batch_size"] or zoo_settings["batch_size"],
+                augment=config["augment"] if config["augment"] is not None else zoo_settings["augment"])
+
+
+def arch_file(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    import yaml
+
+    if not os.path.exists(path):
+        raise BatchInputError(f"--arch file not found: {path}")
+    with open(path) as f:
+        arch = yaml.safe_load(f)
+    if not isinstance(arch, dict) or "family" not in arch:
+        raise BatchInputError(f"--arch {path}: not an architecture spec (a mapping with 'family')")
+    return arch
+
+
+# ------------------------------------------------------------------------------- results
+def read_results(out: str):
+    import pandas as pd
+
+    path = os.path.join(out, "results.parquet")
+    if not os.path.exists(path):
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.read_parquet(path)
+
+
+def write_results(out: str, rows: list[dict]):
+    """Rewrites results.parquet and results.csv from ``rows`` (atomically); returns the frame."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame = frame.astype({"target": "float64", "floor": "float64"})
+    frame = frame.sort_values(["model", "method", "target", "floor"], na_position="last").reset_index(drop=True)
+    atomic_write(os.path.join(out, "results.parquet"), lambda p: frame.to_parquet(p, index=False))
+    atomic_write(os.path.join(out, "results.csv"), lambda p: frame.to_csv(p, index=False))
+    return frame
+
+
+def row_key(row) -> tuple:
+    """What identifies a row: model, method, target, floor (NaN and None alike)."""
+    def num(v):
+        return None if v is None or v != v else round(float(v), 6)
+
+    return row["model"], row["method"], num(row["target"]), num(row["floor"])
+
+
+def paired_summary(frame) -> str:
+    """Markdown: paired differences in final test accuracy (same model) with 95% intervals, for
+    meta against each baseline (or the baselines against each other), per target; '' if one method."""
+    from metanet.paired import paired_key_table, paired_table
+
+    ok = frame[(frame.status == "ok") & frame.floor.isna()]
+    methods = list(dict.fromkeys(ok.method))
+    if len(methods) < 2:
+        return ""
+    pairs = [("meta", b) for b in methods if b != "meta"] if "meta" in methods else \
+        [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+    targets = sorted(set(ok.target))
+    rows = ok.to_dict("records")
+    text = ("Paired by model, final test accuracy, mean difference in points [95% interval over "
+            f"{ok.model.nunique()} models]:\n\n" + paired_table(rows, pairs, targets, "test_acc", unit="model"))
+    if ok["auc"].notna().any():
+        curve = [r for r in rows if r["target"] == targets[0]]
+        keys = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
+        text += ("\n\nRecalibrated pruning curve of the prepared models (no finetuning after pruning), "
+                 "paired by model, points:\n\n" + paired_key_table(curve, pairs, keys, unit="model"))
+    return text
+
+
+def summary_table(frame) -> str:
+    """Markdown: per method and target, the mean over models that finished."""
+    ok = frame[frame.status == "ok"]
+    lines = ["| method | target | models | reached speed-up | test acc before | test acc pruned (BN recal, no ft) | "
+             "test acc after | val acc after | s each |", "|---|---|---|---|---|---|---|---|---|"]
+    group = ok.assign(run=[run_label(r) for r in ok.to_dict("records")]).groupby(["run", "method"], sort=False)
+    order = sorted(group.groups, key=lambda k: (k[0], k[1]))
+    for run, method in order:
+        g = group.get_group((run, method))
+        lines.append(f"| {method} | {run} | {len(g)} | {g.speedup.mean():.2f}x | {100 * g.test_acc_before.mean():.2f} | "
+                     f"{100 * g.test_acc_pruned.mean():.2f} | {100 * g.test_acc.mean():.2f} | "
+                     f"{100 * g.val_acc.mean():.2f} | {g.seconds.mean():.0f} |")
+    failed = frame[frame.status != "ok"]
+    if len(failed):
+        lines += ["", f"{len(failed)} failed:", ""]
+        lines += [f"- {r.model} / {r.method} / {run_label(r._asdict())}: {r.error}" for r in failed.itertuples()]
+    paired = paired_summary(frame)
+    return "\n".join(lines) + (f"\n\n{paired}" if paired else "")
+
+
+def plot(frame, path: str) -> None:
+    import matplotlib.ticker
+
+    from metanet.plotting import pyplot
+
+    plt = pyplot()
+
+    ok = frame[frame.status == "ok"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (method, g), marker in zip(ok.groupby("method"), "os^vD"):
+        ax.scatter(g.speedup, 100 * g.test_acc, marker=marker, alpha=0.35, s=18)
+        means = g.groupby(g.target.fillna(-1)).agg(x=("speedup", "mean"), y=("test_acc", "mean")).sort_values("x")
+        ax.plot(means.x, 100 * means.y, marker=marker, label=f"{method} (mean)",
+                color=ax.collections[-1].get_facecolor()[0][:3])
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.set_xlabel("MAC speed-up reached")
+    ax.set_ylabel("test accuracy after finetuning (%)")
+    ax.set_title(f"{ok.model.nunique()} models: accuracy vs speed-up")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+
+
+def plot_curves(frame, path: str) -> bool:
+    """With ``--diagnostics``: each method's recalibrated pruning curve (mean over models, 95%
+    interval), the unedited networks' beside them. False when no row has diagnostics."""
+    import matplotlib.ticker
+
+    from metanet.plotting import pyplot
+
+    plt = pyplot()
+
+    from metanet.paired import mean_ci
+
+    ok = frame[(frame.status == "ok") & frame["auc"].notna()]
+    if ok.empty:
+        return False
+    first = ok[ok.target == ok.target.min()] if ok.target.notna().any() else ok
+    keys = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (method, g), marker in zip(first.groupby("method"), "os^vD"):
+        cis = [mean_ci(list(100 * g.groupby("model")[k].mean())) for k in keys]
+        ax.errorbar(CURVE_SPEEDUPS, [c.mean for c in cis], yerr=[(c.high - c.low) / 2 if c.n > 1 else 0 for c in cis],
+                    marker=marker, capsize=3, label=f"{method} (prepared)")
+    ax.axhline(100 * first.groupby("model").test_acc_before.first().mean(), color="gray", ls="--", label="unpruned")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(CURVE_SPEEDUPS)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("MAC speed-up")
+    ax.set_ylabel("test accuracy right after pruning (%)")
+    ax.set_title(f"recalibrated pruning curve, {first.model.nunique()} models (95% interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+    return True
+
+
+
+
+@dataclass
+class Plan:
+    """What a run does: ``rows`` it keeps as they are (other models' and methods', rows reused
+    unchanged, the failed rows of unreadable sources), ``jobs`` to compute (model, method, the
+    runs with their fingerprints), and why each recomputed row is recomputed."""
+
+    rows: list[dict]
+    jobs: list[tuple[Source, str, list[dict]]]
+    keys: set[tuple]
+    reused: int
+    notes: list[str]
+
+
+def plan(sources: list[Source], methods: list[str], runs: list[dict], previous: list[dict], metanet_sha: str,
+         settings: tuple[str, str]) -> Plan:
+    """Which rows of ``sources`` x ``methods`` x ``runs`` (each a dict of target and floor) to
+    compute, given the ``previous`` rows of the output: a finished row is reused only when its
+    model file, metanetwork file (``meta`` rows) and settings are unchanged (``why_recompute``)."""
+    settings_sha, settings_json = settings
+    old = {row_key(r): r for r in previous}
+    kept, jobs, failed, notes, reused = {}, [], [], [], 0
+    for source in sources:
+        for method in methods:
+            current = {"model_sha": source.digest, "metanet_sha": metanet_sha if method == "meta" else "",
+                       "settings_sha": settings_sha, "settings": settings_json}
+            todo = []
+            for r in runs:
+                key = row_key({"model": source.name, "method": method, **r})
+                if source.error is not None:
+                    failed.append({"model": source.name, "source": source.ref, "method": method, **r,
+                                   "status": "failed", "error": source.error, **current})
+                    continue
+                before = old.get(key)
+                reason = why_recompute(before, current) if before is not None and before["status"] == "ok" \
+                    else "not done"
+                if reason is None:
+                    kept[key] = before
+                    reused += 1
+                    continue
+                if reason != "not done":
+                    notes.append(f"{source.name} / {method} / {run_label(r)}: recomputed ({reason})")
+                todo.append(dict(r, **current))
+            if todo:
+                jobs.append((source, method, todo))
+    keys = {row_key({"model": s.name, "method": m, **r}) for s in sources for m in methods for r in runs}
+    rows = [r for k, r in old.items() if k not in keys] + list(kept.values()) + failed
+    return Plan(rows, jobs, keys, reused, notes)
