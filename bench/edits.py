@@ -118,7 +118,7 @@ def train_variant(name: str, zoo: Zoo, data, args) -> MetaNetwork:
     epochs = meta_settings.get("epochs", args.epochs)
     cfg = MetaTrainConfig(milestones=(int(epochs * 0.75),), lr=1e-3, batches_per_step=4, batch_size=256,
                           **{"epochs": epochs, **meta_settings})
-    members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in zoo if r.status == "ok" and r.role == "train"]
+    members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in zoo.built("train")]
     net = MetaNetwork(MetaNetConfig(**{"edge_widths": zoo.edge_widths(), "hidden": 32, "layers": 4,
                                        **net_settings}))
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def main(argv=None) -> list[dict]:
         saved = json.loads((Path(args.out) / "rows.json").read_text())
         rows = [r for entry in saved.values() for r in entry["rows"]]
         zoo = Zoo(args.zoo)
-        val_names = {r.id for r in zoo if r.status == "ok" and r.role == "val"}
+        val_names = {r.id for r in zoo.built("val")}
         print_table(rows, val_names, args)
         return rows
     torch.set_num_threads(2)
@@ -150,7 +150,7 @@ def main(argv=None) -> list[dict]:
     data = zoo.dataset()
     cfg = recipe_from_settings({"before_steps": 40, "before_lr": 0.01, "after_steps": 0, "after_lr": 0.01},
                                **zoo.finetune_settings())
-    val_models = [(r.id, r.network().eval()) for r in zoo if r.status == "ok" and r.role == "val"][:args.val_members]
+    val_models = [(r.id, r.network().eval()) for r in zoo.built("val")][:args.val_members]
     test_models = [(r.id, r.network().eval()) for r in held if r.status == "ok"]
     print(f"{len(test_models)} held-out networks, {len(val_models)} validation members; gate targets ...", flush=True)
     targets = [gate_logits_for(m, data, cfg)[1] for _, m in test_models]

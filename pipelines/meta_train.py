@@ -259,7 +259,7 @@ def validation_diagnostics(metanet, zoo, data, config: dict) -> dict:
     from metanet.recipe import RecipeConfig, apply_metanetwork
     from metanet.train import TrainConfig
 
-    val = [r for r in zoo if r.status == "ok" and r.role == "val"][:config["select_members"]]
+    val = zoo.built("val")[:config["select_members"]]
     if not val:
         return {}
     ft = zoo.finetune_settings()
@@ -290,7 +290,7 @@ def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_r
     torch.manual_seed(seed)
     zoo = Zoo(zoo_root)
     data = zoo.dataset(data_root)
-    val = [r for r in Zoo(zoo_root, skip_unreadable=True) if r.status == "ok" and r.role == "val"][:members]
+    val = Zoo(zoo_root, skip_unreadable=True).built("val")[:members]
     if not val:
         raise ValueError(f"{zoo_root}: no validation members (role 'val') to select checkpoints with")
     models = [r.network() for r in val]

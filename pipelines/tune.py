@@ -150,7 +150,7 @@ def trial(config: dict, search: dict, data) -> None:
     from ray import tune
     from metanet.meta_training import MetaTrainConfig, make_member, meta_train
     from zoo.arch import build_model
-    from metanet.metanetwork import MetaNetConfig, MetaNetwork
+    from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
     from metanet.diagnostics import curve_auc, pruning_curve
     from metanet.recipe import apply_metanetwork, recipe_from_settings, selection_score
     from zoo.store import Zoo
@@ -181,8 +181,7 @@ def trial(config: dict, search: dict, data) -> None:
         else:
             score = selection_score(net, val, data, recipe, search["targets"])
         with tempfile.TemporaryDirectory() as d:
-            torch.save({"metanet": net.state_dict(), "metanet_config": net.config.to_dict(), "epoch": epoch},
-                       os.path.join(d, "metanet.pt"))
+            save_metanetwork(net, os.path.join(d, "metanet.pt"), epoch=epoch)  # the one metanetwork file format
             tune.report({"score": score, "epoch": epoch, "task_loss": metrics["task_loss"],
                          "sparsity_loss": metrics["sparsity_loss"], "meta_seconds": metrics["seconds"]},
                         checkpoint=tune.Checkpoint.from_directory(d))
@@ -300,7 +299,7 @@ def _fit(search: dict, data, out: Path, resources: dict, use_mlflow: bool):
 
 def _report(results, search: dict, out: Path, data, finetune: dict) -> dict:
     """The best configuration (by validation score), written as best_config.yaml; then its test score."""
-    import torch
+    from metanet.metanetwork import load_metanetwork
 
     frames, trials = [], []
     # in the order Tune created the trials (the path names count them): a restored search's
@@ -325,7 +324,7 @@ def _report(results, search: dict, out: Path, data, finetune: dict) -> dict:
     result = next(r for i, r in enumerate(results) if i == best["trial"])
     checkpoint = max(result.best_checkpoints, key=lambda cm: cm[1]["score"])[0]
     with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "metanet.pt"), weights_only=True)
+        net = load_metanetwork(os.path.join(d, "metanet.pt"))[0]
     config = best["config"]
     best_config = {
         "meta_train": {**{k: config[k] for k in META_KEYS}, "epochs": best["epoch"] + 1, "milestones": [best["epoch"] + 1]},
@@ -337,22 +336,19 @@ def _report(results, search: dict, out: Path, data, finetune: dict) -> dict:
     text = "# Written by pipelines/tune.py: the best configuration by validation score.\n" + \
         yaml.safe_dump(best_config, sort_keys=False)
     atomic_write_text(out / "best_config.yaml", text)
-    test_score = _test_score(state, config, search, data, finetune)
+    test_score = _test_score(net, config, search, data, finetune)
     return {"best": best, "default": default, "trials": trials, "best_config": best_config,
             "test_score": test_score, "history": frames}
 
 
-def _test_score(state: dict, config: dict, search: dict, data, finetune: dict) -> dict:
+def _test_score(net, config: dict, search: dict, data, finetune: dict) -> dict:
     """Test accuracy of the best configuration on the held-out (role 'test') members, per target."""
-    from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings
     from zoo.store import Zoo
 
-    held_out = [r for r in Zoo(search["zoo"]) if r.status == "ok" and r.role == "test"]
+    held_out = Zoo(search["zoo"]).built("test")
     if not held_out:
         return {}
-    net = MetaNetwork(MetaNetConfig(**state["metanet_config"]))
-    net.load_state_dict(state["metanet"])
     recipe = recipe_from_settings(config, **finetune, seed=search.get("seed", 0))
     scores: dict[float, list[float]] = {float(t): [] for t in search["targets"]}
     for record in held_out:

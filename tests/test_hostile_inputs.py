@@ -230,3 +230,9 @@ def test_plan_reuses_only_rows_made_by_the_same_inputs():
     assert third.notes == ["a / none / 2x: recomputed (the model file changed)"]
     other = batch.plan(sources, ["none"], runs, done, "", batch.settings_digest({"before_steps": 5}))
     assert len(other.jobs) == 2 and "settings changed: before_steps 10 -> 5" in other.notes[0]
+
+
+def test_built_members_of_a_role_are_read_from_their_own_files(world):
+    zoo = Zoo(str(world / "broken-zoo"), skip_unreadable=True)  # the train member's file is truncated
+    assert [r.id for r in zoo.built("test")] == ["resnet-000000000002"] and zoo.built("test")[0].graph is not None
+    assert [r.id for r in zoo.built()] == ["resnet-000000000001", "resnet-000000000002"]

@@ -334,6 +334,13 @@ class Zoo:
         path, row = self.index()[i]
         return record_from_row(read_table(self._uri(path)), row)
 
+    def built(self, role: str | None = None) -> list[ZooRecord]:
+        """The members that were built (status ok), of ``role`` if given, with their graphs; only
+        their own files are read."""
+        meta = self.metadata()
+        keep = (meta.status == "ok") & ((meta.role == role) if role is not None else True)
+        return [self.record(i) for i in meta.id[keep]]
+
     def record(self, member_id: str) -> ZooRecord:
         """Member ``member_id`` (its graph too), read from ``members/<id>.arrow`` when the zoo keeps
         one member per file (as make_zoo writes it), else found by scanning."""
