@@ -45,6 +45,10 @@ ALL_METHODS = (*METHODS, "gate", "oracle")  # plus the per-network gates and the
 # below the unpruned accuracy on average (at most 2.2) with these.
 BEFORE_STEPS = 40
 AFTER_STEPS = 80
+# the recipe's settings as the pipelines name them (prune_batch.py's flags, Tune's search keys):
+# the one place their defaults live
+RECIPE_DEFAULTS = {"before_steps": BEFORE_STEPS, "before_lr": 0.01, "after_steps": AFTER_STEPS, "after_lr": 0.01,
+                   "sparse_reg": 5e-4}
 RECAL_BATCHES = 10
 
 

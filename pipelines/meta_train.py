@@ -41,17 +41,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distributed.cli import run_cli  # noqa: E402
 from distributed.ray_env import init_ray, ray  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
+from metanet.meta_training import MetaTrainConfig  # noqa: E402
+from metanet.metanetwork import MetaNetConfig  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
+_NET, _TRAIN = MetaNetConfig(edge_widths={}), MetaTrainConfig()  # the library's dataclasses hold the defaults
+_TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", "batch_size", "reg", "alpha", "seed",
+               "bn_mode", "sparsity_norm", "distill_epochs", "gate_reg")
+_NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence")
 DEFAULTS = {
-    "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2, "epochs": 20,
-    "lr": 1e-3, "weight_decay": 5e-4, "milestones": [15], "batches_per_step": 4, "batch_size": 256,
-    "reg": 3e-3, "alpha": 16.0, "hidden": 32, "layers": 4, "residual": 0.05, "backend": "dgl", "seed": 0,
+    "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,
+    **{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(_TRAIN, k)) for k in _TRAIN_KEYS)},
+    **{k: getattr(_NET, k) for k in _NET_KEYS},
     "gpu": False, "max_failures": 2, "keep": 5, "selection": "recipe", "select_target": 2.0, "select_finetune_steps": 18,
-    "select_members": 4, "diagnose_every": 1, "bn_mode": "eval", "data_root": None, "mlflow": True,
-    "edit": "additive", "evidence": False, "sparsity_norm": "none", "distill_epochs": 0, "gate_reg": 3.0,
-    "min_member_acc": 0.0,
+    "select_members": 4, "diagnose_every": 1, "data_root": None, "mlflow": True, "min_member_acc": 0.0,
 }
 HELP = {
     "zoo": "zoo directory or URI to meta-train on (its 'train' members; 'val' members select checkpoints)",

@@ -45,7 +45,7 @@ from distributed.ray_env import init_ray, ray, shutdown  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
-from metanet.recipe import AFTER_STEPS, BEFORE_STEPS  # noqa: E402
+from metanet.recipe import RECIPE_DEFAULTS  # noqa: E402
 from zoo import batch  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
@@ -53,8 +53,8 @@ from zoo.store import ZooFormatError  # noqa: E402
 DEFAULTS = {
     "zoo": None, "split": "test", "models": [], "arch": None, "trust_pickle": False, "dataset": None,
     "data_root": None, "metanet": None, "methods": ["meta"], "baselines": False, "targets": [2.0], "floor": None,
-    "before_steps": BEFORE_STEPS, "before_lr": 0.01, "after_steps": AFTER_STEPS, "after_lr": 0.01, "batch_size": None,
-    "augment": None, "sparse_reg": 5e-4, "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
+    **{k: RECIPE_DEFAULTS[k] for k in ("before_steps", "before_lr", "after_steps", "after_lr")}, "batch_size": None,
+    "augment": None, "sparse_reg": RECIPE_DEFAULTS["sparse_reg"], "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
     "mlflow": True, "diagnostics": False,
 }
 HELP = {

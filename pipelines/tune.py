@@ -57,12 +57,15 @@ OBJECTIVES = ("recipe", "auc")
 
 
 def default_trial() -> dict:
-    """The configuration a user gets without tuning: meta_train.py's and prune_batch.py's defaults."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import meta_train
-    import prune_batch
+    """The configuration a user gets without tuning: the library's defaults (``MetaTrainConfig``,
+    ``MetaNetConfig``, ``metanet.recipe.RECIPE_DEFAULTS``), which meta_train.py and prune_batch.py use too."""
+    from metanet.meta_training import MetaTrainConfig
+    from metanet.metanetwork import MetaNetConfig
+    from metanet.recipe import RECIPE_DEFAULTS
 
-    return {**{k: meta_train.DEFAULTS[k] for k in META_KEYS}, **{k: prune_batch.DEFAULTS[k] for k in PRUNE_KEYS}}
+    train, net = MetaTrainConfig(), MetaNetConfig(edge_widths={})
+    meta = {k: getattr(train, k) if hasattr(train, k) else getattr(net, k) for k in META_KEYS}
+    return {**meta, **{k: RECIPE_DEFAULTS[k] for k in PRUNE_KEYS}}
 
 
 # -------------------------------------------------------------------------------- the search file
