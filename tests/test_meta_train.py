@@ -93,47 +93,54 @@ def test_ray_job_submit_on_a_local_head(tiny_zoo, tmp_path):
 
 
 
-def _registered_checkpoints(run_dir) -> int:
-    """Checkpoints Ray Train has registered (a checkpoint folder alone may not be, yet)."""
+def _registered_epochs(run_dir) -> list[int]:
+    """Epochs of the checkpoints Ray Train has registered (a checkpoint folder alone may not be, yet)."""
     import json
 
     try:
-        return len(json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"])
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return sorted(int(c["metrics"]["epoch"]) for c in snapshot["checkpoint_results"])
     except (FileNotFoundError, ValueError, KeyError):
-        return 0
+        return []
 
 
 @pytest.mark.timeout(1800)
 def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
-    args = _meta_args(tiny_zoo, str(tmp_path / "killed"), 3) + ["--no-mlflow"]
+    epochs = 6  # a checkpoint every epoch (--keep 6): the kill lands with epochs left to resume
+    args = _meta_args(tiny_zoo, str(tmp_path / "killed"), epochs) + ["--keep", str(epochs), "--no-mlflow"]
     cmd = [sys.executable, str(ROOT / "pipelines/meta_train.py"), *args]
     proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "killed" / "metanet"
     deadline = time.time() + 600
-    while time.time() < deadline and not _registered_checkpoints(run_dir):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # once Ray Train has registered the epoch-1 checkpoint
+    while time.time() < deadline and not _registered_epochs(run_dir):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray, once a checkpoint is registered
     proc.wait()
-    assert _registered_checkpoints(run_dir) == 1, "no checkpoint before the kill"
+    last = _registered_epochs(run_dir)[-1]  # the checkpoint a resume must start after
+    assert last < epochs - 1, f"the run had finished (epoch {last}) before the kill: nothing to resume"
     resumed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # the other run loses a Ray Train worker mid-epoch 2 (os._exit): FailureConfig restarts the
-    # workers from the last checkpoint (epoch 1) and the run ends where an uninterrupted one would
+    # the other run loses a Ray Train worker mid-epoch 3 (os._exit): FailureConfig restarts the
+    # workers from the last checkpoint (epoch 2) and the run ends where an uninterrupted one would
     straight = subprocess.run([sys.executable, str(ROOT / "pipelines/meta_train.py"),
-                               *_meta_args(tiny_zoo, str(tmp_path / "straight"), 3), "--no-mlflow"],
-                              env={**ENV, "METAPRUNE_FAULT_INJECT": f"kill-worker:2:{tmp_path}"},
+                               *_meta_args(tiny_zoo, str(tmp_path / "straight"), epochs), "--keep", str(epochs),
+                               "--no-mlflow"],
+                              env={**ENV, "METAPRUNE_FAULT_INJECT": f"kill-worker:3:{tmp_path}"},
                               capture_output=True, text=True, timeout=900)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    assert (tmp_path / "killed-worker-epoch2").exists()  # a worker really died
-    assert "the last workers started from the checkpoint of epoch 1" in straight.stdout
+    assert (tmp_path / "killed-worker-epoch3").exists()  # a worker really died
+    assert "the last workers started from the checkpoint of epoch 2" in straight.stdout, straight.stdout[-2000:]
 
     def final(text):
         line = next(l for l in text.splitlines() if l.startswith("meta-training done"))
         return eval(line.split("final metrics ", 1)[1])  # a dict printed by the pipeline
 
     a, b = final(resumed.stdout), final(straight.stdout)
-    # both really resumed: the killed driver's run from its epoch-1 checkpoint, the restarted workers too
-    assert a["epoch"] == b["epoch"] == 2 and a["started_at_epoch"] == b["started_at_epoch"] == 2
+    # both really resumed: the killed driver's run after its last registered checkpoint, the
+    # restarted workers after epoch 2; a run that started over would say 0
+    seen = f"resumed run {a}, restarted run {b}, last registered checkpoint before the kill: epoch {last}"
+    assert a["epoch"] == b["epoch"] == epochs - 1, seen
+    assert a["started_at_epoch"] == last + 1 and b["started_at_epoch"] == 3, seen
     assert a["task_loss"] == pytest.approx(b["task_loss"], rel=0.05)
     assert a["sparsity_loss"] == pytest.approx(b["sparsity_loss"], rel=0.05)
