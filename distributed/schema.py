@@ -10,8 +10,10 @@ one line that names the key, the value and what is allowed, e.g.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 
@@ -20,6 +22,28 @@ class Strict(BaseModel):
     lost (``lr: 1`` is 1.0, ``epochs: 2.5`` is an error)."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def read_mapping(path: str, what: str, error: type[Exception]) -> dict:
+    """The mapping in the YAML (or, for ``*.toml``, TOML) file ``path``; ``error`` with one line
+    when the file is missing, does not parse, or is not a mapping (``what`` names the file's kind)."""
+    if not os.path.exists(path):
+        raise error(f"{what} not found: {path}")
+    toml = path.endswith(".toml")
+    try:
+        with open(path) as f:
+            if toml:
+                import tomllib
+
+                loaded = tomllib.loads(f.read())
+            else:
+                loaded = yaml.safe_load(f)
+    except (ValueError, yaml.YAMLError) as err:  # tomllib's error is a ValueError
+        raise error(f"{path}: not valid {'TOML' if toml else 'YAML'}: {' '.join(str(err).split())[:200]}") from None
+    loaded = {} if loaded is None else loaded
+    if not isinstance(loaded, dict):
+        raise error(f"{path}: a {what} must be a mapping")
+    return loaded
 
 
 def _path(loc: tuple) -> str:

@@ -11,13 +11,11 @@ bad one is one line naming the file, the key, the value and what is allowed (``S
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
-import yaml
 from pydantic import ValidationError, create_model
 
-from distributed.schema import Strict, describe
+from distributed.schema import Strict, describe, read_mapping
 
 
 class SettingsError(ValueError):
@@ -66,15 +64,7 @@ def load_config(path: str, section: str, defaults: dict[str, Any], types: dict[s
                 sections: tuple[str, ...] = ("meta_train", "prune_batch", "tune")) -> dict[str, Any]:
     """The settings in ``path`` for ``section`` (or the whole file if it has none of ``sections``),
     validated; only the keys the file sets."""
-    if not os.path.exists(path):
-        raise SettingsError(f"config file not found: {path}")
-    try:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise SettingsError(f"{path}: not valid YAML: {' '.join(str(err).split())[:200]}") from None
-    if not isinstance(loaded, dict):
-        raise SettingsError(f"{path}: a config file must be a mapping of settings")
+    loaded = read_mapping(path, "config file", SettingsError)
     where = path
     if any(k in sections for k in loaded):
         where = f"{path}: {section}"

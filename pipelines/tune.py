@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distributed.cli import run_cli  # noqa: E402
 from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import init_ray, shutdown  # noqa: E402
-from distributed.schema import Strict, describe  # noqa: E402
+from distributed.schema import Strict, describe, read_mapping  # noqa: E402
 from metanet.files import atomic_write, atomic_write_text  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
@@ -115,15 +115,7 @@ class SearchError(ValueError):
 def load_search(path: str, overrides: list[str]) -> dict:
     """The search file at ``path`` with ``key=value`` overrides, validated (``SearchError`` names the
     key, the value and what is allowed); unset optional keys are left out."""
-    if not os.path.exists(path):
-        raise SearchError(f"search file not found: {path}")
-    try:
-        with open(path) as f:
-            search = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise SearchError(f"{path}: not valid YAML: {' '.join(str(err).split())[:200]}") from None
-    if not isinstance(search, dict):
-        raise SearchError(f"{path}: a search file must be a mapping")
+    search = read_mapping(path, "search file", SearchError)
     for item in overrides:
         if "=" not in item:
             raise SearchError(f"--set {item!r} must look like key=value")

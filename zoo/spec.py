@@ -27,7 +27,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from distributed.schema import Strict, describe, register_union_tags
+from distributed.schema import Strict, describe, read_mapping, register_union_tags
 from zoo.arch import VGG_CONFIGS, resnet_spec, vgg_spec
 
 SPEC_DIR = os.path.join(os.path.dirname(__file__), "specs")
@@ -137,21 +137,7 @@ def load_spec(path: str | None = None, overrides: list[str] | None = None) -> di
     validated (``SpecError`` names the key and value). Returned as the plain mapping the file
     holds, so member ids hash what the user wrote, not defaults filled in."""
     path = path or DEFAULT_SPEC
-    if not os.path.exists(path):
-        raise SpecError(f"zoo spec not found: {path}")
-    try:
-        with open(path) as f:
-            if path.endswith(".toml"):
-                import tomllib
-
-                spec = tomllib.loads(f.read())
-            else:
-                spec = yaml.safe_load(f)
-    except (yaml.YAMLError, ValueError) as err:
-        raise SpecError(f"{path}: not valid {'TOML' if path.endswith('.toml') else 'YAML'}: "
-                        f"{' '.join(str(err).split())[:200]}") from None
-    if not isinstance(spec, dict):
-        raise SpecError(f"{path}: a zoo spec must be a mapping")
+    spec = read_mapping(path, "zoo spec", SpecError)
     for item in overrides or []:
         if "=" not in item:
             raise SpecError(f"--set {item!r} must look like key.sub=value")

@@ -55,29 +55,26 @@ class FunctionRule:
         raise NotImplementedError
 
 
-def register_module_rule(*types: type) -> Callable:
-    """Class decorator (or call with an instance): the rule for modules of ``types`` and their
-    subclasses; replaces an earlier rule for the same type."""
+def _register(registry: dict, keys: tuple) -> Callable:
     def register(rule):
         instance = rule() if isinstance(rule, type) else rule
-        for typ in types:
-            MODULE_RULES[typ] = instance
+        for key in keys:
+            registry[key] = instance
         for hook in _on_change:
             hook()
         return rule
     return register
+
+
+def register_module_rule(*types: type) -> Callable:
+    """Class decorator (or call with an instance): the rule for modules of ``types`` and their
+    subclasses; replaces an earlier rule for the same type."""
+    return _register(MODULE_RULES, types)
 
 
 def register_function_rule(*targets: Any) -> Callable:
     """Class decorator: the rule for calls of ``targets`` (functions, or method names)."""
-    def register(rule):
-        instance = rule() if isinstance(rule, type) else rule
-        for target in targets:
-            FUNCTION_RULES[target] = instance
-        for hook in _on_change:
-            hook()
-        return rule
-    return register
+    return _register(FUNCTION_RULES, targets)
 
 
 def module_rule(module: nn.Module) -> ModuleRule | None:
