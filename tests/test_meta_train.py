@@ -117,8 +117,11 @@ def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray, once a checkpoint is registered
     proc.wait()
-    last = _registered_epochs(run_dir)[-1]  # the checkpoint a resume must start after
+    last = _registered_epochs(run_dir)[-1]  # a resume starts after this checkpoint at least
     assert last < epochs - 1, f"the run had finished (epoch {last}) before the kill: nothing to resume"
+    import torch  # every checkpoint written before the kill (Ray may register a later one than its snapshot said)
+    written = sorted(torch.load(d / "state.pt", weights_only=True)["epoch"] for d in run_dir.glob("checkpoint_*")
+                     if (d / "state.pt").exists())
     resumed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # the other run loses a Ray Train worker mid-epoch 3 (os._exit): FailureConfig restarts the
@@ -139,8 +142,10 @@ def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
     a, b = final(resumed.stdout), final(straight.stdout)
     # both really resumed: the killed driver's run after its last registered checkpoint, the
     # restarted workers after epoch 2; a run that started over would say 0
-    seen = f"resumed run {a}, restarted run {b}, last registered checkpoint before the kill: epoch {last}"
+    seen = (f"resumed run {a}, restarted run {b}, last registered checkpoint before the kill: epoch {last}, "
+            f"checkpoints written: {written}")
     assert a["epoch"] == b["epoch"] == epochs - 1, seen
-    assert a["started_at_epoch"] == last + 1 and b["started_at_epoch"] == 3, seen
+    assert a["started_at_epoch"] - 1 in written and a["started_at_epoch"] >= last + 1, seen
+    assert b["started_at_epoch"] == 3, seen
     assert a["task_loss"] == pytest.approx(b["task_loss"], rel=0.05)
     assert a["sparsity_loss"] == pytest.approx(b["sparsity_loss"], rel=0.05)
