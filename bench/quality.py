@@ -50,8 +50,8 @@ from metanet.diagnostics import CURVE_SPEEDUPS, diagnose  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # noqa: E402
 from metanet.paired import mean_ci, method_table, paired_difference, paired_key_table, paired_table  # noqa: E402
-from metanet.recipe import (ALL_METHODS, apply_metanetwork, prepare, prune_and_finetune,  # noqa: E402
-                            recipe_from_settings, selection_score)
+from metanet.recipe import ALL_METHODS, apply_metanetwork, prune_to_targets, recipe_from_settings  # noqa: E402
+from metanet.selection import choose, score, selection_recipe  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.data import TaskData  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
@@ -122,14 +122,9 @@ def prune_job(arch: dict, state: dict, method: str, s: dict, finetune: dict, see
     if method == "meta":
         edited = apply_metanetwork(metanet, model, torch.zeros(data.input_shape))
         extra.update({f"edit_{k}": v for k, v in diagnose(model, edited, data, cfg, split="test").items()})
-    prepared, record = prepare(model, data, method, cfg, metanet)
-    extra.update(diagnose(model, prepared, data, cfg, split="test"))
-    rows = []
-    for target in s["targets"]:
-        cfg.target = target
-        _, result = prune_and_finetune(prepared, data, cfg, dict(record))
-        rows.append(dict(result, **extra))
-    return rows
+    results = prune_to_targets(model, data, method, cfg, s["targets"], metanet,
+                               inspect=lambda prepared: extra.update(diagnose(model, prepared, data, cfg, split="test")))
+    return [dict(result, **extra) for _, result in results]
 
 
 def _pool(workers: int, data: TaskData):
@@ -179,40 +174,37 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
                             residual=s["residual"], edit=s["edit"], evidence=s["evidence"])
     metanet = MetaNetwork(net_cfg)
     cfg = recipe_from_settings(s, **finetune)
-    short = {"before_steps": s["select_steps"], "before_lr": s["before_lr"], "after_steps": s["select_steps"],
-             "after_lr": s["after_lr"]}
-    select_cfg = recipe_from_settings(short, **finetune, target=2.0)
+    select_cfg = selection_recipe(finetune, s["select_steps"], lr=s["before_lr"])
     x = torch.zeros(data.input_shape)
 
     def diagnostics(net: MetaNetwork) -> dict:
         per = [diagnose(m, apply_metanetwork(net, m, x), data, cfg, split="val") for m in val_models]
         out = {k: statistics.mean(d[k] for d in per) for k in per[0]}
-        out["score"] = selection_score(net, val_models, data, select_cfg)
+        out["score"] = score(net, val_models, data, select_cfg)
         return out
 
     unedited = [diagnose(m, m, data, cfg, split="val") for m in val_models]
     epochs = [{"epoch": -1, **diagnostics(metanet)}]
     log(f"validation members, unedited: curve AUC {100 * statistics.mean(d['auc'] for d in unedited):.1f}; "
         f"edited before meta-training: {_diag_line(epochs[0])}")
-    best = (epochs[0]["score"], -1, snapshot(metanet))
+    kept = {-1: snapshot(metanet)}
 
     def on_epoch(epoch, metrics, net):
-        nonlocal best
         line = f"  epoch {epoch}: task {metrics['task_loss']:.3f} sparsity {metrics['sparsity_loss']:.3f} " \
                f"({metrics['seconds']:.0f} s)"
         if (epoch + 1) % s["select_every"] == 0 or epoch == meta_cfg.epochs - 1:
             d = diagnostics(net)
             epochs.append({"epoch": epoch, **metrics, **d})
             line += "; " + _diag_line(d)
-            if d["score"] > best[0]:
-                best = (d["score"], epoch, snapshot(net))
+            kept[epoch] = snapshot(net)
         log(line)
 
     meta_train(metanet, members, data, meta_cfg, on_epoch=on_epoch, progress=False)
-    metanet.load_state_dict(best[2])
-    history = {"epochs": epochs, "chosen_epoch": best[1], "chosen_score": best[0],
+    chosen_epoch, chosen_score = choose({e["epoch"]: e["score"] for e in epochs})
+    metanet.load_state_dict(kept[chosen_epoch])
+    history = {"epochs": epochs, "chosen_epoch": chosen_epoch, "chosen_score": chosen_score,
                "unedited_auc": statistics.mean(d["auc"] for d in unedited), "config": net_cfg.to_dict()}
-    log(f"chosen checkpoint: epoch {best[1]} (validation score {100 * best[0]:.1f})")
+    log(f"chosen checkpoint: epoch {chosen_epoch} (validation score {100 * chosen_score:.1f})")
     return metanet, history
 
 

@@ -22,7 +22,6 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,27 +29,22 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metanet.diagnostics import curve_auc, pruning_curve  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
-from metanet.recipe import (AFTER_STEPS, BEFORE_STEPS, apply_metanetwork, prepare, prune_and_finetune,  # noqa: E402
-                            recipe_from_settings)
+from metanet.recipe import AFTER_STEPS, BEFORE_STEPS, recipe_from_settings  # noqa: E402
+from metanet.selection import choose, score, selection_recipe  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
 
 def recipe_score(net, models, data, finetune, steps: tuple[int, int], targets, seeds) -> float:
-    scores = []
+    """``metanet.selection.score`` of a recipe with ``steps`` finetuning steps, averaged over seeds."""
     settings = {"before_steps": steps[0], "before_lr": 0.01, "after_steps": steps[1], "after_lr": 0.01}
+    values = []
     for seed in seeds:
-        cfg = recipe_from_settings(settings, **finetune, seed=seed)
-        for model in models:
-            torch.manual_seed(seed)
-            prepared, record = prepare(model, data, "meta", cfg, net)
-            for t in targets:
-                _, r = prune_and_finetune(prepared, data, replace(cfg, target=t), record, report_test=False)
-                scores.append(r["val_acc"])
-    return statistics.mean(scores)
+        torch.manual_seed(seed)
+        values.append(score(net, models, data, recipe_from_settings(settings, **finetune, seed=seed), "recipe", targets))
+    return statistics.mean(values)
 
 
 def main() -> None:
@@ -85,16 +79,16 @@ def main() -> None:
     meta_train(metanet, members, data, cfg, on_epoch=on_epoch, progress=False)
     print(f"meta-trained {args.epochs} epochs on {len(members)} members, {len(kept)} checkpoints "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    x = torch.zeros(data.input_shape)
     recipe_cfg = recipe_from_settings({"before_steps": 0, "before_lr": 0.01, "after_steps": 0, "after_lr": 0.01},
                                       **finetune)
     rows = []
     for epoch, state in kept:
         metanet.load_state_dict(state)
-        auc = statistics.mean(curve_auc(pruning_curve(apply_metanetwork(metanet, m, x), data, recipe_cfg))
-                              for m in half_a)
-        short = [recipe_score(metanet, half_a, data, finetune, (args.short_steps, args.short_steps), [2.0], [s])
-                 for s in (0, 1)]
+        auc = score(metanet, half_a, data, recipe_cfg, "auc")
+        short = []
+        for seed in (0, 1):  # the score meta_train.py selects with, one seed each
+            torch.manual_seed(seed)
+            short.append(score(metanet, half_a, data, selection_recipe(finetune, args.short_steps, seed=seed)))
         outcome = recipe_score(metanet, half_b, data, finetune, (BEFORE_STEPS, AFTER_STEPS), [2.0, 4.0, 8.0], [0, 1])
         rows.append((epoch, auc, short[0], short[1], outcome))
         print(f"  checkpoint after epoch {epoch + 1}: auc {100 * auc:.1f}, short recipe {100 * short[0]:.1f} / "
@@ -108,8 +102,9 @@ def main() -> None:
     for name, col in (("auc", 1), ("short recipe, seed 0", 2), ("short recipe, seed 1", 3)):
         values = [r[col] for r in rows]
         rho = stats.spearmanr(values, outcomes).statistic
-        pick = max(range(len(rows)), key=lambda i: values[i])
-        print(f"{name:<22}{rho:>20.2f}{rows[pick][0] + 1:>13}{100 * (best - outcomes[pick]):>17.1f}")
+        pick_epoch, _ = choose({r[0]: v for r, v in zip(rows, values)})  # the rule meta_train.py chooses by
+        pick = [r[0] for r in rows].index(pick_epoch)
+        print(f"{name:<22}{rho:>20.2f}{pick_epoch + 1:>13}{100 * (best - outcomes[pick]):>17.1f}")
     rho = stats.spearmanr([r[2] for r in rows], [r[3] for r in rows]).statistic
     print(f"short recipe seed 0 vs seed 1 (its own repeatability): Spearman {rho:.2f}")
     print(f"total {time.perf_counter() - t0:.0f} s")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -182,17 +182,14 @@ def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: Recipe
     return prune_and_finetune(prepared, data, cfg, record, report_test)
 
 
-def selection_score(metanet: MetaNetwork, models: list[nn.Module], data: TaskData, cfg: RecipeConfig,
-                    targets: Sequence[float] | None = None) -> float:
-    """Validation accuracy at the end of the recipe ``cfg`` (a short one), averaged over ``models``
-    and over ``targets`` (default: ``cfg.target``; several targets share the finetuning before
-    pruning): how checkpoints and hyperparameters are compared. Uses only the validation split.
-    (Accuracy right after pruning, without any finetuning, sits at chance for every checkpoint on
-    small budgets: measured on CIFAR-10, it cannot rank them.)"""
-    scores = []
-    for model in models:
-        prepared, record = prepare(model, data, "meta", cfg, metanet)
-        for target in targets or [cfg.target]:
-            _, result = prune_and_finetune(prepared, data, replace(cfg, target=target), record, report_test=False)
-            scores.append(result["val_acc"])
-    return sum(scores) / len(scores)
+def prune_to_targets(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig, targets: Sequence[float],
+                     metanet: MetaNetwork | None = None, report_test: bool = True,
+                     inspect: Callable[[nn.Module], None] | None = None) -> list[tuple[nn.Module, dict]]:
+    """Prepares ``model`` once (``prepare``), then prunes a copy to each of ``targets`` and finetunes
+    it: the (model, record) pairs in the order of ``targets``. The targets share the method's part
+    before pruning, as they do in ``prune_batch`` (which prunes row by row, to record each row's
+    failure). ``inspect`` sees the prepared model before pruning (diagnostics)."""
+    prepared, record = prepare(model, data, method, cfg, metanet)
+    if inspect is not None:
+        inspect(prepared)
+    return [prune_and_finetune(prepared, data, replace(cfg, target=float(t)), record, report_test) for t in targets]

@@ -43,6 +43,7 @@ from distributed.ray_env import init_ray, ray  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.meta_training import MetaTrainConfig  # noqa: E402
 from metanet.metanetwork import MetaNetConfig  # noqa: E402
+from metanet.selection import OBJECTIVES, SELECT_STEPS  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
@@ -54,7 +55,8 @@ DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,
     **{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(_TRAIN, k)) for k in _TRAIN_KEYS)},
     **{k: getattr(_NET, k) for k in _NET_KEYS},
-    "gpu": False, "max_failures": 2, "keep": 5, "selection": "recipe", "select_target": 2.0, "select_finetune_steps": 18,
+    "gpu": False, "max_failures": 2, "keep": 5, "selection": "recipe", "select_target": 2.0,
+    "select_finetune_steps": SELECT_STEPS,
     "select_members": 4, "diagnose_every": 1, "data_root": None, "mlflow": True, "min_member_acc": 0.0,
 }
 HELP = {
@@ -93,7 +95,6 @@ HELP = {
     "gate_reg": "sparsity strength of the per-member gates that distillation targets",
     "min_member_acc": "skip training members below this validation accuracy",
 }
-SELECTIONS = ("auc", "recipe")
 FAULT_ENV = "METAPRUNE_FAULT_INJECT"  # testing hook, see _inject_fault
 
 
@@ -282,28 +283,23 @@ def validation_diagnostics(metanet, zoo, data, config: dict) -> dict:
 # ------------------------------------------------------------------------ checkpoint selection
 def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_root: str | None, target: float,
                      steps: int, members: int, seed: int) -> float:
-    """Validation score of one checkpoint (a Ray task in ``select``)."""
+    """Validation score of one checkpoint by the short recipe (a Ray task in ``select``)."""
     import torch
 
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
-    from metanet.recipe import RecipeConfig, selection_score
+    from metanet.selection import score, selection_recipe
     from zoo.store import Zoo
-    from metanet.train import TrainConfig
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     zoo = Zoo(zoo_root)
-    data = zoo.dataset(data_root)
     val = Zoo(zoo_root, skip_unreadable=True).built("val")[:members]
     if not val:
         raise ValueError(f"{zoo_root}: no validation members (role 'val') to select checkpoints with")
-    models = [r.network() for r in val]
     net = MetaNetwork(MetaNetConfig(**metanet_config))
     net.load_state_dict(torch.load(os.path.join(ckpt_path, "state.pt"), weights_only=True)["metanet"])
-    ft = zoo.finetune_settings()
-    cfg = RecipeConfig(target=target, before=TrainConfig(steps=steps, lr=0.01, schedule="constant", seed=seed, **ft),
-                       after=TrainConfig(steps=steps, lr=0.01, schedule="constant", seed=seed, **ft))
-    return selection_score(net, models, data, cfg)
+    recipe = selection_recipe(zoo.finetune_settings(), steps, target=target, seed=seed)
+    return score(net, [r.network() for r in val], zoo.dataset(data_root), recipe)
 
 
 def select(result, config: dict, run_dir: Path) -> dict:
@@ -311,33 +307,34 @@ def select(result, config: dict, run_dir: Path) -> dict:
     import torch
 
     from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
+    from metanet.selection import choose
 
-    candidates, areas = [], {}
+    candidates, areas = {}, {}
     for ckpt, metrics in result.best_checkpoints:
-        candidates.append((int(metrics["epoch"]), ckpt.path))
+        candidates[int(metrics["epoch"])] = ckpt.path
         areas[int(metrics["epoch"])] = metrics.get("val_auc", float("nan"))
-    candidates.sort()
-    use_auc = config["selection"] == "auc" and all(areas[e] == areas[e] for e, _ in candidates)
+    epochs = sorted(candidates)
+    # the curve areas were computed during training (rank 0's diagnostics): choosing by them is free
+    use_auc = config["selection"] == "auc" and all(areas[e] == areas[e] for e in epochs)
     if config["selection"] == "auc" and not use_auc:
         print("meta_train: some kept checkpoints have no validation diagnostics (--diagnose-every); "
               "selecting by the short recipe instead")
     if use_auc:
-        scores = [areas[e] for e, _ in candidates]
+        scores = {e: areas[e] for e in epochs}
         how = "validation curve area of the edit (mean accuracy right after pruning, BN recalibrated)"
     else:
         task = ray.remote(num_cpus=1)(score_checkpoint)
-        refs = [task.remote(path, config["metanet"], config["zoo"], config["data_root"], config["select_target"],
-                            config["select_finetune_steps"], config["select_members"], config["seed"])
-                for _, path in candidates]
-        scores = ray.get(refs)
+        refs = [task.remote(candidates[e], config["metanet"], config["zoo"], config["data_root"],
+                            config["select_target"], config["select_finetune_steps"], config["select_members"],
+                            config["seed"]) for e in epochs]
+        scores = dict(zip(epochs, ray.get(refs)))
         how = f"val acc after finetune -> prune to {config['select_target']}x -> finetune"
-    table = sorted(zip((e for e, _ in candidates), scores, (p for _, p in candidates)))
-    best_epoch, best_score, best_path = max(table, key=lambda t: (t[1], t[0]))
+    best_epoch, best_score = choose(scores)
     net = MetaNetwork(MetaNetConfig(**config["metanet"]))
-    net.load_state_dict(torch.load(os.path.join(best_path, "state.pt"), weights_only=True)["metanet"])
+    net.load_state_dict(torch.load(os.path.join(candidates[best_epoch], "state.pt"), weights_only=True)["metanet"])
     out = run_dir / "metanetwork.pt"
     save_metanetwork(net, str(out), epoch=best_epoch, selection_score=best_score, selection=how, zoo=config["zoo"])
-    return {"epochs": [t[0] for t in table], "scores": [t[1] for t in table], "best_epoch": best_epoch,
+    return {"epochs": epochs, "scores": [scores[e] for e in epochs], "best_epoch": best_epoch,
             "best_score": best_score, "path": str(out), "how": how}
 
 
@@ -405,8 +402,8 @@ def parse_args(argv=None) -> dict:
     from distributed.settings import resolve
 
     config = resolve(vars(build_parser().parse_args(argv)), DEFAULTS, "meta_train", "meta_train")
-    if config["selection"] not in SELECTIONS:
-        raise SystemExit(f"meta_train: --selection must be one of {', '.join(SELECTIONS)}, not {config['selection']!r}")
+    if config["selection"] not in OBJECTIVES:
+        raise SystemExit(f"meta_train: --selection must be one of {', '.join(OBJECTIVES)}, not {config['selection']!r}")
     if config["bn_mode"] not in ("eval", "train"):
         raise SystemExit(f"meta_train: --bn-mode must be eval or train, not {config['bn_mode']!r}")
     from metanet.metanetwork import EDITS

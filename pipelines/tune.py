@@ -45,6 +45,7 @@ from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import init_ray, shutdown  # noqa: E402
 from distributed.schema import Strict, describe, read_mapping  # noqa: E402
 from metanet.files import atomic_write, atomic_write_text  # noqa: E402
+from metanet.selection import OBJECTIVES  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
 SEARCH_DIR = Path(__file__).resolve().parent / "searches"
@@ -53,7 +54,6 @@ META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual
              "edit", "evidence", "sparsity_norm")
 PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
-OBJECTIVES = ("recipe", "auc")
 
 
 def default_trial() -> dict:
@@ -146,8 +146,8 @@ def trial(config: dict, search: dict, data) -> None:
     from metanet.meta_training import MetaTrainConfig, make_member, meta_train
     from zoo.arch import build_model
     from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
-    from metanet.diagnostics import curve_auc, pruning_curve
-    from metanet.recipe import apply_metanetwork, recipe_from_settings, selection_score
+    from metanet.recipe import recipe_from_settings
+    from metanet.selection import score
     from zoo.store import Zoo
 
     torch.set_num_threads(max(1, int(search.get("cpus_per_trial", 1))))
@@ -170,14 +170,11 @@ def trial(config: dict, search: dict, data) -> None:
     def on_epoch(epoch: int, metrics: dict, net) -> None:
         if (epoch + 1) % every:
             return
-        if search["objective"] == "auc":
-            x = torch.zeros(data.input_shape)
-            score = sum(curve_auc(pruning_curve(apply_metanetwork(net, m, x), data, recipe)) for m in val) / len(val)
-        else:
-            score = selection_score(net, val, data, recipe, search["targets"])
+        # the trial's own recipe settings score it: the search compares recipes, not just metanetworks
+        value = score(net, val, data, recipe, search["objective"], search["targets"])
         with tempfile.TemporaryDirectory() as d:
             save_metanetwork(net, os.path.join(d, "metanet.pt"), epoch=epoch)  # the one metanetwork file format
-            tune.report({"score": score, "epoch": epoch, "task_loss": metrics["task_loss"],
+            tune.report({"score": value, "epoch": epoch, "task_loss": metrics["task_loss"],
                          "sparsity_loss": metrics["sparsity_loss"], "meta_seconds": metrics["seconds"]},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
@@ -338,7 +335,7 @@ def _report(results, search: dict, out: Path, data, finetune: dict) -> dict:
 
 def _test_score(net, config: dict, search: dict, data, finetune: dict) -> dict:
     """Test accuracy of the best configuration on the held-out (role 'test') members, per target."""
-    from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings
+    from metanet.recipe import prune_to_targets, recipe_from_settings
     from zoo.store import Zoo
 
     held_out = Zoo(search["zoo"]).built("test")
@@ -347,11 +344,8 @@ def _test_score(net, config: dict, search: dict, data, finetune: dict) -> dict:
     recipe = recipe_from_settings(config, **finetune, seed=search.get("seed", 0))
     scores: dict[float, list[float]] = {float(t): [] for t in search["targets"]}
     for record in held_out:
-        model = record.network()
-        prepared, rec = prepare(model, data, "meta", recipe, net)
-        for target in scores:
-            recipe.target = target
-            scores[target].append(prune_and_finetune(prepared, data, recipe, rec)[1]["test_acc"])
+        for target, (_, row) in zip(scores, prune_to_targets(record.network(), data, "meta", recipe, list(scores), net)):
+            scores[target].append(row["test_acc"])
     return {t: sum(v) / len(v) for t, v in scores.items()} | {"members": len(held_out)}
 
 

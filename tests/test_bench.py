@@ -38,7 +38,7 @@ def test_quality_smoke_pairs_every_method_and_reports_the_sensitivity_check(tmp_
     assert ratio["oracle"] < 0.97 < ratio["none"], ratio
     history = results["meta_history"]
     assert history["epochs"][0]["epoch"] == -1 and all("auc" in e and "score" in e for e in history["epochs"])
-    chosen = max(history["epochs"], key=lambda e: e["score"])  # selection by the short recipe's score
+    chosen = max(history["epochs"], key=lambda e: (e["score"], e["epoch"]))  # the short recipe's score; ties: later
     assert history["chosen_epoch"] == chosen["epoch"] and history["chosen_score"] == chosen["score"]
     assert set(results["paired"]) >= {"meta-none", "meta-depgraph", "oracle-none"}
     assert isinstance(results["separates"], bool)

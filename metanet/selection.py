@@ -1,0 +1,67 @@
+"""Choosing a metanetwork among checkpoints, on validation members only: one score, one rule.
+
+Every place that compares metanetworks (``meta_train``'s kept checkpoints, a Tune trial's epochs,
+``bench/quality.py``'s epochs) scores with ``score`` and chooses with ``choose``.
+
+- ``recipe`` (the default): validation accuracy at the end of a short pruning recipe
+  (``selection_recipe``: the metanetwork edit -> ``steps`` finetuning steps -> prune to each target
+  -> ``steps`` finetuning steps), averaged over members and targets;
+- ``auc``: the area under the edited networks' pruning curve (accuracy right after pruning, BatchNorm
+  recalibrated, no finetuning), free when it was computed as a diagnostic during training.
+
+``bench/selection.py`` measured both against the outcome of the full recipe on other validation
+members (README, "Choosing the metanetwork's checkpoint"). Accuracy right after pruning without recalibration sits at
+chance for every checkpoint on small budgets: it cannot rank them, so it is not offered.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from metanet.data import TaskData
+from metanet.diagnostics import curve_auc, pruning_curve
+from metanet.metanetwork import MetaNetwork
+from metanet.recipe import RecipeConfig, apply_metanetwork, prune_to_targets, recipe_from_settings
+
+OBJECTIVES = ("recipe", "auc")
+SELECT_STEPS = 18  # about one epoch of digits at batch 64 (bench/selection.py's short recipe)
+
+
+def selection_recipe(finetune: Mapping, steps: int = SELECT_STEPS, *, lr: float = 0.01, target: float = 2.0,
+                     seed: int = 0) -> RecipeConfig:
+    """The pruning recipe (constant lr before pruning, cosine after) shortened to ``steps`` finetuning
+    steps on each side; ``finetune`` is the zoo's batch size and augmentation."""
+    settings = {"before_steps": steps, "before_lr": lr, "after_steps": steps, "after_lr": lr}
+    return recipe_from_settings(settings, **finetune, seed=seed, target=target)
+
+
+def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, recipe: RecipeConfig,
+          objective: str = "recipe", targets: Sequence[float] | None = None) -> float:
+    """The validation score of ``metanet`` on ``models`` (see the module docstring); ``targets``
+    defaults to ``recipe.target``. Never reads the test split."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"selection objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    if not models:
+        raise ValueError("no validation members to score a metanetwork on")
+    if objective == "auc":
+        device = next(metanet.parameters()).device
+        x = torch.zeros(data.input_shape, device=device)
+        areas = [curve_auc(pruning_curve(apply_metanetwork(metanet, m, x), data, recipe)) for m in models]
+        return sum(areas) / len(areas)
+    scores = [record["val_acc"] for model in models
+              for _, record in prune_to_targets(model, data, "meta", recipe, targets or [recipe.target], metanet,
+                                                report_test=False)]
+    return sum(scores) / len(scores)
+
+
+def choose(scores: Mapping[int, float]) -> tuple[int, float]:
+    """(epoch, score) of the best checkpoint: the highest score; a tie goes to the later epoch
+    (the longer-trained metanetwork). Scores that are NaN never win."""
+    ranked = [(s, e) for e, s in scores.items() if s == s]
+    if not ranked:
+        raise ValueError("no checkpoint has a score to choose by")
+    best_score, best_epoch = max(ranked)
+    return best_epoch, best_score
