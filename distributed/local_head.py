@@ -23,13 +23,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+# before Ray is imported (it reads this once): the job client sends the token in ~/.ray/auth_token
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from distributed.ray_env import NODE_ENV, forget_stopped_cluster  # noqa: E402
+
 
 def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
 def start(pidfile: str, num_cpus: int | None, port: int, dashboard_port: int, timeout: float = 120) -> str:
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, **NODE_ENV}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # jobs run this venv's python
     # the job agent's HTTP port is fixed (52365) unless given: a second Ray on the machine (a
     # make_zoo build, say) holds it, and this head's agent then never starts ("No available agent")
@@ -73,7 +78,6 @@ def _jobs_accepted(url: str, deadline: float) -> bool:
     """Waits until the head runs a job: the dashboard answers before the node's job agent is up,
     and a job submitted then fails with "No available agent to submit job" (seen on a loaded
     2-core machine). Submits a no-op job until one succeeds."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # the client sends ~/.ray/auth_token
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     while time.time() < deadline:
@@ -103,15 +107,27 @@ def stop(pidfile: str, timeout: float = 30) -> None:
             break
         deadline = time.time() + timeout
         while time.time() < deadline:
+            _reap(pgid)
             try:
                 os.killpg(pgid, 0)
             except ProcessLookupError:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         else:
             continue
         break
     path.unlink(missing_ok=True)
+    forget_stopped_cluster()  # as ``ray stop`` does
+
+
+def _reap(pid: int) -> None:
+    """Collects the exit status of the group's leader when this process started it (a test's
+    ``Popen``): a dead child that nobody waited for is a zombie, and a zombie keeps its process
+    group "alive" to ``killpg(pgid, 0)`` until the timeout."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: init reaps it
+        pass
 
 
 def main() -> None:

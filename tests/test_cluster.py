@@ -13,10 +13,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from distributed.ray_env import NODE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 # Ray 2.60's `ray start` turns on token authentication: every node and driver sends ~/.ray/auth_token
-ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+ENV = {**os.environ, **NODE_ENV, "RAY_AUTH_MODE": "token"}
 ENV.pop("RAY_ADDRESS", None)
 pytestmark = pytest.mark.slow
 

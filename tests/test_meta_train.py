@@ -12,11 +12,12 @@ import pytest
 import yaml
 
 from distributed.job_snapshot import snapshot
+from distributed.ray_env import NODE_ENV
 from metanet.metanetwork import load_metanetwork
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+ENV = {**os.environ, **NODE_ENV}
 ENV.pop("RAY_ADDRESS", None)
 
 
@@ -107,7 +108,9 @@ def _registered_epochs(run_dir) -> list[int]:
 @pytest.mark.timeout(1800)
 def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
     epochs = 6  # a checkpoint every epoch (--keep 6): the kill lands with epochs left to resume
-    args = _meta_args(tiny_zoo, str(tmp_path / "killed"), epochs) + ["--keep", str(epochs), "--no-mlflow"]
+    # --selection auc: the curve areas come with the per-epoch diagnostics; this test is about resuming
+    args = _meta_args(tiny_zoo, str(tmp_path / "killed"), epochs) + ["--keep", str(epochs), "--no-mlflow",
+                                                                     "--selection", "auc"]
     cmd = [sys.executable, str(ROOT / "pipelines/meta_train.py"), *args]
     proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -128,7 +131,7 @@ def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
     # workers from the last checkpoint (epoch 2) and the run ends where an uninterrupted one would
     straight = subprocess.run([sys.executable, str(ROOT / "pipelines/meta_train.py"),
                                *_meta_args(tiny_zoo, str(tmp_path / "straight"), epochs), "--keep", str(epochs),
-                               "--no-mlflow"],
+                               "--no-mlflow", "--selection", "auc"],
                               env={**ENV, "METAPRUNE_FAULT_INJECT": f"kill-worker:3:{tmp_path}"},
                               capture_output=True, text=True, timeout=900)
     assert straight.returncode == 0, straight.stderr[-3000:]
