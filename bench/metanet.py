@@ -3,18 +3,21 @@
 For each backend and each of forward / forward+backward, a fresh process builds the graph and the
 8-layer, width-64 metanetwork (the paper's ResNet-56 setting), runs the pass ``--repeats`` times
 and reports the median time and the peak memory the pass added: on the CPU the resident memory
-(``ru_maxrss`` after the runs minus the resident memory before them), on a GPU
+(``ru_maxrss`` after the runs minus the resident memory before them, with glibc's mmap threshold
+fixed so that freed memory leaves the process: see ``WORKER_ENV``; that slows big allocations,
+so the memory comes from a second process and the time from one with the usual allocator), on a GPU
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before the runs (after one warm-up
 pass, which is not timed).
 
-    python bench/metanet.py [--repeats 3] [--layers 8] [--hidden 64]
-    python bench/metanet.py --device cuda --backends pyg --arch resnet110 --edits additive gate
+    python bench/metanet.py [--repeats 3] [--layers 8] [--hidden 64] [--recompute]
+    python bench/metanet.py --device cuda --backends torch pyg --arch resnet110 --edits additive gate
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -31,6 +34,10 @@ def _rss_mb() -> float:
 
 
 ARCHS = ("resnet56", "resnet110", "vgg19")
+# glibc raises its mmap threshold after big frees and then keeps freed heap memory resident, so
+# the resident-memory peak would count memory already freed (measured: 2.1 GB with per-layer
+# recomputation, 0.6 GB with a fixed threshold); a fixed threshold returns big blocks at free
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _arch(name: str) -> dict:
@@ -40,7 +47,7 @@ def _arch(name: str) -> dict:
 
 
 def worker(backend: str, mode: str, repeats: int, layers: int, hidden: int, device: str = "cpu",
-           arch: str = "resnet56", edit: str = "additive") -> dict:
+           arch: str = "resnet56", edit: str = "additive", recompute: bool = False) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
@@ -52,7 +59,8 @@ def worker(backend: str, mode: str, repeats: int, layers: int, hidden: int, devi
     model = build_model(_arch(arch)).eval()
     graph = network_to_graph(model, torch.zeros(1, 3, 32, 32)).to(device)
     net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), hidden=hidden, layers=layers,
-                                    backend=backend, edit=edit, evidence=edit != "additive")).to(device)
+                                    backend=backend, edit=edit, evidence=edit != "additive",
+                                    recompute=recompute)).to(device)
     cuda = device.startswith("cuda")
 
     def run():
@@ -83,7 +91,7 @@ def worker(backend: str, mode: str, repeats: int, layers: int, hidden: int, devi
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"backend": backend, "mode": mode, "edit": edit, "median_s": statistics.median(times),
+    return {"backend": backend + (" +recompute" if recompute else ""), "mode": mode, "edit": edit, "median_s": statistics.median(times),
             "peak_mb": peak - base, "nodes": graph.num_nodes, "edges": graph.num_edges}
 
 
@@ -92,38 +100,48 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda (PyG backend only: DGL's wheel is CPU-only)")
-    parser.add_argument("--backends", nargs="+", default=["dgl", "pyg"], choices=["dgl", "pyg"])
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (torch and pyg backends: DGL's wheel is CPU-only)")
+    parser.add_argument("--backends", nargs="+", default=["torch", "dgl", "pyg"], choices=["torch", "dgl", "pyg"])
     parser.add_argument("--arch", default="resnet56", choices=ARCHS, help="the CIFAR network whose graph is edited")
     parser.add_argument("--edits", nargs="+", default=["additive"], choices=["additive", "gate", "gate+additive"],
                         help="the metanetwork's edit (gate edits decode per-channel gates with evidence features)")
-    parser.add_argument("--worker", nargs=3, metavar=("BACKEND", "MODE", "EDIT"), help=argparse.SUPPRESS)
+    parser.add_argument("--recompute", action="store_true",
+                        help="also run each backend with per-layer recomputation in the backward pass")
+    parser.add_argument("--worker", nargs=4, metavar=("BACKEND", "MODE", "EDIT", "RECOMPUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker[:2], args.repeats, args.layers, args.hidden, args.device, args.arch,
-                                args.worker[2])))
+                                args.worker[2], args.worker[3] == "1")))
         return
     rows = []
     for mode in ("forward", "forward+backward"):
         for edit in args.edits:
-            for backend in args.backends:
-                cmd = [sys.executable, __file__, "--worker", backend, mode, edit, "--repeats", str(args.repeats),
+            for backend, recompute in [(b, r) for b in args.backends for r in ((False, True) if args.recompute else
+                                                                                (False,))]:
+                if recompute and mode == "forward":
+                    continue  # recomputation changes only the backward pass
+                cmd = [sys.executable, __file__, "--worker", backend, mode, edit, str(int(recompute)),
+                       "--repeats", str(args.repeats),
                        "--layers", str(args.layers), "--hidden", str(args.hidden), "--device", args.device,
                        "--arch", args.arch]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                rows.append(json.loads(out.strip().splitlines()[-1]))
+                # time with the allocator as users have it; memory in a second process (WORKER_ENV)
+                timed = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                sized = subprocess.run(cmd, check=True, capture_output=True, text=True, env=WORKER_ENV).stdout
+                row = json.loads(timed.strip().splitlines()[-1])
+                row["peak_mb"] = json.loads(sized.strip().splitlines()[-1])["peak_mb"]
+                rows.append(row)
     r0 = rows[0]
     where = "allocated GPU memory" if args.device.startswith("cuda") else "resident memory"
     print(f"\nmetanetwork ({args.layers} layers, width {args.hidden}) on CIFAR {args.arch} ({args.device}): "
           f"{r0['nodes']} nodes, {r0['edges']} edges; median of {args.repeats}, peak = {where} added by the pass")
-    head = f"{'pass':<18}{'edit':<15}{'backend':<9}{'time s':>9}{'peak MB':>10}{'time / first':>14}{'peak / first':>14}"
+    head = f"{'pass':<18}{'edit':<15}{'backend':<19}{'time s':>9}{'peak MB':>10}{'time / first':>14}{'peak / first':>14}"
     print(head)
     print("-" * len(head))
     for mode in ("forward", "forward+backward"):
         mine = [x for x in rows if x["mode"] == mode]
         first = mine[0]
         for r in mine:
-            print(f"{mode:<18}{r['edit']:<15}{r['backend']:<9}{r['median_s']:>9.3f}{r['peak_mb']:>10.0f}"
+            print(f"{mode:<18}{r['edit']:<15}{r['backend']:<19}{r['median_s']:>9.3f}{r['peak_mb']:>10.0f}"
                   f"{r['median_s'] / first['median_s']:>14.2f}{r['peak_mb'] / max(first['peak_mb'], 1):>14.2f}")
     print("\nReference (issue #3, the paper's PyG code on this machine): 9.5 s forward, 21.5 s forward+backward, "
           "5.3 GB peak, with a dense identity-shortcut block (140,720 edges).")

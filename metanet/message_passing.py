@@ -19,7 +19,7 @@ import torch
 from metanet.graph import NetworkGraph
 
 STD_EPS = 1e-5
-BACKENDS = ("dgl", "pyg")
+BACKENDS = ("torch", "dgl", "pyg")
 
 
 class MessagePassing(Protocol):
@@ -82,8 +82,13 @@ def build(graph: NetworkGraph, backend: str) -> tuple[MessagePassing, MessagePas
     cache = graph.__dict__.setdefault("_mp_cache", {})
     key = (backend, graph.src.device)
     if key not in cache:
-        cls = DGLMessagePassing if backend == "dgl" else PyGMessagePassing
-        cache[key] = (cls(graph.src, graph.dst, graph.num_nodes), cls(graph.dst, graph.src, graph.num_nodes))
+        if backend == "torch":
+            from metanet.dense_passing import build_dense
+
+            cache[key] = build_dense(graph, graph.src.device)
+        else:
+            cls = DGLMessagePassing if backend == "dgl" else PyGMessagePassing
+            cache[key] = (cls(graph.src, graph.dst, graph.num_nodes), cls(graph.dst, graph.src, graph.num_nodes))
     return cache[key]
 
 

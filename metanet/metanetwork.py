@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from metanet import message_passing as mp
 from metanet.gates import EVIDENCE_FEATURES, apply_gates, channel_evidence, gate_from_logit
@@ -36,6 +37,8 @@ class MetaNetConfig:
     hidden: int = 32
     layers: int = 4
     residual: float = 0.05
+    # message passing: "dgl" (fused sparse kernels, CPU-only wheel), "torch" (plain PyTorch over the
+    # dense blocks of the graph: CPU and CUDA), "pyg" (gather/scatter reference)
     backend: str = "dgl"
     # "additive": the paper's edit, input + r * decoded; "gate": a per-channel gate decoded from the
     # node states (metanet.gates); "gate+additive": the additive edit, then the gates
@@ -43,6 +46,9 @@ class MetaNetConfig:
     evidence: bool = False  # the gate decoder also reads each channel's evidence (metanet.gates)
     shared_directions: bool = False  # one message-passing module for both edge directions (the paper's)
     edge_norm: bool = True  # LayerNorm on edge states before each layer (the paper's code has none)
+    # recompute each layer's activations in the backward pass (torch.utils.checkpoint): keeps one
+    # layer's edge-sized temporaries alive instead of all layers' (bench/metanet.py --recompute)
+    recompute: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,10 +100,25 @@ class MetaLayer(nn.Module):
         self.edge_norm = edge_norm
 
     def forward(self, x, e, passing_fwd, passing_rev, sign):
+        if getattr(passing_fwd, "fused", False):  # a backend that does a layer's edge work in one call
+            return self._fused(x, e, passing_fwd, sign)
         xn, en = _norm(x), _norm(e) if self.edge_norm else e
         dx_f, de_f = self.forward_conv(xn, en, passing_fwd)
         dx_r, de_r = self.reverse_conv(xn, en * sign, passing_rev)
         return x + dx_f + dx_r, e + de_f + sign * de_r
+
+    def _fused(self, x, e, passing, sign):
+        """The same layer with the edge LayerNorm, both directions' messages and both edge updates
+        in ``passing.layer``. The sign flip of the reversed direction moves to the node side:
+        ``a[dst] * (sign * en) = (sign * a)[dst] * en`` exactly, and ``sign * de_r`` is
+        ``c_r[dst] d_r[src] en`` (sign * sign = 1)."""
+        f, r = self.forward_conv, self.reverse_conv
+        xn = _norm(x)
+        stats_f, stats_r, e = passing.layer(e, f.message_src(xn), r.message_src(xn) * sign, f.edge_src(xn),
+                                            f.edge_dst(xn), r.edge_src(xn), r.edge_dst(xn), self.edge_norm)
+        dx_f = f.update_nodes(mp.scale_by_destination(stats_f, f.message_dst(xn)))
+        dx_r = r.update_nodes(mp.scale_by_destination(stats_r, r.message_dst(xn)))
+        return x + dx_f + dx_r, e
 
 
 class MetaNetwork(nn.Module):
@@ -163,7 +184,10 @@ class MetaNetwork(nn.Module):
         x = self.node_encoder(graph.node_feat)
         e = torch.cat([self.edge_encoders[t](graph.edge_feat[t]) for t in graph.edge_types])
         for layer in self.layers:
-            x, e = layer(x, e, passing_fwd, passing_rev, self.sign)
+            if self.config.recompute and torch.is_grad_enabled():
+                x, e = checkpoint(layer, x, e, passing_fwd, passing_rev, self.sign, use_reentrant=False)
+            else:
+                x, e = layer(x, e, passing_fwd, passing_rev, self.sign)
         return x, e
 
     def _gate_logits(self, graph: NetworkGraph, x: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ HELP = {
     "hidden": "metanetwork width (node and edge state size)",
     "layers": "message-passing layers of the metanetwork",
     "residual": "r in: new weights = weights + r * learned edit",
-    "backend": "message-passing backend: dgl or pyg",
+    "backend": "message-passing backend: dgl, torch (plain PyTorch, also on CUDA) or pyg",
     "seed": "seed of the member order, batches and initialisation",
     "gpu": "one GPU per worker (nccl)",
     "max_failures": "restarts from the last checkpoint after a worker dies",
@@ -439,6 +439,9 @@ def main(argv=None) -> dict:
     if not training_rows(meta, config["min_member_acc"]):
         raise SystemExit(f"meta_train: --min-member-acc {config['min_member_acc']}: no training member of "
                          f"{config['zoo']} reaches that validation accuracy")
+    if config["gpu"] and config["backend"] == "dgl":  # DGL's only wheel is a CPU build
+        print("meta_train: --gpu: the metanetwork runs on the 'torch' backend (DGL's wheel is CPU-only)")
+        config["backend"] = "torch"
     config["metanet"] = {"edge_widths": zoo.edge_widths(), "hidden": config["hidden"],
                          "layers": config["layers"], "residual": config["residual"], "backend": config["backend"],
                          "edit": config["edit"], "evidence": config["evidence"]}

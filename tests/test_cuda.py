@@ -15,8 +15,9 @@ from zoo.arch import build_model, resnet_spec
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.parametrize("backend", ["torch", "pyg"])
 @pytest.mark.parametrize("edit", ["additive", "gate"])
-def test_meta_training_step_on_cuda_matches_the_cpu(edit):
+def test_meta_training_step_on_cuda_matches_the_cpu(edit, backend):
     torch.manual_seed(0)
     model = randomize_state(build_model(resnet_spec(8, (4, 8, 8), shortcut="projection")))
     x = torch.zeros(1, 3, 16, 16)
@@ -28,7 +29,7 @@ def test_meta_training_step_on_cuda_matches_the_cpu(edit):
     for device in ("cpu", "cuda"):
         torch.manual_seed(1)
         net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), hidden=16, layers=2, residual=0.1,
-                                        backend="pyg", edit=edit, evidence=edit != "additive"))
+                                        backend=backend, edit=edit, evidence=edit != "additive"))
         if edit != "additive":  # gates that differ from 1, so the step exercises them
             torch.nn.init.normal_(net.gate_decoder[-1].weight, std=0.5)
         net.to(device)

@@ -44,7 +44,7 @@ def test_dgl_and_pyg_backends_agree_forward_and_backward():
 
 
 @pytest.mark.parametrize("backend,options", [
-    ("dgl", {}), ("pyg", {}),
+    ("dgl", {}), ("pyg", {}), ("torch", {}),
     ("dgl", {"shared_directions": True, "edge_norm": False}),  # the paper's GNN details
 ])
 def test_equivariant_to_permuting_hidden_channels(backend, options):

@@ -99,8 +99,8 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         macs, params = count(model, x)
         before = {"family": family, "val_acc_before": evaluate(model, data, "val")[0],
                   "test_acc_before": evaluate(model, data, "test")[0], "macs_before": macs, "params_before": params}
-        # DGL's wheel is a CPU build: on a GPU the metanetwork runs on the PyG backend
-        metanet = load_metanetwork(metanet_path, None if device == "cpu" else "pyg")[0] if method == "meta" else None
+        # DGL's wheel is a CPU build: on a GPU the metanetwork runs on the plain-PyTorch backend
+        metanet = load_metanetwork(metanet_path, None if device == "cpu" else "torch")[0] if method == "meta" else None
         cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
                                    seed=config["seed"], sparse_reg=config["sparse_reg"])
         prepared, record = prepare(model, data, method, cfg, metanet)

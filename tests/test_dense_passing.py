@@ -1,0 +1,110 @@
+"""The plain-PyTorch message passing over dense blocks (backend 'torch') against the PyG reference."""
+
+import pytest
+import torch
+
+from conftest import randomize_state
+from metanet import network_to_graph
+from metanet.dense_passing import DenseGroup, SparseRun, find_blocks
+from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of
+from metanet.prune import PruneSettings, prune_to_speedup
+from zoo.arch import build_model, resnet_spec, vgg_spec
+
+
+def _pruned_uneven():
+    model = build_model(resnet_spec(20, (8, 12, 16), shortcut="projection")).eval()
+    prune_to_speedup(model, torch.zeros(1, 3, 16, 16), 2.0, PruneSettings(global_pruning=True, steps=20))
+    return model
+
+
+NETWORKS = {
+    "resnet-identity": lambda: build_model(resnet_spec(20, (4, 8, 12), shortcut="identity")),
+    "resnet-projection": lambda: build_model(resnet_spec(20, (4, 8, 12), shortcut="projection")),
+    "vgg": lambda: build_model(vgg_spec(11, width_mult=0.0625, input_size=16, classifier=(8,))),
+    "cnn-flatten-linear": lambda: build_model({"family": "cnn", "widths": [4, 6], "hidden": [8], "in_channels": 3,
+                                               "num_classes": 5, "input_size": 16}),
+    "pruned-uneven": _pruned_uneven,
+}
+
+
+def _run(graph, backend, dtype):
+    torch.manual_seed(1)
+    net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), hidden=16, layers=3, residual=0.1,
+                                    backend=backend)).to(dtype)
+    g = graph.with_features(graph.node_feat.to(dtype), {t: f.to(dtype) for t, f in graph.edge_feat.items()})
+    out = net(g)
+    weights = [torch.arange(f.numel(), dtype=dtype).reshape(f.shape).sin() for f in out.edge_feat.values()]
+    loss = sum((f * w).sum() for f, w in zip(out.edge_feat.values(), weights)) + out.node_feat.square().sum()
+    loss.backward()
+    return out, {k: p.grad for k, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_agrees_with_pyg_in_outputs_and_gradients(name):
+    torch.manual_seed(0)
+    model = randomize_state(NETWORKS[name](), 0)
+    graph = network_to_graph(model.eval(), torch.zeros(1, 3, 16, 16))
+    # float32 outputs to 1e-5; gradients in float64, where summation order does not matter: in
+    # float32 the std's mean-of-squares minus squared-mean cancels and the two orders differ by ~1e-4
+    for dtype, check_grads in ((torch.float32, False), (torch.float64, True)):
+        ref, ref_grads = _run(graph, "pyg", dtype)
+        out, grads = _run(graph, "torch", dtype)
+        torch.testing.assert_close(out.node_feat, ref.node_feat, rtol=1e-5, atol=1e-5)
+        for t in graph.edge_types:
+            torch.testing.assert_close(out.edge_feat[t], ref.edge_feat[t], rtol=1e-5, atol=1e-5, msg=t)
+        if check_grads:
+            for k in ref_grads:
+                torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-8, msg=k)
+
+
+def test_blocks_cover_every_edge_once_and_stack_equal_shapes():
+    graph = network_to_graph(build_model(resnet_spec(56)).eval(), torch.zeros(1, 3, 32, 32))
+    parts = find_blocks(graph.src, graph.dst, list(graph.edge_offsets().values()))
+    covered = torch.zeros(graph.num_edges, dtype=torch.int64)
+    for p in parts:
+        covered[p.start:p.stop] += 1
+        if isinstance(p, DenseGroup):  # every edge of the group is (S[b, c] -> D[b, r]) at its position
+            src = p.S[:, None, :].expand(p.B, p.R, p.C).reshape(-1)
+            dst = p.D[:, :, None].expand(p.B, p.R, p.C).reshape(-1)
+            assert torch.equal(graph.src[p.start:p.stop], src) and torch.equal(graph.dst[p.start:p.stop], dst)
+    assert bool((covered == 1).all())
+    dense = [p for p in parts if isinstance(p, DenseGroup)]
+    # a stage's 3x3 convolutions are one stacked group: 18 of 16x16, 17 of 32x32 and of 64x64
+    assert sorted((p.B, p.R, p.C) for p in dense if p.B > 1) == [(17, 32, 32), (17, 64, 64), (18, 16, 16)]
+    assert all(isinstance(p, SparseRun) for p in parts if p not in dense)
+    assert sum(p.stop - p.start for p in parts if isinstance(p, SparseRun)) == graph.edge_counts["identity"]
+
+
+def test_the_fused_layer_and_recomputation_give_the_same_result(monkeypatch):
+    import metanet.dense_passing as dp
+
+    model = randomize_state(NETWORKS["resnet-projection"](), 0)
+    graph = network_to_graph(model.eval(), torch.zeros(1, 3, 16, 16))
+    ref, ref_grads = _run(graph, "torch", torch.float64)
+    monkeypatch.setenv(dp.COMPILE_ENV, "1")
+    monkeypatch.setitem(dp._KERNEL, "fn", dp.block_layer)  # the function torch.compile would compile
+    fused_graph = network_to_graph(model.eval(), torch.zeros(1, 3, 16, 16))  # a fresh passing cache
+    out, grads = _run(fused_graph, "torch", torch.float64)
+    assert fused_graph._mp_cache[("torch", torch.device("cpu"))][0].fused  # the run took the fused path
+    torch.testing.assert_close(out.node_feat, ref.node_feat, rtol=1e-10, atol=1e-12)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-9, atol=1e-12, msg=k)
+    monkeypatch.delenv(dp.COMPILE_ENV)
+    torch.manual_seed(1)
+    net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), hidden=16, layers=3, residual=0.1,
+                                    backend="torch", recompute=True)).double()
+    g = graph.with_features(graph.node_feat.double(), {t: f.double() for t, f in graph.edge_feat.items()})
+    out = net(g)
+    weights = [torch.arange(f.numel(), dtype=torch.float64).reshape(f.shape).sin() for f in out.edge_feat.values()]
+    (sum((f * w).sum() for f, w in zip(out.edge_feat.values(), weights)) + out.node_feat.square().sum()).backward()
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_without_a_compiler_the_fused_layer_runs_eagerly(monkeypatch):
+    import metanet.dense_passing as dp
+
+    monkeypatch.setattr(dp.shutil, "which", lambda name: None)
+    monkeypatch.setattr(dp, "_KERNEL", {})
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert dp.kernel() is dp.block_layer
