@@ -166,20 +166,7 @@ class DenseMessagePassing:
 
     def aggregate(self, a: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(mean, mean of squares, max, min) over incoming edges of ``a[src] * e``; 0 without edges."""
-        sums, squares, maxima, minima = self._partials(a, e)
-        n, h = self.num_nodes, a.shape[1]
-        index = self.target.unsqueeze(1).expand(-1, h)
-
-        def total(rows):
-            return a.new_zeros(n, h).index_add(0, self.target, torch.cat(rows))
-
-        def extreme(rows, how):
-            fill = float("-inf") if how == "amax" else float("inf")
-            out = a.new_full((n, h), fill).scatter_reduce(0, index, torch.cat(rows), how, include_self=False)
-            return torch.where(self.has_incoming, out, 0.0)
-
-        return (total(sums) / self.degree, total(squares) / self.degree, extreme(maxima, "amax"),
-                extreme(minima, "amin"))
+        return self._combine(self._partials(a, e), self.target, self.degree, self.has_incoming)
 
     def layer(self, e: torch.Tensor, a_fwd: torch.Tensor, a_rev: torch.Tensor, c_fwd: torch.Tensor,
               d_fwd: torch.Tensor, c_rev: torch.Tensor, d_rev: torch.Tensor, normalize: bool):
@@ -210,6 +197,7 @@ class DenseMessagePassing:
                 self._combine(rev, self.rev_target, self.rev_degree, self.rev_has_incoming), torch.cat(new_e))
 
     def _combine(self, stats, target, degree, has_incoming):
+        """Per-node (mean, mean of squares, max, min) from per-part rows going to ``target``."""
         sums, squares, maxima, minima = (torch.cat(rows) for rows in stats)
         n, h = self.num_nodes, sums.shape[1]
         index = target.unsqueeze(1).expand(-1, h)
