@@ -113,6 +113,45 @@ def find_blocks(src: torch.Tensor, dst: torch.Tensor, bounds: list[tuple[int, in
     return out
 
 
+class BlockStatistics(torch.autograd.Function):
+    """Sum, sum of squares, max and min over ``axis`` of ``z = a * block``, with a hand-written
+    backward that keeps nothing edge-sized alive between the passes.
+
+    ``a``: ``[B, C, h]`` (``axis`` 2: reduce over the columns, ``a`` broadcast over the rows) or
+    ``[B, R, h]`` (``axis`` 1: the other way round); ``block``: ``[B, R, C, h]``; each statistic ``[B, R, h]`` / ``[B, C, h]``. Autograd's
+    own backward saves ``z`` and ``z**2`` and builds the gradient of ``z`` from four edge-sized
+    pieces (a broadcast, a product and two scatters into zeros); here ``z`` is recomputed and
+
+        dz = ds + 2 z dq  (one ``addcmul``), plus dmax / dmin added at the arg-max / arg-min,
+        da = sum over the broadcast axis of dz * block,   d block = dz * a
+
+    (the arg-max gets the whole gradient, as ``torch.max(dim)``'s backward gives it)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, block: torch.Tensor, axis: int):
+        z = a.unsqueeze(3 - axis) * block  # a is broadcast over the axis it is not reduced over
+        mx, arg_max = z.max(axis)
+        mn, arg_min = z.min(axis)
+        stats = (z.sum(axis), z.square().sum(axis), mx, mn)
+        ctx.axis = axis
+        ctx.save_for_backward(a, block, arg_max, arg_min)
+        return stats
+
+    @staticmethod
+    def backward(ctx, d_sum, d_squares, d_max, d_min):
+        a, block, arg_max, arg_min = ctx.saved_tensors
+        axis = ctx.axis
+        a_b = a.unsqueeze(3 - axis)
+        z = a_b * block
+        grads = [g if g is not None else torch.zeros_like(a) for g in (d_sum, d_squares, d_max, d_min)]
+        dz = torch.addcmul(grads[0].unsqueeze(axis).expand_as(z), z, 2 * grads[1].unsqueeze(axis))
+        dz.scatter_add_(axis, arg_max.unsqueeze(axis), grads[2].unsqueeze(axis))
+        dz.scatter_add_(axis, arg_min.unsqueeze(axis), grads[3].unsqueeze(axis))
+        d_a = (dz * block).sum(3 - axis) if ctx.needs_input_grad[0] else None
+        d_block = dz.mul_(a_b) if ctx.needs_input_grad[1] else None
+        return d_a, d_block, None
+
+
 class DenseMessagePassing:
     """One direction of message passing over ``find_blocks``' groups (``reverse``: dst -> src).
     ``fused``: the metanetwork layer calls ``layer`` (both directions in one compiled function)
@@ -146,16 +185,11 @@ class DenseMessagePassing:
         for part, chunk in zip(self.parts, e.split(self.sizes)):
             if isinstance(part, DenseGroup):
                 block = chunk.view(part.B, part.R, part.C, h)
-                if self.reverse:  # into input channels: reduce over the output rows
-                    z = a[part.D].unsqueeze(2) * block
-                    axis = 1
-                else:  # into output channels: reduce over the input columns
-                    z = a[part.S].unsqueeze(1) * block
-                    axis = 2
-                sums.append(z.sum(axis).reshape(-1, h))
-                squares.append(z.square().sum(axis).reshape(-1, h))
-                maxima.append(z.max(axis).values.reshape(-1, h))
-                minima.append(z.min(axis).values.reshape(-1, h))
+                # into input channels: reduce over the output rows; into output channels: over the inputs
+                axis = 1 if self.reverse else 2
+                stats = BlockStatistics.apply(a[part.D if self.reverse else part.S], block, axis)
+                for acc, stat in zip((sums, squares, maxima, minima), stats):
+                    acc.append(stat.reshape(-1, h))
             else:
                 z = a[part.dst if self.reverse else part.src] * chunk
                 sums.append(z)
@@ -299,5 +333,5 @@ def kernel():
         if not use:
             warnings.warn("metanet: no C++ compiler found for torch.compile: the fused layer runs eagerly; "
                           f"install g++, or unset {COMPILE_ENV}")
-        _KERNEL["fn"] = torch.compile(block_layer, dynamic=True, fullgraph=True) if use else block_layer
+        _KERNEL["fn"] = torch.compile(block_layer, dynamic=os.environ.get("METAPRUNE_DYNAMIC", "1") == "1", fullgraph=True) if use else block_layer
     return _KERNEL["fn"]

@@ -26,6 +26,7 @@ metanetwork once (the paper's code back-propagates through it twice).
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
@@ -48,6 +49,9 @@ class MetaTrainConfig:
     weight_decay: float = 5e-4
     milestones: tuple[int, ...] = (15,)  # epochs after which the lr drops x0.1
     batches_per_step: int = 4  # task batches per member per step
+    # members per optimiser step, edited in one metanetwork pass over their graphs' union
+    # (``members_step``); 1 is the paper's one member per step (bench/meta_train.py measures both)
+    members_per_step: int = 1
     batch_size: int = 256
     reg: float = 3e-3  # group-sparsity strength, on the mean-loss scale (see the module docstring)
     alpha: float = 16.0
@@ -68,6 +72,8 @@ class MetaTrainConfig:
     def __post_init__(self):
         if self.bn_mode not in ("eval", "train"):
             raise ValueError(f"bn_mode must be 'eval' or 'train', not {self.bn_mode!r}")
+        if self.members_per_step < 1:
+            raise ValueError(f"members_per_step must be at least 1, not {self.members_per_step}")
         if self.sparsity_norm not in SPARSITY_FORMS:
             raise ValueError(f"sparsity_norm must be one of {SPARSITY_FORMS}, not {self.sparsity_norm!r}")
 
@@ -125,14 +131,33 @@ def member_step(metanet: MetaNetwork, member: Member, batches: Iterable[tuple[to
                 ) -> dict[str, float]:
     """Forward and backward of the meta-objective for one member; gradients accumulate in
     ``metanet``'s parameters. Returns the loss terms."""
-    params = graph_to_params(metanet(member.graph), member.model)
-    leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
-    task, accuracy = task_objective(member, leaves, list(batches))
-    sparse = sparsity_term(member.sparsity, leaves, member.sparsity_form, member.group_weights)
-    sparse.backward()
-    grads = [(params[k], leaves[k].grad) for k in params if params[k].requires_grad and leaves[k].grad is not None]
-    torch.autograd.backward([p for p, _ in grads], [g for _, g in grads])
-    return {"task_loss": task, "sparsity_loss": float(sparse.detach()), "train_acc": accuracy}
+    return members_step(metanet, [member], batches)
+
+
+def members_step(metanet: MetaNetwork, members: Sequence[Member],
+                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """``member_step`` for several members at once: one metanetwork pass over their graphs' union
+    (``MetaNetwork.forward_many``), each member's objective on the same task batches, and one
+    backward pass of the mean over members. Returns the mean loss terms."""
+    batches = list(batches)
+    graphs = [m.graph for m in members]
+    edited = metanet(graphs) if len(members) > 1 else [metanet(graphs[0])]
+    outputs, gradients = [], []
+    terms = {"task_loss": 0.0, "sparsity_loss": 0.0, "train_acc": 0.0}
+    for member, graph in zip(members, edited):
+        params = graph_to_params(graph, member.model)
+        leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
+        task, accuracy = task_objective(member, leaves, batches)
+        sparse = sparsity_term(member.sparsity, leaves, member.sparsity_form, member.group_weights)
+        sparse.backward()
+        for k in params:
+            if params[k].requires_grad and leaves[k].grad is not None:
+                outputs.append(params[k])
+                gradients.append(leaves[k].grad / len(members))
+        for name, value in (("task_loss", task), ("sparsity_loss", float(sparse.detach())), ("train_acc", accuracy)):
+            terms[name] += value / len(members)
+    torch.autograd.backward(outputs, gradients)
+    return terms
 
 
 def gate_targets(member: Member, data: TaskData, cfg: MetaTrainConfig) -> torch.Tensor:
@@ -190,7 +215,8 @@ def meta_train(metanet: MetaNetwork, members: Sequence[Member], data: TaskData, 
     opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
-    bar = tqdm(total=cfg.epochs * len(members), desc="meta-training", unit="step", disable=not progress)
+    steps = -(-len(members) // cfg.members_per_step)
+    bar = tqdm(total=cfg.epochs * steps, desc="meta-training", unit="step", disable=not progress)
 
     def step_done(step: int, terms: dict) -> None:
         bar.update(1)
@@ -214,26 +240,29 @@ def run_epoch(metanet: nn.Module, opt: torch.optim.Optimizer, members: Iterable[
               on_step: Callable[[int, dict], None] | None = None) -> dict[str, float]:
     """One epoch of meta-training over ``members`` (in the order given; an iterator may load each
     member only when it is reached): the epoch's learning rate (``_lr_at``), then per member one
-    optimiser step on ``member_step`` over ``cfg.batches_per_step`` training batches drawn with
-    ``gen``. ``metanet`` may be a DDP wrapper (its gradients are then averaged across workers).
+    optimiser step on ``members_step`` for each ``cfg.members_per_step`` members over
+    ``cfg.batches_per_step`` training batches drawn with ``gen``. ``metanet`` may be a DDP wrapper (its gradients are then averaged across workers).
     Returns the summed loss terms and ``steps``; ``on_step(step, terms)`` after each step."""
     for group in opt.param_groups:
         group["lr"] = _lr_at(cfg, epoch)
     metanet.train()
     device = next(metanet.parameters()).device
     sums: dict[str, float] = {"steps": 0.0}
-    for step, member in enumerate(members):
+    members = iter(members)
+    step = 0
+    while group := list(itertools.islice(members, cfg.members_per_step)):
         batches = [(x.to(device), y.to(device)) for x, y in
                    data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
                                 limit=cfg.batches_per_step)]
         opt.zero_grad(set_to_none=True)
-        terms = member_step(metanet, member, batches)
+        terms = members_step(metanet, group, batches)
         opt.step()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
         sums["steps"] += 1
         if on_step is not None:
             on_step(step, terms)
+        step += 1
     return sums
 
 

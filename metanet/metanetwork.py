@@ -13,6 +13,7 @@ they are buffers that no loss can give a gradient, so an edit there would be unt
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from metanet import message_passing as mp
 from metanet.gates import EVIDENCE_FEATURES, apply_gates, channel_evidence, gate_from_logit
 from metanet.graph import IDENTITY, NODE_FEATURES, NetworkGraph
+from metanet.graph.batch import GraphBatch, batch_graphs
 
 EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
 EDITS = ("additive", "gate", "gate+additive")
@@ -73,23 +75,30 @@ class EdgeConv(nn.Module):
         self.edge_src = _mlp(hidden, hidden)
         self.edge_dst = _mlp(hidden, hidden)
 
-    def message_and_aggregate(self, x: torch.Tensor, e: torch.Tensor, passing: mp.MessagePassing) -> torch.Tensor:
-        stats = passing.aggregate(self.message_src(x), e)
+    def message_and_aggregate(self, x: torch.Tensor, e: torch.Tensor, passing: mp.MessagePassing,
+                              sign: torch.Tensor | None = None) -> torch.Tensor:
+        """``sign``: the reversed direction's sign flip of the edge channels, applied to the node
+        messages instead of the edges: ``g[src] * (sign * e) = (sign * g)[src] * e`` exactly."""
+        g = self.message_src(x)
+        stats = passing.aggregate(g if sign is None else g * sign, e)
         return mp.scale_by_destination(stats, self.message_dst(x))
 
     def update_nodes(self, aggregated: torch.Tensor) -> torch.Tensor:
         return self.combine(aggregated)
 
-    def update_edges(self, x: torch.Tensor, e: torch.Tensor, passing: mp.MessagePassing) -> torch.Tensor:
-        return passing.edge_product(self.edge_src(x), self.edge_dst(x)) * e
+    def edge_factor(self, x: torch.Tensor, passing: mp.MessagePassing) -> torch.Tensor:
+        """``c(x)[src] * d(x)[dst]``: the edge update is this times the edge state."""
+        return passing.edge_product(self.edge_src(x), self.edge_dst(x))
 
     def forward(self, x, e, passing):
-        return self.update_nodes(self.message_and_aggregate(x, e, passing)), self.update_edges(x, e, passing)
+        return self.update_nodes(self.message_and_aggregate(x, e, passing)), self.edge_factor(x, passing) * e
 
 
 class MetaLayer(nn.Module):
     """x += conv(LN x, E, LN e) + conv_rev(LN x, E^T, s * LN e);  e += de + s * de_rev.
 
+    Computed with the sign flip on the node side (exact, see ``forward``), so no edge-sized tensor
+    is flipped and the two edge updates are one product.
     ``shared``: one EdgeConv for both directions (the paper's code; the sign flip of half the edge
     channels still tells them apart); ``edge_norm=False``: no LayerNorm on edge states (likewise)."""
 
@@ -100,18 +109,21 @@ class MetaLayer(nn.Module):
         self.edge_norm = edge_norm
 
     def forward(self, x, e, passing_fwd, passing_rev, sign):
+        """The reversed direction reads ``sign * en``: its messages ``g[dst] * (sign * en)`` are
+        ``(sign * g)[dst] * en``, and its edge update ``sign * (factor_r * sign * en)`` is
+        ``factor_r * en`` (sign * sign = 1): so ``e' = e + (factor_f + factor_r) * en``."""
         if getattr(passing_fwd, "fused", False):  # a backend that does a layer's edge work in one call
             return self._fused(x, e, passing_fwd, sign)
+        f, r = self.forward_conv, self.reverse_conv
         xn, en = _norm(x), _norm(e) if self.edge_norm else e
-        dx_f, de_f = self.forward_conv(xn, en, passing_fwd)
-        dx_r, de_r = self.reverse_conv(xn, en * sign, passing_rev)
-        return x + dx_f + dx_r, e + de_f + sign * de_r
+        dx_f = f.update_nodes(f.message_and_aggregate(xn, en, passing_fwd))
+        dx_r = r.update_nodes(r.message_and_aggregate(xn, en, passing_rev, sign))
+        factor = f.edge_factor(xn, passing_fwd) + r.edge_factor(xn, passing_rev)
+        return x + dx_f + dx_r, torch.addcmul(e, factor, en)
 
     def _fused(self, x, e, passing, sign):
         """The same layer with the edge LayerNorm, both directions' messages and both edge updates
-        in ``passing.layer``. The sign flip of the reversed direction moves to the node side:
-        ``a[dst] * (sign * en) = (sign * a)[dst] * en`` exactly, and ``sign * de_r`` is
-        ``c_r[dst] d_r[src] en`` (sign * sign = 1)."""
+        in ``passing.layer`` (one compiled function per dense group)."""
         f, r = self.forward_conv, self.reverse_conv
         xn = _norm(x)
         stats_f, stats_r, e = passing.layer(e, f.message_src(xn), r.message_src(xn) * sign, f.edge_src(xn),
@@ -202,8 +214,22 @@ class MetaNetwork(nn.Module):
             raise ValueError("this metanetwork's edit is 'additive': it has no gates")
         return self._gate_logits(graph, self._embed(graph)[0])
 
-    def forward(self, graph: NetworkGraph) -> NetworkGraph:
-        x, e = self._embed(graph)
+    def forward(self, graph: NetworkGraph | Sequence[NetworkGraph]) -> NetworkGraph | list[NetworkGraph]:
+        """The edited graph; for a list of graphs, ``forward_many``'s list (so a DDP wrapper can
+        run batches of members too)."""
+        if isinstance(graph, (list, tuple)):
+            return self.forward_many(graph)
+        return self._edit(graph, *self._embed(graph))
+
+    def forward_many(self, graphs: Sequence[NetworkGraph], batch: GraphBatch | None = None) -> list[NetworkGraph]:
+        """``[self(g) for g in graphs]`` in one pass over their disjoint union (``batch``: that
+        union, ``batch_graphs(graphs)``, if the caller keeps it: its message passing is cached on it)."""
+        batch = batch if batch is not None else batch_graphs(graphs)
+        x, e = self._embed(batch.graph)
+        return [self._edit(g, batch.nodes_of(i, x), batch.edges_of(i, e)) for i, g in enumerate(graphs)]
+
+    def _edit(self, graph: NetworkGraph, x: torch.Tensor, e: torch.Tensor) -> NetworkGraph:
+        """``graph`` edited from its final node and edge states."""
         if self.config.edit == "gate":
             return apply_gates(graph, gate_from_logit(self._gate_logits(graph, x)))
         edited = self._additive(graph, x, e)

@@ -48,8 +48,8 @@ from zoo.data import DatasetError  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
 _NET, _TRAIN = MetaNetConfig(edge_widths={}), MetaTrainConfig()  # the library's dataclasses hold the defaults
-_TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", "batch_size", "reg", "alpha", "seed",
-               "bn_mode", "sparsity_norm", "distill_epochs", "gate_reg")
+_TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", "members_per_step", "batch_size",
+               "reg", "alpha", "seed", "bn_mode", "sparsity_norm", "distill_epochs", "gate_reg")
 _NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence")
 DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,
@@ -69,6 +69,7 @@ HELP = {
     "weight_decay": "AdamW weight decay",
     "milestones": "epochs after which the learning rate drops x0.1",
     "batches_per_step": "task batches per member per optimiser step",
+    "members_per_step": "members per optimiser step, edited in one metanetwork pass (1: the paper's)",
     "batch_size": "task batch size",
     "reg": "group-sparsity strength of the meta-objective",
     "alpha": "GroupNormPruner's alpha (layer-depth scaling of the group weights)",
@@ -122,11 +123,7 @@ def train_func(config: dict) -> None:
     if not rows:
         raise ValueError(f"{config['zoo']}: no training members with status ok and val_acc >= "
                          f"{config['min_member_acc']}")
-    cfg = MetaTrainConfig(epochs=config["epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
-                          milestones=tuple(config["milestones"]), batches_per_step=config["batches_per_step"],
-                          batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
-                          seed=config["seed"], bn_mode=config["bn_mode"], sparsity_norm=config["sparsity_norm"],
-                          distill_epochs=config["distill_epochs"], gate_reg=config["gate_reg"])
+    cfg = MetaTrainConfig(**{k: tuple(config[k]) if k == "milestones" else config[k] for k in _TRAIN_KEYS})
     net = MetaNetwork(MetaNetConfig(**config["metanet"]))
     net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
     core = net.module if hasattr(net, "module") else net

@@ -110,3 +110,50 @@ def test_without_a_compiler_the_fused_layer_runs_eagerly(monkeypatch):
     monkeypatch.setattr(dp, "_KERNEL", {})
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         assert dp.kernel() is dp.block_layer
+
+
+def test_block_statistics_backward_equals_autograd():
+    from metanet.dense_passing import BlockStatistics
+
+    torch.manual_seed(0)
+    for axis in (1, 2):
+        block = torch.randn(3, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+        a = torch.randn(3, 4 if axis == 2 else 5, 6, dtype=torch.float64, requires_grad=True)
+        weights = [torch.randn(3, 5 if axis == 2 else 4, 6, dtype=torch.float64) for _ in range(4)]
+
+        def loss(stats):
+            return sum((s * w).sum() for s, w in zip(stats, weights))
+
+        z = a.unsqueeze(3 - axis) * block
+        ref = (z.sum(axis), z.square().sum(axis), z.max(axis).values, z.min(axis).values)
+        ref_grads = torch.autograd.grad(loss(ref), (a, block))
+        got = BlockStatistics.apply(a, block, axis)
+        for s, r in zip(got, ref):
+            torch.testing.assert_close(s, r)
+        for g, r in zip(torch.autograd.grad(loss(got), (a, block)), ref_grads):
+            torch.testing.assert_close(g, r)
+        # a statistic the caller does not use gets no gradient (None): the others still agree
+        partial = torch.autograd.grad(BlockStatistics.apply(a, block, axis)[0].sum(), (a, block))
+        ref_partial = torch.autograd.grad((a.unsqueeze(3 - axis) * block).sum(axis).sum(), (a, block))
+        for g, r in zip(partial, ref_partial):
+            torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dgl", "pyg"])
+@pytest.mark.parametrize("edit", ["additive", "gate+additive"])
+def test_one_pass_over_several_graphs_equals_one_pass_each(backend, edit):
+    graphs = [network_to_graph(randomize_state(NETWORKS[name](), i).eval(), torch.zeros(1, 3, 16, 16))
+              for i, name in enumerate(["resnet-identity", "vgg", "resnet-identity", "cnn-flatten-linear"])]
+    torch.manual_seed(1)
+    net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of(graphs), hidden=16, layers=3, residual=0.1,
+                                    backend=backend, edit=edit, evidence=edit != "additive"))
+    with torch.no_grad():  # gates start at exactly 1: give the gate decoder weights so that they edit
+        if edit != "additive":
+            net.gate_decoder[-1].weight.normal_(0, 0.5)
+    together = net(graphs)
+    for g, out in zip(graphs, together):
+        alone = net(g)
+        torch.testing.assert_close(out.node_feat, alone.node_feat, rtol=1e-5, atol=1e-6)
+        assert out.edge_types == g.edge_types
+        for t in g.edge_types:
+            torch.testing.assert_close(out.edge_feat[t], alone.edge_feat[t], rtol=1e-5, atol=1e-6, msg=t)

@@ -163,3 +163,31 @@ def test_training_is_deterministic_under_a_seed(digits):
         train(model, digits, TrainConfig(epochs=1, lr=0.05, seed=5, max_batches=3))
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_step_over_several_members_is_the_mean_of_their_steps(digits):
+    from conftest import randomize_state
+    from metanet.meta_training import members_step
+
+    torch.manual_seed(0)
+    data = digits
+    cfg = MetaTrainConfig(batch_size=32)
+    members = []
+    for i, widths in enumerate([(4, 8, 8), (4, 8, 8), (6, 6, 8)]):
+        model = randomize_state(build_model(resnet_spec(8, widths, in_channels=1)), i)
+        members.append(make_member(str(i), model, network_to_graph(model.eval(), torch.zeros(1, 1, 8, 8)), cfg))
+    batches = list(data.batches("train", 32, limit=2))
+    net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([m.graph for m in members]), hidden=8, layers=2,
+                                    residual=0.1, backend="torch"))
+    expected = {k: torch.zeros_like(p) for k, p in net.named_parameters()}
+    losses = []
+    for m in members:
+        net.zero_grad(set_to_none=True)
+        losses.append(member_step(net, m, batches)["task_loss"])
+        for k, p in net.named_parameters():
+            expected[k] += p.grad / len(members)
+    net.zero_grad(set_to_none=True)
+    terms = members_step(net, members, batches)
+    assert terms["task_loss"] == pytest.approx(sum(losses) / len(losses))
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, expected[k], rtol=1e-4, atol=1e-6, msg=k)
