@@ -1,7 +1,11 @@
 """Metanetwork speed and memory on a CIFAR network's graph: backends and edits side by side.
 
-For each backend and each of forward / forward+backward, a fresh process builds the graph and the
-8-layer, width-64 metanetwork (the paper's ResNet-56 setting), runs the pass ``--repeats`` times
+For each backend and each pass, a fresh process builds the graph and the 8-layer, width-64
+metanetwork (the paper's ResNet-56 setting), runs the pass ``--repeats`` times. Passes: the
+metanetwork's forward, its forward+backward (loss: sum of squares of the outputs), and one full
+meta-training step (``metanet.meta_training.member_step``: metanetwork, the network run with the
+predicted weights on ``--step-batches`` batches of ``--batch-size`` random 32x32 images in eval
+mode, the group-sparsity term, one backward pass; random images cost what CIFAR images cost). It
 and reports the median time and the peak memory the pass added: on the CPU the resident memory
 (``ru_maxrss`` after the runs minus the resident memory before them, with glibc's mmap threshold
 fixed so that freed memory leaves the process: see ``WORKER_ENV``; that slows big allocations,
@@ -9,7 +13,7 @@ so the memory comes from a second process and the time from one with the usual a
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before the runs (after one warm-up
 pass, which is not timed).
 
-    python bench/metanet.py [--repeats 3] [--layers 8] [--hidden 64] [--recompute]
+    python bench/metanet.py [--repeats 3] [--layers 8] [--hidden 64] [--recompute] [--passes forward step]
     python bench/metanet.py --device cuda --backends torch pyg --arch resnet110 --edits additive gate
 """
 
@@ -46,12 +50,17 @@ def _arch(name: str) -> dict:
     return vgg_spec(19) if name == "vgg19" else resnet_spec(int(name.removeprefix("resnet")))
 
 
+PASSES = ("forward", "forward+backward", "step")
+
+
 def worker(backend: str, mode: str, repeats: int, layers: int, hidden: int, device: str = "cpu",
-           arch: str = "resnet56", edit: str = "additive", recompute: bool = False) -> dict:
+           arch: str = "resnet56", edit: str = "additive", recompute: bool = False, batch_size: int = 64,
+           step_batches: int = 4) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
     from metanet import network_to_graph
+    from metanet.meta_training import MetaTrainConfig, make_member, member_step
     from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of
     from zoo.arch import build_model
 
@@ -62,9 +71,18 @@ def worker(backend: str, mode: str, repeats: int, layers: int, hidden: int, devi
                                     backend=backend, edit=edit, evidence=edit != "additive",
                                     recompute=recompute)).to(device)
     cuda = device.startswith("cuda")
+    if mode == "step":
+        member = make_member(arch, model, graph, MetaTrainConfig())
+        member.model.to(device)
+        gen = torch.Generator().manual_seed(0)
+        batches = [(torch.randn(batch_size, 3, 32, 32, generator=gen).to(device),
+                    torch.randint(0, 10, (batch_size,), generator=gen).to(device)) for _ in range(step_batches)]
 
     def run():
-        if mode == "forward":
+        if mode == "step":
+            member_step(net, member, batches)
+            net.zero_grad(set_to_none=True)
+        elif mode == "forward":
             with torch.no_grad():
                 net(graph)
         else:
@@ -105,25 +123,34 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet56", choices=ARCHS, help="the CIFAR network whose graph is edited")
     parser.add_argument("--edits", nargs="+", default=["additive"], choices=["additive", "gate", "gate+additive"],
                         help="the metanetwork's edit (gate edits decode per-channel gates with evidence features)")
-    parser.add_argument("--recompute", action="store_true",
-                        help="also run each backend with per-layer recomputation in the backward pass")
+    parser.add_argument("--recompute", nargs="?", const="both", default="off", choices=["off", "both", "only"],
+                        help="per-layer recomputation in the backward pass: also (both, the default with the flag) "
+                             "or only (for graphs whose plain backward would not fit in memory)")
+    parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES,
+                        help="forward, forward+backward of the metanetwork, or a full meta-training step")
+    parser.add_argument("--batch-size", type=int, default=64, help="task batch size of the meta-training step")
+    parser.add_argument("--step-batches", type=int, default=4, help="task batches per meta-training step")
     parser.add_argument("--worker", nargs=4, metavar=("BACKEND", "MODE", "EDIT", "RECOMPUTE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker[:2], args.repeats, args.layers, args.hidden, args.device, args.arch,
-                                args.worker[2], args.worker[3] == "1")))
+                                args.worker[2], args.worker[3] == "1", args.batch_size, args.step_batches)))
         return
     rows = []
-    for mode in ("forward", "forward+backward"):
+    for mode in args.passes:
         for edit in args.edits:
-            for backend, recompute in [(b, r) for b in args.backends for r in ((False, True) if args.recompute else
-                                                                                (False,))]:
+            choices = {"off": (False,), "both": (False, True), "only": (True,)}[args.recompute]
+            for backend, recompute in [(b, r) for b in args.backends for r in choices]:
                 if recompute and mode == "forward":
-                    continue  # recomputation changes only the backward pass
+                    if args.recompute == "only":  # the same forward: run it once
+                        recompute = False
+                    else:
+                        continue  # recomputation changes only the backward pass
                 cmd = [sys.executable, __file__, "--worker", backend, mode, edit, str(int(recompute)),
                        "--repeats", str(args.repeats),
                        "--layers", str(args.layers), "--hidden", str(args.hidden), "--device", args.device,
-                       "--arch", args.arch]
+                       "--arch", args.arch, "--batch-size", str(args.batch_size),
+                       "--step-batches", str(args.step_batches)]
                 # time with the allocator as users have it; memory in a second process (WORKER_ENV)
                 timed = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 sized = subprocess.run(cmd, check=True, capture_output=True, text=True, env=WORKER_ENV).stdout
@@ -137,7 +164,7 @@ def main() -> None:
     head = f"{'pass':<18}{'edit':<15}{'backend':<19}{'time s':>9}{'peak MB':>10}{'time / first':>14}{'peak / first':>14}"
     print(head)
     print("-" * len(head))
-    for mode in ("forward", "forward+backward"):
+    for mode in args.passes:
         mine = [x for x in rows if x["mode"] == mode]
         first = mine[0]
         for r in mine:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metanet.graph import IDENTITY, NetworkGraph, graph_to_params
+from metanet.graph import STRUCTURAL_EDGE_TYPES, NetworkGraph, graph_to_params
 from metanet.sparsity import GroupSparsity, sparsity_term
 
 EVIDENCE_FEATURES = ("log_row_norm", "log_col_norm", "bn_scale", "bn_shift",
@@ -51,12 +51,13 @@ def _cached(graph: NetworkGraph, key: str, make):
 
 
 def _weight_edges(graph: NetworkGraph) -> torch.Tensor:
-    """A mask over all edges (in ``edge_types`` order): True for kernel edges, False for identity."""
+    """A mask over all edges (in ``edge_types`` order): True for kernel edges, False for structural ones."""
     offsets = graph.edge_offsets()
     mask = torch.ones(graph.num_edges, dtype=torch.bool, device=graph.src.device)
-    if IDENTITY in offsets:
-        a, b = offsets[IDENTITY]
-        mask[a:b] = False
+    for t in STRUCTURAL_EDGE_TYPES:
+        if t in offsets:
+            a, b = offsets[t]
+            mask[a:b] = False
     return mask
 
 
@@ -130,7 +131,7 @@ def apply_gates(graph: NetworkGraph, gate: torch.Tensor) -> NetworkGraph:
     node = torch.stack([f[:, 0] * g, f[:, 1] * g, f[:, 2] * g, f[:, 3] * g * g, f[:, 4] * g], 1)
     edges, offsets = {}, graph.edge_offsets()
     for t in graph.edge_types:
-        if t == IDENTITY:
+        if t in STRUCTURAL_EDGE_TYPES:
             edges[t] = graph.edge_feat[t]
             continue
         a, b = offsets[t]

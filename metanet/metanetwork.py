@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from metanet import message_passing as mp
 from metanet.gates import EVIDENCE_FEATURES, apply_gates, channel_evidence, gate_from_logit
-from metanet.graph import IDENTITY, NODE_FEATURES, NetworkGraph
+from metanet.graph import NODE_FEATURES, STRUCTURAL_EDGE_TYPES, NetworkGraph
 from metanet.graph.batch import GraphBatch, batch_graphs
 
 EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
@@ -153,10 +153,10 @@ class MetaNetwork(nn.Module):
                                     for _ in range(config.layers))
         self.node_decoder = nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(),
                                           nn.Linear(h, len(NODE_FEATURES)))
-        # identity edges stand for residual additions, not weights: they inform, but are not edited
+        # identity, gate and norm edges stand for operations, not weights: they inform, but are not edited
         self.edge_decoders = nn.ModuleDict({
             t: nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, k))
-            for t, k in config.edge_widths.items() if t != IDENTITY})
+            for t, k in config.edge_widths.items() if t not in STRUCTURAL_EDGE_TYPES})
         if config.edit != "additive":
             width = h + (len(EVIDENCE_FEATURES) if config.evidence else 0)
             self.gate_decoder = nn.Sequential(nn.Linear(width, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(),

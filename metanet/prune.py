@@ -27,7 +27,7 @@ import torch_pruning as tp
 from torch import nn
 
 from metanet.files import atomic_write
-from metanet.sparsity import classifier_of, importance
+from metanet.sparsity import UnprunableNetworkError, classifier_of, importance
 
 PRUNED_FORMAT = "metaprune.pruned/1"
 
@@ -141,7 +141,12 @@ def prune_in_steps(model: nn.Module, example_inputs: torch.Tensor, targets: Sequ
                 raise UnreachableSpeedupError(
                     f"target speed-up {target}x cannot be reached: {settings.steps} steps (pruning at most "
                     f"{settings.max_ratio:.0%} of each layer's channels) reach {macs0 / macs:.2f}x")
-            pruner.step()
+            try:
+                pruner.step()
+            except IndexError as err:  # Torch-Pruning's channel index maps do not fit this network
+                raise UnprunableNetworkError(
+                    f"{type(model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
+                    "splits or shuffles (ShuffleNet) are not prunable with Torch-Pruning 1.6") from None
             done += 1
             macs, params = count(model, example_inputs)
         yield target, PruneResult(model, macs0, macs, params0, params, done)
@@ -190,7 +195,12 @@ def prune_adaptive(model: nn.Module, example_inputs: torch.Tensor, score: Callab
     best, best_steps, done = copy.deepcopy(model), 0, 0
     while done < steps:
         for _ in range(min(check_every, steps - done)):
-            pruner.step()
+            try:
+                pruner.step()
+            except IndexError as err:  # Torch-Pruning's channel index maps do not fit this network
+                raise UnprunableNetworkError(
+                    f"{type(model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
+                    "splits or shuffles (ShuffleNet) are not prunable with Torch-Pruning 1.6") from None
             done += 1
         if score(model) < floor:
             break
@@ -204,7 +214,7 @@ def _safe_attributes(module: nn.Module) -> dict:
             if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))}
 
 
-def save_pruned(model: nn.Module, path: str, **meta) -> None:
+def save_pruned(model: nn.Module, path: str, /, **meta) -> None:
     """Saves a (pruned) model as tensors plus each module's plain settings (channel counts, kernel
     sizes), the information ``tp.state_dict`` keeps, but without pickled modules, so loading it
     needs no code execution (``torch.load(weights_only=True)``). ``meta`` must be plain data."""

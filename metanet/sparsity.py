@@ -12,6 +12,13 @@ constant, so its gradient is exactly what ``regularize`` adds, it flows through
 ``functional_call`` parameters into a metanetwork, and one backward pass serves the task loss and
 the regulariser together. The groups come from Torch-Pruning's own DependencyGraph, turned once
 per architecture into flat index maps; evaluating the loss is a handful of tensor ops per layer.
+
+Grouped convolutions: an input channel's slice is the weights that read it, the rows of its group
+in column ``c mod (in / groups)``. (Torch-Pruning 1.6's ``regularize`` raises an IndexError on
+grouped, non-depthwise convolutions, so there is no reference to match there; its importance
+takes the column over all groups' rows.) Depthwise convolutions are left out of the term, as
+``regularize`` and the importance leave them out (their pruning functions are not the plain
+convolution's).
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from torch import nn
 _OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 _IN = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 _BN = (tp.prune_batchnorm_out_channels,)
+
+
+class UnprunableNetworkError(ValueError):
+    """Torch-Pruning cannot prune this network (its dependency groups do not fit the layers)."""
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
@@ -58,6 +69,7 @@ class GroupSparsity:
         cols: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         vecs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         members, group_of = [], []
+        self.col_groups: dict[str, int] = {}  # grouped convolutions' input columns: weight name -> groups
         offset = 0
         for group in pruner._groups:
             size, count = None, 0
@@ -68,12 +80,12 @@ class GroupSparsity:
                     continue
                 if handler in _BN and not layer.affine:
                     continue
-                if isinstance(layer, (nn.Conv2d, nn.Conv1d)) and layer.groups != 1:
-                    raise ValueError(f"grouped convolution {names[layer]} is not supported")
                 root = torch.as_tensor(list(group[i].root_idxs), dtype=torch.int64)
                 idx = torch.as_tensor(list(idxs), dtype=torch.int64)
                 size = max(size or 0, int(root.max()) + 1)
                 target = rows if handler in _OUT else cols if handler in _IN else vecs
+                if handler in _IN and getattr(layer, "groups", 1) > 1:
+                    self.col_groups[f"{names[layer]}.weight"] = layer.groups
                 target[f"{names[layer]}.weight"].append((idx, offset + root))
                 count += 1
             if count == 0:
@@ -87,6 +99,15 @@ class GroupSparsity:
         self.group_of = torch.cat(group_of) if group_of else torch.zeros(0, dtype=torch.int64)
         merge = lambda d: {k: (torch.cat([i for i, _ in v]), torch.cat([g for _, g in v])) for k, v in d.items()}  # noqa: E731
         self.rows, self.cols, self.vecs = merge(rows), merge(cols), merge(vecs)
+        state = dict(model.named_parameters())
+        for kind, maps, axis in (("output", self.rows, 0), ("input", self.cols, 1), ("channel", self.vecs, 0)):
+            for name, (idx, _) in maps.items():
+                size = state[name].shape[axis] * (self.col_groups.get(name, 1) if kind == "input" else 1)
+                if idx.numel() and int(idx.max()) >= size:
+                    raise UnprunableNetworkError(
+                        f"{type(model).__name__}: Torch-Pruning's dependency groups give {name} {kind} channel "
+                        f"{int(idx.max())} of {size} (it mis-maps this network's channel splits or shuffles): "
+                        "it cannot be pruned or regularised")
 
     def slice_norms(self, params: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(squared L2 norm of every group-member slice, its global channel id)."""
@@ -97,7 +118,12 @@ class GroupSparsity:
             ids.append(gid)
         for name, (idx, gid) in self.cols.items():
             w = params[name]
-            norms.append(w.transpose(0, 1).reshape(w.shape[1], -1).square().sum(1)[idx])
+            if name in self.col_groups:  # input channel c: the rows of its group, column c mod (in / groups)
+                g = self.col_groups[name]
+                per_channel = w.reshape(g, w.shape[0] // g, w.shape[1], -1).square().sum((1, 3)).reshape(-1)
+            else:
+                per_channel = w.transpose(0, 1).reshape(w.shape[1], -1).square().sum(1)
+            norms.append(per_channel[idx])
             ids.append(gid)
         for name, (idx, gid) in self.vecs.items():
             norms.append(params[name].square()[idx])

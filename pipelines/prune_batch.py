@@ -61,7 +61,8 @@ HELP = {
     "zoo": "zoo whose --split members to prune",
     "split": "zoo split to prune: train, val, test (held out) or all",
     "models": "model files, folders or globs to prune (zoo.model_files formats)",
-    "arch": "YAML architecture spec for bare state dicts",
+    "arch": "architecture of bare state dicts: a YAML spec file, or MODULE:NAME[,key=value...] from "
+            "torchvision.models or timm (e.g. torchvision.models:mobilenet_v2,num_classes=10)",
     "trust_pickle": "allow pickled whole modules (runs code from the file)",
     "dataset": "dataset of --models files (digits, cifar10, cifar100, svhn, imagefolder)",
     "data_root": "dataset folder (overrides the zoo spec's)",

@@ -117,17 +117,17 @@ def test_prunes_zoo_and_files_with_baselines_resumes_and_records_failures(inputs
 def test_an_unsupported_layer_fails_only_the_metanetwork_rows(inputs, tmp_path):
     models = tmp_path / "models"
     models.mkdir()
-    depthwise = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-    torch.save(depthwise, models / "depthwise.pt")
+    learned_activation = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.PReLU(8),
+                                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    torch.save(learned_activation, models / "prelu.pt")
     out = _run("--models", models, "--dataset", "digits", "--metanet", inputs / "metanet.pt", "--methods", "meta",
                "none", "--targets", "1.5", "--trust-pickle", "--before-steps", "0", "--after-steps", "10",
                "--out", tmp_path / "out", "--no-mlflow")
     assert out.returncode == 1, out.stderr[-3000:]  # the metanetwork row failed
     frame = pd.read_parquet(tmp_path / "out/results.parquet").set_index("method")
     assert frame.loc["none", "status"] == "ok" and frame.loc["meta", "status"] == "failed"
-    assert "UnsupportedNetworkError" in frame.loc["meta", "error"] and "groups" in frame.loc["meta", "error"]
+    assert "UnsupportedNetworkError" in frame.loc["meta", "error"] and "PReLU" in frame.loc["meta", "error"]
     pruned, _ = load_model(frame.loc["none", "path"], trust_pickle=True)  # not a zoo architecture: kept pickled
     assert isinstance(pruned, nn.Sequential)
 
@@ -142,12 +142,53 @@ def test_adaptive_mode_prunes_while_validation_accuracy_holds(inputs, tmp_path):
     assert "| none | floor0.5 | 1 |" in out.stdout
 
 
+def test_an_imported_architecture_from_a_state_dict(inputs, tmp_path):
+    """--arch MODULE:NAME,key=value: a torchvision MobileNetV2's bare state dict, on an image folder,
+    pruned with the metanetwork (trained for its edge types) and the baseline; the pruned files load
+    without pickles."""
+    import torchvision
+    from PIL import Image
+
+    from metanet import network_to_graph
+    from metanet.metanetwork import edge_widths_of
+
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", 12), ("test", 4)):
+        for label in range(3):
+            folder = tmp_path / "images" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):  # a class is a colour, so there is something to learn
+                pixels = (torch.rand(16, 16, 3, generator=gen) * 60 + 60 * label).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    arch = "torchvision.models:mobilenet_v2,num_classes=3,width_mult=0.25"
+    model = torchvision.models.mobilenet_v2(num_classes=3, width_mult=0.25).eval()
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.save(model.state_dict(), models / "mobilenet.pt")
+    graph = network_to_graph(model, torch.zeros(1, 3, 16, 16))
+    save_metanetwork(MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), hidden=8, layers=1,
+                                               residual=0.01)), str(tmp_path / "metanet.pt"))
+    out = _run("--models", models, "--dataset", "imagefolder", "--data-root", tmp_path / "images", "--arch", arch,
+               "--metanet", tmp_path / "metanet.pt", "--methods", "meta", "none", "--targets", "1.5",
+               "--before-steps", "2", "--after-steps", "2", "--batch-size", "8", "--out", tmp_path / "out",
+               "--no-mlflow")
+    assert out.returncode == 0, out.stderr[-3000:]
+    frame = pd.read_parquet(tmp_path / "out/results.parquet")
+    assert sorted(frame.method) == ["meta", "none"] and set(frame.status) == {"ok"}, frame.error.tolist()
+    assert (frame.family == "mobilenet_v2").all() and (frame.speedup >= 1.5).all()
+    for path in frame.path:
+        pruned, meta = load_model(path)  # weights only: the import spec rebuilds the architecture
+        assert meta["format"] == "metaprune.pruned/1" and pruned(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--models", "nowhere/*.pt", "--dataset", "digits", "--methods", "none"], "no such file"),
     (["--models", ".", "--dataset", "digits", "--metanet", "missing.pt"], "metanetwork file not found"),
     (["--models", ".", "--dataset", "digits", "--methods", "magic"], "unknown method(s) ['magic']"),
     (["--models", ".", "--methods", "none", "--targets", "1"], "--targets must be finite speed-ups > 1"),
     (["--zoo", "no-zoo", "--methods", "none"], "zoo directory not found"),
+    (["--models", ".", "--methods", "none", "--arch", "os:system,command=ls"], "only constructors from"),
+    (["--models", ".", "--methods", "none", "--arch", "torchvision.models:no_such_net"], "has no constructor"),
 ])
 def test_bad_inputs_are_named(args, message, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "pipelines"))

@@ -7,7 +7,12 @@ widths. That is how a pruned network is stored in the zoo and rebuilt later with
 Families:
 - ``resnet``: CIFAR-style ResNet of BasicBlocks (depth 6n+2), identity or projection shortcuts;
 - ``vgg``: VGG with BatchNorm, global average pooling and a small classifier;
-- ``mlp`` and ``cnn``: small networks for tests and quick experiments.
+- ``mlp`` and ``cnn``: small networks for tests and quick experiments;
+- ``import``: a constructor from torchvision's or timm's model collections with keyword arguments
+  (``{"family": "import", "target": "torchvision.models:mobilenet_v2", "kwargs": {"num_classes":
+  10}}``, written ``torchvision.models:mobilenet_v2,num_classes=10`` on a command line), so a
+  state dict of such a network loads without pickles. Only those modules are imported: a spec is
+  read from files too, and naming any callable there would run code the file chose.
 """
 
 from __future__ import annotations
@@ -179,10 +184,65 @@ class SimpleCNN(nn.Module):
 
 
 # ------------------------------------------------------------------------- spec <-> module
+IMPORTABLE_MODULES = ("torchvision.models", "timm")
+IMPORTED_SPEC = "_metaprune_arch"  # the import spec a module was built from (``arch_spec`` reads it)
+
+
+def parse_import_arch(text: str) -> Spec:
+    """``"package.module:name,key=value,..."`` -> an ``import`` spec; values are read as YAML
+    scalars (``10``, ``0.5``, ``true``, ``resnet``)."""
+    import yaml
+
+    target, *pairs = [part.strip() for part in text.split(",")]
+    if target.count(":") != 1 or not all(target.split(":")):
+        raise ValueError(f"architecture {text!r}: expected MODULE:NAME[,key=value...], "
+                         "e.g. torchvision.models:mobilenet_v2,num_classes=10")
+    kwargs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"architecture {text!r}: {pair!r} is not key=value")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    return {"family": "import", "target": target, "kwargs": kwargs}
+
+
+def _build_imported(spec: Spec) -> nn.Module:
+    import importlib
+
+    unknown = sorted(set(spec) - {"target", "kwargs"})
+    if unknown:
+        raise ValueError(f"bad 'import' architecture spec: unknown key(s) {unknown}")
+    module_name, _, name = str(spec.get("target", "")).partition(":")
+    if not any(module_name == m or module_name.startswith(m + ".") for m in IMPORTABLE_MODULES):
+        raise ValueError(f"architecture target {spec.get('target')!r}: only constructors from "
+                         f"{', '.join(IMPORTABLE_MODULES)} are imported")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"architecture target {spec['target']!r}: cannot import {module_name} ({err})") from None
+    kwargs = dict(spec.get("kwargs") or {})
+    if module_name == "timm" and not hasattr(module, name):  # timm's models are created by name
+        constructor = lambda **kw: module.create_model(name, **kw)  # noqa: E731
+    else:
+        constructor = getattr(module, name, None)
+    if not callable(constructor):
+        raise ValueError(f"architecture target {spec['target']!r}: {module_name} has no constructor {name!r}")
+    try:
+        model = constructor(**kwargs)
+    except Exception as err:  # the library's own argument checks
+        raise ValueError(f"architecture {spec['target']} with {kwargs}: {type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"architecture target {spec['target']!r} made a {type(model).__name__}, not a module")
+    setattr(model, IMPORTED_SPEC, {"family": "import", "target": spec["target"], "kwargs": kwargs})
+    return model
+
+
 def build_model(spec: Spec) -> nn.Module:
     """A freshly initialised module of the architecture ``spec`` describes."""
     spec = copy.deepcopy(spec)
     family = spec.pop("family", None)
+    if family == "import":
+        return _build_imported(spec)
     try:
         if family == "resnet":
             return CifarResNet(**spec)
@@ -194,7 +254,7 @@ def build_model(spec: Spec) -> nn.Module:
             return SimpleCNN(**spec)
     except TypeError as err:
         raise ValueError(f"bad {family!r} architecture spec {spec}: {err}") from None
-    raise ValueError(f"unknown architecture family {family!r}; known: resnet, vgg, mlp, cnn")
+    raise ValueError(f"unknown architecture family {family!r}; known: resnet, vgg, mlp, cnn, import")
 
 
 def _linear_widths(layers: nn.Sequential) -> list[int]:
@@ -202,7 +262,10 @@ def _linear_widths(layers: nn.Sequential) -> list[int]:
 
 
 def arch_spec(model: nn.Module) -> Spec:
-    """The spec of ``model`` as it is now (after pruning too): ``build_model`` rebuilds its shape."""
+    """The spec of ``model`` as it is now (after pruning too): ``build_model`` rebuilds its shape.
+    For an imported architecture, the spec it was built from (its unpruned shape)."""
+    if hasattr(model, IMPORTED_SPEC):
+        return copy.deepcopy(getattr(model, IMPORTED_SPEC))
     if isinstance(model, CifarResNet):
         blocks = [[b.conv1.out_channels, b.conv2.out_channels, b.stride] for b in model.layers]
         return {"family": "resnet", "stem_width": model.conv1.out_channels, "blocks": blocks,

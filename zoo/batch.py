@@ -138,7 +138,8 @@ def _family(model) -> str:
     from zoo.arch import arch_spec
 
     try:
-        return arch_spec(model)["family"]
+        spec = arch_spec(model)
+        return spec["target"].split(":")[1] if spec["family"] == "import" else spec["family"]
     except ValueError:
         return type(model).__name__
 
@@ -268,10 +269,21 @@ def finetune_defaults(config: dict) -> dict:
 
 
 def arch_file(path: str | None) -> dict | None:
+    """``--arch``: a YAML/JSON architecture spec file, or an import path with keyword arguments
+    (``torchvision.models:mobilenet_v2,num_classes=10``; see ``zoo.arch``)."""
     if path is None:
         return None
     import yaml
 
+    from zoo.arch import build_model, parse_import_arch
+
+    if ":" in path and not os.path.exists(path):
+        try:
+            arch = parse_import_arch(path)
+            build_model(arch)  # fail here, once, with the reason, not once per model in the Ray tasks
+        except ValueError as err:
+            raise BatchInputError(f"--arch {err}") from None
+        return arch
     if not os.path.exists(path):
         raise BatchInputError(f"--arch file not found: {path}")
     with open(path) as f:

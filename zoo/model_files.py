@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from metanet.files import atomic_write
-from metanet.prune import PRUNED_FORMAT, load_pruned
+from metanet.prune import PRUNED_FORMAT, load_pruned, save_pruned
 from zoo.arch import arch_spec, build_model
 
 MODEL_FORMAT = "metaprune.model/1"
@@ -39,7 +39,11 @@ class UntrustedPickleError(ModelFileError):
 def save_model(model: nn.Module, path: str, /, **meta: Any) -> None:
     """Writes ``model`` (a zoo architecture, pruned or not) as spec + state dict, atomically.
     ``meta`` must be plain data (numbers, strings, lists, dicts)."""
-    payload = {"format": MODEL_FORMAT, "arch": arch_spec(model),
+    spec = arch_spec(model)
+    if spec["family"] == "import":  # its spec is the unpruned shape: store the modules' own settings too
+        save_pruned(model, path, arch=spec, **meta)
+        return
+    payload = {"format": MODEL_FORMAT, "arch": spec,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
     atomic_write(os.path.abspath(path), lambda tmp: torch.save(payload, tmp))
 

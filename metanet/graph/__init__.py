@@ -23,13 +23,13 @@ registry a user adds rules to), ``tracer`` (the torch.fx walk that applies the r
 
 from metanet.graph.convert import clear_layout_cache, graph_layout, graph_to_network, graph_to_params, network_to_graph
 from metanet.graph.layout import Channels, EdgeSlot, GraphLayout, NodeSlot
-from metanet.graph.network_graph import (IDENTITY, NEUTRAL_NODE_FEATURES, NODE_FEATURES, GraphMismatchError,
-                                         NetworkGraph, UnsupportedNetworkError)
+from metanet.graph.network_graph import (GATE, IDENTITY, NEUTRAL_NODE_FEATURES, NODE_FEATURES, NORM, STRUCTURAL_EDGE_TYPES,
+                                         GraphMismatchError, NetworkGraph, UnsupportedNetworkError)
 from metanet.graph.rules import (FunctionRule, ModuleRule, flatten, keep_channels, refuse, register_function_rule,
                                  register_module_rule)
 
 __all__ = [
-    "IDENTITY", "NEUTRAL_NODE_FEATURES", "NODE_FEATURES", "Channels", "EdgeSlot", "FunctionRule", "GraphLayout",
+    "GATE", "IDENTITY", "NEUTRAL_NODE_FEATURES", "NODE_FEATURES", "NORM", "STRUCTURAL_EDGE_TYPES", "Channels", "EdgeSlot", "FunctionRule", "GraphLayout",
     "GraphMismatchError", "ModuleRule", "NetworkGraph", "NodeSlot", "UnsupportedNetworkError", "clear_layout_cache",
     "flatten", "graph_layout", "graph_to_network", "graph_to_params", "keep_channels", "network_to_graph", "refuse",
     "register_function_rule", "register_module_rule",

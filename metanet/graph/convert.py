@@ -11,8 +11,8 @@ from torch import nn
 
 from metanet.graph import rules
 from metanet.graph.layout import GraphLayout
-from metanet.graph.network_graph import (IDENTITY, NEUTRAL_NODE_FEATURES, NODE_FEATURES, GraphMismatchError,
-                                         NetworkGraph, UnsupportedNetworkError)
+from metanet.graph.network_graph import (NEUTRAL_NODE_FEATURES, NODE_FEATURES, STRUCTURAL_EDGE_TYPES,
+                                         GraphMismatchError, NetworkGraph, UnsupportedNetworkError)
 from metanet.graph.tracer import trace_layout
 
 _LAYOUTS: "OrderedDict[tuple, GraphLayout]" = OrderedDict()
@@ -94,8 +94,10 @@ def network_to_graph(model: nn.Module, example_inputs: Any) -> NetworkGraph:
     per_type: dict[str, list[torch.Tensor]] = {t: [] for t in layout.edge_types}
     for slot in layout.edge_slots:
         per_type[slot.etype].append(state[slot.name].reshape(slot.rows, -1))
-    if IDENTITY in per_type:
-        per_type[IDENTITY].append(torch.ones(layout.identity_counts, 1, dtype=ref.dtype, device=ref.device))
+    for t in STRUCTURAL_EDGE_TYPES:  # operations, not weights: a constant 1 per edge
+        if t in per_type:
+            count = int((layout.edge_type == layout.edge_types.index(t)).sum())
+            per_type[t].append(torch.ones(count, 1, dtype=ref.dtype, device=ref.device))
     edge_feat = {t: torch.cat(v) if len(v) > 1 else v[0].clone() for t, v in per_type.items()}
     for feat in (node_feat, *edge_feat.values()):
         if not _all_finite(feat):

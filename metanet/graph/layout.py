@@ -47,7 +47,6 @@ class GraphLayout:
     edge_slots: list[EdgeSlot]
     node_slots: list[NodeSlot]
     counter_names: list[str]
-    identity_counts: int
     fingerprint: str = ""
     state_names: tuple[str, ...] = field(default_factory=tuple)
     buffer_names: frozenset[str] = frozenset()
@@ -56,9 +55,11 @@ class GraphLayout:
 @dataclass
 class Channels:
     """The graph nodes standing for dimension 1 of a traced tensor; ``spatial`` is the (H, W) of
-    each channel's block of features once a map has been flattened into [batch, C*H*W]."""
+    each channel's block of features once a map has been flattened into [batch, C*H*W]. While a
+    view splits the channels over dimensions 1..k (a channel shuffle), ``nodes`` has those k
+    dimensions."""
 
-    nodes: torch.Tensor  # [C] int64
+    nodes: torch.Tensor  # [C] int64 (or [g, C/g] while split)
     spatial: tuple[int, int] = (1, 1)
 
 

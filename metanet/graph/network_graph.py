@@ -10,6 +10,12 @@ import torch
 NODE_FEATURES = ("bn_weight", "bn_bias", "bn_running_mean", "bn_running_var", "bias")
 NEUTRAL_NODE_FEATURES = (1.0, 0.0, 0.0, 1.0, 0.0)
 IDENTITY = "identity"
+# edges that stand for an operation, not a weight: width 1, feature 1.0, never edited.
+# "gate": an elementwise product of two branches (Squeeze-and-Excitation), from the shallower
+# operand's node into the deeper one's, which stands for the product; "norm": a norm layer on
+# channels that already carry a norm's parameters (DenseNet), from each channel to the norm's own node
+GATE, NORM = "gate", "norm"
+STRUCTURAL_EDGE_TYPES = (GATE, IDENTITY, NORM)
 
 
 class UnsupportedNetworkError(ValueError):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metanet.graph.layout import Channels
-from metanet.graph.network_graph import IDENTITY, NODE_FEATURES
+from metanet.graph.network_graph import GATE, IDENTITY, NODE_FEATURES, NORM
 
 MODULE_RULES: dict[type, "ModuleRule"] = {}
 FUNCTION_RULES: dict[Any, "FunctionRule"] = {}  # a function, or a method name (str)
@@ -106,6 +106,15 @@ def flatten(t, node, x: Channels, in_shape, shape) -> Channels:
     return Channels(x.nodes, spatial)
 
 
+def norm_nodes(t, x: Channels) -> Channels:
+    """New nodes for a norm layer's output, one per channel, each reached from its input channel by
+    a ``norm`` edge (width 1, feature 1.0): the norm's parameters get node features of their own."""
+    out = t.new_nodes(int(x.nodes.numel()), 0)
+    t.depth[out] = t.depth[x.nodes]  # the same depth: the new node (a larger index) counts as deeper
+    t.add_edges(NORM, x.nodes, out, 1)
+    return Channels(out, x.spatial)
+
+
 def _prod(values) -> int:
     out = 1
     for v in values:
@@ -132,22 +141,42 @@ def _weight_edges(t, node, name: str, module: nn.Module, x: Channels, out_count:
 # ------------------------------------------------------------------------------ the layers
 @register_module_rule(nn.Conv2d, nn.Conv1d)
 class ConvRule(ModuleRule):
-    """Conv1d/Conv2d (groups=1): nodes: one per output channel; edges: every input channel ->
-    every output channel; edge type ``k{kh}x{kw}`` (``k1x{k}`` for Conv1d), width kh*kw (the
-    kernel); node feature: the bias. Grouped and depthwise convolutions are refused."""
+    """Conv1d/Conv2d: nodes: one per output channel; edges: every input channel of an output
+    channel's group -> that output channel (all input channels when ``groups`` is 1; one, the
+    channel's own, for a depthwise convolution: a block-diagonal pattern, no zero blocks), in the
+    weight's order; edge type ``k{kh}x{kw}`` (``k1x{k}`` for Conv1d), width kh*kw (the kernel);
+    node feature: the bias."""
 
     def apply(self, t, node, name, module, x, in_shape, shape):
         t.claim(node, f"layer '{name}'", name)
-        kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Conv1d"
-        if module.groups != 1:
-            raise t.fail(node, f"layer '{name}' ({kind}, groups={module.groups})",
-                         "grouped and depthwise convolutions are not supported")
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
         else:
             kh, kw = 1, module.kernel_size[0]
-        return _weight_edges(t, node, name, module, x, module.out_channels, module.in_channels, f"k{kh}x{kw}",
-                             kh * kw)
+        if module.groups == 1:
+            return _weight_edges(t, node, name, module, x, module.out_channels, module.in_channels, f"k{kh}x{kw}",
+                                 kh * kw)
+        return _grouped_weight_edges(t, node, name, module, x, module.groups, f"k{kh}x{kw}", kh * kw)
+
+
+def _grouped_weight_edges(t, node, name: str, module: nn.Module, x: Channels, groups: int, etype: str,
+                          width: int) -> Channels:
+    """``_weight_edges`` for a grouped convolution: output channel ``o`` of group ``g`` receives
+    edges from the group's ``in_channels / groups`` input channels only (weight ``[out, in/groups,
+    ...]``, row-major: the edges of one output channel are consecutive)."""
+    out_count, per_group = module.out_channels, module.in_channels // groups
+    if x.nodes.numel() != module.in_channels:
+        raise t.fail(node, f"layer '{name}'", f"expects {module.in_channels} input channels, "
+                     f"the traced input has {x.nodes.numel()}")
+    group_of_output = torch.arange(out_count) // (out_count // groups)
+    src = x.nodes.view(groups, per_group)[group_of_output].reshape(-1)
+    depth = int(t.depth[x.nodes].max()) + 1 if x.nodes.numel() else 1
+    out = t.new_nodes(out_count, depth)
+    start = t.add_edges(etype, src, out.repeat_interleave(per_group), width)
+    t.edge_slot(f"{name}.weight", etype, start, out_count * per_group, tuple(module.weight.shape))
+    if module.bias is not None:
+        t.node_slot(f"{name}.bias", NODE_FEATURES.index("bias"), out)
+    return Channels(out)
 
 
 @register_module_rule(nn.Linear)
@@ -171,21 +200,25 @@ class LinearRule(ModuleRule):
 
 @register_module_rule(nn.BatchNorm1d, nn.BatchNorm2d)
 class BatchNormRule(ModuleRule):
-    """BatchNorm: no nodes or edges of its own; its weight, bias, running mean and running var
-    become the node features ``bn_weight``, ``bn_bias``, ``bn_running_mean``, ``bn_running_var``
-    of the channels it normalises (at most one BatchNorm per channel); its batch counter is kept
-    beside the graph (``counters``)."""
+    """BatchNorm: its weight, bias, running mean and running var become the node features
+    ``bn_weight``, ``bn_bias``, ``bn_running_mean``, ``bn_running_var`` of the channels it
+    normalises, with no nodes or edges of its own; when some of those channels already carry a
+    norm's parameters (DenseNet normalises concatenated channels again in every layer), it gets
+    its own nodes (``norm_nodes``). Its batch counter is kept beside the graph (``counters``)."""
 
     COLUMNS = {"weight": NODE_FEATURES.index("bn_weight"), "bias": NODE_FEATURES.index("bn_bias"),
                "running_mean": NODE_FEATURES.index("bn_running_mean"),
                "running_var": NODE_FEATURES.index("bn_running_var")}
 
+    def width(self, module) -> int:
+        return module.num_features
+
     def apply(self, t, node, name, module, x, in_shape, shape):
         t.claim(node, f"norm layer '{name}'", name)
-        if x.nodes.numel() != module.num_features:
+        if x.nodes.numel() != self.width(module):
             raise t.fail(node, f"norm layer '{name}'", "its width does not match its input")
-        if bool(t.has_norm[x.nodes].any()):
-            raise t.fail(node, f"norm layer '{name}'", "its channels already carry another BatchNorm's parameters")
+        if bool(t.has_norm[x.nodes].any()):  # DenseNet's norms of concatenated, already normalised channels
+            x = norm_nodes(t, x)
         t.has_norm[x.nodes] = True
         for attr, column in self.COLUMNS.items():
             if getattr(module, attr, None) is not None:
@@ -195,6 +228,18 @@ class BatchNormRule(ModuleRule):
         return x
 
 
+@register_module_rule(nn.GroupNorm)
+class GroupNormRule(BatchNormRule):
+    """GroupNorm: normalised with each input's own group statistics, then a per-channel affine
+    transform: its weight and bias become the node features ``bn_weight`` and ``bn_bias`` (the
+    running-statistics columns stay neutral), like BatchNorm's; no nodes or edges of its own."""
+
+    COLUMNS = {"weight": NODE_FEATURES.index("bn_weight"), "bias": NODE_FEATURES.index("bn_bias")}
+
+    def width(self, module) -> int:
+        return module.num_channels
+
+
 CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
     nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
@@ -202,6 +247,13 @@ CHANNELWISE_MODULES = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
     nn.ZeroPad2d, nn.Upsample,
 )
+
+
+try:  # torchvision's stochastic depth: the identity at inference, a channel-wise random drop in training
+    from torchvision.ops import StochasticDepth, stochastic_depth
+    CHANNELWISE_MODULES += (StochasticDepth,)
+except ImportError:  # torchvision is optional for the converter
+    StochasticDepth = stochastic_depth = None
 
 
 @register_module_rule(*CHANNELWISE_MODULES)
@@ -239,12 +291,27 @@ refuse(nn.MultiheadAttention, "attention mixes positions with weights computed f
 for _recurrent in (nn.LSTM, nn.GRU, nn.RNN):
     refuse(_recurrent, "recurrent layers carry state across time steps")
 refuse(nn.LayerNorm, "only BatchNorm is a per-channel node feature")
-refuse(nn.GroupNorm, "only BatchNorm is a per-channel node feature")
 refuse(nn.Embedding, "an embedding table is not a channel-to-channel weight")
 refuse(nn.PReLU, "learned activation parameters have no place in the graph")
 
 
 # -------------------------------------------------------------------------- the operations
+def _join(t, etype: str, a: Channels, b: Channels) -> Channels:
+    """Two operands of an elementwise operation become one: per channel, an ``etype`` edge from
+    the shallower operand's node into the deeper one's (ties: the later node), which then stands
+    for the result."""
+    da, db = t.depth[a.nodes], t.depth[b.nodes]
+    a_deeper = (da > db) | ((da == db) & (a.nodes > b.nodes))
+    into = torch.where(a_deeper, a.nodes, b.nodes)
+    t.add_edges(etype, torch.where(a_deeper, b.nodes, a.nodes), into, 1)
+    return Channels(into)
+
+
+def _shape_of(arg: Any) -> tuple[int, ...] | None:
+    meta = arg.meta.get("tensor_meta") if isinstance(arg, torch.fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
 @register_function_rule(operator.add, operator.iadd, torch.add, "add", "add_")
 class ResidualAddRule(FunctionRule):
     """a + b of two activations (a residual connection): one ``identity`` edge per channel, width
@@ -258,29 +325,47 @@ class ResidualAddRule(FunctionRule):
                 raise t.fail(node, f"addition '{node.name}'", "its operands have different widths")
             if bool((a.nodes == b.nodes).any()):
                 raise t.fail(node, f"addition '{node.name}'", "it adds channels to themselves")
-            da, db = t.depth[a.nodes], t.depth[b.nodes]
-            a_deeper = (da > db) | ((da == db) & (a.nodes > b.nodes))
-            into = torch.where(a_deeper, a.nodes, b.nodes)
-            t.add_edges(IDENTITY, torch.where(a_deeper, b.nodes, a.nodes), into, 1)
-            t.identity_count += int(into.numel())
-            return Channels(into)
+            return _join(t, IDENTITY, a, b)
         if len(args) == 1:
             return keep_channels(t, node, x, in_shape, shape)
         raise t.fail(node, f"operation '{node.name}' ({_name(node.target)})",
                      "no rule maps this operation to graph nodes and edges")
 
 
-@register_function_rule(operator.mul, operator.imul, operator.truediv, operator.itruediv, operator.sub,
-                        operator.isub, torch.mul, torch.sub, torch.div, "mul", "mul_", "div", "sub")
+@register_function_rule(operator.mul, operator.imul, torch.mul, "mul", "mul_")
+class ProductRule(FunctionRule):
+    """An activation times a constant keeps its channels. A product of two activations of the same
+    channels, one possibly of spatial size 1 (Squeeze-and-Excitation's ``scale * x``, gated
+    branches): one ``gate`` edge per channel, width 1 (feature 1.0), from the shallower operand's
+    node into the deeper one's, which then stands for the product; no new nodes."""
+
+    def apply(self, t, node, env, args, x, in_shape, shape):
+        if len(args) == 1:
+            return keep_channels(t, node, x, in_shape, shape)
+        if len(args) == 2:
+            a, b = env[args[0]], env[args[1]]
+            shapes = [_shape_of(arg) for arg in args]
+            if (a.nodes.numel() != b.nodes.numel() or None in shapes
+                    or any(len(s) < 2 or s[1] != shape[1] for s in shapes)):
+                raise t.fail(node, f"product '{node.name}'", "its operands are not the same channels (attention?)")
+            if bool((a.nodes == b.nodes).any()):
+                raise t.fail(node, f"product '{node.name}'", "it multiplies channels with themselves")
+            return _join(t, GATE, a, b)
+        raise t.fail(node, f"operation '{node.name}' ({_name(node.target)})",
+                     "no rule maps this operation to graph nodes and edges")
+
+
+@register_function_rule(operator.truediv, operator.itruediv, operator.sub, operator.isub, torch.sub, torch.div,
+                        "div", "sub")
 class ScalarArithmeticRule(FunctionRule):
-    """An activation times, divided by or minus a constant: the channels are kept. A product of two
-    activations (gating, attention) is refused."""
+    """An activation divided by or minus a constant: the channels are kept. The same with two
+    activations is refused."""
 
     def apply(self, t, node, env, args, x, in_shape, shape):
         if len(args) == 1:
             return keep_channels(t, node, x, in_shape, shape)
         raise t.fail(node, f"operation '{node.name}' ({_name(node.target)})",
-                     "a product of two activations (gating, attention) is not supported")
+                     "a difference or quotient of two activations is not supported")
 
 
 CHANNELWISE_FUNCTIONS = (
@@ -289,7 +374,7 @@ CHANNELWISE_FUNCTIONS = (
     F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.interpolate, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid,
     F.tanh, torch.nn.functional.relu_, torch.relu_, operator.neg,
-)
+) + ((stochastic_depth,) if stochastic_depth is not None else ())
 CHANNELWISE_METHODS = ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "float", "mean",
                        "amax", "sum", "clamp", "clamp_min", "clamp_")
 
@@ -312,10 +397,51 @@ class ChannelwiseFunctionRule(FunctionRule):
 
 @register_function_rule(torch.flatten, torch.reshape, "view", "reshape", "flatten")
 class ReshapeRule(FunctionRule):
-    """flatten / view / reshape: only [batch, C, ...] -> [batch, features] (see ``flatten``)."""
+    """flatten / view / reshape: [batch, C, ...] -> [batch, features] (see ``flatten``); and the
+    views of a channel shuffle, whose channel mapping is static: [batch, C, ...] -> [batch, g,
+    C/g, ...] splits the channel nodes into a [g, C/g] grid, and the reverse view joins them."""
 
     def apply(self, t, node, env, args, x, in_shape, shape):
+        if shape is not None and in_shape is not None and len(in_shape) >= 2:
+            rest = tuple(in_shape[1 + x.nodes.dim():])
+            if x.nodes.dim() == 1 and len(shape) == len(in_shape) + 1 and tuple(shape[3:]) == rest \
+                    and shape[1] * shape[2] == in_shape[1] and shape[0] == in_shape[0]:
+                return Channels(x.nodes.reshape(shape[1], shape[2]))
+            if x.nodes.dim() == 2 and len(shape) == len(in_shape) - 1 and tuple(shape[2:]) == rest \
+                    and shape[1] == x.nodes.numel() and shape[0] == in_shape[0]:
+                return Channels(x.nodes.reshape(-1))
+        if x is not None and x.nodes.dim() != 1:
+            raise t.fail(node, f"reshape '{node.name}'", "it reshapes channels split by an earlier view")
         return flatten(t, node, x, in_shape, shape)
+
+
+@register_function_rule(torch.transpose, "transpose")
+class TransposeRule(FunctionRule):
+    """Swapping the two dimensions of channels split by a view (a channel shuffle's transpose):
+    the channel grid is transposed; moving channels anywhere else is refused."""
+
+    def apply(self, t, node, env, args, x, in_shape, shape):
+        dims = [d % len(in_shape) for d in node.args[1:3]]
+        if x.nodes.dim() == 2 and sorted(dims) == [1, 2]:
+            return Channels(x.nodes.t())
+        raise t.fail(node, f"transpose '{node.name}'", "it moves the channel dimension")
+
+
+@register_function_rule(torch.chunk, torch.split, "chunk", "split")
+class ChannelSplitRule(FunctionRule):
+    """Splitting along channels (``x.chunk(2, dim=1)``): a tuple of the parts' channel nodes; no
+    new nodes or edges. Splitting along another dimension is refused."""
+
+    splits = True  # its result is a tuple, picked apart by ``operator.getitem``
+
+    def apply(self, t, node, env, args, x, in_shape, shape):
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if in_shape is None or x.nodes.dim() != 1 or dim % len(in_shape) != 1:
+            raise t.fail(node, f"split '{node.name}'", "only splitting along channels is supported")
+        chunked = node.target in (torch.chunk, "chunk")
+        parts = x.nodes.chunk(size) if chunked else x.nodes.split(size)
+        return tuple(Channels(p) for p in parts)
 
 
 @register_function_rule(operator.getitem)
@@ -323,6 +449,9 @@ class IndexRule(FunctionRule):
     """x[:, :, ...]: keeps every channel; selecting or reordering channels is refused."""
 
     def apply(self, t, node, env, args, x, in_shape, shape):
+        parts = env.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+        if isinstance(parts, tuple) and isinstance(node.args[1], int):  # one part of a channel split
+            return parts[node.args[1]]
         if x is None:
             raise t.fail(node, f"operation '{node.name}' ({_name(node.target)})",
                          "no rule maps this operation to graph nodes and edges")

@@ -32,7 +32,6 @@ class LayoutBuilder:
         self.node_slots: list[NodeSlot] = []
         self.counter_names: list[str] = []
         self.called: set[str] = set()
-        self.identity_count = 0
 
     # ------------------------------------------------------------------- what rules call
     def fail(self, node: torch.fx.Node, what: str, why: str) -> UnsupportedNetworkError:
@@ -116,17 +115,17 @@ class LayoutBuilder:
     def _call_function(self, node: torch.fx.Node, env: dict, shape) -> Any:
         target = node.target
         args = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(env.get(a), Channels)]
-        if shape is None:  # sizes, shapes, tuples: not activations
+        if shape is None:  # sizes, shapes, tuples: not activations (or a split into several)
+            rule = _function_rule(target)
+            if args and getattr(rule, "splits", False):
+                return rule.apply(self, node, env, args, env[args[0]], _shape(args[0]), None)
             if args and target not in (getattr, "size", "dim", operator.getitem):
                 raise self.fail(node, f"operation '{node.name}' ({_name(target)})",
                                 "it turns an activation into something that is not a tensor")
             return None
         x = env[args[0]] if args else None
         in_shape = _shape(args[0]) if args else None
-        try:
-            rule = FUNCTION_RULES.get(target)
-        except TypeError:  # an unhashable target
-            rule = None
+        rule = _function_rule(target)
         if rule is None:
             raise self.fail(node, f"operation '{node.name}' ({_name(target)})",
                             "no rule maps this operation to graph nodes and edges")
@@ -158,10 +157,17 @@ class LayoutBuilder:
             edge_type=torch.cat(kinds) if kinds else torch.zeros(0, dtype=torch.int64),
             edge_types=types, edge_widths=dict(self.edge_widths), edge_slots=self.edge_slots,
             node_slots=self.node_slots, counter_names=self.counter_names,
-            identity_counts=self.identity_count, state_names=tuple(state),
+            state_names=tuple(state),
             buffer_names=frozenset(n for n, _ in self.model.named_buffers()))
         layout.fingerprint = fingerprint(layout)
         return layout
+
+
+def _function_rule(target: Any):
+    try:
+        return FUNCTION_RULES.get(target)
+    except TypeError:  # an unhashable target
+        return None
 
 
 def _span(nodes: torch.Tensor) -> tuple[int, int] | None:
