@@ -241,6 +241,13 @@ class DenseMessagePassing:
         mn = sums.new_full((n, h), float("inf")).scatter_reduce(0, index, minima, "amin", include_self=False)
         return mean, mean_sq, torch.where(has_incoming, mx, 0.0), torch.where(has_incoming, mn, 0.0)
 
+    def update_edges(self, e, en, c_f, d_f, c_r, d_r) -> torch.Tensor:
+        """Both directions' edge updates of a layer, ``e + (c_f[src] d_f[dst] + c_r[dst] d_r[src]) en``
+        (``EdgeUpdate``: the factor is recomputed in the backward pass, not stored)."""
+        if self.reverse:
+            raise ValueError("call update_edges() on the forward passing")
+        return EdgeUpdate.apply(e, en, c_f, d_f, c_r, d_r, self)
+
     def edge_product(self, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """``c[src] * d[dst]`` per edge, in the stored edge order: [E, h]."""
         if self.reverse:  # the reversed graph's sources are the stored destinations
@@ -253,6 +260,57 @@ class DenseMessagePassing:
             else:
                 out.append(c[part.src] * d[part.dst])
         return torch.cat(out) if out else c.new_zeros(0, h)
+
+
+class EdgeUpdate(torch.autograd.Function):
+    """``e + (c_f[src] * d_f[dst] + c_r[dst] * d_r[src]) * en`` over the dense blocks of ``passing``
+    (a forward ``DenseMessagePassing``), with a backward that recomputes the edge factor from the
+    four node tensors instead of keeping it: one edge-sized tensor less per metanetwork layer.
+
+    Backward, with ``g`` the output's gradient and ``ge = g * en``: ``de = g``,
+    ``d en = g * factor``, and per dense group ``[B, R, C]`` the node gradients are reductions of
+    ``ge`` over the other axis: ``dc_f[S] += sum_r ge d_f[D]``, ``dd_f[D] += sum_c ge c_f[S]``,
+    ``dc_r[D] += sum_c ge d_r[S]``, ``dd_r[S] += sum_r ge c_r[D]``."""
+
+    @staticmethod
+    def forward(ctx, e, en, c_f, d_f, c_r, d_r, passing):
+        ctx.passing = passing
+        ctx.save_for_backward(en, c_f, d_f, c_r, d_r)
+        return torch.addcmul(e, EdgeUpdate.factor(passing, c_f, d_f, c_r, d_r), en)
+
+    @staticmethod
+    def factor(passing, c_f, d_f, c_r, d_r) -> torch.Tensor:
+        h, out = c_f.shape[1], []
+        for part in passing.parts:
+            if isinstance(part, DenseGroup):
+                f = d_f[part.D].unsqueeze(2) * c_f[part.S].unsqueeze(1)
+                out.append(f.addcmul_(c_r[part.D].unsqueeze(2), d_r[part.S].unsqueeze(1)).reshape(-1, h))
+            else:
+                out.append(c_f[part.src] * d_f[part.dst] + c_r[part.dst] * d_r[part.src])
+        return torch.cat(out) if out else c_f.new_zeros(0, h)
+
+    @staticmethod
+    def backward(ctx, g):
+        en, c_f, d_f, c_r, d_r = ctx.saved_tensors
+        passing = ctx.passing
+        d_en = g * EdgeUpdate.factor(passing, c_f, d_f, c_r, d_r) if ctx.needs_input_grad[1] else None
+        ge = g * en
+        grads = [torch.zeros_like(t) for t in (c_f, d_f, c_r, d_r)]
+        h = g.shape[1]
+        for part, chunk in zip(passing.parts, ge.split(passing.sizes)):
+            if isinstance(part, DenseGroup):
+                block = chunk.view(part.B, part.R, part.C, h)
+                S, D = part.S.reshape(-1), part.D.reshape(-1)
+                grads[0].index_add_(0, S, (block * d_f[part.D].unsqueeze(2)).sum(1).reshape(-1, h))
+                grads[1].index_add_(0, D, (block * c_f[part.S].unsqueeze(1)).sum(2).reshape(-1, h))
+                grads[2].index_add_(0, D, (block * d_r[part.S].unsqueeze(1)).sum(2).reshape(-1, h))
+                grads[3].index_add_(0, S, (block * c_r[part.D].unsqueeze(2)).sum(1).reshape(-1, h))
+            else:
+                grads[0].index_add_(0, part.src, chunk * d_f[part.dst])
+                grads[1].index_add_(0, part.dst, chunk * c_f[part.src])
+                grads[2].index_add_(0, part.dst, chunk * d_r[part.src])
+                grads[3].index_add_(0, part.src, chunk * c_r[part.dst])
+        return (g, d_en, *[gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[2:6])], None)
 
 
 def build_dense(graph, device: torch.device) -> tuple[DenseMessagePassing, DenseMessagePassing]:

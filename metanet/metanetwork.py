@@ -118,6 +118,9 @@ class MetaLayer(nn.Module):
         xn, en = _norm(x), _norm(e) if self.edge_norm else e
         dx_f = f.update_nodes(f.message_and_aggregate(xn, en, passing_fwd))
         dx_r = r.update_nodes(r.message_and_aggregate(xn, en, passing_rev, sign))
+        if hasattr(passing_fwd, "update_edges"):  # a backend that recomputes the factor in backward
+            return x + dx_f + dx_r, passing_fwd.update_edges(e, en, f.edge_src(xn), f.edge_dst(xn), r.edge_src(xn),
+                                                             r.edge_dst(xn))
         factor = f.edge_factor(xn, passing_fwd) + r.edge_factor(xn, passing_rev)
         return x + dx_f + dx_r, torch.addcmul(e, factor, en)
 

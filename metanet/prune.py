@@ -27,7 +27,7 @@ import torch_pruning as tp
 from torch import nn
 
 from metanet.files import atomic_write
-from metanet.sparsity import UnprunableNetworkError, classifier_of, importance
+from metanet.sparsity import UnprunableNetworkError, classifier_of, importance, torch_pruning_options
 
 PRUNED_FORMAT = "metaprune.pruned/1"
 
@@ -119,7 +119,21 @@ def _pruner(model: nn.Module, example_inputs: torch.Tensor, settings: PruneSetti
     return tp.pruner.BasePruner(
         model, example_inputs, importance=importance(settings.normalizer), global_pruning=settings.global_pruning,
         pruning_ratio=settings.max_ratio, max_pruning_ratio=settings.max_ratio, iterative_steps=settings.steps,
-        ignored_layers=[classifier_of(model)])
+        ignored_layers=[classifier_of(model)], **torch_pruning_options(model))
+
+
+def _step(pruner: tp.pruner.BasePruner, model: nn.Module) -> None:
+    """One pruning step, then the widths a network keeps as plain attributes, which Torch-Pruning
+    does not know about (torchvision's ViT reshapes with ``hidden_dim``)."""
+    try:
+        pruner.step()
+    except IndexError as err:  # Torch-Pruning's channel index maps do not fit this network
+        raise UnprunableNetworkError(
+            f"{type(model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
+            "splits or shuffles (ShuffleNet) are not prunable with Torch-Pruning 1.6") from None
+    for m in model.modules():
+        if isinstance(getattr(m, "hidden_dim", None), int) and isinstance(getattr(m, "conv_proj", None), nn.Conv2d):
+            m.hidden_dim = m.conv_proj.out_channels
 
 
 def prune_in_steps(model: nn.Module, example_inputs: torch.Tensor, targets: Sequence[float],
@@ -141,12 +155,7 @@ def prune_in_steps(model: nn.Module, example_inputs: torch.Tensor, targets: Sequ
                 raise UnreachableSpeedupError(
                     f"target speed-up {target}x cannot be reached: {settings.steps} steps (pruning at most "
                     f"{settings.max_ratio:.0%} of each layer's channels) reach {macs0 / macs:.2f}x")
-            try:
-                pruner.step()
-            except IndexError as err:  # Torch-Pruning's channel index maps do not fit this network
-                raise UnprunableNetworkError(
-                    f"{type(model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
-                    "splits or shuffles (ShuffleNet) are not prunable with Torch-Pruning 1.6") from None
+            _step(pruner, model)
             done += 1
             macs, params = count(model, example_inputs)
         yield target, PruneResult(model, macs0, macs, params0, params, done)
@@ -195,12 +204,7 @@ def prune_adaptive(model: nn.Module, example_inputs: torch.Tensor, score: Callab
     best, best_steps, done = copy.deepcopy(model), 0, 0
     while done < steps:
         for _ in range(min(check_every, steps - done)):
-            try:
-                pruner.step()
-            except IndexError as err:  # Torch-Pruning's channel index maps do not fit this network
-                raise UnprunableNetworkError(
-                    f"{type(model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
-                    "splits or shuffles (ShuffleNet) are not prunable with Torch-Pruning 1.6") from None
+            _step(pruner, model)
             done += 1
         if score(model) < floor:
             break

@@ -1,7 +1,8 @@
 """The networks users bring, in small variants: grouped and depthwise convolutions (MobileNet,
 ResNeXt, RegNet), Squeeze-and-Excitation gating (MobileNetV3, EfficientNet, RegNet-Y), stochastic
 depth (EfficientNet), norms of already normalised channels (DenseNet), channel shuffle and splits
-(ShuffleNet), GroupNorm: exact round trip, metanetwork forward and backward on every backend,
+(ShuffleNet), GroupNorm, a ViT (attention, LayerNorm, class token, position embedding: 2 blocks,
+patch 8 on 32x32) and ConvNeXt blocks (channels-last LayerNorm and Linear, layer scale): exact round trip, metanetwork forward and backward on every backend,
 the sparsity gradient equal to Torch-Pruning's, pruning to 2x and reloading."""
 
 import pytest
@@ -10,6 +11,8 @@ import torch_pruning as tp
 import torchvision
 from torch import nn
 from torchvision.models import efficientnet as ef
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.models import regnet as rn
 from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -18,7 +21,7 @@ from metanet import graph_to_network, network_to_graph
 from metanet.dense_passing import DenseGroup, find_blocks
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of
 from metanet.prune import PruneSettings, load_pruned, prune_to_speedup, save_pruned
-from metanet.sparsity import GroupSparsity, UnprunableNetworkError, classifier_of, importance
+from metanet.sparsity import GroupSparsity, UnprunableNetworkError, classifier_of, importance, torch_pruning_options
 
 
 class GroupNormNet(nn.Module):
@@ -48,6 +51,10 @@ FAMILIES = {
     "resnext": lambda: ResNet(Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=2, num_classes=10),
     "shufflenet": lambda: torchvision.models.ShuffleNetV2([2, 2, 2], [8, 16, 32, 64, 64], num_classes=10),
     "groupnorm": GroupNormNet,
+    "vit": lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                                     num_classes=10),
+    "convnext": lambda: ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], stochastic_depth_prob=0.1,
+                                 num_classes=10),
 }
 X = (2, 3, 32, 32)
 
@@ -109,7 +116,7 @@ def test_metanetwork_runs_forward_and_backward(backend):
                 torch.testing.assert_close(out.edge_feat[t], expected.edge_feat[t], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3", "densenet", "groupnorm"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3", "densenet", "groupnorm", "vit", "convnext"])
 def test_sparsity_gradient_equals_group_norm_pruner_regularize(name):
     torch.manual_seed(0)
     model = randomize_state(FAMILIES[name]())
@@ -117,7 +124,8 @@ def test_sparsity_gradient_equals_group_norm_pruner_regularize(name):
     loss = GroupSparsity(model, x, reg=0.7, alpha=16)(dict(model.named_parameters()))
     loss.backward()
     ours = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in model.named_parameters()}
-    pruner = tp.pruner.GroupNormPruner(model, x, importance=importance(), reg=0.7, ignored_layers=[classifier_of(model)])
+    pruner = tp.pruner.GroupNormPruner(model, x, importance=importance(), reg=0.7, ignored_layers=[classifier_of(model)],
+                                       **torch_pruning_options(model))
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     pruner.regularize(model, alpha=16)
@@ -125,7 +133,8 @@ def test_sparsity_gradient_equals_group_norm_pruner_regularize(name):
         torch.testing.assert_close(ours[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3", "densenet", "regnet_y", "efficientnet"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3", "densenet", "regnet_y", "efficientnet", "vit",
+                                  "convnext"])
 def test_prunes_to_2x_and_reloads(name, tmp_path):
     torch.manual_seed(0)
     model = randomize_state(FAMILIES[name]())
@@ -170,3 +179,23 @@ def test_a_network_torch_pruning_mis_maps_gets_one_clear_error():
         GroupSparsity(model, x)
     with pytest.raises(UnprunableNetworkError, match="ShuffleNetV2.*not prunable"):
         prune_to_speedup(model, x, 2.0, PruneSettings(steps=10))
+
+
+def test_a_vits_attention_keeps_heads_together_and_its_tokens_are_weights():
+    model = randomize_state(FAMILIES["vit"]())
+    graph = network_to_graph(model, torch.zeros(X))
+    attn = model.encoder.layers[0].self_attention
+    heads, head_dim = attn.num_heads, attn.head_dim
+    # per layer, every value channel hears the 2 * head_dim query and key channels of its head
+    assert graph.edge_counts["attention"] == len(model.encoder.layers) * heads * head_dim * 2 * head_dim
+    a, b = graph.edge_offsets()["attention"]
+    first = slice(a, a + heads * head_dim * 2 * head_dim)
+    src = graph.src[first].view(heads, head_dim, 2 * head_dim)
+    assert all(len(set(src[h].tolist()[0])) == 2 * head_dim for h in range(heads))
+    assert len(set(src[0].reshape(-1).tolist()) & set(src[1].reshape(-1).tolist())) == 0  # heads do not mix
+    # the class token and the position embedding are edges (weights the metanetwork edits), one per channel
+    tokens = (32 // 8) ** 2 + 1
+    assert graph.edge_counts["token1"] == graph.edge_counts[f"embed{tokens}"] == model.hidden_dim
+    torch.testing.assert_close(graph.edge_feat[f"embed{tokens}"], model.encoder.pos_embedding[0].t())
+    net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), hidden=8, layers=1))
+    assert {"token1", f"embed{tokens}"} <= set(net.edge_decoders) and "attention" not in net.edge_decoders

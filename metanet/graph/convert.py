@@ -87,13 +87,16 @@ def network_to_graph(model: nn.Module, example_inputs: Any) -> NetworkGraph:
     ref = state[layout.edge_slots[0].name] if layout.edge_slots else torch.zeros(0)
     node_feat = torch.tensor(NEUTRAL_NODE_FEATURES, dtype=ref.dtype, device=ref.device).repeat(layout.num_nodes, 1)
     for slot in layout.node_slots:
+        value = state[slot.name].reshape(-1)
         if slot.span is not None:
-            node_feat[slot.span[0]:slot.span[1], slot.column] = state[slot.name]
+            node_feat[slot.span[0]:slot.span[1], slot.column] = value
         else:
-            node_feat[slot.nodes.to(ref.device), slot.column] = state[slot.name]
+            node_feat[slot.nodes.to(ref.device), slot.column] = value
     per_type: dict[str, list[torch.Tensor]] = {t: [] for t in layout.edge_types}
     for slot in layout.edge_slots:
-        per_type[slot.etype].append(state[slot.name].reshape(slot.rows, -1))
+        value = state[slot.name]
+        per_type[slot.etype].append(value.reshape(-1, slot.rows).t().contiguous() if slot.transposed
+                                    else value.reshape(slot.rows, -1))
     for t in STRUCTURAL_EDGE_TYPES:  # operations, not weights: a constant 1 per edge
         if t in per_type:
             count = int((layout.edge_type == layout.edge_types.index(t)).sum())
@@ -160,12 +163,15 @@ def graph_to_params(graph: Any, model: nn.Module) -> dict[str, torch.Tensor]:
     layout = _checked_layout(graph, model)
     params: dict[str, torch.Tensor] = {}
     for slot in layout.edge_slots:
-        params[slot.name] = graph.edge_feat[slot.etype][slot.start:slot.start + slot.rows].reshape(slot.shape)
+        rows = graph.edge_feat[slot.etype][slot.start:slot.start + slot.rows]
+        params[slot.name] = (rows.t() if slot.transposed else rows).reshape(slot.shape)
     for slot in layout.node_slots:
         if slot.span is not None:
             value = graph.node_feat[slot.span[0]:slot.span[1], slot.column]
         else:
             value = graph.node_feat[slot.nodes.to(graph.node_feat.device), slot.column]
+        if slot.shape is not None:
+            value = value.reshape(slot.shape)
         # running statistics are buffers: BatchNorm updates them in place and takes no gradient
         params[slot.name] = value.detach().clone() if slot.name in layout.buffer_names else value
     for i, name in enumerate(layout.counter_names):

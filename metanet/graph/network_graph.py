@@ -14,8 +14,9 @@ IDENTITY = "identity"
 # "gate": an elementwise product of two branches (Squeeze-and-Excitation), from the shallower
 # operand's node into the deeper one's, which stands for the product; "norm": a norm layer on
 # channels that already carry a norm's parameters (DenseNet), from each channel to the norm's own node
-GATE, NORM = "gate", "norm"
-STRUCTURAL_EDGE_TYPES = (GATE, IDENTITY, NORM)
+# "attention": from each query and key channel of a head to each value channel of that head
+ATTENTION, GATE, NORM = "attention", "gate", "norm"
+STRUCTURAL_EDGE_TYPES = (ATTENTION, GATE, IDENTITY, NORM)
 
 
 class UnsupportedNetworkError(ValueError):

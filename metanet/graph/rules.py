@@ -30,8 +30,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from metanet.graph.layout import Channels
-from metanet.graph.network_graph import GATE, IDENTITY, NODE_FEATURES, NORM
+from metanet.graph.layout import Channels, ParameterRef
+from metanet.graph.network_graph import ATTENTION, GATE, IDENTITY, NODE_FEATURES, NORM
 
 MODULE_RULES: dict[type, "ModuleRule"] = {}
 FUNCTION_RULES: dict[Any, "FunctionRule"] = {}  # a function, or a method name (str)
@@ -88,9 +88,13 @@ def module_rule(module: nn.Module) -> ModuleRule | None:
 # ------------------------------------------------------------------------ shared actions
 def keep_channels(t, node, x: Channels, in_shape, shape) -> Channels:
     """The output's channels are the input's (activations, pooling, dropout, scalar arithmetic)."""
-    if shape is None or in_shape is None or len(shape) < 2 or shape[1] != in_shape[1]:
+    if x.dim == 1:
+        if shape is None or in_shape is None or len(shape) < 2 or shape[1] != in_shape[1]:
+            raise t.fail(node, f"operation '{node.name}'", "it changes the channel dimension")
+        return Channels(x.nodes, x.spatial if len(shape) == 2 else (1, 1))
+    if shape is None or in_shape is None or len(shape) != len(in_shape) or shape[x.dim] != in_shape[x.dim]:
         raise t.fail(node, f"operation '{node.name}'", "it changes the channel dimension")
-    return Channels(x.nodes, x.spatial if len(shape) == 2 else (1, 1))
+    return Channels(x.nodes, dim=x.dim)
 
 
 def flatten(t, node, x: Channels, in_shape, shape) -> Channels:
@@ -106,13 +110,33 @@ def flatten(t, node, x: Channels, in_shape, shape) -> Channels:
     return Channels(x.nodes, spatial)
 
 
+def parameter_edges(t, node, x: Channels, ref: ParameterRef, etype_prefix: str, what: str) -> Channels:
+    """A parameter the forward combines with an activation, one vector per channel (a position
+    embedding ``[1, T, C]`` added to tokens, a class token ``[1, 1, C]`` put before them): new
+    nodes, one per channel, each with one edge into its channel whose feature is the channel's
+    vector (edge type ``{etype_prefix}{length}``, a weight the metanetwork edits)."""
+    if not ref.shape or ref.shape[0] != 1 or len(ref.shape) < 2 or ref.shape[x.dim] != x.nodes.numel():
+        raise t.fail(node, f"{what} '{ref.name}'", f"its shape {ref.shape} does not give one vector per channel")
+    param = t.parameter(node, ref, f"{what} '{ref.name}'")
+    channels = int(x.nodes.numel())
+    width = param.numel() // channels
+    transposed = x.dim == len(ref.shape) - 1
+    if not transposed and x.dim != 1:
+        raise t.fail(node, f"{what} '{ref.name}'", "its channels are neither its first nor its last axis")
+    source = t.new_nodes(channels, 0)
+    etype = f"{etype_prefix}{width}"
+    start = t.add_edges(etype, source, x.nodes.reshape(-1), width)
+    t.edge_slot(ref.name, etype, start, channels, tuple(param.shape), transposed)
+    return x
+
+
 def norm_nodes(t, x: Channels) -> Channels:
     """New nodes for a norm layer's output, one per channel, each reached from its input channel by
     a ``norm`` edge (width 1, feature 1.0): the norm's parameters get node features of their own."""
     out = t.new_nodes(int(x.nodes.numel()), 0)
     t.depth[out] = t.depth[x.nodes]  # the same depth: the new node (a larger index) counts as deeper
     t.add_edges(NORM, x.nodes, out, 1)
-    return Channels(out, x.spatial)
+    return Channels(out, x.spatial, x.dim)
 
 
 def _prod(values) -> int:
@@ -187,9 +211,12 @@ class LinearRule(ModuleRule):
 
     def apply(self, t, node, name, module, x, in_shape, shape):
         t.claim(node, f"layer '{name}'", name)
-        if len(in_shape) != 2:
-            raise t.fail(node, f"layer '{name}' (Linear on a {len(in_shape)}-d tensor)",
-                         "Linear layers must read [batch, features] tensors")
+        if len(in_shape) > 2:  # tokens [batch, T, C] or channels-last maps: one edge per channel pair
+            if x.dim != len(in_shape) - 1:
+                raise t.fail(node, f"layer '{name}' (Linear on a {len(in_shape)}-d tensor)",
+                             "its input's channels are not its last dimension")
+            out = _weight_edges(t, node, name, module, x, module.out_features, module.in_features, "k1x1", 1)
+            return Channels(out.nodes, dim=x.dim)
         in_count = int(x.nodes.numel())
         width = module.in_features // max(in_count, 1)
         if width * in_count != module.in_features or x.spatial[0] * x.spatial[1] != width:
@@ -240,6 +267,80 @@ class GroupNormRule(BatchNormRule):
         return module.num_channels
 
 
+@register_module_rule(nn.LayerNorm)
+class LayerNormRule(BatchNormRule):
+    """LayerNorm over the channels (of tokens ``[batch, T, C]``, of a channels-last map, or
+    torchvision's ``LayerNorm2d`` over dimension 1): each position normalised with its own
+    statistics, then a per-channel affine transform: weight and bias become the node features
+    ``bn_weight`` and ``bn_bias``, like BatchNorm's. A LayerNorm over more than the channels is refused."""
+
+    COLUMNS = GroupNormRule.COLUMNS
+
+    def width(self, module) -> int:
+        return module.normalized_shape[0]
+
+    def apply(self, t, node, name, module, x, in_shape, shape):
+        channels_first = type(module).__name__ == "LayerNorm2d"  # torchvision's: permutes to channels-last inside
+        if len(module.normalized_shape) != 1 or x.dim != (1 if channels_first else len(in_shape) - 1):
+            raise t.fail(node, f"norm layer '{name}' (LayerNorm over {tuple(module.normalized_shape)})",
+                         "only a LayerNorm over the channels alone is a per-channel node feature")
+        return super().apply(t, node, name, module, x, in_shape, shape)
+
+
+class PermuteRule(ModuleRule):
+    """A permutation of the dimensions that keeps the batch first (torchvision's ``Permute``
+    module, ``x.permute``): the channels move with their dimension."""
+
+    def apply(self, t, node, name, module, x, in_shape, shape):
+        return permuted(t, node, x, list(module.dims), in_shape)
+
+
+def permuted(t, node, x: Channels, dims: list[int], in_shape) -> Channels:
+    dims = [d % len(in_shape) for d in dims]
+    if dims[0] != 0 or x.nodes.dim() != 1:
+        raise t.fail(node, f"permute '{node.name}'", "it moves the batch dimension or split channels")
+    return Channels(x.nodes, dim=dims.index(x.dim))
+
+
+@register_module_rule(nn.MultiheadAttention)
+class AttentionRule(ModuleRule):
+    """Self-attention (``nn.MultiheadAttention(x, x, x)``, batch first, over tokens ``[batch, T,
+    C]``). Nodes: the query, key and value channels (3C, one node each, from ``in_proj_weight``'s
+    rows: edges ``k1x1`` from every input channel, biases as node features) and the C output
+    channels of ``out_proj`` (edges ``k1x1`` from the value channels). The attention itself mixes
+    tokens, not channels: each value channel of head h receives one ``attention`` edge (width 1,
+    feature 1.0) from every query and key channel of head h, so a head's channels stay together."""
+
+    def apply(self, t, node, name, module, x, in_shape, shape):
+        t.claim(node, f"attention '{name}'", name)
+        args = node.args[:3]
+        if len(args) < 3 or not (args[0] is args[1] is args[2]):
+            raise t.fail(node, f"attention '{name}'", "only self-attention (query, key and value the same tensor)")
+        if not module.batch_first or not module._qkv_same_embed_dim or module.bias_k is not None:
+            raise t.fail(node, f"attention '{name}'", "only batch-first attention with one input projection "
+                         "and no extra key/value biases")
+        if x.dim != len(in_shape) - 1 or x.nodes.numel() != module.embed_dim:
+            raise t.fail(node, f"attention '{name}'", "its input is not tokens [batch, T, embed_dim]")
+        channels, heads = module.embed_dim, module.num_heads
+        depth = int(t.depth[x.nodes].max()) + 1
+        qkv = t.new_nodes(3 * channels, depth)
+        start = t.add_edges("k1x1", x.nodes.repeat(3 * channels), qkv.repeat_interleave(channels), 1)
+        t.edge_slot(f"{name}.in_proj_weight", "k1x1", start, 3 * channels * channels, (3 * channels, channels))
+        if module.in_proj_bias is not None:
+            t.node_slot(f"{name}.in_proj_bias", NODE_FEATURES.index("bias"), qkv)
+        q, k, v = qkv.view(3, heads, channels // heads)
+        # every value channel of a head hears every query and key channel of that head
+        sources = torch.cat([q, k], 1)  # [heads, 2 * head_dim]
+        per_head = v.shape[1]
+        t.add_edges(ATTENTION, sources.repeat_interleave(per_head, 0).reshape(-1),
+                    v.reshape(-1).repeat_interleave(sources.shape[1]), 1)
+        t.depth[v.reshape(-1)] = depth + 1
+        out_proj = module.out_proj
+        out = _weight_edges(t, node, f"{name}.out_proj", out_proj, Channels(v.reshape(-1)), channels, channels,
+                            "k1x1", 1)
+        return Channels(out.nodes, dim=x.dim), None  # (output, attention weights: not asked for)
+
+
 CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
     nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
@@ -251,7 +352,9 @@ CHANNELWISE_MODULES = (
 
 try:  # torchvision's stochastic depth: the identity at inference, a channel-wise random drop in training
     from torchvision.ops import StochasticDepth, stochastic_depth
+    from torchvision.ops.misc import Permute
     CHANNELWISE_MODULES += (StochasticDepth,)
+    register_module_rule(Permute)(PermuteRule)
 except ImportError:  # torchvision is optional for the converter
     StochasticDepth = stochastic_depth = None
 
@@ -287,15 +390,32 @@ def refuse(module_type: type, reason: str) -> None:
     register_module_rule(module_type)(Refuse(reason))
 
 
-refuse(nn.MultiheadAttention, "attention mixes positions with weights computed from the input")
 for _recurrent in (nn.LSTM, nn.GRU, nn.RNN):
     refuse(_recurrent, "recurrent layers carry state across time steps")
-refuse(nn.LayerNorm, "only BatchNorm is a per-channel node feature")
 refuse(nn.Embedding, "an embedding table is not a channel-to-channel weight")
 refuse(nn.PReLU, "learned activation parameters have no place in the graph")
 
 
 # -------------------------------------------------------------------------- the operations
+def _parameters_in(node, env) -> list[ParameterRef]:
+    return [env[a] for a in node.args if isinstance(a, torch.fx.Node) and isinstance(env.get(a), ParameterRef)]
+
+
+def channel_scale(t, node, x: Channels, ref: ParameterRef, in_shape) -> Channels:
+    """``x * scale`` with one learned value per channel: the value becomes the node feature
+    ``bn_weight`` of the channel (a per-channel scale, like an affine norm's), on nodes of its own
+    when the channels already carry a norm's."""
+    if ref.shape is None or int(torch.tensor(ref.shape).prod()) != x.nodes.numel() \
+            or (len(ref.shape) > 1 and ref.shape[x.dim - (len(in_shape) - len(ref.shape))] != x.nodes.numel()):
+        raise t.fail(node, f"parameter '{ref.name}'", f"its shape {ref.shape} is not one value per channel")
+    param = t.parameter(node, ref, f"parameter '{ref.name}'")
+    if bool(t.has_norm[x.nodes].any()):
+        x = norm_nodes(t, x)
+    t.has_norm[x.nodes] = True
+    t.node_slot(ref.name, NODE_FEATURES.index("bn_weight"), x.nodes, tuple(param.shape))
+    return x
+
+
 def _join(t, etype: str, a: Channels, b: Channels) -> Channels:
     """Two operands of an elementwise operation become one: per channel, an ``etype`` edge from
     the shallower operand's node into the deeper one's (ties: the later node), which then stands
@@ -303,8 +423,10 @@ def _join(t, etype: str, a: Channels, b: Channels) -> Channels:
     da, db = t.depth[a.nodes], t.depth[b.nodes]
     a_deeper = (da > db) | ((da == db) & (a.nodes > b.nodes))
     into = torch.where(a_deeper, a.nodes, b.nodes)
+    if a.dim != b.dim:
+        raise AssertionError("operands with channels on different dimensions")
     t.add_edges(etype, torch.where(a_deeper, b.nodes, a.nodes), into, 1)
-    return Channels(into)
+    return Channels(into, dim=a.dim)
 
 
 def _shape_of(arg: Any) -> tuple[int, ...] | None:
@@ -316,9 +438,13 @@ def _shape_of(arg: Any) -> tuple[int, ...] | None:
 class ResidualAddRule(FunctionRule):
     """a + b of two activations (a residual connection): one ``identity`` edge per channel, width
     1 (feature 1.0), from the shallower operand's node into the deeper one's, which then stands
-    for the sum; no new nodes. Adding a constant keeps the channels."""
+    for the sum; no new nodes. Adding a constant keeps the channels; adding a parameter with one
+    vector per channel (a position embedding) gives it ``embed`` edges (``parameter_edges``)."""
 
     def apply(self, t, node, env, args, x, in_shape, shape):
+        refs = _parameters_in(node, env)
+        if len(args) == 1 and refs:  # a position embedding added to tokens (or a learned per-position bias)
+            return parameter_edges(t, node, x, refs[0], "embed", "position embedding")
         if len(args) == 2:
             a, b = env[args[0]], env[args[1]]
             if a.nodes.numel() != b.nodes.numel():
@@ -334,12 +460,17 @@ class ResidualAddRule(FunctionRule):
 
 @register_function_rule(operator.mul, operator.imul, torch.mul, "mul", "mul_")
 class ProductRule(FunctionRule):
-    """An activation times a constant keeps its channels. A product of two activations of the same
+    """An activation times a constant keeps its channels; times a parameter with one value per
+    channel (a layer scale), that value becomes the channel's ``bn_weight`` (``channel_scale``).
+    A product of two activations of the same
     channels, one possibly of spatial size 1 (Squeeze-and-Excitation's ``scale * x``, gated
     branches): one ``gate`` edge per channel, width 1 (feature 1.0), from the shallower operand's
     node into the deeper one's, which then stands for the product; no new nodes."""
 
     def apply(self, t, node, env, args, x, in_shape, shape):
+        refs = _parameters_in(node, env)
+        if len(args) == 1 and refs:  # a learned per-channel scale (ConvNeXt's layer scale)
+            return channel_scale(t, node, x, refs[0], in_shape)
         if len(args) == 1:
             return keep_channels(t, node, x, in_shape, shape)
         if len(args) == 2:
@@ -390,8 +521,12 @@ class ChannelwiseFunctionRule(FunctionRule):
         if node.op == "call_method" and node.target in ("mean", "amax", "sum"):
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-            if not dims or any(d % len(in_shape) in (0, 1) for d in dims):
+            dims = sorted(d % len(in_shape) for d in dims)
+            if not dims or any(d in (0, x.dim) for d in dims):
                 raise t.fail(node, f"reduction '{node.name}'", "it reduces over channels")
+            keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            if x.dim != 1 and not keepdim:  # tokens averaged away: the channels move up
+                return Channels(x.nodes, dim=x.dim - sum(d < x.dim for d in dims))
         return keep_channels(t, node, x, in_shape, shape)
 
 
@@ -410,21 +545,38 @@ class ReshapeRule(FunctionRule):
             if x.nodes.dim() == 2 and len(shape) == len(in_shape) - 1 and tuple(shape[2:]) == rest \
                     and shape[1] == x.nodes.numel() and shape[0] == in_shape[0]:
                 return Channels(x.nodes.reshape(-1))
-        if x is not None and x.nodes.dim() != 1:
-            raise t.fail(node, f"reshape '{node.name}'", "it reshapes channels split by an earlier view")
+            if x.nodes.dim() == 1 and x.dim == 1 and len(shape) > 2 and len(shape) < len(in_shape) \
+                    and tuple(shape[:2]) == tuple(in_shape[:2]) and _prod(shape[2:]) == _prod(in_shape[2:]):
+                return Channels(x.nodes)  # [batch, C, H, W] -> [batch, C, H*W]: positions merged
+        if x is not None and (x.nodes.dim() != 1 or x.dim != 1):
+            raise t.fail(node, f"reshape '{node.name}'", "it reshapes split or non-leading channels")
         return flatten(t, node, x, in_shape, shape)
 
 
 @register_function_rule(torch.transpose, "transpose")
 class TransposeRule(FunctionRule):
     """Swapping the two dimensions of channels split by a view (a channel shuffle's transpose):
-    the channel grid is transposed; moving channels anywhere else is refused."""
+    the channel grid is transposed; swapping two other dimensions (tokens and channels) moves the
+    channels with their dimension; moving the batch dimension is refused."""
 
     def apply(self, t, node, env, args, x, in_shape, shape):
         dims = [d % len(in_shape) for d in node.args[1:3]]
         if x.nodes.dim() == 2 and sorted(dims) == [1, 2]:
             return Channels(x.nodes.t())
-        raise t.fail(node, f"transpose '{node.name}'", "it moves the channel dimension")
+        if x.nodes.dim() == 1 and 0 not in dims:  # tokens <-> channels: the channels move with their dimension
+            order = list(range(len(in_shape)))
+            order[dims[0]], order[dims[1]] = order[dims[1]], order[dims[0]]
+            return permuted(t, node, x, order, in_shape)
+        raise t.fail(node, f"transpose '{node.name}'", "it moves the batch dimension")
+
+
+@register_function_rule(torch.permute, "permute")
+class PermuteFunctionRule(FunctionRule):
+    """``x.permute(...)`` keeping the batch first: the channels move with their dimension."""
+
+    def apply(self, t, node, env, args, x, in_shape, shape):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return permuted(t, node, x, list(dims), in_shape)
 
 
 @register_function_rule(torch.chunk, torch.split, "chunk", "split")
@@ -446,7 +598,8 @@ class ChannelSplitRule(FunctionRule):
 
 @register_function_rule(operator.getitem)
 class IndexRule(FunctionRule):
-    """x[:, :, ...]: keeps every channel; selecting or reordering channels is refused."""
+    """x[:, :, ...]: keeps every channel; picking tokens before the channel dimension (the class
+    token ``x[:, 0]``) keeps them too; selecting or reordering channels is refused."""
 
     def apply(self, t, node, env, args, x, in_shape, shape):
         parts = env.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
@@ -457,22 +610,34 @@ class IndexRule(FunctionRule):
                          "no rule maps this operation to graph nodes and edges")
         index = node.args[1]
         index = index if isinstance(index, tuple) else (index,)
-        if len(index) >= 2 and index[1] == slice(None) and index[0] == slice(None):
+        if x.dim == 1 and len(index) >= 2 and index[1] == slice(None) and index[0] == slice(None):
             return keep_channels(t, node, x, in_shape, shape)
+        if (x.dim > 1 and index and index[0] == slice(None) and len(index) <= x.dim
+                and all(isinstance(i, (int, slice)) for i in index)):  # picks tokens, e.g. the class token x[:, 0]
+            return Channels(x.nodes, dim=x.dim - sum(isinstance(i, int) for i in index))
         raise t.fail(node, f"indexing '{node.name}'", "it selects or reorders channels")
 
 
 @register_function_rule(torch.cat)
 class ConcatRule(FunctionRule):
     """torch.cat along channels: the output's channels are the operands' nodes, in order; no new
-    nodes or edges. Concatenation along another dimension is refused."""
+    nodes or edges. Learned tokens (a class token ``[1, 1, C]``) put before a sequence of tokens
+    get ``token`` edges (``parameter_edges``). Other concatenations are refused."""
 
     def apply(self, t, node, env, args, x, in_shape, shape):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        parts = node.args[0]
-        if dim in (1, -len(shape) + 1) and all(isinstance(env.get(p), Channels) for p in parts):
-            return Channels(torch.cat([env[p].nodes for p in parts]))
-        raise t.fail(node, f"concatenation '{node.name}'", "only concatenation along channels")
+        dim %= len(shape)
+        parts = [env.get(p) for p in node.args[0]]
+        channels = [p for p in parts if isinstance(p, Channels)]
+        if channels and all(isinstance(p, Channels) for p in parts) and all(p.dim == dim for p in parts):
+            return Channels(torch.cat([p.nodes for p in parts]), dim=dim)
+        if (len(channels) == 1 and channels[0].dim != dim and dim != 0
+                and all(isinstance(p, ParameterRef) for p in parts if p is not channels[0])):
+            for ref in (p for p in parts if isinstance(p, ParameterRef)):  # a class token before the tokens
+                parameter_edges(t, node, channels[0], ref, "token", "token")
+            return channels[0]
+        raise t.fail(node, f"concatenation '{node.name}'", "only concatenation along channels, or of "
+                     "learned tokens before a sequence")
 
 
 def _name(target: Any) -> str:

@@ -11,7 +11,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from metanet.graph.layout import Channels, EdgeSlot, GraphLayout, NodeSlot, fingerprint
+from metanet.graph.layout import Channels, EdgeSlot, GraphLayout, NodeSlot, ParameterRef, fingerprint
 from metanet.graph.network_graph import UnsupportedNetworkError
 from metanet.graph.rules import FUNCTION_RULES, Refuse, _name, module_rule
 
@@ -62,13 +62,24 @@ class LayoutBuilder:
         rows.append((src, dst))
         return start
 
-    def edge_slot(self, name: str, etype: str, start: int, rows: int, shape: tuple[int, ...]) -> None:
-        """Parameter ``name`` is rows [start, start + rows) of the features of edge type ``etype``."""
-        self.edge_slots.append(EdgeSlot(name, etype, start, rows, shape))
+    def edge_slot(self, name: str, etype: str, start: int, rows: int, shape: tuple[int, ...],
+                  transposed: bool = False) -> None:
+        """Parameter ``name`` is rows [start, start + rows) of the features of edge type ``etype``
+        (``transposed``: the tensor's last axis runs over the rows)."""
+        self.edge_slots.append(EdgeSlot(name, etype, start, rows, shape, transposed))
 
-    def node_slot(self, name: str, column: int, nodes: torch.Tensor) -> None:
-        """Parameter or buffer ``name`` is column ``column`` of the node features of ``nodes``."""
-        self.node_slots.append(NodeSlot(name, column, nodes, _span(nodes)))
+    def node_slot(self, name: str, column: int, nodes: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
+        """Parameter or buffer ``name`` is column ``column`` of the node features of ``nodes``
+        (``shape``: the tensor's shape when it is not ``[len(nodes)]``)."""
+        self.node_slots.append(NodeSlot(name, column, nodes, _span(nodes), shape))
+
+    def parameter(self, node: torch.fx.Node, ref: ParameterRef, what: str) -> torch.Tensor:
+        """The parameter ``ref`` names, claimed (a parameter has one place in the graph)."""
+        self.claim(node, what, ref.name)
+        try:
+            return self.model.get_parameter(ref.name)
+        except AttributeError:
+            raise self.fail(node, what, f"'{ref.name}' is a buffer, not a parameter") from None
 
     # ---------------------------------------------------------------------------- the walk
     def build(self, gm: torch.fx.GraphModule) -> GraphLayout:
@@ -83,9 +94,8 @@ class LayoutBuilder:
                 if shape is None or len(shape) < 2:
                     raise self.fail(node, f"input '{node.name}'", "expected a [batch, channels, ...] tensor")
                 env[node] = Channels(self.new_nodes(shape[1], 0))
-            elif node.op == "get_attr":
-                raise self.fail(node, f"tensor attribute '{node.target}'",
-                                "forward uses a parameter or buffer directly, outside a layer")
+            elif node.op == "get_attr":  # a parameter used directly: a rule that combines it gives it a place
+                env[node] = ParameterRef(str(node.target), shape)
             elif node.op == "call_module":
                 env[node] = self._call_module(node, env, shape)
             elif node.op in ("call_function", "call_method"):
@@ -115,6 +125,12 @@ class LayoutBuilder:
     def _call_function(self, node: torch.fx.Node, env: dict, shape) -> Any:
         target = node.target
         args = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(env.get(a), Channels)]
+        params = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(env.get(a), ParameterRef)]
+        if params and not args:  # a parameter being prepared (expand, view): it stays the parameter
+            if target in ("expand", "view", "reshape", "contiguous") and len(params) == 1:
+                return env[params[0]]
+            raise self.fail(node, f"parameter '{env[params[0]].name}'",
+                            f"forward uses it directly in '{_name(target)}', outside a layer")
         if shape is None:  # sizes, shapes, tuples: not activations (or a split into several)
             rule = _function_rule(target)
             if args and getattr(rule, "splits", False):
