@@ -1,12 +1,14 @@
 """Meta-training throughput: seconds per epoch with 1 and 2 Ray Train workers on the same zoo, and
-the DGL and PyG backends side by side (time per meta-training step and peak memory).
+the message-passing backends side by side, one member per step and several (members per second,
+time per step, peak memory).
 
-    python bench/meta_train.py --zoo runs/zoo-digits [--epochs 3] [--steps 6]
+    python bench/meta_train.py --zoo runs/zoo-digits [--epochs 3] [--steps 8] [--skip-workers]
 
 The epoch time is the one ``pipelines/meta_train.py`` measures inside the training loop (start-up
 excluded), from the last epoch of each run; the backend rows come from fresh processes that run
-``--steps`` meta-training steps over the zoo's members (median step time, and the resident memory
-the steps added).
+``--steps`` meta-training steps over the zoo's training members (``members_step``: 1 member per
+step, or ``--batch`` members edited in one metanetwork pass over their graphs' union), reporting
+the median time per member and the resident memory the steps added.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ def epoch_seconds(zoo: str, workers: int, epochs: int, out: str) -> float:
     return float(ast.literal_eval(line.split("final metrics ", 1)[1])["seconds"])
 
 
-def backend_worker(zoo_root: str, backend: str, steps: int) -> dict:
+def backend_worker(zoo_root: str, backend: str, steps: int, per_step: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from metanet.meta_training import MetaTrainConfig, make_member, member_step
+    from metanet.meta_training import MetaTrainConfig, make_member, members_step
     from zoo.arch import build_model
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from zoo.store import Zoo
@@ -52,46 +54,57 @@ def backend_worker(zoo_root: str, backend: str, steps: int) -> dict:
     members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in zoo if r.status == "ok"]
     net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=32, layers=4, backend=backend))
     batches = list(data.batches("train", cfg.batch_size, limit=cfg.batches_per_step))
-    member_step(net, members[0], batches)  # warm-up
+    groups = [[members[(i * per_step + j) % len(members)] for j in range(per_step)] for i in range(steps)]
+    members_step(net, groups[0], batches)  # warm-up
     with open("/proc/self/statm") as f:
         base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
     times = []
-    for i in range(steps):
+    for group in groups:
         t = time.perf_counter()
-        member_step(net, members[i % len(members)], batches)
-        times.append(time.perf_counter() - t)
+        members_step(net, group, batches)
+        times.append((time.perf_counter() - t) / per_step)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"backend": backend, "step_s": statistics.median(times), "peak_mb": peak - base}
+    return {"backend": backend, "per_step": per_step, "member_s": statistics.median(times), "peak_mb": peak - base}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default="runs/zoo-digits")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--backend-worker", nargs=1, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4, help="members per step in the batched rows")
+    parser.add_argument("--backends", nargs="+", default=["torch", "dgl", "pyg"], choices=["torch", "dgl", "pyg"])
+    parser.add_argument("--skip-workers", action="store_true", help="only the backend rows (no Ray Train runs)")
+    parser.add_argument("--backend-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     zoo = str(Path(args.zoo).resolve())
     if args.backend_worker:
-        print(json.dumps(backend_worker(zoo, args.backend_worker[0], args.steps)))
+        print(json.dumps(backend_worker(zoo, args.backend_worker[0], args.steps, int(args.backend_worker[1]))))
         return
     if not (Path(zoo) / "manifest.json").exists():
         raise SystemExit(f"no zoo at {zoo}: build one first (make zoo)")
-    with tempfile.TemporaryDirectory() as tmp:
-        per_epoch = {w: epoch_seconds(zoo, w, args.epochs, f"{tmp}/w{w}") for w in (1, 2)}
+    per_epoch = {}
+    if not args.skip_workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            per_epoch = {w: epoch_seconds(zoo, w, args.epochs, f"{tmp}/w{w}") for w in (1, 2)}
     rows = []
-    for backend in ("dgl", "pyg"):
-        out = subprocess.run([sys.executable, __file__, "--zoo", zoo, "--steps", str(args.steps), "--backend-worker",
-                              backend], capture_output=True, text=True, check=True, env=ENV).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    for backend in args.backends:
+        for per_step in (1, args.batch):
+            out = subprocess.run([sys.executable, __file__, "--zoo", zoo, "--steps", str(args.steps),
+                                  "--backend-worker", backend, str(per_step)],
+                                 capture_output=True, text=True, check=True, env=ENV).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"\nmeta-training on {zoo}")
-    print(f"{'workers':>8}{'s / epoch':>11}{'speed-up':>10}")
-    for w, s in per_epoch.items():
-        print(f"{w:>8}{s:>11.1f}{per_epoch[1] / s:>10.2f}")
-    print(f"\n{'backend':<9}{'s / step':>10}{'peak MB':>9}{'time / dgl':>12}{'peak / dgl':>12}")
+    if per_epoch:
+        print(f"{'workers':>8}{'s / epoch':>11}{'speed-up':>10}")
+        for w, s in per_epoch.items():
+            print(f"{w:>8}{s:>11.1f}{per_epoch[1] / s:>10.2f}")
+    first = rows[0]
+    print(f"\n{'backend':<9}{'members/step':>13}{'s / member':>12}{'members/s':>11}{'peak MB':>9}"
+          f"{'time / first':>14}")
     for r in rows:
-        print(f"{r['backend']:<9}{r['step_s']:>10.3f}{r['peak_mb']:>9.0f}{r['step_s'] / rows[0]['step_s']:>12.2f}"
-              f"{r['peak_mb'] / max(rows[0]['peak_mb'], 1):>12.2f}")
+        print(f"{r['backend']:<9}{r['per_step']:>13}{r['member_s']:>12.3f}{1 / r['member_s']:>11.1f}"
+              f"{r['peak_mb']:>9.0f}{r['member_s'] / first['member_s']:>14.2f}")
 
 
 if __name__ == "__main__":

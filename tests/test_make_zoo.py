@@ -123,6 +123,9 @@ def test_a_killed_driver_resumes_without_losing_or_duplicating(tmp_path):
     ("name: x\nmembers: 3\n", [], "dataset: missing (required)"),
     (None, ["--set", "members=0"], "members = 0: must be greater than or equal to 1"),
     (None, ["--address", "127.0.0.1:1"], "would be a path on each node"),
+    (None, ["--set", "families=[{family: import, target: 'torchvision.models:mobilenet_v2'}]"],
+     "initial_speedup must be 1 for 'import' families"),
+    (None, ["--set", "families=[{family: import, target: mobilenet_v2}]"], "families.0.target = 'mobilenet_v2'"),
 ])
 def test_bad_specs_and_cluster_paths_are_refused(spec_text, args, message, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "pipelines"))
@@ -135,3 +138,20 @@ def test_bad_specs_and_cluster_paths_are_refused(spec_text, args, message, tmp_p
         make_zoo.cli(["--spec", str(spec), *args])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_import_families_draw_their_choices_per_member():
+    from zoo.spec import members, validate
+
+    spec = yaml.safe_load((ROOT / "zoo/specs/digits.yaml").read_text())
+    spec.update(members=6, initial_speedup=1.0)
+    spec["families"] = [{"family": "import", "target": "torchvision.models:mobilenet_v2",
+                         "kwargs": {"inverted_residual_setting": [[1, 8, 1, 1]]},
+                         "choices": {"width_mult": [0.25, 0.5]}}]
+    validate(spec)
+    drawn = members(spec, in_channels=3, num_classes=7, image_size=32)
+    assert drawn == members(spec, in_channels=3, num_classes=7, image_size=32)  # deterministic
+    assert {m.arch["kwargs"]["width_mult"] for m in drawn} == {0.25, 0.5}
+    assert all(m.arch["kwargs"]["num_classes"] == 7 and m.id.startswith("mobilenet_v2-") for m in drawn)
+    model = build_model(drawn[0].arch)
+    assert model.classifier[-1].out_features == 7

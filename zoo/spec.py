@@ -98,8 +98,21 @@ class VGGFamily(Strict):
     classifier: list[list[PositiveInt]] = Field(default=[[]], min_length=1)
 
 
-Family = Annotated[Union[ResNetFamily, VGGFamily], Field(discriminator="family")]
-register_union_tags("resnet", "vgg")
+class ImportFamily(Strict):
+    """Networks from torchvision's (or timm's) constructors: ``target`` ``MODULE:NAME``, fixed
+    ``kwargs`` and per-member ``choices`` (each key drawn from its list); ``num_classes`` is the
+    dataset's unless given. Their first layer must fit the dataset's channels (torchvision's
+    take 3)."""
+
+    family: Literal["import"]
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    target: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")]
+    kwargs: dict[str, object] = {}
+    choices: dict[str, Annotated[list[object], Field(min_length=1)]] = {}
+
+
+Family = Annotated[Union[ResNetFamily, VGGFamily, ImportFamily], Field(discriminator="family")]
+register_union_tags("resnet", "vgg", "import")
 
 
 class ZooSpec(Strict):
@@ -120,6 +133,10 @@ class ZooSpec(Strict):
     def _split(self):
         if not self.held_out and self.val_members + self.test_members >= 1:
             raise ValueError("val_members + test_members must leave some members for training")
+        if self.initial_speedup > 1 and any(f.family == "import" for f in self.families):
+            # a member is stored as its spec, and an imported architecture's spec is its unpruned shape
+            raise ValueError("initial_speedup must be 1 for 'import' families: a pruned imported network has "
+                             "no architecture spec to rebuild it from")
         return self
 
 
@@ -172,6 +189,12 @@ def role_of(member_id: str, val: float, test: float, held_out: bool = False) -> 
 
 
 def _arch(fam: dict, rng: random.Random, in_channels: int, num_classes: int, image_size: int) -> dict:
+    if fam["family"] == "import":
+        kwargs = dict(fam.get("kwargs") or {})
+        for key in sorted(fam.get("choices") or {}):
+            kwargs[key] = rng.choice(fam["choices"][key])
+        kwargs.setdefault("num_classes", num_classes)
+        return {"family": "import", "target": fam["target"], "kwargs": kwargs}
     if fam["family"] == "resnet":
         widths = tuple(rng.choice(choices) for choices in fam["stage_widths"])
         return resnet_spec(rng.choice(fam["depths"]), widths, in_channels=in_channels, num_classes=num_classes,
@@ -186,7 +209,8 @@ def member_id(spec: dict, arch: dict, seed: int) -> str:
     key = {k: spec[k] for k in ("dataset", "train", "initial_speedup", "finetune")}
     key.update(arch=arch, seed=seed)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{arch['family']}-{digest}"
+    name = arch["target"].split(":")[1] if arch["family"] == "import" else arch["family"]
+    return f"{name}-{digest}"
 
 
 def members(spec: dict, in_channels: int, num_classes: int, image_size: int) -> list[MemberSpec]:
