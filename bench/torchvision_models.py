@@ -5,7 +5,7 @@ For each classification model of ``torchvision.models`` (``weights=None``, 10 cl
 input (224x224, 299x299 for Inception v3), then ``graph_to_network`` and a comparison of every
 parameter and buffer and of the output. ``exact``: equal; ``refused``: an
 ``UnsupportedNetworkError`` (its one-line reason is printed); ``crash``: any other exception;
-``wrong``: the round trip differs.
+``wrong``: the round trip differs. Each model runs in its own process under ``--memory-gb``.
 
     python bench/torchvision_models.py [--models resnet18 mobilenet_v2] [--max-params 150e6]
 """
@@ -72,12 +72,32 @@ def check(name: str) -> tuple[str, str, int, float]:
             params, seconds) if same else ("wrong", "outputs differ", params, seconds)
 
 
+def _in_subprocess(name: str, memory_gb: float) -> tuple[str, str, int, float]:
+    """``check(name)`` in a fresh process with its address space capped at ``memory_gb``: one
+    model's memory cannot end the table, and running out is reported as a crash that says so."""
+    import json
+    import subprocess
+
+    code = ("import json, resource, sys; sys.path.insert(0, %r); "
+            "resource.setrlimit(resource.RLIMIT_AS, (%d, %d)); "
+            "import torchvision_models as b; print(json.dumps(b.check(%r)))"
+            % (str(Path(__file__).parent), int(memory_gb * 2**30), int(memory_gb * 2**30), name))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if "MemoryError" in proc.stderr:
+        last = f"out of memory under the {memory_gb:g} GB limit ({last[:120]})"
+    return "crash", last[:300], 0, 0.0
+
+
 def main() -> None:
     import torchvision
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="model names (default: every torchvision classifier)")
     parser.add_argument("--max-params", type=float, default=150e6, help="skip models with more parameters")
+    parser.add_argument("--memory-gb", type=float, default=16, help="address-space limit of each model's process")
     args = parser.parse_args()
     names = args.models or sorted(torchvision.models.list_models(module=torchvision.models))
     rows, skipped = [], []
@@ -93,7 +113,7 @@ def main() -> None:
         if n > args.max_params:
             skipped.append((name, n))
             continue
-        verdict, detail, params, seconds = check(name)
+        verdict, detail, params, seconds = _in_subprocess(name, args.memory_gb)
         rows.append((name, verdict, detail, params, seconds))
     width = max(len(r[0]) for r in rows) + 2
     print(f"\n{'model':<{width}}{'result':<9}{'params M':>9}{'s':>7}  detail")

@@ -17,6 +17,10 @@ from metanet.graph.tracer import trace_layout
 
 _LAYOUTS: "OrderedDict[tuple, GraphLayout]" = OrderedDict()
 _LAYOUT_CACHE_SIZE = 32
+# and at most this many edges over the cached layouts (a layout holds 3 int64 per edge: an 83M-
+# parameter ResNeXt's 76.5 million edges are 1.8 GB; converting torchvision's classifiers one after
+# another ran out of 24 GB with every layout kept)
+_LAYOUT_CACHE_EDGES = 20_000_000
 
 
 def clear_layout_cache() -> None:
@@ -55,7 +59,8 @@ def graph_layout(model: nn.Module, input_shape: Sequence[int]) -> GraphLayout:
         return layout
     layout = trace_layout(model, input_shape)
     _LAYOUTS[key] = layout
-    while len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
+    while len(_LAYOUTS) > 1 and (len(_LAYOUTS) > _LAYOUT_CACHE_SIZE or
+                                 sum(int(v.src.numel()) for v in _LAYOUTS.values()) > _LAYOUT_CACHE_EDGES):
         _LAYOUTS.popitem(last=False)
     return layout
 
@@ -64,7 +69,6 @@ def _all_finite(t: torch.Tensor) -> bool:
     """True when ``t`` has no NaN or infinity. The sum is finite exactly then (short of overflow,
     which the exact check below settles); it is an order of magnitude faster than isfinite."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
 
 
 def _input_shape(example_inputs: Any) -> tuple[int, ...]:
