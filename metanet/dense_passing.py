@@ -130,12 +130,13 @@ class BlockStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, block: torch.Tensor, axis: int):
         z = a.unsqueeze(3 - axis) * block  # a is broadcast over the axis it is not reduced over
+        ctx.axis = axis
+        if not any(ctx.needs_input_grad[:2]):  # no backward: amax/amin, 6x faster than max(dim) with indices
+            return z.sum(axis), z.square().sum(axis), z.amax(axis), z.amin(axis)
         mx, arg_max = z.max(axis)
         mn, arg_min = z.min(axis)
-        stats = (z.sum(axis), z.square().sum(axis), mx, mn)
-        ctx.axis = axis
         ctx.save_for_backward(a, block, arg_max, arg_min)
-        return stats
+        return z.sum(axis), z.square().sum(axis), mx, mn
 
     @staticmethod
     def backward(ctx, d_sum, d_squares, d_max, d_min):

@@ -332,3 +332,19 @@ def test_a_subclass_inherits_its_base_layers_rule():
     graph = network_to_graph(net, torch.zeros(1, 1, 8, 8))
     assert graph.edge_counts == {"k1x1": 12, "k3x3": 4}
     assert_same_state(graph_to_network(graph, net), net)
+
+
+def test_the_layout_cache_is_bounded_by_edges(monkeypatch):
+    import metanet.graph.convert as convert
+
+    monkeypatch.setattr(convert, "_LAYOUTS", type(convert._LAYOUTS)())
+    small = build_model(resnet_spec(8, (4, 4, 4)))
+    big = build_model(resnet_spec(8, (8, 8, 8)))
+    edges = {m: network_to_graph(m, torch.zeros(CIFAR)).num_edges for m in (small, big)}
+    convert.clear_layout_cache()
+    monkeypatch.setattr(convert, "_LAYOUT_CACHE_EDGES", edges[small] + edges[big] - 1)
+    network_to_graph(small, torch.zeros(CIFAR))
+    network_to_graph(big, torch.zeros(CIFAR))  # both would exceed the bound: the older one goes
+    assert [layout.src.numel() for layout in convert._LAYOUTS.values()] == [edges[big]]
+    network_to_graph(build_model(resnet_spec(8, (16, 16, 16))), torch.zeros(CIFAR))  # alone over it: kept
+    assert len(convert._LAYOUTS) == 1
