@@ -14,15 +14,20 @@ export PYTHONUNBUFFERED := 1
 .PHONY: help install test test-fast demo bench zoo meta-train tune prune-batch clean
 
 help:
-	@echo "make demo     install, then run the whole pipeline on the embedded default (digits): zoo ->"
-	@echo "              meta-train (Ray job on a local head) -> prune_batch with baselines; table, plot, MLflow"
-	@echo "make test     install, then run the test suite"
-	@echo "make zoo      build the digits zoo with Ray tasks (ZOO_ARGS='--spec zoo/specs/cifar10.yaml ...')"
+	@echo "make demo        install, then run the whole pipeline on the embedded default (digits): zoo ->"
+	@echo "                 meta-train (Ray job on a local head) -> prune_batch with baselines; table, plot, MLflow"
+	@echo "make test        install, then run the test suite"
+	@echo "make test-fast   install, then the tests not marked slow (no Ray clusters, no subprocess pipelines)"
+	@echo "make zoo         build the digits zoo with Ray tasks (ZOO_ARGS='--spec zoo/specs/cifar10.yaml ...')"
 	@echo "make meta-train  start a local Ray head, submit pipelines/meta_train.py as a job, stop the head"
-	@echo "make tune     Ray Tune search of pruning hyperparameters (TUNE_ARGS='--search pipelines/searches/cifar10.yaml')"
-	@echo "make prune-batch  prune the zoo's held-out members with runs/meta-train's metanetwork and the baselines"
-	@echo "make bench    install, then run the benchmarks under bench/"
-	@echo "make install  create $(VENV) and install the project with its dev extra"
+	@echo "                 (ZOO=runs/zoo-digits, META_ARGS='--epochs 10 ...')"
+	@echo "make tune        Ray Tune search of pruning hyperparameters (TUNE_ARGS='--search pipelines/searches/cifar10.yaml')"
+	@echo "make prune-batch prune the zoo's held-out members with the metanetwork and the baselines"
+	@echo "                 (METANET=runs/meta-train/metanet/metanetwork.pt; after make demo: METANET=runs/demo/meta-train/metanet/metanetwork.pt ZOO=runs/demo/zoo)"
+	@echo "make bench       install, then run the benchmarks under bench/"
+	@echo "make install     create $(VENV) and install the project with its dev extra (puts metaprune, ray, mlflow in $(VENV)/bin)"
+	@echo "make clean       remove $(VENV) and build files (runs/ is kept)"
+	@echo "make help        this list"
 
 install: $(STAMP)
 
@@ -63,8 +68,10 @@ tune: install
 	$(PY) pipelines/tune.py $(TUNE_ARGS)
 
 PRUNE_ARGS ?= --targets 2 4 8
+METANET ?= runs/meta-train/metanet/metanetwork.pt
 prune-batch: install
-	$(PY) pipelines/prune_batch.py --zoo $(ZOO) --metanet runs/meta-train/metanet/metanetwork.pt --baselines \
+	@test -f $(METANET) || { echo "make prune-batch: no metanetwork at $(METANET): run make meta-train, or pass METANET=FILE (after make demo: METANET=runs/demo/meta-train/metanet/metanetwork.pt ZOO=runs/demo/zoo)" >&2; exit 2; }
+	$(PY) pipelines/prune_batch.py --zoo $(ZOO) --metanet $(METANET) --baselines \
 	  --out runs/prune-batch $(PRUNE_ARGS)
 
 bench: install
