@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retries", type=int, default=2, help="retries of a task whose worker died (default: 2)")
     p.add_argument("--shared-output", action="store_true",
                    help="on a cluster: the local output path is on storage every node shares (default: off)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log the build to MLflow (default: log)")
+    p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
+                   help="log the build to MLflow (default: on)")
     return p
 
 
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
         manifest = zoo.write_manifest()
     wall = time.perf_counter() - start
     _print_summary(zoo, manifest, wall)
-    if not args.no_mlflow:
+    if args.mlflow:
         _log_mlflow(spec, zoo, manifest, wall, out)
     return {"manifest": manifest, "built": summaries, "seconds": wall, "failed": manifest["counts"]["failed"]}
 

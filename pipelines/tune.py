@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory; the same one resumes the search (default: runs/tune-<name>)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log trials to MLflow (default: log)")
+    p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
+                   help="log trials to MLflow (default: on)")
     return p
 
 
@@ -218,12 +219,12 @@ def _search(search: dict, out: Path, args, zoo, data) -> dict:
     check_same_search(out, search)
     started = time.perf_counter()
     resources = init_ray(args.address, args.num_cpus)
-    results, uri = _fit(search, data, out, resources, not args.no_mlflow)
+    results, uri = _fit(search, data, out, resources, args.mlflow)
     report = _report(results, search, out, data, zoo.finetune_settings())
     report["seconds"] = time.perf_counter() - started
     shutdown()
     _print_report(report, out)
-    if not args.no_mlflow:
+    if args.mlflow:
         _log_summary(report, out, search)
         print(f"mlflow: every trial and the summary logged to {uri} (experiment tune-{search['name']})")
     return report

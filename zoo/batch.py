@@ -367,26 +367,42 @@ def summary_table(frame) -> str:
 
 
 def plot(frame, path: str) -> None:
+    """Test accuracy after finetuning against the speed-up reached: per method, each model's rows
+    (faint markers) and the mean over models at each target with its 95% interval (error bars),
+    and the unpruned networks' mean accuracy as a dashed reference line."""
     import matplotlib.ticker
+    from matplotlib.lines import Line2D
 
+    from metanet.paired import mean_ci
     from metanet.plotting import pyplot
 
     plt = pyplot()
 
     ok = frame[frame.status == "ok"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (method, g), marker in zip(ok.groupby("method"), "os^vD"):
-        ax.scatter(g.speedup, 100 * g.test_acc, marker=marker, alpha=0.35, s=18)
-        means = g.groupby(g.target.fillna(-1)).agg(x=("speedup", "mean"), y=("test_acc", "mean")).sort_values("x")
-        ax.plot(means.x, 100 * means.y, marker=marker, label=f"{method} (mean)",
-                color=ax.collections[-1].get_facecolor()[0][:3])
+    handles = []
+    for (method, g), marker, color in zip(ok.groupby("method"), "os^vD", plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        ax.scatter(g.speedup, 100 * g.test_acc, marker=marker, alpha=0.3, s=16, color=color)
+        points = []
+        for _, at in g.groupby(g.target.fillna(-1)):
+            ci = mean_ci(list(100 * at.groupby("model").test_acc.mean()))
+            points.append((at.speedup.mean(), ci.mean, (ci.high - ci.low) / 2 if ci.n > 1 else 0.0))
+        points.sort()
+        ax.errorbar([x for x, _, _ in points], [y for _, y, _ in points], yerr=[e for _, _, e in points],
+                    marker=marker, color=color, capsize=3)
+        handles.append(Line2D([], [], color=color, marker=marker, label=f"{method}: mean over models, 95% interval"))
+    if "test_acc_before" in ok and ok.test_acc_before.notna().any():
+        unpruned = 100 * ok.groupby("model").test_acc_before.first().mean()
+        ax.axhline(unpruned, color="gray", ls="--")
+        handles.append(Line2D([], [], color="gray", ls="--", label=f"unpruned (mean {unpruned:.1f}%)"))
+    handles.append(Line2D([], [], color="gray", marker="o", ls="", alpha=0.4, label="one model at one target"))
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.set_xlabel("MAC speed-up reached")
     ax.set_ylabel("test accuracy after finetuning (%)")
     ax.set_title(f"{ok.model.nunique()} models: accuracy vs speed-up")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
@@ -412,8 +428,9 @@ def plot_curves(frame, path: str) -> bool:
     for (method, g), marker in zip(first.groupby("method"), "os^vD"):
         cis = [mean_ci(list(100 * g.groupby("model")[k].mean())) for k in keys]
         ax.errorbar(CURVE_SPEEDUPS, [c.mean for c in cis], yerr=[(c.high - c.low) / 2 if c.n > 1 else 0 for c in cis],
-                    marker=marker, capsize=3, label=f"{method} (prepared)")
-    ax.axhline(100 * first.groupby("model").test_acc_before.first().mean(), color="gray", ls="--", label="unpruned")
+                    marker=marker, capsize=3, label=f"{method}: mean over models, 95% interval")
+    unpruned = 100 * first.groupby("model").test_acc_before.first().mean()
+    ax.axhline(unpruned, color="gray", ls="--", label=f"unpruned (mean {unpruned:.1f}%)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(CURVE_SPEEDUPS)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
