@@ -9,12 +9,17 @@
 
 Everything is logged to one MLflow store (``runs/demo/mlflow.db``); the last lines say how to open
 its UI on 127.0.0.1. Running it again resumes every stage instead of redoing it.
+
+The terminal shows the project's own lines and progress bars; each stage's whole output (Ray's,
+Ray Train's and DDP's logs included) goes to ``runs/demo/logs/<stage>.log``, named at each stage;
+``--verbose`` shows everything on the terminal too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,16 +46,66 @@ def step(title: str) -> float:
     return time.perf_counter()
 
 
-def run(*args: str, env: dict | None = None) -> None:
-    """Runs a pipeline command, its output streaming through; stops the demo if it fails."""
-    print("$ " + " ".join(args), flush=True)
-    result = subprocess.run(list(args), cwd=ROOT, env={**os.environ, **(env or {})})
-    if result.returncode != 0:
-        raise SystemExit(f"demo: `{' '.join(args[:3])} ...` failed with exit code {result.returncode}")
+# lines that are Ray's, Ray Train's, DDP's or MLflow's logs, not the pipeline's own output
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING|ERROR|SUCC|DEBUG)\b"  # Ray's logger
+    r"|^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (INFO|WARNING)\b"                     # MLflow's logger
+    r"|^\(\w+ pid=\d+"                                                       # a Ray worker's line
+    r"|^\[?\w*\]?\s*\[[WE]\d{4} "                                              # a C++ warning (DDP)
+    r"|^Running entrypoint for job |^\s*warnings\.warn\(|\w*Warning: ")
 
 
-def graphs() -> None:
-    zoo = Zoo.create(str(OUT / "graph-zoo"))
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours its worker prefixes
+
+
+WORKER_PREFIX = re.compile(r"^\(\w+ pid=\d+[^)]*\)\s*")
+EPOCH_LINE = "meta-training epoch"  # what rank 0 of pipelines/meta_train.py prints after each epoch
+
+
+def display(line: str) -> str | None:
+    """What the terminal shows of one output line: the line without colours, the message of a
+    meta-training worker's epoch line, or None for a framework's log line or a blank one."""
+    line = ANSI.sub("", line).strip()
+    message = WORKER_PREFIX.sub("", line)
+    if message != line:
+        return message if message.startswith(EPOCH_LINE) else None
+    return line if line and not LOG_LINE.search(line) else None
+
+
+def run(*args: str, log: Path, verbose: bool = False, env: dict | None = None) -> None:
+    """Runs a pipeline command with its whole output in ``log``; the terminal gets what ``display``
+    keeps and live progress bars (everything with ``verbose``). Stops the demo if the
+    command fails, pointing at the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as sink:
+        sink.write(("$ " + " ".join(args) + "\n").encode())
+        proc = subprocess.Popen(list(args), cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        pending, last = b"", None
+        while chunk := proc.stdout.read1(65536):
+            sink.write(chunk)
+            sink.flush()
+            pending += chunk
+            *lines, pending = re.split(rb"(?<=[\n\r])", pending)
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                text = line.rstrip() if verbose else display(line)
+                if text is None or not text.strip() or (text == last and not verbose):
+                    continue  # Ray prints a job's worker lines twice
+                last = text
+                if line.endswith("\r"):  # a progress bar redrawing itself: keep it on one line
+                    sys.stdout.write("\r  " + text.strip()[:110].ljust(110))
+                else:
+                    sys.stdout.write("\r  " + text + "\n")
+            sys.stdout.flush()
+        code = proc.wait()
+    sys.stdout.write("\n" if not verbose else "")
+    if code != 0:
+        raise SystemExit(f"demo: `{' '.join(args[:3])} ...` failed with exit code {code}; its output: {log}")
+
+
+def graphs(out: Path) -> None:
+    zoo = Zoo.create(str(out / "graph-zoo"))
     x = torch.zeros(1, 1, 8, 8)  # digits: 8x8 grayscale
     specs = [resnet_spec(20, (8, 16, 32), in_channels=1), resnet_spec(32, (8, 12, 16), in_channels=1),
              vgg_spec(11, width_mult=0.125, input_size=8, in_channels=1)]
@@ -76,37 +131,50 @@ def graphs() -> None:
 def build_parser():
     import argparse
 
-    return argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's, Ray Train's and DDP's logs")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small run for a first look (and the tests): 9 zoo members trained for 2 epochs, "
+                             "2 meta-training epochs, one target (2x)")
+    parser.add_argument("--out", default=str(OUT), help="where everything goes (default: runs/demo)")
+    return parser
 
 
 def main(argv=None) -> None:
-    build_parser().parse_args(argv)  # no options; --help says what the demo does
+    args = build_parser().parse_args(argv)
+    out = Path(args.out).resolve()
+    logs = out / "logs"
+    zoo_args = ["--members", "9", "--set", "train.epochs=2", "--set", "finetune.epochs=1"] if args.quick else []
+    meta_args = ["--epochs", "2", "--keep", "2"] if args.quick else []
+    targets = ["2"] if args.quick else ["2", "4", "8"]
     py = sys.executable
-    OUT.mkdir(parents=True, exist_ok=True)
-    mlflow_uri = f"sqlite:///{OUT / 'mlflow.db'}"
+    out.mkdir(parents=True, exist_ok=True)
+    mlflow_uri = f"sqlite:///{out / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": mlflow_uri, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     os.environ.update(env)
     os.environ.pop("RAY_ADDRESS", None)
     began = time.perf_counter()
 
     t = step("1. networks as graphs, stored in Apache Arrow")
-    graphs()
+    graphs(out)
 
-    t = step("2. the zoo: 32 digits networks, one Ray task each (pipelines/make_zoo.py)")
-    zoo = OUT / "zoo"
-    run(py, "pipelines/make_zoo.py", "--out", str(zoo))
+    t = step(f"2. the zoo: {9 if args.quick else 32} digits networks, one Ray task each (pipelines/make_zoo.py)")
+    zoo = out / "zoo"
+    print(f"  log: {logs / 'zoo.log'}")
+    run(py, "pipelines/make_zoo.py", "--out", str(zoo), *zoo_args, log=logs / "zoo.log", verbose=args.verbose)
     print(f"  ({time.perf_counter() - t:.0f} s)")
 
     t = step("3. meta-training as a Ray job on a local head (ray job submit -- python pipelines/meta_train.py)")
-    pidfile = str(OUT / "ray-head.pid")
+    pidfile = str(out / "ray-head.pid")
     address = local_head.start(pidfile, None, HEAD_PORT, DASHBOARD_PORT)
-    print(f"  local Ray head up; dashboard and job server on {address}")
+    print(f"  local Ray head up; dashboard and job server on {address}; log: {logs / 'meta-train.log'}")
     code = snapshot(root=str(ROOT))  # not "." itself: output written into the repository would break the upload
     try:
         runtime_env = json.dumps({"env_vars": env})
         run(str(Path(py).with_name("ray")), "job", "submit", "--address", address, "--working-dir", code,
             "--runtime-env-json", runtime_env, "--", "python", "pipelines/meta_train.py", "--zoo", str(zoo),
-            "--out", str(OUT / "meta-train"), env={"RAY_AUTH_MODE": "token"})
+            "--out", str(out / "meta-train"), *meta_args, env={"RAY_AUTH_MODE": "token"}, log=logs / "meta-train.log",
+            verbose=args.verbose)
     finally:
         local_head.stop(pidfile)
         shutil.rmtree(code, ignore_errors=True)
@@ -114,10 +182,11 @@ def main(argv=None) -> None:
     print(f"  ({time.perf_counter() - t:.0f} s)")
 
     t = step("4. pruning the held-out networks: metanetwork vs both baselines (pipelines/prune_batch.py)")
-    results = OUT / "prune-batch"
+    results = out / "prune-batch"
+    print(f"  log: {logs / 'prune-batch.log'}")
     run(py, "pipelines/prune_batch.py", "--zoo", str(zoo), "--split", "test",
-        "--metanet", str(OUT / "meta-train" / "metanet" / "metanetwork.pt"), "--baselines",
-        "--targets", "2", "4", "8", "--out", str(results))
+        "--metanet", str(out / "meta-train" / "metanet" / "metanetwork.pt"), "--baselines",
+        "--targets", *targets, "--out", str(results), log=logs / "prune-batch.log", verbose=args.verbose)
     print(f"  ({time.perf_counter() - t:.0f} s)")
 
     print(f"\n== done in {(time.perf_counter() - began) / 60:.1f} min ==")

@@ -96,7 +96,8 @@ HELP = {
     "gate_reg": "sparsity strength of the per-member gates that distillation targets",
     "min_member_acc": "skip training members below this validation accuracy",
 }
-FAULT_ENV = "METAPRUNE_FAULT_INJECT"  # testing hook, see _inject_fault
+FAULT_ENV = "METAPRUNE_FAULT_INJECT"
+EPOCH_LINE = "meta-training epoch"  # testing hook, see _inject_fault
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -164,6 +165,10 @@ def train_func(config: dict) -> None:
         metrics = {"epoch": epoch, "task_loss": float(sums[0] / sums[3]), "sparsity_loss": float(sums[1] / sums[3]),
                    "train_acc": float(sums[2] / sums[3]), "seconds": time.perf_counter() - began,
                    "mlflow_run_id": run_id or "", "started_at_epoch": start}
+        if rank == 0:  # progress: the demo shows these lines of the job (EPOCH_LINE), not Ray's
+            print(f"{EPOCH_LINE} {epoch + 1}/{cfg.epochs}: task loss {metrics['task_loss']:.3f}, sparsity "
+                  f"{metrics['sparsity_loss']:.3f}, train acc {100 * metrics['train_acc']:.1f}% "
+                  f"({metrics['seconds']:.0f} s)", flush=True)
         every_diag = config["diagnose_every"]
         if rank == 0 and every_diag and ((epoch + 1) % every_diag == 0 or epoch == cfg.epochs - 1):
             metrics.update({f"val_{k}": v for k, v in validation_diagnostics(core, zoo, data, config).items()})
