@@ -1,7 +1,13 @@
 """Distributed meta-training of the metanetwork with Ray Train, then checkpoint selection.
 
-    ray job submit --working-dir . -- python pipelines/meta_train.py --zoo runs/zoo-digits --workers 2
-    make meta-train                                  # the same, on a local head it starts and stops
+    python pipelines/meta_train.py --zoo runs/zoo-digits --workers 2     # a local Ray, started and stopped
+    make meta-train                   # a Ray job on a local head that make starts and stops, as below
+    RAY_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token \
+      ray job submit --working-dir $(python -m distributed.job_snapshot) -- \
+      python pipelines/meta_train.py --zoo $PWD/runs/zoo-digits --out $PWD/runs/meta-train --workers 2
+
+Inside a job, relative paths are relative to the job's own copy of the code: give ``--zoo`` and
+``--out`` as absolute paths (or URIs); run directly, relative paths are made absolute here.
 
 Each of ``--workers`` Ray Train workers (gloo on CPU, nccl on GPU) takes its share of the zoo's
 training members every epoch, reading each member's graph from the Arrow zoo when it needs it,
@@ -419,6 +425,9 @@ def parse_args(argv=None) -> dict:
                          f"not {config['sparsity_norm']!r}")
     if config["distill_epochs"] and config["edit"] == "additive":
         raise SystemExit("meta_train: --distill-epochs needs a gate edit (--edit gate): the additive edit has no gates")
+    for key in ("zoo", "out"):  # Ray Train's workers run in another directory: hand them absolute paths
+        if "://" not in config[key] and not os.path.isabs(config[key]):
+            config[key] = os.path.abspath(config[key])
     return config
 
 
