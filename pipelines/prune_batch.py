@@ -160,8 +160,8 @@ def _main(config: dict, out: str, started: float) -> dict:
 
         load_metanetwork(config["metanet"])  # a truncated or foreign file: one line now, not a failed row per model
         metanet_sha = batch.file_digest(config["metanet"])
-    sources = batch.find_sources(config)
     arch = batch.arch_file(config["arch"])
+    sources = batch.find_sources(config)
     config = batch.finetune_defaults(config)
     config = dict(config, arch=arch, metanet=os.path.abspath(config["metanet"]) if config["metanet"] else None)
     runs = [{"target": None, "floor": config["floor"]}] if config["floor"] is not None else \

@@ -203,9 +203,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(8, 8)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
 
-    def forward(self, x):
-        h = self.proj(x)
-        return self.attn(h, h, h)[0]
+    def forward(self, x):  # x: [batch, 8 channels, 5 positions]
+        tokens = x.permute(0, 2, 1)
+        return self.attn(self.proj(tokens), tokens, tokens)[0]  # cross-attention: the query differs
 
 
 class Recurrent(nn.Module):
@@ -240,7 +240,7 @@ class DataDependent(nn.Module):
 
 @pytest.mark.parametrize("model,shape,needle", [
     (LearnedActivation(), (1, 3, 8, 8), ["'act'", "PReLU", "learned activation"]),
-    (Attention(), (1, 5, 8), ["'attn'", "MultiheadAttention", "attention"]),
+    (Attention(), (1, 8, 5), ["'attn'", "only self-attention"]),
     (Recurrent(), (1, 5, 8), ["'lstm'", "LSTM", "recurrent"]),
     (CustomOp(), (1, 3, 8, 8), ["fft2", "no rule"]),
     (DataDependent(), (1, 4), ["torch.fx cannot trace", "control flow"]),
