@@ -416,15 +416,15 @@ def channel_scale(t, node, x: Channels, ref: ParameterRef, in_shape) -> Channels
     return x
 
 
-def _join(t, etype: str, a: Channels, b: Channels) -> Channels:
+def _join(t, node, etype: str, a: Channels, b: Channels) -> Channels:
     """Two operands of an elementwise operation become one: per channel, an ``etype`` edge from
     the shallower operand's node into the deeper one's (ties: the later node), which then stands
     for the result."""
+    if a.dim != b.dim or a.nodes.dim() != 1 or b.nodes.dim() != 1:
+        raise t.fail(node, f"operation '{node.name}'", "its operands hold their channels on different dimensions")
     da, db = t.depth[a.nodes], t.depth[b.nodes]
     a_deeper = (da > db) | ((da == db) & (a.nodes > b.nodes))
     into = torch.where(a_deeper, a.nodes, b.nodes)
-    if a.dim != b.dim:
-        raise AssertionError("operands with channels on different dimensions")
     t.add_edges(etype, torch.where(a_deeper, b.nodes, a.nodes), into, 1)
     return Channels(into, dim=a.dim)
 
@@ -451,7 +451,7 @@ class ResidualAddRule(FunctionRule):
                 raise t.fail(node, f"addition '{node.name}'", "its operands have different widths")
             if bool((a.nodes == b.nodes).any()):
                 raise t.fail(node, f"addition '{node.name}'", "it adds channels to themselves")
-            return _join(t, IDENTITY, a, b)
+            return _join(t, node, IDENTITY, a, b)
         if len(args) == 1:
             return keep_channels(t, node, x, in_shape, shape)
         raise t.fail(node, f"operation '{node.name}' ({_name(node.target)})",
@@ -481,7 +481,7 @@ class ProductRule(FunctionRule):
                 raise t.fail(node, f"product '{node.name}'", "its operands are not the same channels (attention?)")
             if bool((a.nodes == b.nodes).any()):
                 raise t.fail(node, f"product '{node.name}'", "it multiplies channels with themselves")
-            return _join(t, GATE, a, b)
+            return _join(t, node, GATE, a, b)
         raise t.fail(node, f"operation '{node.name}' ({_name(node.target)})",
                      "no rule maps this operation to graph nodes and edges")
 
