@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from distributed import local_head  # noqa: E402
 from distributed.job_snapshot import snapshot  # noqa: E402
 from metanet import graph_to_network, network_to_graph  # noqa: E402
+from pipelines.meta_train import completed  # noqa: E402
 from zoo.arch import arch_spec, build_model, resnet_spec, vgg_spec  # noqa: E402
 from zoo.store import Zoo, ZooRecord  # noqa: E402
 
@@ -128,6 +129,23 @@ def graphs(out: Path) -> None:
     print(f"  wrote them to {path}; read back and rebuilt: bit-exact")
 
 
+def meta_train_job(py: str, out: Path, logs: Path, meta_argv: list[str], env: dict, verbose: bool) -> None:
+    """``ray job submit -- python pipelines/meta_train.py ...`` on a local head started and stopped here."""
+    pidfile = str(out / "ray-head.pid")
+    address = local_head.start(pidfile, None, HEAD_PORT, DASHBOARD_PORT)
+    print(f"  local Ray head up; dashboard and job server on {address}; log: {logs / 'meta-train.log'}")
+    code = snapshot(root=str(ROOT))  # not "." itself: output written into the repository would break the upload
+    try:
+        runtime_env = json.dumps({"env_vars": env})
+        run(str(Path(py).with_name("ray")), "job", "submit", "--address", address, "--working-dir", code,
+            "--runtime-env-json", runtime_env, "--", "python", "pipelines/meta_train.py", *meta_argv,
+            env={"RAY_AUTH_MODE": "token"}, log=logs / "meta-train.log", verbose=verbose)
+    finally:
+        local_head.stop(pidfile)
+        shutil.rmtree(code, ignore_errors=True)
+        print("  local Ray head stopped")
+
+
 def build_parser():
     import argparse
 
@@ -165,20 +183,12 @@ def main(argv=None) -> None:
     print(f"  ({time.perf_counter() - t:.0f} s)")
 
     t = step("3. meta-training as a Ray job on a local head (ray job submit -- python pipelines/meta_train.py)")
-    pidfile = str(out / "ray-head.pid")
-    address = local_head.start(pidfile, None, HEAD_PORT, DASHBOARD_PORT)
-    print(f"  local Ray head up; dashboard and job server on {address}; log: {logs / 'meta-train.log'}")
-    code = snapshot(root=str(ROOT))  # not "." itself: output written into the repository would break the upload
-    try:
-        runtime_env = json.dumps({"env_vars": env})
-        run(str(Path(py).with_name("ray")), "job", "submit", "--address", address, "--working-dir", code,
-            "--runtime-env-json", runtime_env, "--", "python", "pipelines/meta_train.py", "--zoo", str(zoo),
-            "--out", str(out / "meta-train"), *meta_args, env={"RAY_AUTH_MODE": "token"}, log=logs / "meta-train.log",
-            verbose=args.verbose)
-    finally:
-        local_head.stop(pidfile)
-        shutil.rmtree(code, ignore_errors=True)
-        print("  local Ray head stopped")
+    meta_argv = ["--zoo", str(zoo), "--out", str(out / "meta-train"), *meta_args]
+    done = completed(meta_argv)
+    if done:  # nothing the job would change: no head, no job
+        print(f"  already done with this zoo and these settings: {done}")
+    else:
+        meta_train_job(py, out, logs, meta_argv, env, args.verbose)
     print(f"  ({time.perf_counter() - t:.0f} s)")
 
     t = step("4. pruning the held-out networks: metanetwork vs both baselines (pipelines/prune_batch.py)")

@@ -118,7 +118,8 @@ def main(argv=None) -> dict:
         for path, error in zoo.unreadable.items():
             print(f"zoo {spec['name']}: member file {path} is unreadable ({error}); it is rebuilt if the spec "
                   "has that member")
-        if meta is not None and previous is not None and _split(previous) != _split(spec):
+        moved = meta is not None and previous is not None and _split(previous) != _split(spec)
+        if moved:
             _move_roles(zoo, meta, spec)
         todo = [m for m in plan if m.id not in done]
         zoo.write_spec(spec)
@@ -136,8 +137,10 @@ def main(argv=None) -> dict:
         manifest = zoo.write_manifest()
     wall = time.perf_counter() - start
     _print_summary(zoo, manifest, wall)
-    if args.mlflow:
+    if args.mlflow and (todo or moved):
         _log_mlflow(spec, zoo, manifest, wall, out)
+    elif args.mlflow:
+        print("mlflow: nothing built or moved, no new run")
     return {"manifest": manifest, "built": summaries, "seconds": wall, "failed": manifest["counts"]["failed"]}
 
 

@@ -341,7 +341,8 @@ def select(result, config: dict, run_dir: Path) -> dict:
     net = MetaNetwork(MetaNetConfig(**config["metanet"]))
     net.load_state_dict(torch.load(os.path.join(candidates[best_epoch], "state.pt"), weights_only=True)["metanet"])
     out = run_dir / "metanetwork.pt"
-    save_metanetwork(net, str(out), epoch=best_epoch, selection_score=best_score, selection=how, zoo=config["zoo"])
+    save_metanetwork(net, str(out), epoch=best_epoch, selection_score=best_score, selection=how, zoo=config["zoo"],
+                     inputs=config.get("inputs_digest"))
     return {"epochs": epochs, "scores": [scores[e] for e in epochs], "best_epoch": best_epoch,
             "best_score": best_score, "path": str(out), "how": how}
 
@@ -431,11 +432,30 @@ def parse_args(argv=None) -> dict:
     return config
 
 
-def main(argv=None) -> dict:
-    config = parse_args(argv)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+# settings that do not change the chosen metanetwork (where Ray runs, logging, retries)
+NOT_RESULT_SETTINGS = ("address", "mlflow", "max_failures")
 
+
+def inputs_digest(config: dict, zoo) -> str | None:
+    """What decides the chosen metanetwork: the settings (not ``NOT_RESULT_SETTINGS``) and the
+    content of the zoo's training and validation member files. None for a zoo behind a URI."""
+    import hashlib
+    import json
+
+    from zoo.batch import file_digest
+
+    if "://" in config["zoo"]:
+        return None
+    meta = zoo.metadata()
+    files = sorted({path for (path, _), role in zip(zoo.index(), meta.role) if role in ("train", "val")})
+    members = {os.path.basename(f): file_digest(f) for f in files}
+    settings = {k: v for k, v in sorted(config.items()) if k not in NOT_RESULT_SETTINGS}
+    return hashlib.sha256(json.dumps([settings, members], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _prepare(config: dict):
+    """The checks and derived settings every run needs before Ray starts: (zoo, run directory,
+    digest of the inputs); refuses unreadable training or validation members by name."""
     from zoo.store import Zoo
 
     zoo = Zoo(config["zoo"], skip_unreadable=True)
@@ -458,7 +478,44 @@ def main(argv=None) -> dict:
                          "edit": config["edit"], "evidence": config["evidence"]}
     out = Path(config["out"]).resolve() if "://" not in config["out"] else config["out"]
     config["out"] = str(out)
-    run_dir = Path(out) / config["name"]
+    return zoo, Path(out) / config["name"], inputs_digest(config, zoo)
+
+
+def already_done(config: dict, run_dir, digest: str | None) -> str | None:
+    """The chosen metanetwork of an earlier run with the same inputs (``inputs_digest``), if any."""
+    from metanet.metanetwork import MetanetFileError, load_metanetwork
+
+    path = Path(run_dir) / "metanetwork.pt"
+    if digest is None or "://" in str(run_dir) or not path.exists():
+        return None
+    try:
+        extra = load_metanetwork(str(path))[1]
+    except MetanetFileError:
+        return None
+    return str(path) if extra.get("inputs") == digest else None
+
+
+def completed(argv=None) -> str | None:
+    """For callers that would start Ray only to learn it: the metanetwork a run with ``argv``
+    would reuse as it is, or None (the demo asks before it starts a head for the job)."""
+    config = parse_args(argv)
+    _, run_dir, digest = _prepare(config)
+    return already_done(config, run_dir, digest)
+
+
+def main(argv=None) -> dict:
+    config = parse_args(argv)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    zoo, run_dir, digest = _prepare(config)
+    done = already_done(config, run_dir, digest)
+    if done:
+        print(f"meta_train: {done} already comes from this zoo and these settings: nothing to do "
+              "(delete it, or use another --name, to train again)")
+        return {"selection": None, "metrics": {}, "run_dir": str(run_dir), "reused": done}
+    config["inputs_digest"] = digest
+    out = config["out"]
     init_ray(config.pop("address"))
     threads = max(1, int(ray.cluster_resources().get("CPU", 1) // config["workers"]))
     config["threads"] = threads

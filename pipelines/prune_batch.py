@@ -199,9 +199,11 @@ def _main(config: dict, out: str, started: float) -> dict:
           + (f"; tasks ran on {len(nodes)} node(s)" if nodes else ""))
     if failed:
         print(f"prune_batch: {failed} of {len(mine)} rows failed (reasons above); exit code 1", file=sys.stderr)
-    if config["mlflow"]:
+    if config["mlflow"] and todo.jobs:
         uri = _log_mlflow({k: v for k, v in config.items() if k not in ("address", "num_cpus")}, frame, out, wall)
         print(f"mlflow: run logged to {uri} (experiment prune-batch)")
+    elif config["mlflow"]:
+        print("mlflow: every row reused, no new run")
     return {"results": frame, "seconds": wall, "failed": failed}
 
 

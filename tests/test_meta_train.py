@@ -152,3 +152,35 @@ def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
     assert b["started_at_epoch"] == 3, seen
     assert a["task_loss"] == pytest.approx(b["task_loss"], rel=0.05)
     assert a["sparsity_loss"] == pytest.approx(b["sparsity_loss"], rel=0.05)
+
+
+def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
+    """The demo asks `completed` before it starts a head: a metanetwork made from the same zoo
+    files and settings is reused; another setting or a changed training member means a new run."""
+    from conftest import build_digits_zoo
+    from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
+
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import meta_train
+
+    zoo = build_digits_zoo(tmp_path / "zoo")
+    argv = ["--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "out"), "--epochs", "2"]
+    config = meta_train.parse_args(argv)
+    _, run_dir, digest = meta_train._prepare(config)
+    assert meta_train.completed(argv) is None  # nothing there yet
+    run_dir.mkdir(parents=True)
+    save_metanetwork(MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=4, layers=1)),
+                     str(run_dir / "metanetwork.pt"), inputs=digest)
+    assert meta_train.completed(argv) == str(run_dir / "metanetwork.pt")
+    assert meta_train.completed([*argv, "--no-mlflow", "--max-failures", "0"]) is not None  # not result settings
+    assert meta_train.completed([*argv, "--lr", "0.01"]) is None
+    train_file = next(p for (p, _), role in zip(zoo.index(), zoo.metadata().role) if role == "train")
+    import pyarrow as pa
+
+    with pa.OSFile(train_file, "rb") as source:  # the member's file rewritten with other bytes, still readable
+        table = pa.ipc.open_file(source).read_all()
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"touched": b"1"})
+    with pa.OSFile(train_file + ".tmp", "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(train_file + ".tmp", train_file)  # a new file: readers' memory maps keep the old one
+    assert meta_train.completed(argv) is None
