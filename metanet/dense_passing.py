@@ -369,8 +369,8 @@ def sparse_layer(e: torch.Tensor, a_src: torch.Tensor, a_dst: torch.Tensor, c_sr
 
 
 # "1": run each layer's edge work as one compiled function (``block_layer``). Off by default: on
-# the 2-core CPU it was no faster than the eager per-direction path (1.36 s against 1.26 s
-# forward+backward on ResNet-56, 8 x 64) and its first call compiles for 22-27 s (README).
+# the 2-core CPU it was slower than the eager path (1.35 s against 1.07 s forward+backward on
+# ResNet-56, 8 x 64, static or dynamic shapes) and its first call compiles for 22-27 s (README).
 COMPILE_ENV = "METAPRUNE_COMPILE"
 _KERNEL = {}
 
@@ -384,13 +384,18 @@ def compiler_available() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
 
 
+DYNAMIC_ENV = "METAPRUNE_DYNAMIC"  # "0": compile once per group shape instead (measured no faster either)
+
+
 def kernel():
-    """``block_layer``, compiled with dynamic shapes (one compilation serves every group shape);
-    the eager function when no C++ compiler is there (with a warning)."""
+    """``block_layer``, compiled with dynamic shapes (one compilation serves every group shape;
+    ``METAPRUNE_DYNAMIC=0``: one per shape); the eager function when no C++ compiler is there
+    (with a warning)."""
     if "fn" not in _KERNEL:
         use = compiler_available()
         if not use:
             warnings.warn("metanet: no C++ compiler found for torch.compile: the fused layer runs eagerly; "
                           f"install g++, or unset {COMPILE_ENV}")
-        _KERNEL["fn"] = torch.compile(block_layer, dynamic=os.environ.get("METAPRUNE_DYNAMIC", "1") == "1", fullgraph=True) if use else block_layer
+        dynamic = os.environ.get(DYNAMIC_ENV, "1") == "1"
+        _KERNEL["fn"] = torch.compile(block_layer, dynamic=dynamic, fullgraph=True) if use else block_layer
     return _KERNEL["fn"]
