@@ -40,8 +40,8 @@ def randomize(model):
     return model.eval()
 
 
-def check(name: str) -> tuple[str, str, int, float]:
-    """(verdict, detail, parameters, seconds) for one torchvision model."""
+def check(name: str, max_params: float = float("inf")) -> tuple[str, str, int, float]:
+    """(verdict, detail, parameters, seconds) for one torchvision model; ``skipped`` over ``max_params``."""
     import torch
     import torchvision
 
@@ -50,6 +50,8 @@ def check(name: str) -> tuple[str, str, int, float]:
     kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
     model = randomize(torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs))
     params = sum(p.numel() for p in model.parameters())
+    if params > max_params:
+        return "skipped", "", params, 0.0
     size = INPUT_SIZE.get(name, 224)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
@@ -72,7 +74,7 @@ def check(name: str) -> tuple[str, str, int, float]:
             params, seconds) if same else ("wrong", "outputs differ", params, seconds)
 
 
-def _in_subprocess(name: str, memory_gb: float) -> tuple[str, str, int, float]:
+def _in_subprocess(name: str, memory_gb: float, max_params: float) -> tuple[str, str, int, float]:
     """``check(name)`` in a fresh process with its address space capped at ``memory_gb``: one
     model's memory cannot end the table, and running out is reported as a crash that says so."""
     import json
@@ -80,8 +82,8 @@ def _in_subprocess(name: str, memory_gb: float) -> tuple[str, str, int, float]:
 
     code = ("import json, resource, sys; sys.path.insert(0, %r); "
             "resource.setrlimit(resource.RLIMIT_AS, (%d, %d)); "
-            "import torchvision_models as b; print(json.dumps(b.check(%r)))"
-            % (str(Path(__file__).parent), int(memory_gb * 2**30), int(memory_gb * 2**30), name))
+            "import torchvision_models as b; print(json.dumps(b.check(%r, %r)))"
+            % (str(Path(__file__).parent), int(memory_gb * 2**30), int(memory_gb * 2**30), name, max_params))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode == 0:
         return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -103,17 +105,10 @@ def main() -> None:
     rows, skipped = [], []
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
-        import torchvision as tv
-
-        probe = tv.models.get_model(name, weights=None, num_classes=10,
-                                    **({"aux_logits": False, "init_weights": False}
-                                       if name in ("inception_v3", "googlenet") else {}))
-        n = sum(p.numel() for p in probe.parameters())
-        del probe
-        if n > args.max_params:
-            skipped.append((name, n))
+        verdict, detail, params, seconds = _in_subprocess(name, args.memory_gb, args.max_params)
+        if verdict == "skipped":  # built once, in the model's own process, to count its parameters
+            skipped.append((name, params))
             continue
-        verdict, detail, params, seconds = _in_subprocess(name, args.memory_gb)
         rows.append((name, verdict, detail, params, seconds))
     width = max(len(r[0]) for r in rows) + 2
     print(f"\n{'model':<{width}}{'result':<9}{'params M':>9}{'s':>7}  detail")
