@@ -13,9 +13,11 @@ Each of ``--workers`` Ray Train workers (gloo on CPU, nccl on GPU) takes its sha
 training members every epoch, reading each member's graph from the Arrow zoo when it needs it,
 and computes the meta-objective (``metanet.meta_training.member_step``); DDP averages the
 metanetwork's gradients. ``--keep`` checkpoints are written, evenly spread over the run (every
-``ceil(epochs / keep)`` epochs, and the last: ``ray.train.report``); running the same command
-again (same ``--out`` and ``--name``) resumes from the latest one, and a dead worker restarts the
-run from it (``--max-failures``).
+``ceil(epochs / keep)`` epochs, and the last: ``ray.train.report``) in the training's folder,
+``<out>/<name>/training-<inputs>``, named by the settings and the zoo's member files: running the
+same command again resumes from the latest one (and logs into the same MLflow run), a dead worker
+restarts the run from it (``--max-failures``), and other settings or a changed zoo train anew in
+a folder of their own. A finished run with the same inputs is reused without starting Ray.
 
 After every epoch rank 0 diagnoses the metanetwork on ``--select-members`` validation members
 (``metanet.diagnostics``: the recalibrated pruning curve of the edited network and its area, the
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.cli import run_cli  # noqa: E402
-from distributed.ray_env import init_ray, ray  # noqa: E402
+from distributed.ray_env import cluster_address, init_ray, ray, train_env  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.meta_training import MetaTrainConfig  # noqa: E402
 from metanet.metanetwork import MetaNetConfig  # noqa: E402
@@ -68,7 +71,7 @@ DEFAULTS = {
 HELP = {
     "zoo": "zoo directory or URI to meta-train on (its 'train' members; 'val' members select checkpoints)",
     "out": "Ray Train storage path: checkpoints, MLflow store, <name>/metanetwork.pt",
-    "name": "run name under --out; the same --out and --name resume",
+    "name": "run name under --out: <out>/<name>/metanetwork.pt is the latest choice",
     "workers": "Ray Train workers (data-parallel, each takes its share of the members)",
     "epochs": "meta-training epochs (one pass over the training members each)",
     "lr": "AdamW learning rate of the metanetwork",
@@ -143,8 +146,7 @@ def train_func(config: dict) -> None:
         core.load_state_dict(state["metanet"])
         opt.load_state_dict(state["optimizer"])
         start = state["epoch"] + 1
-        config = dict(config, mlflow_run_id=state.get("mlflow_run_id"))  # a restart goes on logging to the same run
-    run_id = _mlflow_start(config) if rank == 0 and config["mlflow"] else None
+    run_id = _mlflow_open(config) if rank == 0 and config["mlflow"] else None
     steps = math.ceil(len(rows) / world)  # every worker takes the same number of steps (DDP needs it)
     device = next(core.parameters()).device
 
@@ -170,7 +172,7 @@ def train_func(config: dict) -> None:
             dist.all_reduce(sums)
         metrics = {"epoch": epoch, "task_loss": float(sums[0] / sums[3]), "sparsity_loss": float(sums[1] / sums[3]),
                    "train_acc": float(sums[2] / sums[3]), "seconds": time.perf_counter() - began,
-                   "mlflow_run_id": run_id or "", "started_at_epoch": start}
+                   "started_at_epoch": start}
         if rank == 0:  # progress: the demo shows these lines of the job (EPOCH_LINE), not Ray's
             print(f"{EPOCH_LINE} {epoch + 1}/{cfg.epochs}: task loss {metrics['task_loss']:.3f}, sparsity "
                   f"{metrics['sparsity_loss']:.3f}, train acc {100 * metrics['train_acc']:.1f}% "
@@ -185,12 +187,12 @@ def train_func(config: dict) -> None:
         if rank == 0 and run_id:
             import mlflow
 
-            mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "mlflow_run_id")
-                                and v == v}, step=epoch)  # v == v: NaN (an unreachable speed-up) is not logged
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch" and v == v},
+                               step=epoch)  # v == v: NaN (an unreachable speed-up) is not logged
         if rank == 0 and save:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"metanet": core.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                            "metanet_config": config["metanet"], "mlflow_run_id": run_id},
+                            "metanet_config": config["metanet"]},
                            os.path.join(d, "state.pt"))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
@@ -204,8 +206,9 @@ def train_func(config: dict) -> None:
 def _inject_fault(fault: str | None, epoch: int, rank: int) -> None:
     """Testing hook (``METAPRUNE_FAULT_INJECT=kill-worker:<epoch>:<marker dir>``): the last worker
     dies mid-epoch ``epoch``, once (a marker file remembers), as on an OOM kill or a lost node. It
-    first waits a few of Ray Train's 2 s polls, so that the controller has registered the previous
-    epoch's checkpoint: a worker lost sooner restarts from the checkpoint before that one."""
+    first waits a dozen of Ray Train's polls (``distributed.ray_env.TRAIN_HEALTH_CHECK_S``), so that
+    the controller has registered the previous epoch's checkpoint: a worker lost sooner restarts
+    from the checkpoint before that one."""
     import ray.train
 
     parts = (fault or "").split(":")
@@ -214,7 +217,7 @@ def _inject_fault(fault: str | None, epoch: int, rank: int) -> None:
         marker = Path(parts[2]) / f"killed-worker-epoch{epoch}"
         if not marker.exists():
             marker.touch()
-            time.sleep(8)
+            time.sleep(3)
             os._exit(1)
 
 
@@ -250,16 +253,44 @@ def distill_on_workers(metanet, members, data, cfg, steps: int, world: int) -> N
             opt.step()
 
 
-def _mlflow_start(config: dict) -> str:
+def _mlflow_open(config: dict) -> str:
+    """Rank 0 logs into the run the driver chose (``mlflow_run``), also after a restart."""
     import mlflow
 
-    from distributed.tracking import flatten, use_experiment
+    from distributed.tracking import use_experiment
 
     use_experiment("meta-train", config["out"])
-    existing = config.get("mlflow_run_id")
-    run = mlflow.start_run(run_id=existing) if existing else mlflow.start_run(run_name=config["name"])
-    if not existing:
-        mlflow.log_params({k: str(v) for k, v in flatten({k: v for k, v in config.items() if k != "mlflow_run_id"}).items()})
+    return mlflow.start_run(run_id=config["mlflow_run_id"]).info.run_id
+
+
+MLFLOW_RUN_NOTE = "mlflow_run_id"  # in a training's folder: the MLflow run it logs into
+
+
+def mlflow_run(config: dict, training_dir: str) -> str:
+    """The MLflow run of one training (one folder, one set of inputs): the run its folder notes, so
+    that an interrupted training, resumed, goes on logging into its own run; else a new run with
+    the settings as parameters, noted in the folder before any worker starts."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from distributed.tracking import flatten, use_experiment
+    from metanet.files import atomic_write_text
+
+    use_experiment("meta-train", config["out"])
+    note = os.path.join(training_dir, MLFLOW_RUN_NOTE)
+    local = "://" not in training_dir
+    if local and os.path.exists(note):
+        run_id = Path(note).read_text().strip()
+        try:
+            if mlflow.get_run(run_id).info.lifecycle_stage == "active":
+                return run_id
+        except MlflowException:
+            pass  # deleted from the store, or another store: a new run
+    with mlflow.start_run(run_name=config["name"]) as run:
+        mlflow.log_params({k: str(v) for k, v in flatten(config).items()})
+    if local:
+        os.makedirs(training_dir, exist_ok=True)
+        atomic_write_text(note, run.info.run_id)
     return run.info.run_id
 
 
@@ -310,8 +341,9 @@ def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_r
     return score(net, [r.network() for r in val], zoo.dataset(data_root), recipe)
 
 
-def select(result, config: dict, run_dir: Path) -> dict:
-    """Scores the kept checkpoints on validation members; writes the best as metanetwork.pt."""
+def select(result, config: dict, run_dir: Path, training_dir: str) -> dict:
+    """Scores the kept checkpoints on validation members; writes the best as ``run_dir``'s
+    metanetwork.pt, and a copy in the training's folder (kept when other settings train later)."""
     import torch
 
     from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
@@ -341,8 +373,9 @@ def select(result, config: dict, run_dir: Path) -> dict:
     net = MetaNetwork(MetaNetConfig(**config["metanet"]))
     net.load_state_dict(torch.load(os.path.join(candidates[best_epoch], "state.pt"), weights_only=True)["metanet"])
     out = run_dir / "metanetwork.pt"
-    save_metanetwork(net, str(out), epoch=best_epoch, selection_score=best_score, selection=how, zoo=config["zoo"],
-                     inputs=config.get("inputs_digest"))
+    for path in (Path(training_dir) / "metanetwork.pt", out):
+        save_metanetwork(net, str(path), epoch=best_epoch, selection_score=best_score, selection=how,
+                         zoo=config["zoo"], inputs=config.get("inputs_digest"))
     return {"epochs": epochs, "scores": [scores[e] for e in epochs], "best_epoch": best_epoch,
             "best_score": best_score, "path": str(out), "how": how}
 
@@ -481,18 +514,39 @@ def _prepare(config: dict):
     return zoo, Path(out) / config["name"], inputs_digest(config, zoo)
 
 
+def training_name(config: dict, digest: str | None) -> str:
+    """The folder (Ray Train's run name, under ``<out>/<name>``) of the training these inputs
+    make. Ray Train resumes whatever run it finds under a name: other settings or another zoo
+    must not resume this one's checkpoints, so each set of inputs has its own folder."""
+    import hashlib
+    import json
+
+    if digest is None:  # a zoo behind a URI: its member files are not hashed, its address and the settings are
+        settings = {k: v for k, v in sorted(config.items()) if k not in NOT_RESULT_SETTINGS}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"training-{digest}"
+
+
 def already_done(config: dict, run_dir, digest: str | None) -> str | None:
-    """The chosen metanetwork of an earlier run with the same inputs (``inputs_digest``), if any."""
+    """``run_dir``'s metanetwork.pt if an earlier run with the same inputs (``inputs_digest``)
+    chose it, else None. When it holds another run's choice but this run's own training folder
+    kept its copy (settings changed and changed back), that copy becomes ``run_dir``'s again."""
+    from metanet.files import atomic_write
     from metanet.metanetwork import MetanetFileError, load_metanetwork
 
-    path = Path(run_dir) / "metanetwork.pt"
-    if digest is None or "://" in str(run_dir) or not path.exists():
+    if digest is None or "://" in str(run_dir):
         return None
-    try:
-        extra = load_metanetwork(str(path))[1]
-    except MetanetFileError:
-        return None
-    return str(path) if extra.get("inputs") == digest else None
+    current = Path(run_dir) / "metanetwork.pt"
+    kept = Path(run_dir) / training_name(config, digest) / "metanetwork.pt"
+    for path in (current, kept):
+        try:
+            if path.exists() and load_metanetwork(str(path))[1].get("inputs") == digest:
+                if path == kept:
+                    atomic_write(current, lambda tmp: shutil.copyfile(kept, tmp))
+                return str(current)
+        except MetanetFileError:
+            continue
+    return None
 
 
 def completed(argv=None) -> str | None:
@@ -514,9 +568,15 @@ def main(argv=None) -> dict:
         print(f"meta_train: {done} already comes from this zoo and these settings: nothing to do "
               "(delete it, or use another --name, to train again)")
         return {"selection": None, "metrics": {}, "run_dir": str(run_dir), "reused": done}
+    training = training_name(config, digest)
     config["inputs_digest"] = digest
-    out = config["out"]
-    init_ray(config.pop("address"))
+    training_dir = f"{run_dir}/{training}"
+    if config["mlflow"]:
+        config["mlflow_run_id"] = mlflow_run(config, training_dir)
+    address = config.pop("address")
+    # read by Ray Train's controller when the trainer starts: set before it exists
+    os.environ.update(train_env(local=cluster_address(address) is None))
+    init_ray(address)
     threads = max(1, int(ray.cluster_resources().get("CPU", 1) // config["workers"]))
     config["threads"] = threads
     config["fault"] = os.environ.get(FAULT_ENV)
@@ -524,7 +584,7 @@ def main(argv=None) -> dict:
         train_func, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=config["workers"], use_gpu=config["gpu"],
                                      resources_per_worker={"CPU": threads}),
-        run_config=RunConfig(name=config["name"], storage_path=str(out),
+        run_config=RunConfig(name=training, storage_path=str(run_dir),
                              checkpoint_config=CheckpointConfig(num_to_keep=config["keep"]),
                              failure_config=FailureConfig(max_failures=config["max_failures"])))
     started = time.perf_counter()
@@ -535,13 +595,13 @@ def main(argv=None) -> dict:
     if result.metrics.get("started_at_epoch"):
         print(f"the last workers started from the checkpoint of epoch {result.metrics['started_at_epoch'] - 1} "
               "(a resumed run, or workers restarted after a failure)")
-    selection = select(result, config, run_dir)
+    selection = select(result, config, run_dir, training_dir)
     print(f"checkpoint selection on validation members ({selection['how']}):")
     for e, s in zip(selection["epochs"], selection["scores"]):
         print(f"  epoch {e:>3}: {100 * s:6.2f}%{'  <- chosen' if e == selection['best_epoch'] else ''}")
     print(f"wrote {selection['path']}")
     if config["mlflow"]:
-        _log_selection(config, selection, result.metrics.get("mlflow_run_id", ""))
+        _log_selection(config, selection, config["mlflow_run_id"])
     return {"selection": selection, "metrics": result.metrics, "run_dir": str(run_dir)}
 
 

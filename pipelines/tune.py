@@ -17,7 +17,8 @@ area under the validation members' recalibrated pruning curve right after the ed
 trial is the default configuration (meta_train.py's and prune_batch.py's defaults), so the best
 score is read against it.
 
-Every trial is logged to MLflow (MLflowLoggerCallback); the best configuration is written to
+Every trial is logged to MLflow, one run each (``distributed.trial_runs``: a trial resumed after a
+restart logs into its own run); the best configuration is written to
 ``best_config.yaml`` (sections ``meta_train`` and ``prune_batch``, which those pipelines read with
 ``--config``); only then, for that one configuration, the test split of the zoo's held-out (role
 ``test``) members is scored and reported.
@@ -219,15 +220,33 @@ def _search(search: dict, out: Path, args, zoo, data) -> dict:
     check_same_search(out, search)
     started = time.perf_counter()
     resources = init_ray(args.address, args.num_cpus)
-    results, uri = _fit(search, data, out, resources, args.mlflow)
+    began = time.time()
+    results = _fit(search, data, out, resources, args.mlflow)
+    # a resumed search with every trial finished reports nothing new (Tune stamps each result)
+    ran = any((r.metrics or {}).get("timestamp", 0) >= int(began) for r in results)
     report = _report(results, search, out, data, zoo.finetune_settings())
     report["seconds"] = time.perf_counter() - started
     shutdown()
     _print_report(report, out)
     if args.mlflow:
-        _log_summary(report, out, search)
-        print(f"mlflow: every trial and the summary logged to {uri} (experiment tune-{search['name']})")
+        experiment = f"tune-{search['name']}"
+        if ran or not _summary_logged(experiment, out):
+            uri = _log_summary(report, out, search)
+            print(f"mlflow: every trial and the summary logged to {uri} (experiment {experiment})")
+        else:
+            print(f"mlflow: no trial ran and the search's summary is logged already (experiment {experiment}): "
+                  "no new run")
     return report
+
+
+def _summary_logged(experiment: str, out: Path) -> bool:
+    import mlflow
+
+    from distributed.tracking import use_experiment
+
+    use_experiment(experiment, str(out))
+    return len(mlflow.search_runs(experiment_names=[experiment],
+                                  filter_string=f"tags.mlflow.runName = '{experiment}-summary'")) > 0
 
 
 def check_same_search(out: Path, search: dict) -> None:
@@ -258,21 +277,17 @@ def _fit(search: dict, data, out: Path, resources: dict, use_mlflow: bool):
                               grace_period=min(search.get("grace_period", 1), evaluations),
                               reduction_factor=search.get("reduction_factor", 2))
     default = {k: v for k, v in default_trial().items() if k in search["space"]}
-    callbacks, uri = [], None
-    if use_mlflow:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
+    callbacks = []
+    if use_mlflow:  # (a restored search uses the callbacks it was created with)
+        from distributed.trial_runs import MLflowTrialRuns
 
-        from distributed.tracking import use_experiment
-
-        uri = use_experiment(f"tune-{search['name']}", str(out))
-        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=f"tune-{search['name']}",
-                                              tags={"search": search["name"]}))
+        callbacks.append(MLflowTrialRuns(f"tune-{search['name']}", str(out), tags={"search": search["name"]}))
     trainable = tune.with_resources(tune.with_parameters(trial, search=search, data=data), {"cpu": cpus})
     experiment = out / "trials"
     if tune.Tuner.can_restore(str(experiment)):  # a killed search: finished trials are kept, the rest go on
         print(f"tune {search['name']}: resuming the search in {experiment}")
         return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space=param_space(search)).fit(), uri
+                                  param_space=param_space(search)).fit()
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(search),
@@ -287,7 +302,7 @@ def _fit(search: dict, data, out: Path, resources: dict, use_mlflow: bool):
                                                                           checkpoint_score_order="max")))
     print(f"tune {search['name']}: {search.get('num_samples', 8)} trials (the first: the default configuration), "
           f"{concurrent} at a time, ASHA over {evaluations} evaluations of {len(search['targets'])} target(s)")
-    return tuner.fit(), uri
+    return tuner.fit()
 
 
 def _report(results, search: dict, out: Path, data, finetune: dict) -> dict:
@@ -391,14 +406,14 @@ def _plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _log_summary(report: dict, out: Path, search: dict) -> None:
+def _log_summary(report: dict, out: Path, search: dict) -> str:
     from distributed.tracking import log_run
 
     metrics = {"best_val_score": report["best"]["best"], "seconds": report["seconds"], "trials": len(report["trials"])}
     if report["default"].get("best") is not None:
         metrics["default_val_score"] = report["default"]["best"]
     metrics.update({f"test_acc_{t:g}x": v for t, v in report["test_score"].items() if t != "members"})
-    log_run(f"tune-{search['name']}", str(out), run_name=f"tune-{search['name']}-summary",
+    return log_run(f"tune-{search['name']}", str(out), run_name=f"tune-{search['name']}-summary",
             params=report["best_config"], metrics=metrics,
             artifacts=[str(out / "best_config.yaml"), str(out / "tune_scores.png")])
 

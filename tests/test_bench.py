@@ -15,7 +15,8 @@ METHODS = {"meta", "none", "depgraph", "gate", "oracle"}
 @pytest.mark.slow
 def test_quality_smoke_pairs_every_method_and_reports_the_sensitivity_check(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench/quality.py"), "--smoke", "--out", str(tmp_path),
-                          "--workers", "2", "--no-mlflow"], capture_output=True, text=True, timeout=900)
+                          "--workers", "2", "--no-mlflow", "--set", "targets=[2.0]"],  # one target: half the pruning jobs
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     for line in ("| meta - none |", "| meta - depgraph |", "| oracle - none |", "Sensitivity check: oracle - none",
                  "| unedited |", "| after the edit |"):
@@ -23,7 +24,7 @@ def test_quality_smoke_pairs_every_method_and_reports_the_sensitivity_check(tmp_
     results = json.loads((tmp_path / "results.json").read_text())
     records = results["records"]
     assert {r["method"] for r in records} == METHODS
-    assert len(records) == 5 * 2 * 1 * 4  # methods x targets x seeds x networks (2 zoo test + 2 held-out)
+    assert len(records) == 5 * 1 * 1 * 4  # methods x targets x seeds x networks (2 zoo test + 2 held-out)
     assert {r["origin"] for r in records} == {"zoo test split", "unlike the zoo (digits-heldout)"}
     # paired: every network and seed has every method
     units = {(r["network"], r["seed"], r["target"]) for r in records}

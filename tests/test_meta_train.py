@@ -40,77 +40,36 @@ def _meta_args(zoo, out, epochs):
             "--layers", "1", "--select-members", "1", "--batches-per-step", "1", "--batch-size", "64"]
 
 
-def test_ray_job_submit_on_a_local_head(tiny_zoo, tmp_path):
-    pidfile = str(tmp_path / "head.pid")
-    start = subprocess.run([sys.executable, "-m", "distributed.local_head", "start", "--pidfile", pidfile,
-                            "--num-cpus", "2", "--port", "6391", "--dashboard-port", "8266"],
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stderr[-2000:]
-    pgid = int(Path(pidfile).read_text())
-    try:
-        # the job's code from a snapshot (as make meta-train and make demo submit it), while a log
-        # grows inside the repository: with --working-dir . that made the upload fail (issue 12)
-        code = snapshot(root=str(ROOT))
-        log = ROOT / f"test-growing-{os.getpid()}.log"  # in the repository, not git-ignored: like demo.log
-        writer = subprocess.Popen(["bash", "-c", f"while true; do date >> {log}; sleep 0.05; done"])
-        try:
-            job = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
-                                  "http://127.0.0.1:8266", "--working-dir", code, "--", "python",
-                                  "pipelines/meta_train.py", *_meta_args(tiny_zoo, str(tmp_path / "mt"), 2),
-                                  "--selection", "auc"],
-                                 cwd=ROOT, env={**ENV, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                                 timeout=900)
-        finally:
-            writer.kill()
-            log.unlink(missing_ok=True)
-            shutil.rmtree(code)
-        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        assert "succeeded" in job.stdout and "checkpoint selection on validation members" in job.stdout
-    finally:
-        subprocess.run([sys.executable, "-m", "distributed.local_head", "stop", "--pidfile", pidfile], cwd=ROOT,
-                       env=ENV, timeout=120)
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pgid, 0)  # the head and everything it started are gone
-    run_dir = tmp_path / "mt" / "metanet"
-    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 2  # --keep 2
-    net, extra = load_metanetwork(str(run_dir / "metanetwork.pt"))
-    assert extra["epoch"] in (0, 1) and 0 <= extra["selection_score"] <= 1
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mt/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["meta-train"])
-    assert len(runs) == 1
-    run_id = runs.iloc[0]["run_id"]
-    client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(run_id, "task_loss")) == 2
-    assert len(client.get_metric_history(run_id, "selection_score")) == 2
-    # the edit's diagnostics on the validation members, every epoch; --selection auc: by their curve area
-    aucs = client.get_metric_history(run_id, "val_auc")
-    assert len(aucs) == 2 and len(client.get_metric_history(run_id, "val_ratio_spread")) == 2
-    assert extra["selection_score"] == pytest.approx(max(m.value for m in aucs))
-    names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"metanetwork.pt", "selection_scores.png", "validation_diagnostics.png"} <= names
-
-
-
-
 def _registered_epochs(run_dir) -> list[int]:
     """Epochs of the checkpoints Ray Train has registered (a checkpoint folder alone may not be, yet)."""
     import json
 
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        snapshot = json.loads(next(run_dir.glob("training-*/checkpoint_manager_snapshot.json")).read_text())
         return sorted(int(c["metrics"]["epoch"]) for c in snapshot["checkpoint_results"])
-    except (FileNotFoundError, ValueError, KeyError):
+    except (StopIteration, FileNotFoundError, ValueError, KeyError):
         return []
+
+
+def _wait_until_settled(run_dir, quiet: float = 2.0, limit: float = 60.0) -> None:
+    """Waits until no checkpoint folder has appeared for ``quiet`` seconds."""
+    seen, since, deadline = None, time.time(), time.time() + limit
+    while time.time() < deadline:
+        now = sorted(p.name for p in run_dir.glob("training-*/checkpoint_*"))
+        if now != seen:
+            seen, since = now, time.time()
+        elif time.time() - since >= quiet:
+            return
+        time.sleep(0.2)
 
 
 @pytest.mark.timeout(1800)
 def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
-    epochs = 6  # a checkpoint every epoch (--keep 6): the kill lands with epochs left to resume
+    # a checkpoint every epoch (--keep 12), an epoch a third of a second: the kill lands with epochs
+    # left to resume, also if the killed run's workers go on for a second before they die
+    epochs = 12
     # --selection auc: the curve areas come with the per-epoch diagnostics; this test is about resuming
-    args = _meta_args(tiny_zoo, str(tmp_path / "killed"), epochs) + ["--keep", str(epochs), "--no-mlflow",
-                                                                     "--selection", "auc"]
+    args = _meta_args(tiny_zoo, str(tmp_path / "killed"), epochs) + ["--keep", str(epochs), "--selection", "auc"]
     cmd = [sys.executable, str(ROOT / "pipelines/meta_train.py"), *args]
     proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -120,11 +79,12 @@ def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray, once a checkpoint is registered
     proc.wait()
+    _wait_until_settled(run_dir)  # Ray's workers outlive their driver by a moment
     last = _registered_epochs(run_dir)[-1]  # a resume starts after this checkpoint at least
     assert last < epochs - 1, f"the run had finished (epoch {last}) before the kill: nothing to resume"
     import torch  # every checkpoint written before the kill (Ray may register a later one than its snapshot said)
-    written = sorted(torch.load(d / "state.pt", weights_only=True)["epoch"] for d in run_dir.glob("checkpoint_*")
-                     if (d / "state.pt").exists())
+    written = sorted(torch.load(d / "state.pt", weights_only=True)["epoch"]
+                     for d in run_dir.glob("training-*/checkpoint_*") if (d / "state.pt").exists())
     resumed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # the other run loses a Ray Train worker mid-epoch 3 (os._exit): FailureConfig restarts the
@@ -152,6 +112,15 @@ def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
     assert b["started_at_epoch"] == 3, seen
     assert a["task_loss"] == pytest.approx(b["task_loss"], rel=0.05)
     assert a["sparsity_loss"] == pytest.approx(b["sparsity_loss"], rel=0.05)
+    # the resumed training logged into the MLflow run it started: one run, every epoch in it
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/killed/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["meta-train"])
+    assert len(runs) == 1, runs
+    history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "task_loss")
+    assert {m.step for m in history} == set(range(epochs))
+    assert runs.iloc[0]["params.lr"] and runs.iloc[0]["metrics.chosen_epoch"] >= 0  # params and the selection
 
 
 def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
@@ -174,6 +143,19 @@ def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
     assert meta_train.completed(argv) == str(run_dir / "metanetwork.pt")
     assert meta_train.completed([*argv, "--no-mlflow", "--max-failures", "0"]) is not None  # not result settings
     assert meta_train.completed([*argv, "--lr", "0.01"]) is None
+    # other settings trained since: the current file is theirs, this training's folder kept its copy
+    other = meta_train.parse_args([*argv, "--lr", "0.01"])
+    other_digest = meta_train._prepare(other)[2]
+    assert meta_train.training_name(other, other_digest) != meta_train.training_name(config, digest)
+    current = run_dir / "metanetwork.pt"
+    kept = run_dir / meta_train.training_name(config, digest) / "metanetwork.pt"
+    kept.parent.mkdir()
+    os.replace(current, kept)
+    save_metanetwork(MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=4, layers=1)), str(current),
+                     inputs=other_digest)
+    assert meta_train.completed(argv) == str(current)  # switched back, without training
+    assert load_metanetwork(str(current))[1]["inputs"] == digest
+    assert meta_train.completed([*argv, "--lr", "0.01"]) is None  # its own copy was never kept
     train_file = next(p for (p, _), role in zip(zoo.index(), zoo.metadata().role) if role == "train")
     import pyarrow as pa
 
@@ -184,3 +166,24 @@ def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
         writer.write_table(table)
     os.replace(train_file + ".tmp", train_file)  # a new file: readers' memory maps keep the old one
     assert meta_train.completed(argv) is None
+
+
+def test_a_training_logs_into_one_mlflow_run_however_often_it_restarts(tmp_path, monkeypatch):
+    """The driver notes the training's MLflow run in its folder before any worker starts: a
+    resumed training (killed before its first checkpoint, too) logs into its own run."""
+    import mlflow
+
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import meta_train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = {"out": str(tmp_path), "name": "metanet", "lr": 0.1}
+    folder = str(tmp_path / "metanet" / "training-a")
+    first = meta_train.mlflow_run(config, folder)
+    assert meta_train.mlflow_run(config, folder) == first
+    assert mlflow.get_run(first).data.params["lr"] == "0.1"
+    other = meta_train.mlflow_run(config, str(tmp_path / "metanet" / "training-b"))  # other inputs
+    assert other != first
+    mlflow.delete_run(first)  # a user deleted it in the UI: a new run, noted instead
+    again = meta_train.mlflow_run(config, folder)
+    assert again not in (first, other) and meta_train.mlflow_run(config, folder) == again

@@ -65,7 +65,8 @@ def test_search_writes_a_best_config_the_pipelines_accept(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming the search in" in again.stdout
     runs = mlflow.search_runs(experiment_names=["tune-digits"])
-    assert len(runs) == 3 + 2  # the trials of the first run, and one summary per run
+    assert len(runs) == 3 + 1  # nothing ran: no run added (no second run per trial, no second summary)
+    assert "no new run" in again.stdout
     assert yaml.safe_load((tmp_path / "out/best_config.yaml").read_text())["tune"] == best["tune"]
     # another search into the same output is refused, naming what differs
     other = _run("--search", tmp_path / "search.yaml", "--out", tmp_path / "out", "--set", "num_samples=4")
@@ -87,3 +88,35 @@ def test_bad_search_files_are_named(change, message, tmp_path, capsys):
         tune.cli(["--search", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_a_resumed_trial_logs_into_the_run_it_started(tmp_path, monkeypatch):
+    """After a restart (a new callback, as a restored search has) a trial finds its run by its id."""
+    import mlflow
+    from types import SimpleNamespace
+
+    from distributed.trial_runs import MLflowTrialRuns
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    trial = SimpleNamespace(trial_id="abc_00001", config={"lr": 0.01, "space": {"hidden": 8}})
+    first = MLflowTrialRuns("tune-x", str(tmp_path), tags={"search": "x"})
+    first.setup()
+    first.on_trial_start(0, [trial], trial)
+    first.on_trial_result(0, [trial], trial, {"training_iteration": 1, "score": 0.5, "done": False,
+                                               "config": {"lr": 0.01}, "trial_id": "abc_00001"})
+    again = MLflowTrialRuns("tune-x", str(tmp_path))  # the search restarted
+    again.setup()
+    again.on_trial_start(0, [trial], trial)
+    again.on_trial_result(0, [trial], trial, {"training_iteration": 2, "score": 0.75})
+    again.on_trial_complete(0, [trial], trial)
+    other = SimpleNamespace(trial_id="abc_00002", config={"lr": 0.1})
+    again.on_trial_start(0, [other], other)
+    again.on_trial_error(0, [other], other)
+    runs = mlflow.search_runs(experiment_names=["tune-x"])
+    assert len(runs) == 2
+    run = runs[runs["tags.trial_id"] == "abc_00001"].iloc[0]
+    assert run["status"] == "FINISHED" and run["params.lr"] == "0.01" and run["params.space.hidden"] == "8"
+    history = mlflow.MlflowClient().get_metric_history(run["run_id"], "score")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.75)]
+    assert "metrics.config.lr" not in runs and "metrics.done" not in runs  # config in params; booleans left out
+    assert runs[runs["tags.trial_id"] == "abc_00002"].iloc[0]["status"] == "FAILED"
