@@ -1,7 +1,6 @@
 """Distributed meta-training: `ray job submit` on a local head end to end, and kill-and-resume."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distributed.job_snapshot import snapshot
 from distributed.ray_env import NODE_ENV
 from metanet.metanetwork import load_metanetwork
 
