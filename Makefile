@@ -54,7 +54,7 @@ ZOO ?= runs/zoo-digits
 META_ARGS ?=
 HEAD_PID := runs/ray-head.pid
 meta-train: install
-	@test -f $(ZOO)/manifest.json || $(MAKE) zoo
+	@test -f $(ZOO)/manifest.json || { echo "make meta-train: no zoo at $(ZOO): building it with make zoo (after make demo, ZOO=runs/demo/zoo uses the demo's)"; $(MAKE) zoo; }
 	$(PY) -m distributed.local_head start --pidfile $(HEAD_PID)
 	# the job's code from a snapshot, not ".": a log growing in the repository would break the upload
 	status=0; snap=$$($(PY) -m distributed.job_snapshot); \
@@ -64,7 +64,7 @@ meta-train: install
 
 TUNE_ARGS ?=
 tune: install
-	@test -n "$(TUNE_ARGS)" || test -f $(ZOO)/manifest.json || $(MAKE) zoo
+	@test -n "$(TUNE_ARGS)" || test -f $(ZOO)/manifest.json || { echo "make tune: no zoo at $(ZOO): building it with make zoo (after make demo, TUNE_ARGS='--set zoo=runs/demo/zoo' uses the demo's)"; $(MAKE) zoo; }
 	$(PY) pipelines/tune.py $(TUNE_ARGS)
 
 PRUNE_ARGS ?= --targets 2 4 8
