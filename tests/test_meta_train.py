@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from distributed.ray_env import NODE_ENV
 from metanet.metanetwork import load_metanetwork
@@ -21,16 +20,12 @@ ENV.pop("RAY_ADDRESS", None)
 
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("zoo")
-    spec = yaml.safe_load((ROOT / "zoo/specs/digits.yaml").read_text())
-    spec.update(members=4, output=str(tmp / "zoo"), val_members=0.25, seed=2)  # seed 2: 3 train, 1 val
-    spec["families"] = [{"family": "resnet", "depths": [8], "stage_widths": [[4], [6], [8]], "shortcut": ["identity"]}]
-    spec["train"]["epochs"], spec["finetune"]["epochs"] = 2, 1
-    (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
-    out = subprocess.run([sys.executable, str(ROOT / "pipelines/make_zoo.py"), "--spec", str(tmp / "spec.yaml"),
-                          "--num-cpus", "2", "--no-mlflow"], env=ENV, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return str(tmp / "zoo")
+    from conftest import build_digits_zoo
+
+    path = tmp_path_factory.mktemp("zoo") / "zoo"
+    zoo = build_digits_zoo(path, members=4, val=0.25, test=0.0, seed=4)  # seed 4: 3 train, 1 val
+    assert sorted(zoo.metadata().role) == ["train", "train", "train", "val"]
+    return str(path)
 
 
 def _meta_args(zoo, out, epochs):
@@ -62,13 +57,23 @@ def _wait_until_settled(run_dir, quiet: float = 2.0, limit: float = 60.0) -> Non
 
 
 @pytest.mark.timeout(1800)
-def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
+def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path, request):
     # a checkpoint every epoch (--keep 12), an epoch a third of a second: the kill lands with epochs
     # left to resume, also if the killed run's workers go on for a second before they die
     epochs = 12
     # --selection auc: the curve areas come with the per-epoch diagnostics; this test is about resuming
     args = _meta_args(tiny_zoo, str(tmp_path / "killed"), epochs) + ["--keep", str(epochs), "--selection", "auc"]
     cmd = [sys.executable, str(ROOT / "pipelines/meta_train.py"), *args]
+    # the other run, beside this one (its own local Ray): it loses a Ray Train worker mid-epoch 3
+    # (os._exit); FailureConfig restarts the workers from the last checkpoint (epoch 2) and the
+    # run ends where an uninterrupted one would
+    straight_log = open(tmp_path / "straight.log", "w+")
+    straight = subprocess.Popen([sys.executable, str(ROOT / "pipelines/meta_train.py"),
+                                 *_meta_args(tiny_zoo, str(tmp_path / "straight"), epochs), "--keep", str(epochs),
+                                 "--no-mlflow", "--selection", "auc"],
+                                env={**ENV, "METAPRUNE_FAULT_INJECT": f"kill-worker:3:{tmp_path}"},
+                                stdout=straight_log, stderr=subprocess.STDOUT, text=True)
+    request.addfinalizer(lambda: (straight.kill(), straight.wait(), straight_log.close()))  # also on a failure
     proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "killed" / "metanet"
@@ -85,22 +90,16 @@ def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path):
                      for d in run_dir.glob("training-*/checkpoint_*") if (d / "state.pt").exists())
     resumed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # the other run loses a Ray Train worker mid-epoch 3 (os._exit): FailureConfig restarts the
-    # workers from the last checkpoint (epoch 2) and the run ends where an uninterrupted one would
-    straight = subprocess.run([sys.executable, str(ROOT / "pipelines/meta_train.py"),
-                               *_meta_args(tiny_zoo, str(tmp_path / "straight"), epochs), "--keep", str(epochs),
-                               "--no-mlflow", "--selection", "auc"],
-                              env={**ENV, "METAPRUNE_FAULT_INJECT": f"kill-worker:3:{tmp_path}"},
-                              capture_output=True, text=True, timeout=900)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert straight.wait(timeout=900) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    straight_out = (tmp_path / "straight.log").read_text()
     assert (tmp_path / "killed-worker-epoch3").exists()  # a worker really died
-    assert "the last workers started from the checkpoint of epoch 2" in straight.stdout, straight.stdout[-2000:]
+    assert "the last workers started from the checkpoint of epoch 2" in straight_out, straight_out[-2000:]
 
     def final(text):
         line = next(l for l in text.splitlines() if l.startswith("meta-training done"))
         return eval(line.split("final metrics ", 1)[1])  # a dict printed by the pipeline
 
-    a, b = final(resumed.stdout), final(straight.stdout)
+    a, b = final(resumed.stdout), final(straight_out)
     # both really resumed: the killed driver's run after its last registered checkpoint, the
     # restarted workers after epoch 2; a run that started over would say 0
     seen = (f"resumed run {a}, restarted run {b}, last registered checkpoint before the kill: epoch {last}, "

@@ -79,6 +79,7 @@ def register_function_rule(*targets: Any) -> Callable:
 
 def module_rule(module: nn.Module) -> ModuleRule | None:
     """The rule for ``module``: the one registered for its class or the nearest base class."""
+    torchvision_rules(type(module))
     for cls in type(module).__mro__:
         if cls in MODULE_RULES:
             return MODULE_RULES[cls]
@@ -350,15 +351,6 @@ CHANNELWISE_MODULES = (
 )
 
 
-try:  # torchvision's stochastic depth: the identity at inference, a channel-wise random drop in training
-    from torchvision.ops import StochasticDepth, stochastic_depth
-    from torchvision.ops.misc import Permute
-    CHANNELWISE_MODULES += (StochasticDepth,)
-    register_module_rule(Permute)(PermuteRule)
-except ImportError:  # torchvision is optional for the converter
-    StochasticDepth = stochastic_depth = None
-
-
 @register_module_rule(*CHANNELWISE_MODULES)
 class ChannelwiseRule(ModuleRule):
     """Activations, pooling, dropout, padding, upsampling: no nodes, edges or features; the output
@@ -505,7 +497,7 @@ CHANNELWISE_FUNCTIONS = (
     F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.interpolate, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid,
     F.tanh, torch.nn.functional.relu_, torch.relu_, operator.neg,
-) + ((stochastic_depth,) if stochastic_depth is not None else ())
+)
 CHANNELWISE_METHODS = ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "float", "mean",
                        "amax", "sum", "clamp", "clamp_min", "clamp_")
 
@@ -642,3 +634,24 @@ class ConcatRule(FunctionRule):
 
 def _name(target: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+_TORCHVISION_RULES = []  # one entry once registered
+
+
+def torchvision_rules(thing: Any) -> None:
+    """Registers the rules for torchvision's own layers when ``thing`` (a module class or a traced
+    function) comes from torchvision: importing torchvision costs a second in every process that
+    converts a network (each Ray worker), and most networks here never use it. Stochastic depth
+    is the identity at inference and a channel-wise random drop in training; ``Permute`` a
+    permutation of the dimensions."""
+    origins = [c.__module__ for c in thing.__mro__] if isinstance(thing, type) else [getattr(thing, "__module__", "")]
+    if _TORCHVISION_RULES or not any(str(o).startswith("torchvision") for o in origins):
+        return
+    _TORCHVISION_RULES.append(True)
+    from torchvision.ops import StochasticDepth, stochastic_depth
+    from torchvision.ops.misc import Permute
+
+    register_module_rule(StochasticDepth)(MODULE_RULES[nn.Identity])
+    register_module_rule(Permute)(PermuteRule)
+    register_function_rule(stochastic_depth)(FUNCTION_RULES[F.relu])

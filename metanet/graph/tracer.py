@@ -13,7 +13,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from metanet.graph.layout import Channels, EdgeSlot, GraphLayout, NodeSlot, ParameterRef, fingerprint
 from metanet.graph.network_graph import UnsupportedNetworkError
-from metanet.graph.rules import FUNCTION_RULES, Refuse, _name, module_rule
+from metanet.graph.rules import FUNCTION_RULES, Refuse, _name, module_rule, torchvision_rules
 
 
 class LayoutBuilder:
@@ -180,6 +180,7 @@ class LayoutBuilder:
 
 
 def _function_rule(target: Any):
+    torchvision_rules(target)
     try:
         return FUNCTION_RULES.get(target)
     except TypeError:  # an unhashable target
