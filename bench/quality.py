@@ -20,7 +20,7 @@
    The sensitivity check: if oracle - none on the recalibrated curve has no interval above zero,
    the benchmark says it cannot tell methods apart on these networks. Plots and MLflow.
 
-    python bench/quality.py --smoke                                        # digits, about 3 minutes
+    python bench/quality.py --smoke                                        # digits, about a minute (65 s, 2 cores)
     python pipelines/make_zoo.py --spec zoo/specs/digits-heldout.yaml      # held-out digits networks
     python bench/quality.py --zoo runs/zoo-digits --heldout runs/zoo-digits-heldout
     python bench/quality.py --zoo runs/zoo-cifar10w --heldout runs/zoo-cifar10-heldout --preset cifar10
