@@ -266,12 +266,23 @@ def edge_widths_of(graphs) -> dict[str, int]:
 
 
 def save_metanetwork(metanet: MetaNetwork, path: str, **extra) -> None:
-    """Weights and config, loadable with ``torch.load(weights_only=True)``; atomic."""
+    """Weights and config, loadable with ``torch.load(weights_only=True)``; atomic. ``path`` may
+    be a URI (``s3://...``, ``file://...``: pyarrow's filesystems)."""
+    import io
+
     from metanet.files import atomic_write
 
     payload = {"format": "metaprune.metanetwork/1", "config": metanet.config.to_dict(),
                "state_dict": metanet.state_dict(), "extra": extra}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    if "://" not in str(path):
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        return
+    import pyarrow.fs
+
+    fs, inside = pyarrow.fs.FileSystem.from_uri(str(path))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(inside, lambda stream: stream.write(buffer.getvalue()), fs=fs)
 
 
 class MetanetFileError(ValueError):

@@ -341,7 +341,7 @@ def score_checkpoint(ckpt_path: str, metanet_config: dict, zoo_root: str, data_r
     return score(net, [r.network() for r in val], zoo.dataset(data_root), recipe)
 
 
-def select(result, config: dict, run_dir: Path, training_dir: str) -> dict:
+def select(result, config: dict, run_dir, training_dir: str) -> dict:
     """Scores the kept checkpoints on validation members; writes the best as ``run_dir``'s
     metanetwork.pt, and a copy in the training's folder (kept when other settings train later)."""
     import torch
@@ -372,12 +372,12 @@ def select(result, config: dict, run_dir: Path, training_dir: str) -> dict:
     best_epoch, best_score = choose(scores)
     net = MetaNetwork(MetaNetConfig(**config["metanet"]))
     net.load_state_dict(torch.load(os.path.join(candidates[best_epoch], "state.pt"), weights_only=True)["metanet"])
-    out = run_dir / "metanetwork.pt"
-    for path in (Path(training_dir) / "metanetwork.pt", out):
-        save_metanetwork(net, str(path), epoch=best_epoch, selection_score=best_score, selection=how,
+    out = f"{run_dir}/metanetwork.pt"  # run_dir: a local path or a URI
+    for path in (f"{training_dir}/metanetwork.pt", out):
+        save_metanetwork(net, path, epoch=best_epoch, selection_score=best_score, selection=how,
                          zoo=config["zoo"], inputs=config.get("inputs_digest"))
     return {"epochs": epochs, "scores": [scores[e] for e in epochs], "best_epoch": best_epoch,
-            "best_score": best_score, "path": str(out), "how": how}
+            "best_score": best_score, "path": out, "how": how}
 
 
 def _log_selection(config: dict, selection: dict, run_id: str) -> None:
@@ -509,9 +509,11 @@ def _prepare(config: dict):
     config["metanet"] = {"edge_widths": zoo.edge_widths(), "hidden": config["hidden"],
                          "layers": config["layers"], "residual": config["residual"], "backend": config["backend"],
                          "edit": config["edit"], "evidence": config["evidence"]}
-    out = Path(config["out"]).resolve() if "://" not in config["out"] else config["out"]
+    if "://" in config["out"]:  # Ray Train and pyarrow take URIs; pathlib would fold "s3://" into "s3:/"
+        return zoo, f"{config['out'].rstrip('/')}/{config['name']}", inputs_digest(config, zoo)
+    out = Path(config["out"]).resolve()
     config["out"] = str(out)
-    return zoo, Path(out) / config["name"], inputs_digest(config, zoo)
+    return zoo, out / config["name"], inputs_digest(config, zoo)
 
 
 def training_name(config: dict, digest: str | None) -> str:
@@ -566,7 +568,7 @@ def main(argv=None) -> dict:
     done = already_done(config, run_dir, digest)
     if done:
         print(f"meta_train: {done} already comes from this zoo and these settings: nothing to do "
-              "(delete it, or use another --name, to train again)")
+              f"(to train again: another --name, or delete {run_dir})")
         return {"selection": None, "metrics": {}, "run_dir": str(run_dir), "reused": done}
     training = training_name(config, digest)
     config["inputs_digest"] = digest

@@ -153,6 +153,9 @@ def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
     assert meta_train.completed(argv) == str(current)  # switched back, without training
     assert load_metanetwork(str(current))[1]["inputs"] == digest
     assert meta_train.completed([*argv, "--lr", "0.01"]) is None  # its own copy was never kept
+    uri = meta_train.parse_args(["--zoo", str(tmp_path / "zoo"), "--out", f"file://{tmp_path}/remote/"])
+    assert meta_train._prepare(uri)[1] == f"file://{tmp_path}/remote/metanet"  # a URI stays a URI
+    assert meta_train.completed(["--zoo", str(tmp_path / "zoo"), "--out", f"file://{tmp_path}/remote"]) is None
     train_file = next(p for (p, _), role in zip(zoo.index(), zoo.metadata().role) if role == "train")
     import pyarrow as pa
 

@@ -100,6 +100,17 @@ def test_save_and_load(tmp_path):
         load_metanetwork(str(tmp_path / "other.pt"))
 
 
+def test_saves_to_a_uri_as_meta_train_does_for_a_uri_output(tmp_path):
+    """``meta_train --out s3://...`` writes the chosen metanetwork through pyarrow's filesystems."""
+    _, g = _graph()
+    net = _metanet(g)
+    save_metanetwork(net, f"file://{tmp_path}/run/metanetwork.pt", epoch=2)  # a folder that does not exist yet
+    back, extra = load_metanetwork(str(tmp_path / "run" / "metanetwork.pt"))
+    assert extra == {"epoch": 2} and [p.name for p in (tmp_path / "run").iterdir()] == ["metanetwork.pt"]
+    for a, b in zip(net.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_vgg_graph_runs_through_both_backends():
     _, g = _graph(vgg_spec(11, width_mult=0.0625, input_size=16, classifier=(8,)))
     net = _metanet(g)
