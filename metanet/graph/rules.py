@@ -636,7 +636,7 @@ def _name(target: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
 
 
-_TORCHVISION_RULES = []  # one entry once registered
+_TORCHVISION_RULES = []  # [True] once registered
 
 
 def torchvision_rules(thing: Any) -> None:
@@ -652,6 +652,6 @@ def torchvision_rules(thing: Any) -> None:
     from torchvision.ops import StochasticDepth, stochastic_depth
     from torchvision.ops.misc import Permute
 
-    register_module_rule(StochasticDepth)(MODULE_RULES[nn.Identity])
+    register_module_rule(StochasticDepth)(ChannelwiseRule)
     register_module_rule(Permute)(PermuteRule)
-    register_function_rule(stochastic_depth)(FUNCTION_RULES[F.relu])
+    register_function_rule(stochastic_depth)(ChannelwiseFunctionRule)
