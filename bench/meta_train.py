@@ -3,12 +3,18 @@ the message-passing backends side by side, one member per step and several (memb
 time per step, peak memory).
 
     python bench/meta_train.py --zoo runs/zoo-digits [--epochs 3] [--steps 8] [--skip-workers]
+    python bench/meta_train.py --zoo runs/zoo-digits --polls 2 0.25 --epochs 6   # only Ray Train's poll interval
 
 The epoch time is the one ``pipelines/meta_train.py`` measures inside the training loop (start-up
 excluded), from the last epoch of each run; the backend rows come from fresh processes that run
 ``--steps`` meta-training steps over the zoo's training members (``members_step``: 1 member per
 step, or ``--batch`` members edited in one metanetwork pass over their graphs' union), reporting
 the median time per member and the resident memory the steps added.
+
+``--polls`` compares whole ``pipelines/meta_train.py`` runs (2 workers, a checkpoint every epoch)
+at Ray Train controller poll intervals (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``; Ray's default is
+2 s, ``distributed.ray_env.TRAIN_HEALTH_CHECK_S`` this project's): the training time Ray Train
+reports and the command's wall time, start-up and checkpoint selection included.
 """
 
 from __future__ import annotations
@@ -36,6 +42,18 @@ def epoch_seconds(zoo: str, workers: int, epochs: int, out: str) -> float:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, check=True)
     line = next(l for l in proc.stdout.splitlines() if l.startswith("meta-training done"))
     return float(ast.literal_eval(line.split("final metrics ", 1)[1])["seconds"])
+
+
+def poll_run(zoo: str, epochs: int, out: str, poll: float) -> tuple[float, float]:
+    """(training seconds as meta_train reports them, the command's wall seconds)."""
+    cmd = [sys.executable, str(ROOT / "pipelines/meta_train.py"), "--zoo", zoo, "--out", out, "--workers", "2",
+           "--epochs", str(epochs), "--keep", str(epochs), "--no-mlflow", "--select-members", "1",
+           "--selection", "auc"]
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                          env={**ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(poll)})
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("meta-training done"))
+    return float(line.split("done in ", 1)[1].split(" s", 1)[0]), time.perf_counter() - began
 
 
 def backend_worker(zoo_root: str, backend: str, steps: int, per_step: int) -> dict:
@@ -75,6 +93,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="members per step in the batched rows")
     parser.add_argument("--backends", nargs="+", default=["torch", "dgl", "pyg"], choices=["torch", "dgl", "pyg"])
     parser.add_argument("--skip-workers", action="store_true", help="only the backend rows (no Ray Train runs)")
+    parser.add_argument("--polls", nargs="+", type=float, help="only this: whole runs at these Ray Train poll "
+                        "intervals in seconds (e.g. 2 0.25)")
     parser.add_argument("--backend-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     zoo = str(Path(args.zoo).resolve())
@@ -83,6 +103,15 @@ def main() -> None:
         return
     if not (Path(zoo) / "manifest.json").exists():
         raise SystemExit(f"no zoo at {zoo}: build one first (make zoo)")
+    if args.polls:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = {p: poll_run(zoo, args.epochs, f"{tmp}/p{i}", p) for i, p in enumerate(args.polls)}
+        first = runs[args.polls[0]]
+        print(f"\nmeta-training on {zoo}, {args.epochs} epochs, 2 workers, a checkpoint every epoch")
+        print(f"{'poll s':>7}{'training s':>12}{'run s':>8}{'training / first':>18}{'run / first':>13}")
+        for p, (train_s, run_s) in runs.items():
+            print(f"{p:>7g}{train_s:>12.0f}{run_s:>8.1f}{train_s / first[0]:>18.2f}{run_s / first[1]:>13.2f}")
+        return
     per_epoch = {}
     if not args.skip_workers:
         with tempfile.TemporaryDirectory() as tmp:
