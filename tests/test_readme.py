@@ -38,20 +38,20 @@ def _code_lines() -> list[tuple[int, str]]:
         pending = ""
     for number, line in enumerate(lines, 1):  # commands quoted in the prose: `python pipelines/demo.py --quick`
         out += [(number, span) for span in re.findall(r"`([^`]+)`", line)
-                if span.startswith(("python ", ".venv/bin/python ", "make ", "metaprune "))]
+                if re.match(r"(rm -rf \S+; )?(time )?(python |\.venv/bin/python |make |metaprune |CI=)", span)]
     return [(n, c) for n, c in out if c]
 
 
 def _commands(kind: str) -> list[tuple[int, list[str]]]:
     found = []
     for number, line in _code_lines():
-        for part in line.split("&&"):
+        for part in re.split(r"&&|;", line):
             try:
                 words = shlex.split(part.replace("$PWD", "/tmp/readme"))
             except ValueError:
                 continue
             words = words[:next((i for i, w in enumerate(words) if w[:1] in "|>" or w[:2] == "2>"), len(words))]
-            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value before the command
+            while words and (re.fullmatch(r"[A-Z_]+=\S*", words[0]) or words[0] == "time"):  # VAR=value, time
                 words = words[1:]
             if "--" in words and words[0] == "ray":  # ray job submit ... -- python pipelines/...
                 words = words[words.index("--") + 1:]
