@@ -53,13 +53,16 @@ zoo: install
 ZOO ?= runs/zoo-digits
 META_ARGS ?=
 HEAD_PID := runs/ray-head.pid
+META_RUN = --zoo $(abspath $(ZOO)) --out $(abspath runs/meta-train) $(META_ARGS)
 meta-train: install
 	@test -f $(ZOO)/manifest.json || { echo "make meta-train: no zoo at $(ZOO): building it with make zoo (after make demo, ZOO=runs/demo/zoo uses the demo's)"; $(MAKE) zoo; }
-	$(PY) -m distributed.local_head start --pidfile $(HEAD_PID)
+	# a finished run with the same settings and zoo: no head, no job (meta_train.py --check)
 	# the job's code from a snapshot, not ".": a log growing in the repository would break the upload
+	@$(PY) pipelines/meta_train.py $(META_RUN) --check && exit 0; \
+	$(PY) -m distributed.local_head start --pidfile $(HEAD_PID); \
 	status=0; snap=$$($(PY) -m distributed.job_snapshot); \
 	RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 $(VENV)/bin/ray job submit --working-dir $$snap -- \
-	  python pipelines/meta_train.py --zoo $(abspath $(ZOO)) --out $(abspath runs/meta-train) $(META_ARGS) \
+	  python pipelines/meta_train.py $(META_RUN) \
 	  || status=$$?; rm -rf $$snap; $(PY) -m distributed.local_head stop --pidfile $(HEAD_PID); exit $$status
 
 TUNE_ARGS ?=

@@ -437,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(p, DEFAULTS, helps=HELP)
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, or the job's cluster, else local)")
+    p.add_argument("--check", action="store_true", help="only say whether a metanetwork from these settings and "
+                   "this zoo is there (exit 0) or would be trained (exit 1), without starting Ray (make meta-train "
+                   "asks before it starts a head)")
     return p
 
 
@@ -466,7 +469,7 @@ def parse_args(argv=None) -> dict:
 
 
 # settings that do not change the chosen metanetwork (where Ray runs, logging, retries)
-NOT_RESULT_SETTINGS = ("address", "mlflow", "max_failures")
+NOT_RESULT_SETTINGS = ("address", "mlflow", "max_failures", "check")
 
 
 def inputs_digest(config: dict, zoo) -> str | None:
@@ -566,6 +569,10 @@ def main(argv=None) -> dict:
 
     zoo, run_dir, digest = _prepare(config)
     done = already_done(config, run_dir, digest)
+    if config.pop("check"):
+        print(f"meta_train: {done} comes from this zoo and these settings" if done else
+              f"meta_train: no metanetwork from this zoo and these settings in {run_dir}: a run would train one")
+        raise SystemExit(0 if done else 1)
     if done:
         print(f"meta_train: {done} already comes from this zoo and these settings: nothing to do "
               f"(to train again: another --name, or delete {run_dir})")

@@ -138,6 +138,10 @@ def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
     save_metanetwork(MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=4, layers=1)),
                      str(run_dir / "metanetwork.pt"), inputs=digest)
     assert meta_train.completed(argv) == str(run_dir / "metanetwork.pt")
+    for flags, code in (([], 0), (["--lr", "0.01"], 1)):  # make meta-train asks this before it starts a head
+        with pytest.raises(SystemExit) as stopped:
+            meta_train.main([*argv, *flags, "--check"])
+        assert stopped.value.code == code
     assert meta_train.completed([*argv, "--no-mlflow", "--max-failures", "0"]) is not None  # not result settings
     assert meta_train.completed([*argv, "--lr", "0.01"]) is None
     # other settings trained since: the current file is theirs, this training's folder kept its copy
