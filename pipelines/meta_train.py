@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, or the job's cluster, else local)")
     p.add_argument("--check", action="store_true", help="only say whether a metanetwork from these settings and "
                    "this zoo is there (exit 0) or would be trained (exit 1), without starting Ray (make meta-train "
-                   "asks before it starts a head)")
+                   "asks before it starts a head) (default: off)")
     return p
 
 
