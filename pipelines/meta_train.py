@@ -519,6 +519,11 @@ def _prepare(config: dict):
     return zoo, out / config["name"], inputs_digest(config, zoo)
 
 
+def training_folder(run_dir, config: dict, digest: str | None) -> str:
+    """``run_dir``'s folder for the training these inputs make (a local path or a URI)."""
+    return f"{run_dir}/{training_name(config, digest)}"
+
+
 def training_name(config: dict, digest: str | None) -> str:
     """The folder (Ray Train's run name, under ``<out>/<name>``) of the training these inputs
     make. Ray Train resumes whatever run it finds under a name: other settings or another zoo
@@ -542,7 +547,7 @@ def already_done(config: dict, run_dir, digest: str | None) -> str | None:
     if digest is None or "://" in str(run_dir):
         return None
     current = Path(run_dir) / "metanetwork.pt"
-    kept = Path(run_dir) / training_name(config, digest) / "metanetwork.pt"
+    kept = Path(training_folder(run_dir, config, digest)) / "metanetwork.pt"
     for path in (current, kept):
         try:
             if path.exists() and load_metanetwork(str(path))[1].get("inputs") == digest:
@@ -578,10 +583,10 @@ def main(argv=None) -> dict:
               f"(to train again: another --name, or delete {run_dir})")
         return {"selection": None, "metrics": {}, "run_dir": str(run_dir), "reused": done}
     training = training_name(config, digest)
+    folder = training_folder(run_dir, config, digest)
     config["inputs_digest"] = digest
-    training_dir = f"{run_dir}/{training}"
     if config["mlflow"]:
-        config["mlflow_run_id"] = mlflow_run(config, training_dir)
+        config["mlflow_run_id"] = mlflow_run(config, folder)
     address = config.pop("address")
     # read by Ray Train's controller when the trainer starts: set before it exists
     os.environ.update(train_env(local=cluster_address(address) is None))
@@ -604,7 +609,7 @@ def main(argv=None) -> dict:
     if result.metrics.get("started_at_epoch"):
         print(f"the last workers started from the checkpoint of epoch {result.metrics['started_at_epoch'] - 1} "
               "(a resumed run, or workers restarted after a failure)")
-    selection = select(result, config, run_dir, training_dir)
+    selection = select(result, config, run_dir, folder)
     print(f"checkpoint selection on validation members ({selection['how']}):")
     for e, s in zip(selection["epochs"], selection["scores"]):
         print(f"  epoch {e:>3}: {100 * s:6.2f}%{'  <- chosen' if e == selection['best_epoch'] else ''}")

@@ -645,8 +645,10 @@ def torchvision_rules(thing: Any) -> None:
     converts a network (each Ray worker), and most networks here never use it. Stochastic depth
     is the identity at inference and a channel-wise random drop in training; ``Permute`` a
     permutation of the dimensions."""
+    if _TORCHVISION_RULES:
+        return
     origins = [c.__module__ for c in thing.__mro__] if isinstance(thing, type) else [getattr(thing, "__module__", "")]
-    if _TORCHVISION_RULES or not any(str(o).startswith("torchvision") for o in origins):
+    if not any(str(o).startswith("torchvision") for o in origins):
         return
     _TORCHVISION_RULES.append(True)
     from torchvision.ops import StochasticDepth, stochastic_depth
