@@ -85,7 +85,7 @@ def judge(label: str, models, data, cfg, split: str, metanet=None, gate_targets=
     for i, (name, model) in enumerate(models):
         torch.manual_seed(0)
         try:
-            prepared, _ = prepare(model, data, method, cfg, metanet)
+            prepared = prepare(model, data, method, cfg, metanet).model
         except FloatingPointError as err:  # the edit broke this network: a result, not a crash
             print(f"    {label} on {name}: {err}", flush=True)
             rows.append({"method": label, "network": name, "diverged": True, **{k: float("nan") for k in METRICS}})

@@ -42,7 +42,7 @@ def main() -> None:
         for label, reg in [("none", None), *((f"reg {g:g}", g) for g in args.regs)]:
             cfg: RecipeConfig = recipe_from_settings(settings, **zoo.finetune_settings(), oracle_reg=reg or 0.0)
             torch.manual_seed(0)
-            prepared, _ = prepare(model, data, "none" if reg is None else "oracle", cfg)
+            prepared = prepare(model, data, "none" if reg is None else "oracle", cfg).model
             rows.append({"network": r.id, "method": label, **diagnose(model, prepared, data, cfg, split="test")})
         print(f"  {r.id} done", flush=True)
     keys = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]

@@ -10,15 +10,19 @@
    (metanetwork -> finetune -> prune to 2x -> finetune, ``select_steps`` each, validation
    accuracy), which ranks checkpoints by what the full recipe reaches where the curve area right
    after the edit does not (``bench/selection.py``). The best-scoring checkpoint is kept.
-3. Every held-out network x seed x method (``meta``, ``none``, ``depgraph`` and the sensitivity
-   check ``oracle``: sparse learning at a strong reg, the same steps): the method's preparation,
-   its diagnostics (the curve of the prepared network; for ``meta`` also the curve right after the
-   edit; for ``none`` also the unedited network's curve), then prune to each target, recalibrate,
-   finetune. Same network, seed and budget for every method: the comparisons are paired.
-4. Tables: each method's mean with a 95% interval over networks; paired differences meta - none,
-   meta - depgraph (and oracle - none) with 95% intervals; the recalibrated curves; selectivity.
-   The sensitivity check: if oracle - none on the recalibrated curve has no interval above zero,
-   the benchmark says it cannot tell methods apart on these networks. Plots and MLflow.
+3. Every held-out network x seed x method (``--methods``, default ``metanet.recipe.BENCH_METHODS``:
+   ``meta``, magnitude ``none``, Torch-Pruning's other criteria ``taylor``, ``bn_scale``, ``lamp``,
+   ``fpgm``, ``hessian``, ``random``, ``depgraph``, and ``curve``, the per-network optimisation of
+   the curve objective): the method's preparation and its selectivity (for ``meta`` also the curve
+   right after the edit; for ``none`` also the unedited network's curve), then one pruning run
+   through every target (1.5/2/3/4x), at each: BatchNorm recalibrated (the accuracy right after
+   pruning, i.e. the recalibrated curve, "0 steps"), then finetuned for each budget (20 and 80
+   steps, each on its own copy). Same network, seed and budget for every method: paired.
+4. Tables per budget: each method's mean with a 95% interval over networks; paired differences
+   with 95% intervals against ``none`` and against the best hand-crafted criterion, chosen per
+   target and budget on validation accuracy (``metanet.paired.with_best``); seconds per pruned
+   network; selectivity. The sensitivity check: if ``curve - none`` right after pruning has no
+   interval above zero, the benchmark says it cannot tell methods apart on these networks.
 
     python bench/quality.py --smoke                                        # digits, about a minute (65 s, 2 cores)
     python pipelines/make_zoo.py --spec zoo/specs/digits-heldout.yaml      # held-out digits networks
@@ -46,37 +50,43 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metanet.diagnostics import CURVE_SPEEDUPS, diagnose  # noqa: E402
+from metanet.diagnostics import CURVE_SPEEDUPS, diagnose, recalibrated_accuracy, selectivity  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # noqa: E402
-from metanet.paired import mean_ci, method_table, paired_difference, paired_key_table, paired_table  # noqa: E402
-from metanet.recipe import ALL_METHODS, apply_metanetwork, prune_to_targets, recipe_from_settings  # noqa: E402
+from metanet.paired import mean_ci, method_table, paired_difference, paired_table, with_best  # noqa: E402
+from metanet.recipe import (ALL_METHODS, BENCH_METHODS, HAND_CRAFTED, apply_metanetwork, prune_to_targets,  # noqa: E402
+                            recipe_from_settings)
 from metanet.selection import choose, score, selection_recipe  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.data import TaskData  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
 CURVE_KEYS = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
-# the curves reported: (label, method whose job computes it, key prefix)
-CURVES = [("unedited", "none", "raw_"), ("after the edit", "meta", "edit_"), ("edit + finetune (meta)", "meta", ""),
-          ("finetune (none)", "none", ""), ("sparse learning (depgraph)", "depgraph", ""),
-          ("per-network gates (gate)", "gate", ""), ("strong sparse learning (oracle)", "oracle", "")]
+# what is reported at every target: (label, key without its val_/test_ prefix)
+BUDGETS = [("right after pruning (BatchNorm recalibrated, 0 finetuning steps)", "acc_pruned")]
+
+
+def budgets(s: dict) -> list[tuple[str, str]]:
+    """The reported budgets: 0 steps, each of ``s['budgets']``, and ``after_steps``."""
+    return [*BUDGETS, *[(f"after {n} finetuning steps", f"acc_ft{n}") for n in s["budgets"]],
+            (f"after {s['after_steps']} finetuning steps", "acc")]
 
 
 # ------------------------------------------------------------------------------ settings
 # Names as in pipelines/meta_train.py and pipelines/prune_batch.py, so a Tune best_config.yaml applies.
 # the metanetwork's edit and its sparsity term (bench/edits.py chose them; README)
 EDIT = dict(edit="additive", evidence=False, sparsity_norm="none", distill_epochs=0)
+CURVE = dict(targets=[1.5, 2.0, 3.0, 4.0], budgets=[20])  # the recalibrated curve's speed-ups; extra budgets
 PRESETS = {
-    "digits": dict(seeds=2, targets=[2.0, 4.0, 8.0], select_members=4, select_every=2, epochs=12, lr=1e-3, reg=3e-3,
+    "digits": dict(seeds=2, **CURVE, select_members=4, select_every=2, epochs=12, lr=1e-3, reg=3e-3,
                    alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=256,
                    weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80, after_lr=0.01,
                    sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18, **EDIT),
-    "cifar10": dict(seeds=2, targets=[2.0, 4.0, 8.0], select_members=2, select_every=1, epochs=8, lr=1e-3, reg=3e-3,
+    "cifar10": dict(seeds=2, **CURVE, select_members=2, select_every=1, epochs=8, lr=1e-3, reg=3e-3,
                     alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=128,
                     weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80,
                     after_lr=0.01, sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18, **EDIT),
-    "smoke": dict(seeds=1, targets=[2.0, 4.0], select_members=1, select_every=1, epochs=2, lr=1e-3, reg=3e-3,
+    "smoke": dict(seeds=1, targets=[2.0, 3.0], budgets=[5], select_members=1, select_every=1, epochs=2, lr=1e-3, reg=3e-3,
                   alpha=16.0, residual=0.05, hidden=16, layers=2, batches_per_step=2, batch_size=128,
                   weight_decay=5e-4, bn_mode="eval", before_steps=10, before_lr=0.01, after_steps=10, after_lr=0.01,
                   sparse_reg=5e-4, oracle_reg=5e-2, select_steps=5, **EDIT),
@@ -105,7 +115,8 @@ def _init(data: TaskData) -> None:
 
 def prune_job(arch: dict, state: dict, method: str, s: dict, finetune: dict, seed: int,
               metanet_state: dict | None, metanet_cfg: dict | None) -> list[dict]:
-    """One network x seed x method: prepare, diagnose, then prune to every target and finetune."""
+    """One network x seed x method: prepare, its selectivity, then one pruning run through every
+    target, each recalibrated and finetuned for every budget."""
     data = _DATA
     model = build_model(arch)
     model.load_state_dict(state)
@@ -122,8 +133,13 @@ def prune_job(arch: dict, state: dict, method: str, s: dict, finetune: dict, see
     if method == "meta":
         edited = apply_metanetwork(metanet, model, torch.zeros(data.input_shape))
         extra.update({f"edit_{k}": v for k, v in diagnose(model, edited, data, cfg, split="test").items()})
-    results = prune_to_targets(model, data, method, cfg, s["targets"], metanet,
-                               inspect=lambda prepared: extra.update(diagnose(model, prepared, data, cfg, split="test")))
+
+    def inspect(prepared) -> None:
+        extra.update(selectivity(model, prepared.model, data),
+                     acc_recal=recalibrated_accuracy(prepared.model, data, cfg, "test"))
+
+    results = prune_to_targets(model, data, method, cfg, s["targets"], metanet, inspect=inspect,
+                               extra_after=s["budgets"])
     return [dict(result, **extra) for _, result in results]
 
 
@@ -228,6 +244,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: 2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set residual=0.1 --set epochs=40")
+    parser.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=ALL_METHODS, metavar="METHOD",
+                        help=f"methods to compare (default: {' '.join(BENCH_METHODS)}; also: gate, oracle)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--report", action="store_true", help="print the report again from --out's results.json "
                         "(after a change to the report), run nothing")
@@ -238,7 +256,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"quality: --report: no results.json in {out}")
         saved = json.loads((out / "results.json").read_text())
         dataset = "cifar10" if "cifar" in str(saved["settings"].get("preset", out)) else "digits"
-        return report(saved["records"], saved["settings"], saved["meta_history"], out, float("nan"), dataset, print)
+        return report(saved["records"], saved["settings"], saved["meta_history"], out, float("nan"), dataset, print,
+                      saved.get("methods", sorted({r["method"] for r in saved["records"]})))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.zoo and not args.smoke:
@@ -287,12 +306,14 @@ def main(argv=None) -> dict:
     _init(data)
     torch.set_num_threads(max(1, args.workers))
 
-    metanet, history = train_metanetwork(zoo, data, s, by_role, log)
-    meta_state = metanet.state_dict()
-    save_metanetwork(metanet, str(out / "metanetwork.pt"), epoch=history["chosen_epoch"],
-                     selection_score=history["chosen_score"], zoo=str(zoo.root),
-                     selection=f"val acc after finetune -> prune to 2x -> finetune ({s['select_steps']} steps each)")
-    log(f"{time.perf_counter() - t0:.0f} s so far")
+    meta_state, history = None, {}
+    if "meta" in args.methods:  # the metanetwork is trained only when it is compared
+        metanet, history = train_metanetwork(zoo, data, s, by_role, log)
+        meta_state = metanet.state_dict()
+        save_metanetwork(metanet, str(out / "metanetwork.pt"), epoch=history["chosen_epoch"],
+                         selection_score=history["chosen_score"], zoo=str(zoo.root),
+                         selection=f"val acc after finetune -> prune to 2x -> finetune ({s['select_steps']} steps each)")
+        log(f"{time.perf_counter() - t0:.0f} s so far")
 
     from tqdm import tqdm
 
@@ -301,7 +322,7 @@ def main(argv=None) -> dict:
     for h, (member, origin) in enumerate(networks):
         state = member.network().state_dict()
         for seed in range(s["seeds"]):
-            for method in ALL_METHODS:
+            for method in args.methods:
                 net = (meta_state, history["config"]) if method == "meta" else (None, None)
                 jobs.append(((h, member, origin, seed, method), (member.arch, state, method, s, finetune, seed, *net)))
     results = []
@@ -313,7 +334,7 @@ def main(argv=None) -> dict:
                 results.append(dict(row, network=h, member=member.id, family=member.arch["family"], origin=origin,
                                     seed=seed, acc_unpruned=member.metrics["test_acc"]))
     total = time.perf_counter() - t0
-    summary = report(results, s, history, out, total, data.name, log)
+    summary = report(results, s, history, out, total, data.name, log, args.methods)
     (out / "log.txt").write_text("\n".join(log_lines) + "\n")
     if not args.no_mlflow:
         _log_mlflow(s, summary, out, preset)
@@ -321,83 +342,109 @@ def main(argv=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------ report
-def _curve_value(rows: list[dict], method: str, prefix: str, key: str) -> dict:
-    """Per network: the seed mean of ``prefix + key`` in ``method``'s rows (one row per job)."""
-    first = [r for r in rows if r["method"] == method and r["target"] == rows[0]["target"]]
+def _first_rows(rows: list[dict], method: str, prefix: str, key: str) -> dict:
+    """Per network: the seed mean of ``prefix + key`` in ``method``'s rows at the first target
+    (per-job values such as the unedited network's curve repeat on every target's row)."""
+    first = [r for r in rows if r["method"] == method and r["target"] == rows[0]["target"] and prefix + key in r]
     by: dict = {}
     for r in first:
         by.setdefault(r["network"], []).append(r[prefix + key])
     return {n: statistics.mean(v) for n, v in by.items()}
 
 
-def sensitivity(rows: list[dict]) -> dict:
-    """oracle - none on the recalibrated curve, paired by network: can the benchmark see a method
-    that does what the metanetwork should do?"""
-    first = [r for r in rows if r["target"] == rows[0]["target"]]
-    diffs = {k: paired_difference(first, "oracle", "none", k) for k in CURVE_KEYS}
+def _cell(values) -> str:
+    ci = mean_ci([100 * v for v in values])
+    return "n/a" if ci.n == 0 else f"{ci.mean:.1f}" if ci.n < 2 else f"{ci.mean:.1f} ± {(ci.high - ci.low) / 2:.1f}"
+
+
+def comparison_pairs(methods) -> list[tuple[str, str]]:
+    """The paired differences reported: meta and curve against the best hand-crafted criterion
+    and magnitude (none), then every other method against none."""
+    pairs = [(a, b) for a in ("meta", "curve") if a in methods for b in ("best", "none")]
+    return pairs + [(m, "none") for m in methods if m not in ("meta", "curve", "none")]
+
+
+def sensitivity(rows: list[dict], targets) -> dict:
+    """curve - none right after pruning, paired by network: can the benchmark see a criterion
+    that is better than magnitude on these networks?"""
+    diffs = {t: paired_difference(rows, "curve", "none", "test_acc_pruned", t) for t in targets}
     return {"differences": diffs, "separates": any(d.excludes_zero and d.mean > 0 for d in diffs.values())}
 
 
-def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, dataset: str, log) -> dict:
+def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, dataset: str, log,
+           methods=BENCH_METHODS) -> dict:
     targets = s["targets"]
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
     n_nets = len({r["network"] for r in rows})
     first = [r for r in rows if r["target"] == targets[0]]
-    log(f"\n{dataset}: {n_nets} held-out networks x {s['seeds']} seeds; budget {s['before_steps']} + "
-        f"{s['after_steps']} optimiser steps for every method; BatchNorm recalibrated after pruning; test split "
-        f"(selection used validation members only). Intervals: 95%, Student t over networks (seeds averaged).")
+    criteria = [m for m in HAND_CRAFTED if m in methods]
+    log(f"\n{dataset}: {n_nets} held-out networks x {s['seeds']} seeds; {s['before_steps']} finetuning steps before "
+        f"pruning for every method; BatchNorm recalibrated after pruning; test split (selection used validation "
+        f"members and the validation split only). Intervals: 95%, Student t over networks (seeds averaged).")
     log(f"unpruned test accuracy: {100 * statistics.mean(r['acc_unpruned'] for r in first):.1f}%")
-    log("\nFinal test accuracy (%) after prune + finetune, mean ± half-width of the 95% interval:\n")
-    log(method_table(rows, ALL_METHODS, targets))
-    pairs = [("meta", "none"), ("meta", "depgraph"), ("depgraph", "none"), ("gate", "none"), ("meta", "gate"),
-             ("oracle", "none")]
-    log("\nPaired differences in final test accuracy (points):\n")
-    log(paired_table(rows, pairs, targets))
-    log("\nRecalibrated pruning curve (test accuracy right after pruning, BN recomputed, no finetuning), %:\n")
-    head = "| network | " + " | ".join(k.removeprefix("curve_") for k in CURVE_KEYS) + " | AUC |"
-    lines = [head, "|" + "---|" * (len(CURVE_KEYS) + 2)]
-    curves = {}
-    for label, method, prefix in CURVES:
-        cells, curves[label] = [], {}
-        for k in [*CURVE_KEYS, "auc"]:
-            ci = mean_ci([100 * v for v in _curve_value(rows, method, prefix, k).values()])
-            curves[label][k] = ci
-            cells.append(f"{ci.mean:.1f} ± {(ci.high - ci.low) / 2:.1f}" if ci.n > 1 else f"{ci.mean:.1f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    pairs = comparison_pairs(methods)
+    paired: dict = {}
+    best_of: dict = {}
+    cols = " | ".join(f"{t:g}x" for t in targets)
+    for label, key in budgets(s):
+        log(f"\nTest accuracy (%) {label}, mean ± half-width of the 95% interval:\n")
+        table = method_table(rows, methods, targets, key=f"test_{key}")
+        if key == "acc_pruned":  # the unedited network's and the bare edit's curves beside the methods'
+            extra = [(lab, meth, pre) for lab, meth, pre in (("unedited", "none", "raw_"), ("after the edit", "meta", "edit_"))
+                     if meth in methods]
+            for lab, meth, pre in extra:
+                cells = [_cell(_first_rows(rows, meth, pre, f"curve_{t:g}x").values()) for t in targets]
+                table += f"\n| {lab} | " + " | ".join(cells) + " |"
+        log(table)
+        both, chosen = with_best(rows, criteria, f"val_{key}", targets)
+        best_of[key] = chosen
+        log("\nbest hand-crafted criterion (highest mean validation accuracy; reported on test): "
+            + ", ".join(f"{t:g}x {m}" for t, m in chosen.items()))
+        log(f"\nPaired differences {label} (points):\n")
+        log(paired_table(both, pairs, targets, key=f"test_{key}"))
+        paired[key] = {f"{a}-{b}": {str(t): vars(paired_difference(both, a, b, f"test_{key}", t)) for t in targets}
+                       for a, b in pairs}
+    log(f"\nSeconds per pruned network (preparation, pruning, recalibration and every finetune; {cols}):\n")
+    lines = [f"| method | {cols} |", "|" + "---|" * (len(targets) + 1)]
+    for m in methods:
+        cells = [f"{statistics.mean(r['seconds'] for r in rows if r['method'] == m and r['target'] == t):.1f}"
+                 for t in targets]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     log("\n".join(lines))
-    log("\nPaired differences on the recalibrated curve (points):\n")
-    log(paired_key_table(first, pairs, CURVE_KEYS))
     log("\nSelectivity of each preparation (mean over networks): ratio spread = within-group coefficient of "
         "variation of channel group-norm ratios; below 0.1 = share of prunable channels under 0.1 normalised "
         "importance; acc = test accuracy after BN recalibration, before pruning:\n")
     lines = ["| preparation | ratio spread | mean ratio | below 0.1 | acc |", "|---|---|---|---|---|"]
-    for label, method, prefix in [("unedited", "none", "raw_"), ("after the edit", "meta", "edit_"),
-                                  ("meta", "meta", ""), ("none", "none", ""), ("depgraph", "depgraph", ""),
-                                  ("gate", "gate", ""), ("oracle", "oracle", "")]:
-        vals = {k: statistics.mean(_curve_value(rows, method, prefix, k).values())
+    preparations = [("unedited", "none", "raw_")] * ("none" in methods) + \
+        [("after the edit", "meta", "edit_")] * ("meta" in methods) + [(m, m, "") for m in methods]
+    for label, method, prefix in preparations:
+        vals = {k: statistics.mean(_first_rows(rows, method, prefix, k).values())
                 for k in ("ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal")}
         lines.append(f"| {label} | {vals['ratio_spread']:.3f} | {vals['mean_ratio']:.2f} | "
                      f"{100 * vals['share_below_0.1']:.1f}% | {100 * vals['acc_recal']:.1f} |")
     log("\n".join(lines))
-    check = sensitivity(rows)
-    verdict = ("the benchmark CAN tell methods apart on these networks: the oracle's curve is above none's with a "
-               "95% interval above zero at " + ", ".join(k.removeprefix("curve_") for k, d in
-                                                          check["differences"].items() if d.excludes_zero and d.mean > 0)
-               if check["separates"] else
-               "the benchmark CANNOT tell methods apart on these networks: even the oracle (per-network strong "
-               "sparse learning) does not separate from none on the recalibrated curve")
-    log("\nSensitivity check: oracle - none on the curve: "
-        + ", ".join(f"{k.removeprefix('curve_')} {d}" for k, d in check["differences"].items()) + f"\n-> {verdict}")
-    log(f"\nmetanetwork: checkpoint of epoch {history['chosen_epoch']} chosen on validation members by the short "
-        f"recipe (score {100 * history['chosen_score']:.1f}); total wall time {total / 60:.1f} min")
-    summary = {"records": rows, "settings": s, "meta_history": history, "separates": check["separates"],
-               "sensitivity": {k: vars(d) for k, d in check["differences"].items()},
-               "curves": {label: {k: vars(ci) for k, ci in c.items()} for label, c in curves.items()},
-               "paired": {f"{a}-{b}": {str(t): vars(paired_difference(rows, a, b, "test_acc", t)) for t in targets}
-                          for a, b in pairs}}
+    check = {"differences": {}, "separates": False}
+    if {"curve", "none"} <= set(methods):
+        check = sensitivity(rows, targets)
+        verdict = ("the benchmark CAN tell criteria apart on these networks: curve - none right after pruning has a "
+                   "95% interval above zero at " + ", ".join(f"{t:g}x" for t, d in check["differences"].items()
+                                                            if d.excludes_zero and d.mean > 0)
+                   if check["separates"] else
+                   "the benchmark CANNOT tell criteria apart on these networks: even the per-network optimised "
+                   "scores (curve) do not separate from magnitude right after pruning")
+        log("\nSensitivity check: curve - none right after pruning: "
+            + ", ".join(f"{t:g}x {d}" for t, d in check["differences"].items()) + f"\n-> {verdict}")
+    if history.get("epochs"):
+        log(f"\nmetanetwork: checkpoint of epoch {history['chosen_epoch']} chosen on validation members by the short "
+            f"recipe (score {100 * history['chosen_score']:.1f})")
+    log(f"total wall time {total / 60:.1f} min")
+    summary = {"records": rows, "settings": s, "meta_history": history, "methods": methods,
+               "separates": check["separates"], "best": {k: {str(t): m for t, m in v.items()} for k, v in best_of.items()},
+               "sensitivity": {str(t): vars(d) for t, d in check["differences"].items()}, "paired": paired}
     _atomic_text(out / "results.json", json.dumps(summary, indent=1, default=float))
-    plot(rows, s, history, curves, out, dataset)
-    log(f"wrote {out / 'results.json'}, {out / 'quality.png'}, {out / 'meta_training.png'}, "
-        f"{out / 'metanetwork.pt'}")
+    plot(rows, s, history, out, dataset, methods, criteria)
+    log(f"wrote {out / 'results.json'}, {out / 'quality.png'}"
+        + (f", {out / 'meta_training.png'}, {out / 'metanetwork.pt'}" if history.get("epochs") else ""))
     return summary
 
 
@@ -407,67 +454,46 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def plot(rows, s, history, curves, out: Path, dataset: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows, s, history, out: Path, dataset: str, methods, criteria) -> None:
+    """One panel per budget: each method's mean test accuracy (95% interval) against the target
+    speed-up; then the meta-training history (validation members), when there is one."""
     import matplotlib.ticker
 
-    unpruned = 100 * statistics.mean(r["acc_unpruned"] for r in rows if r["target"] == s["targets"][0])
-    first = [r for r in rows if r["target"] == s["targets"][0]]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    ax = axes[0]
-    for label, c in curves.items():
-        ys = [c[k].mean for k in CURVE_KEYS]
-        es = [(c[k].high - c[k].low) / 2 if c[k].n > 1 else 0 for k in CURVE_KEYS]
-        ax.errorbar(CURVE_SPEEDUPS, ys, yerr=es, marker="o", capsize=3, label=label)
-    ax.axhline(unpruned, color="gray", ls="--", label="unpruned")
-    ax.set_title("recalibrated pruning curve (no finetuning after pruning)")
-    ax.set_ylabel("test accuracy (%), 95% interval over networks")
-    ax = axes[1]
-    for (a, b), marker in zip([("meta", "none"), ("depgraph", "none"), ("oracle", "none")], "o^D"):
-        ds = [paired_difference(first, a, b, k) for k in CURVE_KEYS]
-        ax.errorbar(CURVE_SPEEDUPS, [d.mean for d in ds], yerr=[(d.high - d.low) / 2 if d.n > 1 else 0 for d in ds],
-                    marker=marker, capsize=3, label=f"{a} - {b}")
-    ax.axhline(0, color="gray", ls="--")
-    ax.set_title("paired difference on the recalibrated curve")
-    ax.set_ylabel("points (same network and seed), 95% interval")
-    ax = axes[2]
-    for method, marker in zip(ALL_METHODS, "os^vD"):
-        xs, ys, es = [], [], []
-        for t in s["targets"]:
-            vals = {}
-            for r in rows:
-                if r["method"] == method and r["target"] == t:
-                    vals.setdefault(r["network"], []).append((r["speedup"], 100 * r["test_acc"]))
-            ci = mean_ci([statistics.mean(v for _, v in p) for p in vals.values()])
-            xs.append(statistics.mean(x for p in vals.values() for x, _ in p))
-            ys.append(ci.mean)
-            es.append((ci.high - ci.low) / 2 if ci.n > 1 else 0)
-        ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=method)
-    ax.axhline(unpruned, color="gray", ls="--", label="unpruned")
-    ax.set_title(f"after prune + finetune ({s['before_steps']}+{s['after_steps']} steps)")
-    ax.set_ylabel("test accuracy (%), 95% interval over networks")
-    for ax in axes:
+    from metanet.plotting import pyplot
+
+    plt = pyplot()
+    targets = s["targets"]
+    unpruned = 100 * statistics.mean(r["acc_unpruned"] for r in rows if r["target"] == targets[0])
+    panels = budgets(s)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (label, key) in zip(axes[0], panels):
+        for i, method in enumerate(methods):
+            cis = [mean_ci([100 * statistics.mean(v) for v in _by_network(rows, method, f"test_{key}", t).values()])
+                   for t in targets]
+            style = dict(lw=2.5, zorder=3) if method in ("meta", "curve") else dict(lw=1, alpha=0.8)
+            ax.errorbar(targets, [c.mean for c in cis], yerr=[(c.high - c.low) / 2 if c.n > 1 else 0 for c in cis],
+                        marker="os^vD<>ph*"[i % 10], capsize=3, color=colors[i % len(colors)],
+                        ls="--" if method in criteria else "-", label=method, **style)
+        ax.axhline(unpruned, color="gray", ls=":", label="unpruned")
+        ax.set_title(label, fontsize=9)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(targets)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("MAC speed-up")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in (axes[0], axes[2]):
+        ax.set_ylabel("test accuracy (%), 95% interval over networks")
         ax.set_ylim(0, 100)
-    axes[0].set_xticks(CURVE_SPEEDUPS)
-    axes[1].set_xticks(CURVE_SPEEDUPS)
-    axes[2].set_xticks(s["targets"])
-    fig.suptitle(f"{dataset}: {len({r['network'] for r in rows})} held-out networks x {s['seeds']} seeds")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{dataset}: {len({r['network'] for r in rows})} held-out networks x {s['seeds']} seeds "
+                 "(dashed: hand-crafted criteria)")
     fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=110)
     plt.close(fig)
-
-    epochs = [e for e in history["epochs"]]
+    if not history.get("epochs"):
+        return
+    epochs = history["epochs"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     xs = [e["epoch"] + 1 for e in epochs]
     axes[0].plot(xs, [100 * e["auc"] for e in epochs], marker="o", label="curve AUC, edited")
@@ -490,6 +516,14 @@ def plot(rows, s, history, curves, out: Path, dataset: str) -> None:
     plt.close(fig)
 
 
+def _by_network(rows, method: str, key: str, target: float) -> dict:
+    by: dict = {}
+    for r in rows:
+        if r["method"] == method and r["target"] == target and key in r:
+            by.setdefault(r["network"], []).append(r[key])
+    return by
+
+
 def _log_mlflow(s: dict, summary: dict, out: Path, preset: str) -> None:
     import mlflow
 
@@ -498,12 +532,14 @@ def _log_mlflow(s: dict, summary: dict, out: Path, preset: str) -> None:
     use_experiment("quality", str(out))
     with mlflow.start_run(run_name=f"quality-{preset}"):
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(s).items()})
-        for e in summary["meta_history"]["epochs"]:
+        for e in summary["meta_history"].get("epochs", []):
             mlflow.log_metrics({f"val_{k}": float(v) for k, v in e.items() if isinstance(v, (int, float))
                                 and k != "epoch" and not math.isnan(float(v))}, step=e["epoch"] + 1)
         metrics = {"separates": float(summary["separates"])}
-        for pair, by_t in summary["paired"].items():
-            metrics.update({f"paired_{pair}_{t}x": v["mean"] for t, v in by_t.items() if not math.isnan(v["mean"])})
+        for budget, by_pair in summary["paired"].items():
+            for pair, by_t in by_pair.items():
+                metrics.update({f"paired_{budget}_{pair}_{t}x": v["mean"] for t, v in by_t.items()
+                                if not math.isnan(v["mean"])})
         mlflow.log_metrics(metrics)
         for name in ("results.json", "quality.png", "meta_training.png", "log.txt"):
             if (out / name).exists():

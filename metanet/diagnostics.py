@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from metanet.recipe import RecipeConfig, recalibrate
+from metanet.criteria import Criterion
+from metanet.recipe import RecipeConfig, calibration, recalibrate
 from metanet.prune import UnreachableSpeedupError, prune_in_steps
 from metanet.sparsity import GroupSparsity
 from metanet.data import TaskData
@@ -36,15 +37,17 @@ def curve_auc(curve: dict[float, float]) -> float:
 
 
 def pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups: Sequence[float] = CURVE_SPEEDUPS,
-                  split: str = "val") -> dict[float, float]:
+                  split: str = "val", criterion: Criterion | None = None) -> dict[float, float]:
     """{speed-up: accuracy on ``split``} right after pruning a copy of ``model`` to each speed-up
-    (``cfg.pruning``) and recomputing BatchNorm statistics; ``model`` is not changed."""
+    (``cfg.pruning``, channels ranked by ``criterion``, default magnitude) and recomputing
+    BatchNorm statistics; ``model`` is not changed."""
     device = next(model.parameters()).device
     work = copy.deepcopy(model)
     x = torch.zeros(data.input_shape, device=device)
     curve: dict[float, float] = {}
+    batches = calibration(data, cfg) if criterion is not None and criterion.data_driven else None
     try:
-        for target, result in prune_in_steps(work, x, speedups, cfg.pruning):
+        for target, result in prune_in_steps(work, x, speedups, cfg.pruning, criterion, batches):
             curve[target] = recalibrated_accuracy(result.model, data, cfg, split)
     except UnreachableSpeedupError:
         pass
@@ -85,12 +88,13 @@ def recalibrated_accuracy(model: nn.Module, data: TaskData, cfg: RecipeConfig, s
 
 def diagnose(before: nn.Module, after: nn.Module, data: TaskData, cfg: RecipeConfig,
              speedups: Sequence[float] = CURVE_SPEEDUPS, split: str = "val",
-             sparsity: GroupSparsity | None = None) -> dict[str, float]:
+             sparsity: GroupSparsity | None = None, criterion: Criterion | None = None) -> dict[str, float]:
     """Selectivity of ``before -> after``, ``after``'s recalibrated accuracy and its pruning curve
-    (``curve_<s>x`` keys and ``auc``), as one flat dict of metrics (for tables and MLflow)."""
+    (``curve_<s>x`` keys and ``auc``; channels ranked by ``criterion``, default magnitude), as one
+    flat dict of metrics (for tables and MLflow)."""
     out = selectivity(before, after, data, sparsity)
     out["acc_recal"] = recalibrated_accuracy(after, data, cfg, split)
-    curve = pruning_curve(after, data, cfg, speedups, split)
+    curve = pruning_curve(after, data, cfg, speedups, split, criterion)
     out.update({f"curve_{s:g}x": v for s, v in curve.items()})
     out["auc"] = curve_auc(curve)
     return out

@@ -109,3 +109,32 @@ def method_table(rows: Iterable[Mapping], methods: Sequence[str], targets: Seque
                          f"{ci.mean:.1f} ± {(ci.high - ci.low) / 2:.1f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def best_method(rows: Iterable[Mapping], candidates: Sequence[str], val_key: str, target: float | None = None,
+                unit: str = "network") -> str | None:
+    """The candidate with the highest mean ``val_key`` over units (at ``target``): chosen on
+    validation, so that its test accuracy is an honest report. None if no candidate has rows."""
+    rows = list(rows)
+    means = {}
+    for m in candidates:
+        values = per_unit(rows, m, val_key, target, unit)
+        if values:
+            means[m] = sum(values.values()) / len(values)
+    return max(means, key=means.get) if means else None
+
+
+def with_best(rows: Iterable[Mapping], candidates: Sequence[str], val_key: str, targets: Sequence[float],
+              unit: str = "network", label: str = "best") -> tuple[list[dict], dict[float, str]]:
+    """``rows`` plus, at each target, a copy of the best candidate's rows (``best_method`` on
+    ``val_key``) with ``method`` set to ``label``; and which candidate that was per target."""
+    rows = [dict(r) for r in rows]
+    chosen: dict[float, str] = {}
+    extra = []
+    for t in targets:
+        best = best_method(rows, candidates, val_key, t, unit)
+        if best is None:
+            continue
+        chosen[t] = best
+        extra += [dict(r, method=label) for r in rows if r.get("method") == best and r.get("target") == t]
+    return rows + extra, chosen

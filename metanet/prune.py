@@ -26,8 +26,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from metanet.criteria import Batches, Criterion, Magnitude
 from metanet.files import atomic_write
-from metanet.sparsity import UnprunableNetworkError, classifier_of, importance, torch_pruning_options
+from metanet.sparsity import UnprunableNetworkError, classifier_of, torch_pruning_options
 
 PRUNED_FORMAT = "metaprune.pruned/1"
 
@@ -115,18 +116,39 @@ class PruneSettings:
 DEFAULT_PRUNING = PruneSettings()
 
 
-def _pruner(model: nn.Module, example_inputs: torch.Tensor, settings: PruneSettings) -> tp.pruner.BasePruner:
-    return tp.pruner.BasePruner(
-        model, example_inputs, importance=importance(settings.normalizer), global_pruning=settings.global_pruning,
-        pruning_ratio=settings.max_ratio, max_pruning_ratio=settings.max_ratio, iterative_steps=settings.steps,
-        ignored_layers=[classifier_of(model)], **torch_pruning_options(model))
+MAGNITUDE = Magnitude()
 
 
-def _step(pruner: tp.pruner.BasePruner, model: nn.Module) -> None:
+class _Pruning:
+    """One network's iterative pruning run: Torch-Pruning's pruner with the criterion's importance,
+    stepped interactively so the criterion sees every group before it is pruned."""
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, settings: PruneSettings,
+                 criterion: Criterion | None, batches: Batches | None):
+        self.model, self.criterion, self.batches = model, criterion or MAGNITUDE, batches
+        self.importance = self.criterion.importance(model, settings.normalizer)
+        self.pruner = tp.pruner.BasePruner(
+            model, example_inputs, importance=self.importance, global_pruning=settings.global_pruning,
+            pruning_ratio=settings.max_ratio, max_pruning_ratio=settings.max_ratio, iterative_steps=settings.steps,
+            ignored_layers=[classifier_of(model)], **torch_pruning_options(model))
+
+    def step(self) -> None:
+        self.criterion.before_step(self.model, self.importance, self.batches)
+        _step(self, self.model)
+        if self.criterion.data_driven:
+            self.model.zero_grad(set_to_none=True)
+
+    def prune_groups(self) -> None:
+        for group in self.pruner.step(interactive=True):
+            self.criterion.observe(self.importance, group)
+            group.prune()
+
+
+def _step(pruning: _Pruning, model: nn.Module) -> None:
     """One pruning step, then the widths a network keeps as plain attributes, which Torch-Pruning
     does not know about (torchvision's ViT reshapes with ``hidden_dim``)."""
     try:
-        pruner.step()
+        pruning.prune_groups()
     except IndexError as err:  # Torch-Pruning's channel index maps do not fit this network
         raise UnprunableNetworkError(
             f"{type(model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
@@ -137,17 +159,20 @@ def _step(pruner: tp.pruner.BasePruner, model: nn.Module) -> None:
 
 
 def prune_in_steps(model: nn.Module, example_inputs: torch.Tensor, targets: Sequence[float],
-                   settings: PruneSettings = DEFAULT_PRUNING) -> Iterator[tuple[float, PruneResult]]:
+                   settings: PruneSettings = DEFAULT_PRUNING, criterion: Criterion | None = None,
+                   batches: Batches | None = None) -> Iterator[tuple[float, PruneResult]]:
     """Prunes ``model`` in place along one iterative schedule and yields ``(target, result)`` at
     the first step that reaches each of ``targets`` (ascending), so a whole accuracy-against-speed-up
-    curve costs one pruning run. ``result.model`` is ``model`` itself: copy it to keep it."""
+    curve costs one pruning run. ``result.model`` is ``model`` itself: copy it to keep it.
+    ``criterion`` (``metanet.criteria``; default magnitude) ranks channels; a data-driven one
+    reads ``batches()`` (calibration batches) before every step."""
     targets = sorted(float(t) for t in targets)
     for t in targets:
         if not (t > 1 and math.isfinite(t)):
             raise ValueError(f"target speed-up must be a finite number > 1, got {t}")
     model.eval()
     macs0, params0 = count(model, example_inputs)
-    pruner = _pruner(model, example_inputs, settings)
+    pruning = _Pruning(model, example_inputs, settings, criterion, batches)
     macs, params, done = macs0, params0, 0
     for target in targets:
         while macs0 / macs < target:
@@ -155,18 +180,29 @@ def prune_in_steps(model: nn.Module, example_inputs: torch.Tensor, targets: Sequ
                 raise UnreachableSpeedupError(
                     f"target speed-up {target}x cannot be reached: {settings.steps} steps (pruning at most "
                     f"{settings.max_ratio:.0%} of each layer's channels) reach {macs0 / macs:.2f}x")
-            _step(pruner, model)
+            pruning.step()
             done += 1
             macs, params = count(model, example_inputs)
         yield target, PruneResult(model, macs0, macs, params0, params, done)
 
 
 def prune_to_speedup(model: nn.Module, example_inputs: torch.Tensor, target: float,
-                     settings: PruneSettings = DEFAULT_PRUNING) -> PruneResult:
+                     settings: PruneSettings = DEFAULT_PRUNING, criterion: Criterion | None = None,
+                     batches: Batches | None = None) -> PruneResult:
     """Prunes ``model`` in place until MACs(before) / MACs(now) >= ``target``."""
-    for _, result in prune_in_steps(model, example_inputs, [target], settings):
+    for _, result in prune_in_steps(model, example_inputs, [target], settings, criterion, batches):
         return result
     raise AssertionError("unreachable")
+
+
+def amounts_for(model: nn.Module, example_inputs: torch.Tensor, speedups: Sequence[float],
+                settings: PruneSettings = DEFAULT_PRUNING) -> dict[float, float]:
+    """{speed-up: the fraction of every layer's channels that per-layer pruning removes to reach
+    it}: what a target means for one architecture (pruned on a copy; the weights do not matter)."""
+    if settings.global_pruning:
+        raise ValueError("per-layer amounts are defined for per-layer pruning (global_pruning=False) only")
+    return {t: r.steps * settings.max_ratio / settings.steps
+            for t, r in prune_in_steps(copy.deepcopy(model), example_inputs, speedups, settings)}
 
 
 @torch.no_grad()
@@ -193,18 +229,19 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Modu
 
 
 def prune_adaptive(model: nn.Module, example_inputs: torch.Tensor, score: Callable[[nn.Module], float],
-                   floor: float, settings: PruneSettings = DEFAULT_PRUNING, *, check_every: int = 5) -> PruneResult:
+                   floor: float, settings: PruneSettings = DEFAULT_PRUNING, *, check_every: int = 5,
+                   criterion: Criterion | None = None, batches: Batches | None = None) -> PruneResult:
     """Prunes ``model`` while ``score(model)`` (validation accuracy, say) stays >= ``floor``; returns
     the last network that met the floor (a copy; ``model`` itself ends pruned one check further)."""
     macs0, params0 = count(model, example_inputs)
     if score(model) < floor:
         raise ValueError(f"the unpruned network already scores below the floor {floor}")
     steps = settings.steps
-    pruner = _pruner(model, example_inputs, settings)
+    pruning = _Pruning(model, example_inputs, settings, criterion, batches)
     best, best_steps, done = copy.deepcopy(model), 0, 0
     while done < steps:
         for _ in range(min(check_every, steps - done)):
-            _step(pruner, model)
+            pruning.step()
             done += 1
         if score(model) < floor:
             break

@@ -10,11 +10,19 @@
   that a gate-editing metanetwork does in one forward pass, so it spends ``before.steps`` more
   steps than the other methods (its gates' optimisation in place of the metanetwork's forward);
 - ``oracle``: sparse learning at a strong ``oracle_reg``, the same steps: not a method a user
-  would pick (it costs accuracy before pruning) but the benchmark's sensitivity check, a per-network
-  optimisation of what the metanetwork is meant to learn.
+  would pick (it costs accuracy before pruning) but a per-network optimisation of what the paper's
+  objective asks of the metanetwork;
+- the hand-crafted criteria (``HAND_CRAFTED``): ``none`` is magnitude; ``taylor``, ``bn_scale``,
+  ``lamp``, ``fpgm``, ``hessian``, ``random`` are ``none`` with Torch-Pruning's other importance
+  classes (``metanet.criteria``), the data-driven ones on the calibration batches;
+- ``curve``: ``none``'s finetune, then per-channel scores optimised on the network with the curve
+  objective (``metanet.curve``; ``before.steps`` Adam steps on the scores, the weights untouched)
+  and used as the pruner's importance: the per-network reference a learned criterion should
+  approach, and the benchmark's sensitivity check.
 
-Every method spends the same optimiser steps (``before.steps + after.steps``); after pruning the
-BatchNorm statistics are recomputed on ``recal_batches`` training batches for every method alike.
+Every method spends the same optimiser steps on the weights (``before.steps + after.steps``); after
+pruning the BatchNorm statistics are recomputed on ``recal_batches`` training batches for every
+method alike, and the data-driven criteria read the same batches.
 Accuracy is reported on the validation split at every stage and on the test split at the end;
 nothing is selected on test.
 """
@@ -24,21 +32,30 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
+from metanet.criteria import Batches, ChannelScores, Criterion, criterion
+from metanet.curve import MASKS, fit_scores
 from metanet.gates import apply_gates, fit_gates, gate_from_logit
 from metanet.graph import graph_to_network, network_to_graph
 from metanet.metanetwork import MetaNetwork
-from metanet.prune import DEFAULT_PRUNING, PruneSettings, prune_adaptive, prune_to_speedup, recalibrate_bn
+from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, amounts_for, prune_adaptive, prune_in_steps,
+                           prune_to_speedup,
+                           recalibrate_bn)
 from metanet.sparsity import GroupSparsity
 from metanet.data import TaskData
 from metanet.train import TrainConfig, evaluate, train
 
-METHODS = ("meta", "none", "depgraph")  # what prune_batch compares
-ALL_METHODS = (*METHODS, "gate", "oracle")  # plus the per-network gates and the sensitivity check
+METHODS = ("meta", "none", "depgraph")  # what prune_batch --baselines compares
+# hand-crafted criteria: method -> the metanet.criteria criterion its pruner ranks channels by
+CRITERION_OF = {"none": "magnitude", "taylor": "taylor", "bn_scale": "bn_scale", "lamp": "lamp", "fpgm": "fpgm",
+                "hessian": "hessian", "random": "random"}
+HAND_CRAFTED = tuple(CRITERION_OF)
+BENCH_METHODS = ("meta", *HAND_CRAFTED, "depgraph", "curve")  # what bench/quality.py compares by default
+ALL_METHODS = (*BENCH_METHODS, "gate", "oracle")  # plus the per-network gates and the paper objective's oracle
 
 # The finetuning budget in optimiser steps (README, "The pruning recipe's defaults", measured
 # with bench/pruner_settings.py): on held-out digits networks at 2x, 'none' ends 0.9 points
@@ -48,7 +65,7 @@ AFTER_STEPS = 80
 # the recipe's settings as the pipelines name them (prune_batch.py's flags, Tune's search keys):
 # the one place their defaults live
 RECIPE_DEFAULTS = {"before_steps": BEFORE_STEPS, "before_lr": 0.01, "after_steps": AFTER_STEPS, "after_lr": 0.01,
-                   "sparse_reg": 5e-4}
+                   "sparse_reg": 5e-4, "criterion": "magnitude"}
 RECAL_BATCHES = 10
 
 
@@ -63,8 +80,23 @@ class RecipeConfig:
     gate_reg: float = 3.0  # the gate baseline's sparsity (GroupSparsity.relative's scale)
     gate_lr: float = 0.05
     pruning: PruneSettings = DEFAULT_PRUNING
+    # what ranks channels for meta, depgraph, gate and oracle (a metanet.criteria name); the
+    # hand-crafted methods use their own, curve its scores
+    criterion: str = "magnitude"
     recal_batches: int = RECAL_BATCHES  # training batches that recompute BatchNorm statistics after pruning
     floor: float | None = None  # adaptive mode: prune while validation accuracy stays >= floor
+    # the curve method (metanet.curve): amounts drawn between those of these speed-ups
+    curve_speedups: tuple[float, float] = (1.5, 4.0)
+    # soft mask, T 0.2, lr 0.2: the best of bench/curve_objective.py on the digits zoo's validation members
+    curve_lr: float = 0.2
+    curve_temperature: float = 0.2
+    curve_mask: str = "soft"
+    curve_distill: float = 0.0
+
+    def __post_init__(self):
+        criterion(self.criterion)  # a known name, or ValueError naming the known ones
+        if self.curve_mask not in MASKS:
+            raise ValueError(f"curve_mask must be one of {MASKS}, not {self.curve_mask!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +107,7 @@ def recipe_from_settings(settings: dict, *, batch_size: int = 128, augment: bool
     """The recipe that the pipelines' settings (``before_steps``, ``before_lr``, ``after_steps``,
     ``after_lr``) describe: a constant lr before pruning, cosine after; ``extra`` sets other fields."""
     common = dict(batch_size=batch_size, augment=augment, seed=seed)
+    extra.setdefault("criterion", settings.get("criterion", "magnitude"))
     return RecipeConfig(target=target, **extra,
                         before=TrainConfig(steps=int(settings["before_steps"]), lr=settings["before_lr"],
                                            schedule="constant", **common),
@@ -88,6 +121,22 @@ def recalibrate(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> nn.Modul
     batches = (x for x, _ in data.batches("train", cfg.before.batch_size, shuffle=True, generator=gen,
                                          limit=cfg.recal_batches))
     return recalibrate_bn(model, batches)
+
+
+def calibration(data: TaskData, cfg: RecipeConfig) -> Batches:
+    """The calibration batches of the data-driven criteria: the same ``cfg.recal_batches`` shuffled
+    training batches (no augmentation) at every pruning step, as Torch-Pruning's benchmark does."""
+    gen = torch.Generator().manual_seed(cfg.before.seed + 1)
+    fixed = list(data.batches("train", cfg.before.batch_size, shuffle=True, generator=gen, limit=cfg.recal_batches))
+    return lambda: iter(fixed)
+
+
+class Prepared(NamedTuple):
+    """A method's network ready to prune, its record so far, and the criterion that prunes it."""
+
+    model: nn.Module
+    record: dict
+    criterion: Criterion
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -116,10 +165,22 @@ def optimised_gates(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> nn.M
     return graph_to_network(apply_gates(graph, gate_from_logit(logit)), model)
 
 
+def curve_scores(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> ChannelScores:
+    """The ``curve`` method's criterion: scores fitted to ``model`` with the curve objective."""
+    x = torch.zeros(data.input_shape, device=_device(model))
+    amounts = list(amounts_for(model, x, sorted(cfg.curve_speedups), cfg.pruning).values())
+    b = cfg.before
+    scores, masker = fit_scores(model, data, amounts, steps=b.steps, batch_size=b.batch_size, seed=b.seed,
+                                lr=cfg.curve_lr, temperature=cfg.curve_temperature, mode=cfg.curve_mask,
+                                distill=cfg.curve_distill)
+    return ChannelScores(masker.module_scores(scores))
+
+
 def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
-            metanet: MetaNetwork | None = None) -> tuple[nn.Module, dict]:
+            metanet: MetaNetwork | None = None) -> Prepared:
     """The method's part before pruning, on a copy of ``model``: the metanetwork edit (``meta``)
-    or sparse learning (``depgraph``), then ``cfg.before``'s finetuning. Shared by every target."""
+    or sparse learning (``depgraph``), then ``cfg.before``'s finetuning; for ``curve`` then the
+    scores. Shared by every target."""
     if method not in ALL_METHODS:
         raise ValueError(f"method must be one of {ALL_METHODS}, not {method!r}")
     if method == "meta" and metanet is None:
@@ -141,36 +202,58 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
         extra = lambda m: sparsity(dict(m.named_parameters()))  # noqa: E731
     train(model, data, cfg.before, extra_loss=extra)
     record["val_acc_before_prune"] = evaluate(model, data, "val")[0]
+    chosen = criterion(CRITERION_OF.get(method, cfg.criterion))
+    if method == "curve":
+        chosen = curve_scores(model, data, cfg)
+    record["criterion"] = chosen.name
     record["seconds_before_prune"] = time.perf_counter() - start
-    return model, record
+    return Prepared(model, record, chosen)
 
 
-def prune_and_finetune(prepared: nn.Module, data: TaskData, cfg: RecipeConfig, record: dict,
-                       report_test: bool = True) -> tuple[nn.Module, dict]:
-    """Prunes a copy of ``prepared`` to ``cfg.target`` (or, with ``cfg.floor``, while validation
-    accuracy stays at or above it), then finetunes with ``cfg.after``; returns it and its record."""
+def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, report_test: bool = True,
+                       extra_after: Sequence[int] = ()) -> tuple[nn.Module, dict]:
+    """Prunes a copy of ``prepared.model`` with its criterion to ``cfg.target`` (or, with
+    ``cfg.floor``, while validation accuracy stays at or above it), then finetunes with
+    ``cfg.after``; returns it and its record. ``extra_after``: other finetuning budgets (steps),
+    each run on its own copy of the pruned network, recorded as ``val_acc_ft<N>``/``test_acc_ft<N>``
+    (0 steps is ``*_acc_pruned``: BatchNorm recalibrated, no finetuning)."""
     start = time.perf_counter()
-    x = torch.zeros(data.input_shape, device=_device(prepared))
-    model = copy.deepcopy(prepared)
-    record = dict(record, target=cfg.target, floor=cfg.floor)
+    x = torch.zeros(data.input_shape, device=_device(prepared.model))
+    model = copy.deepcopy(prepared.model)
+    batches = calibration(data, cfg) if prepared.criterion.data_driven else None
     if cfg.floor is None:
-        result = prune_to_speedup(model, x, cfg.target, cfg.pruning)
+        result = prune_to_speedup(model, x, cfg.target, cfg.pruning, prepared.criterion, batches)
     else:
         def score(m: nn.Module) -> float:
             return evaluate(recalibrate(copy.deepcopy(m), data, cfg), data, "val")[0]
 
-        result = prune_adaptive(model, x, score, cfg.floor, cfg.pruning)
+        result = prune_adaptive(model, x, score, cfg.floor, cfg.pruning, criterion=prepared.criterion,
+                                batches=batches)
         model = result.model
+    return _finish(model, result, prepared, data, cfg, report_test, extra_after, time.perf_counter() - start)
+
+
+def _finish(model: nn.Module, result: PruneResult, prepared: Prepared, data: TaskData, cfg: RecipeConfig,
+            report_test: bool, extra_after: Sequence[int], pruning_seconds: float) -> tuple[nn.Module, dict]:
+    """A pruned ``model``: BatchNorm recalibrated, evaluated, finetuned (each budget), its record."""
+    start = time.perf_counter()
+    record = dict(prepared.record, target=cfg.target, floor=cfg.floor)
     recalibrate(model, data, cfg)
     record.update(result.summary())
     record["val_acc_pruned"], _ = evaluate(model, data, "val")
     if report_test:
         record["test_acc_pruned"], _ = evaluate(model, data, "test")
+    for steps in extra_after:
+        other = copy.deepcopy(model)
+        train(other, data, replace(cfg.after, steps=int(steps)))
+        record[f"val_acc_ft{steps}"] = evaluate(other, data, "val")[0]
+        if report_test:
+            record[f"test_acc_ft{steps}"] = evaluate(other, data, "test")[0]
     train(model, data, cfg.after)
     record["val_acc"], record["val_loss"] = evaluate(model, data, "val")
     if report_test:
         record["test_acc"], record["test_loss"] = evaluate(model, data, "test")
-    record["seconds"] = record.get("seconds_before_prune", 0.0) + time.perf_counter() - start
+    record["seconds"] = record.get("seconds_before_prune", 0.0) + pruning_seconds + time.perf_counter() - start
     return model, record
 
 
@@ -178,18 +261,35 @@ def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: Recipe
                       metanet: MetaNetwork | None = None, report_test: bool = True) -> tuple[nn.Module, dict]:
     """Runs one method on a copy of ``model``; returns the pruned, finetuned model and its record
     (test accuracy only when ``report_test``: selection code never looks at it)."""
-    prepared, record = prepare(model, data, method, cfg, metanet)
-    return prune_and_finetune(prepared, data, cfg, record, report_test)
+    return prune_and_finetune(prepare(model, data, method, cfg, metanet), data, cfg, report_test)
 
 
 def prune_to_targets(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig, targets: Sequence[float],
                      metanet: MetaNetwork | None = None, report_test: bool = True,
-                     inspect: Callable[[nn.Module], None] | None = None) -> list[tuple[nn.Module, dict]]:
+                     inspect: Callable[[Prepared], None] | None = None,
+                     extra_after: Sequence[int] = ()) -> list[tuple[nn.Module, dict]]:
     """Prepares ``model`` once (``prepare``), then prunes a copy to each of ``targets`` and finetunes
     it: the (model, record) pairs in the order of ``targets``. The targets share the method's part
     before pruning, as they do in ``prune_batch`` (which prunes row by row, to record each row's
-    failure). ``inspect`` sees the prepared model before pruning (diagnostics)."""
-    prepared, record = prepare(model, data, method, cfg, metanet)
+    failure). ``inspect`` sees the prepared network before pruning (diagnostics)."""
+    prepared = prepare(model, data, method, cfg, metanet)
     if inspect is not None:
         inspect(prepared)
-    return [prune_and_finetune(prepared, data, replace(cfg, target=float(t)), record, report_test) for t in targets]
+    if cfg.floor is not None:
+        return [prune_and_finetune(prepared, data, replace(cfg, target=float(t)), report_test, extra_after)
+                for t in targets]
+    # one iterative pruning run serves every target: the schedule to a higher target passes
+    # through the lower ones step for step, so a copy at each is what pruning to it alone gives
+    x = torch.zeros(data.input_shape, device=_device(prepared.model))
+    work = copy.deepcopy(prepared.model)
+    batches = calibration(data, cfg) if prepared.criterion.data_driven else None
+    out: dict[float, tuple[nn.Module, dict]] = {}
+    seconds, start = 0.0, time.perf_counter()  # pruning time up to each target, as if pruned alone
+    for target, result in prune_in_steps(work, x, sorted(float(t) for t in targets), cfg.pruning,
+                                         prepared.criterion, batches):
+        seconds += time.perf_counter() - start
+        snapshot = copy.deepcopy(result.model)
+        out[target] = _finish(snapshot, replace(result, model=snapshot), prepared, data, replace(cfg, target=target),
+                              report_test, extra_after, seconds)
+        start = time.perf_counter()
+    return [out[float(t)] for t in targets]

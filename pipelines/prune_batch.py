@@ -53,7 +53,8 @@ from zoo.store import ZooFormatError  # noqa: E402
 DEFAULTS = {
     "zoo": None, "split": "test", "models": [], "arch": None, "trust_pickle": False, "dataset": None,
     "data_root": None, "metanet": None, "methods": ["meta"], "baselines": False, "targets": [2.0], "floor": None,
-    **{k: RECIPE_DEFAULTS[k] for k in ("before_steps", "before_lr", "after_steps", "after_lr")}, "batch_size": None,
+    **{k: RECIPE_DEFAULTS[k] for k in ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")},
+    "batch_size": None,
     "augment": None, "sparse_reg": RECIPE_DEFAULTS["sparse_reg"], "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
     "mlflow": True, "diagnostics": False,
 }
@@ -67,7 +68,10 @@ HELP = {
     "dataset": "dataset of --models files (digits, cifar10, cifar100, svhn, imagefolder)",
     "data_root": "dataset folder (overrides the zoo spec's)",
     "metanet": "metanetwork file (meta_train.py's metanetwork.pt), needed for method meta",
-    "methods": "methods: meta, none, depgraph, gate, oracle",
+    "methods": "methods: meta, none (magnitude), depgraph, the Torch-Pruning criteria taylor, bn_scale, lamp, fpgm, "
+               "hessian, random, curve (per-network optimised scores), gate, oracle",
+    "criterion": "what ranks channels for meta, depgraph, gate and oracle: magnitude, taylor, bn_scale, lamp, fpgm, "
+                 "hessian, random",
     "baselines": "add the baselines none and depgraph",
     "targets": "MAC speed-ups to prune to (finite, > 1)",
     "floor": "instead of targets: prune while validation accuracy stays at or above this",
@@ -132,6 +136,13 @@ def parse_args(argv=None) -> dict:
     bad = [m for m in config["methods"] if m not in ALL_METHODS]
     if bad:
         raise SystemExit(f"prune_batch: unknown method(s) {bad}; known: {', '.join(ALL_METHODS)}")
+    from metanet.criteria import CRITERIA
+
+    if config["criterion"] not in CRITERIA:
+        raise SystemExit(f"prune_batch: --criterion {config['criterion']!r} is not one of {', '.join(CRITERIA)}")
+    for flag in ("before_steps", "after_steps"):
+        if config[flag] < 0:
+            raise SystemExit(f"prune_batch: --{flag.replace('_', '-')} must be >= 0, got {config[flag]}")
     if "meta" in config["methods"]:
         if not config["metanet"]:
             raise SystemExit("prune_batch: --metanet FILE is needed for method 'meta' (or --methods none depgraph)")

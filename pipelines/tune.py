@@ -53,7 +53,7 @@ SEARCH_DIR = Path(__file__).resolve().parent / "searches"
 DEFAULT_SEARCH = SEARCH_DIR / "digits.yaml"
 META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size",
              "edit", "evidence", "sparsity_norm")
-PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr")
+PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 
 

@@ -26,14 +26,14 @@ class BatchInputError(ValueError):
 
 DIAGNOSTICS = ["ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal",
                *(f"curve_{s:g}x" for s in CURVE_SPEEDUPS), "auc"]
-COLUMNS = ["model", "source", "family", "method", "target", "floor", "status", "error", "speedup", "macs_before",
+COLUMNS = ["model", "source", "family", "method", "criterion", "target", "floor", "status", "error", "speedup", "macs_before",
            "macs_after", "params_before", "params_after", "val_acc_before", "test_acc_before", "val_acc_pruned",
            "test_acc_pruned", "val_acc", "test_acc", "seconds", "path", *DIAGNOSTICS,
            "model_sha", "metanet_sha", "settings_sha", "settings", "node"]
 KEY = ["model", "method", "target", "floor"]
 # the settings a row's result depends on (besides its model, method, target/floor and metanetwork)
 RESULT_SETTINGS = ("arch", "dataset", "data_root", "before_steps", "before_lr", "after_steps", "after_lr",
-                   "batch_size", "augment", "sparse_reg", "seed", "diagnostics")
+                   "batch_size", "augment", "sparse_reg", "seed", "diagnostics", "criterion")
 
 
 @dataclass(frozen=True)
@@ -103,21 +103,22 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         metanet = load_metanetwork(metanet_path, None if device == "cpu" else "torch")[0] if method == "meta" else None
         cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
                                    seed=config["seed"], sparse_reg=config["sparse_reg"])
-        prepared, record = prepare(model, data, method, cfg, metanet)
+        prepared = prepare(model, data, method, cfg, metanet)
         if config["diagnostics"]:  # on the test split: a report, nothing is selected with it
             from metanet.diagnostics import diagnose
 
-            before.update(diagnose(model, prepared, data, cfg, CURVE_SPEEDUPS, split="test"))
+            before.update(diagnose(model, prepared.model, data, cfg, CURVE_SPEEDUPS, split="test",
+                                   criterion=prepared.criterion))
     except Exception as err:  # the model could not be loaded, converted or trained: every row says why
         return [dict(r, error=_error(err), seconds=time.perf_counter() - started) for r in rows]
-    shared = record.pop("seconds_before_prune")
+    shared = prepared.record.pop("seconds_before_prune")
     for row in rows:
         began = time.perf_counter()
         row.update(before)
         try:
             cfg.target = row["target"] if row["target"] is not None else cfg.target
             cfg.floor = row["floor"]
-            pruned, result = prune_and_finetune(prepared, data, cfg, dict(record))
+            pruned, result = prune_and_finetune(prepared, data, cfg)
             name = f"{source.name}__{method}__{run_label(row)}.pt"
             path = os.path.join(out, "models", name)
             try:
@@ -125,7 +126,7 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
                            source=source.ref)
             except ValueError:  # not a zoo architecture (a trusted pickled module): keep it as one
                 atomic_write(path, lambda tmp: torch.save(pruned.cpu(), tmp))
-            row.update({k: result[k] for k in ("speedup", "macs_after", "params_after", "val_acc_pruned",
+            row.update({k: result[k] for k in ("criterion", "speedup", "macs_after", "params_after", "val_acc_pruned",
                                                "test_acc_pruned", "val_acc", "test_acc")},
                        status="ok", error=None, path=path)
         except Exception as err:
@@ -324,26 +325,42 @@ def row_key(row) -> tuple:
 
 
 def paired_summary(frame) -> str:
-    """Markdown: paired differences in final test accuracy (same model) with 95% intervals, for
-    meta against each baseline (or the baselines against each other), per target; '' if one method."""
-    from metanet.paired import paired_key_table, paired_table
+    """Markdown: paired differences (same model) with 95% intervals, per target, in final test
+    accuracy and right after pruning (BatchNorm recalibrated): meta and curve against the best
+    hand-crafted criterion of the run (chosen on validation accuracy, per target) and against each
+    other method, or the methods against each other without meta; '' with one method."""
+    from metanet.paired import paired_key_table, paired_table, with_best
+    from metanet.recipe import HAND_CRAFTED
 
     ok = frame[(frame.status == "ok") & frame.floor.isna()]
     methods = list(dict.fromkeys(ok.method))
     if len(methods) < 2:
         return ""
-    pairs = [("meta", b) for b in methods if b != "meta"] if "meta" in methods else \
-        [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+    criteria = [m for m in HAND_CRAFTED if m in methods]
+    leads = [m for m in ("meta", "curve") if m in methods]
+    pairs = [(a, b) for a in leads for b in methods if b != a and not (a == "curve" and b == "meta")]
+    if not leads:
+        pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+    elif len(criteria) > 1:
+        pairs = [(a, "best") for a in leads] + pairs
     targets = sorted(set(ok.target))
     rows = ok.to_dict("records")
-    text = ("Paired by model, final test accuracy, mean difference in points [95% interval over "
-            f"{ok.model.nunique()} models]:\n\n" + paired_table(rows, pairs, targets, "test_acc", unit="model"))
+    text = ""
+    for label, key in (("final test accuracy", "acc"), ("test accuracy right after pruning (BatchNorm recalibrated, "
+                                                        "no finetuning)", "acc_pruned")):
+        both, chosen = with_best(rows, criteria, f"val_{key}", targets, unit="model")
+        text += f"Paired by model, {label}, mean difference in points [95% interval over {ok.model.nunique()} models]"
+        if len(criteria) > 1:
+            text += ("; best hand-crafted criterion by validation accuracy: "
+                     + ", ".join(f"{t:g}x {m}" for t, m in chosen.items()))
+        text += ":\n\n" + paired_table(both, pairs, targets, f"test_{key}", unit="model") + "\n\n"
     if ok["auc"].notna().any():
         curve = [r for r in rows if r["target"] == targets[0]]
         keys = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
-        text += ("\n\nRecalibrated pruning curve of the prepared models (no finetuning after pruning), "
-                 "paired by model, points:\n\n" + paired_key_table(curve, pairs, keys, unit="model"))
-    return text
+        plain = [p for p in pairs if "best" not in p]
+        text += ("Recalibrated pruning curve of the prepared models (no finetuning after pruning), "
+                 "paired by model, points:\n\n" + paired_key_table(curve, plain, keys, unit="model") + "\n\n")
+    return text.rstrip()
 
 
 def summary_table(frame) -> str:
