@@ -6,7 +6,8 @@
     python pipelines/prune_batch.py --config runs/tune-digits/best_config.yaml --zoo ... --metanet ...
 
 A search file names the zoo, the search space (meta-training lr, alpha, reg, residual ratio r,
-metanetwork width and depth, finetuning lr and optimiser steps before and after pruning), the targets and
+metanetwork width and depth, finetuning lr and optimiser steps before and after pruning, the pruning
+criterion: a ``metanet.criteria`` name), the targets and
 the trial budget. Each trial meta-trains a metanetwork on the zoo's training members (one process,
 ``cpus_per_trial`` cores) and, every ``eval_every`` epochs, reports its *score* (the search file's
 ``objective``): with ``recipe`` (the default, since the search covers the finetuning settings too)

@@ -120,3 +120,27 @@ def test_the_best_criterion_is_chosen_on_validation_not_test():
     both, chosen = with_best(rows, ["a", "b"], "val_acc", [2.0])
     assert chosen == {2.0: "a"}
     assert sorted(r["test_acc"] for r in both if r["method"] == "best") == [0.5] * 3
+
+
+def test_no_finetuning_after_pruning_reports_the_recalibrated_network(trained, digits):
+    from metanet.recipe import prune_with_method
+
+    cfg = RecipeConfig(target=2.0, before=TrainConfig(steps=3, lr=0.01, augment=False),
+                       after=TrainConfig(steps=0, lr=0.01, augment=False))
+    _, rec = prune_with_method(trained, digits, "fpgm", cfg)
+    assert rec["criterion"] == "fpgm" and rec["speedup"] >= 2.0
+    assert rec["test_acc"] == rec["test_acc_pruned"] and rec["val_acc"] == rec["val_acc_pruned"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "taylor", "l1"], "unknown method(s) ['l1']"),
+    (["--methods", "none", "--criterion", "l1"], "--criterion 'l1' is not one of magnitude"),
+    (["--methods", "none", "--after-steps", "-5"], "--after-steps must be >= 0, got -5"),
+    (["--methods", "none", "--before-steps", "-1"], "--before-steps must be >= 0, got -1"),
+])
+def test_prune_batch_refuses_unknown_methods_criteria_and_negative_budgets(flags, message):
+    from pipelines import prune_batch
+
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        prune_batch.parse_args(["--zoo", "z", *flags])

@@ -1,4 +1,4 @@
-"""Every command the README shows parses as written: each `python pipelines/... | bench/...` line
+"""Every command the README and docs/ show parses as written: each `python pipelines/... | bench/...` line
 (also inside `ray job submit ... --`) with its flags, each `metaprune` command, each `make` target.
 
 Parsing only (the commands themselves take minutes to hours): argparse stops each script right
@@ -18,10 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHONS = ("python", "python3", ".venv/bin/python")
 
 
-def _code_lines() -> list[tuple[int, str]]:
-    """(line number, command) of the README's code: fenced blocks and indented blocks, with
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _code_lines() -> list[tuple[str, str]]:
+    """("file:line", command) of the documents' code: fenced blocks and indented blocks, with
     continuation lines joined and comments removed."""
-    lines, out, fenced, pending, start = (ROOT / "README.md").read_text().splitlines(), [], False, "", 0
+    return [(f"{doc.relative_to(ROOT)}:{n}", c) for doc in DOCUMENTS for n, c in _file_code_lines(doc)]
+
+
+def _file_code_lines(path: Path) -> list[tuple[int, str]]:
+    lines, out, fenced, pending, start = path.read_text().splitlines(), [], False, "", 0
     for number, line in enumerate(lines, 1):
         if line.startswith("```"):
             fenced = not fenced
@@ -42,7 +49,7 @@ def _code_lines() -> list[tuple[int, str]]:
     return [(n, c) for n, c in out if c]
 
 
-def _commands(kind: str) -> list[tuple[int, list[str]]]:
+def _commands(kind: str) -> list[tuple[str, list[str]]]:
     found = []
     for number, line in _code_lines():
         for part in re.split(r"&&|;", line):
@@ -85,10 +92,10 @@ def test_the_readme_shows_commands():
     assert len(SCRIPTS) >= 20 and _commands("make") and _commands("metaprune")  # the extraction finds them
 
 
-@pytest.mark.parametrize("line, argv", SCRIPTS, ids=[f"README:{n}:{a[0]}" for n, a in SCRIPTS])
+@pytest.mark.parametrize("line, argv", SCRIPTS, ids=[f"{n}:{a[0]}" for n, a in SCRIPTS])
 def test_a_readme_command_parses(line, argv, monkeypatch, capsys):
     script = ROOT / argv[0]
-    assert script.exists(), f"README line {line}: no such script {argv[0]}"
+    assert script.exists(), f"{line}: no such script {argv[0]}"
     _stop_after_parsing(monkeypatch)
     monkeypatch.setattr(sys, "argv", [str(script), *argv[1:]])
     monkeypatch.syspath_prepend(str(script.parent))
@@ -96,15 +103,15 @@ def test_a_readme_command_parses(line, argv, monkeypatch, capsys):
         runpy.run_path(str(script), run_name="__main__")
     if stopped.type is SystemExit:  # --help exits 0 by design; anything else is argparse refusing the line
         error = (capsys.readouterr().err.strip().splitlines() or [""])[-1]
-        assert stopped.value.code == 0 and "--help" in argv, f"README line {line}: {' '.join(argv)}: {error}"
+        assert stopped.value.code == 0 and "--help" in argv, f"{line}: {' '.join(argv)}: {error}"
 
 
 def test_readme_make_targets_and_metaprune_commands_exist():
     targets = set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
     for line, words in _commands("make"):
         named = [w for w in words if "=" not in w and not w.startswith("-")]
-        assert set(named) <= targets, f"README line {line}: make {' '.join(words)}: not a target"
+        assert set(named) <= targets, f"{line}: make {' '.join(words)}: not a target"
     from pipelines.__main__ import COMMANDS
 
     for line, words in _commands("metaprune"):
-        assert words[0] in COMMANDS, f"README line {line}: metaprune {words[0]}: not a command"
+        assert words[0] in COMMANDS, f"{line}: metaprune {words[0]}: not a command"
