@@ -3,7 +3,8 @@
 One class per criterion in a registry (``CRITERIA``, by name), each wrapping Torch-Pruning's own
 importance class; none computes an importance by hand. A criterion gives the pruner its
 ``importance`` for one network, and may need data before each pruning step (``before_step``):
-gradients for Taylor, squared per-sample gradients for Hessian (OBD). ``ChannelScores`` is the
+gradients for Taylor, squared per-sample gradients for Hessian (OBD), every ``PruneSettings.refresh``
+steps. ``ChannelScores`` is the
 exception by design: its importance is a table of per-channel scores given from outside (the
 ``curve`` method's optimised scores, or a metanetwork's), kept aligned with the channels that
 remain as the pruner removes others (``observe``, called with each group before it is pruned).
@@ -36,7 +37,8 @@ class Criterion:
         raise NotImplementedError
 
     def before_step(self, model: nn.Module, importance: tp.importance.Importance, batches: Batches | None) -> None:
-        """Called before every pruning step of ``model`` (already in eval mode)."""
+        """Called before a pruning step of ``model`` (in eval mode), every ``PruneSettings.refresh``
+        steps and after the pruner handed the model out (its gradients dropped)."""
 
     def observe(self, importance: tp.importance.Importance, group) -> None:
         """Called with every group the pruner is about to prune (its ``idxs`` are the channels that go)."""
@@ -99,8 +101,8 @@ def _calibration(batches: Batches | None, name: str) -> list[tuple[torch.Tensor,
 
 class Taylor(Criterion):
     """First-order Taylor |w * dL/dw| of the channel's weights, the gradient of the mean loss over
-    every calibration batch (Torch-Pruning's benchmark accumulates 10), recomputed before each
-    step on the network as pruned so far, BatchNorm on running statistics."""
+    every calibration batch (Torch-Pruning's benchmark accumulates 10), recomputed on the network
+    as pruned so far at every refresh, BatchNorm on running statistics."""
 
     name = "taylor"
     data_driven = True
@@ -118,7 +120,7 @@ class Taylor(Criterion):
 
 class Hessian(Criterion):
     """Optimal Brain Damage: w^2 times the diagonal Fisher (mean squared per-sample gradient) of the
-    channel's weights, over the first ``samples`` calibration samples, before each step (per-sample
+    channel's weights, over the first ``samples`` calibration samples, at every refresh (per-sample
     backward passes: Torch-Pruning's benchmark takes 10 batches of them, too slow here).
 
     Torch-Pruning 1.6's ``GroupHessianImportance.accumulate_grad`` keys its running sums by

@@ -1,7 +1,9 @@
 """Structured pruning with Torch-Pruning to a target MAC speed-up, and saving pruned networks.
 
-The method's importance (group L2, mean over the group), in small iterative steps, stopping at
-the first step whose MACs speed-up reaches the target; the classifier's outputs are never pruned.
+Channels ranked by a criterion (``metanet.criteria``: the method's group L2 magnitude by default,
+or any of Torch-Pruning's other importances, or given per-channel scores), in small iterative
+steps, stopping at the first step whose MACs speed-up reaches the target; the classifier's outputs
+are never pruned. ``amounts_for`` says what fraction of every layer a speed-up removes.
 ``prune_adaptive`` instead prunes while a score (validation accuracy, say) stays at or above
 a floor. ``recalibrate_bn`` recomputes BatchNorm statistics after pruning.
 
@@ -101,12 +103,17 @@ class PruneSettings:
     paper) or prune the same fraction of every layer; ``max_ratio``: the most of one layer's
     channels that may go; ``normalizer``: Torch-Pruning's importance normaliser within a group
     (``'max'``, ``'mean'``, ``'sum'``, ``'standarization'``, or None); ``steps``: the iterative
-    schedule (a step prunes ``max_ratio / steps`` more of each layer, or the global equivalent)."""
+    schedule (a step prunes ``max_ratio / steps`` more of each layer, or the global equivalent);
+    ``refresh``: how often a data-driven criterion (Taylor, Hessian) recomputes its gradients on
+    the calibration batches. Torch-Pruning prunes a gradient with its parameter, so between
+    refreshes the gradients stay aligned with the channels that remain; every step (``refresh=1``,
+    Torch-Pruning's benchmark) made Hessian pruning of a digits ResNet-20 to 3x take 18 s."""
 
     global_pruning: bool = False
     max_ratio: float = 0.9
     normalizer: str | None = "max"
     steps: int = 200
+    refresh: int = 10  # data-driven criteria recompute their gradients every this many steps
 
     def label(self) -> str:
         scope = "global" if self.global_pruning else "per-layer"
@@ -126,6 +133,7 @@ class _Pruning:
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, settings: PruneSettings,
                  criterion: Criterion | None, batches: Batches | None):
         self.model, self.criterion, self.batches = model, criterion or MAGNITUDE, batches
+        self.refresh, self.done, self.stale = max(1, settings.refresh), 0, True
         self.importance = self.criterion.importance(model, settings.normalizer)
         self.pruner = tp.pruner.BasePruner(
             model, example_inputs, importance=self.importance, global_pruning=settings.global_pruning,
@@ -133,10 +141,17 @@ class _Pruning:
             ignored_layers=[classifier_of(model)], **torch_pruning_options(model))
 
     def step(self) -> None:
-        self.criterion.before_step(self.model, self.importance, self.batches)
+        if self.stale or self.done % self.refresh == 0:
+            self.criterion.before_step(self.model, self.importance, self.batches)
+            self.stale = False
         _step(self, self.model)
+        self.done += 1
+
+    def clean(self) -> None:
+        """Drops the gradients a data-driven criterion left on the model (before it is handed out)."""
         if self.criterion.data_driven:
             self.model.zero_grad(set_to_none=True)
+            self.stale = True
 
     def prune_groups(self) -> None:
         for group in self.pruner.step(interactive=True):
@@ -183,6 +198,7 @@ def prune_in_steps(model: nn.Module, example_inputs: torch.Tensor, targets: Sequ
             pruning.step()
             done += 1
             macs, params = count(model, example_inputs)
+        pruning.clean()
         yield target, PruneResult(model, macs0, macs, params0, params, done)
 
 
@@ -243,6 +259,7 @@ def prune_adaptive(model: nn.Module, example_inputs: torch.Tensor, score: Callab
         for _ in range(min(check_every, steps - done)):
             pruning.step()
             done += 1
+        pruning.clean()
         if score(model) < floor:
             break
         best, best_steps = copy.deepcopy(model), done
