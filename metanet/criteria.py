@@ -156,6 +156,23 @@ class Hessian(Criterion):
         importance.accumulate_grad(model)
 
 
+class WithFallback(tp.importance.Importance):
+    """``primary``'s importance, and magnitude's for the groups it cannot score (returns None
+    for): Torch-Pruning's pruner skips such a group, so ``bn_scale`` would never prune a layer
+    without BatchNorm (a VGG's hidden classifier layers) and would cut the others harder to reach
+    the target instead. Everything else (``zero_grad``, ``observe``) goes to ``primary``."""
+
+    def __init__(self, primary: tp.importance.Importance, fallback: tp.importance.Importance):
+        self.primary, self.fallback = primary, fallback
+
+    def __call__(self, group):
+        imp = self.primary(group)
+        return self.fallback(group) if imp is None else imp
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["primary"], name)
+
+
 class ScoreImportance(tp.importance.Importance):
     """A Torch-Pruning importance read from a table: ``scores[module name]`` holds one score per
     output channel of that Conv/Linear layer, in the channel order of the network the table was

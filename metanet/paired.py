@@ -116,12 +116,13 @@ def best_method(rows: Iterable[Mapping], candidates: Sequence[str], val_key: str
     """The candidate with the highest mean ``val_key`` over units (at ``target``): chosen on
     validation, so that its test accuracy is an honest report. None if no candidate has rows."""
     rows = list(rows)
-    means = {}
-    for m in candidates:
-        values = per_unit(rows, m, val_key, target, unit)
-        if values:
-            means[m] = sum(values.values()) / len(values)
-    return max(means, key=means.get) if means else None
+    values = {m: per_unit(rows, m, val_key, target, unit) for m in candidates}
+    values = {m: v for m, v in values.items() if v}
+    if not values:
+        return None
+    common = set.intersection(*(set(v) for v in values.values()))  # compared on the units all of them have
+    means = {m: sum(v[u] for u in common) / max(len(common), 1) for m, v in values.items()}
+    return max(means, key=means.get)
 
 
 def with_best(rows: Iterable[Mapping], candidates: Sequence[str], val_key: str, targets: Sequence[float],

@@ -28,7 +28,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from metanet.criteria import Batches, Criterion, Magnitude
+from metanet.criteria import Batches, Criterion, Magnitude, WithFallback
 from metanet.files import atomic_write
 from metanet.sparsity import UnprunableNetworkError, classifier_of, torch_pruning_options
 
@@ -135,6 +135,8 @@ class _Pruning:
         self.model, self.criterion, self.batches = model, criterion or MAGNITUDE, batches
         self.refresh, self.done, self.stale = max(1, settings.refresh), 0, True
         self.importance = self.criterion.importance(model, settings.normalizer)
+        if not isinstance(self.criterion, Magnitude):  # a group the criterion cannot score: magnitude's ranking
+            self.importance = WithFallback(self.importance, MAGNITUDE.importance(model, settings.normalizer))
         self.pruner = tp.pruner.BasePruner(
             model, example_inputs, importance=self.importance, global_pruning=settings.global_pruning,
             pruning_ratio=settings.max_ratio, max_pruning_ratio=settings.max_ratio, iterative_steps=settings.steps,
@@ -156,18 +158,18 @@ class _Pruning:
     def prune_groups(self) -> None:
         for group in self.pruner.step(interactive=True):
             self.criterion.observe(self.importance, group)
-            group.prune()
+            try:
+                group.prune()
+            except IndexError as err:  # Torch-Pruning's channel index maps do not fit this network
+                raise UnprunableNetworkError(
+                    f"{type(self.model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
+                    "splits or shuffles (ShuffleNet) are not prunable with Torch-Pruning 1.6") from None
 
 
 def _step(pruning: _Pruning, model: nn.Module) -> None:
     """One pruning step, then the widths a network keeps as plain attributes, which Torch-Pruning
     does not know about (torchvision's ViT reshapes with ``hidden_dim``)."""
-    try:
-        pruning.prune_groups()
-    except IndexError as err:  # Torch-Pruning's channel index maps do not fit this network
-        raise UnprunableNetworkError(
-            f"{type(model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
-            "splits or shuffles (ShuffleNet) are not prunable with Torch-Pruning 1.6") from None
+    pruning.prune_groups()
     for m in model.modules():
         if isinstance(getattr(m, "hidden_dim", None), int) and isinstance(getattr(m, "conv_proj", None), nn.Conv2d):
             m.hidden_dim = m.conv_proj.out_channels
@@ -214,11 +216,17 @@ def prune_to_speedup(model: nn.Module, example_inputs: torch.Tensor, target: flo
 def amounts_for(model: nn.Module, example_inputs: torch.Tensor, speedups: Sequence[float],
                 settings: PruneSettings = DEFAULT_PRUNING) -> dict[float, float]:
     """{speed-up: the fraction of every layer's channels that per-layer pruning removes to reach
-    it}: what a target means for one architecture (pruned on a copy; the weights do not matter)."""
+    it}: what a target means for one architecture (pruned on a copy; the weights do not matter).
+    A speed-up the schedule cannot reach gets the schedule's last amount, ``max_ratio``."""
     if settings.global_pruning:
         raise ValueError("per-layer amounts are defined for per-layer pruning (global_pruning=False) only")
-    return {t: r.steps * settings.max_ratio / settings.steps
-            for t, r in prune_in_steps(copy.deepcopy(model), example_inputs, speedups, settings)}
+    amounts: dict[float, float] = {}
+    try:
+        for t, r in prune_in_steps(copy.deepcopy(model), example_inputs, speedups, settings):
+            amounts[t] = r.steps * settings.max_ratio / settings.steps
+    except UnreachableSpeedupError:
+        pass
+    return {float(t): amounts.get(float(t), settings.max_ratio) for t in speedups}
 
 
 @torch.no_grad()
@@ -249,6 +257,7 @@ def prune_adaptive(model: nn.Module, example_inputs: torch.Tensor, score: Callab
                    criterion: Criterion | None = None, batches: Batches | None = None) -> PruneResult:
     """Prunes ``model`` while ``score(model)`` (validation accuracy, say) stays >= ``floor``; returns
     the last network that met the floor (a copy; ``model`` itself ends pruned one check further)."""
+    model.eval()  # as prune_in_steps: data-driven criteria read running statistics, dropout off
     macs0, params0 = count(model, example_inputs)
     if score(model) < floor:
         raise ValueError(f"the unpruned network already scores below the floor {floor}")

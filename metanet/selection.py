@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from metanet.data import TaskData
+from metanet.criteria import criterion
 from metanet.diagnostics import curve_auc, pruning_curve
 from metanet.metanetwork import MetaNetwork
 from metanet.recipe import RecipeConfig, apply_metanetwork, prune_to_targets, recipe_from_settings
@@ -49,7 +50,8 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
     if objective == "auc":
         device = next(metanet.parameters()).device
         x = torch.zeros(data.input_shape, device=device)
-        areas = [curve_auc(pruning_curve(apply_metanetwork(metanet, m, x), data, recipe)) for m in models]
+        areas = [curve_auc(pruning_curve(apply_metanetwork(metanet, m, x), data, recipe,
+                                         criterion=criterion(recipe.criterion))) for m in models]
         return sum(areas) / len(areas)
     scores = [record["val_acc"] for model in models
               for _, record in prune_to_targets(model, data, "meta", recipe, targets or [recipe.target], metanet,

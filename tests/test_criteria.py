@@ -144,3 +144,18 @@ def test_prune_batch_refuses_unknown_methods_criteria_and_negative_budgets(flags
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("]", r"\]")):
         prune_batch.parse_args(["--zoo", "z", *flags])
+
+
+def test_a_criterion_that_cannot_score_a_group_leaves_it_to_magnitude(digits):
+    """BNScale has nothing to read in a layer without BatchNorm; Torch-Pruning would skip that
+    group (and cut the others harder): magnitude ranks it instead, so it is pruned as by magnitude."""
+    model = build_model(vgg_spec(11, width_mult=0.125, input_size=8, in_channels=1, classifier=(16,))).eval()
+    hidden = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][0]
+    assert hidden.out_features == 16
+    x = torch.zeros(digits.input_shape)
+    pruned = {}
+    for name in ("magnitude", "bn_scale"):
+        work = copy.deepcopy(model)
+        prune_to_speedup(work, x, 2.0, criterion=criterion(name))
+        pruned[name] = [m for m in work.modules() if isinstance(m, torch.nn.Linear)][0]
+    assert pruned["bn_scale"].out_features == pruned["magnitude"].out_features < 16
