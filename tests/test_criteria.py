@@ -159,3 +159,21 @@ def test_a_criterion_that_cannot_score_a_group_leaves_it_to_magnitude(digits):
         prune_to_speedup(work, x, 2.0, criterion=criterion(name))
         pruned[name] = [m for m in work.modules() if isinstance(m, torch.nn.Linear)][0]
     assert pruned["bn_scale"].out_features == pruned["magnitude"].out_features < 16
+
+
+def test_the_prune_batch_summary_names_the_best_criterion_and_pairs_meta_and_curve_with_it():
+    import pandas as pd
+
+    from zoo.batch import COLUMNS, paired_summary
+
+    rows = []
+    for model in ("a", "b", "c"):
+        for method, val, test in (("meta", 0.80, 0.81), ("none", 0.70, 0.72), ("taylor", 0.75, 0.70),
+                                  ("curve", 0.90, 0.88)):
+            rows.append(dict({k: None for k in COLUMNS}, model=model, method=method, target=2.0, floor=float("nan"),
+                             status="ok", val_acc=val, test_acc=test, val_acc_pruned=val - 0.2,
+                             test_acc_pruned=test - 0.2, auc=float("nan")))
+    text = paired_summary(pd.DataFrame(rows, columns=COLUMNS))
+    assert "best hand-crafted criterion by validation accuracy: 2x taylor" in text  # on val, though none wins test
+    assert "| meta - best | +11.0 [+11.0, +11.0] |" in text and "| curve - best | +18.0 [+18.0, +18.0] |" in text
+    assert "| meta - none |" in text and "| meta - curve |" in text and "right after pruning" in text
