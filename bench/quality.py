@@ -316,7 +316,7 @@ def main(argv=None) -> dict:
                          selection=f"val acc after finetune -> prune to 2x -> finetune ({s['select_steps']} steps each)")
         log(f"{time.perf_counter() - t0:.0f} s so far")
 
-    from tqdm import tqdm
+    from distributed.progress import progress
 
     finetune = zoo.finetune_settings()
     jobs = []
@@ -329,7 +329,7 @@ def main(argv=None) -> dict:
     results = []
     with _pool(args.workers, data) as pool:
         futures = {pool.submit(prune_job, *a): key for key, a in jobs}
-        for f in tqdm(cf.as_completed(futures), total=len(futures), desc="pruning held-out networks", unit="job"):
+        for f in progress(cf.as_completed(futures), total=len(futures), desc="pruning held-out networks", unit="job"):
             h, member, origin, seed, method = futures[f]
             for row in f.result():
                 results.append(dict(row, network=h, member=member.id, family=member.arch["family"], origin=origin,

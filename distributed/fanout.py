@@ -23,11 +23,11 @@ def fan_out(fn: Callable, jobs: Sequence[tuple[tuple, Any]], *, options: dict, d
     """Runs ``fn(*args)`` as one Ray task (``options``: num_cpus, num_gpus, max_retries, ...) per
     ``(args, job)`` in ``jobs``. As each finishes, ``on_result(job, value)``; for a task that died
     for good, ``on_death(job, died(error))``. Either may return a dict shown beside the progress bar."""
-    from tqdm import tqdm
+    from distributed.progress import progress
 
     task = ray.remote(fn).options(**options)
     pending = {task.remote(*args): job for args, job in jobs}
-    bar = tqdm(total=len(pending), desc=desc, unit=unit)
+    bar = progress(total=len(pending), desc=desc, unit=unit)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(ready[0])

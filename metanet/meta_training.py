@@ -183,12 +183,12 @@ def distill(metanet: MetaNetwork, members: Sequence[Member], targets: Sequence[t
             cfg: MetaTrainConfig, progress: bool = True) -> list[float]:
     """``cfg.distill_epochs`` epochs of AdamW on ``distill_step``: a warm start that shows the
     metanetwork what a selective edit of each member looks like. Returns per-epoch mean losses."""
-    from tqdm import tqdm
+    from distributed.progress import progress as bar_of
 
     opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
-    for _ in tqdm(range(cfg.distill_epochs), desc="distillation", unit="epoch", disable=not progress):
+    for _ in bar_of(range(cfg.distill_epochs), desc="distillation", unit="epoch", disable=not progress):
         total = 0.0
         for i in torch.randperm(len(members), generator=gen).tolist():
             opt.zero_grad(set_to_none=True)
@@ -207,7 +207,7 @@ def meta_train(metanet: MetaNetwork, members: Sequence[Member], data: TaskData, 
                ) -> list[dict]:
     """Meta-trains ``metanet`` in place; after each epoch ``on_epoch(epoch, metrics, metanet)``
     (for checkpoints and selection). Returns per-epoch mean loss terms."""
-    from tqdm import tqdm
+    from distributed.progress import progress as bar_of
 
     if cfg.distill_epochs > 0:
         targets = [gate_targets(m, data, cfg) for m in members]
@@ -216,7 +216,7 @@ def meta_train(metanet: MetaNetwork, members: Sequence[Member], data: TaskData, 
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
     steps = -(-len(members) // cfg.members_per_step)
-    bar = tqdm(total=cfg.epochs * steps, desc="meta-training", unit="step", disable=not progress)
+    bar = bar_of(total=cfg.epochs * steps, desc="meta-training", unit="step", disable=not progress)
 
     def step_done(step: int, terms: dict) -> None:
         bar.update(1)

@@ -80,7 +80,9 @@ def run(*args: str, log: Path, verbose: bool = False, env: dict | None = None) -
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as sink:
         sink.write(("$ " + " ".join(args) + "\n").encode())
-        proc = subprocess.Popen(list(args), cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+        # the children draw tqdm bars into the pipe: this loop keeps each on one line of the terminal
+        proc = subprocess.Popen(list(args), cwd=ROOT, env={**os.environ, "METAPRUNE_PROGRESS": "bar", **(env or {})},
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
         pending, last = b"", None
         while chunk := proc.stdout.read1(65536):

@@ -151,7 +151,7 @@ def load_imagefolder(root: str, *, seed: int = 0, val_fraction: float = 0.1, tra
     """``root/train/<class>/*`` and ``root/test/<class>/*`` read with torchvision's ImageFolder,
     decoded once (resized to ``size`` if given) into memory; a progress bar shows the decoding."""
     from torchvision.datasets import ImageFolder
-    from tqdm import tqdm
+    from distributed.progress import progress
 
     splits = {}
     for split in ("train", "test"):
@@ -168,8 +168,8 @@ def load_imagefolder(root: str, *, seed: int = 0, val_fraction: float = 0.1, tra
     def decode(ds, subset):
         idx = torch.randperm(len(ds), generator=gen)[:subset] if subset else torch.arange(len(ds))
         images, labels = [], []
-        for i in tqdm(idx.tolist(), desc=f"decoding {os.path.basename(ds.root)}", unit="img", leave=False,
-                      disable=len(idx) < 2000):
+        for i in progress(idx.tolist(), desc=f"decoding {os.path.basename(ds.root)}", unit="img", leave=False,
+                          disable=len(idx) < 2000):
             path, label = ds.samples[i]
             img = ds.loader(path).convert("RGB")
             if size is not None:
