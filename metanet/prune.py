@@ -156,14 +156,23 @@ class _Pruning:
             self.stale = True
 
     def prune_groups(self) -> None:
-        for group in self.pruner.step(interactive=True):
-            self.criterion.observe(self.importance, group)
-            try:
+        try:
+            for group in self.pruner.step(interactive=True):
+                self.criterion.observe(self.importance, group)
                 group.prune()
-            except IndexError as err:  # Torch-Pruning's channel index maps do not fit this network
-                raise UnprunableNetworkError(
-                    f"{type(self.model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
-                    "splits or shuffles (ShuffleNet) are not prunable with Torch-Pruning 1.6") from None
+        except IndexError as err:
+            if not _raised_in_torch_pruning(err):  # our own bug (a criterion's table): not the network's fault
+                raise
+            raise UnprunableNetworkError(  # Torch-Pruning's channel index maps do not fit this network
+                f"{type(self.model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
+                "splits or shuffles (ShuffleNet) are not prunable with Torch-Pruning 1.6") from None
+
+
+def _raised_in_torch_pruning(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}torch_pruning{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 def _step(pruning: _Pruning, model: nn.Module) -> None:
