@@ -28,7 +28,9 @@ def test_search_writes_a_best_config_the_pipelines_accept(tmp_path):
     zoo = build_digits_zoo(tmp_path / "zoo")
     search = yaml.safe_load((ROOT / "pipelines/searches/digits.yaml").read_text())
     search.update(zoo=str(tmp_path / "zoo"), num_samples=2, max_epochs=2, grace_period=1, val_members=1)
-    search["space"].update(hidden={"choice": [8]}, layers={"choice": [1, 2]})
+    # the sampled trial differs from the default in its metanetwork only (a criterion drawn worse
+    # than magnitude would decide which trial wins, not the bookkeeping checked here)
+    search["space"].update(hidden={"choice": [8]}, layers={"choice": [1, 2]}, criterion={"choice": ["magnitude"]})
     search["fixed"].update(before_steps=10)
     search["space"].pop("before_steps")
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
@@ -39,6 +41,7 @@ def test_search_writes_a_best_config_the_pipelines_accept(tmp_path):
     assert set(best) == {"meta_train", "prune_batch", "tune"}
     assert best["meta_train"]["hidden"] == 8 and best["meta_train"]["layers"] in (1, 2)
     assert 1 <= best["meta_train"]["epochs"] <= 2 and best["prune_batch"]["before_steps"] == 10
+    assert best["prune_batch"]["criterion"] == "magnitude"  # the pruning criterion is a tuned setting
     assert best["tune"]["default_val_score"] is not None  # the default configuration was a trial
     import meta_train
     import prune_batch
