@@ -210,16 +210,11 @@ def masked_accuracy(model: nn.Module, masker: ChannelMask, scores: torch.Tensor,
     """Accuracy of ``model`` hard-masked by ``scores`` at ``amount``, BatchNorm statistics
     recomputed on the masked network over the training split's first batches (as after pruning)."""
     from metanet.prune import recalibrate_bn
+    from metanet.train import evaluate
 
     work = copy.deepcopy(model)
     masked = masker.apply(dict(work.named_parameters()), masker.mask(scores, amount, mode="hard"))
     for name, p in work.named_parameters():
         p.copy_(masked[name])
     recalibrate_bn(work, (x for x, _ in data.batches("train", batch_size, limit=10)))
-    work.eval()
-    correct = total = 0
-    device = next(work.parameters()).device
-    for x, y in data.batches(split, batch_size):
-        correct += int((work(x.to(device)).argmax(1) == y.to(device)).sum())
-        total += y.numel()
-    return correct / max(total, 1)
+    return evaluate(work, data, split, batch_size)[0]

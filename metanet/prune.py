@@ -146,7 +146,10 @@ class _Pruning:
         if self.stale or self.done % self.refresh == 0:
             self.criterion.before_step(self.model, self.importance, self.batches)
             self.stale = False
-        _step(self, self.model)
+        self.prune_groups()
+        for m in self.model.modules():  # widths kept as plain attributes (torchvision's ViT reshapes with hidden_dim)
+            if isinstance(getattr(m, "hidden_dim", None), int) and isinstance(getattr(m, "conv_proj", None), nn.Conv2d):
+                m.hidden_dim = m.conv_proj.out_channels
         self.done += 1
 
     def clean(self) -> None:
@@ -173,15 +176,6 @@ def _raised_in_torch_pruning(err: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is not None and f"{os.sep}torch_pruning{os.sep}" in tb.tb_frame.f_code.co_filename
-
-
-def _step(pruning: _Pruning, model: nn.Module) -> None:
-    """One pruning step, then the widths a network keeps as plain attributes, which Torch-Pruning
-    does not know about (torchvision's ViT reshapes with ``hidden_dim``)."""
-    pruning.prune_groups()
-    for m in model.modules():
-        if isinstance(getattr(m, "hidden_dim", None), int) and isinstance(getattr(m, "conv_proj", None), nn.Conv2d):
-            m.hidden_dim = m.conv_proj.out_channels
 
 
 def prune_in_steps(model: nn.Module, example_inputs: torch.Tensor, targets: Sequence[float],
