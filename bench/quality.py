@@ -23,6 +23,10 @@
    target and budget on validation accuracy (``metanet.paired.with_best``); seconds per pruned
    network; selectivity. The sensitivity check: if ``curve - none`` right after pruning has no
    interval above zero, the benchmark says it cannot tell methods apart on these networks.
+5. Resuming: each finished job is appended to ``--out``'s ``jobs.jsonl`` with a key of what
+   produced it (the network's weights and architecture, method, seed, the recipe's settings, the
+   dataset, for ``meta`` the metanetwork's weights); the chosen metanetwork is saved with a key of
+   its settings and members. A rerun (after a kill, or with more methods) reuses what is unchanged.
 
     python bench/quality.py --smoke                                        # digits, about a minute (65 s, 2 cores)
     python pipelines/make_zoo.py --spec zoo/specs/digits-heldout.yaml      # held-out digits networks
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -56,7 +61,7 @@ from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # 
 from metanet.paired import mean_ci, method_table, paired_difference, paired_table, with_best  # noqa: E402
 from metanet.recipe import (ALL_METHODS, BENCH_METHODS, HAND_CRAFTED, apply_metanetwork, prune_to_targets,  # noqa: E402
                             recipe_from_settings)
-from metanet.selection import choose, score, selection_recipe  # noqa: E402
+from metanet.selection import choose, criterion_of, score, selection_recipe  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.data import TaskData  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
@@ -75,7 +80,10 @@ def budgets(s: dict) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------ settings
 # Names as in pipelines/meta_train.py and pipelines/prune_batch.py, so a Tune best_config.yaml applies.
 # the metanetwork's edit and its sparsity term (bench/edits.py chose them; README)
-EDIT = dict(edit="additive", evidence=False, sparsity_norm="none", distill_epochs=0)
+# objective "curve": a learned criterion (edit "scores") trained on the curve objective, its
+# checkpoint chosen by the validation members' recalibrated pruning curve (selection "auc")
+EDIT = dict(edit="additive", evidence=False, sparsity_norm="none", distill_epochs=0, objective="paper",
+            selection="recipe")
 # the recalibrated curve's speed-ups, the extra budgets, and what prunes meta/depgraph (a Tune best_config may say)
 CURVE = dict(targets=[1.5, 2.0, 3.0, 4.0], budgets=[20], criterion="magnitude")
 PRESETS = {
@@ -144,6 +152,57 @@ def prune_job(arch: dict, state: dict, method: str, s: dict, finetune: dict, see
     return [dict(result, **extra) for _, result in results]
 
 
+# what a pruning job's result depends on besides the network, seed, method and metanetwork
+JOB_SETTINGS = ("targets", "budgets", "criterion", "before_steps", "before_lr", "after_steps", "after_lr",
+                "sparse_reg", "oracle_reg")
+
+
+def digest(value) -> str:
+    """A content hash of ``value``: JSON for plain data, the bytes of every tensor of a state dict."""
+    h = hashlib.sha256()
+    if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        for name in sorted(value):
+            t = value[name].detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    else:
+        h.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def job_key(state: dict, arch: dict, method: str, seed: int, s: dict, finetune: dict, data_name: str,
+            metanet_state: dict | None) -> str:
+    """What a job's rows were produced by: the network's weights and architecture, the method,
+    seed, the recipe's settings, the dataset and (for ``meta``) the metanetwork's weights."""
+    return digest({"network": digest(state), "arch": arch, "method": method, "seed": seed, "data": data_name,
+                   "settings": {k: s.get(k) for k in JOB_SETTINGS}, "finetune": finetune,
+                   "metanet": digest(metanet_state) if metanet_state is not None else None})
+
+
+class JobLog:
+    """Finished jobs, one JSON line each (key, rows), appended as each job ends: a killed run
+    keeps every finished job, and a rerun with the same inputs reuses them (a half-written last
+    line is ignored)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, list[dict]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[entry["key"]] = entry["rows"]
+
+    def add(self, key: str, rows: list[dict]) -> None:
+        self.done[key] = rows
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"key": key, "rows": rows}, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def _pool(workers: int, data: TaskData):
     return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init, initargs=(data,))
 
@@ -184,7 +243,8 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
     meta_cfg = MetaTrainConfig(epochs=s["epochs"], batches_per_step=s["batches_per_step"], lr=s["lr"], reg=s["reg"],
                                alpha=s["alpha"], batch_size=s["batch_size"], weight_decay=s["weight_decay"],
                                milestones=(int(s["epochs"] * 0.75),), bn_mode=s["bn_mode"],
-                               sparsity_norm=s["sparsity_norm"], distill_epochs=s["distill_epochs"])
+                               sparsity_norm=s["sparsity_norm"], distill_epochs=s["distill_epochs"],
+                               objective=s["objective"])
     members = [make_member(r.id, build_model(r.arch), r.graph, meta_cfg) for r in by_role["train"]]
     val_models = [r.network().eval() for r in by_role["val"][:s["select_members"]]]
     net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=s["hidden"], layers=s["layers"],
@@ -195,9 +255,11 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
     x = torch.zeros(data.input_shape)
 
     def diagnostics(net: MetaNetwork) -> dict:
-        per = [diagnose(m, apply_metanetwork(net, m, x), data, cfg, split="val") for m in val_models]
+        per = [diagnose(m, apply_metanetwork(net, m, x), data, cfg, split="val",
+                        criterion=criterion_of(net, m, x, cfg, data)) for m in val_models]
         out = {k: statistics.mean(d[k] for d in per) for k in per[0]}
-        out["score"] = score(net, val_models, data, select_cfg)
+        # "auc": the curve area just computed (free); "recipe": the short recipe
+        out["score"] = out["auc"] if s["selection"] == "auc" else score(net, val_models, data, select_cfg)
         return out
 
     unedited = [diagnose(m, m, data, cfg, split="val") for m in val_models]
@@ -223,6 +285,31 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
                "unedited_auc": statistics.mean(d["auc"] for d in unedited), "config": net_cfg.to_dict()}
     log(f"chosen checkpoint: epoch {chosen_epoch} (validation score {100 * chosen_score:.1f})")
     return metanet, history
+
+
+def metanetwork_for(zoo: Zoo, data: TaskData, s: dict, by_role: dict, out: Path, log) -> tuple[dict, dict]:
+    """The chosen metanetwork's weights and its meta-training history: those saved in ``out`` by an
+    earlier run with the same settings and the same train and validation members, or trained now
+    (``train_metanetwork``) and saved there."""
+    key = digest({"settings": s, "finetune": zoo.finetune_settings(), "data": data.name,
+                  "members": {role: [digest(r.network().state_dict()) for r in by_role[role]] for role in ("train", "val")}})
+    saved, weights = out / "meta_history.json", out / "metanetwork.pt"
+    if saved.exists() and weights.exists():
+        previous = json.loads(saved.read_text())
+        if previous.get("key") == key:
+            from metanet.metanetwork import load_metanetwork
+
+            metanet, _ = load_metanetwork(str(weights))
+            log(f"metanetwork: reusing {weights} (same settings and members; epoch {previous['history']['chosen_epoch']})")
+            return metanet.state_dict(), previous["history"]
+    metanet, history = train_metanetwork(zoo, data, s, by_role, log)
+    save_metanetwork(metanet, str(weights), epoch=history["chosen_epoch"],
+                     selection_score=history["chosen_score"], zoo=str(zoo.root),
+                     selection=("validation curve area (accuracy right after pruning, BN recalibrated)"
+                                if s["selection"] == "auc" else
+                                f"val acc after finetune -> prune to 2x -> finetune ({s['select_steps']} steps each)"))
+    _atomic_text(saved, json.dumps({"key": key, "history": history}, default=float))
+    return metanet.state_dict(), history
 
 
 def _diag_line(d: dict) -> str:
@@ -280,6 +367,10 @@ def main(argv=None) -> dict:
         if key not in s:
             raise SystemExit(f"quality: --set: unknown setting {key!r}; known: {', '.join(sorted(s))}")
         s[key] = yaml.safe_load(value)
+    if s["objective"] not in ("paper", "curve"):
+        raise SystemExit(f"quality: --set objective={s['objective']}: must be paper or curve")
+    if s["objective"] == "curve" and s["edit"] != "scores":  # the curve objective trains a criterion
+        s["edit"] = "scores"
     log_lines: list[str] = []
 
     def log(line: str) -> None:
@@ -309,31 +400,43 @@ def main(argv=None) -> dict:
 
     meta_state, history = None, {}
     if "meta" in args.methods:  # the metanetwork is trained only when it is compared
-        metanet, history = train_metanetwork(zoo, data, s, by_role, log)
-        meta_state = metanet.state_dict()
-        save_metanetwork(metanet, str(out / "metanetwork.pt"), epoch=history["chosen_epoch"],
-                         selection_score=history["chosen_score"], zoo=str(zoo.root),
-                         selection=f"val acc after finetune -> prune to 2x -> finetune ({s['select_steps']} steps each)")
+        meta_state, history = metanetwork_for(zoo, data, s, by_role, out, log)
         log(f"{time.perf_counter() - t0:.0f} s so far")
 
     from distributed.progress import progress
 
     finetune = zoo.finetune_settings()
-    jobs = []
+    jobs, kept, reused = [], JobLog(out / "jobs.jsonl"), 0
+    results = []
+
+    def collect(job, rows) -> None:
+        h, member, origin, seed, method = job
+        for row in rows:
+            results.append(dict(row, network=h, member=member.id, family=member.arch["family"], origin=origin,
+                                seed=seed, acc_unpruned=member.metrics["test_acc"]))
+
     for h, (member, origin) in enumerate(networks):
         state = member.network().state_dict()
         for seed in range(s["seeds"]):
             for method in args.methods:
                 net = (meta_state, history["config"]) if method == "meta" else (None, None)
-                jobs.append(((h, member, origin, seed, method), (member.arch, state, method, s, finetune, seed, *net)))
-    results = []
+                key = job_key(state, member.arch, method, seed, s, finetune, data.name, net[0])
+                job = (h, member, origin, seed, method)
+                if key in kept.done:
+                    collect(job, kept.done[key])
+                    reused += 1
+                else:
+                    jobs.append((key, job, (member.arch, state, method, s, finetune, seed, *net)))
+    if reused:
+        log(f"reused {reused} finished jobs from {kept.path} (same networks, settings "
+            f"and metanetwork); {len(jobs)} to run")
     with _pool(args.workers, data) as pool:
-        futures = {pool.submit(prune_job, *a): key for key, a in jobs}
+        futures = {pool.submit(prune_job, *a): (key, job) for key, job, a in jobs}
         for f in progress(cf.as_completed(futures), total=len(futures), desc="pruning held-out networks", unit="job"):
-            h, member, origin, seed, method = futures[f]
-            for row in f.result():
-                results.append(dict(row, network=h, member=member.id, family=member.arch["family"], origin=origin,
-                                    seed=seed, acc_unpruned=member.metrics["test_acc"]))
+            key, job = futures[f]
+            rows = f.result()
+            kept.add(key, rows)
+            collect(job, rows)
     total = time.perf_counter() - t0
     summary = report(results, s, history, out, total, data.name, log, args.methods)
     (out / "log.txt").write_text("\n".join(log_lines) + "\n")

@@ -29,17 +29,23 @@ import copy
 import itertools
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metanet.curve import MASKS, batch_stat_copy
 from metanet.gates import fit_gates, gatable, gate_from_logit
-from metanet.graph import NetworkGraph, graph_to_params
+from metanet.graph import NetworkGraph, graph_to_network, graph_to_params
 from metanet.metanetwork import MetaNetwork
+
+if TYPE_CHECKING:
+    from metanet.scoring import ScoreMap
 from metanet.sparsity import SPARSITY_FORMS, GroupSparsity, sparsity_term
 from metanet.data import TaskData
+
+OBJECTIVES = ("paper", "curve")
 
 
 @dataclass
@@ -68,8 +74,20 @@ class MetaTrainConfig:
     gate_steps: int = 40  # steps of the per-member gate optimisation that makes the targets
     gate_lr: float = 0.05
     gate_reg: float = 3.0  # its sparsity strength (GroupSparsity.relative's scale)
+    # "paper": task loss of the edited network + group sparsity (above); "curve": the curve
+    # objective (metanet.curve) on the per-channel scores of a ``scores`` metanetwork
+    # (metanet.scoring): per member and step an amount drawn between those of ``curve_speedups``,
+    # the masked network's task loss with BatchNorm on batch statistics; no sparsity term
+    objective: str = "paper"
+    curve_speedups: tuple[float, float] = (1.5, 4.0)
+    curve_temperature: float = 0.2  # the soft mask's temperature (curve's best, bench/curve_objective.py)
+    curve_mask: str = "soft"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
+        if self.curve_mask not in MASKS:
+            raise ValueError(f"curve_mask must be one of {MASKS}, not {self.curve_mask!r}")
         if self.bn_mode not in ("eval", "train"):
             raise ValueError(f"bn_mode must be 'eval' or 'train', not {self.bn_mode!r}")
         if self.members_per_step < 1:
@@ -92,20 +110,77 @@ class Member:
     sparsity: GroupSparsity
     sparsity_form: str = "none"  # metanet.sparsity.SPARSITY_FORMS
     group_weights: torch.Tensor | None = None  # the "group" form's normalisation
+    # the curve objective's: the channel map, the member's own parameters and its amount range
+    scores_map: "ScoreMap | None" = None
+    params: dict[str, torch.Tensor] | None = None
+    amounts: tuple[float, float] | None = None
 
 
 _SPARSITY_CACHE: dict[tuple, GroupSparsity] = {}
+_AMOUNTS_CACHE: dict[tuple, tuple[float, float]] = {}
 
 
 def make_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: MetaTrainConfig) -> Member:
     """A zoo member ready for the meta-objective: ``model`` is a module of the member's architecture
     (its weights are not used: they come from ``graph``)."""
+    if cfg.objective == "curve":
+        return _curve_member(member_id, model, graph, cfg)
     key = (graph.fingerprint, cfg.reg, cfg.alpha)
     if key not in _SPARSITY_CACHE:
         _SPARSITY_CACHE[key] = GroupSparsity(model, torch.zeros(graph.input_shape), reg=cfg.reg, alpha=cfg.alpha)
     sparsity = _SPARSITY_CACHE[key]
     weights = sparsity.group_weights(graph_to_params(graph, model)) if cfg.sparsity_norm == "group" else None
     return Member(member_id, graph, model.train(cfg.bn_mode == "train"), sparsity, cfg.sparsity_norm, weights)
+
+
+def _curve_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: MetaTrainConfig) -> Member:
+    from metanet.prune import amounts_for
+    from metanet.scoring import score_map
+
+    device = graph.node_feat.device
+    scores_map = score_map(model.cpu(), graph.to("cpu") if device.type != "cpu" else graph)
+    key = (graph.fingerprint, tuple(cfg.curve_speedups))
+    if key not in _AMOUNTS_CACHE:
+        amounts = amounts_for(model, torch.zeros(graph.input_shape), sorted(cfg.curve_speedups)).values()
+        _AMOUNTS_CACHE[key] = (min(amounts), max(amounts))
+    work = batch_stat_copy(model).to(device)  # eval mode, BatchNorm on the masked network's batch statistics
+    params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
+    return Member(member_id, graph, work, scores_map.masker.groups, scores_map=scores_map, params=params,
+                  amounts=_AMOUNTS_CACHE[key])
+
+
+def curve_step(metanet: MetaNetwork, members: Sequence[Member], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               draw: float, cfg: MetaTrainConfig) -> dict[str, float]:
+    """Forward and backward of the curve objective for ``members``: each member's channel scores
+    from one metanetwork pass (``metanet.scoring.channel_scores``), the hard-to-soft mask at the
+    amount ``lo + draw * (hi - lo)`` of its range, the masked network's mean cross-entropy over
+    ``batches``; gradients accumulate in ``metanet``. Returns the mean loss terms."""
+    from metanet.scoring import attach_statistics, channel_scores, channel_statistics
+
+    core = metanet.module if hasattr(metanet, "module") else metanet
+    terms = {"task_loss": 0.0, "sparsity_loss": 0.0, "train_acc": 0.0}
+    total = 0.0
+    for member in members:
+        lo, hi = member.amounts
+        if core.config.calibration and "_statistics" not in member.graph.__dict__:
+            # the member's own channel statistics (eval mode), on its first step's batches
+            reference = graph_to_network(member.graph, member.model).eval()
+            attach_statistics(member.graph, channel_statistics(reference, member.graph, batches, member.scores_map))
+        scores = channel_scores(core, member.graph, member.params, member.scores_map)
+        masker = member.scores_map.masker
+        mask = masker.mask(scores, lo + draw * (hi - lo), cfg.curve_temperature, cfg.curve_mask)
+        masked = masker.apply(member.params, mask)
+        correct, seen = 0, 0
+        for x, y in batches:
+            out = torch.func.functional_call(member.model, masked, (x,))
+            loss = F.cross_entropy(out, y) / (len(batches) * len(members))
+            total = total + loss
+            terms["task_loss"] += float(loss.detach())
+            correct += int((out.argmax(1) == y).sum())
+            seen += y.numel()
+        terms["train_acc"] += correct / max(seen, 1) / len(members)
+    total.backward()
+    return terms
 
 
 def task_objective(member: Member, params: dict[str, torch.Tensor],
@@ -135,11 +210,16 @@ def member_step(metanet: MetaNetwork, member: Member, batches: Iterable[tuple[to
 
 
 def members_step(metanet: MetaNetwork, members: Sequence[Member],
-                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], draw: float = 0.5,
+                 cfg: MetaTrainConfig | None = None) -> dict[str, float]:
     """``member_step`` for several members at once: one metanetwork pass over their graphs' union
     (``MetaNetwork.forward_many``), each member's objective on the same task batches, and one
-    backward pass of the mean over members. Returns the mean loss terms."""
+    backward pass of the mean over members. Members made for the curve objective go to
+    ``curve_step`` (``draw`` in [0, 1): where in their amount range this step prunes). Returns the
+    mean loss terms."""
     batches = list(batches)
+    if members[0].scores_map is not None:
+        return curve_step(metanet, members, batches, draw, cfg)
     graphs = [m.graph for m in members]
     edited = metanet(graphs) if len(members) > 1 else [metanet(graphs[0])]
     outputs, gradients = [], []
@@ -254,8 +334,10 @@ def run_epoch(metanet: nn.Module, opt: torch.optim.Optimizer, members: Iterable[
         batches = [(x.to(device), y.to(device)) for x, y in
                    data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
                                 limit=cfg.batches_per_step)]
+        # the curve objective's amount; drawn only for it, so the paper objective's batches stay as they were
+        draw = float(torch.rand((), generator=gen)) if cfg.objective == "curve" else 0.5
         opt.zero_grad(set_to_none=True)
-        terms = members_step(metanet, group, batches)
+        terms = members_step(metanet, group, batches, draw, cfg)
         opt.step()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v

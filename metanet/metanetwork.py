@@ -26,7 +26,10 @@ from metanet.graph import NODE_FEATURES, STRUCTURAL_EDGE_TYPES, NetworkGraph
 from metanet.graph.batch import GraphBatch, batch_graphs
 
 EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
-EDITS = ("additive", "gate", "gate+additive")
+STATISTICS_WIDTH = 6  # metanet.scoring.channel_statistics: (z, rank) of three statistics
+# "scores": no edit at all: the metanetwork is a learned pruning criterion, one score per channel
+# (``node_scores``, trained on the curve objective; metanet.scoring)
+EDITS = ("additive", "gate", "gate+additive", "scores")
 
 
 @dataclass
@@ -43,9 +46,12 @@ class MetaNetConfig:
     # dense blocks of the graph: CPU and CUDA), "pyg" (gather/scatter reference)
     backend: str = "dgl"
     # "additive": the paper's edit, input + r * decoded; "gate": a per-channel gate decoded from the
-    # node states (metanet.gates); "gate+additive": the additive edit, then the gates
+    # node states (metanet.gates); "gate+additive": the additive edit, then the gates; "scores": no
+    # edit, per-channel pruning scores decoded from the node states (metanet.scoring)
     edit: str = "additive"
-    evidence: bool = False  # the gate decoder also reads each channel's evidence (metanet.gates)
+    evidence: bool = False  # the gate or score decoder also reads each channel's evidence (metanet.gates)
+    # node inputs also carry per-channel statistics of calibration batches (metanet.scoring.channel_statistics)
+    calibration: bool = False
     shared_directions: bool = False  # one message-passing module for both edge directions (the paper's)
     edge_norm: bool = True  # LayerNorm on edge states before each layer (the paper's code has none)
     # recompute each layer's activations in the backward pass (torch.utils.checkpoint): keeps one
@@ -150,23 +156,28 @@ class MetaNetwork(nn.Module):
             raise ValueError(f"edit must be one of {EDITS}, not {config.edit!r}")
         self.config = config
         h = config.hidden
-        self.node_encoder = nn.Linear(len(NODE_FEATURES), h)
+        self.node_encoder = nn.Linear(len(NODE_FEATURES) + (STATISTICS_WIDTH if config.calibration else 0), h)
         self.edge_encoders = nn.ModuleDict({t: nn.Linear(k, h) for t, k in config.edge_widths.items()})
         self.layers = nn.ModuleList(MetaLayer(h, config.shared_directions, config.edge_norm)
                                     for _ in range(config.layers))
-        self.node_decoder = nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(),
-                                          nn.Linear(h, len(NODE_FEATURES)))
-        # identity, gate and norm edges stand for operations, not weights: they inform, but are not edited
-        self.edge_decoders = nn.ModuleDict({
-            t: nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, k))
-            for t, k in config.edge_widths.items() if t not in STRUCTURAL_EDGE_TYPES})
+        if config.edit != "scores":  # a criterion edits nothing: no decoders back to weights
+            self.node_decoder = nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(),
+                                              nn.Linear(h, len(NODE_FEATURES)))
+            # identity, gate and norm edges stand for operations, not weights: they inform, but are not edited
+            self.edge_decoders = nn.ModuleDict({
+                t: nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, k))
+                for t, k in config.edge_widths.items() if t not in STRUCTURAL_EDGE_TYPES})
         if config.edit != "additive":
             width = h + (len(EVIDENCE_FEATURES) if config.evidence else 0)
-            self.gate_decoder = nn.Sequential(nn.Linear(width, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(),
-                                              nn.Linear(h, 1))
-            # every gate starts at exactly 1: the metanetwork starts as the identity
-            nn.init.zeros_(self.gate_decoder[-1].weight)
-            nn.init.zeros_(self.gate_decoder[-1].bias)
+            decoder = nn.Sequential(nn.Linear(width, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1))
+            # every gate starts at exactly 1 (every score's correction at 0): the metanetwork starts
+            # as the identity edit (as magnitude pruning)
+            nn.init.zeros_(decoder[-1].weight)
+            nn.init.zeros_(decoder[-1].bias)
+            if config.edit == "scores":
+                self.score_decoder = decoder
+            else:
+                self.gate_decoder = decoder
         sign = torch.ones(h)
         sign[h // 2:] = -1
         self.register_buffer("sign", sign, persistent=False)
@@ -196,7 +207,14 @@ class MetaNetwork(nn.Module):
     def _embed(self, graph: NetworkGraph) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(graph)
         passing_fwd, passing_rev = mp.build(graph, self.config.backend)
-        x = self.node_encoder(graph.node_feat)
+        nodes = graph.node_feat
+        if self.config.calibration:
+            stats = graph.__dict__.get("_statistics")
+            if stats is None:
+                raise ValueError("this metanetwork reads calibration statistics: attach them to the graph "
+                                 "(metanet.scoring.attach_statistics)")
+            nodes = torch.cat([nodes, stats], 1)
+        x = self.node_encoder(nodes)
         e = torch.cat([self.edge_encoders[t](graph.edge_feat[t]) for t in graph.edge_types])
         for layer in self.layers:
             if self.config.recompute and torch.is_grad_enabled():
@@ -205,11 +223,22 @@ class MetaNetwork(nn.Module):
                 x, e = layer(x, e, passing_fwd, passing_rev, self.sign)
         return x, e
 
-    def _gate_logits(self, graph: NetworkGraph, x: torch.Tensor) -> torch.Tensor:
+    def _decoder_input(self, graph: NetworkGraph, x: torch.Tensor) -> torch.Tensor:
         features = _norm(x)
         if self.config.evidence:
             features = torch.cat([features, channel_evidence(graph)], 1)
-        return self.gate_decoder(features).squeeze(1)
+        return features
+
+    def _gate_logits(self, graph: NetworkGraph, x: torch.Tensor) -> torch.Tensor:
+        return self.gate_decoder(self._decoder_input(graph, x)).squeeze(1)
+
+    def node_scores(self, graph: NetworkGraph) -> torch.Tensor:
+        """[N] the per-node pruning-score corrections of a ``scores`` metanetwork (0 for every node
+        before training; ``metanet.scoring`` adds them to the channels' magnitude ranks)."""
+        if self.config.edit != "scores":
+            raise ValueError(f"this metanetwork's edit is {self.config.edit!r}: it decodes no scores "
+                             "(a criterion metanetwork has edit 'scores')")
+        return self.score_decoder(self._decoder_input(graph, self._embed(graph)[0])).squeeze(1)
 
     def gate_logits(self, graph: NetworkGraph) -> torch.Tensor:
         """[N] the gate logits this metanetwork decodes for ``graph`` (gate = 2 sigmoid(logit))."""
@@ -220,6 +249,8 @@ class MetaNetwork(nn.Module):
     def forward(self, graph: NetworkGraph | Sequence[NetworkGraph]) -> NetworkGraph | list[NetworkGraph]:
         """The edited graph; for a list of graphs, ``forward_many``'s list (so a DDP wrapper can
         run batches of members too)."""
+        if self.config.edit == "scores":  # a criterion edits nothing (node_scores is its output)
+            return list(graph) if isinstance(graph, (list, tuple)) else graph
         if isinstance(graph, (list, tuple)):
             return self.forward_many(graph)
         return self._edit(graph, *self._embed(graph))
@@ -233,6 +264,8 @@ class MetaNetwork(nn.Module):
 
     def _edit(self, graph: NetworkGraph, x: torch.Tensor, e: torch.Tensor) -> NetworkGraph:
         """``graph`` edited from its final node and edge states."""
+        if self.config.edit == "scores":  # a criterion: the network is pruned as it is
+            return graph
         if self.config.edit == "gate":
             return apply_gates(graph, gate_from_logit(self._gate_logits(graph, x)))
         edited = self._additive(graph, x, e)

@@ -1,6 +1,8 @@
 """The pruning recipe, and the baselines it is compared with, under one finetuning budget.
 
-- ``meta``: metanetwork forward -> finetune -> prune to the target speed-up -> finetune;
+- ``meta``: metanetwork forward -> finetune -> prune to the target speed-up -> finetune; with a
+  learned criterion (a ``scores`` metanetwork, ``metanet.scoring``): finetune -> metanetwork
+  forward on the finetuned network, its scores ranking the channels -> prune -> finetune;
 - ``none``: finetune -> prune -> finetune (pruning without the metanetwork);
 - ``depgraph``: sparse learning (finetune with GroupNormPruner's group-sparsity term) -> prune
   -> finetune (DepGraph with sparse learning);
@@ -42,6 +44,7 @@ from metanet.curve import MASKS, fit_scores
 from metanet.gates import apply_gates, fit_gates, gate_from_logit
 from metanet.graph import graph_to_network, network_to_graph
 from metanet.metanetwork import MetaNetwork
+from metanet.scoring import learned_criterion
 from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, amounts_for, prune_adaptive, prune_in_steps,
                            prune_to_speedup,
                            recalibrate_bn)
@@ -176,6 +179,11 @@ def curve_scores(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> Channel
     return ChannelScores(masker.module_scores(scores))
 
 
+def scores_metanet(metanet: MetaNetwork | None) -> bool:
+    """Is ``metanet`` a learned criterion (edit ``scores``) rather than an edit of the weights?"""
+    return metanet is not None and metanet.config.edit == "scores"
+
+
 def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
             metanet: MetaNetwork | None = None) -> Prepared:
     """The method's part before pruning, on a copy of ``model``: the metanetwork edit (``meta``)
@@ -190,7 +198,7 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
     model = copy.deepcopy(model)
     record: dict = {"method": method, "val_acc_start": evaluate(model, data, "val")[0]}
     extra = None
-    if method == "meta":
+    if method == "meta" and not scores_metanet(metanet):
         model = apply_metanetwork(metanet, model, x)
         record["val_acc_after_metanet"] = evaluate(model, data, "val")[0]
     elif method == "gate":
@@ -205,6 +213,8 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
     chosen = criterion(CRITERION_OF.get(method, cfg.criterion))
     if method == "curve":
         chosen = curve_scores(model, data, cfg)
+    elif method == "meta" and scores_metanet(metanet):  # a learned criterion: scores of the finetuned network
+        chosen = learned_criterion(metanet, model, x, list(calibration(data, cfg)()))
     record["criterion"] = chosen.name
     record["seconds_before_prune"] = time.perf_counter() - start
     return Prepared(model, record, chosen)

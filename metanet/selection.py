@@ -25,7 +25,9 @@ from metanet.data import TaskData
 from metanet.criteria import criterion
 from metanet.diagnostics import curve_auc, pruning_curve
 from metanet.metanetwork import MetaNetwork
-from metanet.recipe import RecipeConfig, apply_metanetwork, prune_to_targets, recipe_from_settings
+from metanet.recipe import (RecipeConfig, apply_metanetwork, calibration, prune_to_targets, recipe_from_settings,
+                            scores_metanet)
+from metanet.scoring import learned_criterion
 
 OBJECTIVES = ("recipe", "auc")
 SELECT_STEPS = 18  # about one epoch of digits at batch 64 (bench/selection.py's short recipe)
@@ -51,12 +53,23 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
         device = next(metanet.parameters()).device
         x = torch.zeros(data.input_shape, device=device)
         areas = [curve_auc(pruning_curve(apply_metanetwork(metanet, m, x), data, recipe,
-                                         criterion=criterion(recipe.criterion))) for m in models]
+                                         criterion=criterion_of(metanet, m, x, recipe, data))) for m in models]
         return sum(areas) / len(areas)
     scores = [record["val_acc"] for model in models
               for _, record in prune_to_targets(model, data, "meta", recipe, targets or [recipe.target], metanet,
                                                 report_test=False)]
     return sum(scores) / len(scores)
+
+
+def criterion_of(metanet: MetaNetwork, model: nn.Module, x: torch.Tensor, recipe: RecipeConfig,
+                 data: TaskData | None = None):
+    """What ranks ``model``'s channels after ``metanet``: its own scores for a learned criterion
+    (a ``scores`` metanetwork; ``data``'s calibration batches where it reads statistics), else the
+    recipe's criterion on the edited weights."""
+    if not scores_metanet(metanet):
+        return criterion(recipe.criterion)
+    batches = list(calibration(data, recipe)()) if metanet.config.calibration else None
+    return learned_criterion(metanet, model, x, batches)
 
 
 def choose(scores: Mapping[int, float]) -> tuple[int, float]:

@@ -58,7 +58,7 @@ from zoo.store import ZooFormatError  # noqa: E402
 
 _NET, _TRAIN = MetaNetConfig(edge_widths={}), MetaTrainConfig()  # the library's dataclasses hold the defaults
 _TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", "members_per_step", "batch_size",
-               "reg", "alpha", "seed", "bn_mode", "sparsity_norm", "distill_epochs", "gate_reg")
+               "reg", "alpha", "seed", "bn_mode", "sparsity_norm", "distill_epochs", "gate_reg", "objective")
 _NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence")
 DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,
@@ -104,6 +104,8 @@ HELP = {
     "distill_epochs": "epochs of regression on per-member gates before the meta-objective (gate edits)",
     "gate_reg": "sparsity strength of the per-member gates that distillation targets",
     "min_member_acc": "skip training members below this validation accuracy",
+    "objective": "paper (task loss of the edited network + group sparsity) or curve (a learned criterion, "
+                 "edit 'scores': the task loss of the network masked at a drawn pruning amount)",
 }
 FAULT_ENV = "METAPRUNE_FAULT_INJECT"
 EPOCH_LINE = "meta-training epoch"  # testing hook, see _inject_fault
@@ -301,6 +303,7 @@ def validation_diagnostics(metanet, zoo, data, config: dict) -> dict:
 
     from metanet.diagnostics import diagnose
     from metanet.recipe import RecipeConfig, apply_metanetwork
+    from metanet.selection import criterion_of
     from metanet.train import TrainConfig
 
     val = zoo.built("val")[:config["select_members"]]
@@ -313,8 +316,9 @@ def validation_diagnostics(metanet, zoo, data, config: dict) -> dict:
     per = []
     for record in val:
         model = record.network().to(device).eval()
-        edited = apply_metanetwork(metanet, model, torch.zeros(data.input_shape, device=device))
-        per.append(diagnose(model, edited, data, cfg, split="val"))
+        x = torch.zeros(data.input_shape, device=device)
+        per.append(diagnose(model, apply_metanetwork(metanet, model, x), data, cfg, split="val",
+                            criterion=criterion_of(metanet, model, x, cfg, data)))
     metanet.train(was_training)
     return {k: sum(d[k] for d in per) / len(per) for k in per[0]}
 
@@ -460,6 +464,16 @@ def parse_args(argv=None) -> dict:
     if config["sparsity_norm"] not in SPARSITY_FORMS:
         raise SystemExit(f"meta_train: --sparsity-norm must be one of {', '.join(SPARSITY_FORMS)}, "
                          f"not {config['sparsity_norm']!r}")
+    from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
+
+    if config["objective"] not in TRAINING_OBJECTIVES:
+        raise SystemExit(f"meta_train: --objective must be one of {', '.join(TRAINING_OBJECTIVES)}, "
+                         f"not {config['objective']!r}")
+    if config["objective"] == "curve" and config["edit"] == DEFAULTS["edit"]:
+        config["edit"] = "scores"  # the curve objective trains a criterion: its edit is the scores
+    if (config["objective"] == "curve") != (config["edit"] == "scores"):
+        raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: a learned "
+                         "criterion (--edit scores) is trained with --objective curve, an edit with --objective paper")
     if config["distill_epochs"] and config["edit"] == "additive":
         raise SystemExit("meta_train: --distill-epochs needs a gate edit (--edit gate): the additive edit has no gates")
     for key in ("zoo", "out"):  # Ray Train's workers run in another directory: hand them absolute paths

@@ -50,3 +50,13 @@ def test_quality_smoke_pairs_every_method_and_reports_the_sensitivity_check(tmp_
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert (tmp_path / "meta_training.png").stat().st_size > 10_000
     assert (tmp_path / "metanetwork.pt").exists()  # the chosen checkpoint, for prune_batch --metanet
+    # a rerun (after a kill: a half-written last line) reuses the metanetwork and every finished job
+    with open(tmp_path / "jobs.jsonl", "a") as f:
+        f.write('{"key": "half a li')
+    again = subprocess.run([sys.executable, str(ROOT / "bench/quality.py"), "--smoke", "--out", str(tmp_path),
+                            "--workers", "2", "--no-mlflow", "--methods", *sorted(METHODS)],
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "metanetwork: reusing" in again.stdout and "reused 16 finished jobs" in again.stdout, again.stdout[-2000:]
+    order = lambda rows: sorted(rows, key=lambda r: (r["network"], r["method"], r["target"]))  # noqa: E731
+    assert order(json.loads((tmp_path / "results.json").read_text())["records"]) == order(records)

@@ -1,0 +1,189 @@
+"""Which learned criterion? Metanetworks trained on the curve objective, side by side, against
+magnitude, the other hand-crafted criteria and the per-network ``curve`` scores.
+
+Each variant (``layers,hidden,evidence,lr,epochs``; ``layers`` 0 is the ablation without message
+passing: a per-channel MLP over the node features and, with ``evidence`` 1, each channel's evidence
+of ``metanet.gates.channel_evidence``) is a ``scores`` metanetwork meta-trained with the curve
+objective on the zoo's ``train`` members (``--train-family`` keeps one architecture family: the
+transfer experiment); after every epoch its recalibrated pruning curve (accuracy right after
+pruning, BatchNorm recomputed, no finetuning) on the ``val`` members' validation split is computed,
+and the epoch with the largest area is kept. The held-out networks (the zoo's ``test`` members and
+every member of ``--heldout``) are then pruned with each method to every speed-up, and the table is
+their test accuracy right after pruning, paired by network, with 95% intervals; ``gap closed`` is
+(variant - magnitude) / (curve - magnitude) of the means.
+
+    python bench/learned_criterion.py --zoo runs/zoo-digits --heldout runs/zoo-digits-heldout
+    python bench/learned_criterion.py --zoo runs/zoo-digits --heldout runs/zoo-digits-heldout --train-family resnet
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distributed.progress import progress  # noqa: E402
+from metanet.criteria import ChannelScores, criterion  # noqa: E402
+from metanet.curve import ChannelMask, fit_scores  # noqa: E402
+from metanet.diagnostics import CURVE_SPEEDUPS, curve_auc, pruning_curve  # noqa: E402
+from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
+from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
+from metanet.paired import mean_ci  # noqa: E402
+from metanet.prune import amounts_for  # noqa: E402
+from metanet.recipe import RecipeConfig, calibration  # noqa: E402
+from metanet.scoring import learned_criterion  # noqa: E402
+from zoo.arch import build_model  # noqa: E402
+from zoo.store import Zoo  # noqa: E402
+
+DEFAULT_VARIANTS = ["4,32,1,1e-3,8", "4,32,0,1e-3,8", "0,32,1,1e-3,8"]
+BASELINES = ("magnitude", "fpgm")
+
+
+def parse_variant(text: str) -> dict:
+    try:
+        layers, hidden, evidence, lr, epochs, *rest = text.split(",")
+        calibration = bool(int(rest[0])) if rest else False
+        if len(rest) > 1:
+            raise ValueError
+        return {"layers": int(layers), "hidden": int(hidden), "evidence": bool(int(evidence)), "lr": float(lr),
+                "epochs": int(epochs), "calibration": calibration}
+    except ValueError:
+        raise SystemExit(f"learned_criterion: --variants {text!r}: expected layers,hidden,evidence,lr,epochs"
+                         "[,calibration]") from None
+
+
+def name_of(v: dict) -> str:
+    kind = "MLP (no message passing)" if v["layers"] == 0 else f"GNN {v['layers']}x{v['hidden']}"
+    extras = "".join([" + evidence"] * v["evidence"] + [" + statistics"] * v["calibration"])
+    return f"{kind}{extras}, lr {v['lr']:g}, {v['epochs']} ep"
+
+
+def train_variant(v: dict, zoo: Zoo, train, val, data, cfg: RecipeConfig, batch_size: int, log) -> tuple[MetaNetwork, dict]:
+    """Meta-trains one variant on ``train`` with the curve objective; keeps the epoch whose mean
+    validation curve area over ``val`` is largest (epoch -1: the untrained network, magnitude)."""
+    torch.manual_seed(0)
+    meta_cfg = MetaTrainConfig(objective="curve", epochs=v["epochs"], lr=v["lr"], batch_size=batch_size,
+                               milestones=(int(v["epochs"] * 0.75),))
+    members = [make_member(r.id, build_model(r.arch), r.graph, meta_cfg) for r in train]
+    net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=v["hidden"], layers=v["layers"],
+                                    edit="scores", evidence=v["evidence"], calibration=v["calibration"],
+                                    backend="torch"))
+    x = torch.zeros(data.input_shape)
+    batches = list(calibration(data, cfg)())
+
+    def val_auc(m: MetaNetwork) -> float:
+        return statistics.mean(curve_auc(pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "val",
+                                                       learned_criterion(m, model, x, batches))) for model in val)
+
+    history = {-1: val_auc(net)}
+    kept = {-1: snapshot(net)}
+    seconds = []
+
+    def on_epoch(epoch, metrics, m):
+        seconds.append(metrics["seconds"])
+        history[epoch] = val_auc(m)
+        kept[epoch] = snapshot(m)
+        log(f"    epoch {epoch}: curve loss {metrics['task_loss']:.3f}, train acc (masked) "
+            f"{100 * metrics['train_acc']:.1f}%, val curve area {100 * history[epoch]:.1f} ({metrics['seconds']:.1f} s)")
+
+    meta_train(net, members, data, meta_cfg, on_epoch=on_epoch, progress=False)
+    best = max(history, key=lambda e: (history[e], e))
+    net.load_state_dict(kept[best])
+    log(f"  chosen epoch {best} (val curve area {100 * history[best]:.1f}; untrained {100 * history[-1]:.1f})")
+    return net, {"epoch": best, "val_auc": history[best], "epoch_seconds": statistics.mean(seconds)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", required=True, help="the zoo: train members meta-train, val members select")
+    p.add_argument("--heldout", nargs="*", default=[], help="zoos whose every member is evaluated too")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="layers,hidden,evidence,lr,epochs")
+    p.add_argument("--train-family", help="meta-train on members of this family only (resnet, vgg, ...)")
+    p.add_argument("--no-curve", action="store_true", help="skip the per-network curve reference")
+    p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    zoo = Zoo(args.zoo)
+    data = zoo.dataset(args.data_root)
+    ok = [r for r in zoo if r.status == "ok"]
+    train = [r for r in ok if r.role == "train" and (not args.train_family or r.arch["family"] == args.train_family)]
+    val = [r.network().eval() for r in ok if r.role == "val"
+           and (not args.train_family or r.arch["family"] == args.train_family)][:4]
+    held = [r for r in ok if r.role == "test"] + [r for path in args.heldout for r in Zoo(path) if r.status == "ok"]
+    if not train or not val or not held:
+        raise SystemExit(f"learned_criterion: need train ({len(train)}), val ({len(val)}) and held-out ({len(held)}) "
+                         "networks")
+    cfg = RecipeConfig()
+    x = torch.zeros(data.input_shape)
+    kinds = Counter(r.arch["family"] for r in held)
+    log(f"{data.name}: meta-training on {len(train)} train members"
+        f"{f' ({args.train_family} only)' if args.train_family else ''}, selecting on {len(val)} val members; "
+        f"{len(held)} held-out networks ({dict(kinds)})")
+    variants = {name_of(parse_variant(v)): parse_variant(v) for v in args.variants}
+    nets, info = {}, {}
+    for name, v in variants.items():
+        log(f"  {name}:")
+        nets[name], info[name] = train_variant(v, zoo, train, val, data, cfg, args.batch_size, log)
+    methods = [*BASELINES, *([] if args.no_curve else ["curve"]), *variants]
+    curves: dict[str, list[dict]] = {m: [] for m in methods}
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    for record in progress(held, desc="held-out networks", unit="network"):
+        model = record.network().eval()
+        for m in methods:
+            start = time.perf_counter()
+            if m in BASELINES:
+                crit = criterion(m)
+            elif m == "curve":
+                amounts = list(amounts_for(model, x, [1.5, 4.0]).values())
+                scores, masker = fit_scores(model, data, amounts, steps=40, batch_size=args.batch_size, seed=0)
+                crit = ChannelScores(masker.module_scores(scores))
+            else:
+                crit = learned_criterion(nets[m], model, x, list(calibration(data, cfg)()))
+            seconds[m].append(time.perf_counter() - start)
+            torch.manual_seed(0)
+            curves[m].append(pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "test", crit))
+    families = [r.arch["family"] for r in held]
+    head = " | ".join(f"{s:g}x" for s in CURVE_SPEEDUPS)
+    for subset in [None, *sorted(set(families))]:
+        pick = [i for i, f in enumerate(families) if subset is None or f == subset]
+        log(f"\nTest accuracy (%) right after pruning (BatchNorm recalibrated), {len(pick)} held-out networks"
+            f"{f' ({subset})' if subset else ''}; differences paired by network, 95% intervals:\n")
+        log(f"| method | {head} | - magnitude at {head} | gap closed at {head} | scoring s |")
+        log("|---|" + "---|" * (3 * len(CURVE_SPEEDUPS) + 1))
+        mag = curves["magnitude"]
+        for m in methods:
+            rows = [curves[m][i] for i in pick]
+            means = [statistics.mean(100 * r[s] for r in rows) for s in CURVE_SPEEDUPS]
+            diffs = ["" if m == "magnitude" else str(mean_ci([100 * (curves[m][i][s] - mag[i][s]) for i in pick]))
+                     for s in CURVE_SPEEDUPS]
+            gaps = []
+            for s in CURVE_SPEEDUPS:
+                if m in ("magnitude", "curve") or "curve" not in curves:
+                    gaps.append("")
+                    continue
+                gap = statistics.mean(100 * (curves["curve"][i][s] - mag[i][s]) for i in pick)
+                got = statistics.mean(100 * (curves[m][i][s] - mag[i][s]) for i in pick)
+                gaps.append(f"{got / gap:.0%}" if gap > 0.5 else "n/a")
+            log(f"| {m} | " + " | ".join(f"{v:.1f}" for v in means) + " | " + " | ".join(diffs) + " | "
+                + " | ".join(gaps) + f" | {statistics.mean(seconds[m][i] for i in pick):.2f} |")
+    log("\nmeta-training: " + "; ".join(f"{n}: epoch {i['epoch']} chosen, {i['epoch_seconds']:.1f} s per epoch"
+                                        for n, i in info.items()))
+    log(f"total {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The learned criterion: a ``scores`` metanetwork's channel map, its start at magnitude, and its
+training on the curve objective (a test that fails if the scores reach the wrong channels)."""
+
+import copy
+
+import pytest
+import torch
+
+from metanet.curve import masked_accuracy
+from metanet.graph import network_to_graph
+from metanet.meta_training import MetaTrainConfig, make_member, members_step
+from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of
+from metanet.prune import prune_to_speedup
+from metanet.scoring import ScoreMap, channel_scores, channel_statistics, learned_criterion
+from metanet.train import TrainConfig, train
+from zoo.arch import build_model, resnet_spec, vgg_spec
+
+X = torch.zeros(1, 1, 8, 8)
+SPECS = {"resnet-projection": resnet_spec(14, (4, 6, 8), in_channels=1, shortcut="projection"),
+         "resnet-identity": resnet_spec(8, (4, 6, 8), in_channels=1),
+         "vgg": vgg_spec(11, width_mult=0.125, input_size=8, in_channels=1, classifier=(16,))}
+
+
+def _scores_net(graph, **kw) -> MetaNetwork:
+    return MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), edit="scores", hidden=16, layers=2, **kw))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_channel_reaches_the_nodes_of_its_rows(name):
+    torch.manual_seed(0)
+    model = build_model(SPECS[name]).eval()
+    graph = network_to_graph(model, X)
+    smap = ScoreMap(model, X)
+    assert int(torch.bincount(smap.channels, minlength=smap.num_channels).min()) >= 1  # every channel has a node
+    assert len(set(smap.nodes.tolist())) == len(smap.nodes)  # a node is one row of one layer
+    # the graph's edges into each mapped node carry exactly that layer row's weights
+    kernel = [t for t in graph.edge_types if t.startswith("k")]
+    offsets = graph.edge_offsets()
+    into = torch.zeros(graph.num_nodes)
+    for t in kernel:
+        a, b = offsets[t]
+        into.index_add_(0, graph.dst[a:b], graph.edge_feat[t].square().sum(1))
+    params, start = dict(model.named_parameters()), 0
+    for pname, (idx, _) in smap.masker.groups.rows.items():
+        w = params[pname]
+        rows = w.reshape(w.shape[0], -1).square().sum(1)[idx]
+        torch.testing.assert_close(into[smap.nodes[start:start + len(idx)]], rows.detach())
+        start += len(idx)
+
+
+def test_an_untrained_scores_metanetwork_prunes_as_magnitude_does():
+    torch.manual_seed(1)
+    model = build_model(SPECS["resnet-projection"]).eval()
+    graph = network_to_graph(model, X)
+    net = _scores_net(graph, evidence=True)
+    smap = ScoreMap(model, X)
+    scores = channel_scores(net, graph, dict(model.named_parameters()), smap)
+    torch.testing.assert_close(scores, smap.base(dict(model.named_parameters())))
+    # the pruner reads them per layer, in magnitude's order (iterative magnitude pruning can still
+    # differ: removing a group's channels changes the input columns that other groups' norms count)
+    table, expected = learned_criterion(net, model, X).scores, smap.masker.module_scores(smap.base(dict(model.named_parameters())))
+    assert table.keys() == expected.keys()
+    for layer in table:
+        torch.testing.assert_close(table[layer], expected[layer], msg=layer)
+    pruned = prune_to_speedup(copy.deepcopy(model), X, 2.0, criterion=learned_criterion(net, model, X))
+    assert pruned.speedup >= 2.0
+
+
+@pytest.fixture(scope="module")
+def trained_member(digits):
+    torch.manual_seed(2)
+    model = build_model(SPECS["resnet-projection"])
+    train(model, digits, TrainConfig(steps=150, lr=0.05, batch_size=64, schedule="cosine"))
+    return model.eval()
+
+
+def test_the_curve_objective_trains_the_scores_past_magnitude(trained_member, digits):
+    """Meta-training on one network with the curve objective: the masked network's loss falls and
+    the metanetwork's scores keep channels that magnitude does not, for a higher accuracy at the
+    amount trained for (if the scores reached the wrong channels or the mask were wired wrong,
+    neither would happen)."""
+    torch.manual_seed(3)
+    graph = network_to_graph(trained_member, X)
+    cfg = MetaTrainConfig(objective="curve", curve_speedups=(3.0, 3.0), batch_size=128)
+    member = make_member("m", trained_member, graph, cfg)
+    net = _scores_net(graph)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(60):
+        batches = list(digits.batches("train", 128, shuffle=True, generator=gen, limit=2))
+        opt.zero_grad()
+        losses.append(members_step(net, [member], batches, 0.5, cfg)["task_loss"])
+        opt.step()
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    smap, amount = member.scores_map, member.amounts[0]
+    params = dict(trained_member.named_parameters())
+    with torch.no_grad():
+        learned = channel_scores(net, graph, params, smap)
+    base = smap.base(params)
+    assert not torch.equal(smap.masker.mask(learned, amount) > 0.5, smap.masker.mask(base, amount) > 0.5)
+    acc_magnitude = masked_accuracy(trained_member, smap.masker, base, amount, digits, split="train")
+    acc_learned = masked_accuracy(trained_member, smap.masker, learned, amount, digits, split="train")
+    assert acc_learned > acc_magnitude + 0.02, (acc_learned, acc_magnitude)
+
+
+def test_channel_statistics_rank_a_dead_channel_last_in_its_layer(digits):
+    torch.manual_seed(4)
+    model = build_model(SPECS["vgg"]).eval()
+    with torch.no_grad():  # channel 2 of the first conv's BatchNorm outputs 0 before the ReLU: dead
+        model.features[1].weight[2] = 0.0
+        model.features[1].bias[2] = 0.0
+    graph = network_to_graph(model, X)
+    smap = ScoreMap(model, X)
+    stats = channel_statistics(model, graph, list(digits.batches("train", 64, limit=2)), smap)
+    assert stats.shape == (graph.num_nodes, 6) and torch.isfinite(stats).all()
+    assert torch.count_nonzero(stats[:1]) == 0  # the input channel is no layer's output
+    # the loss does not depend on the dead channel's conv output: its Taylor score is the layer's lowest
+    conv1 = smap.row_nodes["features.0.weight"]
+    taylor_rank = stats[conv1, 5]
+    assert taylor_rank[2] == 0.0 and int(torch.argmin(stats[conv1, 2])) == 2
+    assert stats[conv1, 3:].max() == 1.0  # ranks within the layer span [0, 1]
+    net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), edit="scores", calibration=True, layers=0))
+    with pytest.raises(ValueError, match="calibration batches"):
+        learned_criterion(net, model, X)
+    table = learned_criterion(net, model, X, list(digits.batches("train", 64, limit=1))).scores
+    assert "features.0" in table and len(table) == len(smap.masker.groups.rows)
+
+
+def test_meta_train_objective_curve_trains_a_criterion_and_refuses_an_edit():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    import meta_train
+
+    config = meta_train.parse_args(["--objective", "curve"])
+    assert config["objective"] == "curve" and config["edit"] == "scores"
+    assert meta_train.parse_args([])["objective"] == "paper"
+    for argv in (["--objective", "curve", "--edit", "gate"], ["--edit", "scores"], ["--objective", "steep"]):
+        with pytest.raises(SystemExit, match="objective"):
+            meta_train.parse_args(argv)
