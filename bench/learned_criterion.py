@@ -1,9 +1,9 @@
 """Which learned criterion? Metanetworks trained on the curve objective, side by side, against
 magnitude, the other hand-crafted criteria and the per-network ``curve`` scores.
 
-Each variant (``layers,hidden,evidence,lr,epochs``; ``layers`` 0 is the ablation without message
-passing: a per-channel MLP over the node features and, with ``evidence`` 1, each channel's evidence
-of ``metanet.gates.channel_evidence``) is a ``scores`` metanetwork meta-trained with the curve
+Each variant (``key=value,...`` over ``VARIANT_DEFAULTS``; ``layers=0`` is the ablation without
+message passing: a per-channel MLP over the node features and, with ``evidence=1``, each channel's
+evidence of ``metanet.gates.channel_evidence``; ``stats=1`` adds calibration statistics) is a ``scores`` metanetwork meta-trained with the curve
 objective on the zoo's ``train`` members (``--train-family`` keeps one architecture family: the
 transfer experiment); after every epoch its recalibrated pruning curve (accuracy right after
 pruning, BatchNorm recomputed, no finetuning) on the ``val`` members' validation split is computed,
@@ -42,27 +42,36 @@ from metanet.scoring import learned_criterion  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
-DEFAULT_VARIANTS = ["4,32,1,1e-3,8", "4,32,0,1e-3,8", "0,32,1,1e-3,8"]
+DEFAULT_VARIANTS = ["layers=4", "layers=4,stats=1", "layers=0,stats=1", "layers=4,stats=1,targets=1"]
 BASELINES = ("magnitude", "fpgm")
 
 
+VARIANT_DEFAULTS = {"layers": 4, "hidden": 32, "evidence": 1, "stats": 0, "targets": 0.0, "lr": 3e-3, "epochs": 20,
+                    "temperature": 0.2}
+
+
 def parse_variant(text: str) -> dict:
-    try:
-        layers, hidden, evidence, lr, epochs, *rest = text.split(",")
-        calibration = bool(int(rest[0])) if rest else False
-        if len(rest) > 1:
-            raise ValueError
-        return {"layers": int(layers), "hidden": int(hidden), "evidence": bool(int(evidence)), "lr": float(lr),
-                "epochs": int(epochs), "calibration": calibration}
-    except ValueError:
-        raise SystemExit(f"learned_criterion: --variants {text!r}: expected layers,hidden,evidence,lr,epochs"
-                         "[,calibration]") from None
+    """``key=value,...`` over ``VARIANT_DEFAULTS`` (``layers=0``: no message passing; ``stats=1``:
+    calibration statistics as node inputs; ``targets=W``: the regression on per-member curve scores
+    at weight W beside the masked task loss)."""
+    v = dict(VARIANT_DEFAULTS)
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in v or not value:
+            raise SystemExit(f"learned_criterion: --variants {text!r}: {item!r} is not key=value with a key of "
+                             f"{', '.join(VARIANT_DEFAULTS)}")
+        try:
+            v[key] = type(VARIANT_DEFAULTS[key])(float(value)) if key != "lr" else float(value)
+        except ValueError:
+            raise SystemExit(f"learned_criterion: --variants {text!r}: {key}={value!r} is not a number") from None
+    return v
 
 
 def name_of(v: dict) -> str:
     kind = "MLP (no message passing)" if v["layers"] == 0 else f"GNN {v['layers']}x{v['hidden']}"
-    extras = "".join([" + evidence"] * v["evidence"] + [" + statistics"] * v["calibration"])
-    return f"{kind}{extras}, lr {v['lr']:g}, {v['epochs']} ep"
+    extras = "".join([" + evidence"] * bool(v["evidence"]) + [" + statistics"] * bool(v["stats"]))
+    targets = f", targets x{v['targets']:g}" if v["targets"] else ""
+    return f"{kind}{extras}{targets}, lr {v['lr']:g}, {v['epochs']} ep"
 
 
 def train_variant(v: dict, zoo: Zoo, train, val, data, cfg: RecipeConfig, batch_size: int, log) -> tuple[MetaNetwork, dict]:
@@ -70,10 +79,11 @@ def train_variant(v: dict, zoo: Zoo, train, val, data, cfg: RecipeConfig, batch_
     validation curve area over ``val`` is largest (epoch -1: the untrained network, magnitude)."""
     torch.manual_seed(0)
     meta_cfg = MetaTrainConfig(objective="curve", epochs=v["epochs"], lr=v["lr"], batch_size=batch_size,
-                               milestones=(int(v["epochs"] * 0.75),))
+                               milestones=(int(v["epochs"] * 0.75),), score_targets=v["targets"],
+                               curve_temperature=v["temperature"])
     members = [make_member(r.id, build_model(r.arch), r.graph, meta_cfg) for r in train]
     net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=v["hidden"], layers=v["layers"],
-                                    edit="scores", evidence=v["evidence"], calibration=v["calibration"],
+                                    edit="scores", evidence=bool(v["evidence"]), calibration=bool(v["stats"]),
                                     backend="torch"))
     x = torch.zeros(data.input_shape)
     batches = list(calibration(data, cfg)())
@@ -90,7 +100,8 @@ def train_variant(v: dict, zoo: Zoo, train, val, data, cfg: RecipeConfig, batch_
         seconds.append(metrics["seconds"])
         history[epoch] = val_auc(m)
         kept[epoch] = snapshot(m)
-        log(f"    epoch {epoch}: curve loss {metrics['task_loss']:.3f}, train acc (masked) "
+        target = f", target loss {metrics['target_loss']:.3f}" if "target_loss" in metrics else ""
+        log(f"    epoch {epoch}: curve loss {metrics['task_loss']:.3f}{target}, train acc (masked) "
             f"{100 * metrics['train_acc']:.1f}%, val curve area {100 * history[epoch]:.1f} ({metrics['seconds']:.1f} s)")
 
     meta_train(net, members, data, meta_cfg, on_epoch=on_epoch, progress=False)
@@ -104,7 +115,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", required=True, help="the zoo: train members meta-train, val members select")
     p.add_argument("--heldout", nargs="*", default=[], help="zoos whose every member is evaluated too")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="layers,hidden,evidence,lr,epochs")
+    p.add_argument("--test-from", nargs="*", help="zoos whose test members are evaluated (default: --zoo)")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                   help=f"key=value,... over {VARIANT_DEFAULTS} (default: {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--train-family", help="meta-train on members of this family only (resnet, vgg, ...)")
     p.add_argument("--no-curve", action="store_true", help="skip the per-network curve reference")
     p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
@@ -123,7 +136,8 @@ def main(argv=None) -> None:
     train = [r for r in ok if r.role == "train" and (not args.train_family or r.arch["family"] == args.train_family)]
     val = [r.network().eval() for r in ok if r.role == "val"
            and (not args.train_family or r.arch["family"] == args.train_family)][:4]
-    held = [r for r in ok if r.role == "test"] + [r for path in args.heldout for r in Zoo(path) if r.status == "ok"]
+    held = [r for path in (args.test_from or [args.zoo]) for r in Zoo(path) if r.status == "ok" and r.role == "test"]
+    held += [r for path in args.heldout for r in Zoo(path) if r.status == "ok"]
     if not train or not val or not held:
         raise SystemExit(f"learned_criterion: need train ({len(train)}), val ({len(val)}) and held-out ({len(held)}) "
                          "networks")

@@ -323,6 +323,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--zoo", help="a zoo built by make zoo (with train, val and test members)")
     parser.add_argument("--heldout", nargs="*", default=[], help="zoos whose every member is pruned too "
                         "(networks unlike any zoo member)")
+    parser.add_argument("--meta-zoo", help="a zoo whose train and val members meta-train and select the "
+                        "metanetwork (default: --zoo's; the networks pruned are --zoo's test members either way)")
     parser.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     parser.add_argument("--smoke", action="store_true", help="build a small digits zoo and run a tiny budget")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="settings preset (default: by dataset)")
@@ -377,30 +379,40 @@ def main(argv=None) -> dict:
         print(line, flush=True)
         log_lines.append(line)
 
+    def same_data(other: Zoo, flag: str) -> None:
+        same = [{k: v for k, v in (z.spec().get("dataset") or {}).items() if k != "root"} for z in (other, zoo)]
+        if same[0] != same[1]:  # the same data (wherever its folder is), or the comparison means nothing
+            raise SystemExit(f"quality: {flag} {other.root}: its dataset {same[0]} is not the zoo's {same[1]}")
+
     records = [r for r in zoo if r.status == "ok"]
     by_role = {role: [r for r in records if r.role == role] for role in ("train", "val", "test")}
+    meta_zoo = zoo
+    if args.meta_zoo:  # another zoo (a larger one) meta-trains and selects; the networks pruned stay these
+        meta_zoo = Zoo(args.meta_zoo)
+        same_data(meta_zoo, "--meta-zoo")
+        meta_records = [r for r in meta_zoo if r.status == "ok"]
+        by_role.update({role: [r for r in meta_records if r.role == role] for role in ("train", "val")})
     missing = [role for role in ("train", "val") if not by_role[role]]
     if missing:
-        raise SystemExit(f"quality: {zoo.root}: no members with role(s) {missing}: build it with val_members")
+        raise SystemExit(f"quality: {meta_zoo.root}: no members with role(s) {missing}: build it with val_members")
     networks = [(r, "zoo test split") for r in by_role["test"]]
     for path in heldout:
         held = Zoo(path)
-        same = [{k: v for k, v in (z.spec().get("dataset") or {}).items() if k != "root"} for z in (held, zoo)]
-        if same[0] != same[1]:  # the same data (wherever its folder is), or the comparison means nothing
-            raise SystemExit(f"quality: --heldout {path}: its dataset {same[0]} is not the zoo's {same[1]}")
+        same_data(held, "--heldout")
         networks += [(r, f"unlike the zoo ({held.spec().get('name', path)})") for r in held if r.status == "ok"]
     if not networks:
         raise SystemExit("quality: no held-out networks: build the zoo with test_members, or give --heldout")
     kinds = Counter(f"{r.arch['family']} ({origin})" for r, origin in networks)
     log(f"data: {data.name}, train {len(data.train[1])}, val {len(data.val[1])}, test {len(data.test[1])}; zoo "
-        f"{zoo.root}: {len(by_role['train'])} train, {len(by_role['val'])} val members; {len(networks)} held-out "
+        f"{zoo.root}: {len(by_role['test'])} test members; meta-training zoo {meta_zoo.root}: {len(by_role['train'])} "
+        f"train, {len(by_role['val'])} val members; {len(networks)} held-out "
         f"networks: {dict(kinds)}; preset {preset}")
     _init(data)
     torch.set_num_threads(max(1, args.workers))
 
     meta_state, history = None, {}
     if "meta" in args.methods:  # the metanetwork is trained only when it is compared
-        meta_state, history = metanetwork_for(zoo, data, s, by_role, out, log)
+        meta_state, history = metanetwork_for(meta_zoo, data, s, by_role, out, log)
         log(f"{time.perf_counter() - t0:.0f} s so far")
 
     from distributed.progress import progress

@@ -82,6 +82,12 @@ class MetaTrainConfig:
     curve_speedups: tuple[float, float] = (1.5, 4.0)
     curve_temperature: float = 0.2  # the soft mask's temperature (curve's best, bench/curve_objective.py)
     curve_mask: str = "soft"
+    # weight of a second term of the curve objective: the squared error between the metanetwork's
+    # scores and the member's own per-network ``curve`` scores (``metanet.curve.fit_scores``,
+    # ``target_steps`` steps, computed once per member), both standardised within each group: a
+    # dense target beside the masked task loss; 0 leaves the curve objective alone
+    score_targets: float = 0.0
+    target_steps: int = 40
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -114,8 +120,10 @@ class Member:
     scores_map: "ScoreMap | None" = None
     params: dict[str, torch.Tensor] | None = None
     amounts: tuple[float, float] | None = None
+    targets: torch.Tensor | None = None  # its per-network curve scores (``score_targets``)
 
 
+_TARGETS_CACHE: dict[tuple, torch.Tensor] = {}
 _SPARSITY_CACHE: dict[tuple, GroupSparsity] = {}
 _AMOUNTS_CACHE: dict[tuple, tuple[float, float]] = {}
 
@@ -149,6 +157,22 @@ def _curve_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: Me
                   amounts=_AMOUNTS_CACHE[key])
 
 
+def attach_targets(member: Member, data: TaskData, cfg: MetaTrainConfig) -> None:
+    """The member's per-network curve scores (``fit_scores`` on its own network, standardised per
+    group) as its regression target; computed once per member and settings."""
+    from metanet.curve import fit_scores
+
+    key = (member.id, member.graph.fingerprint, member.amounts, cfg.target_steps, cfg.batch_size, cfg.seed,
+           cfg.curve_temperature, cfg.curve_mask)
+    if key not in _TARGETS_CACHE:
+        reference = graph_to_network(member.graph, member.model).eval()
+        scores, _ = fit_scores(reference, data, member.amounts, steps=cfg.target_steps, batch_size=cfg.batch_size,
+                               seed=cfg.seed, temperature=cfg.curve_temperature, mode=cfg.curve_mask,
+                               masker=member.scores_map.masker)
+        _TARGETS_CACHE[key] = member.scores_map.masker.standardise(scores).detach()
+    member.targets = _TARGETS_CACHE[key]
+
+
 def curve_step(metanet: MetaNetwork, members: Sequence[Member], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                draw: float, cfg: MetaTrainConfig) -> dict[str, float]:
     """Forward and backward of the curve objective for ``members``: each member's channel scores
@@ -179,6 +203,10 @@ def curve_step(metanet: MetaNetwork, members: Sequence[Member], batches: Sequenc
             correct += int((out.argmax(1) == y).sum())
             seen += y.numel()
         terms["train_acc"] += correct / max(seen, 1) / len(members)
+        if cfg.score_targets and member.targets is not None:
+            target = F.mse_loss(masker.standardise(scores), member.targets.to(scores.device)) / len(members)
+            total = total + cfg.score_targets * target
+            terms["target_loss"] = terms.get("target_loss", 0.0) + float(target.detach())
     total.backward()
     return terms
 
@@ -334,6 +362,9 @@ def run_epoch(metanet: nn.Module, opt: torch.optim.Optimizer, members: Iterable[
         batches = [(x.to(device), y.to(device)) for x, y in
                    data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
                                 limit=cfg.batches_per_step)]
+        if cfg.objective == "curve" and cfg.score_targets:
+            for member in group:
+                attach_targets(member, data, cfg)
         # the curve objective's amount; drawn only for it, so the paper objective's batches stay as they were
         draw = float(torch.rand((), generator=gen)) if cfg.objective == "curve" else 0.5
         opt.zero_grad(set_to_none=True)

@@ -58,8 +58,9 @@ from zoo.store import ZooFormatError  # noqa: E402
 
 _NET, _TRAIN = MetaNetConfig(edge_widths={}), MetaTrainConfig()  # the library's dataclasses hold the defaults
 _TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", "members_per_step", "batch_size",
-               "reg", "alpha", "seed", "bn_mode", "sparsity_norm", "distill_epochs", "gate_reg", "objective")
-_NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence")
+               "reg", "alpha", "seed", "bn_mode", "sparsity_norm", "distill_epochs", "gate_reg", "objective",
+               "score_targets")
+_NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence", "calibration")
 DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,
     **{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(_TRAIN, k)) for k in _TRAIN_KEYS)},
@@ -100,12 +101,15 @@ HELP = {
     "mlflow": "log params, metrics and artifacts to MLflow",
     "edit": "metanetwork edit: additive (the paper), gate or gate+additive",
     "evidence": "give the metanetwork per-channel evidence features",
+    "calibration": "a learned criterion also reads per-channel statistics of calibration batches (activations, "
+                   "Taylor scores)",
     "sparsity_norm": "sparsity term: none (the paper), group or relative",
     "distill_epochs": "epochs of regression on per-member gates before the meta-objective (gate edits)",
     "gate_reg": "sparsity strength of the per-member gates that distillation targets",
     "min_member_acc": "skip training members below this validation accuracy",
     "objective": "paper (task loss of the edited network + group sparsity) or curve (a learned criterion, "
                  "edit 'scores': the task loss of the network masked at a drawn pruning amount)",
+    "score_targets": "curve objective: weight of the regression on each member's own optimised scores (0: none)",
 }
 FAULT_ENV = "METAPRUNE_FAULT_INJECT"
 EPOCH_LINE = "meta-training epoch"  # testing hook, see _inject_fault
@@ -525,7 +529,8 @@ def _prepare(config: dict):
         config["backend"] = "torch"
     config["metanet"] = {"edge_widths": zoo.edge_widths(), "hidden": config["hidden"],
                          "layers": config["layers"], "residual": config["residual"], "backend": config["backend"],
-                         "edit": config["edit"], "evidence": config["evidence"]}
+                         "edit": config["edit"], "evidence": config["evidence"],
+                         "calibration": config["calibration"]}
     if "://" in config["out"]:  # Ray Train and pyarrow take URIs; pathlib would fold "s3://" into "s3:/"
         return zoo, f"{config['out'].rstrip('/')}/{config['name']}", inputs_digest(config, zoo)
     out = Path(config["out"]).resolve()

@@ -140,3 +140,18 @@ def test_meta_train_objective_curve_trains_a_criterion_and_refuses_an_edit():
     for argv in (["--objective", "curve", "--edit", "gate"], ["--edit", "scores"], ["--objective", "steep"]):
         with pytest.raises(SystemExit, match="objective"):
             meta_train.parse_args(argv)
+
+
+def test_score_targets_regress_the_scores_on_the_members_own_curve_scores(trained_member, digits):
+    from metanet.meta_training import attach_targets
+
+    graph = network_to_graph(trained_member, X)
+    cfg = MetaTrainConfig(objective="curve", batch_size=128, score_targets=1.0, target_steps=10)
+    member = make_member("m", trained_member, graph, cfg)
+    attach_targets(member, digits, cfg)
+    assert member.targets.shape == (member.scores_map.num_channels,)
+    net = _scores_net(graph)
+    batches = list(digits.batches("train", 128, limit=1))
+    first = members_step(net, [member], batches, 0.5, cfg)
+    assert first["target_loss"] > 0
+    assert all(p.grad is not None for p in net.score_decoder.parameters())
