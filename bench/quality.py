@@ -79,7 +79,7 @@ def budgets(s: dict) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------ settings
 # Names as in pipelines/meta_train.py and pipelines/prune_batch.py, so a Tune best_config.yaml applies.
-# the metanetwork's edit and its sparsity term (bench/edits.py chose them; README)
+# the metanetwork's edit and its sparsity term (bench/edits.py chose them; docs/method.md)
 # objective "curve": a learned criterion (edit "scores") trained on the curve objective, its
 # checkpoint chosen by the validation members' recalibrated pruning curve (selection "auc")
 EDIT = dict(edit="additive", evidence=False, sparsity_norm="none", distill_epochs=0, objective="paper",

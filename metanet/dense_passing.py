@@ -370,7 +370,7 @@ def sparse_layer(e: torch.Tensor, a_src: torch.Tensor, a_dst: torch.Tensor, c_sr
 
 # "1": run each layer's edge work as one compiled function (``block_layer``). Off by default: on
 # the 2-core CPU it was slower than the eager path (1.35 s against 1.07 s forward+backward on
-# ResNet-56, 8 x 64, static or dynamic shapes) and its first call compiles for 22-27 s (README).
+# ResNet-56, 8 x 64, static or dynamic shapes) and its first call compiles for 22-27 s (docs/performance.md).
 COMPILE_ENV = "METAPRUNE_COMPILE"
 _KERNEL = {}
 

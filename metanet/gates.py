@@ -150,7 +150,7 @@ def optimise_gates(model: nn.Module, graph: NetworkGraph, batches: Sequence[Sequ
     The relative form is the default because the others push every gate down together and, with
     frozen BatchNorm statistics, a plain deep network cannot absorb a uniform shrink: gates of 0.9
     on every channel of a digits VGG take it from 98% to 16%, and optimising with those forms left
-    every VGG at chance whatever the reg and optimiser (bench/edits.py, README). Returns the
+    every VGG at chance whatever the reg and optimiser (bench/edits.py, docs/method.md). Returns the
     logits [N] (0 = gate 1)."""
     was_training = model.training
     model.eval()

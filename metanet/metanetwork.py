@@ -38,7 +38,7 @@ class MetaNetConfig:
 
     edge_widths: dict[str, int] = field(default_factory=lambda: {"identity": 1, "k1x1": 1, "k3x3": 9})
     # the defaults of meta_train.py and Tune's default trial (measured on the digits and CIFAR-10
-    # zoos, README); the paper's 8 layers of width 64 is bench/metanet.py's size
+    # zoos, docs/method.md); the paper's 8 layers of width 64 is bench/metanet.py's size
     hidden: int = 32
     layers: int = 4
     residual: float = 0.05

@@ -9,7 +9,7 @@ a floor. ``recalibrate_bn`` recomputes BatchNorm statistics after pruning.
 
 How channels are chosen is a ``PruneSettings``. The default prunes the same fraction of every
 layer (``global_pruning=False``), chosen by ``bench/pruner_settings.py`` on held-out digits
-networks (README, "The pruning recipe's defaults"): the paper's global ranking with
+networks (docs/method.md, "The pruning recipe's defaults"): the paper's global ranking with
 max-normalised importance collapsed whole layers (one ResNet's last stage went from 20 channels
 to 1), because importances inside a group are nearly flat, so one outlier channel pushes the rest
 below every other group. ``prune_adaptive`` judges accuracy as its caller's ``score`` does (the

@@ -60,7 +60,7 @@ HAND_CRAFTED = tuple(CRITERION_OF)
 BENCH_METHODS = ("meta", *HAND_CRAFTED, "depgraph", "curve")  # what bench/quality.py compares by default
 ALL_METHODS = (*BENCH_METHODS, "gate", "oracle")  # plus the per-network gates and the paper objective's oracle
 
-# The finetuning budget in optimiser steps (README, "The pruning recipe's defaults", measured
+# The finetuning budget in optimiser steps (docs/method.md, "The pruning recipe's defaults", measured
 # with bench/pruner_settings.py): on held-out digits networks at 2x, 'none' ends 0.9 points
 # below the unpruned accuracy on average (at most 2.2) with these.
 BEFORE_STEPS = 40

@@ -10,7 +10,7 @@ Every place that compares metanetworks (``meta_train``'s kept checkpoints, a Tun
   recalibrated, no finetuning), free when it was computed as a diagnostic during training.
 
 ``bench/selection.py`` measured both against the outcome of the full recipe on other validation
-members (README, "Choosing the metanetwork's checkpoint"). Accuracy right after pruning without recalibration sits at
+members (docs/method.md, "Choosing the metanetwork's checkpoint"). Accuracy right after pruning without recalibration sits at
 chance for every checkpoint on small budgets: it cannot rank them, so it is not offered.
 """
 

@@ -204,7 +204,7 @@ def main(argv=None) -> None:
     print(f"\n== done in {(time.perf_counter() - began) / 60:.1f} min ==")
     print(f"results table: {results / 'summary.md'} (and results.parquet / results.csv)")
     print(f"plot:          {results / 'accuracy_vs_speedup.png'}")
-    print("the comparison that matters runs on CIFAR-10: bench/quality.py (see README, \"The method, measured\")")
+    print("the comparison that matters runs on CIFAR-10: bench/quality.py (see docs/benchmarks.md)")
     print("MLflow UI (zoo, meta-training and pruning runs), on 127.0.0.1 only:")
     print(f"  {Path(py).with_name('mlflow')} ui --backend-store-uri {mlflow_uri} --host 127.0.0.1 --port 5000")
     print("  then open http://127.0.0.1:5000")

@@ -30,7 +30,7 @@ Then a checkpoint is chosen among the kept ones (never with the test split): by 
 ``--selection auc``, the one whose edit has the largest validation curve area (free: it was
 logged during training). The short recipe is the default because it ranks checkpoints by what
 the full recipe later reaches and the curve area right after the edit does not (measured:
-``bench/selection.py``, Spearman 0.67 and 0.82 against -0.75; README). MLflow (rank 0 and the driver): params, per-epoch
+``bench/selection.py``, Spearman 0.67 and 0.82 against -0.75; docs/method.md). MLflow (rank 0 and the driver): params, per-epoch
 loss terms and diagnostics, selection scores and their plot, the chosen metanetwork.
 """
 
