@@ -190,7 +190,7 @@ def curve_step(metanet: MetaNetwork, members: Sequence[Member], batches: Sequenc
             # the member's own channel statistics (eval mode), on its first step's batches
             reference = graph_to_network(member.graph, member.model).eval()
             attach_statistics(member.graph, channel_statistics(reference, member.graph, batches, member.scores_map))
-        scores = channel_scores(core, member.graph, member.params, member.scores_map)
+        scores = channel_scores(metanet, member.graph, member.params, member.scores_map)
         masker = member.scores_map.masker
         mask = masker.mask(scores, lo + draw * (hi - lo), cfg.curve_temperature, cfg.curve_mask)
         masked = masker.apply(member.params, mask)

@@ -246,9 +246,13 @@ class MetaNetwork(nn.Module):
             raise ValueError("this metanetwork's edit is 'additive': it has no gates")
         return self._gate_logits(graph, self._embed(graph)[0])
 
-    def forward(self, graph: NetworkGraph | Sequence[NetworkGraph]) -> NetworkGraph | list[NetworkGraph]:
+    def forward(self, graph: NetworkGraph | Sequence[NetworkGraph], scores: bool = False
+                ) -> NetworkGraph | list[NetworkGraph] | torch.Tensor:
         """The edited graph; for a list of graphs, ``forward_many``'s list (so a DDP wrapper can
-        run batches of members too)."""
+        run batches of members too); with ``scores``, a ``scores`` metanetwork's ``node_scores``
+        (through ``forward``, so that a DDP wrapper averages their gradients)."""
+        if scores:
+            return self.node_scores(graph)
         if self.config.edit == "scores":  # a criterion edits nothing (node_scores is its output)
             return list(graph) if isinstance(graph, (list, tuple)) else graph
         if isinstance(graph, (list, tuple)):

@@ -160,9 +160,10 @@ def score_map(model: nn.Module, graph: NetworkGraph) -> ScoreMap:
 def channel_scores(metanet: MetaNetwork, graph: NetworkGraph, params: Mapping[str, torch.Tensor],
                    scores_map: ScoreMap) -> torch.Tensor:
     """[C] the metanetwork's score of every prunable channel of the network ``graph`` stands for
-    (``params``: its parameters, for the magnitude base); differentiable in ``metanet``."""
+    (``params``: its parameters, for the magnitude base); differentiable in ``metanet``, which may
+    be a DDP wrapper (called, not bypassed, so that its gradients are averaged across workers)."""
     base = scores_map.base(params).to(graph.node_feat.device)
-    return base + scores_map.pool(metanet.node_scores(graph))
+    return base + scores_map.pool(metanet(graph, scores=True))
 
 
 def learned_criterion(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor,

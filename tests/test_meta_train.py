@@ -191,3 +191,28 @@ def test_a_training_logs_into_one_mlflow_run_however_often_it_restarts(tmp_path,
     mlflow.delete_run(first)  # a user deleted it in the UI: a new run, noted instead
     again = meta_train.mlflow_run(config, folder)
     assert again not in (first, other) and meta_train.mlflow_run(config, folder) == again
+
+
+def test_the_curve_objective_trains_a_criterion_with_ray_train(tiny_zoo, tmp_path):
+    """``--objective curve --calibration`` on 2 Ray Train workers (DDP: the scores go through the
+    wrapper's forward): a ``scores`` metanetwork comes out, and it prunes a member by its scores."""
+    import torch
+
+    from metanet.recipe import prune_with_method, recipe_from_settings
+    from zoo.store import Zoo
+
+    out = subprocess.run([sys.executable, str(ROOT / "pipelines/meta_train.py"),
+                          *_meta_args(tiny_zoo, str(tmp_path / "out"), 2), "--objective", "curve", "--calibration",
+                          "--no-mlflow", "--selection", "auc"], env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "'epoch': 1, " in out.stdout and "'sparsity_loss': 0.0," in out.stdout, out.stdout[-2000:]
+    net, extra = load_metanetwork(str(tmp_path / "out" / "metanet" / "metanetwork.pt"))
+    assert net.config.edit == "scores" and net.config.calibration
+    zoo = Zoo(tiny_zoo)
+    data = zoo.dataset()
+    member = zoo.built("val")[0].network()
+    cfg = recipe_from_settings({"before_steps": 2, "before_lr": 0.01, "after_steps": 2, "after_lr": 0.01},
+                               batch_size=64, target=2.0)
+    torch.manual_seed(0)
+    _, record = prune_with_method(member, data, "meta", cfg, net)
+    assert record["criterion"] == "scores" and record["speedup"] >= 2.0
