@@ -80,8 +80,10 @@ def run(*args: str, log: Path, verbose: bool = False, env: dict | None = None) -
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as sink:
         sink.write(("$ " + " ".join(args) + "\n").encode())
-        # the children draw tqdm bars into the pipe: this loop keeps each on one line of the terminal
-        proc = subprocess.Popen(list(args), cwd=ROOT, env={**os.environ, "METAPRUNE_PROGRESS": "bar", **(env or {})},
+        # on a terminal the children draw tqdm bars into the pipe and this loop keeps each on one
+        # line; into a file (make demo > demo.log) they print a progress line now and then instead
+        mode = "bar" if sys.stdout.isatty() else "lines"
+        proc = subprocess.Popen(list(args), cwd=ROOT, env={**os.environ, "METAPRUNE_PROGRESS": mode, **(env or {})},
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
         pending, last = b"", None
@@ -99,10 +101,10 @@ def run(*args: str, log: Path, verbose: bool = False, env: dict | None = None) -
                 if line.endswith("\r"):  # a progress bar redrawing itself: keep it on one line
                     sys.stdout.write("\r  " + text.strip()[:110].ljust(110))
                 else:
-                    sys.stdout.write("\r  " + text + "\n")
+                    sys.stdout.write(("\r" if mode == "bar" else "") + "  " + text + "\n")
             sys.stdout.flush()
         code = proc.wait()
-    sys.stdout.write("\n" if not verbose else "")
+    sys.stdout.write("\n" if not verbose and mode == "bar" else "")
     if code != 0:
         raise SystemExit(f"demo: `{' '.join(args[:3])} ...` failed with exit code {code}; its output: {log}")
 

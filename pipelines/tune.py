@@ -53,7 +53,7 @@ from zoo.store import ZooFormatError  # noqa: E402
 SEARCH_DIR = Path(__file__).resolve().parent / "searches"
 DEFAULT_SEARCH = SEARCH_DIR / "digits.yaml"
 META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size",
-             "edit", "evidence", "sparsity_norm")
+             "edit", "evidence", "sparsity_norm", "objective", "calibration", "score_targets")
 PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 
@@ -159,13 +159,16 @@ def trial(config: dict, search: dict, data) -> None:
     cfg = MetaTrainConfig(epochs=search["max_epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
                           milestones=(10**6,), batches_per_step=config["batches_per_step"],
                           batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
-                          sparsity_norm=config["sparsity_norm"], seed=search.get("seed", 0))
+                          sparsity_norm=config["sparsity_norm"], seed=search.get("seed", 0),
+                          objective=config["objective"], score_targets=config["score_targets"])
     members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in records if r.role == "train"]
     val = [r.network() for r in records if r.role == "val"]
     val = val[:search.get("val_members", len(val))]
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=config["hidden"],
-                                        layers=config["layers"], residual=config["residual"], edit=config["edit"],
-                                        evidence=config["evidence"]))
+                                        layers=config["layers"], residual=config["residual"],
+                                        # the curve objective trains a criterion: its edit is the scores
+                                        edit="scores" if config["objective"] == "curve" else config["edit"],
+                                        evidence=config["evidence"], calibration=config["calibration"]))
     recipe = recipe_from_settings(config, **zoo.finetune_settings(), seed=search.get("seed", 0))
     every = search.get("eval_every", 1)
 

@@ -123,3 +123,12 @@ def test_a_resumed_trial_logs_into_the_run_it_started(tmp_path, monkeypatch):
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.75)]
     assert "metrics.config.lr" not in runs and "metrics.done" not in runs  # config in params; booleans left out
     assert runs[runs["tags.trial_id"] == "abc_00002"].iloc[0]["status"] == "FAILED"
+
+
+def test_the_learned_criterion_settings_are_tunable_and_default_to_the_papers():
+    import tune
+
+    trial = tune.default_trial()
+    assert (trial["objective"], trial["calibration"], trial["score_targets"]) == ("paper", False, 0.0)
+    space = tune.param_space({"space": {"objective": {"choice": ["paper", "curve"]}}, "fixed": {}})
+    assert "objective" in space
