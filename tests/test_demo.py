@@ -47,7 +47,8 @@ def test_a_quick_demo_prints_its_own_lines_keeps_the_logs_and_reruns_without_wor
     terminal = (out.stdout + out.stderr).decode()
     assert out.returncode == 0, terminal[-3000:]
     lines = [line for line in terminal.split("\n") if line.strip()]  # a progress bar redraws one line with \r
-    assert len(lines) < 60, "\n".join(lines)
+    # not a terminal: a progress line per 10% of each stage (9 zoo members, 9 pruning tasks)
+    assert len(lines) < 90, "\n".join(lines)
     assert "\r" not in terminal  # not a terminal: progress lines, no redrawn bars (make demo > demo.log)
     assert not [line for line in lines if RAY_LINE.search(line)], terminal
     assert "meta-training epoch 2/2" in terminal and "| meta | 2x |" in terminal  # progress and the results
