@@ -214,7 +214,8 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
     if method == "curve":
         chosen = curve_scores(model, data, cfg)
     elif method == "meta" and scores_metanet(metanet):  # a learned criterion: scores of the finetuned network
-        chosen = learned_criterion(metanet, model, x, list(calibration(data, cfg)()))
+        chosen = learned_criterion(metanet, model, x, list(calibration(data, cfg)()) if metanet.config.calibration
+                                   else None)
     record["criterion"] = chosen.name
     record["seconds_before_prune"] = time.perf_counter() - start
     return Prepared(model, record, chosen)
