@@ -79,3 +79,41 @@ def log_run(experiment: str, out_dir: str, *, run_name: str | None = None, run_i
             mlflow.log_table(frame, name)
     return uri
 
+
+
+RUN_NOTE = "mlflow_run_id"  # in a training's folder: the MLflow run it logs into
+
+
+def resumable_run(experiment: str, out_dir: str, folder: str, run_name: str, params: dict) -> str:
+    """The MLflow run of the work in ``folder`` (one training, one set of inputs): the run the folder
+    notes, so that an interrupted training, resumed, goes on logging into its own run; else a new
+    run with ``params``, noted in the folder (a temporary name, then a rename) before any worker
+    starts. A folder behind a URI keeps no note: each start is a new run."""
+    from mlflow.exceptions import MlflowException
+
+    use_experiment(experiment, out_dir)
+    note = os.path.join(folder, RUN_NOTE)
+    local = "://" not in folder
+    if local and os.path.exists(note):
+        with open(note) as f:
+            run_id = f.read().strip()
+        try:
+            if mlflow.get_run(run_id).info.lifecycle_stage == "active":
+                return run_id
+        except MlflowException:
+            pass  # deleted from the store, or another store: a new run
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
+    if local:
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{note}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(run.info.run_id)
+        os.replace(tmp, note)
+    return run.info.run_id
+
+
+def metric_histories(run_id: str, keys) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` of run ``run_id`` in the current tracking store."""
+    client = mlflow.MlflowClient()
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}

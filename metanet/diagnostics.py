@@ -98,3 +98,25 @@ def diagnose(before: nn.Module, after: nn.Module, data: TaskData, cfg: RecipeCon
     out.update({f"curve_{s:g}x": v for s, v in curve.items()})
     out["auc"] = curve_auc(curve)
     return out
+
+
+def mean_diagnostics(metanet, models: Sequence[nn.Module], data: TaskData, cfg: RecipeConfig,
+                     split: str = "val") -> dict[str, float]:
+    """``diagnose`` of ``metanet``'s edit (and, for a learned criterion, its scores as the
+    criterion) on each of ``models``, averaged key by key: what meta-training reports for its
+    validation members after an epoch. An empty dict for no models; ``metanet`` keeps its mode."""
+    from metanet.recipe import apply_metanetwork
+    from metanet.selection import criterion_of
+
+    if not models:
+        return {}
+    device = next(metanet.parameters()).device
+    was_training = metanet.training
+    per = []
+    for model in models:
+        model = model.to(device).eval()
+        x = torch.zeros(data.input_shape, device=device)
+        per.append(diagnose(model, apply_metanetwork(metanet, model, x), data, cfg, split=split,
+                            criterion=criterion_of(metanet, model, x, cfg, data)))
+    metanet.train(was_training)
+    return {k: sum(d[k] for d in per) / len(per) for k in per[0]}

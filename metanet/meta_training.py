@@ -306,6 +306,31 @@ def distill(metanet: MetaNetwork, members: Sequence[Member], targets: Sequence[t
     return losses
 
 
+def distill_across_workers(metanet: MetaNetwork, members: Sequence[Member], data: TaskData, cfg: MetaTrainConfig,
+                           steps: int) -> None:
+    """``distill`` on one of several data-parallel workers: each worker takes its own ``members``
+    for the same ``steps`` per epoch, and the gradients are averaged across the workers here
+    (``gate_logits`` bypasses DDP's forward, so DDP does not see these passes). With no process
+    group, or a group of one, it is single-process distillation over ``steps`` steps an epoch."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    targets = [gate_targets(m, data, cfg) for m in members]
+    opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for _ in range(cfg.distill_epochs):
+        for s in range(steps):
+            k = s % len(members)
+            opt.zero_grad(set_to_none=True)
+            distill_step(metanet, members[k], targets[k])
+            if world > 1:
+                for p in metanet.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            opt.step()
+
+
 def _lr_at(cfg: MetaTrainConfig, epoch: int) -> float:
     return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
 

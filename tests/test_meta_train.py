@@ -126,13 +126,15 @@ def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
     from conftest import build_digits_zoo
     from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
 
+    from zoo.meta_runs import prepare, training_name
+
     sys.path.insert(0, str(ROOT / "pipelines"))
     import meta_train
 
     zoo = build_digits_zoo(tmp_path / "zoo")
     argv = ["--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "out"), "--epochs", "2"]
     config = meta_train.parse_args(argv)
-    _, run_dir, digest = meta_train._prepare(config)
+    _, run_dir, digest = prepare(config)
     assert meta_train.completed(argv) is None  # nothing there yet
     run_dir.mkdir(parents=True)
     save_metanetwork(MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=4, layers=1)),
@@ -146,10 +148,10 @@ def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
     assert meta_train.completed([*argv, "--lr", "0.01"]) is None
     # other settings trained since: the current file is theirs, this training's folder kept its copy
     other = meta_train.parse_args([*argv, "--lr", "0.01"])
-    other_digest = meta_train._prepare(other)[2]
-    assert meta_train.training_name(other, other_digest) != meta_train.training_name(config, digest)
+    other_digest = prepare(other)[2]
+    assert training_name(other, other_digest) != training_name(config, digest)
     current = run_dir / "metanetwork.pt"
-    kept = run_dir / meta_train.training_name(config, digest) / "metanetwork.pt"
+    kept = run_dir / training_name(config, digest) / "metanetwork.pt"
     kept.parent.mkdir()
     os.replace(current, kept)
     save_metanetwork(MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=4, layers=1)), str(current),
@@ -158,7 +160,7 @@ def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
     assert load_metanetwork(str(current))[1]["inputs"] == digest
     assert meta_train.completed([*argv, "--lr", "0.01"]) is None  # its own copy was never kept
     uri = meta_train.parse_args(["--zoo", str(tmp_path / "zoo"), "--out", f"file://{tmp_path}/remote/"])
-    assert meta_train._prepare(uri)[1] == f"file://{tmp_path}/remote/metanet"  # a URI stays a URI
+    assert prepare(uri)[1] == f"file://{tmp_path}/remote/metanet"  # a URI stays a URI
     assert meta_train.completed(["--zoo", str(tmp_path / "zoo"), "--out", f"file://{tmp_path}/remote"]) is None
     train_file = next(p for (p, _), role in zip(zoo.index(), zoo.metadata().role) if role == "train")
     import pyarrow as pa
@@ -177,20 +179,23 @@ def test_a_training_logs_into_one_mlflow_run_however_often_it_restarts(tmp_path,
     resumed training (killed before its first checkpoint, too) logs into its own run."""
     import mlflow
 
-    sys.path.insert(0, str(ROOT / "pipelines"))
-    import meta_train
+    from distributed.tracking import resumable_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = {"out": str(tmp_path), "name": "metanet", "lr": 0.1}
+
+    def run_of(folder):
+        return resumable_run("meta-train", str(tmp_path), folder, "metanet", config)
+
     folder = str(tmp_path / "metanet" / "training-a")
-    first = meta_train.mlflow_run(config, folder)
-    assert meta_train.mlflow_run(config, folder) == first
+    first = run_of(folder)
+    assert run_of(folder) == first
     assert mlflow.get_run(first).data.params["lr"] == "0.1"
-    other = meta_train.mlflow_run(config, str(tmp_path / "metanet" / "training-b"))  # other inputs
+    other = run_of(str(tmp_path / "metanet" / "training-b"))  # other inputs
     assert other != first
     mlflow.delete_run(first)  # a user deleted it in the UI: a new run, noted instead
-    again = meta_train.mlflow_run(config, folder)
-    assert again not in (first, other) and meta_train.mlflow_run(config, folder) == again
+    again = run_of(folder)
+    assert again not in (first, other) and run_of(folder) == again
 
 
 def test_the_curve_objective_trains_a_criterion_with_ray_train(tiny_zoo, tmp_path):

@@ -126,9 +126,31 @@ def test_a_resumed_trial_logs_into_the_run_it_started(tmp_path, monkeypatch):
 
 
 def test_the_learned_criterion_settings_are_tunable_and_default_to_the_papers():
-    import tune
+    from zoo.search import default_trial, param_space
 
-    trial = tune.default_trial()
+    trial = default_trial()
     assert (trial["objective"], trial["calibration"], trial["score_targets"]) == ("paper", False, 0.0)
-    space = tune.param_space({"space": {"objective": {"choice": ["paper", "curve"]}}, "fixed": {}})
+    space = param_space({"space": {"objective": {"choice": ["paper", "curve"]}}, "fixed": {}})
     assert "objective" in space
+
+
+def test_the_report_prints_every_trial_best_first_and_plots_the_scores(tmp_path, capsys):
+    """``zoo.tuning.print_report`` in-process: trials best first, the default labelled, failed
+    trials as errors, the test scores of the best configuration; the scores figure is written."""
+    import pandas as pd
+
+    from zoo.tuning import print_report
+
+    history = [pd.DataFrame({"epoch": [0, 1], "score": [0.4, s], "trial": [i, i]}) for i, s in ((0, 0.6), (1, 0.7))]
+    report = {"trials": [{"trial": 0, "config": {"lr": 0.003}, "best": 0.6, "epoch": 1},
+                         {"trial": 1, "config": {"lr": 0.01}, "best": 0.7, "epoch": 1},
+                         {"trial": 2, "config": {"lr": 1.0}, "best": None, "error": "boom"}],
+              "best": {"trial": 1, "best": 0.7}, "default": {"trial": 0, "best": 0.6, "iterations": 2},
+              "test_score": {2.0: 0.55, "members": 3}, "history": history, "seconds": 12.0}
+    print_report(report, tmp_path)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    rows = [line.split()[0] for line in lines[1:4]]
+    assert rows == ["1", "0", "2"] and "(default)" in lines[2] and "error" in lines[3]
+    assert any("best: trial 1, validation score 70.00% (default configuration: 60.00%" in line for line in lines)
+    assert any("3 held-out member(s): 2x 55.00%" in line for line in lines)
+    assert (tmp_path / "tune_scores.png").stat().st_size > 1000

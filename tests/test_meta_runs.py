@@ -1,0 +1,127 @@
+"""The library side of a meta-training run, in-process and without Ray: checkpoint selection
+(``zoo.meta_runs.select``), the validation diagnostics of an epoch
+(``metanet.diagnostics.mean_diagnostics``), distillation on one of several workers
+(``metanet.meta_training.distill_across_workers``), the selection and diagnostics figures, and the
+settings checks that run before Ray starts (``zoo.meta_settings.check_settings``)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from metanet.metanetwork import MetaNetConfig, MetaNetwork, load_metanetwork
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    from conftest import build_digits_zoo
+
+    return build_digits_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+def _checkpoint(folder, net: MetaNetwork, epoch: int) -> str:
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"metanet": net.state_dict(), "epoch": epoch}, os.path.join(folder, "state.pt"))
+    return str(folder)
+
+
+def test_select_keeps_the_best_scored_checkpoint_and_writes_both_copies(zoo, tmp_path):
+    from zoo.meta_runs import select
+
+    config = {"edge_widths": zoo.edge_widths(), "hidden": 4, "layers": 1}
+    nets = {}
+    for epoch in (0, 2, 4):
+        torch.manual_seed(epoch)
+        nets[epoch] = MetaNetwork(MetaNetConfig(**config))
+    kept = {e: _checkpoint(tmp_path / f"ckpt{e}", n, e) for e, n in nets.items()}
+    settings = {"selection": "recipe", "select_target": 2.0, "metanet": config, "zoo": "z", "inputs_digest": "abc"}
+    asked = []
+
+    def score_all(folders):
+        asked.extend(folders)
+        return [0.3, 0.9, 0.5]  # epoch 2 wins
+
+    run_dir, training = tmp_path / "run", tmp_path / "run" / "training-abc"
+    chosen = select(kept, {}, settings, run_dir, str(training), score_all)
+    assert asked == [kept[0], kept[2], kept[4]] and chosen["best_epoch"] == 2 and chosen["best_score"] == 0.9
+    for path in (run_dir / "metanetwork.pt", training / "metanetwork.pt"):
+        net, meta = load_metanetwork(str(path))
+        assert meta["epoch"] == 2 and meta["inputs"] == "abc"
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), nets[2].state_dict().values()))
+    # by the logged curve areas: no scoring at all; a missing area falls back to the short recipe
+    asked.clear()
+    by_area = select(kept, {0: 0.7, 2: 0.1, 4: 0.2}, {**settings, "selection": "auc"}, run_dir, str(training),
+                     score_all)
+    assert by_area["best_epoch"] == 0 and not asked and "curve area" in by_area["how"]
+    fallback = select(kept, {0: 0.7, 2: math.nan, 4: 0.2}, {**settings, "selection": "auc"}, run_dir, str(training),
+                      score_all)
+    assert fallback["best_epoch"] == 2 and asked
+
+
+def test_mean_diagnostics_averages_members_and_keeps_the_mode(zoo, digits):
+    from metanet.diagnostics import mean_diagnostics
+    from metanet.recipe import RecipeConfig
+
+    net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=4, layers=1))
+    net.train()
+    models = [r.network() for r in zoo.built()[:2]]
+    both = mean_diagnostics(net, models, digits, RecipeConfig())
+    alone = [mean_diagnostics(net, [m], digits, RecipeConfig()) for m in models]
+    assert net.training  # put back as it was
+    assert {"auc", "acc_recal", "ratio_spread"} <= set(both)
+    for key in ("auc", "acc_recal"):
+        assert both[key] == pytest.approx((alone[0][key] + alone[1][key]) / 2)
+    assert mean_diagnostics(net, [], digits, RecipeConfig()) == {}
+
+
+def test_distillation_on_one_worker_moves_the_gates_towards_their_targets(zoo, digits):
+    from metanet.gates import gatable, gate_from_logit
+    from metanet.meta_training import MetaTrainConfig, distill_across_workers, gate_targets, make_member
+    from zoo.arch import build_model
+
+    cfg = MetaTrainConfig(distill_epochs=6, gate_steps=4, lr=1e-2, batch_size=32)
+    record = zoo.built("train")[0]
+    member = make_member(record.id, build_model(record.arch), record.graph, cfg)
+    torch.manual_seed(0)
+    net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=8, layers=1, edit="gate"))
+    target = gate_from_logit(gate_targets(member, digits, cfg))[gatable(member.graph)]
+
+    def error():
+        with torch.no_grad():
+            return float(((gate_from_logit(net.gate_logits(member.graph))[gatable(member.graph)] - target) ** 2).mean())
+
+    before = error()
+    distill_across_workers(net, [member], digits, cfg, steps=3)  # no process group: one worker
+    assert error() < before
+
+
+def test_the_selection_and_diagnostics_figures():
+    from metanet.plotting import DIAGNOSTIC_PANELS, diagnostics_figure, pyplot, selection_figure
+
+    fig = selection_figure([0, 2, 4], [0.3, 0.9, 0.5], 2, "selection")
+    assert len(fig.axes[0].lines) == 2  # the scores and the chosen epoch's marker
+    assert diagnostics_figure({}) is None
+    history = {k: [(0, 0.5), (1, 0.6)] for k, _, _ in DIAGNOSTIC_PANELS}
+    fig2 = diagnostics_figure(history)
+    assert len(fig2.axes) == len(DIAGNOSTIC_PANELS)
+    for f in (fig, fig2):
+        pyplot().close(f)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"selection": "best"}, "--selection must be one of recipe, auc, not 'best'"),
+    ({"bn_mode": "x"}, "--bn-mode must be one of eval, train"),
+    ({"edit": "scores"}, "--edit scores with --objective paper"),
+    ({"distill_epochs": 2}, "--distill-epochs needs a gate edit"),
+])
+def test_settings_are_refused_before_ray_in_one_line(changes, message):
+    from zoo.meta_settings import DEFAULTS, check_settings
+
+    with pytest.raises(SystemExit) as refused:
+        check_settings({**DEFAULTS, **changes})
+    assert message in str(refused.value.code) and "\n" not in str(refused.value.code)
+    curve = check_settings({**DEFAULTS, "objective": "curve"})
+    assert curve["edit"] == "scores" and os.path.isabs(curve["zoo"]) and os.path.isabs(curve["out"])

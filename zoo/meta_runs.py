@@ -1,0 +1,156 @@
+"""A meta-training run over a zoo, around Ray Train (``pipelines/meta_train.py``): which members it
+trains on, the digest of its inputs that names its folder and decides reuse, and the choice of a
+checkpoint on validation members once training is done.
+
+A run's folder is ``<out>/<name>/training-<digest>``: Ray Train resumes whatever it finds under a
+name, so other settings or another zoo train in a folder of their own; the chosen metanetwork is
+``<out>/<name>/metanetwork.pt`` with a copy in the training's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from metanet.files import atomic_write
+from metanet.metanetwork import MetaNetConfig, MetaNetwork, MetanetFileError, load_metanetwork, save_metanetwork
+from metanet.selection import choose, score, selection_recipe
+from zoo.batch import file_digest
+from zoo.meta_settings import NOT_RESULT_SETTINGS, metanet_settings
+from zoo.store import Zoo
+
+
+def training_rows(meta, min_acc: float) -> list[int]:
+    """Zoo rows meta-trained on: training members that trained (status ok) to at least ``min_acc``
+    validation accuracy (weak members teach the metanetwork to edit networks nobody would prune)."""
+    return [i for i, m in enumerate(meta.itertuples())
+            if m.status == "ok" and m.role == "train" and (m.val_acc >= min_acc if min_acc > 0 else True)]
+
+
+def prepare(config: dict):
+    """The checks and derived settings every run needs before Ray starts: (zoo, run directory,
+    digest of the inputs); refuses unreadable training or validation members by name. Sets
+    ``config["metanet"]`` (``MetaNetConfig``'s arguments)."""
+    zoo = Zoo(config["zoo"], skip_unreadable=True)
+    meta = zoo.metadata()
+    for path, error in zoo.unreadable.items():
+        if zoo.expected_role(path) in ("train", "val"):
+            raise SystemExit(f"meta_train: {error} (a {zoo.expected_role(path)} member: rebuild it with make_zoo "
+                             "and the zoo's spec)")
+        print(f"meta_train: skipping unreadable held-out member file {path}")
+    if not ((meta.status == "ok") & (meta.role == "train")).any():
+        raise SystemExit(f"meta_train: {config['zoo']} has no training members")
+    if not training_rows(meta, config["min_member_acc"]):
+        raise SystemExit(f"meta_train: --min-member-acc {config['min_member_acc']}: no training member of "
+                         f"{config['zoo']} reaches that validation accuracy")
+    if config["gpu"] and config["backend"] == "dgl":  # DGL's only wheel is a CPU build
+        print("meta_train: --gpu: the metanetwork runs on the 'torch' backend (DGL's wheel is CPU-only)")
+        config["backend"] = "torch"
+    config["metanet"] = metanet_settings(config, zoo.edge_widths())
+    if "://" in config["out"]:  # Ray Train and pyarrow take URIs; pathlib would fold "s3://" into "s3:/"
+        return zoo, f"{config['out'].rstrip('/')}/{config['name']}", inputs_digest(config, zoo)
+    out = Path(config["out"]).resolve()
+    config["out"] = str(out)
+    return zoo, out / config["name"], inputs_digest(config, zoo)
+
+
+def _settings_digest(config: dict, members: dict | None = None) -> str:
+    settings = {k: v for k, v in sorted(config.items()) if k not in NOT_RESULT_SETTINGS}
+    payload = [settings, members] if members is not None else settings
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def inputs_digest(config: dict, zoo: Zoo) -> str | None:
+    """What decides the chosen metanetwork: the settings (not ``NOT_RESULT_SETTINGS``) and the
+    content of the zoo's training and validation member files. None for a zoo behind a URI."""
+    if "://" in config["zoo"]:
+        return None
+    meta = zoo.metadata()
+    files = sorted({path for (path, _), role in zip(zoo.index(), meta.role) if role in ("train", "val")})
+    return _settings_digest(config, {os.path.basename(f): file_digest(f) for f in files})
+
+
+def training_name(config: dict, digest: str | None) -> str:
+    """The folder (Ray Train's run name, under ``<out>/<name>``) of the training these inputs make;
+    a zoo behind a URI: its address and the settings name it (its member files are not hashed)."""
+    return f"training-{digest or _settings_digest(config)}"
+
+
+def training_folder(run_dir, config: dict, digest: str | None) -> str:
+    """``run_dir``'s folder for the training these inputs make (a local path or a URI)."""
+    return f"{run_dir}/{training_name(config, digest)}"
+
+
+def already_done(config: dict, run_dir, digest: str | None) -> str | None:
+    """``run_dir``'s metanetwork.pt if an earlier run with the same inputs (``inputs_digest``)
+    chose it, else None. When it holds another run's choice but this run's own training folder
+    kept its copy (settings changed and changed back), that copy becomes ``run_dir``'s again."""
+    if digest is None or "://" in str(run_dir):
+        return None
+    current = Path(run_dir) / "metanetwork.pt"
+    kept = Path(training_folder(run_dir, config, digest)) / "metanetwork.pt"
+    for path in (current, kept):
+        try:
+            if path.exists() and load_metanetwork(str(path))[1].get("inputs") == digest:
+                if path == kept:
+                    atomic_write(current, lambda tmp: shutil.copyfile(kept, tmp))
+                return str(current)
+        except MetanetFileError:
+            continue
+    return None
+
+
+def load_checkpoint(ckpt_dir: str, metanet_config: dict) -> MetaNetwork:
+    """The metanetwork of one Ray Train checkpoint (``state.pt``, written by the training loop)."""
+    net = MetaNetwork(MetaNetConfig(**metanet_config))
+    net.load_state_dict(torch.load(os.path.join(ckpt_dir, "state.pt"), weights_only=True)["metanet"])
+    return net
+
+
+def score_checkpoint(ckpt_dir: str, metanet_config: dict, zoo_root: str, data_root: str | None, target: float,
+                     steps: int, members: int, seed: int) -> float:
+    """Validation score of one checkpoint by the short recipe (metanetwork -> finetune -> prune to
+    ``target`` -> finetune, validation accuracy over the first ``members`` validation members)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    zoo = Zoo(zoo_root)
+    val = Zoo(zoo_root, skip_unreadable=True).built("val")[:members]
+    if not val:
+        raise ValueError(f"{zoo_root}: no validation members (role 'val') to select checkpoints with")
+    recipe = selection_recipe(zoo.finetune_settings(), steps, target=target, seed=seed)
+    return score(load_checkpoint(ckpt_dir, metanet_config), [r.network() for r in val], zoo.dataset(data_root),
+                 recipe)
+
+
+def select(checkpoints: Mapping[int, str], areas: Mapping[int, float], config: dict, run_dir, training_dir: str,
+           score_all: Callable[[list[str]], list[float]]) -> dict:
+    """Chooses among the kept ``checkpoints`` (epoch -> folder) on validation members: by the curve
+    areas logged during training (``--selection auc``, free) or by ``score_all`` (the short recipe
+    per checkpoint folder; the pipeline runs them as Ray tasks). Writes the best as ``run_dir``'s
+    metanetwork.pt and a copy in the training's folder (kept when other settings train later)."""
+    epochs = sorted(checkpoints)
+    logged = [areas.get(e, float("nan")) for e in epochs]
+    use_auc = config["selection"] == "auc" and all(a == a for a in logged)  # a != a: NaN, not diagnosed
+    if config["selection"] == "auc" and not use_auc:
+        print("meta_train: some kept checkpoints have no validation diagnostics (--diagnose-every); "
+              "selecting by the short recipe instead")
+    if use_auc:
+        scores = {e: areas[e] for e in epochs}
+        how = "validation curve area of the edit (mean accuracy right after pruning, BN recalibrated)"
+    else:
+        scores = dict(zip(epochs, score_all([checkpoints[e] for e in epochs])))
+        how = f"val acc after finetune -> prune to {config['select_target']}x -> finetune"
+    best_epoch, best_score = choose(scores)
+    net = load_checkpoint(checkpoints[best_epoch], config["metanet"])
+    out = f"{run_dir}/metanetwork.pt"  # run_dir: a local path or a URI
+    for path in (f"{training_dir}/metanetwork.pt", out):
+        save_metanetwork(net, path, epoch=best_epoch, selection_score=best_score, selection=how,
+                         zoo=config["zoo"], inputs=config.get("inputs_digest"))
+    return {"epochs": epochs, "scores": [scores[e] for e in epochs], "best_epoch": best_epoch,
+            "best_score": best_score, "path": out, "how": how}

@@ -1,0 +1,108 @@
+"""The settings of a meta-training run (``pipelines/meta_train.py``): their defaults (held by the
+library's dataclasses), their help, and the checks that refuse a bad combination before Ray starts."""
+
+from __future__ import annotations
+
+import os
+
+from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
+from metanet.meta_training import MetaTrainConfig
+from metanet.metanetwork import EDITS, MetaNetConfig
+from metanet.selection import OBJECTIVES, SELECT_STEPS
+from metanet.sparsity import SPARSITY_FORMS
+
+_NET, _TRAIN = MetaNetConfig(edge_widths={}), MetaTrainConfig()
+TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", "members_per_step", "batch_size",
+              "reg", "alpha", "seed", "bn_mode", "sparsity_norm", "distill_epochs", "gate_reg", "objective",
+              "score_targets")
+NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence", "calibration")
+DEFAULTS = {
+    "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,
+    **{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(_TRAIN, k)) for k in TRAIN_KEYS)},
+    **{k: getattr(_NET, k) for k in NET_KEYS},
+    "gpu": False, "max_failures": 2, "keep": 5, "selection": "recipe", "select_target": 2.0,
+    "select_finetune_steps": SELECT_STEPS,
+    "select_members": 4, "diagnose_every": 1, "data_root": None, "mlflow": True, "min_member_acc": 0.0,
+}
+HELP = {
+    "zoo": "zoo directory or URI to meta-train on (its 'train' members; 'val' members select checkpoints)",
+    "out": "Ray Train storage path: checkpoints, MLflow store, <name>/metanetwork.pt",
+    "name": "run name under --out: <out>/<name>/metanetwork.pt is the latest choice",
+    "workers": "Ray Train workers (data-parallel, each takes its share of the members)",
+    "epochs": "meta-training epochs (one pass over the training members each)",
+    "lr": "AdamW learning rate of the metanetwork",
+    "weight_decay": "AdamW weight decay",
+    "milestones": "epochs after which the learning rate drops x0.1",
+    "batches_per_step": "task batches per member per optimiser step",
+    "members_per_step": "members per optimiser step, edited in one metanetwork pass (1: the paper's)",
+    "batch_size": "task batch size",
+    "reg": "group-sparsity strength of the meta-objective",
+    "alpha": "GroupNormPruner's alpha (layer-depth scaling of the group weights)",
+    "hidden": "metanetwork width (node and edge state size)",
+    "layers": "message-passing layers of the metanetwork",
+    "residual": "r in: new weights = weights + r * learned edit",
+    "backend": "message-passing backend: dgl, torch (plain PyTorch, also on CUDA) or pyg",
+    "seed": "seed of the member order, batches and initialisation",
+    "gpu": "one GPU per worker (nccl)",
+    "max_failures": "restarts from the last checkpoint after a worker dies",
+    "keep": "checkpoints kept, spread evenly over the run; selection chooses among them",
+    "selection": "checkpoint choice: recipe (short finetune-prune-finetune on val members) or auc",
+    "select_target": "speed-up the selection recipe prunes to",
+    "select_finetune_steps": "finetuning steps before and after pruning in the selection recipe",
+    "select_members": "validation members used for selection and diagnostics",
+    "diagnose_every": "epochs between validation diagnostics (0: never)",
+    "bn_mode": "BatchNorm mode of members in the meta-objective: eval (the paper) or train",
+    "data_root": "dataset folder, overriding the zoo spec's",
+    "mlflow": "log params, metrics and artifacts to MLflow",
+    "edit": "metanetwork edit: additive (the paper), gate or gate+additive",
+    "evidence": "give the metanetwork per-channel evidence features",
+    "calibration": "a learned criterion also reads per-channel statistics of calibration batches (activations, "
+                   "Taylor scores)",
+    "sparsity_norm": "sparsity term: none (the paper), group or relative",
+    "distill_epochs": "epochs of regression on per-member gates before the meta-objective (gate edits)",
+    "gate_reg": "sparsity strength of the per-member gates that distillation targets",
+    "min_member_acc": "skip training members below this validation accuracy",
+    "objective": "paper (task loss of the edited network + group sparsity) or curve (a learned criterion, "
+                 "edit 'scores': the task loss of the network masked at a drawn pruning amount)",
+    "score_targets": "curve objective: weight of the regression on each member's own optimised scores (0: none)",
+}
+# settings that do not change the chosen metanetwork (where Ray runs, logging, retries)
+NOT_RESULT_SETTINGS = ("address", "mlflow", "max_failures", "check")
+
+
+def _one_of(config: dict, key: str, allowed) -> None:
+    if config[key] not in allowed:
+        raise SystemExit(f"meta_train: --{key.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                         f"not {config[key]!r}")
+
+
+def check_settings(config: dict) -> dict:
+    """Refuses a bad value or combination in one line naming the flag (``SystemExit``: exit 2
+    through ``distributed.cli``); derives what follows from the others; makes local paths absolute
+    (Ray Train's workers run in another directory)."""
+    _one_of(config, "selection", OBJECTIVES)
+    _one_of(config, "bn_mode", ("eval", "train"))
+    _one_of(config, "edit", EDITS)
+    _one_of(config, "sparsity_norm", SPARSITY_FORMS)
+    _one_of(config, "objective", TRAINING_OBJECTIVES)
+    if config["objective"] == "curve" and config["edit"] == DEFAULTS["edit"]:
+        config["edit"] = "scores"  # the curve objective trains a criterion: its edit is the scores
+    if (config["objective"] == "curve") != (config["edit"] == "scores"):
+        raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: a learned "
+                         "criterion (--edit scores) is trained with --objective curve, an edit with --objective paper")
+    if config["distill_epochs"] and config["edit"] == "additive":
+        raise SystemExit("meta_train: --distill-epochs needs a gate edit (--edit gate): the additive edit has no gates")
+    for key in ("zoo", "out"):
+        if "://" not in config[key] and not os.path.isabs(config[key]):
+            config[key] = os.path.abspath(config[key])
+    return config
+
+
+def train_config(config: dict) -> MetaTrainConfig:
+    """The library's meta-training settings from a run's settings."""
+    return MetaTrainConfig(**{k: tuple(config[k]) if k == "milestones" else config[k] for k in TRAIN_KEYS})
+
+
+def metanet_settings(config: dict, edge_widths: dict) -> dict:
+    """``MetaNetConfig``'s keyword arguments from a run's settings and the zoo's edge widths."""
+    return {"edge_widths": edge_widths, **{k: config[k] for k in NET_KEYS}}

@@ -1,0 +1,116 @@
+"""The search file of a Ray Tune search (``pipelines/tune.py``): what may be tuned, how each value
+is sampled, the default configuration every search starts from, and the check that a search resumes
+only into an output that holds the same search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from distributed.schema import Strict, describe, read_mapping
+from metanet.files import atomic_write_text
+from metanet.selection import OBJECTIVES
+
+META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size",
+             "edit", "evidence", "sparsity_norm", "objective", "calibration", "score_targets")
+PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")
+SAMPLERS = ("uniform", "loguniform", "choice", "randint")
+
+
+def default_trial() -> dict:
+    """The configuration a user gets without tuning: the library's defaults (``MetaTrainConfig``,
+    ``MetaNetConfig``, ``metanet.recipe.RECIPE_DEFAULTS``), which meta_train.py and prune_batch.py use too."""
+    from metanet.meta_training import MetaTrainConfig
+    from metanet.metanetwork import MetaNetConfig
+    from metanet.recipe import RECIPE_DEFAULTS
+
+    train, net = MetaTrainConfig(), MetaNetConfig(edge_widths={})
+    meta = {k: getattr(train, k) if hasattr(train, k) else getattr(net, k) for k in META_KEYS}
+    return {**meta, **{k: RECIPE_DEFAULTS[k] for k in PRUNE_KEYS}}
+
+
+Tunable = Literal[META_KEYS + PRUNE_KEYS]  # type: ignore[valid-type]
+
+
+class Sampler(Strict):
+    """One of ``uniform: [low, high]``, ``loguniform: [low, high]``, ``randint: [low, high]``,
+    ``choice: [values]``."""
+
+    uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    loguniform: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] | None = None
+    randint: Annotated[list[int], Field(min_length=2, max_length=2)] | None = None
+    choice: Annotated[list[Any], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in SAMPLERS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(SAMPLERS)}, not {given or 'none'}")
+        return self
+
+
+class SearchFile(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    zoo: str
+    data_root: str | None = None
+    targets: Annotated[list[Annotated[float, Field(gt=1, allow_inf_nan=False)]], Field(min_length=1)]
+    objective: Literal[OBJECTIVES] = "recipe"  # type: ignore[valid-type]
+    val_members: Annotated[int, Field(ge=1)] | None = None
+    max_epochs: Annotated[int, Field(ge=1)]
+    eval_every: Annotated[int, Field(ge=1)] = 1
+    grace_period: Annotated[int, Field(ge=1)] = 1
+    reduction_factor: Annotated[float, Field(gt=1)] = 2
+    num_samples: Annotated[int, Field(ge=1)] = 8
+    cpus_per_trial: Annotated[float, Field(gt=0)] = 1
+    max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+    fixed: dict[Tunable, Any] = {}
+    space: Annotated[dict[Tunable, Sampler], Field(min_length=1)]
+
+
+class SearchError(ValueError):
+    """A search file that is missing or does not match ``SearchFile``."""
+
+
+def load_search(path: str, overrides: list[str]) -> dict:
+    """The search file at ``path`` with ``key=value`` overrides, validated (``SearchError`` names the
+    key, the value and what is allowed); unset optional keys are left out."""
+    search = read_mapping(path, "search file", SearchError)
+    for item in overrides:
+        if "=" not in item:
+            raise SearchError(f"--set {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        search[key] = yaml.safe_load(value)
+    try:
+        return SearchFile.model_validate(search).model_dump(exclude_none=True)
+    except ValidationError as err:
+        raise SearchError(describe(err, path, SearchFile)) from None
+
+
+def param_space(search: dict) -> dict:
+    """Tune's parameter space: the defaults, the search file's ``fixed`` values, its samplers."""
+    from ray import tune
+
+    space = {}
+    for key, spec in search["space"].items():
+        kind, args = next(iter(spec.items()))
+        space[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return {**default_trial(), **search.get("fixed", {}), **space}
+
+
+def check_same_search(out: Path, search: dict) -> None:
+    """A search resumes only into an output that holds the same search (``search.json``): another
+    search's trials would be mixed with this one's. Writes ``search.json`` for a new output."""
+    path = out / "search.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(search)):
+            changed = sorted(k for k in set(old) | set(search) if old.get(k) != search.get(k))
+            raise SearchError(f"{out} holds another search (different {', '.join(changed)}); give another --out "
+                              "or remove that directory")
+        return
+    atomic_write_text(path, json.dumps(search, indent=1, sort_keys=True))

@@ -1,0 +1,162 @@
+"""One trial of a Ray Tune search and the search's report (``pipelines/tune.py``): the trial
+meta-trains a metanetwork and reports its validation score as it goes; the report picks the best
+configuration by validation score, writes it as ``best_config.yaml``, and only then scores that one
+configuration on the test split of the zoo's held-out members."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from metanet.files import atomic_write, atomic_write_text
+from zoo.search import META_KEYS, PRUNE_KEYS, default_trial
+
+
+def trial(config: dict, search: dict, data) -> None:
+    """One Tune trial: meta-train with ``config`` and report the validation score as it goes."""
+    import torch
+
+    from ray import tune
+    from metanet.meta_training import MetaTrainConfig, make_member, meta_train
+    from zoo.arch import build_model
+    from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
+    from metanet.recipe import recipe_from_settings
+    from metanet.selection import score
+    from zoo.store import Zoo
+
+    torch.set_num_threads(max(1, int(search.get("cpus_per_trial", 1))))
+    torch.manual_seed(search.get("seed", 0))
+    zoo = Zoo(search["zoo"])
+    records = [r for r in zoo if r.status == "ok"]
+    cfg = MetaTrainConfig(epochs=search["max_epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
+                          milestones=(10**6,), batches_per_step=config["batches_per_step"],
+                          batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
+                          sparsity_norm=config["sparsity_norm"], seed=search.get("seed", 0),
+                          objective=config["objective"], score_targets=config["score_targets"])
+    members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in records if r.role == "train"]
+    val = [r.network() for r in records if r.role == "val"]
+    val = val[:search.get("val_members", len(val))]
+    metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=config["hidden"],
+                                        layers=config["layers"], residual=config["residual"],
+                                        # the curve objective trains a criterion: its edit is the scores
+                                        edit="scores" if config["objective"] == "curve" else config["edit"],
+                                        evidence=config["evidence"], calibration=config["calibration"]))
+    recipe = recipe_from_settings(config, **zoo.finetune_settings(), seed=search.get("seed", 0))
+    every = search.get("eval_every", 1)
+
+    def on_epoch(epoch: int, metrics: dict, net) -> None:
+        if (epoch + 1) % every:
+            return
+        # the trial's own recipe settings score it: the search compares recipes, not just metanetworks
+        value = score(net, val, data, recipe, search["objective"], search["targets"])
+        with tempfile.TemporaryDirectory() as d:
+            save_metanetwork(net, os.path.join(d, "metanet.pt"), epoch=epoch)  # the one metanetwork file format
+            tune.report({"score": value, "epoch": epoch, "task_loss": metrics["task_loss"],
+                         "sparsity_loss": metrics["sparsity_loss"], "meta_seconds": metrics["seconds"]},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+    meta_train(metanet, members, data, cfg, on_epoch=on_epoch, progress=False)
+
+
+def best_configuration(results, search: dict, out: Path, data, finetune: dict) -> dict:
+    """The best configuration (by validation score), written as best_config.yaml; then its test score."""
+    from metanet.metanetwork import load_metanetwork
+
+    frames, trials = [], []
+    # in the order Tune created the trials (the path names count them): a restored search's
+    # ResultGrid lists them in another order, and the trial numbers must not change on a resume
+    results = sorted(results, key=lambda r: os.path.basename(r.path or ""))
+    for i, result in enumerate(results):
+        if result.error or result.metrics_dataframe is None or "score" not in result.metrics_dataframe:
+            trials.append({"trial": i, "config": result.config, "best": None, "error": str(result.error)[:300]})
+            continue
+        history = result.metrics_dataframe[["training_iteration", "epoch", "score"]]
+        frames.append(history.assign(trial=i))
+        best_row = history.loc[history.score.idxmax()]
+        trials.append({"trial": i, "config": result.config, "best": float(best_row.score),
+                       "epoch": int(best_row.epoch), "iterations": int(history.training_iteration.max()),
+                       "path": result.path})
+    scored = [t for t in trials if t["best"] is not None]
+    if not scored:
+        raise SystemExit(f"tune: no trial reported a score; errors: {[t.get('error') for t in trials]}")
+    best = max(scored, key=lambda t: t["best"])
+    wanted = {k: v for k, v in default_trial().items() if k in search["space"]}
+    default = next((t for t in trials if all(t["config"].get(k) == v for k, v in wanted.items())), {})
+    result = next(r for i, r in enumerate(results) if i == best["trial"])
+    checkpoint = max(result.best_checkpoints, key=lambda cm: cm[1]["score"])[0]
+    with checkpoint.as_directory() as d:
+        net = load_metanetwork(os.path.join(d, "metanet.pt"))[0]
+    config = best["config"]
+    best_config = {
+        "meta_train": {**{k: config[k] for k in META_KEYS}, "epochs": best["epoch"] + 1, "milestones": [best["epoch"] + 1]},
+        "prune_batch": {**{k: config[k] for k in PRUNE_KEYS}, "targets": list(map(float, search["targets"]))},
+        "tune": {"search": search["name"], "trial": best["trial"], "val_score": best["best"],
+                 "default_val_score": default.get("best"), "default_evaluations": default.get("iterations")},
+    }
+    best_config = yaml.safe_load(yaml.safe_dump(best_config))  # plain types (numpy scalars -> floats)
+    text = "# Written by pipelines/tune.py: the best configuration by validation score.\n" + \
+        yaml.safe_dump(best_config, sort_keys=False)
+    atomic_write_text(out / "best_config.yaml", text)
+    test_score = held_out_score(net, config, search, data, finetune)
+    return {"best": best, "default": default, "trials": trials, "best_config": best_config,
+            "test_score": test_score, "history": frames}
+
+
+def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dict:
+    """Test accuracy of the best configuration on the held-out (role 'test') members, per target."""
+    from metanet.recipe import prune_to_targets, recipe_from_settings
+    from zoo.store import Zoo
+
+    held_out = Zoo(search["zoo"]).built("test")
+    if not held_out:
+        return {}
+    recipe = recipe_from_settings(config, **finetune, seed=search.get("seed", 0))
+    scores: dict[float, list[float]] = {float(t): [] for t in search["targets"]}
+    for record in held_out:
+        for target, (_, row) in zip(scores, prune_to_targets(record.network(), data, "meta", recipe, list(scores), net)):
+            scores[target].append(row["test_acc"])
+    return {t: sum(v) / len(v) for t, v in scores.items()} | {"members": len(held_out)}
+
+
+def print_report(report: dict, out: Path) -> None:
+    print(f"\n{'trial':>5} {'val score':>10} {'epochs':>7}  configuration")
+    for t in sorted(report["trials"], key=lambda t: -(t["best"] or -1)):
+        score = f"{100 * t['best']:.2f}" if t["best"] is not None else "error"
+        label = " (default)" if t["trial"] == report["default"].get("trial") else ""
+        shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in t["config"].items()}
+        print(f"{t['trial']:>5} {score:>10} {t.get('epoch', -1) + 1:>7}  {shown}{label}")
+    best, default = report["best"], report["default"]
+    print(f"\nbest: trial {best['trial']}, validation score {100 * best['best']:.2f}% "
+          f"(default configuration: {100 * default['best']:.2f}% after {default['iterations']} evaluation(s))"
+          if default.get("best") is not None else f"\nbest: trial {best['trial']}, {100 * best['best']:.2f}%")
+    test = report["test_score"]
+    if test:
+        per = ", ".join(f"{t:g}x {100 * v:.2f}%" for t, v in test.items() if t != "members")
+        print(f"test accuracy of the best configuration on {test['members']} held-out member(s): {per}")
+    print(f"wrote {out / 'best_config.yaml'} and {out / 'tune_scores.png'}; {report['seconds']:.0f} s")
+    write_scores_figure(report, out / "tune_scores.png")
+
+
+def write_scores_figure(report: dict, path: Path) -> None:
+    from metanet.plotting import pyplot
+
+    plt = pyplot()
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for frame in report["history"]:
+        i = int(frame.trial.iloc[0])
+        style = dict(color="black", lw=2.2, label="default") if i == report["default"].get("trial") else \
+            dict(color="tab:red", lw=2.2, label=f"best (trial {i})") if i == report["best"]["trial"] else \
+            dict(color="tab:gray", lw=1, alpha=0.6)
+        ax.plot(frame.epoch + 1, 100 * frame.score, marker="o", ms=3, **style)
+    ax.set_xlabel("meta-training epoch")
+    ax.set_ylabel("validation score (%)")
+    ax.set_title("Tune trials (ASHA stops the weak ones early)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
