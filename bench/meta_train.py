@@ -4,6 +4,7 @@ time per step, peak memory).
 
     python bench/meta_train.py --zoo runs/zoo-digits [--epochs 3] [--steps 8] [--skip-workers]
     python bench/meta_train.py --zoo runs/zoo-digits --polls 2 0.25 --epochs 6   # only Ray Train's poll interval
+    python bench/meta_train.py --zoo runs/zoo-digits --skip-workers --backends torch dgl --dense-min-edges 0 1024
 
 The epoch time is the one ``pipelines/meta_train.py`` measures inside the training loop (start-up
 excluded), from the last epoch of each run; the backend rows come from fresh processes that run
@@ -92,6 +93,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4, help="members per step in the batched rows")
     parser.add_argument("--backends", nargs="+", default=["torch", "dgl", "pyg"], choices=["torch", "dgl", "pyg"])
+    parser.add_argument("--dense-min-edges", nargs="+", type=int, default=[],
+                        help="also torch rows with these thresholds of metanet.dense_passing (groups smaller than "
+                             "N edges passed edge by edge; 0: every group dense)")
     parser.add_argument("--skip-workers", action="store_true", help="only the backend rows (no Ray Train runs)")
     parser.add_argument("--polls", nargs="+", type=float, help="only this: whole runs at these Ray Train poll "
                         "intervals in seconds (e.g. 2 0.25)")
@@ -116,23 +120,30 @@ def main() -> None:
     if not args.skip_workers:
         with tempfile.TemporaryDirectory() as tmp:
             per_epoch = {w: epoch_seconds(zoo, w, args.epochs, f"{tmp}/w{w}") for w in (1, 2)}
+    sys.path.insert(0, str(ROOT))
+    from metanet.dense_passing import DENSE_MIN_EDGES_ENV
+
     rows = []
-    for backend in args.backends:
+    variants = [(b, None) for b in args.backends] + [("torch", n) for n in args.dense_min_edges]
+    for backend, threshold in variants:
+        env = {**ENV, DENSE_MIN_EDGES_ENV: str(threshold)} if threshold is not None else ENV
         for per_step in (1, args.batch):
             out = subprocess.run([sys.executable, __file__, "--zoo", zoo, "--steps", str(args.steps),
                                   "--backend-worker", backend, str(per_step)],
-                                 capture_output=True, text=True, check=True, env=ENV).stdout
+                                 capture_output=True, text=True, check=True, env=env).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
+            if threshold is not None:
+                rows[-1]["backend"] = f"torch>={threshold}"
     print(f"\nmeta-training on {zoo}")
     if per_epoch:
         print(f"{'workers':>8}{'s / epoch':>11}{'speed-up':>10}")
         for w, s in per_epoch.items():
             print(f"{w:>8}{s:>11.1f}{per_epoch[1] / s:>10.2f}")
     first = rows[0]
-    print(f"\n{'backend':<9}{'members/step':>13}{'s / member':>12}{'members/s':>11}{'peak MB':>9}"
+    print(f"\n{'backend':<12}{'members/step':>13}{'s / member':>12}{'members/s':>11}{'peak MB':>9}"
           f"{'time / first':>14}")
     for r in rows:
-        print(f"{r['backend']:<9}{r['per_step']:>13}{r['member_s']:>12.3f}{1 / r['member_s']:>11.1f}"
+        print(f"{r['backend']:<12}{r['per_step']:>13}{r['member_s']:>12.3f}{1 / r['member_s']:>11.1f}"
               f"{r['peak_mb']:>9.0f}{r['member_s'] / first['member_s']:>14.2f}")
 
 

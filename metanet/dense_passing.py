@@ -314,10 +314,39 @@ class EdgeUpdate(torch.autograd.Function):
         return (g, d_en, *[gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[2:6])], None)
 
 
+# Groups smaller than this many edges are passed edge by edge, with their neighbours: every part
+# costs a dozen small kernel launches per layer and direction, which on a small network's graph
+# (the digits zoo: a median 2,900 edges in 10-20 groups) outweighs what the dense layout saves
+# (docs/performance.md: the threshold measured on the digits zoo and ResNet-56).
+DENSE_MIN_EDGES_ENV = "METAPRUNE_DENSE_MIN_EDGES"
+DENSE_MIN_EDGES = 4096
+
+
+def dense_min_edges() -> int:
+    return int(os.environ.get(DENSE_MIN_EDGES_ENV, DENSE_MIN_EDGES))
+
+
+def merge_small_groups(parts: list[DenseGroup | SparseRun], src: torch.Tensor, dst: torch.Tensor,
+                       min_edges: int) -> list[DenseGroup | SparseRun]:
+    """``parts`` with every dense group of fewer than ``min_edges`` edges turned into a sparse
+    run, and consecutive sparse runs joined into one (the edges stay in their stored order)."""
+    out: list[DenseGroup | SparseRun] = []
+    for part in parts:
+        if isinstance(part, DenseGroup) and part.stop - part.start >= min_edges:
+            out.append(part)
+            continue
+        start = part.start
+        if out and isinstance(out[-1], SparseRun) and out[-1].stop == start:
+            start = out.pop().start
+        out.append(SparseRun(start, part.stop, src[start:part.stop], dst[start:part.stop]))
+    return out
+
+
 def build_dense(graph, device: torch.device) -> tuple[DenseMessagePassing, DenseMessagePassing]:
-    """The forward and reversed passing over ``graph``'s edges, split into dense blocks."""
+    """The forward and reversed passing over ``graph``'s edges, split into dense blocks (those of
+    at least ``dense_min_edges()`` edges; the rest edge by edge)."""
     bounds = list(graph.edge_offsets().values())
-    parts = find_blocks(graph.src, graph.dst, bounds)
+    parts = merge_small_groups(find_blocks(graph.src, graph.dst, bounds), graph.src, graph.dst, dense_min_edges())
     covered = sum((p.stop - p.start) for p in parts)
     if covered != graph.num_edges:
         raise AssertionError(f"dense blocks cover {covered} of {graph.num_edges} edges")

@@ -39,8 +39,14 @@ def _run(graph, backend, dtype):
     return out, {k: p.grad for k, p in net.named_parameters()}
 
 
+@pytest.mark.parametrize("dense_min_edges", ["0", "default"])
 @pytest.mark.parametrize("name", NETWORKS)
-def test_agrees_with_pyg_in_outputs_and_gradients(name):
+def test_agrees_with_pyg_in_outputs_and_gradients(name, dense_min_edges, monkeypatch):
+    """Every group dense (threshold 0), and the default: these small networks' groups edge by edge."""
+    import metanet.dense_passing as dp
+
+    if dense_min_edges != "default":
+        monkeypatch.setenv(dp.DENSE_MIN_EDGES_ENV, dense_min_edges)
     torch.manual_seed(0)
     model = randomize_state(NETWORKS[name](), 0)
     graph = network_to_graph(model.eval(), torch.zeros(1, 3, 16, 16))
@@ -75,11 +81,32 @@ def test_blocks_cover_every_edge_once_and_stack_equal_shapes():
     assert sum(p.stop - p.start for p in parts if isinstance(p, SparseRun)) == graph.edge_counts["identity"]
 
 
+def test_small_groups_join_the_sparse_runs_and_every_edge_is_covered_once():
+    from metanet.dense_passing import DENSE_MIN_EDGES, merge_small_groups
+
+    graph = network_to_graph(build_model(resnet_spec(56)).eval(), torch.zeros(1, 3, 32, 32))
+    blocks = find_blocks(graph.src, graph.dst, list(graph.edge_offsets().values()))
+    parts = merge_small_groups(blocks, graph.src, graph.dst, DENSE_MIN_EDGES)
+    covered = torch.zeros(graph.num_edges, dtype=torch.int64)
+    for p in parts:
+        covered[p.start:p.stop] += 1
+        if isinstance(p, SparseRun):
+            assert torch.equal(p.src, graph.src[p.start:p.stop]) and torch.equal(p.dst, graph.dst[p.start:p.stop])
+    assert bool((covered == 1).all())
+    dense = [p for p in parts if isinstance(p, DenseGroup)]
+    assert dense and all(p.stop - p.start >= DENSE_MIN_EDGES for p in dense)  # the stacked stages stay dense
+    assert not any(isinstance(a, SparseRun) and isinstance(b, SparseRun) for a, b in zip(parts, parts[1:]))
+    assert len(parts) < len(blocks)
+    spans = [(type(p), p.start, p.stop) for p in merge_small_groups(blocks, graph.src, graph.dst, 0)]
+    assert spans == [(type(p), p.start, p.stop) for p in blocks]  # threshold 0: the blocks as found
+
+
 def test_the_fused_layer_and_recomputation_give_the_same_result(monkeypatch):
     import metanet.dense_passing as dp
 
     model = randomize_state(NETWORKS["resnet-projection"](), 0)
     graph = network_to_graph(model.eval(), torch.zeros(1, 3, 16, 16))
+    monkeypatch.setenv(dp.DENSE_MIN_EDGES_ENV, "0")  # every group dense: the fused layer runs on each
     ref, ref_grads = _run(graph, "torch", torch.float64)
     monkeypatch.setenv(dp.COMPILE_ENV, "1")
     calls = []
