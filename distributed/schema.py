@@ -24,6 +24,30 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1}; YAML would keep only the "
+                    "last)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text_or_stream):
+    """``yaml.safe_load`` that refuses duplicate keys (``yaml.constructor.ConstructorError``)."""
+    return yaml.load(text_or_stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_mapping(path: str, what: str, error: type[Exception]) -> dict:
     """The mapping in the YAML (or, for ``*.toml``, TOML) file ``path``; ``error`` with one line
     when the file is missing, does not parse, or is not a mapping (``what`` names the file's kind)."""
@@ -37,7 +61,7 @@ def read_mapping(path: str, what: str, error: type[Exception]) -> dict:
 
                 loaded = tomllib.loads(f.read())
             else:
-                loaded = yaml.safe_load(f)
+                loaded = load_yaml(f)
     except (ValueError, yaml.YAMLError) as err:  # tomllib's error is a ValueError
         raise error(f"{path}: not valid {'TOML' if toml else 'YAML'}: {' '.join(str(err).split())[:200]}") from None
     loaded = {} if loaded is None else loaded
@@ -75,7 +99,7 @@ def describe(err: ValidationError, where: str, model: type[BaseModel] | None = N
         else:
             msg = e["msg"].replace("Input should be", "must be").replace("Value error, ", "")
             value = "" if not e["loc"] else f" = {_short(e.get('input'))}"  # a whole-file rule: no one value
-            lines.append(f"{where}: {key}{value}: {msg}")
+            lines.append(f"{where}: {key}{value}: {msg}" if e["loc"] else f"{where}: {msg}")
     more = len(err.errors()) - len(lines)
     return "; ".join(lines) + (f" (and {more} more)" if more > 0 else "")
 

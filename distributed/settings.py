@@ -11,9 +11,10 @@ bad one is one line naming the file, the key, the value and what is allowed (``S
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import math
+from typing import Annotated, Any
 
-from pydantic import ValidationError, create_model
+from pydantic import AfterValidator, Field, ValidationError, create_model
 
 from distributed.schema import Strict, describe, read_mapping
 
@@ -22,18 +23,61 @@ class SettingsError(ValueError):
     """A settings file that is missing, not a mapping, or has an unknown key or a bad value."""
 
 
-def settings_model(defaults: dict[str, Any], types: dict[str, type] | None = None, name: str = "Settings"):
-    """A pydantic model of ``defaults``: every key optional, typed after its default (or ``types``)."""
-    types = types or {}
+def _distinct(values: list) -> list:
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    if seen:
+        raise ValueError(f"each value at most once; {seen[0]!r} is given twice")
+    return values
+
+
+def settings_model(defaults: dict[str, Any], types: dict[str, type] | None = None, name: str = "Settings",
+                   limits: dict[str, dict] | None = None):
+    """A pydantic model of ``defaults``: every key optional, typed after its default (or ``types``).
+    ``limits[key]``: pydantic ``Field`` bounds (``gt``, ``ge``, ``le``, ...; for a list, of each
+    item) and ``distinct: True`` (a list without repeats). Numbers must be finite everywhere: no
+    setting means anything at NaN or infinity."""
+    types, limits = types or {}, limits or {}
     fields: dict[str, Any] = {}
     for key, value in defaults.items():
+        bounds = dict(limits.get(key, {}))
+        distinct = bounds.pop("distinct", False)
         kind: Any = types.get(key) or (type(value) if value is not None else Any)
         if isinstance(value, list):
-            kind = list[type(value[0])] if value else list
+            kind = type(value[0]) if value else types.get(key, Any)
+        if kind in (int, float):
+            kind = Annotated[kind, Field(allow_inf_nan=False, **bounds)] if kind is float else \
+                Annotated[kind, Field(**bounds)]
+        if isinstance(value, list):
+            kind = list[kind]
+            if distinct:
+                kind = Annotated[kind, AfterValidator(_distinct)]
         if value is None:
             kind = kind | None if kind is not Any else Any
         fields[key] = (kind, value)
     return create_model(name, __base__=Strict, **fields)
+
+
+def check_values(config: dict[str, Any], defaults: dict[str, Any], program: str,
+                 types: dict[str, type] | None = None, limits: dict[str, dict] | None = None) -> None:
+    """Refuses (``SystemExit``: exit 2 through ``distributed.cli``) the first setting of ``config``
+    outside its type or ``limits``, in one line naming the flag and the value."""
+    model = settings_model(defaults, types, limits=limits)
+    try:
+        model.model_validate({k: config[k] for k in defaults if k in config})
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = str(e["loc"][0]) if e["loc"] else ""
+        where = f"--{key.replace('_', '-')}" + (f" item {e['loc'][1] + 1}" if len(e["loc"]) > 1 and
+                                                isinstance(e["loc"][1], int) else "")
+        msg = e["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+        raise SystemExit(f"{program}: {where} {_shown(e.get('input'))}: {msg}") from None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    text = " ".join(map(str, value)) if isinstance(value, list) else repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any],
@@ -61,7 +105,8 @@ def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any],
 
 
 def load_config(path: str, section: str, defaults: dict[str, Any], types: dict[str, type] | None = None,
-                sections: tuple[str, ...] = ("meta_train", "prune_batch", "tune")) -> dict[str, Any]:
+                sections: tuple[str, ...] = ("meta_train", "prune_batch", "tune"),
+                limits: dict[str, dict] | None = None) -> dict[str, Any]:
     """The settings in ``path`` for ``section`` (or the whole file if it has none of ``sections``),
     validated; only the keys the file sets."""
     loaded = read_mapping(path, "config file", SettingsError)
@@ -71,23 +116,26 @@ def load_config(path: str, section: str, defaults: dict[str, Any], types: dict[s
         loaded = loaded.get(section) or {}
         if not isinstance(loaded, dict):
             raise SettingsError(f"{where}: must be a mapping of settings")
+    model = settings_model(defaults, types, limits=limits)
     try:
-        settings_model(defaults, types).model_validate(loaded)
+        model.model_validate(loaded)
     except ValidationError as err:
-        raise SettingsError(describe(err, where, settings_model(defaults, types))) from None
+        raise SettingsError(describe(err, where, model)) from None
     return loaded
 
 
 def resolve(args: dict[str, Any], defaults: dict[str, Any], section: str, program: str,
-            types: dict[str, type] | None = None) -> dict[str, Any]:
-    """Defaults, updated by the ``--config`` file, updated by the flags that were given. ``args``
-    is ``vars(parser.parse_args())``; entries that are not settings pass through unchanged."""
+            types: dict[str, type] | None = None, limits: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Defaults, updated by the ``--config`` file, updated by the flags that were given, each
+    value checked against its type and ``limits`` (``check_values``). ``args`` is
+    ``vars(parser.parse_args())``; entries that are not settings pass through unchanged."""
     config = dict(defaults)
     path = args.pop("config", None)
     if path:
         try:
-            config.update(load_config(path, section, defaults, types))
+            config.update(load_config(path, section, defaults, types, limits=limits))
         except SettingsError as err:
             raise SystemExit(f"{program}: {err}") from None
     config.update({k: v for k, v in args.items() if v is not None or k not in defaults})
+    check_values(config, defaults, program, types, limits)
     return config

@@ -69,6 +69,9 @@ AFTER_STEPS = 80
 # the one place their defaults live
 RECIPE_DEFAULTS = {"before_steps": BEFORE_STEPS, "before_lr": 0.01, "after_steps": AFTER_STEPS, "after_lr": 0.01,
                    "sparse_reg": 5e-4, "criterion": "magnitude"}
+# what each recipe setting may be (``distributed.settings``' limits: pydantic bounds)
+RECIPE_LIMITS = {"before_steps": {"ge": 0}, "after_steps": {"ge": 0}, "before_lr": {"gt": 0}, "after_lr": {"gt": 0},
+                 "sparse_reg": {"ge": 0}}
 RECAL_BATCHES = 10
 
 

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="give each member task a GPU (default: when the cluster has GPUs)")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a task whose worker died (default: 2)")
+    p.add_argument("--move-roles", action="store_true",
+                   help="the spec's val/test fractions changed: move built members to their new roles (default: refuse)")
     p.add_argument("--shared-output", action="store_true",
                    help="on a cluster: the local output path is on storage every node shares (default: off)")
     p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
@@ -112,7 +114,7 @@ def main(argv=None) -> dict:
     with exclusive(out, "make_zoo") if "://" not in out else nullcontext():
         zoo = Zoo.create(out)
         zoo.skip_unreadable = True
-        previous = _previous_spec(zoo, spec)
+        previous = _previous_spec(zoo, spec, args.move_roles)
         meta = zoo.metadata() if zoo.files() else None
         done = set(meta.query("status == 'ok'")["id"]) if meta is not None else set()
         for path, error in zoo.unreadable.items():
@@ -148,16 +150,26 @@ def _split(spec: dict) -> tuple:
     return float(spec.get("val_members", 0.0)), float(spec.get("test_members", 0.0)), bool(spec.get("held_out"))
 
 
-def _previous_spec(zoo: Zoo, spec: dict) -> dict | None:
-    """The spec the zoo was built from (None for a new zoo); refuses one of another dataset, whose
-    members could not be meta-trained or pruned together with these."""
+SPLIT_KEYS = ("val_members", "test_members", "held_out")  # change roles only; --move-roles allows them
+
+
+def _previous_spec(zoo: Zoo, spec: dict, move_roles: bool) -> dict | None:
+    """The spec the zoo was built from (None for a new zoo). Refuses, naming the keys that differ,
+    another spec (other than more or fewer members: its members would be mixed with these), and
+    changed split fractions without ``--move-roles`` (members would change role)."""
     try:
         previous = zoo.spec()
     except FileNotFoundError:
         return None
-    if previous.get("dataset") != spec["dataset"]:
-        raise SystemExit(f"make_zoo: {spec['output']} holds a zoo of dataset {previous.get('dataset')}, the spec "
-                         f"says {spec['dataset']}; give another --out")
+    differ = sorted(k for k in set(previous) | set(spec) if k not in ("members", "output")
+                    and previous.get(k) != spec.get(k))
+    others = [k for k in differ if k not in SPLIT_KEYS]
+    if others:
+        raise SystemExit(f"make_zoo: {spec['output']} holds a zoo built from another spec (different "
+                         f"{', '.join(others)}); give another --out")
+    if differ and not move_roles:
+        raise SystemExit(f"make_zoo: {spec['output']} was built with other {', '.join(differ)}: built members would "
+                         "change role (train/val/test); pass --move-roles to move them, or give another --out")
     return previous
 
 

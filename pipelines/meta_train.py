@@ -52,7 +52,7 @@ from distributed.ray_env import cluster_address, init_ray, ray, train_env  # noq
 from distributed.settings import SettingsError  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.meta_runs import already_done, prepare, select, training_folder, training_name  # noqa: E402
-from zoo.meta_settings import DEFAULTS, HELP, check_settings  # noqa: E402
+from zoo.meta_settings import DEFAULTS, HELP, LIMITS, check_settings  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
 EPOCH_LINE = "meta-training epoch"  # what rank 0 prints after each epoch (the demo shows these lines)
@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> dict:
     from distributed.settings import resolve
 
-    return check_settings(resolve(vars(build_parser().parse_args(argv)), DEFAULTS, "meta_train", "meta_train"))
+    return check_settings(resolve(vars(build_parser().parse_args(argv)), DEFAULTS, "meta_train", "meta_train",
+                                  limits=LIMITS))
 
 
 def completed(argv=None) -> str | None:

@@ -29,7 +29,6 @@ One run at a time per ``--out`` (a second one refuses, exit 3). Models load thro
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -45,7 +44,7 @@ from distributed.ray_env import init_ray, ray, shutdown  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
-from metanet.recipe import RECIPE_DEFAULTS  # noqa: E402
+from metanet.recipe import RECIPE_DEFAULTS, RECIPE_LIMITS  # noqa: E402
 from zoo import batch  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
@@ -90,6 +89,8 @@ HELP = {
     "diagnostics": "add the prepared models' recalibrated pruning curves and edit selectivity",
 }
 FLAG_TYPES = {"floor": float, "gpu": bool, "batch_size": int, "augment": bool}
+LIMITS = {**RECIPE_LIMITS, "targets": {"gt": 1, "distinct": True}, "methods": {"distinct": True},
+          "batch_size": {"ge": 1}, "floor": {"gt": 0, "le": 1}, "cpus_per_task": {"gt": 0}}
 
 
 def prune_task(source: batch.Source, method: str, runs: list[dict], config: dict, data, metanet_path: str | None,
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> dict:
     from distributed.settings import resolve
 
-    config = resolve(vars(build_parser().parse_args(argv)), DEFAULTS, "prune_batch", "prune_batch", types=FLAG_TYPES)
+    config = resolve(vars(build_parser().parse_args(argv)), DEFAULTS, "prune_batch", "prune_batch", types=FLAG_TYPES,
+                     limits=LIMITS)
     if config["baselines"]:
         config["methods"] = list(dict.fromkeys([*config["methods"], "none", "depgraph"]))
     from metanet.recipe import ALL_METHODS
@@ -140,18 +142,11 @@ def parse_args(argv=None) -> dict:
 
     if config["criterion"] not in CRITERIA:
         raise SystemExit(f"prune_batch: --criterion {config['criterion']!r} is not one of {', '.join(CRITERIA)}")
-    for flag in ("before_steps", "after_steps"):
-        if config[flag] < 0:
-            raise SystemExit(f"prune_batch: --{flag.replace('_', '-')} must be >= 0, got {config[flag]}")
     if "meta" in config["methods"]:
         if not config["metanet"]:
             raise SystemExit("prune_batch: --metanet FILE is needed for method 'meta' (or --methods none depgraph)")
         if not os.path.isfile(config["metanet"]):
             raise SystemExit(f"prune_batch: metanetwork file not found: {config['metanet']}")
-    if config["floor"] is None and any(not (math.isfinite(t) and t > 1) for t in config["targets"]):
-        raise SystemExit(f"prune_batch: --targets must be finite speed-ups > 1, got {config['targets']}")
-    if config["floor"] is not None and not (math.isfinite(config["floor"]) and 0 < config["floor"] <= 1):
-        raise SystemExit(f"prune_batch: --floor is a validation accuracy in (0, 1], got {config['floor']}")
     return config
 
 

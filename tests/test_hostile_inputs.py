@@ -67,6 +67,7 @@ def world(tmp_path_factory):
     (tmp / "done").mkdir()
     (tmp / "done" / "results.csv").write_text("model,method\nx,none\n")  # stands for a finished run's output
     (tmp / "a-file").write_text("not a directory")
+    (tmp / "duplicate.yaml").write_text("name: dup\nmembers: 2\nmembers: 1\ndataset: {name: digits}\n")
     return tmp
 
 
@@ -87,17 +88,40 @@ CASES = [
      "cifar10: expected {tmp}/no-data/cifar-10-batches-py"),
     ("make_zoo", ["--set", "dataset.name=svhn", "--set", "dataset.root={tmp}"], 2, "svhn: expected"),
     ("make_zoo", ["--out", "{tmp}/a-file/zoo"], 2, "{tmp}/a-file/zoo"),
-    ("make_zoo", ["--out", "{tmp}/zoo", "--set", "dataset.seed=3"], 2, "holds a zoo of dataset"),
+    ("make_zoo", ["--out", "{tmp}/zoo", "--set", "dataset.seed=3"], 2, "another spec (different dataset"),
     ("prune_batch", ["--zoo", "{tmp}/zoo", "--metanet", "{tmp}/truncated.pt", "--out", "{tmp}/done"], 2,
      "{tmp}/truncated.pt: not a readable metanetwork file"),
     ("prune_batch", ["--zoo", "{tmp}/zoo", "--metanet", "{tmp}/foreign.pt", "--out", "{tmp}/done"], 2,
      "unknown metanetwork config key(s) bogus_option"),
     ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--targets", "nan", "--out", "{tmp}/done"], 2,
-     "--targets must be finite speed-ups > 1, got [nan]"),
+     "--targets item 1 nan: must be a finite number"),
     ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--targets", "inf", "--out", "{tmp}/done"], 2,
-     "--targets must be finite"),
+     "--targets item 1 inf: must be a finite number"),
+    # values no run can use are refused before anything starts, naming the flag and the value
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--targets", "2", "2", "--out", "{tmp}/done"], 2,
+     "--targets 2.0 2.0: each value at most once; 2.0 is given twice"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--before-steps", "-5", "--out", "{tmp}/done"], 2,
+     "--before-steps -5: must be greater than or equal to 0"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--batch-size", "0", "--out", "{tmp}/done"], 2,
+     "--batch-size 0: must be greater than or equal to 1"),
+    ("meta_train", ["--zoo", "{tmp}/zoo", "--out", "{tmp}/mt", "--epochs", "0"], 2,
+     "--epochs 0: must be greater than or equal to 1"),
+    ("meta_train", ["--zoo", "{tmp}/zoo", "--out", "{tmp}/mt", "--workers", "0"], 2,
+     "--workers 0: must be greater than or equal to 1"),
+    ("meta_train", ["--zoo", "{tmp}/zoo", "--out", "{tmp}/mt", "--lr", "nan"], 2, "--lr nan: must be a finite number"),
+    ("meta_train", ["--zoo", "{tmp}/zoo", "--out", "{tmp}/mt", "--lr", "inf"], 2, "--lr inf: must be a finite number"),
+    ("tune", ["--set", "zoo={tmp}/zoo", "--set", "space={hidden: {choice: [-5, 0]}}", "--out", "{tmp}/done"], 2,
+     "space.hidden.choice: -5: must be greater than or equal to 1"),
+    ("tune", ["--set", "zoo={tmp}/zoo", "--set", "fixed={layers: -1}", "--out", "{tmp}/done"], 2,
+     "fixed.layers: -1: must be greater than or equal to 0"),
+    # YAML that says a key twice; options a dataset does not take; another spec into a built zoo
+    ("make_zoo", ["--spec", "{tmp}/duplicate.yaml"], 2, "duplicate key 'members' (line 3"),
+    ("make_zoo", ["--set", "dataset.root={tmp}/nonexistent"], 2, "digits: root does not apply"),
+    ("make_zoo", ["--out", "{tmp}/zoo", "--set", "name=another"], 2, "another spec (different name)"),
+    ("make_zoo", ["--out", "{tmp}/zoo", "--set", "test_members=0.5"], 2,
+     "other test_members: built members would change role"),
     ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--floor", "nan", "--out", "{tmp}/done"], 2,
-     "--floor is a validation accuracy"),
+     "--floor nan: must be a finite number"),
     ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--out", "{tmp}/a-file/out"], 2, "{tmp}/a-file/out"),
     ("prune_batch", ["--models", "{tmp}/metanet.pt", "--methods", "none", "--dataset", "cifar10", "--data-root",
                      "{tmp}/no-data", "--out", "{tmp}/done", "--before-steps", "1"], 2, "cifar10: expected"),

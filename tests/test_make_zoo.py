@@ -62,8 +62,13 @@ def test_build_read_back_resume_and_mlflow(tmp_path):
     again = _run(spec)
     assert again.returncode == 0 and "3 already built, 0 to build" in again.stdout
     assert {p: Path(p).read_bytes() for p in zoo.files()} == before
-    # a spec whose split changed re-labels the built members instead of retraining them
-    split = _run(spec, "--set", "test_members=0.34")
+    # a spec whose split changed re-labels the built members instead of retraining them, when asked
+    refused = _run(spec, "--set", "test_members=0.34")
+    assert refused.returncode == 2 and "other test_members: built members would change role" in refused.stderr
+    assert {p: Path(p).read_bytes() for p in zoo.files()} == before
+    other = _run(spec, "--set", "name=another", "--set", "train.epochs=1")
+    assert other.returncode == 2 and "another spec (different name, train)" in other.stderr
+    split = _run(spec, "--set", "test_members=0.34", "--move-roles")
     assert split.returncode == 0 and "3 already built, 0 to build" in split.stdout
     assert "fractions changed: 1 built member(s) move" in split.stdout and ": train -> test" in split.stdout
     assert sorted(zoo.metadata()["role"]) == ["test", "train", "val"]

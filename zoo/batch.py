@@ -274,8 +274,7 @@ def arch_file(path: str | None) -> dict | None:
     (``torchvision.models:mobilenet_v2,num_classes=10``; see ``zoo.arch``)."""
     if path is None:
         return None
-    import yaml
-
+    from distributed.schema import load_yaml
     from zoo.arch import build_model, parse_import_arch
 
     if ":" in path and not os.path.exists(path):
@@ -288,7 +287,7 @@ def arch_file(path: str | None) -> dict | None:
     if not os.path.exists(path):
         raise BatchInputError(f"--arch file not found: {path}")
     with open(path) as f:
-        arch = yaml.safe_load(f)
+        arch = load_yaml(f)
     if not isinstance(arch, dict) or "family" not in arch:
         raise BatchInputError(f"--arch {path}: not an architecture spec (a mapping with 'family')")
     return arch

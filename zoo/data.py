@@ -68,14 +68,30 @@ def _from_images(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
 
 
 # ----------------------------------------------------------------------------- loaders
-def load_digits(seed: int = 0) -> TaskData:
-    """scikit-learn's digits: 8x8 grayscale, values 0..16; a seeded 60/20/20 split."""
+DIGITS_OPTIONS = ("seed", "val_fraction", "train_subset")  # what the embedded digits dataset takes
+
+
+def load_digits(seed: int = 0, val_fraction: float | None = None, train_subset: int | None = None) -> TaskData:
+    """scikit-learn's digits: 8x8 grayscale, values 0..16; a seeded 60/20/20 split. The test split
+    is fixed (20%); ``val_fraction`` is the share of the other 80% held out for validation (default
+    0.25: the 60/20 split), ``train_subset`` keeps the first that many training images."""
     from sklearn.datasets import load_digits as sk_digits
 
     raw = sk_digits()
     x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(raw.target, dtype=torch.int64)
-    tr, va, te = _split_indices(x.shape[0], (0.6, 0.2, 0.2), seed)
+    n = x.shape[0]
+    tr, va, te = _split_indices(n, (0.6, 0.2, 0.2), seed)
+    if val_fraction is not None:  # the same permutation and test split, the rest re-divided
+        rest = torch.cat([tr, va])
+        n_val = int(round(val_fraction * len(rest)))
+        if not 0 < n_val < len(rest):
+            raise DatasetError(f"digits: val_fraction={val_fraction} leaves no training or no validation images")
+        tr, va = rest[:len(rest) - n_val], rest[len(rest) - n_val:]
+    if train_subset is not None:
+        if train_subset > len(tr):
+            raise DatasetError(f"digits: train_subset={train_subset} but only {len(tr)} training images")
+        tr = tr[:train_subset]
     (xtr, xva, xte), stats = _normalise(x[tr], x[va], x[te])
     return TaskData("digits", 10, (xtr, y[tr]), (xva, y[va]), (xte, y[te]), crop_padding=0, flip=False,
                     info={"normalisation": stats, "seed": seed})
@@ -196,7 +212,11 @@ def load_imagefolder(root: str, *, seed: int = 0, val_fraction: float = 0.1, tra
 def load_dataset(name: str, root: str | None = None, **options) -> TaskData:
     """One entry point for every dataset; ``root`` is required for all but digits."""
     if name == "digits":
-        return load_digits(seed=options.get("seed", 0))
+        unused = sorted(k for k, v in {**options, "root": root}.items() if v is not None and k not in DIGITS_OPTIONS)
+        if unused:
+            raise DatasetError(f"digits: {', '.join(unused)} does not apply to the embedded digits dataset "
+                               f"(it takes {', '.join(DIGITS_OPTIONS)}); remove it")
+        return load_digits(**{k: options[k] for k in DIGITS_OPTIONS if options.get(k) is not None})
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if not root:

@@ -66,6 +66,13 @@ HELP = {
                  "edit 'scores': the task loss of the network masked at a drawn pruning amount)",
     "score_targets": "curve objective: weight of the regression on each member's own optimised scores (0: none)",
 }
+GE0, GE1, GT0 = {"ge": 0}, {"ge": 1}, {"gt": 0}
+# what each setting may be (pydantic bounds, checked with the flags before Ray starts; floats finite)
+LIMITS = {"workers": GE1, "epochs": GE1, "lr": GT0, "weight_decay": GE0, "milestones": GE0, "batches_per_step": GE1,
+          "members_per_step": GE1, "batch_size": GE1, "reg": GE0, "alpha": GE0, "hidden": GE1, "layers": GE0,
+          "distill_epochs": GE0, "gate_reg": GE0, "score_targets": GE0, "max_failures": GE0, "keep": GE1,
+          "select_target": {"gt": 1}, "select_finetune_steps": GE0, "select_members": GE1, "diagnose_every": GE0,
+          "min_member_acc": {"ge": 0, "le": 1}}
 # settings that do not change the chosen metanetwork (where Ray runs, logging, retries)
 NOT_RESULT_SETTINGS = ("address", "mlflow", "max_failures", "check")
 

@@ -71,6 +71,46 @@ class SearchFile(Strict):
     fixed: dict[Tunable, Any] = {}
     space: Annotated[dict[Tunable, Sampler], Field(min_length=1)]
 
+    @model_validator(mode="after")
+    def _values_in_range(self):
+        """Each fixed value, each choice and each sampler's bounds as meta_train.py and
+        prune_batch.py would accept them: a trial must not fail on a value no run could take."""
+        for key, value in self.fixed.items():
+            _check_value(f"fixed.{key}", key, value)
+        for key, sampler in self.space.items():
+            kind = next(k for k in SAMPLERS if getattr(sampler, k) is not None)
+            for value in getattr(sampler, kind):
+                _check_value(f"space.{key}.{kind}", key, value)
+        return self
+
+
+def _trial_model():
+    from distributed.settings import settings_model
+    from metanet.recipe import RECIPE_LIMITS
+    from zoo.meta_settings import LIMITS
+
+    return settings_model(default_trial(), limits={**LIMITS, **RECIPE_LIMITS})
+
+
+def _choices() -> dict[str, tuple]:
+    from metanet.criteria import CRITERIA
+    from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
+    from metanet.metanetwork import EDITS
+    from metanet.sparsity import SPARSITY_FORMS
+
+    return {"edit": EDITS, "objective": TRAINING_OBJECTIVES, "sparsity_norm": SPARSITY_FORMS, "criterion": tuple(CRITERIA)}
+
+
+def _check_value(where: str, key: str, value) -> None:
+    allowed = _choices().get(key)
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+    try:
+        _trial_model().model_validate({key: value})
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise ValueError(f"{where}: {value!r}: {e['msg'].replace('Input should be', 'must be')}") from None
+
 
 class SearchError(ValueError):
     """A search file that is missing or does not match ``SearchFile``."""
