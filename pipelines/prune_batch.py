@@ -179,14 +179,14 @@ def _main(config: dict, out: str, started: float) -> dict:
     total = len(sources) * len(config["methods"]) * len(runs)
     print(f"prune_batch: {len(sources)} models x {len(config['methods'])} methods x {len(runs)} targets = {total} "
           f"rows; {todo.reused} already done with the same model, metanetwork and settings -> {out}")
-    rows = todo.rows
+    rows, nodes = todo.rows, set()
     if todo.jobs:
         data = batch.load_data(config)
         resources = init_ray(config.pop("address"), config.pop("num_cpus"))
         print(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs on "
               f"{len([n for n in ray.nodes() if n['Alive']])} node(s); data {data.name} (train {len(data.train[1])}, "
               f"val {len(data.val[1])}, test {len(data.test[1])})")
-        rows = _run(todo.jobs, config, data, out, rows)
+        rows, nodes = _run(todo.jobs, config, data, out, rows)
         shutdown()
     frame = batch.write_results(out, rows)
     table = batch.summary_table(frame)
@@ -200,9 +200,10 @@ def _main(config: dict, out: str, started: float) -> dict:
     wall = time.perf_counter() - started
     mine = frame[[batch.row_key(r) in todo.keys for r in frame.to_dict("records")]]
     failed = int((mine.status != "ok").sum())
-    nodes = set(mine.node.dropna()) if "node" in mine else set()
     print(f"\n{table}\n\nwrote {', '.join(f'{out}/{w}' for w in written)} ({wall:.0f} s)"
           + (f"; tasks ran on {len(nodes)} node(s)" if nodes else ""))
+    for warning in sorted(set(mine.warning.dropna())):
+        print(f"prune_batch: warning: {warning}", file=sys.stderr)
     if failed:
         print(f"prune_batch: {failed} of {len(mine)} rows failed (reasons above); exit code 1", file=sys.stderr)
     if config["mlflow"] and todo.jobs:
@@ -213,18 +214,19 @@ def _main(config: dict, out: str, started: float) -> dict:
     return {"results": frame, "seconds": wall, "failed": failed}
 
 
-def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> list[dict]:
+def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> tuple[list[dict], set]:
     """One Ray task per model and method; the results file is rewritten after each, so a killed
-    driver loses only what was running."""
+    driver loses only what was running. Returns every row and the nodes this run's tasks ran on."""
     data_ref = ray.put(data)
     use_gpu = config["gpu"] if config["gpu"] is not None else ray.cluster_resources().get("GPU", 0) > 0
-    state = {"rows": rows, "failed": 0}
+    state = {"rows": rows, "failed": 0, "nodes": set()}
     fingerprints = ("model_sha", "metanet_sha", "settings_sha", "settings", "target", "floor")
 
     def record(job, new: list[dict]) -> dict:
         source, method, todo = job
         new = [dict(n, **{k: r[k] for k in fingerprints}) for n, r in zip(new, todo)]
         state["failed"] += sum(r["status"] != "ok" for r in new)
+        state["nodes"] |= {r["node"] for r in new if r.get("node")}
         replaced = {batch.row_key(n) for n in new}
         state["rows"] = [r for r in state["rows"] if batch.row_key(r) not in replaced] + new
         batch.write_results(out, state["rows"])
@@ -240,7 +242,7 @@ def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> list[dict]:
     fan_out(prune_task, jobs_args, options={"num_cpus": config["cpus_per_task"], "num_gpus": 1 if use_gpu else 0,
                                             "max_retries": 1},
             desc="pruning", unit="task", on_result=record, on_death=lost)
-    return state["rows"]
+    return state["rows"], state["nodes"]
 
 
 # the errors a user's input can cause: one line and exit code 2 (distributed.cli)

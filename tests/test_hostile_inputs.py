@@ -196,6 +196,24 @@ def test_nan_weights_fail_the_row_naming_the_tensor(world):
     assert rows[0]["status"] == "failed" and "layers.1.conv2.weight has non-finite values" in rows[0]["error"]
 
 
+def test_a_member_whose_accuracy_is_not_its_recorded_one_is_flagged_in_its_rows(world):
+    """A member file altered after the build (still valid Arrow) prunes, but its rows say so."""
+    from zoo.data import load_digits
+
+    config = {**prune_batch.DEFAULTS, "zoo": str(world / "zoo"), "split": "test", "arch": None, "batch_size": 64,
+              "augment": False, "before_steps": 0, "after_steps": 0}
+    (source,) = batch.find_sources(config)
+    assert source.recorded_val_acc == 0.5  # what the world's member records
+    data = load_digits()
+    rows = batch.prune_model(source, "none", [{"target": 2.0, "floor": None}], config, data, None,
+                             str(world / "drift-out"))
+    assert rows[0]["status"] == "ok" and abs(rows[0]["val_acc_before"] - 0.5) > batch.ACCURACY_DRIFT
+    assert f"{source.ref}: validation accuracy" in rows[0]["warning"] and "50.0% recorded" in rows[0]["warning"]
+    honest = batch.Source(source.name, source.ref, source.zoo, source.digest, recorded_val_acc=rows[0]["val_acc_before"])
+    assert batch.prune_model(honest, "none", [{"target": 2.0, "floor": None}], config, data, None,
+                             str(world / "drift-out"))[0]["warning"] is None
+
+
 def test_results_are_reused_only_when_what_produced_them_is_unchanged():
     settings = {"before_steps": 10, "seed": 0}
     sha, text = batch.settings_digest(settings)

@@ -26,7 +26,7 @@ class BatchInputError(ValueError):
 
 DIAGNOSTICS = ["ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal",
                *(f"curve_{s:g}x" for s in CURVE_SPEEDUPS), "auc"]
-COLUMNS = ["model", "source", "family", "method", "criterion", "target", "floor", "status", "error", "speedup", "macs_before",
+COLUMNS = ["model", "source", "family", "method", "criterion", "target", "floor", "status", "error", "warning", "speedup", "macs_before",
            "macs_after", "params_before", "params_after", "val_acc_before", "test_acc_before", "val_acc_pruned",
            "test_acc_pruned", "val_acc", "test_acc", "seconds", "path", *DIAGNOSTICS,
            "model_sha", "metanet_sha", "settings_sha", "settings", "node"]
@@ -45,6 +45,13 @@ class Source:
     zoo: str | None = None
     digest: str = ""  # content hash of the file the model is read from
     error: str | None = None  # set when the source cannot be read at all (its rows fail without a task)
+    recorded_val_acc: float | None = None  # a zoo member's validation accuracy when it was built
+
+
+# a member whose validation accuracy now differs from its recorded one by more than this (a
+# fraction) is flagged in its rows: the same network on the same split gives the same accuracy,
+# up to float differences between devices, so a gap means the file or the dataset changed
+ACCURACY_DRIFT = 0.01
 
 
 # ------------------------------------------------------------------------------- the task
@@ -97,8 +104,9 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         family = _family(model)
         x = torch.zeros(data.input_shape, device=device)
         macs, params = count(model, x)
-        before = {"family": family, "val_acc_before": evaluate(model, data, "val")[0],
-                  "test_acc_before": evaluate(model, data, "test")[0], "macs_before": macs, "params_before": params}
+        val_acc = evaluate(model, data, "val")[0]
+        before = {"family": family, "val_acc_before": val_acc, "test_acc_before": evaluate(model, data, "test")[0],
+                  "macs_before": macs, "params_before": params, "warning": drift_warning(source, val_acc)}
         # DGL's wheel is a CPU build: on a GPU the metanetwork runs on the plain-PyTorch backend
         metanet = load_metanetwork(metanet_path, None if device == "cpu" else "torch")[0] if method == "meta" else None
         cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
@@ -135,6 +143,16 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
     return rows
 
 
+def drift_warning(source: Source, val_acc: float) -> str | None:
+    """A note for a zoo member whose validation accuracy is not the one recorded when it was built
+    (``ACCURACY_DRIFT``): its file was altered, or the dataset is not the one it was built on."""
+    recorded = source.recorded_val_acc
+    if recorded is None or recorded != recorded or abs(val_acc - recorded) <= ACCURACY_DRIFT:
+        return None
+    return (f"{source.ref}: validation accuracy {100 * val_acc:.1f}% now, {100 * recorded:.1f}% recorded when the "
+            "member was built: its file was changed, or the dataset differs from the one it was built on")
+
+
 def _family(model) -> str:
     from zoo.arch import arch_spec
 
@@ -168,7 +186,8 @@ def find_sources(config: dict) -> list[Source]:
         files = {m.id: f for m, f in zip(meta.itertuples(), _member_files(zoo))}
         for m in meta.itertuples():
             if m.status == "ok" and m.role in roles:
-                sources.append(Source(m.id, f"{config['zoo']}#{m.id}", config["zoo"], file_digest(files[m.id])))
+                sources.append(Source(m.id, f"{config['zoo']}#{m.id}", config["zoo"], file_digest(files[m.id]),
+                                      recorded_val_acc=float(m.val_acc)))
         for path, error in zoo.unreadable.items():
             if zoo.expected_role(path) in roles:
                 name = Path(path).stem
