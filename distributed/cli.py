@@ -31,7 +31,8 @@ def run_cli(main: Callable[..., dict | None], program: str, known: tuple[type[Ba
         raise SystemExit(BAD_INPUT) from None
     except SystemExit as exit_:
         if isinstance(exit_.code, str):  # SystemExit("message"): a bad input found by the pipeline
-            print(exit_.code, file=sys.stderr)
+            message = exit_.code if exit_.code.startswith(f"{program}:") else f"{program}: {exit_.code}"
+            print(message, file=sys.stderr)
             raise SystemExit(BAD_INPUT) from None
         raise
     failed = (result or {}).get("failed", 0) if isinstance(result, dict) else 0

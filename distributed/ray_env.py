@@ -69,11 +69,70 @@ def cluster_address(address: str | None = None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
+CONNECT_TIMEOUT_S = 5.0  # how long a cluster or server address may take to answer before we say so
+
+
+def check_reachable(address: str, what: str, hint: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """One line (``SystemExit``) when nothing answers at ``address`` (``host:port``, with or
+    without a scheme) within ``timeout`` seconds: Ray retries a GCS connection for minutes, MLflow
+    an HTTP request for as long, both silently."""
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        port = "443" if address.startswith("https://") else "80" if address.startswith("http://") else ""
+        host = hostport
+    if not port:
+        raise SystemExit(f"{what} address {address!r}: expected host:port")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise SystemExit(f"{what} at {address} does not answer ({reason}, waited up to {timeout:g} s): {hint}") from None
+
+
+def preflight(cpus: float, flag: str, address: str | None = None, num_cpus: int | None = None) -> None:
+    """Before anything is written: the cluster to join answers (``check_reachable``), or the local
+    Ray to start (``num_cpus`` or this machine's cores) can hold a task of ``cpus`` CPUs (``flag``
+    names the setting that asked for them). A cluster's nodes are checked once joined (``check_fits``)."""
+    joined = cluster_address(address)
+    if joined and joined != "auto":
+        check_reachable(joined, "Ray cluster", REACH_HINT)
+    elif not joined and cpus > (num_cpus or os.cpu_count() or 1):
+        raise SystemExit(f"{flag}: a task asks for {cpus:g} CPU(s), but the local Ray has "
+                         f"{num_cpus or os.cpu_count()}: it could never run")
+
+
+REACH_HINT = "start it (ray start --head), or unset RAY_ADDRESS / --address to run on a local Ray"
+
+
+def check_fits(cpus: float, gpus: float, flag: str) -> None:
+    """Refuses a task request no node of the running cluster can ever hold (Ray would queue the task
+    forever): ``flag`` names the setting that asked for it."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    best_cpu = max((n.get("CPU", 0) for n in nodes), default=0)
+    best_gpu = max((n.get("GPU", 0) for n in nodes), default=0)
+    if cpus > best_cpu or gpus > best_gpu:
+        raise SystemExit(f"{flag}: a task asks for {cpus:g} CPU(s) and {gpus:g} GPU(s), but the largest node of the "
+                         f"cluster has {best_cpu:g} CPU(s) and {best_gpu:g} GPU(s): it could never run")
+
+
+def check_total(cpus: float, gpus: float, flag: str) -> None:
+    """Refuses a gang of tasks (Ray Train's workers) the whole cluster cannot hold at once: Ray
+    Train would wait for the resources forever. ``flag`` names the setting that asked for them."""
+    have = ray.cluster_resources()
+    for kind, need in (("CPU", cpus), ("GPU", gpus)):
+        if have.get(kind, 0) < need:
+            raise SystemExit(f"{flag}: needs {need:g} {kind}(s) at once, the cluster has {have.get(kind, 0):g}")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
-    """Starts (or joins) Ray once per process; returns the cluster's resources."""
+    """Starts (or joins) Ray once per process; returns the cluster's resources. An address nothing
+    answers at is one line after ``CONNECT_TIMEOUT_S``, not minutes of silent retries."""
     if not ray.is_initialized():
         address = cluster_address(address)
         if address:
+            if address != "auto":
+                check_reachable(address, "Ray cluster", REACH_HINT)
             ray.init(address=address, log_to_driver=True)
         else:
             forget_stopped_cluster()

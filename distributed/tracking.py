@@ -13,6 +13,22 @@ from typing import Any
 
 import mlflow
 
+# MLflow's HTTP client retries a request with backoff for minutes: a server that went away should
+# fail a logging call in well under a minute (a user's own setting wins)
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def check_server() -> None:
+    """One line (``SystemExit``) when ``MLFLOW_TRACKING_URI`` names a server that does not answer:
+    called before any work starts, so that results are not computed only to hang in logging."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        from distributed.ray_env import check_reachable
+
+        check_reachable(uri, "MLflow tracking server (MLFLOW_TRACKING_URI)",
+                        "start it (mlflow server), unset MLFLOW_TRACKING_URI for a local store, or pass --no-mlflow")
+
 
 def tracking_uri(out_dir: str) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")

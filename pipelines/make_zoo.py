@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distributed.cli import run_cli  # noqa: E402
 from distributed.fanout import fan_out  # noqa: E402
 from distributed.locks import exclusive  # noqa: E402
-from distributed.ray_env import cluster_address, init_ray, ray, shutdown  # noqa: E402
+from distributed.ray_env import check_fits, cluster_address, preflight, init_ray, ray, shutdown  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.spec import DEFAULT_SPEC, MemberSpec, SpecError, load_spec, members, role_of  # noqa: E402
 from zoo.store import Zoo, ZooFormatError, ZooRecord  # noqa: E402
@@ -102,6 +102,15 @@ def main(argv=None) -> dict:
     if args.out is not None:
         overrides.append(f"output={args.out}")
     spec = load_spec(args.spec, overrides)  # validated before anything is read or written
+    if not (args.cpus_per_member > 0 and args.max_retries >= 0):
+        raise SystemExit(f"make_zoo: --cpus-per-member must be > 0 and --max-retries >= 0, not "
+                         f"{args.cpus_per_member:g} and {args.max_retries}")
+    flag = f"make_zoo: --cpus-per-member {args.cpus_per_member:g}"
+    preflight(args.cpus_per_member, flag, args.address, args.num_cpus)  # before anything is written
+    if args.mlflow:
+        from distributed.tracking import check_server
+
+        check_server()
     out = spec["output"]
     if cluster_address(args.address) and "://" not in out and not args.shared_output:
         raise SystemExit(f"make_zoo: on a cluster, output {out!r} would be a path on each node: give a URI every "
@@ -130,6 +139,7 @@ def main(argv=None) -> dict:
         summaries = []
         if todo:
             resources = init_ray(args.address, args.num_cpus)
+            check_fits(args.cpus_per_member, 1 if args.gpu else 0, flag)
             print(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs "
                   f"on {len([n for n in ray.nodes() if n['Alive']])} node(s)")
             summaries = _run_tasks(spec, todo, data, out, args)

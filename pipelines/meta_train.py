@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.cli import run_cli  # noqa: E402
 from distributed.faults import FAULT_ENV, inject_fault  # noqa: E402
-from distributed.ray_env import cluster_address, init_ray, ray, train_env  # noqa: E402
+from distributed.ray_env import check_total, cluster_address, init_ray, preflight, ray, train_env  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.meta_runs import already_done, prepare, select, training_folder, training_name  # noqa: E402
@@ -242,17 +242,22 @@ def main(argv=None) -> dict:
         print(f"meta_train: {done} already comes from this zoo and these settings: nothing to do "
               f"(to train again: another --name, or delete {run_dir})")
         return {"selection": None, "metrics": {}, "run_dir": str(run_dir), "reused": done}
+    preflight(config["workers"], f"meta_train: --workers {config['workers']}", config["address"])
     folder = training_folder(run_dir, config, digest)
     config["inputs_digest"] = digest
     if config["mlflow"]:
-        from distributed.tracking import resumable_run
+        from distributed.tracking import check_server, resumable_run
+
+        check_server()
 
         config["mlflow_run_id"] = resumable_run("meta-train", config["out"], folder, config["name"], config)
     address = config.pop("address")
     # read by Ray Train's controller when the trainer starts: set before it exists
     os.environ.update(train_env(local=cluster_address(address) is None))
-    init_ray(address)
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1) // config["workers"]))
+    resources = init_ray(address)
+    check_total(config["workers"], config["workers"] if config["gpu"] else 0,
+                f"meta_train: --workers {config['workers']}{' --gpu' * config['gpu']}")  # one CPU (GPU) each
+    threads = max(1, int(resources.get("CPU", 1) // config["workers"]))
     config["threads"] = threads
     config["fault"] = os.environ.get(FAULT_ENV)
     trainer = TorchTrainer(

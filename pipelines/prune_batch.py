@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distributed.cli import run_cli  # noqa: E402
 from distributed.fanout import fan_out  # noqa: E402
 from distributed.locks import exclusive  # noqa: E402
-from distributed.ray_env import init_ray, ray, shutdown  # noqa: E402
+from distributed.ray_env import check_fits, init_ray, preflight, ray, shutdown  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
@@ -152,6 +152,11 @@ def parse_args(argv=None) -> dict:
 
 def main(argv=None) -> dict:
     config = parse_args(argv)
+    preflight(config["cpus_per_task"], _cpus_flag(config), config["address"], config["num_cpus"])
+    if config["mlflow"]:
+        from distributed.tracking import check_server
+
+        check_server()
     started = time.perf_counter()
     out = os.path.abspath(config["out"])
     with exclusive(out, "prune_batch"):  # also the check that --out is writable
@@ -183,6 +188,7 @@ def _main(config: dict, out: str, started: float) -> dict:
     if todo.jobs:
         data = batch.load_data(config)
         resources = init_ray(config.pop("address"), config.pop("num_cpus"))
+        check_fits(config["cpus_per_task"], 1 if config["gpu"] else 0, _cpus_flag(config))
         print(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs on "
               f"{len([n for n in ray.nodes() if n['Alive']])} node(s); data {data.name} (train {len(data.train[1])}, "
               f"val {len(data.val[1])}, test {len(data.test[1])})")
@@ -212,6 +218,10 @@ def _main(config: dict, out: str, started: float) -> dict:
     elif config["mlflow"]:
         print("mlflow: every row reused, no new run")
     return {"results": frame, "seconds": wall, "failed": failed}
+
+
+def _cpus_flag(config: dict) -> str:
+    return f"prune_batch: --cpus-per-task {config['cpus_per_task']:g}"
 
 
 def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> tuple[list[dict], set]:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distributed.cli import run_cli  # noqa: E402
 from distributed.locks import exclusive  # noqa: E402
-from distributed.ray_env import init_ray, shutdown  # noqa: E402
+from distributed.ray_env import check_fits, init_ray, preflight, shutdown  # noqa: E402
 from zoo.search import SearchError, check_same_search, default_trial, load_search, param_space  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 from zoo.tuning import best_configuration, print_report, trial  # noqa: E402
@@ -76,6 +76,12 @@ def main(argv=None) -> dict:
         if not ((meta.status == "ok") & (meta.role == role)).any():
             raise SystemExit(f"tune: {search['zoo']} has no '{role}' members; the search needs both")
     search["zoo"] = str(Path(search["zoo"]).resolve()) if "://" not in search["zoo"] else search["zoo"]
+    preflight(float(search.get("cpus_per_trial", 1)), f"tune: cpus_per_trial {search.get('cpus_per_trial', 1):g}",
+              args.address, args.num_cpus)
+    if args.mlflow:
+        from distributed.tracking import check_server
+
+        check_server()
     with exclusive(str(out), "tune"):
         return _search(search, out, args, zoo, data)
 
@@ -84,6 +90,7 @@ def _search(search: dict, out: Path, args, zoo, data) -> dict:
     check_same_search(out, search)
     started = time.perf_counter()
     resources = init_ray(args.address, args.num_cpus)
+    check_fits(float(search.get("cpus_per_trial", 1)), 0, f"tune: cpus_per_trial {search.get('cpus_per_trial', 1):g}")
     began = time.time()
     results = _fit(search, data, out, resources, args.mlflow)
     # a resumed search with every trial finished reports nothing new (Tune stamps each result)

@@ -114,6 +114,13 @@ CASES = [
      "space.hidden.choice: -5: must be greater than or equal to 1"),
     ("tune", ["--set", "zoo={tmp}/zoo", "--set", "fixed={layers: -1}", "--out", "{tmp}/done"], 2,
      "fixed.layers: -1: must be greater than or equal to 0"),
+    # resources no node can give: refused before a Ray starts or anything is written
+    ("make_zoo", ["--num-cpus", "1", "--cpus-per-member", "2"], 2,
+     "make_zoo: --cpus-per-member 2: a task asks for 2 CPU(s), but the local Ray has 1"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--num-cpus", "1", "--cpus-per-task", "2", "--out",
+                     "{tmp}/new-out"], 2, "--cpus-per-task 2: a task asks for 2 CPU(s), but the local Ray has 1"),
+    ("meta_train", ["--zoo", "{tmp}/zoo", "--out", "{tmp}/mt", "--workers", "4096", "--no-mlflow"], 2,
+     "--workers 4096: a task asks for 4096 CPU(s)"),
     # YAML that says a key twice; options a dataset does not take; another spec into a built zoo
     ("make_zoo", ["--spec", "{tmp}/duplicate.yaml"], 2, "duplicate key 'members' (line 3"),
     ("make_zoo", ["--set", "dataset.root={tmp}/nonexistent"], 2, "digits: root does not apply"),
@@ -153,6 +160,34 @@ def test_bad_input_is_one_line_and_nothing_changes(program, args, code, message,
     assert fill(message) in err and "\n" not in err and "Traceback" not in err, err
     assert _snapshot(world) == before  # nothing already written changed
     assert not (world / "new-zoo").exists()  # nothing written for a refused spec
+
+
+UNREACHABLE = {
+    "make_zoo": ["--spec", str(ROOT / "zoo/specs/digits.yaml"), "--out", "{tmp}/unreachable"],
+    "prune_batch": ["--zoo", "{tmp}/zoo", "--methods", "none", "--out", "{tmp}/unreachable"],
+    "meta_train": ["--zoo", "{tmp}/zoo", "--out", "{tmp}/unreachable"],
+    "tune": ["--set", "zoo={tmp}/zoo", "--out", "{tmp}/unreachable"],
+}
+
+
+@pytest.mark.parametrize("variable, names", [("RAY_ADDRESS", "Ray cluster at 127.0.0.1:1 does not answer"),
+                                              ("MLFLOW_TRACKING_URI", "MLflow tracking server")])
+@pytest.mark.parametrize("program", UNREACHABLE)
+def test_a_cluster_or_server_that_does_not_answer_is_one_line_within_seconds(program, variable, names, world,
+                                                                            capsys, monkeypatch):
+    """Ray retries a GCS address and MLflow an HTTP request for minutes, silently: each pipeline
+    asks first, with a bounded wait, and writes nothing."""
+    import time
+
+    monkeypatch.setenv(variable, "127.0.0.1:1" if variable == "RAY_ADDRESS" else "http://127.0.0.1:1")
+    argv = [a.replace("{tmp}", str(world)) for a in UNREACHABLE[program]]
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        PROGRAMS[program].cli(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and names in err and "\n" not in err, err
+    assert err.startswith(f"{program}: ") and time.perf_counter() - started < 30
+    assert not (world / "unreachable").exists()
 
 
 @pytest.mark.parametrize("program", ["make_zoo", "prune_batch", "tune"])
