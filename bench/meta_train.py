@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--zoo", default="runs/zoo-digits")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds over every backend row")
     parser.add_argument("--batch", type=int, default=4, help="members per step in the batched rows")
     parser.add_argument("--backends", nargs="+", default=["torch", "dgl", "pyg"], choices=["torch", "dgl", "pyg"])
     parser.add_argument("--dense-min-edges", nargs="+", type=int, default=[],
@@ -123,28 +124,34 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from metanet.dense_passing import DENSE_MIN_EDGES_ENV
 
-    rows = []
     variants = [(b, None) for b in args.backends] + [("torch", n) for n in args.dense_min_edges]
-    for backend, threshold in variants:
-        env = {**ENV, DENSE_MIN_EDGES_ENV: str(threshold)} if threshold is not None else ENV
-        for per_step in (1, args.batch):
-            out = subprocess.run([sys.executable, __file__, "--zoo", zoo, "--steps", str(args.steps),
-                                  "--backend-worker", backend, str(per_step)],
-                                 capture_output=True, text=True, check=True, env=env).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            if threshold is not None:
-                rows[-1]["backend"] = f"torch>={threshold}"
+    runs: dict[tuple, list[dict]] = {}
+    for _ in range(args.repeats):  # rounds over every row, so that a slow spell of the machine hits them all
+        for backend, threshold in variants:
+            env = {**ENV, DENSE_MIN_EDGES_ENV: str(threshold)} if threshold is not None else ENV
+            for per_step in (1, args.batch):
+                out = subprocess.run([sys.executable, __file__, "--zoo", zoo, "--steps", str(args.steps),
+                                      "--backend-worker", backend, str(per_step)],
+                                     capture_output=True, text=True, check=True, env=env).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                row["backend"] = backend if threshold is None else f"torch>={threshold}"
+                runs.setdefault((row["backend"], per_step), []).append(row)
+    rows = [{**r[0], "member_s": statistics.median(x["member_s"] for x in r),
+             "spread": (max(x["member_s"] for x in r) - min(x["member_s"] for x in r)) / statistics.median(
+                 x["member_s"] for x in r), "peak_mb": max(x["peak_mb"] for x in r)} for r in runs.values()]
     print(f"\nmeta-training on {zoo}")
     if per_epoch:
         print(f"{'workers':>8}{'s / epoch':>11}{'speed-up':>10}")
         for w, s in per_epoch.items():
             print(f"{w:>8}{s:>11.1f}{per_epoch[1] / s:>10.2f}")
     first = rows[0]
-    print(f"\n{'backend':<12}{'members/step':>13}{'s / member':>12}{'members/s':>11}{'peak MB':>9}"
-          f"{'time / first':>14}")
+    print(f"\nmedian over {args.repeats} interleaved round(s) of {args.steps} steps each (spread: (max - min) / "
+          "median of the rounds)")
+    print(f"{'backend':<12}{'members/step':>13}{'s / member':>12}{'members/s':>11}{'peak MB':>9}"
+          f"{'time / first':>14}{'spread':>8}")
     for r in rows:
         print(f"{r['backend']:<12}{r['per_step']:>13}{r['member_s']:>12.3f}{1 / r['member_s']:>11.1f}"
-              f"{r['peak_mb']:>9.0f}{r['member_s'] / first['member_s']:>14.2f}")
+              f"{r['peak_mb']:>9.0f}{r['member_s'] / first['member_s']:>14.2f}{r['spread']:>8.0%}")
 
 
 if __name__ == "__main__":

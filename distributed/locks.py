@@ -28,6 +28,8 @@ def exclusive(directory: str, program: str) -> Iterator[None]:
     if "://" in directory:
         yield
         return
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory}: the output is an existing file, not a folder; give another output")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -1,4 +1,5 @@
-"""The two message-passing backends of the metanetwork: DGL (default, fused kernels) and PyG.
+"""The metanetwork's sparse message-passing backends, DGL (fused kernels) and PyG, beside the
+default plain-PyTorch one (``metanet.dense_passing``).
 
 The metanetwork's message on edge j -> i is ``m_ij = f(x_i) * g(x_j) * e_ij`` and it aggregates
 mean, std, max and min over each node's incoming edges. Since ``f(x_i)`` is the same for every

@@ -42,9 +42,10 @@ class MetaNetConfig:
     hidden: int = 32
     layers: int = 4
     residual: float = 0.05
-    # message passing: "dgl" (fused sparse kernels, CPU-only wheel), "torch" (plain PyTorch over the
-    # dense blocks of the graph: CPU and CUDA), "pyg" (gather/scatter reference)
-    backend: str = "dgl"
+    # message passing: "torch" (plain PyTorch over the dense blocks of the graph: CPU and CUDA; level
+    # with DGL on the digits zoo's small graphs, faster and a third leaner on ResNet-56:
+    # docs/performance.md), "dgl" (fused sparse kernels, CPU-only wheel), "pyg" (gather/scatter reference)
+    backend: str = "torch"
     # "additive": the paper's edit, input + r * decoded; "gate": a per-channel gate decoded from the
     # node states (metanet.gates); "gate+additive": the additive edit, then the gates; "scores": no
     # edit, per-channel pruning scores decoded from the node states (metanet.scoring)
@@ -337,8 +338,10 @@ def load_metanetwork(path: str, backend: str | None = None) -> tuple[MetaNetwork
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, a pickle torch refuses, a text file: all "not loadable"
+        # torch's own message advises weights_only=False, which would run the file's code: not repeated
+        reason = str(err).split("\n")[0] if "weights_only" not in str(err) else "not a weights-only torch file"
         raise MetanetFileError(f"{path}: not a readable metanetwork file (truncated or foreign?): "
-                               f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
+                               f"{type(err).__name__}: {' '.join(reason.split())[:160]}") from None
     if not isinstance(payload, dict) or payload.get("format") != "metaprune.metanetwork/1":
         raise MetanetFileError(f"{path}: not a metanetwork file (no 'metaprune.metanetwork/1' format tag)")
     known = {f.name for f in dataclasses.fields(MetaNetConfig)}
@@ -355,4 +358,8 @@ def load_metanetwork(path: str, backend: str | None = None) -> tuple[MetaNetwork
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
         raise MetanetFileError(f"{path}: config and weights do not make a metanetwork: "
                                f"{' '.join(str(err).split())[:300]}") from None
+    broken = [name for name, t in net.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise MetanetFileError(f"{path}: {broken[0]} has non-finite values (NaN or inf): a diverged or damaged "
+                               "metanetwork; choose another checkpoint")
     return net, payload.get("extra", {})

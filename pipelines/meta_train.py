@@ -46,12 +46,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed.cli import run_cli  # noqa: E402
+from distributed.cli import run_cli, training_error  # noqa: E402
 from distributed.faults import FAULT_ENV, inject_fault  # noqa: E402
 from distributed.ray_env import check_total, cluster_address, init_ray, preflight, ray, train_env  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
-from zoo.meta_runs import already_done, prepare, select, training_folder, training_name  # noqa: E402
+from zoo.meta_runs import already_done, log_selection, prepare, select, training_folder, training_name  # noqa: E402
 from zoo.meta_settings import DEFAULTS, HELP, LIMITS, check_settings  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
@@ -179,26 +179,6 @@ def _score_on_ray(config: dict):
     return score_all
 
 
-def _log_selection(config: dict, selection: dict, run_id: str) -> None:
-    from distributed.tracking import log_run, metric_histories, use_experiment
-    from metanet.plotting import DIAGNOSTIC_PANELS, diagnostics_figure, pyplot, selection_figure
-
-    figures = {"selection_scores.png": selection_figure(selection["epochs"], selection["scores"],
-                                                        selection["best_epoch"],
-                                                        f"checkpoint selection: {config['selection']}")}
-    if run_id:  # rank 0's run: its metric history has the diagnostics of every epoch
-        use_experiment("meta-train", config["out"])
-        diagnostics = diagnostics_figure(metric_histories(run_id, [k for k, _, _ in DIAGNOSTIC_PANELS]))
-        if diagnostics is not None:
-            figures["validation_diagnostics.png"] = diagnostics
-    log_run("meta-train", config["out"], run_id=run_id or None, run_name=config["name"],
-            metrics={"chosen_epoch": selection["best_epoch"], "chosen_score": selection["best_score"]},
-            step_metrics={"selection_score": list(zip(selection["epochs"], selection["scores"]))},
-            artifacts=[selection["path"]], figures=figures)
-    for f in figures.values():
-        pyplot().close(f)
-
-
 # ------------------------------------------------------------------------------------- driver
 def build_parser() -> argparse.ArgumentParser:
     from distributed.settings import add_flags
@@ -268,9 +248,13 @@ def main(argv=None) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=config["keep"]),
                              failure_config=FailureConfig(max_failures=config["max_failures"])))
     started = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:  # a worker's error after --max-failures restarts, or the controller's
+        raise SystemExit(f"meta_train: training failed: {training_error(err)} (the checkpoints so far are kept in "
+                         f"{folder}: the same command resumes from the last)") from None
     if result.error:
-        raise SystemExit(f"meta_train: training failed: {result.error}")
+        raise SystemExit(f"meta_train: training failed: {training_error(result.error)}")
     print(f"meta-training done in {time.perf_counter() - started:.0f} s; final metrics {result.metrics}")
     if result.metrics.get("started_at_epoch"):
         print(f"the last workers started from the checkpoint of epoch {result.metrics['started_at_epoch'] - 1} "
@@ -283,7 +267,7 @@ def main(argv=None) -> dict:
         print(f"  epoch {e:>3}: {100 * s:6.2f}%{'  <- chosen' if e == selection['best_epoch'] else ''}")
     print(f"wrote {selection['path']}")
     if config["mlflow"]:
-        _log_selection(config, selection, config["mlflow_run_id"])
+        log_selection(config, selection, config["mlflow_run_id"])
     return {"selection": selection, "metrics": result.metrics, "run_dir": str(run_dir)}
 
 

@@ -158,13 +158,7 @@ def main(argv=None) -> dict:
 
         check_server()
     started = time.perf_counter()
-    out = os.path.abspath(config["out"])
-    with exclusive(out, "prune_batch"):  # also the check that --out is writable
-        os.makedirs(os.path.join(out, "models"), exist_ok=True)
-        return _main(config, out, started)
-
-
-def _main(config: dict, out: str, started: float) -> dict:
+    # the inputs are checked before the output is touched: a refused run leaves nothing behind
     metanet_sha = ""
     if "meta" in config["methods"]:
         from metanet.metanetwork import load_metanetwork
@@ -174,6 +168,13 @@ def _main(config: dict, out: str, started: float) -> dict:
     arch = batch.arch_file(config["arch"])
     sources = batch.find_sources(config)
     config = batch.finetune_defaults(config)
+    out = os.path.abspath(config["out"])
+    with exclusive(out, "prune_batch"):  # also the check that --out is writable
+        os.makedirs(os.path.join(out, "models"), exist_ok=True)
+        return _main(config, out, started, metanet_sha, arch, sources)
+
+
+def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict | None, sources: list) -> dict:
     config = dict(config, arch=arch, metanet=os.path.abspath(config["metanet"]) if config["metanet"] else None)
     runs = [{"target": None, "floor": config["floor"]}] if config["floor"] is not None else \
         [{"target": float(t), "floor": None} for t in config["targets"]]

@@ -115,3 +115,24 @@ def test_augmentation_is_a_seeded_crop_and_flip():
     # a crop of the zero-padded image: every output pixel is an input pixel or padding
     values = set(x.unique().tolist()) | {0.0}
     assert set(a.unique().tolist()) <= values
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cifar_batch_cannot_run_code(tmp_path):
+    """CIFAR's batches are pickles: they are read by an unpickler that builds arrays, lists and
+    dicts only, so a file that would run code when unpickled is refused, naming it."""
+    folder = _write_cifar(str(tmp_path / "data"))
+    marker = tmp_path / "ran"
+    with open(os.path.join(folder, "data_batch_1"), "wb") as f:
+        pickle.dump({"data": _RunsCode(marker), "labels": [0]}, f)
+    with pytest.raises(DatasetError, match=r"data_batch_1 is malformed \(UnpicklingError: refusing to unpickle "
+                                           r"(posix|os)\.system"):
+        load_dataset("cifar10", str(tmp_path / "data"))
+    assert not marker.exists()

@@ -67,6 +67,12 @@ def world(tmp_path_factory):
     (tmp / "done").mkdir()
     (tmp / "done" / "results.csv").write_text("model,method\nx,none\n")  # stands for a finished run's output
     (tmp / "a-file").write_text("not a directory")
+    (tmp / "random.pt").write_bytes(bytes(range(256)) * 8)
+    for p in net.parameters():
+        torch.nn.init.constant_(p, float("nan"))
+        break
+    save_metanetwork(net, str(tmp / "nan-metanet.pt"))
+    (tmp / "empty-folder").mkdir()
     (tmp / "duplicate.yaml").write_text("name: dup\nmembers: 2\nmembers: 1\ndataset: {name: digits}\n")
     return tmp
 
@@ -114,6 +120,18 @@ CASES = [
      "space.hidden.choice: -5: must be greater than or equal to 1"),
     ("tune", ["--set", "zoo={tmp}/zoo", "--set", "fixed={layers: -1}", "--out", "{tmp}/done"], 2,
      "fixed.layers: -1: must be greater than or equal to 0"),
+    # an output that is an existing file
+    ("make_zoo", ["--out", "{tmp}/a-file"], 2, "{tmp}/a-file: the output is an existing file, not a folder"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--out", "{tmp}/a-file"], 2,
+     "{tmp}/a-file: the output is an existing file, not a folder"),
+    ("meta_train", ["--zoo", "{tmp}/zoo", "--out", "{tmp}/a-file"], 2, "--out {tmp}/a-file: an existing file"),
+    # unclear messages, made clear
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--metanet", "{tmp}/random.pt", "--out", "{tmp}/new-out"], 2,
+     "{tmp}/random.pt: not a readable metanetwork file"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--metanet", "{tmp}/nan-metanet.pt", "--out", "{tmp}/new-out"], 2,
+     "has non-finite values (NaN or inf): a diverged or damaged metanetwork"),
+    ("prune_batch", ["--models", "{tmp}/empty-folder", "--dataset", "digits", "--methods", "none", "--out",
+                     "{tmp}/new-out"], 2, "the folder holds no .pt or .pth files"),
     # resources no node can give: refused before a Ray starts or anything is written
     ("make_zoo", ["--num-cpus", "1", "--cpus-per-member", "2"], 2,
      "make_zoo: --cpus-per-member 2: a task asks for 2 CPU(s), but the local Ray has 1"),
@@ -159,7 +177,8 @@ def test_bad_input_is_one_line_and_nothing_changes(program, args, code, message,
     assert exit_.value.code == code, err
     assert fill(message) in err and "\n" not in err and "Traceback" not in err, err
     assert _snapshot(world) == before  # nothing already written changed
-    assert not (world / "new-zoo").exists()  # nothing written for a refused spec
+    assert not (world / "new-zoo").exists() and not (world / "new-out").exists()  # nothing written when refused
+    assert "weights_only=False" not in err  # torch's advice to run the file's code is not repeated
 
 
 UNREACHABLE = {
@@ -229,6 +248,17 @@ def test_nan_weights_fail_the_row_naming_the_tensor(world):
     rows = batch.prune_model(source, "none", [{"target": 2.0, "floor": None}], config, load_digits(), None,
                                    str(world / "nan-out"))
     assert rows[0]["status"] == "failed" and "layers.1.conv2.weight has non-finite values" in rows[0]["error"]
+
+
+def test_model_paths_with_brackets_are_files_not_patterns(tmp_path):
+    from zoo.model_files import save_model
+
+    folder = tmp_path / "run [2]"
+    folder.mkdir()
+    save_model(build_model(resnet_spec(8, (4, 6, 8), in_channels=1)).eval(), str(folder / "net[a].pt"))
+    config = {**prune_batch.DEFAULTS, "models": [str(folder / "net[a].pt")]}
+    assert [s.name for s in batch.find_sources(config)] == ["net[a]"]
+    assert [s.name for s in batch.find_sources(dict(config, models=[str(folder)]))] == ["net[a]"]
 
 
 def test_a_member_whose_accuracy_is_not_its_recorded_one_is_flagged_in_its_rows(world):

@@ -125,3 +125,54 @@ def test_settings_are_refused_before_ray_in_one_line(changes, message):
     assert message in str(refused.value.code) and "\n" not in str(refused.value.code)
     curve = check_settings({**DEFAULTS, "objective": "curve"})
     assert curve["edit"] == "scores" and os.path.isabs(curve["zoo"]) and os.path.isabs(curve["out"])
+
+
+@pytest.mark.parametrize("error, code, names", [
+    (OSError(28, "No space left on device", "/out/results.parquet"), 4, "/out/results.parquet: No space left"),
+    (OSError(30, "Read-only file system", "/ro/out"), 4, "/ro/out: Read-only file system"),
+    (OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device"), 4, "Errno 28"),
+    (NotADirectoryError("/x/a-file: the output is an existing file, not a folder"), 2, "an existing file"),
+    (FileExistsError(17, "File exists", "/x/a-file"), 2, "/x/a-file: File exists"),
+])
+def test_output_and_disk_errors_are_one_line_naming_the_path_with_their_own_exit_code(error, code, names, capsys):
+    from distributed.cli import run_cli
+
+    def main(argv):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, "prog", (), [])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == code and names in err and "\n" not in err and err.startswith("prog: ")
+    with pytest.raises(ConnectionResetError):  # an OSError that is neither: a bug's traceback, not hidden
+        run_cli(lambda argv: (_ for _ in ()).throw(ConnectionResetError(104, "reset")), "prog", (), [])
+
+
+def test_a_ray_train_failure_is_reduced_to_the_workers_error_line():
+    from distributed.cli import training_error
+
+    text = ("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+            '  File "x.py", line 3, in f\n    raise ValueError("lr is nan")\nValueError: loss is nan at epoch 2\n')
+    assert training_error(RuntimeError(text)) == "ValueError: loss is nan at epoch 2"
+    assert training_error(RuntimeError("controller died")) == "controller died"
+
+
+def test_log_selection_writes_the_choice_and_figures_into_the_training_run(zoo, tmp_path):
+    import mlflow
+
+    from distributed.tracking import resumable_run
+    from zoo.meta_runs import log_selection
+
+    config = {"out": str(tmp_path), "name": "metanet", "selection": "recipe"}
+    run_id = resumable_run("meta-train", str(tmp_path), str(tmp_path / "metanet" / "training-x"), "metanet", config)
+    with mlflow.start_run(run_id=run_id):
+        for epoch, auc in enumerate((0.4, 0.5)):
+            mlflow.log_metric("val_auc", auc, step=epoch)
+    chosen = tmp_path / "metanetwork.pt"
+    chosen.write_bytes(b"stands for the chosen file")
+    log_selection(config, {"epochs": [0, 1], "scores": [0.3, 0.6], "best_epoch": 1, "best_score": 0.6,
+                           "path": str(chosen)}, run_id)
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics["chosen_epoch"] == 1 and run.data.metrics["chosen_score"] == 0.6
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"selection_scores.png", "validation_diagnostics.png", "metanetwork.pt"} <= names

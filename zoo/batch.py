@@ -197,7 +197,12 @@ def find_sources(config: dict) -> list[Source]:
                              f"(roles there: {sorted(set(meta.role))})")
     for pattern in config["models"]:
         if os.path.isdir(pattern):
-            matches = sorted(glob.glob(os.path.join(pattern, "*.pt")) + glob.glob(os.path.join(pattern, "*.pth")))
+            inside = os.path.join(glob.escape(pattern), "")
+            matches = sorted(glob.glob(inside + "*.pt") + glob.glob(inside + "*.pth"))
+            if not matches:
+                raise BatchInputError(f"--models {pattern!r}: the folder holds no .pt or .pth files")
+        elif os.path.exists(pattern):  # a file named literally, brackets and all: not a pattern
+            matches = [pattern]
         else:
             matches = sorted(glob.glob(pattern))
         if not matches:

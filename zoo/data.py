@@ -16,6 +16,7 @@ a 2-core machine is several times faster than a per-image DataLoader pipeline; a
 from __future__ import annotations
 
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -103,41 +104,64 @@ def _require(path: str, what: str) -> None:
                            "in its standard on-disk format)")
 
 
-def _torchvision_cifar(root: str, hundred: bool):
-    from torchvision.datasets import CIFAR10, CIFAR100
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's python batches are pickles: this unpickler builds what they hold (dicts, lists,
+    bytes, numbers and numpy arrays) and refuses any other global, so a crafted file under a
+    dataset root cannot run code when it is read (plain ``pickle.load`` would run it)."""
 
-    base = CIFAR100 if hundred else CIFAR10
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
 
-    class LocalCIFAR(base):  # type: ignore[misc, valid-type]
-        """torchvision's CIFAR reader without its md5 check, so any well-formed local copy loads
-        (the check would only say 'not found or corrupted', without naming the file)."""
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a CIFAR batch holds only arrays "
+                                         "and lists")
+        return super().find_class(module, name)
 
-        def _check_integrity(self) -> bool:
-            return True
 
-        def _load_meta(self) -> None:
-            import pickle
+def _read_batch(path: str) -> dict:
+    with open(path, "rb") as f:
+        loaded = _ArraysOnly(f, encoding="latin1").load()
+    if not isinstance(loaded, dict):
+        raise ValueError(f"a {type(loaded).__name__}, not a dict")
+    return loaded
 
-            with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
-    name = "cifar100" if hundred else "cifar10"
-    folder = os.path.join(root, base.base_folder)
-    for fname, _ in base.train_list + base.test_list + [(base.meta["filename"], None)]:
+CIFAR_FILES = {  # (folder, training batches, test batches, label key), as the datasets ship them
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+
+
+def _read_cifar(root: str, name: str) -> tuple[tuple[np.ndarray, list], tuple[np.ndarray, list]]:
+    """(images uint8 [N, 32, 32, 3], labels) of the training and test batches under ``root``."""
+    folder_name, train_files, test_files, key = CIFAR_FILES[name]
+    folder = os.path.join(root, folder_name)
+    for fname in train_files + test_files:
         _require(os.path.join(folder, fname), name)
-    try:
-        return LocalCIFAR(root, train=True, download=False), LocalCIFAR(root, train=False, download=False)
-    except Exception as err:  # unpickling / reshape errors: say which dataset and where
-        raise DatasetError(f"{name}: files under {folder} are malformed ({type(err).__name__}: {err})") from None
+    splits = []
+    for files in (train_files, test_files):
+        data, labels = [], []
+        for fname in files:
+            path = os.path.join(folder, fname)
+            try:
+                batch = _read_batch(path)
+                data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(int(v) for v in batch[key])
+            except Exception as err:  # unpickling, a missing key, a wrong shape: say which file
+                raise DatasetError(f"{name}: {path} is malformed ({type(err).__name__}: "
+                                   f"{' '.join(str(err).split())[:200]})") from None
+        splits.append((np.concatenate(data).transpose(0, 2, 3, 1), labels))
+    return splits[0], splits[1]
 
 
 def load_cifar(root: str, *, hundred: bool = False, seed: int = 0, val_fraction: float = 0.1,
                train_subset: int | None = None, size: int | None = None) -> TaskData:
     """CIFAR-10/100 from ``root/cifar-10-batches-py`` (or ``cifar-100-python``)."""
-    train, test = _torchvision_cifar(root, hundred)
-    to_tensor = lambda d: torch.from_numpy(np.ascontiguousarray(d.data)).permute(0, 3, 1, 2)  # noqa: E731
-    return _from_images(to_tensor(train), torch.tensor(train.targets), to_tensor(test), torch.tensor(test.targets),
+    (train_x, train_y), (test_x, test_y) = _read_cifar(root, "cifar100" if hundred else "cifar10")
+    to_tensor = lambda d: torch.from_numpy(np.ascontiguousarray(d)).permute(0, 3, 1, 2)  # noqa: E731
+    return _from_images(to_tensor(train_x), torch.tensor(train_y), to_tensor(test_x), torch.tensor(test_y),
                         name="cifar100" if hundred else "cifar10", num_classes=100 if hundred else 10,
                         val_fraction=val_fraction, seed=seed, train_subset=train_subset, size=size, flip=True)
 

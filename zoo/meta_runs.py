@@ -56,6 +56,8 @@ def prepare(config: dict):
     if "://" in config["out"]:  # Ray Train and pyarrow take URIs; pathlib would fold "s3://" into "s3:/"
         return zoo, f"{config['out'].rstrip('/')}/{config['name']}", inputs_digest(config, zoo)
     out = Path(config["out"]).resolve()
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"meta_train: --out {out}: an existing file, not a folder; give another --out")
     config["out"] = str(out)
     return zoo, out / config["name"], inputs_digest(config, zoo)
 
@@ -154,3 +156,25 @@ def select(checkpoints: Mapping[int, str], areas: Mapping[int, float], config: d
                          zoo=config["zoo"], inputs=config.get("inputs_digest"))
     return {"epochs": epochs, "scores": [scores[e] for e in epochs], "best_epoch": best_epoch,
             "best_score": best_score, "path": out, "how": how}
+
+
+def log_selection(config: dict, selection: dict, run_id: str) -> None:
+    """MLflow, into the training's run: the chosen epoch and score, each checkpoint's score, the
+    chosen metanetwork, the selection plot and the per-epoch validation diagnostics."""
+    from distributed.tracking import log_run, metric_histories, use_experiment
+    from metanet.plotting import DIAGNOSTIC_PANELS, diagnostics_figure, pyplot, selection_figure
+
+    figures = {"selection_scores.png": selection_figure(selection["epochs"], selection["scores"],
+                                                        selection["best_epoch"],
+                                                        f"checkpoint selection: {config['selection']}")}
+    if run_id:  # rank 0's run: its metric history has the diagnostics of every epoch
+        use_experiment("meta-train", config["out"])
+        diagnostics = diagnostics_figure(metric_histories(run_id, [k for k, _, _ in DIAGNOSTIC_PANELS]))
+        if diagnostics is not None:
+            figures["validation_diagnostics.png"] = diagnostics
+    log_run("meta-train", config["out"], run_id=run_id or None, run_name=config["name"],
+            metrics={"chosen_epoch": selection["best_epoch"], "chosen_score": selection["best_score"]},
+            step_metrics={"selection_score": list(zip(selection["epochs"], selection["scores"]))},
+            artifacts=[selection["path"]], figures=figures)
+    for f in figures.values():
+        pyplot().close(f)
