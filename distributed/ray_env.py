@@ -94,6 +94,8 @@ def preflight(cpus: float, flag: str, address: str | None = None, num_cpus: int 
     """Before anything is written: the cluster to join answers (``check_reachable``), or the local
     Ray to start (``num_cpus`` or this machine's cores) can hold a task of ``cpus`` CPUs (``flag``
     names the setting that asked for them). A cluster's nodes are checked once joined (``check_fits``)."""
+    if num_cpus is not None and num_cpus < 1:
+        raise SystemExit(f"--num-cpus {num_cpus}: must be at least 1")
     joined = cluster_address(address)
     if joined and joined != "auto":
         check_reachable(joined, "Ray cluster", REACH_HINT)

@@ -135,8 +135,8 @@ def test_no_finetuning_after_pruning_reports_the_recalibrated_network(trained, d
 @pytest.mark.parametrize("flags, message", [
     (["--methods", "taylor", "l1"], "unknown method(s) ['l1']"),
     (["--methods", "none", "--criterion", "l1"], "--criterion 'l1' is not one of magnitude"),
-    (["--methods", "none", "--after-steps", "-5"], "--after-steps must be >= 0, got -5"),
-    (["--methods", "none", "--before-steps", "-1"], "--before-steps must be >= 0, got -1"),
+    (["--methods", "none", "--after-steps", "-5"], "--after-steps -5: must be greater than or equal to 0"),
+    (["--methods", "none", "--before-steps", "-1"], "--before-steps -1: must be greater than or equal to 0"),
 ])
 def test_prune_batch_refuses_unknown_methods_criteria_and_negative_budgets(flags, message):
     from pipelines import prune_batch

@@ -139,6 +139,8 @@ CASES = [
                      "{tmp}/new-out"], 2, "--cpus-per-task 2: a task asks for 2 CPU(s), but the local Ray has 1"),
     ("meta_train", ["--zoo", "{tmp}/zoo", "--out", "{tmp}/mt", "--workers", "4096", "--no-mlflow"], 2,
      "--workers 4096: a task asks for 4096 CPU(s)"),
+    ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--num-cpus", "0", "--out", "{tmp}/new-out"], 2,
+     "prune_batch: --num-cpus 0: must be at least 1"),
     # YAML that says a key twice; options a dataset does not take; another spec into a built zoo
     ("make_zoo", ["--spec", "{tmp}/duplicate.yaml"], 2, "duplicate key 'members' (line 3"),
     ("make_zoo", ["--set", "dataset.root={tmp}/nonexistent"], 2, "digits: root does not apply"),
@@ -248,6 +250,18 @@ def test_nan_weights_fail_the_row_naming_the_tensor(world):
     rows = batch.prune_model(source, "none", [{"target": 2.0, "floor": None}], config, load_digits(), None,
                                    str(world / "nan-out"))
     assert rows[0]["status"] == "failed" and "layers.1.conv2.weight has non-finite values" in rows[0]["error"]
+
+
+def test_a_model_for_another_input_fails_its_row_in_one_line_naming_the_shape(world):
+    from zoo.data import load_digits
+    from zoo.model_files import save_model
+
+    save_model(build_model(resnet_spec(8, (4, 6, 8), in_channels=3)).eval(), str(world / "rgb.pt"))  # 3 channels
+    config = {**prune_batch.DEFAULTS, "arch": None, "batch_size": 64, "augment": False}
+    rows = batch.prune_model(batch.Source("rgb", str(world / "rgb.pt")), "none", [{"target": 2.0, "floor": None}],
+                             config, load_digits(), None, str(world / "rgb-out"))
+    assert rows[0]["status"] == "failed" and "does not take the dataset's input of shape (1, 1, 8, 8)" in rows[0]["error"]
+    assert "\n" not in rows[0]["error"] and len(rows[0]["error"]) < 400
 
 
 def test_model_paths_with_brackets_are_files_not_patterns(tmp_path):

@@ -185,7 +185,7 @@ def test_an_imported_architecture_from_a_state_dict(inputs, tmp_path):
     (["--models", "nowhere/*.pt", "--dataset", "digits", "--methods", "none"], "no such file"),
     (["--models", ".", "--dataset", "digits", "--metanet", "missing.pt"], "metanetwork file not found"),
     (["--models", ".", "--dataset", "digits", "--methods", "magic"], "unknown method(s) ['magic']"),
-    (["--models", ".", "--methods", "none", "--targets", "1"], "--targets must be finite speed-ups > 1"),
+    (["--models", ".", "--methods", "none", "--targets", "1"], "--targets item 1 1.0: must be greater than 1"),
     (["--zoo", "no-zoo", "--methods", "none"], "zoo directory not found"),
     (["--models", ".", "--methods", "none", "--arch", "os:system,command=ls"], "only constructors from"),
     (["--models", ".", "--methods", "none", "--arch", "torchvision.models:no_such_net"], "has no constructor"),

@@ -75,6 +75,20 @@ def check_finite(model, where: str) -> None:
             raise ValueError(f"{where}: {name} has non-finite values (NaN or inf); the model file is broken")
 
 
+def check_input(model, x, where: str) -> None:
+    """A model that cannot take the dataset's input (another image size or channel count): one
+    line naming the file and the shape, not the tracer's multi-line dump later."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as err:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ValueError(f"{where}: does not take the dataset's input of shape {tuple(x.shape)}: "
+                         f"{first[:200]}") from None
+
+
 def _error(err: BaseException) -> str:
     text = re.sub(r"\s+", " ", str(err)).strip()
     return f"{type(err).__name__}: {text[:400]}"
@@ -103,6 +117,7 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         check_finite(model, source.ref)
         family = _family(model)
         x = torch.zeros(data.input_shape, device=device)
+        check_input(model, x, source.ref)
         macs, params = count(model, x)
         val_acc = evaluate(model, data, "val")[0]
         before = {"family": family, "val_acc_before": val_acc, "test_acc_before": evaluate(model, data, "test")[0],
