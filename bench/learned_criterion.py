@@ -38,7 +38,7 @@ from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
 from metanet.recipe import RecipeConfig, calibration  # noqa: E402
-from metanet.scoring import learned_criterion  # noqa: E402
+from metanet.scoring import gated_by_scores, learned_criterion  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
@@ -120,6 +120,8 @@ def main(argv=None) -> None:
                    help=f"key=value,... over {VARIANT_DEFAULTS} (default: {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--train-family", help="meta-train on members of this family only (resnet, vgg, ...)")
     p.add_argument("--no-curve", action="store_true", help="skip the per-network curve reference")
+    p.add_argument("--gates", action="store_true", help="also each variant the paper's way: its scores shrink the "
+                   "channels they drop at each speed-up's amount (soft mask), then magnitude prunes")
     p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
@@ -152,13 +154,24 @@ def main(argv=None) -> None:
     for name, v in variants.items():
         log(f"  {name}:")
         nets[name], info[name] = train_variant(v, zoo, train, val, data, cfg, args.batch_size, log)
-    methods = [*BASELINES, *([] if args.no_curve else ["curve"]), *variants]
+    gated = {f"{n} as gates": n for n in variants} if args.gates else {}
+    methods = [*BASELINES, *([] if args.no_curve else ["curve"]), *variants, *gated]
     curves: dict[str, list[dict]] = {m: [] for m in methods}
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     for record in progress(held, desc="held-out networks", unit="network"):
         model = record.network().eval()
         for m in methods:
             start = time.perf_counter()
+            if m in gated:  # the paper's framing: an edit per speed-up, then magnitude
+                batches = list(calibration(data, cfg)())
+                amounts = amounts_for(model, x, CURVE_SPEEDUPS)
+                curve = {}
+                for s in CURVE_SPEEDUPS:
+                    edited = gated_by_scores(nets[gated[m]], model, x, amounts[s], 0.2, batches)
+                    curve.update(pruning_curve(edited, data, cfg, [s], "test", criterion("magnitude")))
+                seconds[m].append(time.perf_counter() - start)
+                curves[m].append(curve)
+                continue
             if m in BASELINES:
                 crit = criterion(m)
             elif m == "curve":

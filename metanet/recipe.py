@@ -44,7 +44,7 @@ from metanet.curve import MASKS, fit_scores
 from metanet.gates import apply_gates, fit_gates, gate_from_logit
 from metanet.graph import graph_to_network, network_to_graph
 from metanet.metanetwork import MetaNetwork
-from metanet.scoring import learned_criterion
+from metanet.scoring import gated_by_scores, learned_criterion
 from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, amounts_for, prune_adaptive, prune_in_steps,
                            prune_to_speedup,
                            recalibrate_bn)
@@ -73,6 +73,7 @@ RECIPE_DEFAULTS = {"before_steps": BEFORE_STEPS, "before_lr": 0.01, "after_steps
 RECIPE_LIMITS = {"before_steps": {"ge": 0}, "after_steps": {"ge": 0}, "before_lr": {"gt": 0}, "after_lr": {"gt": 0},
                  "sparse_reg": {"ge": 0}}
 RECAL_BATCHES = 10
+LEARNED_AS = ("criterion", "gates")
 
 
 @dataclass
@@ -98,11 +99,17 @@ class RecipeConfig:
     curve_temperature: float = 0.2
     curve_mask: str = "soft"
     curve_distill: float = 0.0
+    # a scores metanetwork in ``meta``: "criterion" (its scores rank channels for the pruner) or
+    # "gates" (the paper's framing: the scores shrink the channels they drop at ``target``, then the
+    # finetune, then magnitude pruning; metanet.scoring.gated_by_scores)
+    learned_as: str = "criterion"
 
     def __post_init__(self):
         criterion(self.criterion)  # a known name, or ValueError naming the known ones
         if self.curve_mask not in MASKS:
             raise ValueError(f"curve_mask must be one of {MASKS}, not {self.curve_mask!r}")
+        if self.learned_as not in LEARNED_AS:
+            raise ValueError(f"learned_as must be one of {', '.join(LEARNED_AS)}, not {self.learned_as!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,6 +121,7 @@ def recipe_from_settings(settings: dict, *, batch_size: int = 128, augment: bool
     ``after_lr``) describe: a constant lr before pruning, cosine after; ``extra`` sets other fields."""
     common = dict(batch_size=batch_size, augment=augment, seed=seed)
     extra.setdefault("criterion", settings.get("criterion", "magnitude"))
+    extra.setdefault("learned_as", settings.get("learned_as", "criterion"))
     return RecipeConfig(target=target, **extra,
                         before=TrainConfig(steps=int(settings["before_steps"]), lr=settings["before_lr"],
                                            schedule="constant", **common),
@@ -201,8 +209,13 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
     model = copy.deepcopy(model)
     record: dict = {"method": method, "val_acc_start": evaluate(model, data, "val")[0]}
     extra = None
+    batches = list(calibration(data, cfg)()) if scores_metanet(metanet) and metanet.config.calibration else None
     if method == "meta" and not scores_metanet(metanet):
         model = apply_metanetwork(metanet, model, x)
+        record["val_acc_after_metanet"] = evaluate(model, data, "val")[0]
+    elif method == "meta" and cfg.learned_as == "gates":  # the scores as an edit: magnitude prunes afterwards
+        amount = amounts_for(model, x, [cfg.target], cfg.pruning)[cfg.target]
+        model = gated_by_scores(metanet, model, x, amount, cfg.curve_temperature, batches)
         record["val_acc_after_metanet"] = evaluate(model, data, "val")[0]
     elif method == "gate":
         model = optimised_gates(model, data, cfg)
@@ -216,9 +229,8 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
     chosen = criterion(CRITERION_OF.get(method, cfg.criterion))
     if method == "curve":
         chosen = curve_scores(model, data, cfg)
-    elif method == "meta" and scores_metanet(metanet):  # a learned criterion: scores of the finetuned network
-        chosen = learned_criterion(metanet, model, x, list(calibration(data, cfg)()) if metanet.config.calibration
-                                   else None)
+    elif method == "meta" and scores_metanet(metanet) and cfg.learned_as == "criterion":
+        chosen = learned_criterion(metanet, model, x, batches)  # a learned criterion: scores of the finetuned network
     record["criterion"] = chosen.name
     record["seconds_before_prune"] = time.perf_counter() - start
     return Prepared(model, record, chosen)

@@ -166,10 +166,8 @@ def channel_scores(metanet: MetaNetwork, graph: NetworkGraph, params: Mapping[st
     return base + scores_map.pool(metanet(graph, scores=True))
 
 
-def learned_criterion(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor,
-                      batches=None) -> ChannelScores:
-    """The pruner's importance for ``model``: one forward pass of the ``scores`` metanetwork
-    (``batches``: (x, y) calibration batches, for a metanetwork that reads channel statistics)."""
+def _scores_of(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor, batches) -> tuple:
+    """([C] the metanetwork's channel scores of ``model``, its ``ScoreMap``): one forward pass."""
     metanet.eval().to(example_inputs.device)
     graph = network_to_graph(model, example_inputs)
     scores_map = score_map(model, graph)
@@ -178,5 +176,32 @@ def learned_criterion(metanet: MetaNetwork, model: nn.Module, example_inputs: to
             raise ValueError("this metanetwork reads calibration statistics: give it calibration batches")
         attach_statistics(graph, channel_statistics(model, graph, batches, scores_map))
     with torch.no_grad():
-        scores = channel_scores(metanet, graph, dict(model.named_parameters()), scores_map)
+        return channel_scores(metanet, graph, dict(model.named_parameters()), scores_map), scores_map
+
+
+def learned_criterion(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor,
+                      batches=None) -> ChannelScores:
+    """The pruner's importance for ``model``: one forward pass of the ``scores`` metanetwork
+    (``batches``: (x, y) calibration batches, for a metanetwork that reads channel statistics)."""
+    scores, scores_map = _scores_of(metanet, model, example_inputs, batches)
     return ChannelScores(scores_map.masker.module_scores(scores))
+
+
+def gated_by_scores(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor, amount: float,
+                    temperature: float = 0.2, batches=None) -> nn.Module:
+    """The paper's framing of the same scores: an edit, not a criterion. A copy of ``model`` whose
+    channels are multiplied by the soft mask that keeps each group's top ``1 - amount`` channels by
+    the metanetwork's scores (``ChannelMask.mask``, ``temperature`` in units of a group's spread):
+    the channels the scores would drop shrink towards zero, so that magnitude pruning, after the
+    finetune, removes them."""
+    import copy
+
+    scores, scores_map = _scores_of(metanet, model, example_inputs, batches)
+    masker = scores_map.masker
+    mask = masker.mask(scores.to(example_inputs.device), amount, temperature, mode="soft")
+    gated = masker.apply({k: v.detach() for k, v in model.named_parameters()}, mask)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            p.copy_(gated[name])
+    return out

@@ -55,7 +55,7 @@ DEFAULTS = {
     **{k: RECIPE_DEFAULTS[k] for k in ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")},
     "batch_size": None,
     "augment": None, "sparse_reg": RECIPE_DEFAULTS["sparse_reg"], "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
-    "mlflow": True, "diagnostics": False,
+    "mlflow": True, "diagnostics": False, "learned_as": "criterion",
 }
 HELP = {
     "zoo": "zoo whose --split members to prune",
@@ -87,6 +87,9 @@ HELP = {
     "gpu": "one GPU per task (default: when the cluster has GPUs)",
     "mlflow": "log the run to MLflow",
     "diagnostics": "add the prepared models' recalibrated pruning curves and edit selectivity",
+    "learned_as": "a learned-criterion metanetwork (meta_train.py --objective curve) in meta: criterion (its scores "
+                  "rank channels) or gates (the paper's framing: its scores shrink the channels they drop at the first "
+                  "target, then finetune, then magnitude)",
 }
 FLAG_TYPES = {"floor": float, "gpu": bool, "batch_size": int, "augment": bool}
 LIMITS = {**RECIPE_LIMITS, "targets": {"gt": 1, "distinct": True}, "methods": {"distinct": True},
@@ -139,6 +142,10 @@ def parse_args(argv=None) -> dict:
     if bad:
         raise SystemExit(f"prune_batch: unknown method(s) {bad}; known: {', '.join(ALL_METHODS)}")
     from metanet.criteria import CRITERIA
+    from metanet.recipe import LEARNED_AS
+
+    if config["learned_as"] not in LEARNED_AS:
+        raise SystemExit(f"prune_batch: --learned-as must be one of {', '.join(LEARNED_AS)}, not {config['learned_as']!r}")
 
     if config["criterion"] not in CRITERIA:
         raise SystemExit(f"prune_batch: --criterion {config['criterion']!r} is not one of {', '.join(CRITERIA)}")

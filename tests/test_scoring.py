@@ -160,3 +160,35 @@ def test_score_targets_regress_the_scores_on_the_members_own_curve_scores(traine
     first = members_step(net, [member], batches, 0.5, cfg)
     assert first["target_loss"] > 0
     assert all(p.grad is not None for p in net.score_decoder.parameters())
+
+
+def test_the_scores_as_gates_shrink_exactly_the_channels_they_drop(digits):
+    """The paper's framing (``gated_by_scores``): each channel's output parameters are multiplied
+    by one factor, small for the channels the scores drop at the amount, near 1 for the rest; and
+    the recipe runs with ``learned_as="gates"`` (the gated network finetuned, then magnitude)."""
+    from metanet.recipe import RecipeConfig, prune_with_method
+    from metanet.scoring import gated_by_scores
+
+    torch.manual_seed(1)
+    model = build_model(SPECS["resnet-projection"]).eval()
+    graph = network_to_graph(model, X)
+    net = _scores_net(graph, evidence=True)  # untrained: the scores are magnitude's
+    smap = ScoreMap(model, X)
+    gated = gated_by_scores(net, model, X, amount=0.5, temperature=0.05)
+    before, after = dict(model.named_parameters()), dict(gated.named_parameters())
+    dropped = smap.masker.mask(smap.base(before), 0.5, mode="hard") < 0.5  # magnitude's bottom half per group
+    assert 0 < int(dropped.sum()) < smap.num_channels
+    for name, index in smap.masker.factors.items():
+        w0, w1 = before[name].detach(), after[name].detach()
+        rows = index < smap.num_channels
+        norm0 = w0[rows].reshape(int(rows.sum()), -1).norm(dim=1)
+        ratio = w1[rows].reshape(int(rows.sum()), -1).norm(dim=1) / norm0.clamp_min(1e-12)
+        gone, live = dropped[index[rows]], norm0 > 1e-8  # (a zero bias has no ratio)
+        assert bool((ratio[gone & live] < 0.5).all()) and bool((ratio[~gone & live] > 0.5).all()), name
+        torch.testing.assert_close(w1[~rows], w0[~rows])  # rows no group owns (the classifier) untouched
+    cfg = RecipeConfig(learned_as="gates", target=2.0,
+                       before=TrainConfig(steps=5, lr=0.01, batch_size=32), after=TrainConfig(steps=5, batch_size=32))
+    _, row = prune_with_method(model, digits, "meta", cfg, net)
+    assert row["speedup"] >= 2.0 and row["criterion"] == "magnitude" and "val_acc_after_metanet" in row
+    with pytest.raises(ValueError, match="learned_as must be one of criterion, gates"):
+        RecipeConfig(learned_as="edit")

@@ -33,7 +33,7 @@ COLUMNS = ["model", "source", "family", "method", "criterion", "target", "floor"
 KEY = ["model", "method", "target", "floor"]
 # the settings a row's result depends on (besides its model, method, target/floor and metanetwork)
 RESULT_SETTINGS = ("arch", "dataset", "data_root", "before_steps", "before_lr", "after_steps", "after_lr",
-                   "batch_size", "augment", "sparse_reg", "seed", "diagnostics", "criterion")
+                   "batch_size", "augment", "sparse_reg", "seed", "diagnostics", "criterion", "learned_as")
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,8 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         # DGL's wheel is a CPU build: on a GPU the metanetwork runs on the plain-PyTorch backend
         metanet = load_metanetwork(metanet_path, None if device == "cpu" else "torch")[0] if method == "meta" else None
         cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
-                                   seed=config["seed"], sparse_reg=config["sparse_reg"])
+                                   seed=config["seed"], sparse_reg=config["sparse_reg"],
+                                   target=next((r["target"] for r in runs if r["target"]), 2.0))  # gates' amount
         prepared = prepare(model, data, method, cfg, metanet)
         if config["diagnostics"]:  # on the test split: a report, nothing is selected with it
             from metanet.diagnostics import diagnose
