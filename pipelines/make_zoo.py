@@ -105,16 +105,16 @@ def main(argv=None) -> dict:
     if not (args.cpus_per_member > 0 and args.max_retries >= 0):
         raise SystemExit(f"make_zoo: --cpus-per-member must be > 0 and --max-retries >= 0, not "
                          f"{args.cpus_per_member:g} and {args.max_retries}")
+    out = spec["output"]
+    if cluster_address(args.address) and "://" not in out and not args.shared_output:
+        raise SystemExit(f"make_zoo: on a cluster, output {out!r} would be a path on each node: give a URI every "
+                         "node can reach (s3://..., or a shared path with --shared-output)")
     flag = f"make_zoo: --cpus-per-member {args.cpus_per_member:g}"
     preflight(args.cpus_per_member, flag, args.address, args.num_cpus)  # before anything is written
     if args.mlflow:
         from distributed.tracking import check_server
 
         check_server()
-    out = spec["output"]
-    if cluster_address(args.address) and "://" not in out and not args.shared_output:
-        raise SystemExit(f"make_zoo: on a cluster, output {out!r} would be a path on each node: give a URI every "
-                         "node can reach (s3://..., or a shared path with --shared-output)")
     start = time.perf_counter()
     from zoo.data import load_from_config
 

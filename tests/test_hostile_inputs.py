@@ -184,7 +184,7 @@ def test_bad_input_is_one_line_and_nothing_changes(program, args, code, message,
 
 
 UNREACHABLE = {
-    "make_zoo": ["--spec", str(ROOT / "zoo/specs/digits.yaml"), "--out", "{tmp}/unreachable"],
+    "make_zoo": ["--spec", str(ROOT / "zoo/specs/digits.yaml"), "--out", "{tmp}/unreachable", "--shared-output"],
     "prune_batch": ["--zoo", "{tmp}/zoo", "--methods", "none", "--out", "{tmp}/unreachable"],
     "meta_train": ["--zoo", "{tmp}/zoo", "--out", "{tmp}/unreachable"],
     "tune": ["--set", "zoo={tmp}/zoo", "--out", "{tmp}/unreachable"],
