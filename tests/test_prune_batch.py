@@ -98,6 +98,8 @@ def test_prunes_zoo_and_files_with_baselines_resumes_and_records_failures(inputs
     assert again.returncode == 1, again.stderr[-3000:]
     assert "30 rows; 6 already done with the same model, metanetwork and settings" in again.stdout
     assert "good / meta / 1.5x: recomputed (the model file changed)" in again.stdout
+    # the node count is this run's tasks' (one local Ray), not the reused rows' from the first run's Ray
+    assert "tasks ran on 1 node(s)" in again.stdout
     frame2 = pd.read_parquet(out / "results.parquet").set_index(["model", "method", "target"])
     before = frame.set_index(["model", "method", "target"])
     kept = before[(before.status == "ok") & (before.index.get_level_values(0) == test_member)]
