@@ -4,6 +4,7 @@ only into an output that holds the same search."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -84,6 +85,7 @@ class SearchFile(Strict):
         return self
 
 
+@functools.lru_cache(maxsize=1)  # one pydantic model for every value a search file names
 def _trial_model():
     from distributed.settings import settings_model
     from metanet.recipe import RECIPE_LIMITS
@@ -92,6 +94,7 @@ def _trial_model():
     return settings_model(default_trial(), limits={**LIMITS, **RECIPE_LIMITS})
 
 
+@functools.lru_cache(maxsize=1)
 def _choices() -> dict[str, tuple]:
     from metanet.criteria import CRITERIA
     from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
