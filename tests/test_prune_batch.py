@@ -134,6 +134,20 @@ def test_an_unsupported_layer_fails_only_the_metanetwork_rows(inputs, tmp_path):
     assert isinstance(pruned, nn.Sequential)
 
 
+def test_a_resumed_run_counts_only_its_own_tasks_nodes(inputs, tmp_path):
+    """Each run starts its own local Ray (a new node id): the second run reuses the first run's row
+    and runs one task, on one node, and must say 1 node, not the 2 ids its results file holds."""
+    args = ["--models", inputs / "models/good.pt", "--dataset", "digits", "--methods", "none", "--before-steps", "0",
+            "--after-steps", "2", "--out", tmp_path / "out", "--no-mlflow", "--targets", "1.5"]
+    first = _run(*args)
+    assert first.returncode == 0 and "tasks ran on 1 node(s)" in first.stdout, first.stderr[-3000:]
+    again = _run(*args, "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 rows; 1 already done" in again.stdout
+    assert pd.read_parquet(tmp_path / "out/results.parquet").node.nunique() == 2  # two Ray starts, two ids
+    assert "tasks ran on 1 node(s)" in again.stdout
+
+
 def test_adaptive_mode_prunes_while_validation_accuracy_holds(inputs, tmp_path):
     out = _run("--models", inputs / "models/good.pt", "--dataset", "digits", "--methods", "none", "--floor", "0.5",
                "--before-steps", "0", "--after-steps", "10", "--out", tmp_path / "out", "--no-mlflow")
