@@ -102,7 +102,7 @@ def channel_statistics(model: nn.Module, graph: NetworkGraph, batches, scores_ma
     def hook(module, _inputs, out):
         if out.requires_grad:
             out.retain_grad()
-        outputs[names[module]] = out
+        outputs[names[module]] = (out, isinstance(module, nn.Linear))
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))
               and f"{names[m]}.weight" in scores_map.row_nodes]
@@ -114,10 +114,14 @@ def channel_statistics(model: nn.Module, graph: NetworkGraph, batches, scores_ma
             with torch.enable_grad():
                 x = x.requires_grad_(True)  # activations need gradients even where weights are frozen
                 loss = F.cross_entropy(model(x), y, reduction="sum")
-                loss.backward(inputs=[o for o in outputs.values() if o.requires_grad])
-            for name, a in outputs.items():
-                flat = a.detach().transpose(0, 1).reshape(a.shape[1], a.shape[0], -1)  # [C, batch, positions]
-                grad = a.grad.transpose(0, 1).reshape(flat.shape) if a.grad is not None else torch.zeros_like(flat)
+                loss.backward(inputs=[o for o, _ in outputs.values() if o.requires_grad])
+            for name, (a, linear) in outputs.items():
+                # a Linear's channels are its last dimension (tokens or positions before it: a ViT's
+                # MLP, ConvNeXt's channels-last blocks), a convolution's its second
+                channels = a.dim() - 1 if linear else 1
+                grad = a.grad if a.grad is not None else torch.zeros_like(a)
+                flat, grad = (t.detach().movedim(channels, 0).reshape(a.shape[channels], a.shape[0], -1)
+                              for t in (a, grad))  # [C, batch, positions]
                 stats = torch.stack([flat.abs().mean((1, 2)) * a.shape[0], flat.std((1, 2)) * a.shape[0],
                                      (flat * grad).sum(2).abs().sum(1)], 1)
                 sums[name] = sums.get(name, 0) + stats

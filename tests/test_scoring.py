@@ -132,6 +132,25 @@ def test_channel_statistics_rank_a_dead_channel_last_in_its_layer(digits):
     assert "features.0" in table and len(table) == len(smap.masker.groups.rows)
 
 
+@pytest.mark.parametrize("name", ["vit", "convnext"])
+def test_channel_statistics_of_linear_layers_over_tokens(name):
+    """A ViT's MLP and ConvNeXt's channels-last blocks apply Linear layers to [batch, tokens or
+    positions, channels]: the statistics are per channel (the last dimension), not per token."""
+    from test_model_families import FAMILIES
+
+    torch.manual_seed(0)
+    model = FAMILIES[name]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph, smap = network_to_graph(model, x), ScoreMap(model, x)
+    stats = channel_statistics(model, graph, [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))], smap)
+    assert stats.shape == (graph.num_nodes, 6) and torch.isfinite(stats).all()
+    # (attention's out_proj is called functionally by nn.MultiheadAttention: no hook sees it)
+    linear = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "proj" not in n
+                  and m.out_features > 10 and f"{n}.weight" in smap.row_nodes)
+    ranks = stats[smap.row_nodes[f"{linear}.weight"], 3:]
+    assert ranks.min() == 0.0 and ranks.max() == 1.0  # every channel of the layer ranked
+
+
 def test_meta_train_objective_curve_trains_a_criterion_and_refuses_an_edit():
     import sys
     from pathlib import Path
