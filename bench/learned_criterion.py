@@ -19,6 +19,7 @@ their test accuracy right after pruning, paired by network, with 95% intervals; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -37,7 +38,7 @@ from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snap
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
-from metanet.recipe import RecipeConfig, calibration  # noqa: E402
+from metanet.recipe import Prepared, RecipeConfig, calibration, prune_and_finetune  # noqa: E402
 from metanet.scoring import gated_by_scores, learned_criterion  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
@@ -111,6 +112,35 @@ def train_variant(v: dict, zoo: Zoo, train, val, data, cfg: RecipeConfig, batch_
     return net, {"epoch": best, "val_auc": history[best], "epoch_seconds": statistics.mean(seconds)}
 
 
+def finetuned(model, crit, data, cfg: RecipeConfig, steps: int, speedups) -> dict:
+    """{speed-up: (val, test accuracy)} of ``model`` pruned by ``crit`` (BatchNorm recalibrated), then
+    finetuned ``steps`` steps with the recipe's after-pruning schedule; the same seed for every method."""
+    out = {}
+    for s in speedups:
+        torch.manual_seed(0)
+        run = dataclasses.replace(cfg, target=s, after=dataclasses.replace(cfg.after, steps=steps))
+        _, record = prune_and_finetune(Prepared(model, {}, crit), data, run)
+        out[s] = (record["val_acc"], record["test_acc"])
+    return out
+
+
+def finetune_table(tuned: dict[str, list[dict]], steps: int, speedups, log) -> None:
+    """Test accuracy after the finetune and each method's paired difference against magnitude and
+    against the best hand-crafted criterion at each speed-up (chosen by mean validation accuracy)."""
+    n = len(tuned["magnitude"])
+    best = {s: max(BASELINES, key=lambda b: statistics.mean(r[s][0] for r in tuned[b])) for s in speedups}
+    head = " | ".join(f"{s:g}x" for s in speedups)
+    log(f"\nTest accuracy (%) after pruning and {steps} finetuning steps, {n} held-out networks; best hand-crafted "
+        f"by validation accuracy: {', '.join(f'{s:g}x {b}' for s, b in best.items())}; paired, 95% intervals:\n")
+    log(f"| method | {head} | - magnitude at {head} | - best at {head} |")
+    log("|---|" + "---|" * (3 * len(speedups)))
+    for m, rows in tuned.items():
+        means = [statistics.mean(100 * r[s][1] for r in rows) for s in speedups]
+        diffs = ["" if m == ref else str(mean_ci([100 * (rows[i][s][1] - tuned[ref][i][s][1]) for i in range(n)]))
+                 for ref, s in [*(("magnitude", s) for s in speedups), *((best[s], s) for s in speedups)]]
+        log(f"| {m} | " + " | ".join(f"{v:.1f}" for v in means) + " | " + " | ".join(diffs) + " |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", required=True, help="the zoo: train members meta-train, val members select")
@@ -122,6 +152,11 @@ def main(argv=None) -> None:
     p.add_argument("--no-curve", action="store_true", help="skip the per-network curve reference")
     p.add_argument("--gates", action="store_true", help="also each variant the paper's way: its scores shrink the "
                    "channels they drop at each speed-up's amount (soft mask), then magnitude prunes")
+    p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+                   help="also prune each network to --finetune-speedups with every criterion (not the gates "
+                   "framing), finetune STEPS steps (the recipe's after-pruning finetune), and table the test "
+                   "accuracy; 'best' is the hand-crafted criterion with the highest mean validation accuracy")
+    p.add_argument("--finetune-speedups", type=float, nargs="+", default=[2.0, 4.0])
     p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
@@ -157,6 +192,8 @@ def main(argv=None) -> None:
     gated = {f"{n} as gates": n for n in variants} if args.gates else {}
     methods = [*BASELINES, *([] if args.no_curve else ["curve"]), *variants, *gated]
     curves: dict[str, list[dict]] = {m: [] for m in methods}
+    # after a short finetune: (val, test) accuracy per method, network and speed-up
+    tuned: dict[str, list[dict]] = {m: [] for m in methods if m not in gated} if args.finetune else {}
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     for record in progress(held, desc="held-out networks", unit="network"):
         model = record.network().eval()
@@ -183,6 +220,8 @@ def main(argv=None) -> None:
             seconds[m].append(time.perf_counter() - start)
             torch.manual_seed(0)
             curves[m].append(pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "test", crit))
+            if args.finetune:
+                tuned[m].append(finetuned(model, crit, data, cfg, args.finetune, args.finetune_speedups))
     families = [r.arch["family"] for r in held]
     head = " | ".join(f"{s:g}x" for s in CURVE_SPEEDUPS)
     for subset in [None, *sorted(set(families))]:
@@ -207,6 +246,8 @@ def main(argv=None) -> None:
                 gaps.append(f"{got / gap:.0%}" if gap > 0.5 else "n/a")
             log(f"| {m} | " + " | ".join(f"{v:.1f}" for v in means) + " | " + " | ".join(diffs) + " | "
                 + " | ".join(gaps) + f" | {statistics.mean(seconds[m][i] for i in pick):.2f} |")
+    if args.finetune:
+        finetune_table(tuned, args.finetune, args.finetune_speedups, log)
     log("\nmeta-training: " + "; ".join(f"{n}: epoch {i['epoch']} chosen, {i['epoch_seconds']:.1f} s per epoch"
                                         for n, i in info.items()))
     log(f"total {(time.perf_counter() - t0) / 60:.1f} min")
