@@ -1,0 +1,282 @@
+"""Weight-level pruning: unstructured sparsity (a fraction of zeros) and N:M (in every group of M
+consecutive input weights at most N nonzero, 2:4 being what recent GPUs run faster).
+
+Analysis apart from actions, as in ``metanet.criteria``: a ``WeightCriterion`` (one class per
+criterion, in ``WEIGHT_CRITERIA``) scores every weight of the layers ``prunable_layers`` picks;
+``sparsify`` turns the scores into masks and applies them with ``torch.nn.utils.prune`` (global or
+per-layer ranking through its ``L1Unstructured`` with the scores as ``importance_scores``, N:M
+through ``custom_from_mask``). The masks stay on the network as torch's forward pre-hooks
+(``weight = weight_orig * weight_mask``), so a finetune afterwards keeps every zero at zero
+whatever the optimiser does to ``weight_orig``; ``make_permanent`` then folds them into plain
+weights, and the saved file holds the zeros and loads weights-only like any other.
+
+Torch ships no N:M pruner for convolutions (``torch.ao.pruning.WeightNormSparsifier`` takes 2-D
+weights only) nor for arbitrary scores, so ``nm_mask`` is the one mask computed here: a top-N per
+group of M. A convolution's input weights are its weight's rows flattened in PyTorch's order
+(``in_channels * kh * kw``, the GEMM's reduction axis of an im2col convolution); a layer whose row
+length is not a multiple of M is left dense and named in the report.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from metanet.criteria import Batches, _calibration
+from metanet.sparsity import classifier_of
+
+SCOPES = ("global", "layer")
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class WeightPruning:
+    """What to prune: ``sparsity`` (a fraction of zeros, 0 < s < 1) or ``nm`` ((N, M): at most N
+    nonzero in every M consecutive input weights); ``scope`` ranks all layers' weights together
+    ("global") or each layer's to the same fraction ("layer"); ``dense_ends`` keeps the first layer
+    and the classifier dense (their few weights matter most)."""
+
+    sparsity: float | None = None
+    nm: tuple[int, int] | None = None
+    scope: str = "global"
+    dense_ends: bool = True
+
+    def __post_init__(self):
+        if (self.sparsity is None) == (self.nm is None):
+            raise ValueError("weight pruning needs exactly one of sparsity and nm")
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity)
+        if self.nm is not None:
+            check_nm(self.nm)
+        if self.scope not in SCOPES:
+            raise ValueError(f"sparsity scope must be one of {', '.join(SCOPES)}, not {self.scope!r}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.nm[0]}of{self.nm[1]}" if self.nm else f"sparsity{self.sparsity:g}"
+
+
+def check_sparsity(value) -> float:
+    """``value`` as a fraction of zeros in (0, 1), or ValueError naming it."""
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"sparsity {value!r} is not a number") from None
+    if not (0 < s < 1):  # also refuses NaN
+        raise ValueError(f"sparsity {value!r} must be a fraction of zeros between 0 and 1 (exclusive)")
+    return s
+
+
+def parse_nm(text) -> tuple[int, int]:
+    """``"2:4"`` -> (2, 4); ValueError naming ``text`` for anything else, 3:2 or 0:4."""
+    if isinstance(text, (tuple, list)) and len(text) == 2:
+        return check_nm(tuple(text))
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not match:
+        raise ValueError(f"N:M {text!r} is not two whole numbers N:M (e.g. 2:4)")
+    return check_nm((int(match[1]), int(match[2])))
+
+
+def check_nm(nm: tuple[int, int]) -> tuple[int, int]:
+    n, m = nm
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise ValueError(f"N:M {n}:{m} needs 0 < N < M (at most N nonzero weights in every M)")
+    return n, m
+
+
+# ------------------------------------------------------------------------------ analysis
+def prunable_layers(model: nn.Module, dense_ends: bool = True) -> dict[str, nn.Module]:
+    """The Conv/Linear layers whose weights are pruned, by name: all of them but, with
+    ``dense_ends``, the first in module order (it reads the input) and the classifier."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, _LAYERS)}
+    if dense_ends and layers:
+        first = next(iter(layers))
+        last = classifier_of(model)
+        layers = {n: m for n, m in layers.items() if n != first and m is not last}
+    return layers
+
+
+class WeightCriterion:
+    """Scores every weight of ``layers``: higher is kept. ``data_driven`` criteria read calibration
+    batches (``(x, y)`` pairs)."""
+
+    name = ""
+    data_driven = False
+
+    def scores(self, model: nn.Module, layers: dict[str, nn.Module], batches: Batches | None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class WeightMagnitude(WeightCriterion):
+    """|w|: one-shot magnitude pruning."""
+
+    name = "magnitude"
+
+    def scores(self, model, layers, batches):
+        return {n: m.weight.detach().abs() for n, m in layers.items()}
+
+
+class Wanda(WeightCriterion):
+    """|w| times the L2 norm of the input feature it multiplies, over calibration batches (Sun et
+    al., 2023, "A Simple and Effective Pruning Approach for LLMs"): a convolution's input feature is
+    its input channel (every kernel position of the channel shares its norm), a Linear's its input
+    dimension over every other axis (tokens, positions)."""
+
+    name = "wanda"
+    data_driven = True
+
+    def scores(self, model, layers, batches):
+        sums = {n: torch.zeros(m.in_features if isinstance(m, nn.Linear) else m.in_channels, device=m.weight.device)
+                for n, m in layers.items()}
+        names = {m: n for n, m in layers.items()}
+
+        def hook(module, inputs, _out):
+            x = inputs[0].detach()
+            axis = x.dim() - 1 if isinstance(module, nn.Linear) else 1
+            sums[names[module]] += x.movedim(axis, 0).reshape(x.shape[axis], -1).square().sum(1)
+
+        handles = [m.register_forward_hook(hook) for m in layers.values()]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for x, _ in _calibration(batches, self.name):
+                    model(x)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        out = {}
+        for n, m in layers.items():
+            w = m.weight.detach()
+            norm = sums[n].sqrt()
+            if isinstance(m, nn.Linear):
+                out[n] = w.abs() * norm[None, :]
+            else:  # grouped convolutions: column c of the weight reads input channel (g * in/groups + c)
+                per_group = w.shape[1]
+                cols = norm.reshape(m.groups, per_group)  # [groups, in / groups]
+                rows = cols.repeat_interleave(w.shape[0] // m.groups, 0)  # [out, in / groups]
+                out[n] = w.abs() * rows.reshape(w.shape[0], per_group, *([1] * (w.dim() - 2)))
+        return out
+
+
+class WeightRandom(WeightCriterion):
+    """Uniform random scores (the floor any criterion should beat); torch's global seed."""
+
+    name = "random"
+
+    def scores(self, model, layers, batches):
+        return {n: torch.rand(m.weight.shape, device=m.weight.device) for n, m in layers.items()}
+
+
+class GivenScores(WeightCriterion):
+    """Scores computed elsewhere (a metanetwork's per-weight scores), by layer name."""
+
+    name = "learned"
+
+    def __init__(self, scores: dict[str, torch.Tensor], name: str = "learned"):
+        self._scores, self.name = scores, name
+
+    def scores(self, model, layers, batches):
+        missing = sorted(set(layers) - set(self._scores))
+        if missing:
+            raise ValueError(f"no scores for layer(s) {', '.join(missing)}")
+        return {n: self._scores[n].detach().reshape(layers[n].weight.shape) for n in layers}
+
+
+WEIGHT_CRITERIA: dict[str, WeightCriterion] = {c.name: c for c in (WeightMagnitude(), Wanda(), WeightRandom())}
+
+
+def weight_criterion(name: str) -> WeightCriterion:
+    if name not in WEIGHT_CRITERIA:
+        raise ValueError(f"unknown weight criterion {name!r}; known: {', '.join(WEIGHT_CRITERIA)}")
+    return WEIGHT_CRITERIA[name]
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int, where: str = "layer") -> torch.Tensor:
+    """The 0/1 mask keeping the ``n`` highest of ``scores`` in every group of ``m`` consecutive
+    input weights (each output row flattened). ValueError naming ``where`` if a row's length is not
+    a multiple of ``m``."""
+    rows = scores.reshape(scores.shape[0], -1)
+    if rows.shape[1] % m:
+        raise ValueError(f"{where}: {rows.shape[1]} input weights per output are not a multiple of {m}")
+    groups = rows.reshape(-1, m)
+    keep = torch.zeros_like(groups).scatter_(1, groups.topk(n, dim=1).indices, 1.0)
+    return keep.reshape(scores.shape)
+
+
+# ------------------------------------------------------------------------------- actions
+@dataclass
+class WeightPruningReport:
+    """What ``sparsify`` did: the layers pruned, those an N:M pattern could not hold (left dense,
+    with why), and the fraction of zeros it asked for."""
+
+    settings: WeightPruning
+    layers: list[str]
+    dense: dict[str, str] = field(default_factory=dict)
+
+
+def sparsify(model: nn.Module, settings: WeightPruning, criterion: WeightCriterion,
+             batches: Batches | None = None) -> WeightPruningReport:
+    """Masks ``model``'s weights in place (torch's pruning hooks: a finetune keeps the zeros)."""
+    layers = prunable_layers(model, settings.dense_ends)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no Conv/Linear layer to prune"
+                         + (" besides the first and the classifier (kept dense)" if settings.dense_ends else ""))
+    scores = criterion.scores(model, layers, batches)
+    report = WeightPruningReport(settings, list(layers))
+    if settings.nm is not None:
+        n, m = settings.nm
+        for name, module in layers.items():
+            try:
+                mask = nm_mask(scores[name], n, m, name)
+            except ValueError as err:
+                report.dense[name] = str(err)
+                continue
+            prune.custom_from_mask(module, "weight", mask)
+        report.layers = [n for n in layers if n not in report.dense]
+    elif settings.scope == "global":
+        prune.global_unstructured([(m, "weight") for m in layers.values()], prune.L1Unstructured,
+                                  importance_scores={(m, "weight"): scores[n] for n, m in layers.items()},
+                                  amount=settings.sparsity)
+    else:
+        for name, module in layers.items():
+            prune.l1_unstructured(module, "weight", amount=settings.sparsity, importance_scores=scores[name])
+    return report
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Folds torch's pruning masks into plain weights (zeros stay), so the state dict has the
+    network's usual keys."""
+    for module in model.modules():
+        if prune.is_pruned(module) and hasattr(module, "weight_mask"):
+            prune.remove(module, "weight")
+    return model
+
+
+def zero_fraction(model: nn.Module, layers: list[str]) -> float:
+    """The measured fraction of zero weights over ``layers``."""
+    modules = dict(model.named_modules())
+    total = zeros = 0
+    for name in layers:
+        w = modules[name].weight
+        total += w.numel()
+        zeros += int((w == 0).sum())
+    return zeros / total if total else math.nan
+
+
+def nm_violations(model: nn.Module, layers: list[str], n: int, m: int) -> list[str]:
+    """The layers (of ``layers``) with a group of ``m`` consecutive input weights holding more than
+    ``n`` nonzeros."""
+    modules = dict(model.named_modules())
+    bad = []
+    for name in layers:
+        rows = modules[name].weight.detach().reshape(modules[name].weight.shape[0], -1)
+        if rows.shape[1] % m or bool(((rows.reshape(-1, m) != 0).sum(1) > n).any()):
+            bad.append(name)
+    return bad

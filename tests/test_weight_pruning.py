@@ -1,0 +1,133 @@
+"""metanet.weight_pruning: unstructured and N:M masks through torch's pruning utilities, kept
+through a finetune, folded into plain weights; the criteria; bad values named."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from metanet.train import TrainConfig, train
+from metanet.weight_pruning import (Wanda, WeightPruning, WeightRandom, make_permanent, nm_mask, nm_violations,
+                                    parse_nm, prunable_layers, sparsify, weight_criterion, zero_fraction)
+from zoo.arch import build_model, resnet_spec
+
+
+def _net():
+    torch.manual_seed(0)
+    return build_model(resnet_spec(8, (4, 6, 8), in_channels=1, num_classes=10))
+
+
+def _batches(n=2):
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+    return lambda: iter(data)
+
+
+def test_global_sparsity_masks_the_middle_layers_and_the_finetune_keeps_the_zeros(digits):
+    model = _net()
+    layers = prunable_layers(model)
+    every = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert every[0] not in layers and every[-1] not in layers and len(layers) == len(every) - 2
+    report = sparsify(model, WeightPruning(sparsity=0.8), weight_criterion("magnitude"))
+    assert report.layers == list(layers)
+    assert zero_fraction(model, report.layers) == pytest.approx(0.8, abs=1e-3)
+    modules = dict(model.named_modules())
+    assert torch.count_nonzero(modules[every[0]].weight) == modules[every[0]].weight.numel()  # first layer dense
+    per_layer = [zero_fraction(model, [n]) for n in report.layers]
+    assert max(per_layer) - min(per_layer) > 0.05  # one global ranking: layers end at different fractions
+    zeros = {n: modules[n].weight == 0 for n in report.layers}
+    train(model, digits, TrainConfig(steps=5, lr=0.05, batch_size=32, augment=False))
+    assert all(torch.equal(modules[n].weight == 0, z) for n, z in zeros.items())  # zeros kept, nothing else zeroed
+    make_permanent(model)
+    state = model.state_dict()
+    assert not any(k.endswith(("_orig", "_mask")) for k in state)
+    assert all(torch.equal(state[f"{n}.weight"] == 0, z) for n, z in zeros.items())
+
+
+def test_per_layer_scope_prunes_each_layer_to_the_fraction():
+    model = _net()
+    report = sparsify(model, WeightPruning(sparsity=0.5, scope="layer", dense_ends=False), weight_criterion("magnitude"))
+    assert len(report.layers) == len([m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
+    for name in report.layers:
+        assert zero_fraction(model, [name]) == pytest.approx(0.5, abs=0.02), name
+
+
+def test_two_four_keeps_two_of_every_four_and_matches_torch_ao_on_linear_layers():
+    model = _net()
+    report = sparsify(model, WeightPruning(nm=(2, 4)), weight_criterion("magnitude"))
+    make_permanent(model)
+    assert report.layers and not nm_violations(model, report.layers, 2, 4)
+    assert zero_fraction(model, report.layers) == pytest.approx(0.5)
+    # the first layer (kept dense) breaks the pattern: the check sees it
+    first = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    assert nm_violations(model, [first], 2, 4) == [first]
+    # on a Linear, the mask is the one torch.ao's WeightNormSparsifier computes for 2:4 blocks
+    from torch.ao.pruning import WeightNormSparsifier
+
+    torch.manual_seed(3)
+    lin = nn.Sequential(nn.Linear(16, 8))
+    ours = nm_mask(lin[0].weight.detach().abs(), 2, 4)
+    ao = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2)
+    ao.prepare(lin, [{"tensor_fqn": "0.weight"}])
+    ao.step()
+    assert torch.equal(ours.bool(), lin[0].parametrizations.weight[0].mask.bool())
+
+
+def test_a_layer_the_pattern_cannot_hold_is_left_dense_and_named():
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    report = sparsify(model, WeightPruning(nm=(2, 4), dense_ends=False), weight_criterion("magnitude"))
+    assert report.layers == ["0", "4"] and "2: 6 input weights per output are not a multiple of 4" in report.dense["2"]
+
+
+def test_wanda_scores_weights_by_their_input_norm():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.randn(32, 4)
+    x[:, 1] = 0.0  # a dead input feature: its weights score 0 whatever their size
+    scores = Wanda().scores(model, {"0": model[0]}, lambda: iter([(x, None)]))["0"]
+    assert torch.allclose(scores, model[0].weight.abs() * x.norm(dim=0)[None, :])
+    assert torch.count_nonzero(scores[:, 1]) == 0
+    # a grouped convolution: each output's columns read its group's input channels
+    conv = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
+    xs = torch.randn(8, 4, 5, 5)
+    s = Wanda().scores(conv, {"0": conv[0]}, lambda: iter([(xs, None)]))["0"]
+    norms = xs.transpose(0, 1).reshape(4, -1).norm(dim=1)
+    assert torch.allclose(s[0, 1], conv[0].weight[0, 1].abs() * norms[1])  # outputs 0-2: group 0, inputs 0, 1
+    assert torch.allclose(s[3, 1], conv[0].weight[3, 1].abs() * norms[3])  # outputs 3-5: group 1, inputs 2, 3
+    with pytest.raises(ValueError, match="calibration batches"):
+        sparsify(_net(), WeightPruning(sparsity=0.5), Wanda())
+
+
+def test_random_differs_from_magnitude_and_follows_the_seed():
+    masks = []
+    for seed in (0, 0, 1):
+        model = _net()
+        torch.manual_seed(seed)
+        sparsify(model, WeightPruning(sparsity=0.5), WeightRandom())
+        masks.append(torch.cat([m.weight_mask.flatten() for m in model.modules() if hasattr(m, "weight_mask")]))
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+
+
+@pytest.mark.parametrize("text, message", [("3:2", "needs 0 < N < M"), ("0:4", "needs 0 < N < M"),
+                                            ("two of four", "not two whole numbers"), ("2:4:8", "not two whole")])
+def test_bad_nm_is_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_nm(text)
+
+
+@pytest.mark.parametrize("value", [0, 1, -0.5, 1.5, math.nan, "x"])
+def test_bad_sparsity_is_named(value):
+    with pytest.raises(ValueError, match="sparsity"):
+        WeightPruning(sparsity=value)
+
+
+def test_exactly_one_of_sparsity_and_nm():
+    assert parse_nm(" 2:4 ") == (2, 4) and WeightPruning(nm=(2, 4)).label == "2of4"
+    with pytest.raises(ValueError, match="exactly one"):
+        WeightPruning()
+    with pytest.raises(ValueError, match="exactly one"):
+        WeightPruning(sparsity=0.5, nm=(2, 4))
+    with pytest.raises(ValueError, match="scope"):
+        WeightPruning(sparsity=0.5, scope="row")
+    copy.deepcopy(WeightPruning(sparsity=0.5))
