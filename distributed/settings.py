@@ -97,7 +97,7 @@ def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any],
         if isinstance(value, bool) or types.get(key) is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(value, list):
-            kind = type(value[0]) if value else str
+            kind = type(value[0]) if value else types.get(key, str)
             parser.add_argument(flag, type=kind, nargs="+", default=None, help=text)
         else:
             kind = types.get(key) or (type(value) if value is not None else str)

@@ -22,6 +22,10 @@
   and used as the pruner's importance: the per-network reference a learned criterion should
   approach, and the benchmark's sensitivity check.
 
+Weight-level pruning (``sparsify_and_finetune``: a fraction of zero weights, or N:M) takes the
+same preparation, then masks weights instead of removing channels: ``none`` by magnitude, ``wanda``
+by magnitude x input norm, ``random``, and ``meta`` the paper's way (its edit and the finetune,
+then magnitude); the finetune after it keeps the zeros.
 Every method spends the same optimiser steps on the weights (``before.steps + after.steps``); after
 pruning the BatchNorm statistics are recomputed on ``recal_batches`` training batches for every
 method alike, and the data-driven criteria read the same batches.
@@ -49,6 +53,8 @@ from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, amounts_
                            prune_to_speedup,
                            recalibrate_bn)
 from metanet.sparsity import GroupSparsity
+from metanet.weight_pruning import (WeightPruning, WeightPruningReport, make_permanent, sparsify, weight_criterion,
+                                    zero_fraction)
 from metanet.data import TaskData
 from metanet.train import TrainConfig, evaluate, train
 
@@ -59,6 +65,11 @@ CRITERION_OF = {"none": "magnitude", "taylor": "taylor", "bn_scale": "bn_scale",
 HAND_CRAFTED = tuple(CRITERION_OF)
 BENCH_METHODS = ("meta", *HAND_CRAFTED, "depgraph", "curve")  # what bench/quality.py compares by default
 ALL_METHODS = (*BENCH_METHODS, "gate", "oracle")  # plus the per-network gates and the paper objective's oracle
+# weight-level pruning (metanet.weight_pruning): method -> the weight criterion ranking its weights;
+# meta is the paper's unstructured pipeline (edit -> finetune -> magnitude pruning -> finetune)
+WEIGHT_CRITERION_OF = {"meta": "magnitude", "none": "magnitude", "wanda": "wanda", "random": "random"}
+WEIGHT_METHODS = tuple(WEIGHT_CRITERION_OF)
+WEIGHT_BASELINES = ("none", "wanda")  # what prune_batch --baselines adds to weight-level runs
 
 # The finetuning budget in optimiser steps (docs/method.md, "The pruning recipe's defaults", measured
 # with bench/pruner_settings.py): on held-out digits networks at 2x, 'none' ends 0.9 points
@@ -200,8 +211,8 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
     """The method's part before pruning, on a copy of ``model``: the metanetwork edit (``meta``)
     or sparse learning (``depgraph``), then ``cfg.before``'s finetuning; for ``curve`` then the
     scores. Shared by every target."""
-    if method not in ALL_METHODS:
-        raise ValueError(f"method must be one of {ALL_METHODS}, not {method!r}")
+    if method not in ALL_METHODS and method not in WEIGHT_METHODS:
+        raise ValueError(f"method must be one of {ALL_METHODS + ('wanda',)}, not {method!r}")
     if method == "meta" and metanet is None:
         raise ValueError("method 'meta' needs a metanetwork")
     start = time.perf_counter()
@@ -280,6 +291,41 @@ def _finish(model: nn.Module, result: PruneResult, prepared: Prepared, data: Tas
     if report_test:
         record["test_acc"], record["test_loss"] = evaluate(model, data, "test")
     record["seconds"] = record.get("seconds_before_prune", 0.0) + pruning_seconds + time.perf_counter() - start
+    return model, record
+
+
+class _WeightResult:
+    """``_finish``'s view of a weight-level pruning: what the row records about it."""
+
+    def __init__(self, model: nn.Module, report: WeightPruningReport):
+        self.model, self.report = model, report
+
+    def summary(self) -> dict:
+        s = self.report.settings
+        return {"sparsity": s.sparsity, "nm": f"{s.nm[0]}:{s.nm[1]}" if s.nm else None,
+                "layers_pruned": len(self.report.layers), "layers_dense": len(self.report.dense)}
+
+
+def sparsify_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, pruning: WeightPruning,
+                          report_test: bool = True, extra_after: Sequence[int] = ()) -> tuple[nn.Module, dict]:
+    """Weight-level pruning of a copy of ``prepared.model`` (``metanet.weight_pruning``; the
+    method's weight criterion, ``WEIGHT_CRITERION_OF``), BatchNorm recalibrated, then ``cfg.after``'s
+    finetune with the masks kept (zeros stay zeros); returns the network with plain weights and its
+    record: ``sparsity_measured`` (zeros among the pruned layers' weights), ``params_nonzero``,
+    ``layers_pruned`` and ``layers_dense`` (those an N:M pattern could not hold)."""
+    start = time.perf_counter()
+    method = prepared.record["method"]
+    if method not in WEIGHT_CRITERION_OF:
+        raise ValueError(f"method {method!r} prunes channels only; weight-level methods: {', '.join(WEIGHT_METHODS)}")
+    chosen = weight_criterion(WEIGHT_CRITERION_OF[method])
+    model = copy.deepcopy(prepared.model)
+    report = sparsify(model, pruning, chosen, calibration(data, cfg) if chosen.data_driven else None)
+    prepared = prepared._replace(record=dict(prepared.record, criterion=chosen.name))
+    model, record = _finish(model, _WeightResult(model, report), prepared, data, cfg, report_test, extra_after,
+                            time.perf_counter() - start)
+    make_permanent(model)
+    record.update(target=None, floor=None, sparsity_measured=zero_fraction(model, report.layers),
+                  params_nonzero=sum(int(torch.count_nonzero(p)) for p in model.parameters()))
     return model, record
 
 

@@ -4,6 +4,12 @@
         --targets 2 4 --baselines                      # the zoo's held-out (role 'test') members
     python pipelines/prune_batch.py --models 'saved/*.pt' --dataset digits --metanet M.pt --targets 2
     python pipelines/prune_batch.py --models saved/ --dataset digits --metanet M.pt --floor 0.9   # adaptive
+    python pipelines/prune_batch.py --zoo runs/zoo-digits --metanet M.pt --sparsity 0.8 0.9 --nm 2:4 --baselines
+
+Weight-level runs (``--sparsity``, ``--nm``) zero weights instead of removing channels
+(``metanet.weight_pruning``: ``none`` by magnitude, ``wanda``, ``random``, ``meta`` the paper's edit
+then magnitude); the finetune keeps the zeros, the saved files hold them, each row records the
+zeros measured and the file's compressed size, and ``accuracy_vs_sparsity.png`` plots them.
 
 Per model and method, one Ray task: metanetwork forward pass (``meta``) or sparse learning
 (``depgraph``) or nothing (``none``) -> finetune -> for each target: prune to it (or, with
@@ -51,13 +57,20 @@ from zoo.store import ZooFormatError  # noqa: E402
 
 DEFAULTS = {
     "zoo": None, "split": "test", "models": [], "arch": None, "trust_pickle": False, "dataset": None,
-    "data_root": None, "metanet": None, "methods": ["meta"], "baselines": False, "targets": [2.0], "floor": None,
+    "data_root": None, "metanet": None, "methods": ["meta"], "baselines": False,
+    "targets": list(batch.DEFAULT_TARGETS), "floor": None,
     **{k: RECIPE_DEFAULTS[k] for k in ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")},
     "batch_size": None,
     "augment": None, "sparse_reg": RECIPE_DEFAULTS["sparse_reg"], "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
     "mlflow": True, "diagnostics": False, "learned_as": "criterion",
+    "sparsity": [], "nm": None, "sparsity_scope": "global", "prune_ends": False,
 }
 HELP = {
+    "sparsity": "instead of targets: fractions of zero weights to prune to (0 < s < 1; unstructured, conv and linear "
+                "weights; methods none, wanda, random, meta)",
+    "nm": "instead of targets: N:M sparsity, e.g. 2:4 (at most N nonzero in every M consecutive input weights)",
+    "sparsity_scope": "with --sparsity: global (one ranking over all layers) or layer (each layer to the fraction)",
+    "prune_ends": "with --sparsity/--nm: prune the first layer and the classifier too (kept dense by default)",
     "zoo": "zoo whose --split members to prune",
     "split": "zoo split to prune: train, val, test (held out) or all",
     "models": "model files, folders or globs to prune (zoo.model_files formats)",
@@ -91,8 +104,9 @@ HELP = {
                   "rank channels) or gates (the paper's framing: its scores shrink the channels they drop at the first "
                   "target, then finetune, then magnitude)",
 }
-FLAG_TYPES = {"floor": float, "gpu": bool, "batch_size": int, "augment": bool}
+FLAG_TYPES = {"floor": float, "gpu": bool, "batch_size": int, "augment": bool, "sparsity": float, "nm": str}
 LIMITS = {**RECIPE_LIMITS, "targets": {"gt": 1, "distinct": True}, "methods": {"distinct": True},
+          "sparsity": {"gt": 0, "lt": 1, "distinct": True},
           "batch_size": {"ge": 1}, "floor": {"gt": 0, "le": 1}, "cpus_per_task": {"gt": 0}}
 
 
@@ -111,9 +125,14 @@ def _log_mlflow(config: dict, frame, out: str, wall: float) -> str:
     labelled = ok.assign(run=[batch.run_label(r) for r in ok.to_dict("records")])
     for (method, run), g in labelled.groupby(["method", "run"]):
         tag = re.sub(r"[^0-9A-Za-z_.x-]", "_", f"{method}_{run}")
-        metrics.update({f"test_acc_{tag}": g.test_acc.mean(), f"val_acc_{tag}": g.val_acc.mean(),
-                        f"speedup_{tag}": g.speedup.mean()})
-    files = ("results.parquet", "results.csv", "summary.md", "accuracy_vs_speedup.png", "pruning_curve.png")
+        metrics.update({f"test_acc_{tag}": g.test_acc.mean(), f"val_acc_{tag}": g.val_acc.mean()})
+        if g.sparsity_measured.notna().any():  # weight-level rows: the zeros reached and what they save on disk
+            metrics.update({f"sparsity_{tag}": g.sparsity_measured.mean(),
+                            f"compressed_mb_{tag}": g.file_bytes_compressed.mean() / 1e6})
+        else:
+            metrics[f"speedup_{tag}"] = g.speedup.mean()
+    files = ("results.parquet", "results.csv", "summary.md", "accuracy_vs_speedup.png", "accuracy_vs_sparsity.png",
+             "pruning_curve.png")
     return log_run("prune-batch", out, run_name=f"prune-batch-{ok.model.nunique()}-models", params=config,
                    metrics=metrics, artifacts=[os.path.join(out, f) for f in files])
 
@@ -132,15 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> dict:
     from distributed.settings import resolve
 
-    config = resolve(vars(build_parser().parse_args(argv)), DEFAULTS, "prune_batch", "prune_batch", types=FLAG_TYPES,
-                     limits=LIMITS)
-    if config["baselines"]:
-        config["methods"] = list(dict.fromkeys([*config["methods"], "none", "depgraph"]))
-    from metanet.recipe import ALL_METHODS
-
-    bad = [m for m in config["methods"] if m not in ALL_METHODS]
-    if bad:
-        raise SystemExit(f"prune_batch: unknown method(s) {bad}; known: {', '.join(ALL_METHODS)}")
+    flags = vars(build_parser().parse_args(argv))
+    config = resolve(flags, DEFAULTS, "prune_batch", "prune_batch", types=FLAG_TYPES, limits=LIMITS)
+    try:
+        batch.check_runs_and_methods(config, targets_given=flags.get("targets") is not None)
+    except batch.BatchInputError as err:
+        raise SystemExit(f"prune_batch: {err}") from None
     from metanet.criteria import CRITERIA
     from metanet.recipe import LEARNED_AS
 
@@ -170,7 +186,10 @@ def main(argv=None) -> dict:
     if "meta" in config["methods"]:
         from metanet.metanetwork import load_metanetwork
 
-        load_metanetwork(config["metanet"])  # a truncated or foreign file: one line now, not a failed row per model
+        metanet = load_metanetwork(config["metanet"])[0]  # a truncated or foreign file: one line now
+        if (config["sparsity"] or config["nm"]) and metanet.config.edit == "scores":
+            raise SystemExit(f"prune_batch: --metanet {config['metanet']}: a channel-scores metanetwork "
+                             "(--objective curve) ranks channels; --sparsity/--nm need the paper's edit metanetwork")
         metanet_sha = batch.file_digest(config["metanet"])
     arch = batch.arch_file(config["arch"])
     sources = batch.find_sources(config)
@@ -183,14 +202,13 @@ def main(argv=None) -> dict:
 
 def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict | None, sources: list) -> dict:
     config = dict(config, arch=arch, metanet=os.path.abspath(config["metanet"]) if config["metanet"] else None)
-    runs = [{"target": None, "floor": config["floor"]}] if config["floor"] is not None else \
-        [{"target": float(t), "floor": None} for t in config["targets"]]
+    runs = batch.runs_of(config)
     todo = batch.plan(sources, config["methods"], runs, batch.read_results(out).to_dict("records"), metanet_sha,
                       batch.settings_digest(config))
     for note in todo.notes:
         print(f"  {note}")
     total = len(sources) * len(config["methods"]) * len(runs)
-    print(f"prune_batch: {len(sources)} models x {len(config['methods'])} methods x {len(runs)} targets = {total} "
+    print(f"prune_batch: {len(sources)} models x {len(config['methods'])} methods x {len(runs)} {'targets' if runs[0]['target'] or runs[0]['floor'] else 'sparsities'} = {total} "
           f"rows; {todo.reused} already done with the same model, metanetwork and settings -> {out}")
     rows, nodes = todo.rows, set()
     if todo.jobs:
@@ -207,8 +225,10 @@ def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict |
     atomic_write_text(os.path.join(out, "summary.md"), table + "\n")
     written = ["results.parquet", "results.csv", "summary.md"]
     if (frame.status == "ok").any():
-        batch.plot(frame, os.path.join(out, "accuracy_vs_speedup.png"))
-        written.append("accuracy_vs_speedup.png")
+        if batch.plot(frame, os.path.join(out, "accuracy_vs_speedup.png")):
+            written.append("accuracy_vs_speedup.png")
+        if batch.plot_sparsity(frame, os.path.join(out, "accuracy_vs_sparsity.png")):
+            written.append("accuracy_vs_sparsity.png")
         if batch.plot_curves(frame, os.path.join(out, "pruning_curve.png")):
             written.append("pruning_curve.png")
     wall = time.perf_counter() - started
@@ -238,7 +258,7 @@ def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> tuple[list[dic
     data_ref = ray.put(data)
     use_gpu = config["gpu"] if config["gpu"] is not None else ray.cluster_resources().get("GPU", 0) > 0
     state = {"rows": rows, "failed": 0, "nodes": set()}
-    fingerprints = ("model_sha", "metanet_sha", "settings_sha", "settings", "target", "floor")
+    fingerprints = ("model_sha", "metanet_sha", "settings_sha", "settings", *batch.RUN_KEYS)
 
     def record(job, new: list[dict]) -> dict:
         source, method, todo = job
@@ -255,7 +275,7 @@ def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> tuple[list[dic
         return record(job, [{"model": source.name, "source": source.ref, "method": method, "status": "failed",
                              "error": error} for _ in todo])
 
-    jobs_args = [((s, m, [{"target": r["target"], "floor": r["floor"]} for r in todo], config, data_ref,
+    jobs_args = [((s, m, [{k: r[k] for k in batch.RUN_KEYS} for r in todo], config, data_ref,
                    config["metanet"], out), (s, m, todo)) for s, m, todo in jobs]
     fan_out(prune_task, jobs_args, options={"num_cpus": config["cpus_per_task"], "num_gpus": 1 if use_gpu else 0,
                                             "max_retries": 1},

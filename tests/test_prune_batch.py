@@ -148,6 +148,68 @@ def test_a_resumed_run_counts_only_its_own_tasks_nodes(inputs, tmp_path):
     assert "tasks ran on 1 node(s)" in again.stdout
 
 
+def test_sparsity_and_two_four_write_finetuned_models_with_their_zeros(inputs, tmp_path):
+    """--sparsity 0.8 0.9 --nm 2:4: the saved files (weights only) hold at least the asked zeros in
+    the pruned layers and, for 2:4, the pattern in every pruned layer; first layer and classifier
+    dense; the rows, the summary, the sparsity plot say what was reached."""
+    from metanet.weight_pruning import nm_violations, prunable_layers, zero_fraction
+
+    out = tmp_path / "out"
+    run = _run("--models", inputs / "models/good.pt", "--dataset", "digits", "--metanet", inputs / "metanet.pt",
+               "--methods", "meta", "none", "wanda", "--sparsity", "0.8", "0.9", "--nm", "2:4", "--before-steps", "0",
+               "--after-steps", "10",
+               "--out", out, "--no-mlflow")
+    assert run.returncode == 0, run.stderr[-3000:]
+    frame = pd.read_parquet(out / "results.parquet")
+    assert len(frame) == 9 and (frame.status == "ok").all() and set(frame.method) == {"meta", "none", "wanda"}
+    assert set(frame.criterion) == {"magnitude", "wanda"}  # meta: the paper's edit, then magnitude
+    assert frame.speedup.isna().all() and (frame.macs_after == frame.macs_before).all()
+    for row in frame.itertuples():
+        model, meta = load_model(row.path)  # weights only, no masks left in the state dict
+        layers = list(prunable_layers(model))
+        if pd.notna(row.nm):  # layers whose rows are not a multiple of 4 weights stay dense, counted in the row
+            held = [n for n in layers if dict(model.named_modules())[n].weight[0].numel() % 4 == 0]
+            assert row.layers_pruned == len(held) and row.layers_dense == len(layers) - len(held) > 0
+            layers = held
+        first, *_, last = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert first not in layers and last not in layers
+        assert all(torch.count_nonzero(dict(model.named_modules())[n].weight) > 0.99 * dict(model.named_modules())[n].weight.numel()
+                   for n in (first, last))  # finetuned, not pruned
+        assert zero_fraction(model, layers) == pytest.approx(row.sparsity_measured)
+        if pd.notna(row.sparsity):
+            assert meta["sparsity"] == row.sparsity and row.sparsity_measured >= row.sparsity - 1e-3
+            assert row.path.endswith(f"good__{row.method}__sparsity{row.sparsity:g}.pt")
+        else:
+            assert row.nm == "2:4" and meta["nm"] == "2:4" and row.path.endswith("__2of4.pt")
+            assert not nm_violations(model, layers, 2, 4) and row.sparsity_measured >= 0.5 - 1e-9
+        assert row.params_nonzero < row.params_before and row.file_bytes_compressed < row.file_bytes
+    from zoo.batch import file_sizes
+
+    dense = file_sizes(str(inputs / "models/good.pt"))  # the unpruned file, saved the same way
+    sparse = frame.set_index(["method", "sparsity"]).loc[("none", 0.9)]
+    assert sparse.file_bytes == pytest.approx(dense["file_bytes"], rel=0.15)  # same shapes (and a few more meta keys)
+    assert sparse.file_bytes_compressed < 0.6 * dense["file_bytes_compressed"]  # but zeros compress
+    assert "% zeros" in run.stdout and "| none | sparsity0.9 |" in run.stdout and "| wanda | 2of4 |" in run.stdout
+    assert "1 models x 3 methods x 3 sparsities = 9 rows" in run.stdout
+    assert "Weight-level pruning" in run.stdout and "| meta - best |" in run.stdout and "| meta - wanda |" in run.stdout
+    assert (out / "accuracy_vs_sparsity.png").stat().st_size > 10_000 and not (out / "accuracy_vs_speedup.png").exists()
+
+
+def test_a_channel_scores_metanetwork_is_refused_for_weight_level_runs(inputs, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import prune_batch
+
+    zoo = Zoo(str(inputs / "zoo"))
+    scores = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=8, layers=1, edit="scores"))
+    save_metanetwork(scores, str(tmp_path / "scores.pt"))
+    with pytest.raises(SystemExit) as exit_:
+        prune_batch.cli(["--zoo", str(inputs / "zoo"), "--metanet", str(tmp_path / "scores.pt"), "--nm", "2:4",
+                         "--out", str(tmp_path / "out"), "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "a channel-scores metanetwork" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_adaptive_mode_prunes_while_validation_accuracy_holds(inputs, tmp_path):
     out = _run("--models", inputs / "models/good.pt", "--dataset", "digits", "--methods", "none", "--floor", "0.5",
                "--before-steps", "0", "--after-steps", "10", "--out", tmp_path / "out", "--no-mlflow")
@@ -205,6 +267,19 @@ def test_an_imported_architecture_from_a_state_dict(inputs, tmp_path):
     (["--zoo", "no-zoo", "--methods", "none"], "zoo directory not found"),
     (["--models", ".", "--methods", "none", "--arch", "os:system,command=ls"], "only constructors from"),
     (["--models", ".", "--methods", "none", "--arch", "torchvision.models:no_such_net"], "has no constructor"),
+    # weight-level pruning: bad fractions and patterns, methods without a weight-level form, mixed kinds
+    *[(["--models", ".", "--methods", "none", "--sparsity", v], f"--sparsity item 1 {shown}: must be")
+      for v, shown in (("0", "0.0"), ("1", "1.0"), ("-0.2", "-0.2"), ("nan", "nan"))],
+    (["--models", ".", "--methods", "none", "--sparsity", "0.8", "0.8"], "--sparsity 0.8 0.8: each value at most once"),
+    *[(["--models", ".", "--methods", "none", "--nm", v], f"--nm: N:M {v!r}" if ":" not in v or v.count(":") > 1
+       else "--nm: N:M") for v in ("text", "2:4:8")],
+    (["--models", ".", "--methods", "none", "--nm", "3:2"], "--nm: N:M 3:2 needs 0 < N < M"),
+    (["--models", ".", "--methods", "none", "--nm", "0:4"], "--nm: N:M 0:4 needs 0 < N < M"),
+    (["--models", ".", "--methods", "depgraph", "--sparsity", "0.5"], "['depgraph'] prune channels only"),
+    (["--models", ".", "--methods", "wanda"], "wanda prunes weights: with --sparsity or --nm"),
+    (["--models", ".", "--methods", "none", "--sparsity", "0.5", "--targets", "2"], "one kind per run"),
+    (["--models", ".", "--methods", "none", "--sparsity-scope", "layer"], "apply to --sparsity/--nm runs only"),
+    (["--models", ".", "--methods", "none", "--nm", "2:4", "--sparsity-scope", "row"], "--sparsity-scope 'row'"),
 ])
 def test_bad_inputs_are_named(args, message, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "pipelines"))

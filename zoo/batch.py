@@ -26,14 +26,20 @@ class BatchInputError(ValueError):
 
 DIAGNOSTICS = ["ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal",
                *(f"curve_{s:g}x" for s in CURVE_SPEEDUPS), "auc"]
-COLUMNS = ["model", "source", "family", "method", "criterion", "target", "floor", "status", "error", "warning", "speedup", "macs_before",
-           "macs_after", "params_before", "params_after", "val_acc_before", "test_acc_before", "val_acc_pruned",
-           "test_acc_pruned", "val_acc", "test_acc", "seconds", "path", *DIAGNOSTICS,
-           "model_sha", "metanet_sha", "settings_sha", "settings", "node"]
-KEY = ["model", "method", "target", "floor"]
+# weight-level rows (--sparsity, --nm): what was asked, the zeros measured in the saved weights, the
+# nonzero parameters, and the saved file's size raw and compressed (zeros compress)
+WEIGHT_COLUMNS = ["sparsity", "nm", "sparsity_measured", "layers_pruned", "layers_dense", "params_nonzero",
+                  "file_bytes", "file_bytes_compressed"]
+COLUMNS = ["model", "source", "family", "method", "criterion", "target", "floor", "sparsity", "nm", "status", "error",
+           "warning", "speedup", "macs_before", "macs_after", "params_before", "params_after", "val_acc_before",
+           "test_acc_before", "val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc", "seconds", "path",
+           *DIAGNOSTICS, *WEIGHT_COLUMNS[2:], "model_sha", "metanet_sha", "settings_sha", "settings", "node"]
+KEY = ["model", "method", "target", "floor", "sparsity", "nm"]
 # the settings a row's result depends on (besides its model, method, target/floor and metanetwork)
 RESULT_SETTINGS = ("arch", "dataset", "data_root", "before_steps", "before_lr", "after_steps", "after_lr",
                    "batch_size", "augment", "sparse_reg", "seed", "diagnostics", "criterion", "learned_as")
+# and, in a weight-level run (only: channel-pruning rows of earlier runs keep their digests)
+WEIGHT_SETTINGS = ("sparsity_scope", "prune_ends")
 
 
 @dataclass(frozen=True)
@@ -96,13 +102,15 @@ def _error(err: BaseException) -> str:
 
 def prune_model(source: Source, method: str, runs: list[dict], config: dict, data, metanet_path: str | None,
                 out: str) -> list[dict]:
-    """One Ray task: the rows of one model and method, one per target in ``runs`` (each a dict
-    with ``target`` and ``floor``). Never raises for a bad model: its rows say ``failed``."""
+    """One Ray task: the rows of one model and method, one per run in ``runs`` (each a dict with
+    ``target`` and ``floor``, or ``sparsity`` or ``nm``: weight-level pruning with the settings'
+    ``sparsity_scope`` and ``prune_ends``). Never raises for a bad model: its rows say ``failed``."""
     import torch
 
     from metanet.metanetwork import load_metanetwork
     from metanet.prune import count
-    from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings
+    from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings, sparsify_and_finetune
+    from metanet.weight_pruning import WeightPruning, parse_nm
     from zoo.model_files import save_model
     from metanet.train import evaluate
 
@@ -126,7 +134,7 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         metanet = load_metanetwork(metanet_path, None if device == "cpu" else "torch")[0] if method == "meta" else None
         cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
                                    seed=config["seed"], sparse_reg=config["sparse_reg"],
-                                   target=next((r["target"] for r in runs if r["target"]), 2.0))  # gates' amount
+                                   target=next((r["target"] for r in runs if r.get("target")), 2.0))  # gates' amount
         prepared = prepare(model, data, method, cfg, metanet)
         if config["diagnostics"]:  # on the test split: a report, nothing is selected with it
             from metanet.diagnostics import diagnose
@@ -140,23 +148,44 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         began = time.perf_counter()
         row.update(before)
         try:
-            cfg.target = row["target"] if row["target"] is not None else cfg.target
-            cfg.floor = row["floor"]
-            pruned, result = prune_and_finetune(prepared, data, cfg)
+            if is_weight_level(row):
+                nm = parse_nm(row["nm"]) if _given(row.get("nm")) else None
+                pruning = WeightPruning(sparsity=None if nm else row["sparsity"], nm=nm,
+                                        scope=config["sparsity_scope"], dense_ends=not config["prune_ends"])
+                pruned, result = sparsify_and_finetune(prepared, data, cfg, pruning)
+                kept = ("criterion", "sparsity_measured", "layers_pruned", "layers_dense", "params_nonzero",
+                        "macs_after", "params_after",
+                        "val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc")
+                result.update(macs_after=macs, params_after=params)  # zeros leave the dense shapes and MACs as they were
+            else:
+                cfg.target = row["target"] if row["target"] is not None else cfg.target
+                cfg.floor = row["floor"]
+                pruned, result = prune_and_finetune(prepared, data, cfg)
+                kept = ("criterion", "speedup", "macs_after", "params_after", "val_acc_pruned", "test_acc_pruned",
+                        "val_acc", "test_acc")
             name = f"{source.name}__{method}__{run_label(row)}.pt"
             path = os.path.join(out, "models", name)
+            labels = {"target": row["target"], "floor": row["floor"],
+                      **{k: row[k] for k in ("sparsity", "nm") if _given(row.get(k))}}
             try:
-                save_model(pruned, path, model=source.name, method=method, target=row["target"], floor=row["floor"],
-                           source=source.ref)
+                save_model(pruned, path, model=source.name, method=method, source=source.ref, **labels)
             except ValueError:  # not a zoo architecture (a trusted pickled module): keep it as one
                 atomic_write(path, lambda tmp: torch.save(pruned.cpu(), tmp))
-            row.update({k: result[k] for k in ("criterion", "speedup", "macs_after", "params_after", "val_acc_pruned",
-                                               "test_acc_pruned", "val_acc", "test_acc")},
-                       status="ok", error=None, path=path)
+            row.update({k: result[k] for k in kept}, status="ok", error=None, path=path, **file_sizes(path))
         except Exception as err:
             row.update(error=_error(err))
         row["seconds"] = shared + time.perf_counter() - began
     return rows
+
+
+def file_sizes(path: str) -> dict:
+    """A saved model's size in bytes, raw and zlib-compressed (level 6): zeros compress, so this is
+    what unstructured sparsity saves on disk or on the wire without a sparse format."""
+    import zlib
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    return {"file_bytes": len(raw), "file_bytes_compressed": len(zlib.compress(raw, 6))}
 
 
 def drift_warning(source: Source, val_acc: float) -> str | None:
@@ -179,9 +208,68 @@ def _family(model) -> str:
         return type(model).__name__
 
 
+RUN_KEYS = ("target", "floor", "sparsity", "nm")  # what a run is: one of them set
+DEFAULT_TARGETS = [2.0]
+
+
+def check_runs_and_methods(config: dict, targets_given: bool) -> None:
+    """prune_batch's runs and methods, checked (``BatchInputError``, one line) and completed in
+    place: N:M normalised to ``N:M``, ``--baselines`` added. One kind of pruning per run: channels
+    (targets or floor) or weights (sparsity or N:M), each with the methods that have that form."""
+    from metanet.recipe import ALL_METHODS, WEIGHT_BASELINES, WEIGHT_METHODS
+    from metanet.weight_pruning import SCOPES, parse_nm
+
+    if config["nm"] is not None:
+        try:
+            config["nm"] = "{}:{}".format(*parse_nm(config["nm"]))
+        except ValueError as err:
+            raise BatchInputError(f"--nm: {err}") from None
+    if config["sparsity_scope"] not in SCOPES:
+        raise BatchInputError(f"--sparsity-scope {config['sparsity_scope']!r}: must be one of {', '.join(SCOPES)}")
+    weights = bool(config["sparsity"]) or config["nm"] is not None
+    if weights and (config["floor"] is not None or targets_given or config["targets"] != DEFAULT_TARGETS):
+        raise BatchInputError("--targets/--floor prune channels, --sparsity/--nm weights: one kind per run")
+    if not weights and (config["sparsity_scope"] != "global" or config["prune_ends"]):
+        raise BatchInputError("--sparsity-scope and --prune-ends apply to --sparsity/--nm runs only")
+    if config["baselines"]:
+        added = WEIGHT_BASELINES if weights else ("none", "depgraph")
+        config["methods"] = list(dict.fromkeys([*config["methods"], *added]))
+    bad = [m for m in config["methods"] if m not in (WEIGHT_METHODS if weights else ALL_METHODS)]
+    if bad and weights:
+        raise BatchInputError(f"method(s) {bad} prune channels only; with --sparsity/--nm use {', '.join(WEIGHT_METHODS)}")
+    if bad:
+        raise BatchInputError(f"unknown method(s) {bad}; known: {', '.join(ALL_METHODS)}"
+                              + ("; wanda prunes weights: with --sparsity or --nm" if "wanda" in bad else ""))
+
+
+def runs_of(config: dict) -> list[dict]:
+    """prune_batch's runs: one per ``sparsity`` and one for ``nm`` (weight-level), else one for
+    ``floor`` (adaptive), else one per target."""
+    none = dict.fromkeys(RUN_KEYS)
+    if config.get("sparsity") or config.get("nm"):
+        return ([dict(none, sparsity=float(s)) for s in config.get("sparsity") or []]
+                + ([dict(none, nm=config["nm"])] if config.get("nm") else []))
+    if config["floor"] is not None:
+        return [dict(none, floor=config["floor"])]
+    return [dict(none, target=float(t)) for t in config["targets"]]
+
+
+def _given(value) -> bool:
+    return value is not None and value == value  # NaN (a missing number in a frame) is not given
+
+
 def run_label(row: dict) -> str:
+    """A row's run in names and tables: ``2x``, ``floor0.9``, ``sparsity0.8``, ``2of4``."""
+    if _given(row.get("nm")):
+        return "{}of{}".format(*str(row["nm"]).split(":"))
+    if _given(row.get("sparsity")):
+        return f"sparsity{row['sparsity']:g}"
     floor = row.get("floor")
-    return f"floor{floor:g}" if floor is not None and floor == floor else f"{row['target']:g}x"  # NaN: no floor
+    return f"floor{floor:g}" if _given(floor) else f"{row['target']:g}x"
+
+
+def is_weight_level(row: dict) -> bool:
+    return _given(row.get("sparsity")) or _given(row.get("nm"))
 
 
 # ---------------------------------------------------------------------------- the inputs
@@ -255,7 +343,8 @@ def settings_digest(config: dict) -> tuple[str, str]:
     import hashlib
     import json
 
-    text = json.dumps({k: config.get(k) for k in RESULT_SETTINGS}, sort_keys=True, default=str)
+    keys = RESULT_SETTINGS + (WEIGHT_SETTINGS if config.get("sparsity") or config.get("nm") else ())
+    text = json.dumps({k: config.get(k) for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], text
 
 
@@ -348,19 +437,21 @@ def write_results(out: str, rows: list[dict]):
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    frame = frame.astype({"target": "float64", "floor": "float64"})
-    frame = frame.sort_values(["model", "method", "target", "floor"], na_position="last").reset_index(drop=True)
+    frame = frame.astype({"target": "float64", "floor": "float64", "sparsity": "float64", "nm": "object"})
+    frame = frame.sort_values(KEY, na_position="last").reset_index(drop=True)
     atomic_write(os.path.join(out, "results.parquet"), lambda p: frame.to_parquet(p, index=False))
     atomic_write(os.path.join(out, "results.csv"), lambda p: frame.to_csv(p, index=False))
     return frame
 
 
 def row_key(row) -> tuple:
-    """What identifies a row: model, method, target, floor (NaN and None alike)."""
+    """What identifies a row: model, method, target, floor, sparsity, N:M (NaN and None alike)."""
     def num(v):
         return None if v is None or v != v else round(float(v), 6)
 
-    return row["model"], row["method"], num(row["target"]), num(row["floor"])
+    nm = row.get("nm")
+    return (row["model"], row["method"], num(row["target"]), num(row["floor"]), num(row.get("sparsity")),
+            nm if _given(nm) else None)
 
 
 def paired_summary(frame) -> str:
@@ -368,32 +459,45 @@ def paired_summary(frame) -> str:
     accuracy and right after pruning (BatchNorm recalibrated): meta and curve against the best
     hand-crafted criterion of the run (chosen on validation accuracy, per target) and against each
     other method, or the methods against each other without meta; '' with one method."""
-    from metanet.paired import paired_key_table, paired_table, with_best
-    from metanet.recipe import HAND_CRAFTED
+    from metanet.recipe import HAND_CRAFTED, WEIGHT_BASELINES
 
     ok = frame[(frame.status == "ok") & frame.floor.isna()]
+    weights = ok.sparsity.notna() | ok.nm.notna()
+    return "\n\n".join(filter(None, [_paired(ok[~weights], HAND_CRAFTED, "target"),
+                                      _paired(ok[weights], WEIGHT_BASELINES, "weights")]))
+
+
+def _paired(ok, hand_crafted, kind: str) -> str:
+    """``paired_summary`` of channel-pruning rows (``kind`` "target") or weight-level rows
+    ("weights": the runs are their labels, ``sparsity0.8``, ``2of4``)."""
+    from metanet.paired import paired_key_table, paired_table, target_label, with_best
+
     methods = list(dict.fromkeys(ok.method))
     if len(methods) < 2:
         return ""
-    criteria = [m for m in HAND_CRAFTED if m in methods]
+    if kind == "weights":
+        ok = ok.assign(target=[run_label(r) for r in ok.to_dict("records")])
+        text = "Weight-level pruning (sparsity, N:M). "
+    else:
+        text = ""
+    criteria = [m for m in hand_crafted if m in methods]
     leads = [m for m in ("meta", "curve") if m in methods]
     pairs = [(a, b) for a in leads for b in methods if b != a and not (a == "curve" and b == "meta")]
     if not leads:
         pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
     elif len(criteria) > 1:
         pairs = [(a, "best") for a in leads] + pairs
-    targets = sorted(set(ok.target))
+    targets = sorted(set(ok.target), key=str) if kind == "weights" else sorted(set(ok.target))
     rows = ok.to_dict("records")
-    text = ""
     for label, key in (("final test accuracy", "acc"), ("test accuracy right after pruning (BatchNorm recalibrated, "
                                                         "no finetuning)", "acc_pruned")):
         both, chosen = with_best(rows, criteria, f"val_{key}", targets, unit="model")
         text += f"Paired by model, {label}, mean difference in points [95% interval over {ok.model.nunique()} models]"
         if len(criteria) > 1:
             text += ("; best hand-crafted criterion by validation accuracy: "
-                     + ", ".join(f"{t:g}x {m}" for t, m in chosen.items()))
+                     + ", ".join(f"{target_label(t)} {m}" for t, m in chosen.items()))
         text += ":\n\n" + paired_table(both, pairs, targets, f"test_{key}", unit="model") + "\n\n"
-    if ok["auc"].notna().any():
+    if kind == "target" and ok["auc"].notna().any():
         curve = [r for r in rows if r["target"] == targets[0]]
         keys = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
         plain = [p for p in pairs if "best" not in p]
@@ -405,13 +509,15 @@ def paired_summary(frame) -> str:
 def summary_table(frame) -> str:
     """Markdown: per method and target, the mean over models that finished."""
     ok = frame[frame.status == "ok"]
-    lines = ["| method | target | models | reached speed-up | test acc before | test acc pruned (BN recal, no ft) | "
+    lines = ["| method | target | models | reached | test acc before | test acc pruned (BN recal, no ft) | "
              "test acc after | val acc after | s each |", "|---|---|---|---|---|---|---|---|---|"]
     group = ok.assign(run=[run_label(r) for r in ok.to_dict("records")]).groupby(["run", "method"], sort=False)
     order = sorted(group.groups, key=lambda k: (k[0], k[1]))
     for run, method in order:
         g = group.get_group((run, method))
-        lines.append(f"| {method} | {run} | {len(g)} | {g.speedup.mean():.2f}x | {100 * g.test_acc_before.mean():.2f} | "
+        reached = (f"{100 * g.sparsity_measured.mean():.1f}% zeros" if g.sparsity_measured.notna().any()
+                   else f"{g.speedup.mean():.2f}x")
+        lines.append(f"| {method} | {run} | {len(g)} | {reached} | {100 * g.test_acc_before.mean():.2f} | "
                      f"{100 * g.test_acc_pruned.mean():.2f} | {100 * g.test_acc.mean():.2f} | "
                      f"{100 * g.val_acc.mean():.2f} | {g.seconds.mean():.0f} |")
     failed = frame[frame.status != "ok"]
@@ -422,10 +528,11 @@ def summary_table(frame) -> str:
     return "\n".join(lines) + (f"\n\n{paired}" if paired else "")
 
 
-def plot(frame, path: str) -> None:
+def plot(frame, path: str) -> bool:
     """Test accuracy after finetuning against the speed-up reached: per method, each model's rows
     (faint markers) and the mean over models at each target with its 95% interval (error bars),
-    and the unpruned networks' mean accuracy as a dashed reference line."""
+    and the unpruned networks' mean accuracy as a dashed reference line. False when no row pruned
+    channels."""
     import matplotlib.ticker
     from matplotlib.lines import Line2D
 
@@ -434,7 +541,9 @@ def plot(frame, path: str) -> None:
 
     plt = pyplot()
 
-    ok = frame[frame.status == "ok"]
+    ok = frame[(frame.status == "ok") & frame.speedup.notna()]
+    if ok.empty:
+        return False
     fig, ax = plt.subplots(figsize=(6.5, 4))
     handles = []
     for (method, g), marker, color in zip(ok.groupby("method"), "os^vD", plt.rcParams["axes.prop_cycle"].by_key()["color"]):
@@ -462,6 +571,49 @@ def plot(frame, path: str) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
+    return True
+
+
+def plot_sparsity(frame, path: str) -> bool:
+    """Weight-level rows: test accuracy after finetuning (solid) and right after pruning (dotted)
+    against the measured fraction of zero weights, per method the mean over models at each run
+    with its 95% interval; N:M runs are labelled at their point. False when there are none."""
+    import matplotlib.ticker
+
+    from metanet.paired import mean_ci
+    from metanet.plotting import pyplot
+
+    plt = pyplot()
+    ok = frame[(frame.status == "ok") & frame.sparsity_measured.notna()]
+    if ok.empty:
+        return False
+    ok = ok.assign(run=[run_label(r) for r in ok.to_dict("records")])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (method, g), marker, color in zip(ok.groupby("method"), "os^vD", colors):
+        for key, style, label in (("test_acc", "-", "after finetuning"), ("test_acc_pruned", ":", "right after pruning")):
+            points = []
+            for run, at in g.groupby("run"):
+                ci = mean_ci(list(100 * at.groupby("model")[key].mean()))
+                points.append((at.sparsity_measured.mean(), ci.mean, (ci.high - ci.low) / 2 if ci.n > 1 else 0.0, run))
+            points.sort()
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker=marker,
+                        color=color, ls=style, capsize=3, label=f"{method}, {label}")
+            for x, y, _, run in points:
+                if "of" in run and key == "test_acc":
+                    ax.annotate(run.replace("of", ":"), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    unpruned = 100 * ok.groupby("model").test_acc_before.first().mean()
+    ax.axhline(unpruned, color="gray", ls="--", label=f"unpruned (mean {unpruned:.1f}%)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_xlabel("zero weights in the pruned layers (measured)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{ok.model.nunique()} models: accuracy vs sparsity (95% interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+    return True
 
 
 def plot_curves(frame, path: str) -> bool:
