@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 from metanet.sparsity import SPARSITY_FORMS, GroupSparsity, sparsity_term
 from metanet.data import TaskData
 
-OBJECTIVES = ("paper", "curve")
+# "weight_curve" and "paper_l1": the weight-level objectives (unstructured and N:M sparsity)
+OBJECTIVES = ("paper", "curve", "weight_curve", "paper_l1")
 
 
 @dataclass
@@ -88,6 +89,14 @@ class MetaTrainConfig:
     # dense target beside the masked task loss; 0 leaves the curve objective alone
     score_targets: float = 0.0
     target_steps: int = 40
+    # "weight_curve": the weight-level curve objective (metanet.weight_scoring) on the per-weight
+    # scores of a ``weight_scores`` metanetwork, a sparsity drawn per step from ``weight_sparsities``;
+    # "paper_l1": the paper's unstructured objective, the additive edit's task loss plus
+    # ``l1_reg * sum |w|`` over the pruned layers' edited weights (its gradient reg * sign(w); the
+    # paper's code uses 0.1), magnitude pruning afterwards
+    weight_sparsities: tuple[float, float] = (0.5, 0.95)
+    weight_temperature: float = 0.2
+    l1_reg: float = 0.1
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -121,6 +130,8 @@ class Member:
     params: dict[str, torch.Tensor] | None = None
     amounts: tuple[float, float] | None = None
     targets: torch.Tensor | None = None  # its per-network curve scores (``score_targets``)
+    # the weight-level objectives': the names of the weights a weight-level pruning masks
+    weight_names: list[str] | None = None
 
 
 _TARGETS_CACHE: dict[tuple, torch.Tensor] = {}
@@ -133,6 +144,14 @@ def make_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: Meta
     (its weights are not used: they come from ``graph``)."""
     if cfg.objective == "curve":
         return _curve_member(member_id, model, graph, cfg)
+    if cfg.objective in ("weight_curve", "paper_l1"):
+        from metanet.curve import batch_stat_copy
+        from metanet.weight_scoring import weight_names
+
+        work = batch_stat_copy(model) if cfg.objective == "weight_curve" else model.train(cfg.bn_mode == "train")
+        params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
+        return Member(member_id, graph, work.to(graph.node_feat.device), None, params=params,
+                      weight_names=weight_names(model))
     key = (graph.fingerprint, cfg.reg, cfg.alpha)
     if key not in _SPARSITY_CACHE:
         _SPARSITY_CACHE[key] = GroupSparsity(model, torch.zeros(graph.input_shape), reg=cfg.reg, alpha=cfg.alpha)
@@ -211,6 +230,35 @@ def curve_step(metanet: MetaNetwork, members: Sequence[Member], batches: Sequenc
     return terms
 
 
+def weight_curve_step(metanet: MetaNetwork, members: Sequence[Member],
+                      batches: Sequence[tuple[torch.Tensor, torch.Tensor]], draw: float,
+                      cfg: MetaTrainConfig) -> dict[str, float]:
+    """Forward and backward of the weight-level curve objective for ``members``: each member's
+    per-weight scores from one metanetwork pass (``metanet.weight_scoring.metanet_weight_scores``),
+    the soft mask at the sparsity ``lo + draw * (hi - lo)``, the masked network's mean cross-entropy
+    over ``batches``; gradients accumulate in ``metanet``. Returns the mean loss terms."""
+    from metanet.weight_scoring import metanet_weight_scores, weight_curve_loss
+
+    lo, hi = cfg.weight_sparsities
+    sparsity = lo + draw * (hi - lo)
+    terms = {"task_loss": 0.0, "sparsity_loss": 0.0, "train_acc": 0.0}
+    total = 0.0
+    for member in members:
+        scores = metanet_weight_scores(metanet, member.graph, member.model, member.params, member.weight_names)
+        correct, seen = 0, 0
+        for x, y in batches:
+            loss, logits = weight_curve_loss(member.model, member.params, scores, sparsity, x, y,
+                                             cfg.weight_temperature)
+            loss = loss / (len(batches) * len(members))
+            total = total + loss
+            terms["task_loss"] += float(loss.detach())
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.numel()
+        terms["train_acc"] += correct / max(seen, 1) / len(members)
+    total.backward()
+    return terms
+
+
 def task_objective(member: Member, params: dict[str, torch.Tensor],
                    batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
     """The task term of the meta-objective for ``params`` (a name -> tensor dict of the member's
@@ -248,6 +296,8 @@ def members_step(metanet: MetaNetwork, members: Sequence[Member],
     batches = list(batches)
     if members[0].scores_map is not None:
         return curve_step(metanet, members, batches, draw, cfg)
+    if cfg is not None and cfg.objective == "weight_curve":
+        return weight_curve_step(metanet, members, batches, draw, cfg)
     graphs = [m.graph for m in members]
     edited = metanet(graphs) if len(members) > 1 else [metanet(graphs[0])]
     outputs, gradients = [], []
@@ -256,7 +306,10 @@ def members_step(metanet: MetaNetwork, members: Sequence[Member],
         params = graph_to_params(graph, member.model)
         leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
         task, accuracy = task_objective(member, leaves, batches)
-        sparse = sparsity_term(member.sparsity, leaves, member.sparsity_form, member.group_weights)
+        if member.weight_names is not None:  # paper_l1: the paper's unstructured term, reg * sign(w) in the gradient
+            sparse = (cfg or MetaTrainConfig()).l1_reg * sum(leaves[n].abs().sum() for n in member.weight_names)
+        else:
+            sparse = sparsity_term(member.sparsity, leaves, member.sparsity_form, member.group_weights)
         sparse.backward()
         for k in params:
             if params[k].requires_grad and leaves[k].grad is not None:
@@ -391,7 +444,7 @@ def run_epoch(metanet: nn.Module, opt: torch.optim.Optimizer, members: Iterable[
             for member in group:
                 attach_targets(member, data, cfg)
         # the curve objective's amount; drawn only for it, so the paper objective's batches stay as they were
-        draw = float(torch.rand((), generator=gen)) if cfg.objective == "curve" else 0.5
+        draw = float(torch.rand((), generator=gen)) if cfg.objective in ("curve", "weight_curve") else 0.5
         opt.zero_grad(set_to_none=True)
         terms = members_step(metanet, group, batches, draw, cfg)
         opt.step()

@@ -29,7 +29,10 @@ EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
 STATISTICS_WIDTH = 6  # metanet.scoring.channel_statistics: (z, rank) of three statistics
 # "scores": no edit at all: the metanetwork is a learned pruning criterion, one score per channel
 # (``node_scores``, trained on the curve objective; metanet.scoring)
-EDITS = ("additive", "gate", "gate+additive", "scores")
+# "weight_scores": no edit either: per-weight score corrections decoded from the edge states, a
+# learned weight-level criterion (unstructured and N:M sparsity; metanet.weight_scoring)
+EDITS = ("additive", "gate", "gate+additive", "scores", "weight_scores")
+NO_EDIT = ("scores", "weight_scores")  # learned criteria: the network is pruned as it is
 
 
 @dataclass
@@ -161,14 +164,19 @@ class MetaNetwork(nn.Module):
         self.edge_encoders = nn.ModuleDict({t: nn.Linear(k, h) for t, k in config.edge_widths.items()})
         self.layers = nn.ModuleList(MetaLayer(h, config.shared_directions, config.edge_norm)
                                     for _ in range(config.layers))
-        if config.edit != "scores":  # a criterion edits nothing: no decoders back to weights
+        if config.edit not in NO_EDIT:  # a criterion edits nothing: no decoders back to weights
             self.node_decoder = nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(),
                                               nn.Linear(h, len(NODE_FEATURES)))
+        if config.edit != "scores":
             # identity, gate and norm edges stand for operations, not weights: they inform, but are not edited
             self.edge_decoders = nn.ModuleDict({
                 t: nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, k))
                 for t, k in config.edge_widths.items() if t not in STRUCTURAL_EDGE_TYPES})
-        if config.edit != "additive":
+            if config.edit == "weight_scores":  # every correction starts at 0: the criterion starts as magnitude
+                for decoder in self.edge_decoders.values():
+                    nn.init.zeros_(decoder[-1].weight)
+                    nn.init.zeros_(decoder[-1].bias)
+        if config.edit not in ("additive", "weight_scores"):
             width = h + (len(EVIDENCE_FEATURES) if config.evidence else 0)
             decoder = nn.Sequential(nn.Linear(width, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1))
             # every gate starts at exactly 1 (every score's correction at 0): the metanetwork starts
@@ -241,9 +249,25 @@ class MetaNetwork(nn.Module):
                              "(a criterion metanetwork has edit 'scores')")
         return self.score_decoder(self._decoder_input(graph, self._embed(graph)[0])).squeeze(1)
 
+    def weight_deltas(self, graph: NetworkGraph) -> dict[str, torch.Tensor]:
+        """A ``weight_scores`` metanetwork's per-weight score corrections, as edge features: for
+        each edited edge type a tensor shaped like its features (0 everywhere before training;
+        ``metanet.weight_scoring`` adds them to the weights' log magnitudes)."""
+        if self.config.edit != "weight_scores":
+            raise ValueError(f"this metanetwork's edit is {self.config.edit!r}: it decodes no per-weight scores "
+                             "(a weight-level criterion has edit 'weight_scores')")
+        e = self._embed(graph)[1]
+        out, start = {}, 0
+        for t in graph.edge_types:
+            n = graph.edge_feat[t].shape[0]
+            if t in self.edge_decoders:
+                out[t] = self.edge_decoders[t](e[start:start + n])
+            start += n
+        return out
+
     def gate_logits(self, graph: NetworkGraph) -> torch.Tensor:
         """[N] the gate logits this metanetwork decodes for ``graph`` (gate = 2 sigmoid(logit))."""
-        if self.config.edit == "additive":
+        if self.config.edit in ("additive", "weight_scores"):
             raise ValueError("this metanetwork's edit is 'additive': it has no gates")
         return self._gate_logits(graph, self._embed(graph)[0])
 
@@ -253,8 +277,8 @@ class MetaNetwork(nn.Module):
         run batches of members too); with ``scores``, a ``scores`` metanetwork's ``node_scores``
         (through ``forward``, so that a DDP wrapper averages their gradients)."""
         if scores:
-            return self.node_scores(graph)
-        if self.config.edit == "scores":  # a criterion edits nothing (node_scores is its output)
+            return self.weight_deltas(graph) if self.config.edit == "weight_scores" else self.node_scores(graph)
+        if self.config.edit in NO_EDIT:  # a criterion edits nothing (node_scores, weight_deltas: its output)
             return list(graph) if isinstance(graph, (list, tuple)) else graph
         if isinstance(graph, (list, tuple)):
             return self.forward_many(graph)
@@ -269,7 +293,7 @@ class MetaNetwork(nn.Module):
 
     def _edit(self, graph: NetworkGraph, x: torch.Tensor, e: torch.Tensor) -> NetworkGraph:
         """``graph`` edited from its final node and edge states."""
-        if self.config.edit == "scores":  # a criterion: the network is pruned as it is
+        if self.config.edit in NO_EDIT:  # a criterion: the network is pruned as it is
             return graph
         if self.config.edit == "gate":
             return apply_gates(graph, gate_from_logit(self._gate_logits(graph, x)))

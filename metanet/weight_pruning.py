@@ -229,6 +229,10 @@ def sparsify(model: nn.Module, settings: WeightPruning, criterion: WeightCriteri
         raise ValueError(f"{type(model).__name__}: no Conv/Linear layer to prune"
                          + (" besides the first and the classifier (kept dense)" if settings.dense_ends else ""))
     scores = criterion.scores(model, layers, batches)
+    # torch's L1Unstructured ranks |importance|: shift the scores (a learned criterion's are log
+    # magnitudes, negative) to be non-negative, which keeps their order within and across layers
+    low = min(float(s.min()) for s in scores.values())
+    scores = {n: s - low if low < 0 else s for n, s in scores.items()}
     report = WeightPruningReport(settings, list(layers))
     if settings.nm is not None:
         n, m = settings.nm

@@ -131,3 +131,17 @@ def test_exactly_one_of_sparsity_and_nm():
     with pytest.raises(ValueError, match="scope"):
         WeightPruning(sparsity=0.5, scope="row")
     copy.deepcopy(WeightPruning(sparsity=0.5))
+
+
+def test_given_scores_rank_by_value_even_when_negative():
+    """torch's L1Unstructured ranks |score|: negative scores (log magnitudes) must still be ranked
+    by value, so minus |w| keeps the smallest weights."""
+    from metanet.weight_pruning import GivenScores
+
+    model = _net()
+    layers = prunable_layers(model)
+    flipped = GivenScores({n: -m.weight.detach().abs() - 1.0 for n, m in layers.items()})
+    sparsify(model, WeightPruning(sparsity=0.5), flipped)
+    kept = torch.cat([m.weight_orig[m.weight_mask.bool()].abs() for m in layers.values()])
+    dropped = torch.cat([m.weight_orig[~m.weight_mask.bool()].abs() for m in layers.values()])
+    assert kept.max() <= dropped.min()
