@@ -27,6 +27,7 @@ from metanet.data import TaskData
 from metanet.train import evaluate
 
 CURVE_SPEEDUPS = (1.5, 2.0, 3.0, 4.0)
+CURVE_SPARSITIES = (0.5, 0.8, 0.9, 0.95)  # the weight-level curve's fractions of zeros
 LOW_IMPORTANCE = 0.1
 
 
@@ -79,6 +80,26 @@ def _selectivity(sparsity: GroupSparsity, imp0: torch.Tensor, imp1: torch.Tensor
     normalised = imp1 / sparsity.group_reduce(imp1, "amax")[group_of].clamp_min(1e-12)
     return {"ratio_spread": float(spread[counts > 1].mean()), "mean_ratio": float(ratio.mean()),
             "share_below_0.1": float((normalised < LOW_IMPORTANCE).float().mean())}
+
+
+def weight_pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, criterion,
+                         sparsities: Sequence[float] = CURVE_SPARSITIES, split: str = "val", nm: bool = False,
+                         dense_ends: bool = True, scope: str = "global") -> dict:
+    """The weight-level pruning curve: {sparsity (and, with ``nm``, "2:4"): accuracy on ``split``}
+    right after masking a copy of ``model``'s weights (``metanet.weight_pruning``, ranked by the
+    weight ``criterion``) and recomputing BatchNorm statistics; ``model`` is not changed."""
+    from metanet.weight_pruning import WeightPruning, sparsify
+
+    runs = [(s, WeightPruning(sparsity=s, scope=scope, dense_ends=dense_ends)) for s in sparsities]
+    if nm:
+        runs.append(("2:4", WeightPruning(nm=(2, 4), dense_ends=dense_ends)))
+    batches = calibration(data, cfg) if criterion.data_driven else None
+    curve = {}
+    for key, pruning in runs:
+        work = copy.deepcopy(model)
+        sparsify(work, pruning, criterion, batches)
+        curve[key] = recalibrated_accuracy(work, data, cfg, split)
+    return curve
 
 
 def recalibrated_accuracy(model: nn.Module, data: TaskData, cfg: RecipeConfig, split: str = "val") -> float:

@@ -53,8 +53,8 @@ from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, amounts_
                            prune_to_speedup,
                            recalibrate_bn)
 from metanet.sparsity import GroupSparsity
-from metanet.weight_pruning import (WeightPruning, WeightPruningReport, make_permanent, sparsify, weight_criterion,
-                                    zero_fraction)
+from metanet.weight_pruning import (GivenScores, WeightCriterion, WeightPruning, WeightPruningReport, make_permanent,
+                                    sparsify, weight_criterion, zero_fraction)
 from metanet.data import TaskData
 from metanet.train import TrainConfig, evaluate, train
 
@@ -67,7 +67,10 @@ BENCH_METHODS = ("meta", *HAND_CRAFTED, "depgraph", "curve")  # what bench/quali
 ALL_METHODS = (*BENCH_METHODS, "gate", "oracle")  # plus the per-network gates and the paper objective's oracle
 # weight-level pruning (metanet.weight_pruning): method -> the weight criterion ranking its weights;
 # meta is the paper's unstructured pipeline (edit -> finetune -> magnitude pruning -> finetune)
-WEIGHT_CRITERION_OF = {"meta": "magnitude", "none": "magnitude", "wanda": "wanda", "random": "random"}
+# (with a ``weight_scores`` metanetwork, meta ranks by its learned per-weight scores, and curve
+# ranks by per-weight scores optimised on the network: metanet.weight_scoring)
+WEIGHT_CRITERION_OF = {"meta": "magnitude", "none": "magnitude", "wanda": "wanda", "random": "random",
+                       "curve": "learned"}
 WEIGHT_METHODS = tuple(WEIGHT_CRITERION_OF)
 WEIGHT_BASELINES = ("none", "wanda")  # what prune_batch --baselines adds to weight-level runs
 
@@ -206,22 +209,32 @@ def scores_metanet(metanet: MetaNetwork | None) -> bool:
     return metanet is not None and metanet.config.edit == "scores"
 
 
+def weight_scores_metanet(metanet: MetaNetwork | None) -> bool:
+    """Is ``metanet`` a learned weight-level criterion (edit ``weight_scores``)?"""
+    return metanet is not None and metanet.config.edit == "weight_scores"
+
+
 def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
-            metanet: MetaNetwork | None = None) -> Prepared:
+            metanet: MetaNetwork | None = None, level: str = "channels") -> Prepared:
     """The method's part before pruning, on a copy of ``model``: the metanetwork edit (``meta``)
     or sparse learning (``depgraph``), then ``cfg.before``'s finetuning; for ``curve`` then the
-    scores. Shared by every target."""
+    scores. Shared by every target. ``level`` "weights": for ``sparsify_and_finetune``, which
+    computes its own (weight-level) criterion."""
     if method not in ALL_METHODS and method not in WEIGHT_METHODS:
         raise ValueError(f"method must be one of {ALL_METHODS + ('wanda',)}, not {method!r}")
     if method == "meta" and metanet is None:
         raise ValueError("method 'meta' needs a metanetwork")
+    if method == "meta" and weight_scores_metanet(metanet) and level != "weights":
+        raise ValueError("a weight_scores metanetwork ranks weights: prune with sparsity or N:M, not channels")
     start = time.perf_counter()
     x = torch.zeros(data.input_shape, device=_device(model))
     model = copy.deepcopy(model)
     record: dict = {"method": method, "val_acc_start": evaluate(model, data, "val")[0]}
     extra = None
     batches = list(calibration(data, cfg)()) if scores_metanet(metanet) and metanet.config.calibration else None
-    if method == "meta" and not scores_metanet(metanet):
+    if method == "meta" and weight_scores_metanet(metanet):
+        pass  # a learned weight-level criterion: no edit (its scores rank the finetuned network's weights)
+    elif method == "meta" and not scores_metanet(metanet):
         model = apply_metanetwork(metanet, model, x)
         record["val_acc_after_metanet"] = evaluate(model, data, "val")[0]
     elif method == "meta" and cfg.learned_as == "gates":  # the scores as an edit: magnitude prunes afterwards
@@ -238,7 +251,9 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
     train(model, data, cfg.before, extra_loss=extra)
     record["val_acc_before_prune"] = evaluate(model, data, "val")[0]
     chosen = criterion(CRITERION_OF.get(method, cfg.criterion))
-    if method == "curve":
+    if level == "weights":
+        pass  # the weight-level criterion is computed when the weights are pruned
+    elif method == "curve":
         chosen = curve_scores(model, data, cfg)
     elif method == "meta" and scores_metanet(metanet) and cfg.learned_as == "criterion":
         chosen = learned_criterion(metanet, model, x, batches)  # a learned criterion: scores of the finetuned network
@@ -303,21 +318,39 @@ class _WeightResult:
     def summary(self) -> dict:
         s = self.report.settings
         return {"sparsity": s.sparsity, "nm": f"{s.nm[0]}:{s.nm[1]}" if s.nm else None,
-                "layers_pruned": len(self.report.layers), "layers_dense": len(self.report.dense)}
+                "layers_pruned": len(self.report.layers)}
+
+
+def weight_criterion_for(prepared: Prepared, data: TaskData, cfg: RecipeConfig, pruning: WeightPruning,
+                         metanet: MetaNetwork | None = None) -> WeightCriterion:
+    """The weight criterion of ``prepared``'s method (``WEIGHT_CRITERION_OF``): a registered one,
+    a ``weight_scores`` metanetwork's scores of the prepared network (``meta``), or per-weight
+    scores optimised on it for ``cfg.before.steps`` steps (``curve``)."""
+    from metanet.weight_scoring import fit_weight_scores, learned_weight_criterion
+
+    method = prepared.record["method"]
+    if method not in WEIGHT_CRITERION_OF:
+        raise ValueError(f"method {method!r} prunes channels only; weight-level methods: {', '.join(WEIGHT_METHODS)}")
+    if method == "meta" and weight_scores_metanet(metanet):
+        x = torch.zeros(data.input_shape, device=_device(prepared.model))
+        return learned_weight_criterion(metanet, prepared.model, x, pruning.dense_ends)
+    if method == "curve":
+        b = cfg.before
+        return GivenScores(fit_weight_scores(prepared.model, data, steps=max(b.steps, 1), batch_size=b.batch_size,
+                                             seed=b.seed, dense_ends=pruning.dense_ends), name="curve")
+    return weight_criterion(WEIGHT_CRITERION_OF[method])
 
 
 def sparsify_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, pruning: WeightPruning,
-                          report_test: bool = True, extra_after: Sequence[int] = ()) -> tuple[nn.Module, dict]:
+                          report_test: bool = True, extra_after: Sequence[int] = (),
+                          metanet: MetaNetwork | None = None) -> tuple[nn.Module, dict]:
     """Weight-level pruning of a copy of ``prepared.model`` (``metanet.weight_pruning``; the
     method's weight criterion, ``WEIGHT_CRITERION_OF``), BatchNorm recalibrated, then ``cfg.after``'s
     finetune with the masks kept (zeros stay zeros); returns the network with plain weights and its
     record: ``sparsity_measured`` (zeros among the pruned layers' weights), ``params_nonzero``,
-    ``layers_pruned`` and ``layers_dense`` (those an N:M pattern could not hold)."""
+    ``layers_pruned``."""
     start = time.perf_counter()
-    method = prepared.record["method"]
-    if method not in WEIGHT_CRITERION_OF:
-        raise ValueError(f"method {method!r} prunes channels only; weight-level methods: {', '.join(WEIGHT_METHODS)}")
-    chosen = weight_criterion(WEIGHT_CRITERION_OF[method])
+    chosen = weight_criterion_for(prepared, data, cfg, pruning, metanet)
     model = copy.deepcopy(prepared.model)
     report = sparsify(model, pruning, chosen, calibration(data, cfg) if chosen.data_driven else None)
     prepared = prepared._replace(record=dict(prepared.record, criterion=chosen.name))

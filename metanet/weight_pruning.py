@@ -13,15 +13,15 @@ weights, and the saved file holds the zeros and loads weights-only like any othe
 Torch ships no N:M pruner for convolutions (``torch.ao.pruning.WeightNormSparsifier`` takes 2-D
 weights only) nor for arbitrary scores, so ``nm_mask`` is the one mask computed here: a top-N per
 group of M. A convolution's input weights are its weight's rows flattened in PyTorch's order
-(``in_channels * kh * kw``, the GEMM's reduction axis of an im2col convolution); a layer whose row
-length is not a multiple of M is left dense and named in the report.
+(``in_channels * kh * kw``, the GEMM's reduction axis of an im2col convolution); a row whose length
+is not a multiple of M ends in a shorter group, as if padded with zeros.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -198,27 +198,28 @@ def weight_criterion(name: str) -> WeightCriterion:
     return WEIGHT_CRITERIA[name]
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int, where: str = "layer") -> torch.Tensor:
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """The 0/1 mask keeping the ``n`` highest of ``scores`` in every group of ``m`` consecutive
-    input weights (each output row flattened). ValueError naming ``where`` if a row's length is not
-    a multiple of ``m``."""
+    input weights (each output row flattened). A row whose length is not a multiple of ``m`` ends in
+    a shorter group, as if padded with zeros to the next multiple (the padding a 2:4 kernel needs
+    anyway): it keeps at most ``n`` too."""
     rows = scores.reshape(scores.shape[0], -1)
-    if rows.shape[1] % m:
-        raise ValueError(f"{where}: {rows.shape[1]} input weights per output are not a multiple of {m}")
+    length = rows.shape[1]
+    pad = -length % m
+    if pad:  # padded scores are never kept ahead of a real weight
+        rows = torch.cat([rows, torch.full((rows.shape[0], pad), -torch.inf, device=rows.device)], 1)
     groups = rows.reshape(-1, m)
     keep = torch.zeros_like(groups).scatter_(1, groups.topk(n, dim=1).indices, 1.0)
-    return keep.reshape(scores.shape)
+    return keep.reshape(rows.shape)[:, :length].reshape(scores.shape)
 
 
 # ------------------------------------------------------------------------------- actions
 @dataclass
 class WeightPruningReport:
-    """What ``sparsify`` did: the layers pruned, those an N:M pattern could not hold (left dense,
-    with why), and the fraction of zeros it asked for."""
+    """What ``sparsify`` did: its settings and the layers it pruned."""
 
     settings: WeightPruning
     layers: list[str]
-    dense: dict[str, str] = field(default_factory=dict)
 
 
 def sparsify(model: nn.Module, settings: WeightPruning, criterion: WeightCriterion,
@@ -237,13 +238,7 @@ def sparsify(model: nn.Module, settings: WeightPruning, criterion: WeightCriteri
     if settings.nm is not None:
         n, m = settings.nm
         for name, module in layers.items():
-            try:
-                mask = nm_mask(scores[name], n, m, name)
-            except ValueError as err:
-                report.dense[name] = str(err)
-                continue
-            prune.custom_from_mask(module, "weight", mask)
-        report.layers = [n for n in layers if n not in report.dense]
+            prune.custom_from_mask(module, "weight", nm_mask(scores[name], n, m))
     elif settings.scope == "global":
         prune.global_unstructured([(m, "weight") for m in layers.values()], prune.L1Unstructured,
                                   importance_scores={(m, "weight"): scores[n] for n, m in layers.items()},
@@ -251,7 +246,18 @@ def sparsify(model: nn.Module, settings: WeightPruning, criterion: WeightCriteri
     else:
         for name, module in layers.items():
             prune.l1_unstructured(module, "weight", amount=settings.sparsity, importance_scores=scores[name])
+    for name in report.layers:
+        module = layers[name]
+        module.weight = module.weight.detach()
+        module.register_forward_hook(_detach_weight)
     return report
+
+
+def _detach_weight(module: nn.Module, _inputs, _output) -> None:
+    """After each forward, the masked ``weight`` torch's hook computed is kept detached: the
+    forward's graph already holds it (gradients still reach ``weight_orig``), and a module whose
+    attribute is a non-leaf tensor cannot be deep-copied."""
+    module.weight = module.weight.detach()
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
@@ -260,6 +266,8 @@ def make_permanent(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if prune.is_pruned(module) and hasattr(module, "weight_mask"):
             prune.remove(module, "weight")
+        for key in [k for k, hook in module._forward_hooks.items() if hook is _detach_weight]:
+            del module._forward_hooks[key]
     return model
 
 
@@ -280,7 +288,8 @@ def nm_violations(model: nn.Module, layers: list[str], n: int, m: int) -> list[s
     modules = dict(model.named_modules())
     bad = []
     for name in layers:
-        rows = modules[name].weight.detach().reshape(modules[name].weight.shape[0], -1)
-        if rows.shape[1] % m or bool(((rows.reshape(-1, m) != 0).sum(1) > n).any()):
+        rows = (modules[name].weight.detach().reshape(modules[name].weight.shape[0], -1) != 0).float()
+        rows = torch.nn.functional.pad(rows, (0, -rows.shape[1] % m))  # a shorter last group: zeros after it
+        if bool((rows.reshape(-1, m).sum(1) > n).any()):
             bad.append(name)
     return bad

@@ -67,7 +67,7 @@ DEFAULTS = {
 }
 HELP = {
     "sparsity": "instead of targets: fractions of zero weights to prune to (0 < s < 1; unstructured, conv and linear "
-                "weights; methods none, wanda, random, meta)",
+                "weights; methods none (magnitude), wanda, random, curve (per-network scores), meta)",
     "nm": "instead of targets: N:M sparsity, e.g. 2:4 (at most N nonzero in every M consecutive input weights)",
     "sparsity_scope": "with --sparsity: global (one ranking over all layers) or layer (each layer to the fraction)",
     "prune_ends": "with --sparsity/--nm: prune the first layer and the classifier too (kept dense by default)",
@@ -187,9 +187,7 @@ def main(argv=None) -> dict:
         from metanet.metanetwork import load_metanetwork
 
         metanet = load_metanetwork(config["metanet"])[0]  # a truncated or foreign file: one line now
-        if (config["sparsity"] or config["nm"]) and metanet.config.edit == "scores":
-            raise SystemExit(f"prune_batch: --metanet {config['metanet']}: a channel-scores metanetwork "
-                             "(--objective curve) ranks channels; --sparsity/--nm need the paper's edit metanetwork")
+        batch.check_metanet_level(metanet, config)
         metanet_sha = batch.file_digest(config["metanet"])
     arch = batch.arch_file(config["arch"])
     sources = batch.find_sources(config)

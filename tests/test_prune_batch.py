@@ -167,10 +167,7 @@ def test_sparsity_and_two_four_write_finetuned_models_with_their_zeros(inputs, t
     for row in frame.itertuples():
         model, meta = load_model(row.path)  # weights only, no masks left in the state dict
         layers = list(prunable_layers(model))
-        if pd.notna(row.nm):  # layers whose rows are not a multiple of 4 weights stay dense, counted in the row
-            held = [n for n in layers if dict(model.named_modules())[n].weight[0].numel() % 4 == 0]
-            assert row.layers_pruned == len(held) and row.layers_dense == len(layers) - len(held) > 0
-            layers = held
+        assert row.layers_pruned == len(layers)
         first, *_, last = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         assert first not in layers and last not in layers
         assert all(torch.count_nonzero(dict(model.named_modules())[n].weight) > 0.99 * dict(model.named_modules())[n].weight.numel()
@@ -181,7 +178,7 @@ def test_sparsity_and_two_four_write_finetuned_models_with_their_zeros(inputs, t
             assert row.path.endswith(f"good__{row.method}__sparsity{row.sparsity:g}.pt")
         else:
             assert row.nm == "2:4" and meta["nm"] == "2:4" and row.path.endswith("__2of4.pt")
-            assert not nm_violations(model, layers, 2, 4) and row.sparsity_measured >= 0.5 - 1e-9
+            assert not nm_violations(model, layers, 2, 4) and row.sparsity_measured >= 0.45  # short groups keep more
         assert row.params_nonzero < row.params_before and row.file_bytes_compressed < row.file_bytes
     from zoo.batch import file_sizes
 
@@ -208,6 +205,32 @@ def test_a_channel_scores_metanetwork_is_refused_for_weight_level_runs(inputs, t
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "a channel-scores metanetwork" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+    weights = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=8, layers=1, edit="weight_scores"))
+    save_metanetwork(weights, str(tmp_path / "weights.pt"))
+    with pytest.raises(SystemExit) as exit_:
+        prune_batch.cli(["--zoo", str(inputs / "zoo"), "--metanet", str(tmp_path / "weights.pt"), "--targets", "2",
+                         "--out", str(tmp_path / "out"), "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "a weight-scores metanetwork" in err and "--sparsity or --nm" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_weight_scores_metanetwork_and_per_network_weight_scores_prune_weights(inputs, tmp_path):
+    """meta with a weight-scores metanetwork (untrained: it ranks as global magnitude does, so its
+    masks are none's) and curve (per-weight scores optimised on the network) at 80% zeros."""
+    zoo = Zoo(str(inputs / "zoo"))
+    weights = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=8, layers=1, edit="weight_scores"))
+    save_metanetwork(weights, str(tmp_path / "weights.pt"))
+    run = _run("--models", inputs / "models/good.pt", "--dataset", "digits", "--metanet", tmp_path / "weights.pt",
+               "--methods", "meta", "none", "curve", "--sparsity", "0.8", "--before-steps", "5", "--after-steps", "0",
+               "--out", tmp_path / "out", "--no-mlflow")
+    assert run.returncode == 0, run.stderr[-3000:]
+    frame = pd.read_parquet(tmp_path / "out/results.parquet").set_index("method")
+    assert dict(frame.criterion) == {"meta": "learned", "none": "magnitude", "curve": "curve"}
+    assert (frame.sparsity_measured >= 0.8 - 1e-3).all()
+    zeros = {m: [p == 0 for p in load_model(frame.loc[m, "path"])[0].parameters()] for m in ("meta", "none", "curve")}
+    assert all(torch.equal(a, b) for a, b in zip(zeros["meta"], zeros["none"]))
+    assert not all(torch.equal(a, b) for a, b in zip(zeros["curve"], zeros["none"]))
 
 
 def test_adaptive_mode_prunes_while_validation_accuracy_holds(inputs, tmp_path):

@@ -28,8 +28,8 @@ DIAGNOSTICS = ["ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal",
                *(f"curve_{s:g}x" for s in CURVE_SPEEDUPS), "auc"]
 # weight-level rows (--sparsity, --nm): what was asked, the zeros measured in the saved weights, the
 # nonzero parameters, and the saved file's size raw and compressed (zeros compress)
-WEIGHT_COLUMNS = ["sparsity", "nm", "sparsity_measured", "layers_pruned", "layers_dense", "params_nonzero",
-                  "file_bytes", "file_bytes_compressed"]
+WEIGHT_COLUMNS = ["sparsity", "nm", "sparsity_measured", "layers_pruned", "params_nonzero", "file_bytes",
+                  "file_bytes_compressed"]
 COLUMNS = ["model", "source", "family", "method", "criterion", "target", "floor", "sparsity", "nm", "status", "error",
            "warning", "speedup", "macs_before", "macs_after", "params_before", "params_after", "val_acc_before",
            "test_acc_before", "val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc", "seconds", "path",
@@ -135,7 +135,8 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
                                    seed=config["seed"], sparse_reg=config["sparse_reg"],
                                    target=next((r["target"] for r in runs if r.get("target")), 2.0))  # gates' amount
-        prepared = prepare(model, data, method, cfg, metanet)
+        prepared = prepare(model, data, method, cfg, metanet,
+                           level="weights" if any(is_weight_level(r) for r in runs) else "channels")
         if config["diagnostics"]:  # on the test split: a report, nothing is selected with it
             from metanet.diagnostics import diagnose
 
@@ -152,8 +153,8 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
                 nm = parse_nm(row["nm"]) if _given(row.get("nm")) else None
                 pruning = WeightPruning(sparsity=None if nm else row["sparsity"], nm=nm,
                                         scope=config["sparsity_scope"], dense_ends=not config["prune_ends"])
-                pruned, result = sparsify_and_finetune(prepared, data, cfg, pruning)
-                kept = ("criterion", "sparsity_measured", "layers_pruned", "layers_dense", "params_nonzero",
+                pruned, result = sparsify_and_finetune(prepared, data, cfg, pruning, metanet=metanet)
+                kept = ("criterion", "sparsity_measured", "layers_pruned", "params_nonzero",
                         "macs_after", "params_after",
                         "val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc")
                 result.update(macs_after=macs, params_after=params)  # zeros leave the dense shapes and MACs as they were
@@ -252,6 +253,18 @@ def runs_of(config: dict) -> list[dict]:
     if config["floor"] is not None:
         return [dict(none, floor=config["floor"])]
     return [dict(none, target=float(t)) for t in config["targets"]]
+
+
+def check_metanet_level(metanet, config: dict) -> None:
+    """A learned criterion prunes at its own level: a channel-scores metanetwork (objective curve)
+    channels, a weight-scores one (weight_curve) weights; the paper's edit either."""
+    weights = bool(config["sparsity"] or config["nm"])
+    if weights and metanet.config.edit == "scores":
+        raise BatchInputError(f"--metanet {config['metanet']}: a channel-scores metanetwork (--objective curve) "
+                              "ranks channels; --sparsity/--nm need an edit or weight-scores one")
+    if not weights and metanet.config.edit == "weight_scores":
+        raise BatchInputError(f"--metanet {config['metanet']}: a weight-scores metanetwork (--objective "
+                              "weight_curve) ranks weights: prune with --sparsity or --nm")
 
 
 def _given(value) -> bool:

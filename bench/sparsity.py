@@ -1,0 +1,271 @@
+"""Weight-level pruning: which criterion keeps the most accuracy at each sparsity and at 2:4?
+
+Every held-out network (the zoo's ``test`` members and every member of ``--heldout``) is pruned by
+each method at each fraction of zeros (``--sparsities``) and at 2:4 (``metanet.weight_pruning``:
+first layer and classifier dense), BatchNorm recomputed, then finetuned ``--finetune`` steps with
+the masks kept (the recipe's after-pruning schedule, the same seed for every method). Tables: test
+accuracy per budget, and paired differences (same network) against global magnitude and against
+the best hand-crafted criterion (chosen by mean validation accuracy), with 95% intervals; the
+saved file's size compressed (zlib) per sparsity.
+
+Methods: ``magnitude`` (global ranking), ``magnitude-layer`` (each layer to the fraction),
+``wanda`` and ``wanda-layer`` (|w| x input norm over calibration batches), ``random``,
+``curve`` (per-weight scores optimised on the network, ``--curve-steps`` steps of the weight-level
+curve objective: the reference a learned criterion should approach), and each ``--variants``
+metanetwork meta-trained on the zoo's ``train`` members, its epoch chosen on the ``val`` members'
+validation accuracy right after pruning (mean over ``CURVE_SPARSITIES``):
+
+- ``objective=weight_curve`` (default): a ``weight_scores`` metanetwork, the weight-level curve
+  objective; its per-weight scores rank the weights (global);
+- ``objective=paper_l1``: the paper's unstructured objective (additive edit; task loss +
+  ``l1`` x sum |w|, reg 0.1 in the paper's code), then global magnitude on the edited network.
+
+    python bench/sparsity.py --zoo runs/zoo-digits --heldout runs/zoo-digits-heldout
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distributed.progress import progress  # noqa: E402
+from metanet.diagnostics import CURVE_SPARSITIES, weight_pruning_curve  # noqa: E402
+from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
+from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
+from metanet.paired import mean_ci  # noqa: E402
+from metanet.recipe import RecipeConfig, apply_metanetwork, calibration, recalibrate  # noqa: E402
+from metanet.train import evaluate, train  # noqa: E402
+from metanet.weight_pruning import GivenScores, WeightPruning, make_permanent, sparsify, weight_criterion  # noqa: E402
+from metanet.weight_scoring import fit_weight_scores, learned_weight_criterion  # noqa: E402
+from zoo.arch import build_model  # noqa: E402
+from zoo.model_files import save_model  # noqa: E402
+from zoo.store import Zoo  # noqa: E402
+
+BASELINES = {"magnitude": ("magnitude", "global"), "magnitude-layer": ("magnitude", "layer"),
+             "wanda": ("wanda", "global"), "wanda-layer": ("wanda", "layer"), "random": ("random", "global")}
+HAND_CRAFTED = ("magnitude", "magnitude-layer", "wanda", "wanda-layer")  # the candidates for "best" (not random)
+VARIANT_DEFAULTS = {"objective": "weight_curve", "layers": 4, "hidden": 32, "lr": 3e-3, "epochs": 20, "l1": 0.1,
+                    "residual": 0.05}
+
+
+def parse_variant(text: str) -> dict:
+    """``key=value,...`` over ``VARIANT_DEFAULTS``."""
+    v = dict(VARIANT_DEFAULTS)
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in v or not value:
+            raise SystemExit(f"sparsity: --variants {text!r}: {item!r} is not key=value with a key of "
+                             f"{', '.join(VARIANT_DEFAULTS)}")
+        if key == "objective":
+            if value not in ("weight_curve", "paper_l1"):
+                raise SystemExit(f"sparsity: --variants {text!r}: objective must be weight_curve or paper_l1")
+            v[key] = value
+            continue
+        try:
+            v[key] = type(VARIANT_DEFAULTS[key])(float(value))
+        except ValueError:
+            raise SystemExit(f"sparsity: --variants {text!r}: {key}={value!r} is not a number") from None
+    return v
+
+
+def name_of(v: dict) -> str:
+    kind = "weight scores" if v["objective"] == "weight_curve" else f"paper L1 {v['l1']:g}, r {v['residual']:g}"
+    return f"meta ({kind}, GNN {v['layers']}x{v['hidden']}, {v['epochs']} ep)"
+
+
+def train_variant(v: dict, zoo: Zoo, train_records, val_models, data, cfg: RecipeConfig, batch_size: int, log):
+    """Meta-trains one variant; keeps the epoch whose mean validation curve (accuracy right after
+    pruning at ``CURVE_SPARSITIES``, BatchNorm recalibrated) over ``val_models`` is highest."""
+    torch.manual_seed(0)
+    meta_cfg = MetaTrainConfig(objective=v["objective"], epochs=v["epochs"], lr=v["lr"], batch_size=batch_size,
+                               milestones=(int(v["epochs"] * 0.75),), l1_reg=v["l1"])
+    members = [make_member(r.id, build_model(r.arch), r.graph, meta_cfg) for r in train_records]
+    edit = "weight_scores" if v["objective"] == "weight_curve" else "additive"
+    net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=v["hidden"], layers=v["layers"], edit=edit,
+                                    residual=v["residual"], backend="torch"))
+
+    def val_area(m: MetaNetwork) -> float:
+        areas = []
+        for model in val_models:
+            pruned_from, crit = prepared(m, model, data)
+            areas.append(statistics.mean(weight_pruning_curve(pruned_from, data, cfg, crit).values()))
+        return statistics.mean(areas)
+
+    history, kept, seconds = {-1: val_area(net)}, {-1: snapshot(net)}, []
+
+    def on_epoch(epoch, metrics, m):
+        seconds.append(metrics["seconds"])
+        history[epoch] = val_area(m)
+        kept[epoch] = snapshot(m)
+        log(f"    epoch {epoch}: task loss {metrics['task_loss']:.3f}, sparsity term {metrics['sparsity_loss']:.3f}, "
+            f"val area {100 * history[epoch]:.1f} ({metrics['seconds']:.1f} s)")
+
+    meta_train(net, members, data, meta_cfg, on_epoch=on_epoch, progress=False)
+    best = max(history, key=lambda e: (history[e], e))
+    net.load_state_dict(kept[best])
+    log(f"  chosen epoch {best} (val area {100 * history[best]:.1f}; untrained {100 * history[-1]:.1f})")
+    return net, {"epoch": best, "epoch_seconds": statistics.mean(seconds) if seconds else 0.0}
+
+
+def prepared(net: MetaNetwork, model, data):
+    """(the network to prune, the weight criterion) for a variant: a weight-scores metanetwork
+    ranks ``model``'s weights; the paper's edit changes them, then magnitude ranks."""
+    x = torch.zeros(data.input_shape)
+    if net.config.edit == "weight_scores":
+        return model, learned_weight_criterion(net, model, x)
+    return apply_metanetwork(net, model, x), weight_criterion("magnitude")
+
+
+def prune_and_tune(model, crit, pruning: WeightPruning, data, cfg: RecipeConfig, budgets) -> dict:
+    """{budget: (val, test accuracy)} of ``model`` masked by ``crit`` (BatchNorm recalibrated),
+    budget 0 right after pruning, the others after that many finetuning steps (masks kept)."""
+    work = copy.deepcopy(model)
+    sparsify(work, pruning, crit, calibration(data, cfg) if crit.data_driven else None)
+    recalibrate(work, data, cfg)
+    out = {0: (evaluate(work, data, "val")[0], evaluate(work, data, "test")[0])}
+    for steps in budgets:
+        if steps:
+            torch.manual_seed(0)
+            tuned = copy.deepcopy(work)
+            train(tuned, data, dataclasses.replace(cfg.after, steps=steps))
+            out[steps] = (evaluate(tuned, data, "val")[0], evaluate(tuned, data, "test")[0])
+    return out
+
+
+def compressed_sizes(model, runs, data, cfg) -> dict:
+    """{run: (raw bytes, zlib bytes)} of ``model`` saved after global magnitude pruning at each run
+    (and unpruned, under "dense")."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, pruning in [("dense", None), *runs]:
+            work = copy.deepcopy(model)
+            if pruning is not None:
+                sparsify(work, pruning, weight_criterion("magnitude"))
+                make_permanent(work)
+            path = os.path.join(tmp, "m.pt")
+            save_model(work, path)
+            raw = Path(path).read_bytes()
+            out[key] = (len(raw), len(zlib.compress(raw, 6)))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", required=True, help="the zoo: train members meta-train, val members select")
+    p.add_argument("--heldout", nargs="*", default=[], help="zoos whose every member is evaluated too")
+    p.add_argument("--variants", nargs="*", default=["objective=weight_curve", "objective=paper_l1"],
+                   help=f"key=value,... over {VARIANT_DEFAULTS}; none: baselines only")
+    p.add_argument("--methods", nargs="+", default=[*BASELINES, "curve"], choices=[*BASELINES, "curve"])
+    p.add_argument("--sparsities", type=float, nargs="+", default=list(CURVE_SPARSITIES))
+    p.add_argument("--no-nm", action="store_true", help="skip 2:4")
+    p.add_argument("--finetune", type=int, nargs="+", default=[0, 20, 80], help="finetuning budgets (steps)")
+    p.add_argument("--curve-steps", type=int, default=40)
+    p.add_argument("--limit", type=int, help="at most this many held-out networks (a smoke run)")
+    p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    zoo = Zoo(args.zoo)
+    data = zoo.dataset(args.data_root)
+    ok = [r for r in zoo if r.status == "ok"]
+    train_records = [r for r in ok if r.role == "train"]
+    val_models = [r.network().eval() for r in ok if r.role == "val"][:4]
+    held = [r for r in ok if r.role == "test"] + [r for path in args.heldout for r in Zoo(path) if r.status == "ok"]
+    held = held[:args.limit] if args.limit else held
+    cfg = RecipeConfig()
+    runs = [(f"{s:g}", WeightPruning(sparsity=s)) for s in args.sparsities]
+    runs += [] if args.no_nm else [("2:4", WeightPruning(nm=(2, 4)))]
+    log(f"{data.name}: {len(held)} held-out networks; runs {', '.join(k for k, _ in runs)}; finetuning budgets "
+        f"{args.finetune} steps; variants meta-trained on {len(train_records)} train members, chosen on "
+        f"{len(val_models)} val members")
+    nets, info = {}, {}
+    for text in args.variants:
+        v = parse_variant(text)
+        log(f"  {name_of(v)}:")
+        nets[name_of(v)], info[name_of(v)] = train_variant(v, zoo, train_records, val_models, data, cfg,
+                                                            args.batch_size, log)
+    methods = [*args.methods, *nets]
+    results: dict[str, list[dict]] = {m: [] for m in methods}  # per method, per network: {run: {budget: (val, test)}}
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    sizes = []
+    for record in progress(held, desc="held-out networks", unit="network"):
+        model = record.network().eval()
+        sizes.append(compressed_sizes(model, runs, data, cfg))
+        for m in methods:
+            start = time.perf_counter()
+            if m in BASELINES:
+                crit, scope = weight_criterion(BASELINES[m][0]), BASELINES[m][1]
+                source = model
+            elif m == "curve":
+                crit = GivenScores(fit_weight_scores(model, data, steps=args.curve_steps, batch_size=args.batch_size),
+                                   name="curve")
+                scope, source = "global", model
+            else:
+                (source, crit), scope = prepared(nets[m], model, data), "global"
+            seconds[m].append(time.perf_counter() - start)
+            per_run = {}
+            for key, pruning in runs:
+                if pruning.sparsity is not None:
+                    pruning = dataclasses.replace(pruning, scope=scope)
+                per_run[key] = prune_and_tune(source, crit, pruning, data, cfg, args.finetune)
+            results[m].append(per_run)
+    report(results, seconds, sizes, runs, args.finetune, log)
+    if info:
+        log("\nmeta-training: " + "; ".join(f"{n}: epoch {i['epoch']} chosen, {i['epoch_seconds']:.1f} s per epoch"
+                                            for n, i in info.items()))
+    log(f"total {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+def report(results, seconds, sizes, runs, budgets, log) -> None:
+    keys = [k for k, _ in runs]
+    head = " | ".join(keys)
+    n = len(results["magnitude"]) if "magnitude" in results else len(next(iter(results.values())))
+    candidates = [m for m in HAND_CRAFTED if m in results]
+    for budget in budgets:
+        best = {k: max(candidates, key=lambda c: statistics.mean(r[k][budget][0] for r in results[c])) for k in keys}
+        when = "right after pruning (BatchNorm recalibrated)" if budget == 0 else f"after {budget} finetuning steps"
+        log(f"\nTest accuracy (%) {when}, {n} held-out networks; best hand-crafted by validation accuracy: "
+            + ", ".join(f"{k} {b}" for k, b in best.items()) + "; differences paired by network, 95% intervals:\n")
+        log(f"| method | {head} | - magnitude at {head} | - best at {head} | scoring s |")
+        log("|---|" + "---|" * (3 * len(keys) + 1))
+        for m, rows in results.items():
+            means = [statistics.mean(100 * r[k][budget][1] for r in rows) for k in keys]
+            diffs = []
+            for ref_of in (lambda k: "magnitude", lambda k: best[k]):
+                for k in keys:
+                    ref = ref_of(k)
+                    diffs.append("" if m == ref or ref not in results else
+                                 str(mean_ci([100 * (rows[i][k][budget][1] - results[ref][i][k][budget][1])
+                                              for i in range(n)])))
+            log(f"| {m} | " + " | ".join(f"{v:.1f}" for v in means) + " | " + " | ".join(diffs)
+                + f" | {statistics.mean(seconds[m]):.2f} |")
+    log(f"\nSaved file size, zlib-compressed, relative to the unpruned file's compressed size (mean over {n} "
+        "networks; global magnitude masks):\n")
+    log("| | dense | " + head + " |")
+    log("|---|---|" + "---|" * len(keys))
+    ratio = {k: statistics.mean(s[k][1] / s["dense"][1] for s in sizes) for k in ["dense", *keys]}
+    raw = statistics.mean(s["dense"][0] for s in sizes)
+    log(f"| compressed / dense compressed (dense file {raw / 1e3:.0f} kB raw) | "
+        + " | ".join(f"{ratio[k]:.2f}" for k in ["dense", *keys]) + " |")
+
+
+if __name__ == "__main__":
+    main()
