@@ -42,13 +42,26 @@ def selection_recipe(finetune: Mapping, steps: int = SELECT_STEPS, *, lr: float 
 
 
 def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, recipe: RecipeConfig,
-          objective: str = "recipe", targets: Sequence[float] | None = None) -> float:
+          objective: str = "recipe", targets: Sequence[float] | None = None,
+          sparsities: Sequence[float] | None = None) -> float:
     """The validation score of ``metanet`` on ``models`` (see the module docstring); ``targets``
-    defaults to ``recipe.target``. Never reads the test split."""
+    defaults to ``recipe.target``. With ``sparsities``, a weight-level metanetwork's: the mean
+    validation accuracy right after pruning to each fraction of zeros, BatchNorm recalibrated
+    (``metanet.weight_scoring.weight_level_view``). Never reads the test split."""
     if objective not in OBJECTIVES:
         raise ValueError(f"selection objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     if not models:
         raise ValueError("no validation members to score a metanetwork on")
+    if sparsities:
+        from metanet.diagnostics import weight_pruning_curve
+        from metanet.weight_scoring import weight_level_view
+
+        x = torch.zeros(data.input_shape, device=next(metanet.parameters()).device)
+        areas = []
+        for m in models:
+            network, crit = weight_level_view(metanet, m, x)
+            areas.append(curve_auc(weight_pruning_curve(network, data, recipe, crit, sparsities)))
+        return sum(areas) / len(areas)
     if objective == "auc":
         device = next(metanet.parameters()).device
         x = torch.zeros(data.input_shape, device=device)

@@ -110,6 +110,20 @@ def metanet_weight_scores(metanet, graph: NetworkGraph, model: nn.Module, params
     return {n: base[n] + corrections[n] for n in names}
 
 
+def weight_level_view(metanet, model: nn.Module, example_inputs: torch.Tensor):
+    """(the network to prune, the weight criterion ranking it) for a metanetwork at the weight
+    level: a ``weight_scores`` one ranks ``model``'s own weights by its scores; an edit (the
+    paper's, meta-trained with ``paper_l1``) changes them, then global magnitude ranks."""
+    from metanet.recipe import apply_metanetwork
+    from metanet.weight_pruning import weight_criterion
+
+    if metanet.config.edit == "weight_scores":
+        return model, learned_weight_criterion(metanet, model, example_inputs)
+    if metanet.config.edit in ("scores",):
+        raise ValueError("a channel-scores metanetwork ranks channels, not weights")
+    return apply_metanetwork(metanet, model, example_inputs), weight_criterion("magnitude")
+
+
 def learned_weight_criterion(metanet, model: nn.Module, example_inputs: torch.Tensor,
                              dense_ends: bool = True) -> GivenScores:
     """The weight criterion a ``weight_scores`` metanetwork gives ``model``: one forward pass."""

@@ -174,8 +174,8 @@ def _score_on_ray(config: dict):
 
     def score_all(folders: list[str]) -> list[float]:
         return ray.get([task.remote(f, config["metanet"], config["zoo"], config["data_root"], config["select_target"],
-                                    config["select_finetune_steps"], config["select_members"], config["seed"])
-                        for f in folders])
+                                    config["select_finetune_steps"], config["select_members"], config["seed"],
+                                    config["objective"]) for f in folders])
     return score_all
 
 

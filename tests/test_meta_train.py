@@ -221,3 +221,29 @@ def test_the_curve_objective_trains_a_criterion_with_ray_train(tiny_zoo, tmp_pat
     torch.manual_seed(0)
     _, record = prune_with_method(member, data, "meta", cfg, net)
     assert record["criterion"] == "scores" and record["speedup"] >= 2.0
+
+
+def test_the_weight_curve_objective_trains_a_weight_level_criterion_with_ray_train(tiny_zoo, tmp_path):
+    """``--objective weight_curve`` on 2 Ray Train workers (DDP: the per-weight corrections go
+    through the wrapper's forward): a ``weight_scores`` metanetwork, its checkpoint chosen by the
+    weight-level curve area, and it prunes a member's weights."""
+    import torch
+
+    from metanet.recipe import prepare, recipe_from_settings, sparsify_and_finetune
+    from metanet.weight_pruning import WeightPruning
+    from zoo.store import Zoo
+
+    out = subprocess.run([sys.executable, str(ROOT / "pipelines/meta_train.py"),
+                          *_meta_args(tiny_zoo, str(tmp_path / "out"), 2), "--objective", "weight_curve",
+                          "--no-mlflow"], env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    net, extra = load_metanetwork(str(tmp_path / "out" / "metanet" / "metanetwork.pt"))
+    assert net.config.edit == "weight_scores" and "weight-level curve area" in extra["selection"]
+    zoo = Zoo(tiny_zoo)
+    data = zoo.dataset()
+    cfg = recipe_from_settings({"before_steps": 0, "before_lr": 0.01, "after_steps": 2, "after_lr": 0.01},
+                               batch_size=64)
+    torch.manual_seed(0)
+    prepared = prepare(zoo.built("val")[0].network(), data, "meta", cfg, net, level="weights")
+    _, record = sparsify_and_finetune(prepared, data, cfg, WeightPruning(sparsity=0.8), metanet=net)
+    assert record["criterion"] == "learned" and record["sparsity_measured"] >= 0.8 - 1e-3

@@ -161,9 +161,14 @@ def test_meta_train_objective_curve_trains_a_criterion_and_refuses_an_edit():
     config = meta_train.parse_args(["--objective", "curve"])
     assert config["objective"] == "curve" and config["edit"] == "scores"
     assert meta_train.parse_args([])["objective"] == "paper"
-    for argv in (["--objective", "curve", "--edit", "gate"], ["--edit", "scores"], ["--objective", "steep"]):
+    for argv in (["--objective", "curve", "--edit", "gate"], ["--edit", "scores"], ["--objective", "steep"],
+                 ["--objective", "weight_curve", "--edit", "scores"], ["--edit", "weight_scores"]):
         with pytest.raises(SystemExit, match="objective"):
             meta_train.parse_args(argv)
+    assert meta_train.parse_args(["--objective", "weight_curve"])["edit"] == "weight_scores"
+    assert meta_train.parse_args(["--objective", "paper_l1", "--l1-reg", "0.05"])["edit"] == "additive"
+    with pytest.raises(SystemExit, match="--l1-reg -1"):
+        meta_train.parse_args(["--objective", "paper_l1", "--l1-reg", "-1"])
 
 
 def test_score_targets_regress_the_scores_on_the_members_own_curve_scores(trained_member, digits):

@@ -22,7 +22,8 @@ from metanet.files import atomic_write
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, MetanetFileError, load_metanetwork, save_metanetwork
 from metanet.selection import choose, score, selection_recipe
 from zoo.batch import file_digest
-from zoo.meta_settings import NOT_RESULT_SETTINGS, metanet_settings
+from metanet.diagnostics import CURVE_SPARSITIES
+from zoo.meta_settings import NOT_RESULT_SETTINGS, WEIGHT_OBJECTIVES, metanet_settings
 from zoo.store import Zoo
 
 
@@ -116,9 +117,10 @@ def load_checkpoint(ckpt_dir: str, metanet_config: dict) -> MetaNetwork:
 
 
 def score_checkpoint(ckpt_dir: str, metanet_config: dict, zoo_root: str, data_root: str | None, target: float,
-                     steps: int, members: int, seed: int) -> float:
+                     steps: int, members: int, seed: int, objective: str = "paper") -> float:
     """Validation score of one checkpoint by the short recipe (metanetwork -> finetune -> prune to
-    ``target`` -> finetune, validation accuracy over the first ``members`` validation members)."""
+    ``target`` -> finetune, validation accuracy over the first ``members`` validation members); for
+    a weight-level ``objective`` the weight-level curve area (``WEIGHT_SELECTION``)."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     zoo = Zoo(zoo_root)
@@ -127,7 +129,11 @@ def score_checkpoint(ckpt_dir: str, metanet_config: dict, zoo_root: str, data_ro
         raise ValueError(f"{zoo_root}: no validation members (role 'val') to select checkpoints with")
     recipe = selection_recipe(zoo.finetune_settings(), steps, target=target, seed=seed)
     return score(load_checkpoint(ckpt_dir, metanet_config), [r.network() for r in val], zoo.dataset(data_root),
-                 recipe)
+                 recipe, sparsities=CURVE_SPARSITIES if objective in WEIGHT_OBJECTIVES else None)
+
+
+WEIGHT_SELECTION = ("validation weight-level curve area (mean accuracy right after pruning to "
+                    + "/".join(f"{100 * s:g}" for s in CURVE_SPARSITIES) + "% zeros, BN recalibrated)")
 
 
 def select(checkpoints: Mapping[int, str], areas: Mapping[int, float], config: dict, run_dir, training_dir: str,
@@ -138,8 +144,9 @@ def select(checkpoints: Mapping[int, str], areas: Mapping[int, float], config: d
     metanetwork.pt and a copy in the training's folder (kept when other settings train later)."""
     epochs = sorted(checkpoints)
     logged = [areas.get(e, float("nan")) for e in epochs]
-    use_auc = config["selection"] == "auc" and all(a == a for a in logged)  # a != a: NaN, not diagnosed
-    if config["selection"] == "auc" and not use_auc:
+    weights = config.get("objective") in WEIGHT_OBJECTIVES  # the logged areas are channel-level: not its
+    use_auc = config["selection"] == "auc" and all(a == a for a in logged) and not weights  # NaN: not diagnosed
+    if config["selection"] == "auc" and not use_auc and not weights:
         print("meta_train: some kept checkpoints have no validation diagnostics (--diagnose-every); "
               "selecting by the short recipe instead")
     if use_auc:
@@ -147,7 +154,7 @@ def select(checkpoints: Mapping[int, str], areas: Mapping[int, float], config: d
         how = "validation curve area of the edit (mean accuracy right after pruning, BN recalibrated)"
     else:
         scores = dict(zip(epochs, score_all([checkpoints[e] for e in epochs])))
-        how = f"val acc after finetune -> prune to {config['select_target']}x -> finetune"
+        how = WEIGHT_SELECTION if weights else f"val acc after finetune -> prune to {config['select_target']}x -> finetune"
     best_epoch, best_score = choose(scores)
     net = load_checkpoint(checkpoints[best_epoch], config["metanet"])
     out = f"{run_dir}/metanetwork.pt"  # run_dir: a local path or a URI

@@ -14,7 +14,10 @@ from metanet.sparsity import SPARSITY_FORMS
 _NET, _TRAIN = MetaNetConfig(edge_widths={}), MetaTrainConfig()
 TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", "members_per_step", "batch_size",
               "reg", "alpha", "seed", "bn_mode", "sparsity_norm", "distill_epochs", "gate_reg", "objective",
-              "score_targets")
+              "score_targets", "l1_reg", "weight_temperature")
+# the objectives that train a metanetwork for weight-level pruning (prune_batch --sparsity/--nm), and
+# the edit each trains
+WEIGHT_OBJECTIVES = {"weight_curve": "weight_scores", "paper_l1": "additive"}
 NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence", "calibration")
 DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,
@@ -65,6 +68,8 @@ HELP = {
     "objective": "paper (task loss of the edited network + group sparsity) or curve (a learned criterion, "
                  "edit 'scores': the task loss of the network masked at a drawn pruning amount)",
     "score_targets": "curve objective: weight of the regression on each member's own optimised scores (0: none)",
+    "l1_reg": "paper_l1 objective: strength of the L1 term on the edited weights (the paper's sign(w) gradient, 0.1)",
+    "weight_temperature": "weight_curve objective: temperature of the soft mask, in units of log-magnitude",
 }
 GE0, GE1, GT0 = {"ge": 0}, {"ge": 1}, {"gt": 0}
 # what each setting may be (pydantic bounds, checked with the flags before Ray starts; floats finite)
@@ -72,7 +77,7 @@ LIMITS = {"workers": GE1, "epochs": GE1, "lr": GT0, "weight_decay": GE0, "milest
           "members_per_step": GE1, "batch_size": GE1, "reg": GE0, "alpha": GE0, "hidden": GE1, "layers": GE0,
           "distill_epochs": GE0, "gate_reg": GE0, "score_targets": GE0, "max_failures": GE0, "keep": GE1,
           "select_target": {"gt": 1}, "select_finetune_steps": GE0, "select_members": GE1, "diagnose_every": GE0,
-          "min_member_acc": {"ge": 0, "le": 1}}
+          "min_member_acc": {"ge": 0, "le": 1}, "l1_reg": GE0, "weight_temperature": GT0}
 # settings that do not change the chosen metanetwork (where Ray runs, logging, retries)
 NOT_RESULT_SETTINGS = ("address", "mlflow", "max_failures", "check")
 
@@ -92,13 +97,25 @@ def check_settings(config: dict) -> dict:
     _one_of(config, "edit", EDITS)
     _one_of(config, "sparsity_norm", SPARSITY_FORMS)
     _one_of(config, "objective", TRAINING_OBJECTIVES)
+    if config["objective"] in WEIGHT_OBJECTIVES:
+        if config["edit"] not in (DEFAULTS["edit"], WEIGHT_OBJECTIVES[config["objective"]]):
+            raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: it trains "
+                             f"edit {WEIGHT_OBJECTIVES[config['objective']]}")
+        config["edit"] = WEIGHT_OBJECTIVES[config["objective"]]
+        return _absolute(config)
     if config["objective"] == "curve" and config["edit"] == DEFAULTS["edit"]:
         config["edit"] = "scores"  # the curve objective trains a criterion: its edit is the scores
+    if config["edit"] == "weight_scores":
+        raise SystemExit("meta_train: --edit weight_scores is trained with --objective weight_curve")
     if (config["objective"] == "curve") != (config["edit"] == "scores"):
         raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: a learned "
                          "criterion (--edit scores) is trained with --objective curve, an edit with --objective paper")
     if config["distill_epochs"] and config["edit"] == "additive":
         raise SystemExit("meta_train: --distill-epochs needs a gate edit (--edit gate): the additive edit has no gates")
+    return _absolute(config)
+
+
+def _absolute(config: dict) -> dict:
     for key in ("zoo", "out"):
         if "://" not in config[key] and not os.path.isabs(config[key]):
             config[key] = os.path.abspath(config[key])
