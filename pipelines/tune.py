@@ -156,7 +156,8 @@ def _fit(search: dict, data, out: Path, resources: dict, use_mlflow: bool):
                                                                           checkpoint_score_attribute="score",
                                                                           checkpoint_score_order="max")))
     print(f"tune {search['name']}: {search.get('num_samples', 8)} trials (the first: the default configuration), "
-          f"{concurrent} at a time, ASHA over {evaluations} evaluations of {len(search['targets'])} target(s)")
+          f"{concurrent} at a time, ASHA over {evaluations} evaluations of {len(search.get('targets') or search['sparsities'])} "
+          f"{'target(s)' if search.get('targets') else 'sparsities'}")
     return tuner.fit()
 
 
@@ -166,7 +167,8 @@ def _log_summary(report: dict, out: Path, search: dict) -> str:
     metrics = {"best_val_score": report["best"]["best"], "seconds": report["seconds"], "trials": len(report["trials"])}
     if report["default"].get("best") is not None:
         metrics["default_val_score"] = report["default"]["best"]
-    metrics.update({f"test_acc_{t:g}x": v for t, v in report["test_score"].items() if t != "members"})
+    unit = "zeros" if report["test_score"].get("unit") == "zeros" else "x"
+    metrics.update({f"test_acc_{t:g}{unit}": v for t, v in report["test_score"].items() if t not in ("members", "unit")})
     return log_run(f"tune-{search['name']}", str(out), run_name=f"tune-{search['name']}-summary",
             params=report["best_config"], metrics=metrics,
             artifacts=[str(out / "best_config.yaml"), str(out / "tune_scores.png")])

@@ -76,10 +76,36 @@ def test_search_writes_a_best_config_the_pipelines_accept(tmp_path):
     assert other.returncode == 2 and "holds another search (different num_samples)" in other.stderr
 
 
+@pytest.mark.slow
+def test_a_weight_level_search_writes_sparsities_prune_batch_accepts(tmp_path):
+    """objective weight_curve scored at fractions of zeros: the trials' score is the validation
+    weight-level curve, best_config.yaml's prune_batch section asks for those sparsities, and the
+    held-out members' test accuracy is reported per sparsity."""
+    build_digits_zoo(tmp_path / "zoo")
+    search = yaml.safe_load((ROOT / "pipelines/searches/digits.yaml").read_text())
+    search.update(zoo=str(tmp_path / "zoo"), num_samples=1, max_epochs=1, grace_period=1, val_members=1,
+                  targets=None, sparsities=[0.8, 0.9], space={"lr": {"choice": [0.001]}},
+                  fixed={"objective": "weight_curve", "hidden": 8, "layers": 1, "before_steps": 5, "after_steps": 5})
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
+    out = _run("--search", tmp_path / "search.yaml", "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "on 1 held-out member(s): 80% zeros" in out.stdout
+    best = yaml.safe_load((tmp_path / "out/best_config.yaml").read_text())
+    assert best["meta_train"]["objective"] == "weight_curve" and best["prune_batch"]["sparsity"] == [0.8, 0.9]
+    import prune_batch
+
+    config = prune_batch.parse_args(["--config", str(tmp_path / "out/best_config.yaml"), "--methods", "none"])
+    assert config["sparsity"] == [0.8, 0.9] and config["after_steps"] == 5
+
+
 @pytest.mark.parametrize("change, message", [
     ({"space": {"learning_rate": {"uniform": [0, 1]}}}, "space.learning_rate: not an allowed key; must be 'lr'"),
     ({"space": {"lr": {"gaussian": [0, 1]}}}, "space.lr.gaussian: unknown key (allowed: uniform"),
     ({"zoo": "no/such/zoo"}, "zoo directory not found"),
+    ({"sparsities": [0.8]}, "give exactly one of targets"),
+    ({"targets": None, "sparsities": [0.8]}, "sparsities: a weight-level search needs objective weight_curve"),
+    ({"fixed": {"objective": "paper_l1"}}, "targets: objectives weight_curve and paper_l1"),
+    ({"targets": None, "sparsities": [1.0], "fixed": {"objective": "weight_curve"}}, "less than 1"),
 ])
 def test_bad_search_files_are_named(change, message, tmp_path, capsys):
     import tune

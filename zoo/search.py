@@ -17,7 +17,8 @@ from metanet.files import atomic_write_text
 from metanet.selection import OBJECTIVES
 
 META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size",
-             "edit", "evidence", "sparsity_norm", "objective", "calibration", "score_targets")
+             "edit", "evidence", "sparsity_norm", "objective", "calibration", "score_targets", "l1_reg",
+             "weight_temperature")
 PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 
@@ -58,7 +59,10 @@ class SearchFile(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     zoo: str
     data_root: str | None = None
-    targets: Annotated[list[Annotated[float, Field(gt=1, allow_inf_nan=False)]], Field(min_length=1)]
+    # what the trials are scored at: MAC speed-ups (channel pruning) or, for a weight-level search
+    # (objective weight_curve or paper_l1), fractions of zero weights: exactly one of the two
+    targets: Annotated[list[Annotated[float, Field(gt=1, allow_inf_nan=False)]], Field(min_length=1)] | None = None
+    sparsities: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], Field(min_length=1)] | None = None
     objective: Literal[OBJECTIVES] = "recipe"  # type: ignore[valid-type]
     val_members: Annotated[int, Field(ge=1)] | None = None
     max_epochs: Annotated[int, Field(ge=1)]
@@ -71,6 +75,26 @@ class SearchFile(Strict):
     seed: int = 0
     fixed: dict[Tunable, Any] = {}
     space: Annotated[dict[Tunable, Sampler], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _targets_or_sparsities(self):
+        from zoo.meta_settings import WEIGHT_OBJECTIVES
+
+        if (self.targets is None) == (self.sparsities is None):
+            raise ValueError("give exactly one of targets (speed-ups: channel pruning) and sparsities (fractions "
+                             "of zero weights: a weight-level search)")
+        if "objective" in self.space:
+            objectives = list(self.space["objective"].choice or [])
+        else:
+            objectives = [self.fixed.get("objective", default_trial()["objective"])]
+        weights = [o in WEIGHT_OBJECTIVES for o in objectives]
+        if self.sparsities is not None and not all(weights):
+            raise ValueError("sparsities: a weight-level search needs objective weight_curve or paper_l1 (fixed or "
+                             "in space) for every trial")
+        if self.targets is not None and any(weights):
+            raise ValueError("targets: objectives weight_curve and paper_l1 train weight-level metanetworks: "
+                             "score them at sparsities")
+        return self
 
     @model_validator(mode="after")
     def _values_in_range(self):

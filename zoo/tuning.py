@@ -35,14 +35,14 @@ def trial(config: dict, search: dict, data) -> None:
                           milestones=(10**6,), batches_per_step=config["batches_per_step"],
                           batch_size=config["batch_size"], reg=config["reg"], alpha=config["alpha"],
                           sparsity_norm=config["sparsity_norm"], seed=search.get("seed", 0),
-                          objective=config["objective"], score_targets=config["score_targets"])
+                          objective=config["objective"], score_targets=config["score_targets"],
+                          l1_reg=config["l1_reg"], weight_temperature=config["weight_temperature"])
     members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in records if r.role == "train"]
     val = [r.network() for r in records if r.role == "val"]
     val = val[:search.get("val_members", len(val))]
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=config["hidden"],
                                         layers=config["layers"], residual=config["residual"],
-                                        # the curve objective trains a criterion: its edit is the scores
-                                        edit="scores" if config["objective"] == "curve" else config["edit"],
+                                        edit=edit_of(config),
                                         evidence=config["evidence"], calibration=config["calibration"]))
     recipe = recipe_from_settings(config, **zoo.finetune_settings(), seed=search.get("seed", 0))
     every = search.get("eval_every", 1)
@@ -51,7 +51,7 @@ def trial(config: dict, search: dict, data) -> None:
         if (epoch + 1) % every:
             return
         # the trial's own recipe settings score it: the search compares recipes, not just metanetworks
-        value = score(net, val, data, recipe, search["objective"], search["targets"])
+        value = score(net, val, data, recipe, search["objective"], search.get("targets"), search.get("sparsities"))
         with tempfile.TemporaryDirectory() as d:
             save_metanetwork(net, os.path.join(d, "metanet.pt"), epoch=epoch)  # the one metanetwork file format
             tune.report({"score": value, "epoch": epoch, "task_loss": metrics["task_loss"],
@@ -59,6 +59,16 @@ def trial(config: dict, search: dict, data) -> None:
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     meta_train(metanet, members, data, cfg, on_epoch=on_epoch, progress=False)
+
+
+def edit_of(config: dict) -> str:
+    """The edit a trial's objective trains: the curve objective a channel criterion (scores), the
+    weight-level ones theirs (``zoo.meta_settings.WEIGHT_OBJECTIVES``), the paper's the configured edit."""
+    from zoo.meta_settings import WEIGHT_OBJECTIVES
+
+    if config["objective"] == "curve":
+        return "scores"
+    return WEIGHT_OBJECTIVES.get(config["objective"], config["edit"])
 
 
 def best_configuration(results, search: dict, out: Path, data, finetune: dict) -> dict:
@@ -92,7 +102,9 @@ def best_configuration(results, search: dict, out: Path, data, finetune: dict) -
     config = best["config"]
     best_config = {
         "meta_train": {**{k: config[k] for k in META_KEYS}, "epochs": best["epoch"] + 1, "milestones": [best["epoch"] + 1]},
-        "prune_batch": {**{k: config[k] for k in PRUNE_KEYS}, "targets": list(map(float, search["targets"]))},
+        "prune_batch": {**{k: config[k] for k in PRUNE_KEYS},
+                        **({"targets": list(map(float, search["targets"]))} if search.get("targets") else
+                           {"sparsity": list(map(float, search["sparsities"]))})},
         "tune": {"search": search["name"], "trial": best["trial"], "val_score": best["best"],
                  "default_val_score": default.get("best"), "default_evaluations": default.get("iterations")},
     }
@@ -114,11 +126,28 @@ def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dic
     if not held_out:
         return {}
     recipe = recipe_from_settings(config, **finetune, seed=search.get("seed", 0))
+    if search.get("sparsities"):
+        return _held_out_weights(net, held_out, search["sparsities"], data, recipe)
     scores: dict[float, list[float]] = {float(t): [] for t in search["targets"]}
     for record in held_out:
         for target, (_, row) in zip(scores, prune_to_targets(record.network(), data, "meta", recipe, list(scores), net)):
             scores[target].append(row["test_acc"])
     return {t: sum(v) / len(v) for t, v in scores.items()} | {"members": len(held_out)}
+
+
+def _held_out_weights(net, held_out, sparsities, data, recipe) -> dict:
+    """Test accuracy of a weight-level search's best metanetwork on the held-out members, per
+    fraction of zeros (its finetune, then weight-level pruning, then the finetune)."""
+    from metanet.recipe import prepare, sparsify_and_finetune
+    from metanet.weight_pruning import WeightPruning
+
+    scores: dict[float, list[float]] = {float(s): [] for s in sparsities}
+    for record in held_out:
+        prepared = prepare(record.network(), data, "meta", recipe, net, level="weights")
+        for s in scores:
+            scores[s].append(sparsify_and_finetune(prepared, data, recipe, WeightPruning(sparsity=s), metanet=net)[1]
+                             ["test_acc"])
+    return {s: sum(v) / len(v) for s, v in scores.items()} | {"members": len(held_out), "unit": "zeros"}
 
 
 def print_report(report: dict, out: Path) -> None:
@@ -134,7 +163,9 @@ def print_report(report: dict, out: Path) -> None:
           if default.get("best") is not None else f"\nbest: trial {best['trial']}, {100 * best['best']:.2f}%")
     test = report["test_score"]
     if test:
-        per = ", ".join(f"{t:g}x {100 * v:.2f}%" for t, v in test.items() if t != "members")
+        unit = "zeros" if test.get("unit") == "zeros" else "x"
+        per = ", ".join(f"{100 * t:g}% zeros {100 * v:.2f}%" if unit == "zeros" else f"{t:g}x {100 * v:.2f}%"
+                        for t, v in test.items() if t not in ("members", "unit"))
         print(f"test accuracy of the best configuration on {test['members']} held-out member(s): {per}")
     print(f"wrote {out / 'best_config.yaml'} and {out / 'tune_scores.png'}; {report['seconds']:.0f} s")
     write_scores_figure(report, out / "tune_scores.png")
