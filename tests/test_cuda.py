@@ -43,3 +43,23 @@ def test_meta_training_step_on_cuda_matches_the_cpu(edit, backend):
     assert cpu_grads.keys() == gpu_grads.keys() and cpu_grads
     for k in cpu_grads:
         torch.testing.assert_close(gpu_grads[k], cpu_grads[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_a_two_four_pruned_linear_runs_on_sparse_tensor_cores():
+    """A Linear layer pruned 2:4 by metanet.weight_pruning is a weight torch's semi-structured
+    kernels take (compute capability >= 8.0), and their product is the dense one's."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("2:4 kernels need compute capability 8.0 or newer")
+    from torch.sparse import to_sparse_semi_structured
+
+    from metanet.weight_pruning import WeightPruning, make_permanent, nm_violations, sparsify, weight_criterion
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128))
+    sparsify(model, WeightPruning(nm=(2, 4), dense_ends=False), weight_criterion("magnitude"))
+    make_permanent(model)
+    assert not nm_violations(model, ["0", "2"], 2, 4)
+    w = model[0].weight.detach().half().cuda()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    torch.testing.assert_close(torch.nn.functional.linear(x, to_sparse_semi_structured(w)),
+                               torch.nn.functional.linear(x, w), rtol=1e-2, atol=1e-2)
