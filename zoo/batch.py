@@ -621,11 +621,18 @@ def plot_sparsity(frame, path: str) -> bool:
     ax.set_xlabel("zero weights in the pruned layers (measured)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{ok.model.nunique()} models: accuracy vs sparsity (95% interval)")
+    return _save(fig, ax, path, 7)
+
+
+def _save(fig, ax, path: str, legend_size: int) -> bool:
+    """A figure's grid and legend, written atomically as PNG, closed."""
+    from metanet.plotting import pyplot
+
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
+    pyplot().close(fig)
     return True
 
 
@@ -660,12 +667,7 @@ def plot_curves(frame, path: str) -> bool:
     ax.set_xlabel("MAC speed-up")
     ax.set_ylabel("test accuracy right after pruning (%)")
     ax.set_title(f"recalibrated pruning curve, {first.model.nunique()} models (95% interval)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path, 8)
 
 
 
