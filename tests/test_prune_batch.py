@@ -302,6 +302,7 @@ def test_an_imported_architecture_from_a_state_dict(inputs, tmp_path):
     (["--models", ".", "--methods", "wanda"], "wanda prunes weights: with --sparsity or --nm"),
     (["--models", ".", "--methods", "none", "--sparsity", "0.5", "--targets", "2"], "one kind per run"),
     (["--models", ".", "--methods", "none", "--sparsity-scope", "layer"], "apply to --sparsity/--nm runs only"),
+    (["--models", ".", "--methods", "none", "--nm", "2:4", "--criterion", "fpgm"], "the method chooses the weight"),
     (["--models", ".", "--methods", "none", "--nm", "2:4", "--sparsity-scope", "row"], "--sparsity-scope 'row'"),
 ])
 def test_bad_inputs_are_named(args, message, tmp_path, capsys):

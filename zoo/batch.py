@@ -230,6 +230,9 @@ def check_runs_and_methods(config: dict, targets_given: bool) -> None:
     weights = bool(config["sparsity"]) or config["nm"] is not None
     if weights and (config["floor"] is not None or targets_given or config["targets"] != DEFAULT_TARGETS):
         raise BatchInputError("--targets/--floor prune channels, --sparsity/--nm weights: one kind per run")
+    if weights and (config["learned_as"] != "criterion" or config["criterion"] != "magnitude"):
+        raise BatchInputError("--learned-as and --criterion choose how channels are pruned; with --sparsity/--nm "
+                              "the method chooses the weight criterion")
     if not weights and (config["sparsity_scope"] != "global" or config["prune_ends"]):
         raise BatchInputError("--sparsity-scope and --prune-ends apply to --sparsity/--nm runs only")
     if config["baselines"]:
