@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.progress import progress  # noqa: E402
 from metanet.diagnostics import CURVE_SPARSITIES, weight_pruning_curve  # noqa: E402
+from metanet.files import atomic_write_text  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
@@ -176,6 +177,8 @@ def main(argv=None) -> None:
     p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--partial", help="after each network, write the tables so far to this file (a long run's "
+                   "results survive its interruption)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -227,6 +230,10 @@ def main(argv=None) -> None:
                     pruning = dataclasses.replace(pruning, scope=scope)
                 per_run[key] = prune_and_tune(source, crit, pruning, data, cfg, args.finetune)
             results[m].append(per_run)
+        if args.partial:
+            lines: list[str] = []
+            report(results, seconds, sizes, runs, args.finetune, lines.append)
+            atomic_write_text(args.partial, "\n".join(lines) + "\n")
     report(results, seconds, sizes, runs, args.finetune, log)
     if info:
         log("\nmeta-training: " + "; ".join(f"{n}: epoch {i['epoch']} chosen, {i['epoch_seconds']:.1f} s per epoch"
