@@ -312,8 +312,8 @@ def _finish(model: nn.Module, result: PruneResult, prepared: Prepared, data: Tas
 class _WeightResult:
     """``_finish``'s view of a weight-level pruning: what the row records about it."""
 
-    def __init__(self, model: nn.Module, report: WeightPruningReport):
-        self.model, self.report = model, report
+    def __init__(self, report: WeightPruningReport):
+        self.report = report
 
     def summary(self) -> dict:
         s = self.report.settings
@@ -354,7 +354,7 @@ def sparsify_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig,
     model = copy.deepcopy(prepared.model)
     report = sparsify(model, pruning, chosen, calibration(data, cfg) if chosen.data_driven else None)
     prepared = prepared._replace(record=dict(prepared.record, criterion=chosen.name))
-    model, record = _finish(model, _WeightResult(model, report), prepared, data, cfg, report_test, extra_after,
+    model, record = _finish(model, _WeightResult(report), prepared, data, cfg, report_test, extra_after,
                             time.perf_counter() - start)
     make_permanent(model)
     record.update(target=None, floor=None, sparsity_measured=zero_fraction(model, report.layers),
