@@ -10,7 +10,9 @@ pruning, BatchNorm recomputed, no finetuning) on the ``val`` members' validation
 and the epoch with the largest area is kept. The held-out networks (the zoo's ``test`` members and
 every member of ``--heldout``) are then pruned with each method to every speed-up, and the table is
 their test accuracy right after pruning, paired by network, with 95% intervals; ``gap closed`` is
-(variant - magnitude) / (curve - magnitude) of the means.
+(variant - magnitude) / (curve - magnitude) of the means. ``--refine K`` adds each variant's scores
+as the start of K steps of the per-network curve optimisation, beside K steps from magnitude's
+ranking (what the metanetwork adds as a starting point).
 
     python bench/learned_criterion.py --zoo runs/zoo-digits --heldout runs/zoo-digits-heldout
     python bench/learned_criterion.py --zoo runs/zoo-digits --heldout runs/zoo-digits-heldout --train-family resnet
@@ -39,7 +41,7 @@ from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
 from metanet.recipe import Prepared, RecipeConfig, calibration, prune_and_finetune  # noqa: E402
-from metanet.scoring import gated_by_scores, learned_criterion  # noqa: E402
+from metanet.scoring import gated_by_scores, learned_criterion, refined_criterion  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
@@ -152,6 +154,10 @@ def main(argv=None) -> None:
     p.add_argument("--no-curve", action="store_true", help="skip the per-network curve reference")
     p.add_argument("--gates", action="store_true", help="also each variant the paper's way: its scores shrink the "
                    "channels they drop at each speed-up's amount (soft mask), then magnitude prunes")
+    p.add_argument("--refine", type=int, nargs="+", default=[], metavar="STEPS",
+                   help="also each variant's scores as the start of STEPS steps of the per-network curve "
+                   "optimisation, beside the same optimisation from magnitude's ranking ('curve, STEPS steps'): "
+                   "what the metanetwork adds as a starting point")
     p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
                    help="also prune each network to --finetune-speedups with every criterion (not the gates "
                    "framing), finetune STEPS steps (the recipe's after-pruning finetune), and table the test "
@@ -190,7 +196,10 @@ def main(argv=None) -> None:
         log(f"  {name}:")
         nets[name], info[name] = train_variant(v, zoo, train, val, data, cfg, args.batch_size, log)
     gated = {f"{n} as gates": n for n in variants} if args.gates else {}
-    methods = [*BASELINES, *([] if args.no_curve else ["curve"]), *variants, *gated]
+    # name -> (variant or None for magnitude's ranking, curve steps from it)
+    refined = {f"curve, {k} steps": (None, k) for k in args.refine}
+    refined.update({f"{n} + {k} curve steps": (n, k) for k in args.refine for n in variants})
+    methods = [*BASELINES, *([] if args.no_curve else ["curve"]), *variants, *refined, *gated]
     curves: dict[str, list[dict]] = {m: [] for m in methods}
     # after a short finetune: (val, test) accuracy per method, network and speed-up
     tuned: dict[str, list[dict]] = {m: [] for m in methods if m not in gated} if args.finetune else {}
@@ -215,6 +224,15 @@ def main(argv=None) -> None:
                 amounts = list(amounts_for(model, x, [1.5, 4.0]).values())
                 scores, masker = fit_scores(model, data, amounts, steps=40, batch_size=args.batch_size, seed=0)
                 crit = ChannelScores(masker.module_scores(scores))
+            elif m in refined:
+                variant, k = refined[m]
+                amounts = list(amounts_for(model, x, [1.5, 4.0]).values())
+                if variant is None:  # the per-network optimisation from magnitude's ranking
+                    scores, masker = fit_scores(model, data, amounts, steps=k, batch_size=args.batch_size, seed=0)
+                    crit = ChannelScores(masker.module_scores(scores))
+                else:
+                    crit = refined_criterion(nets[variant], model, data, amounts, steps=k, batch_size=args.batch_size,
+                                             seed=0, batches=list(calibration(data, cfg)()))
             else:
                 crit = learned_criterion(nets[m], model, x, list(calibration(data, cfg)()))
             seconds[m].append(time.perf_counter() - start)

@@ -13,7 +13,13 @@ validation accuracy at 2x, 4x and 8x (the default budget), averaged over two see
 checkpoint's scores, each score's Spearman correlation with the outcome, and the outcome of the
 checkpoint each score picks against the best one (regret).
 
+``--objective curve`` does the same for a learned criterion (a ``scores`` metanetwork trained on
+the curve objective; ``--stats`` with calibration statistics, ``--targets W`` with the regression
+on each member's ``curve`` scores, ``--layers 0`` without message passing): its ``auc`` is then the
+recalibrated pruning curve of the networks pruned by its scores.
+
     python bench/selection.py --zoo runs/zoo-digits          # about 15 minutes on 2 cores
+    python bench/selection.py --zoo runs/zoo-digits --objective curve --stats --targets 1
 """
 
 from __future__ import annotations
@@ -56,8 +62,15 @@ def main() -> None:
     p.add_argument("--short-steps", type=int, default=18, help="the short recipe's steps before and after pruning "
                    "(18: about one epoch of digits at batch 64, as the old selection)")
     p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
+    p.add_argument("--objective", choices=("paper", "curve"), default="paper",
+                   help="the paper's objective and additive edit, or a learned criterion on the curve objective")
+    p.add_argument("--layers", type=int, default=4, help="message-passing layers (0: a per-channel MLP)")
+    p.add_argument("--stats", action="store_true", help="curve: calibration statistics as node inputs")
+    p.add_argument("--targets", type=float, default=0.0, help="curve: weight of the regression on curve scores")
+    p.add_argument("--lr", type=float, default=None, help="meta-training lr (default: the objective's usual one)")
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     zoo = Zoo(args.zoo)
     data = zoo.dataset(args.data_root)
@@ -67,9 +80,18 @@ def main() -> None:
     if len(val) < 2 * args.members:
         raise SystemExit(f"selection: {args.zoo} has {len(val)} validation members; need {2 * args.members}")
     half_a, half_b = val[:args.members], val[args.members:2 * args.members]
-    cfg = MetaTrainConfig(epochs=args.epochs, milestones=(int(args.epochs * 0.75),), batch_size=256)
+    if args.objective == "curve":  # as bench/learned_criterion.py trains its variants
+        cfg = MetaTrainConfig(objective="curve", epochs=args.epochs, lr=args.lr or 3e-3, batch_size=128,
+                              milestones=(int(args.epochs * 0.75),), score_targets=args.targets,
+                              curve_temperature=0.2)
+        net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=32, layers=args.layers, edit="scores",
+                                evidence=True, calibration=args.stats, backend="torch")
+    else:
+        cfg = MetaTrainConfig(epochs=args.epochs, milestones=(int(args.epochs * 0.75),), batch_size=256,
+                              **({"lr": args.lr} if args.lr else {}))
+        net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=32, layers=args.layers, residual=0.05)
     members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in records if r.role == "train"]
-    metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=32, layers=4, residual=0.05))
+    metanet = MetaNetwork(net_cfg)
     kept = [(-1, snapshot(metanet))]
 
     def on_epoch(epoch, metrics, net):

@@ -170,17 +170,24 @@ def batch_stat_copy(model: nn.Module) -> nn.Module:
 
 def fit_scores(model: nn.Module, data, amounts: Sequence[float], *, steps: int, batch_size: int, seed: int,
                lr: float = 0.2, temperature: float = 0.2, mode: str = "soft", distill: float = 0.0,
-               augment: bool = False, masker: ChannelMask | None = None) -> tuple[torch.Tensor, ChannelMask]:
+               augment: bool = False, masker: ChannelMask | None = None,
+               start: torch.Tensor | None = None) -> tuple[torch.Tensor, ChannelMask]:
     """Per-channel scores optimised on ``model`` itself with the curve objective: ``steps`` Adam
     steps, each on one shuffled training batch of ``data`` (a ``TaskData``) and an amount drawn
-    uniformly from [min(amounts), max(amounts)]. Returns (scores [C], the mask's channel map)."""
+    uniformly from [min(amounts), max(amounts)], starting from ``start`` ([C]; default: the
+    channels' log magnitude importance), standardised within each group. Returns (scores [C], the
+    mask's channel map)."""
     device = next(model.parameters()).device
     masker = masker or ChannelMask(model, torch.zeros(data.input_shape, device=device))
     work = batch_stat_copy(model)
     params = {k: v.detach() for k, v in work.named_parameters()}
     # in units of each group's spread, so that lr means the same in every layer and network
-    start = masker.standardise(masker.magnitude_scores(model).to(device).clamp_min(1e-12).log())
-    scores = start.clone().requires_grad_(True)
+    if start is None:
+        start = masker.magnitude_scores(model).to(device).clamp_min(1e-12).log()
+    elif start.shape != (masker.num_channels,):
+        raise ValueError(f"fit_scores: start has shape {tuple(start.shape)}, the network has {masker.num_channels} "
+                         "prunable channels")
+    scores = masker.standardise(start.detach().to(device).float()).clone().requires_grad_(True)
     opt = torch.optim.Adam([scores], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     lo, hi = min(amounts), max(amounts)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from metanet.criteria import ChannelScores
-from metanet.curve import ChannelMask
+from metanet.curve import ChannelMask, fit_scores
 from metanet.graph import NetworkGraph, graph_layout, network_to_graph
 from metanet.metanetwork import MetaNetwork
 
@@ -188,6 +188,20 @@ def learned_criterion(metanet: MetaNetwork, model: nn.Module, example_inputs: to
     """The pruner's importance for ``model``: one forward pass of the ``scores`` metanetwork
     (``batches``: (x, y) calibration batches, for a metanetwork that reads channel statistics)."""
     scores, scores_map = _scores_of(metanet, model, example_inputs, batches)
+    return ChannelScores(scores_map.masker.module_scores(scores))
+
+
+def refined_criterion(metanet: MetaNetwork, model: nn.Module, data, amounts, *, steps: int, batch_size: int,
+                      seed: int = 0, batches=None, **fit) -> ChannelScores:
+    """The metanetwork's scores of ``model`` as the starting point of the per-network curve
+    optimisation (``metanet.curve.fit_scores``: ``steps`` Adam steps on ``data``'s training
+    batches at amounts between those in ``amounts``; ``fit``: its lr, temperature, mask, distill):
+    ``steps`` 0 is ``learned_criterion``, no metanetwork (the untrained one) is ``curve``."""
+    x = torch.zeros(data.input_shape, device=next(model.parameters()).device)
+    scores, scores_map = _scores_of(metanet, model, x, batches)
+    if steps:
+        scores, _ = fit_scores(model, data, amounts, steps=steps, batch_size=batch_size, seed=seed,
+                               masker=scores_map.masker, start=scores, **fit)
     return ChannelScores(scores_map.masker.module_scores(scores))
 
 

@@ -216,3 +216,27 @@ def test_the_scores_as_gates_shrink_exactly_the_channels_they_drop(digits):
     assert row["speedup"] >= 2.0 and row["criterion"] == "magnitude" and "val_acc_after_metanet" in row
     with pytest.raises(ValueError, match="learned_as must be one of criterion, gates"):
         RecipeConfig(learned_as="edit")
+
+
+def test_refined_scores_start_where_the_metanetwork_left_them(trained_member, digits):
+    """``refined_criterion``: 0 steps is the metanetwork's own ranking, an untrained metanetwork
+    (magnitude) plus K steps is exactly ``curve``'s K steps, and a different start ends elsewhere."""
+    from metanet.curve import fit_scores
+    from metanet.scoring import refined_criterion
+
+    graph = network_to_graph(trained_member, X)
+    net = _scores_net(graph)
+    kw = dict(data=digits, amounts=[0.3, 0.6], batch_size=64, seed=0)
+    same = refined_criterion(net, trained_member, steps=0, **kw).scores
+    for layer, scores in learned_criterion(net, trained_member, X).scores.items():
+        torch.testing.assert_close(same[layer], scores, msg=layer)
+    smap = ScoreMap(trained_member, X)
+    cold, _ = fit_scores(trained_member, digits, [0.3, 0.6], steps=5, batch_size=64, seed=0, masker=smap.masker)
+    warm = refined_criterion(net, trained_member, steps=5, **kw).scores
+    for layer, scores in smap.masker.module_scores(cold).items():
+        torch.testing.assert_close(warm[layer], scores, msg=layer)
+    flipped, _ = fit_scores(trained_member, digits, [0.3, 0.6], steps=5, batch_size=64, seed=0, masker=smap.masker,
+                            start=-smap.base(dict(trained_member.named_parameters())))
+    assert not torch.allclose(flipped, cold)
+    with pytest.raises(ValueError, match="prunable channels"):
+        fit_scores(trained_member, digits, [0.3], steps=1, batch_size=64, seed=0, start=torch.zeros(3))
