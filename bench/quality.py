@@ -61,7 +61,7 @@ from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # 
 from metanet.paired import mean_ci, method_table, paired_difference, paired_table, with_best  # noqa: E402
 from metanet.recipe import (ALL_METHODS, BENCH_METHODS, HAND_CRAFTED, apply_metanetwork, prune_to_targets,  # noqa: E402
                             recipe_from_settings)
-from metanet.selection import choose, criterion_of, score, selection_recipe  # noqa: E402
+from metanet.selection import choose, criterion_of, default_selection, score, selection_recipe  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.data import TaskData  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
@@ -83,7 +83,7 @@ def budgets(s: dict) -> list[tuple[str, str]]:
 # objective "curve": a learned criterion (edit "scores") trained on the curve objective, its
 # checkpoint chosen by the validation members' recalibrated pruning curve (selection "auc")
 EDIT = dict(edit="additive", evidence=False, sparsity_norm="none", distill_epochs=0, objective="paper",
-            selection="recipe", calibration=False, score_targets=0.0)
+            selection=None, calibration=False, score_targets=0.0)  # selection None: by the objective
 # the recalibrated curve's speed-ups, the extra budgets, and what prunes meta/depgraph (a Tune best_config may say)
 CURVE = dict(targets=[1.5, 2.0, 3.0, 4.0], budgets=[20], criterion="magnitude")
 PRESETS = {
@@ -374,6 +374,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"quality: --set objective={s['objective']}: must be paper or curve")
     if s["objective"] == "curve" and s["edit"] != "scores":  # the curve objective trains a criterion
         s["edit"] = "scores"
+    if s["selection"] is None:
+        s["selection"] = default_selection(s["objective"])
     log_lines: list[str] = []
 
     def log(line: str) -> None:

@@ -85,6 +85,15 @@ def criterion_of(metanet: MetaNetwork, model: nn.Module, x: torch.Tensor, recipe
     return learned_criterion(metanet, model, x, batches)
 
 
+def default_selection(training_objective: str) -> str:
+    """The selection score for a metanetwork trained with ``training_objective``: ``auc`` for a
+    learned criterion (the curve objective), the short ``recipe`` for an edit. Measured by
+    ``bench/selection.py`` (docs/method.md): the edit's curve area ranks checkpoints backwards
+    (Spearman -0.75 with the full recipe's outcome, the short recipe 0.67-0.82); a learned
+    criterion's ranks them better than the short recipe (0.61 against 0.57 and 0.36)."""
+    return "auc" if training_objective == "curve" else "recipe"
+
+
 def choose(scores: Mapping[int, float]) -> tuple[int, float]:
     """(epoch, score) of the best checkpoint: the highest score; a tie goes to the later epoch
     (the longer-trained metanetwork). Scores that are NaN never win."""

@@ -24,13 +24,14 @@ After every epoch rank 0 diagnoses the metanetwork on ``--select-members`` valid
 selectivity of the edit, accuracy after BatchNorm recalibration), reported with the epoch's
 metrics and logged to MLflow (``val_*``; ``--diagnose-every 0`` turns it off).
 
-Then a checkpoint is chosen among the kept ones (never with the test split): by default
-(``--selection recipe``) each is scored by a short recipe (metanetwork -> finetune -> prune to
+Then a checkpoint is chosen among the kept ones (never with the test split): for an edit (by
+default ``--selection recipe``) each is scored by a short recipe (metanetwork -> finetune -> prune to
 ``--select-target`` -> finetune -> validation accuracy), one Ray task per checkpoint; with
-``--selection auc``, the one whose edit has the largest validation curve area (free: it was
-logged during training). The short recipe is the default because it ranks checkpoints by what
-the full recipe later reaches and the curve area right after the edit does not (measured:
-``bench/selection.py``, Spearman 0.67 and 0.82 against -0.75; docs/method.md). MLflow (rank 0 and the driver): params, per-epoch
+``--selection auc`` (the default for ``--objective curve``), the one with the largest validation
+curve area (free: it was logged during training). Each default is the score that ranked checkpoints
+better by what the full recipe later reaches (``bench/selection.py``, docs/method.md: for the edit
+the short recipe, Spearman 0.67 and 0.82 against -0.75; for a learned criterion the curve area,
+0.61 against 0.57 and 0.36). MLflow (rank 0 and the driver): params, per-epoch
 loss terms and diagnostics, selection scores and their plot, the chosen metanetwork.
 """
 

@@ -125,6 +125,9 @@ def test_settings_are_refused_before_ray_in_one_line(changes, message):
     assert message in str(refused.value.code) and "\n" not in str(refused.value.code)
     curve = check_settings({**DEFAULTS, "objective": "curve"})
     assert curve["edit"] == "scores" and os.path.isabs(curve["zoo"]) and os.path.isabs(curve["out"])
+    # each objective's measured default checkpoint score (docs/method.md); a choice given is kept
+    assert curve["selection"] == "auc" and check_settings(dict(DEFAULTS))["selection"] == "recipe"
+    assert check_settings({**DEFAULTS, "objective": "curve", "selection": "recipe"})["selection"] == "recipe"
 
 
 @pytest.mark.parametrize("error, code, names", [

@@ -151,7 +151,7 @@ def select(checkpoints: Mapping[int, str], areas: Mapping[int, float], config: d
               "selecting by the short recipe instead")
     if use_auc:
         scores = {e: areas[e] for e in epochs}
-        how = "validation curve area of the edit (mean accuracy right after pruning, BN recalibrated)"
+        how = "validation curve area (mean accuracy right after pruning, BN recalibrated)"
     else:
         scores = dict(zip(epochs, score_all([checkpoints[e] for e in epochs])))
         how = WEIGHT_SELECTION if weights else f"val acc after finetune -> prune to {config['select_target']}x -> finetune"

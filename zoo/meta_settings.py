@@ -8,7 +8,7 @@ import os
 from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
 from metanet.meta_training import MetaTrainConfig
 from metanet.metanetwork import EDITS, MetaNetConfig
-from metanet.selection import OBJECTIVES, SELECT_STEPS
+from metanet.selection import OBJECTIVES, SELECT_STEPS, default_selection
 from metanet.sparsity import SPARSITY_FORMS
 
 _NET, _TRAIN = MetaNetConfig(edge_widths={}), MetaTrainConfig()
@@ -23,7 +23,7 @@ DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,
     **{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(_TRAIN, k)) for k in TRAIN_KEYS)},
     **{k: getattr(_NET, k) for k in NET_KEYS},
-    "gpu": False, "max_failures": 2, "keep": 5, "selection": "recipe", "select_target": 2.0,
+    "gpu": False, "max_failures": 2, "keep": 5, "selection": None, "select_target": 2.0,
     "select_finetune_steps": SELECT_STEPS,
     "select_members": 4, "diagnose_every": 1, "data_root": None, "mlflow": True, "min_member_acc": 0.0,
 }
@@ -49,7 +49,9 @@ HELP = {
     "gpu": "one GPU per worker (nccl)",
     "max_failures": "restarts from the last checkpoint after a worker dies",
     "keep": "checkpoints kept, spread evenly over the run; selection chooses among them",
-    "selection": "checkpoint choice: recipe (short finetune-prune-finetune on val members) or auc",
+    "selection": "checkpoint choice: recipe (short finetune-prune-finetune on val members) or auc (their "
+                 "recalibrated pruning curve's area); none: auc for --objective curve, recipe otherwise (measured, "
+                 "docs/method.md)",
     "select_target": "speed-up the selection recipe prunes to",
     "select_finetune_steps": "finetuning steps before and after pruning in the selection recipe",
     "select_members": "validation members used for selection and diagnostics",
@@ -92,6 +94,8 @@ def check_settings(config: dict) -> dict:
     """Refuses a bad value or combination in one line naming the flag (``SystemExit``: exit 2
     through ``distributed.cli``); derives what follows from the others; makes local paths absolute
     (Ray Train's workers run in another directory)."""
+    if config["selection"] is None:
+        config["selection"] = default_selection(config["objective"])
     _one_of(config, "selection", OBJECTIVES)
     _one_of(config, "bn_mode", ("eval", "train"))
     _one_of(config, "edit", EDITS)
