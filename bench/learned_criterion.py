@@ -3,7 +3,8 @@ magnitude, the other hand-crafted criteria and the per-network ``curve`` scores.
 
 Each variant (``key=value,...`` over ``VARIANT_DEFAULTS``; ``layers=0`` is the ablation without
 message passing: a per-channel MLP over the node features and, with ``evidence=1``, each channel's
-evidence of ``metanet.gates.channel_evidence``; ``stats=1`` adds calibration statistics) is a ``scores`` metanetwork meta-trained with the curve
+evidence of ``metanet.gates.channel_evidence``; ``stats=1`` adds calibration statistics, ``grad=1``
+also the curve objective's gradient at magnitude's ranking) is a ``scores`` metanetwork meta-trained with the curve
 objective on the zoo's ``train`` members (``--train-family`` keeps one architecture family: the
 transfer experiment); after every epoch its recalibrated pruning curve (accuracy right after
 pruning, BatchNorm recomputed, no finetuning) on the ``val`` members' validation split is computed,
@@ -49,14 +50,15 @@ DEFAULT_VARIANTS = ["layers=4", "layers=4,stats=1", "layers=0,stats=1", "layers=
 BASELINES = ("magnitude", "fpgm")
 
 
-VARIANT_DEFAULTS = {"layers": 4, "hidden": 32, "evidence": 1, "stats": 0, "targets": 0.0, "lr": 3e-3, "epochs": 20,
-                    "temperature": 0.2}
+VARIANT_DEFAULTS = {"layers": 4, "hidden": 32, "evidence": 1, "stats": 0, "grad": 0, "targets": 0.0, "lr": 3e-3,
+                    "epochs": 20, "temperature": 0.2}
 
 
 def parse_variant(text: str) -> dict:
     """``key=value,...`` over ``VARIANT_DEFAULTS`` (``layers=0``: no message passing; ``stats=1``:
-    calibration statistics as node inputs; ``targets=W``: the regression on per-member curve scores
-    at weight W beside the masked task loss)."""
+    calibration statistics as node inputs; ``grad=1``: with them the curve objective's gradient at
+    magnitude's ranking; ``targets=W``: the regression on per-member curve scores at weight W beside
+    the masked task loss)."""
     v = dict(VARIANT_DEFAULTS)
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -72,7 +74,8 @@ def parse_variant(text: str) -> dict:
 
 def name_of(v: dict) -> str:
     kind = "MLP (no message passing)" if v["layers"] == 0 else f"GNN {v['layers']}x{v['hidden']}"
-    extras = "".join([" + evidence"] * bool(v["evidence"]) + [" + statistics"] * bool(v["stats"]))
+    extras = "".join([" + evidence"] * bool(v["evidence"]) + [" + statistics"] * bool(v["stats"])
+                     + [" + curve gradient"] * bool(v["grad"]))
     targets = f", targets x{v['targets']:g}" if v["targets"] else ""
     return f"{kind}{extras}{targets}, lr {v['lr']:g}, {v['epochs']} ep"
 
@@ -86,7 +89,8 @@ def train_variant(v: dict, zoo: Zoo, train, val, data, cfg: RecipeConfig, batch_
                                curve_temperature=v["temperature"])
     members = [make_member(r.id, build_model(r.arch), r.graph, meta_cfg) for r in train]
     net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=v["hidden"], layers=v["layers"],
-                                    edit="scores", evidence=bool(v["evidence"]), calibration=bool(v["stats"]),
+                                    edit="scores", evidence=bool(v["evidence"]),
+                                    calibration=bool(v["stats"] or v["grad"]), gradient=bool(v["grad"]),
                                     backend="torch"))
     x = torch.zeros(data.input_shape)
     batches = list(calibration(data, cfg)())

@@ -11,9 +11,12 @@ about magnitude's ranking. The table says
 - how much of it a least-squares fit on per-channel features explains on networks it was not
   fitted on (R^2 on the test members, fitted on the fit members): the features are the channel
   evidence (``metanet.gates.channel_evidence``), the calibration statistics
-  (``metanet.scoring.channel_statistics``) and the magnitude base, averaged over a channel's nodes.
+  (``metanet.scoring.channel_statistics``) and the magnitude base, averaged over a channel's nodes;
+  ``--gradient`` adds the curve objective's gradient at magnitude's ranking
+  (``metanet.scoring.gradient_statistics``, on the same calibration batches).
 
     python bench/score_predictability.py --zoo runs/zoo-digits
+    python bench/score_predictability.py --zoo runs/zoo-cifar10-bench-20 --data-root DIR/cifar10-jpeg --gradient
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from metanet.curve import fit_scores  # noqa: E402
 from metanet.gates import EVIDENCE_FEATURES, channel_evidence  # noqa: E402
 from metanet.graph import network_to_graph  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
-from metanet.scoring import STATISTICS, channel_statistics, score_map  # noqa: E402
+from metanet.scoring import STATISTICS, channel_statistics, gradient_statistics, score_map  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
-FEATURES = [*(f"{k}_{s}" for k in ("z", "rank") for s in STATISTICS), *EVIDENCE_FEATURES, "magnitude_base"]
+FEATURES = [*(f"{k}_{s}" for k in ("z", "rank") for s in STATISTICS), *EVIDENCE_FEATURES]
+GRADIENT_FEATURES = ["gradient_scaled", "gradient_rank"]
 
 
-def network_rows(model, data, steps: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def network_rows(model, data, steps: int, batch_size: int,
+                 gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features [C, F], correction of seed 0 [C], correction of seed 1 [C]) of one network."""
     x = torch.zeros(data.input_shape)
     graph = network_to_graph(model, x)
@@ -48,8 +53,9 @@ def network_rows(model, data, steps: int, batch_size: int) -> tuple[torch.Tensor
     for seed in (0, 1):
         scores, _ = fit_scores(model, data, amounts, steps=steps, batch_size=batch_size, seed=seed, masker=smap.masker)
         corrections.append(smap.masker.standardise(scores) - base)
-    nodes = torch.cat([channel_statistics(model, graph, list(data.batches("train", batch_size, limit=4)), smap),
-                       channel_evidence(graph)], 1)
+    batches = list(data.batches("train", batch_size, limit=4))
+    nodes = torch.cat([channel_statistics(model, graph, batches, smap), channel_evidence(graph),
+                       *([gradient_statistics(model, graph, batches, smap)] if gradient else [])], 1)
     per_channel = torch.zeros(smap.num_channels, nodes.shape[1]).index_add(0, smap.channels, nodes[smap.nodes])
     per_channel = per_channel / smap.node_counts[:, None]
     return torch.cat([per_channel, base[:, None]], 1), corrections[0], corrections[1]
@@ -64,6 +70,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=40, help="curve steps (default: 40, the curve method's)")
     p.add_argument("--data-root")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gradient", action="store_true", help="also the curve gradient at magnitude's ranking")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     zoo = Zoo(args.zoo)
@@ -73,7 +80,7 @@ def main(argv=None) -> None:
         records = [r for r in zoo if r.status == "ok" and r.role in roles][: args.limit]
         if not records:
             raise SystemExit(f"score_predictability: no members with roles {roles} in {args.zoo}")
-        sides[side] = [network_rows(r.network().eval(), data, args.steps, 128) for r in records]
+        sides[side] = [network_rows(r.network().eval(), data, args.steps, 128, args.gradient) for r in records]
         print(f"{side}: {len(records)} networks done", flush=True)
     same = [float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for rows in sides.values() for _, a, b in rows]
     fit_x = torch.cat([f for f, _, _ in sides["fit"]])
@@ -93,7 +100,8 @@ def main(argv=None) -> None:
     print(f"| R^2 of one seed's correction predicting the other's (same network) | {seed_r2:.2f} |")
     print(f"| R^2 of the linear fit on the fit networks (in sample) | {r2(ones(fit_x) @ w, fit_y[:, None]):.2f} |")
     print(f"| R^2 of the linear fit on the test networks (held out) | {r2(ones(test_x) @ w, test_y[:, None]):.2f} |")
-    corr = [(name, float(torch.corrcoef(torch.stack([test_x[:, i], test_y]))[0, 1])) for i, name in enumerate(FEATURES)]
+    names = [*FEATURES, *(GRADIENT_FEATURES if args.gradient else []), "magnitude_base"]
+    corr = [(name, float(torch.corrcoef(torch.stack([test_x[:, i], test_y]))[0, 1])) for i, name in enumerate(names)]
     corr.sort(key=lambda t: -abs(t[1]))
     print("\nfeatures most correlated with the correction on the test networks: "
           + ", ".join(f"{n} {c:+.2f}" for n, c in corr[:5]))

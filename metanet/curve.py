@@ -211,6 +211,29 @@ def fit_scores(model: nn.Module, data, amounts: Sequence[float], *, steps: int, 
     return scores.detach(), masker
 
 
+GRADIENT_AMOUNTS = (0.2, 0.35, 0.5)  # about 1.5x, 2x and 4x under per-layer pruning (MACs ~ (1 - amount)^2)
+
+
+def curve_gradient(model: nn.Module, masker: ChannelMask, batches, amounts: Sequence[float] = GRADIENT_AMOUNTS,
+                   temperature: float = 0.2) -> torch.Tensor:
+    """[C] the gradient of the curve objective with respect to the channel scores at magnitude's
+    ranking (standardised within each group), summed over ``batches`` ((x, y) pairs), one amount of
+    ``amounts`` per batch in turn: the direction the per-network optimisation (``fit_scores``) takes
+    first, as a per-network input a learned criterion can read (negative: the objective wants the
+    channel kept)."""
+    device = next(model.parameters()).device
+    work = batch_stat_copy(model)
+    params = {k: v.detach() for k, v in work.named_parameters()}
+    scores = masker.standardise(masker.magnitude_scores(model).to(device).clamp_min(1e-12).log())
+    scores = scores.detach().requires_grad_(True)
+    with torch.enable_grad():
+        for i, (x, y) in enumerate(batches):
+            loss = curve_loss(work, masker, params, scores, amounts[i % len(amounts)], x.to(device), y.to(device),
+                              temperature=temperature, mode="soft")
+            loss.backward()
+    return scores.grad.detach() if scores.grad is not None else torch.zeros_like(scores)
+
+
 @torch.no_grad()
 def masked_accuracy(model: nn.Module, masker: ChannelMask, scores: torch.Tensor, amount: float, data,
                     split: str = "val", batch_size: int = 256) -> float:

@@ -198,7 +198,7 @@ def curve_step(metanet: MetaNetwork, members: Sequence[Member], batches: Sequenc
     from one metanetwork pass (``metanet.scoring.channel_scores``), the hard-to-soft mask at the
     amount ``lo + draw * (hi - lo)`` of its range, the masked network's mean cross-entropy over
     ``batches``; gradients accumulate in ``metanet``. Returns the mean loss terms."""
-    from metanet.scoring import attach_statistics, channel_scores, channel_statistics
+    from metanet.scoring import attach_statistics, channel_scores, node_statistics
 
     core = metanet.module if hasattr(metanet, "module") else metanet
     terms = {"task_loss": 0.0, "sparsity_loss": 0.0, "train_acc": 0.0}
@@ -208,7 +208,7 @@ def curve_step(metanet: MetaNetwork, members: Sequence[Member], batches: Sequenc
         if core.config.calibration and "_statistics" not in member.graph.__dict__:
             # the member's own channel statistics (eval mode), on its first step's batches
             reference = graph_to_network(member.graph, member.model).eval()
-            attach_statistics(member.graph, channel_statistics(reference, member.graph, batches, member.scores_map))
+            attach_statistics(member.graph, node_statistics(core, reference, member.graph, batches, member.scores_map))
         scores = channel_scores(metanet, member.graph, member.params, member.scores_map)
         masker = member.scores_map.masker
         mask = masker.mask(scores, lo + draw * (hi - lo), cfg.curve_temperature, cfg.curve_mask)

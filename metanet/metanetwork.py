@@ -27,6 +27,7 @@ from metanet.graph.batch import GraphBatch, batch_graphs
 
 EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
 STATISTICS_WIDTH = 6  # metanet.scoring.channel_statistics: (z, rank) of three statistics
+GRADIENT_WIDTH = 2  # metanet.scoring.gradient_statistics: the curve gradient scaled in its group, and its rank
 # "scores": no edit at all: the metanetwork is a learned pruning criterion, one score per channel
 # (``node_scores``, trained on the curve objective; metanet.scoring)
 # "weight_scores": no edit either: per-weight score corrections decoded from the edge states, a
@@ -56,6 +57,9 @@ class MetaNetConfig:
     evidence: bool = False  # the gate or score decoder also reads each channel's evidence (metanet.gates)
     # node inputs also carry per-channel statistics of calibration batches (metanet.scoring.channel_statistics)
     calibration: bool = False
+    # with ``calibration``: node inputs also carry the curve objective's gradient at magnitude's
+    # ranking over the same batches (metanet.scoring.gradient_statistics)
+    gradient: bool = False
     shared_directions: bool = False  # one message-passing module for both edge directions (the paper's)
     edge_norm: bool = True  # LayerNorm on edge states before each layer (the paper's code has none)
     # recompute each layer's activations in the backward pass (torch.utils.checkpoint): keeps one
@@ -160,7 +164,10 @@ class MetaNetwork(nn.Module):
             raise ValueError(f"edit must be one of {EDITS}, not {config.edit!r}")
         self.config = config
         h = config.hidden
-        self.node_encoder = nn.Linear(len(NODE_FEATURES) + (STATISTICS_WIDTH if config.calibration else 0), h)
+        if config.gradient and not config.calibration:
+            raise ValueError("MetaNetConfig: gradient=True reads the calibration batches: it needs calibration=True")
+        stats = (STATISTICS_WIDTH + GRADIENT_WIDTH * config.gradient) if config.calibration else 0
+        self.node_encoder = nn.Linear(len(NODE_FEATURES) + stats, h)
         self.edge_encoders = nn.ModuleDict({t: nn.Linear(k, h) for t, k in config.edge_widths.items()})
         self.layers = nn.ModuleList(MetaLayer(h, config.shared_directions, config.edge_norm)
                                     for _ in range(config.layers))

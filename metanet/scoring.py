@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from metanet.criteria import ChannelScores
-from metanet.curve import ChannelMask, fit_scores
+from metanet.curve import ChannelMask, curve_gradient, fit_scores
 from metanet.graph import NetworkGraph, graph_layout, network_to_graph
 from metanet.metanetwork import MetaNetwork
 
@@ -144,6 +144,37 @@ def channel_statistics(model: nn.Module, graph: NetworkGraph, batches, scores_ma
     return torch.nan_to_num(out)
 
 
+def gradient_statistics(model: nn.Module, graph: NetworkGraph, batches, scores_map: "ScoreMap") -> torch.Tensor:
+    """[N, 2] per-node: the curve objective's gradient at magnitude's ranking
+    (``metanet.curve.curve_gradient`` over ``batches``) of the channel the node carries, divided by
+    its group's root mean square (sign kept), and the channel's rank in its group by the negative
+    gradient (1: the objective most wants it kept); zeros for nodes that carry no channel."""
+    from metanet.gates import _within_layer
+
+    masker = scores_map.masker
+    grad = curve_gradient(model, masker, batches).float().cpu()
+    group_of = masker.group_of
+    sizes = masker.sizes.to(grad.dtype)
+    rms = (torch.zeros(len(sizes)).index_add(0, group_of, grad ** 2) / sizes).sqrt()
+    scaled = grad / (rms[group_of] + 1e-12)
+    _, rank = _within_layer(-grad, group_of)
+    out = torch.zeros(graph.num_nodes, 2)
+    out[scores_map.nodes] = torch.stack([scaled, rank], 1)[scores_map.channels]
+    return torch.nan_to_num(out)
+
+
+def node_statistics(metanet: MetaNetwork, model: nn.Module, graph: NetworkGraph, batches,
+                    scores_map: "ScoreMap") -> torch.Tensor:
+    """The per-node inputs ``metanet`` reads beside the graph: ``channel_statistics``, and with
+    ``config.gradient`` also ``gradient_statistics``, over the same ``batches``."""
+    core = metanet.module if hasattr(metanet, "module") else metanet
+    batches = list(batches)
+    stats = channel_statistics(model, graph, batches, scores_map)
+    if core.config.gradient:
+        stats = torch.cat([stats, gradient_statistics(model, graph, batches, scores_map)], 1)
+    return stats
+
+
 def attach_statistics(graph: NetworkGraph, statistics: torch.Tensor) -> NetworkGraph:
     """``graph`` carrying per-node calibration statistics for a metanetwork built with ``calibration``."""
     graph.__dict__["_statistics"] = statistics.to(graph.node_feat.device)
@@ -178,7 +209,7 @@ def _scores_of(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Ten
     if metanet.config.calibration:
         if batches is None:
             raise ValueError("this metanetwork reads calibration statistics: give it calibration batches")
-        attach_statistics(graph, channel_statistics(model, graph, batches, scores_map))
+        attach_statistics(graph, node_statistics(metanet, model, graph, batches, scores_map))
     with torch.no_grad():
         return channel_scores(metanet, graph, dict(model.named_parameters()), scores_map), scores_map
 

@@ -240,3 +240,41 @@ def test_refined_scores_start_where_the_metanetwork_left_them(trained_member, di
     assert not torch.allclose(flipped, cold)
     with pytest.raises(ValueError, match="prunable channels"):
         fit_scores(trained_member, digits, [0.3], steps=1, batch_size=64, seed=0, start=torch.zeros(3))
+
+
+def test_the_curve_gradient_points_where_the_objective_falls(trained_member, digits):
+    """``curve_gradient``: a small step against it lowers the curve objective on its batches;
+    ``gradient_statistics`` gives every node of a channel that channel's value, unit RMS per group
+    and the rank of the channel the objective most wants kept as 1; a metanetwork reading it runs."""
+    from metanet.curve import GRADIENT_AMOUNTS, batch_stat_copy, curve_gradient, curve_loss
+    from metanet.scoring import gradient_statistics, node_statistics
+
+    graph = network_to_graph(trained_member, X)
+    smap = ScoreMap(trained_member, X)
+    masker = smap.masker
+    batches = list(digits.batches("train", 128, limit=3))
+    grad = curve_gradient(trained_member, masker, batches)
+    assert grad.shape == (masker.num_channels,) and grad.abs().sum() > 0
+    work = batch_stat_copy(trained_member)
+    params = {k: v.detach() for k, v in work.named_parameters()}
+    start = smap.base(dict(trained_member.named_parameters()))
+
+    def total(scores):
+        return sum(float(curve_loss(work, masker, params, scores, GRADIENT_AMOUNTS[i], x, y, temperature=0.2,
+                                    mode="soft")) for i, (x, y) in enumerate(batches))
+
+    assert total(start - 0.05 * grad / grad.norm()) < total(start) < total(start + 0.05 * grad / grad.norm())
+    stats = gradient_statistics(trained_member, graph, batches, smap)
+    per_node = stats[smap.nodes]
+    torch.testing.assert_close(per_node[:, 0], (grad / torch.zeros(masker.groups.num_groups).index_add(
+        0, masker.group_of, grad ** 2).div(masker.sizes).sqrt()[masker.group_of])[smap.channels])
+    for g in range(masker.groups.num_groups):
+        ids = (masker.group_of == g).nonzero().flatten()
+        if len(ids) > 1:
+            keep_most = ids[int(grad[ids].argmin())]
+            assert float(per_node[smap.channels == keep_most, 1][0]) == 1.0
+    with pytest.raises(ValueError, match="needs calibration=True"):
+        _scores_net(graph, gradient=True)
+    net = _scores_net(graph, calibration=True, gradient=True)
+    assert node_statistics(net, trained_member, graph, batches, smap).shape == (graph.num_nodes, 8)
+    assert len(learned_criterion(net, trained_member, X, batches).scores) > 0
