@@ -83,7 +83,7 @@ def budgets(s: dict) -> list[tuple[str, str]]:
 # objective "curve": a learned criterion (edit "scores") trained on the curve objective, its
 # checkpoint chosen by the validation members' recalibrated pruning curve (selection "auc")
 EDIT = dict(edit="additive", evidence=False, sparsity_norm="none", distill_epochs=0, objective="paper",
-            selection=None, calibration=False, score_targets=0.0)  # selection None: by the objective
+            selection=None, calibration=False, gradient=False, score_targets=0.0)  # selection None: by the objective
 # the recalibrated curve's speed-ups, the extra budgets, and what prunes meta/depgraph (a Tune best_config may say)
 CURVE = dict(targets=[1.5, 2.0, 3.0, 4.0], budgets=[20], criterion="magnitude")
 PRESETS = {
@@ -249,7 +249,7 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
     val_models = [r.network().eval() for r in by_role["val"][:s["select_members"]]]
     net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=s["hidden"], layers=s["layers"],
                             residual=s["residual"], edit=s["edit"], evidence=s["evidence"],
-                            calibration=s["calibration"])
+                            calibration=s["calibration"] or s["gradient"], gradient=s["gradient"])
     metanet = MetaNetwork(net_cfg)
     cfg = recipe_from_settings(s, **finetune)
     select_cfg = selection_recipe(finetune, s["select_steps"], lr=s["before_lr"])

@@ -116,6 +116,7 @@ def test_the_selection_and_diagnostics_figures():
     ({"bn_mode": "x"}, "--bn-mode must be one of eval, train"),
     ({"edit": "scores"}, "--edit scores with --objective paper"),
     ({"distill_epochs": 2}, "--distill-epochs needs a gate edit"),
+    ({"gradient": True}, "--gradient is an input of a learned criterion"),
 ])
 def test_settings_are_refused_before_ray_in_one_line(changes, message):
     from zoo.meta_settings import DEFAULTS, check_settings

@@ -199,20 +199,21 @@ def test_a_training_logs_into_one_mlflow_run_however_often_it_restarts(tmp_path,
 
 
 def test_the_curve_objective_trains_a_criterion_with_ray_train(tiny_zoo, tmp_path):
-    """``--objective curve --calibration`` on 2 Ray Train workers (DDP: the scores go through the
-    wrapper's forward): a ``scores`` metanetwork comes out, and it prunes a member by its scores."""
+    """``--objective curve --gradient`` (calibration statistics and the curve gradient) on 2 Ray Train
+    workers (DDP: the scores go through the wrapper's forward): a ``scores`` metanetwork comes out,
+    and it prunes a member by its scores."""
     import torch
 
     from metanet.recipe import prune_with_method, recipe_from_settings
     from zoo.store import Zoo
 
     out = subprocess.run([sys.executable, str(ROOT / "pipelines/meta_train.py"),
-                          *_meta_args(tiny_zoo, str(tmp_path / "out"), 2), "--objective", "curve", "--calibration",
+                          *_meta_args(tiny_zoo, str(tmp_path / "out"), 2), "--objective", "curve", "--gradient",
                           "--no-mlflow", "--selection", "auc"], env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "'epoch': 1, " in out.stdout and "'sparsity_loss': 0.0," in out.stdout, out.stdout[-2000:]
     net, extra = load_metanetwork(str(tmp_path / "out" / "metanet" / "metanetwork.pt"))
-    assert net.config.edit == "scores" and net.config.calibration
+    assert net.config.edit == "scores" and net.config.calibration and net.config.gradient
     zoo = Zoo(tiny_zoo)
     data = zoo.dataset()
     member = zoo.built("val")[0].network()

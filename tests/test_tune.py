@@ -155,7 +155,8 @@ def test_the_learned_criterion_settings_are_tunable_and_default_to_the_papers():
     from zoo.search import default_trial, param_space
 
     trial = default_trial()
-    assert (trial["objective"], trial["calibration"], trial["score_targets"]) == ("paper", False, 0.0)
+    assert (trial["objective"], trial["calibration"], trial["gradient"], trial["score_targets"]) == \
+        ("paper", False, False, 0.0)
     space = param_space({"space": {"objective": {"choice": ["paper", "curve"]}}, "fixed": {}})
     assert "objective" in space
 

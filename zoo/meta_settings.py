@@ -18,7 +18,7 @@ TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", 
 # the objectives that train a metanetwork for weight-level pruning (prune_batch --sparsity/--nm), and
 # the edit each trains
 WEIGHT_OBJECTIVES = {"weight_curve": "weight_scores", "paper_l1": "additive"}
-NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence", "calibration")
+NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence", "calibration", "gradient")
 DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,
     **{k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(_TRAIN, k)) for k in TRAIN_KEYS)},
@@ -63,6 +63,8 @@ HELP = {
     "evidence": "give the metanetwork per-channel evidence features",
     "calibration": "a learned criterion also reads per-channel statistics of calibration batches (activations, "
                    "Taylor scores)",
+    "gradient": "a learned criterion also reads the curve objective's gradient at magnitude's ranking over the "
+                "calibration batches (implies --calibration)",
     "sparsity_norm": "sparsity term: none (the paper), group or relative",
     "distill_epochs": "epochs of regression on per-member gates before the meta-objective (gate edits)",
     "gate_reg": "sparsity strength of the per-member gates that distillation targets",
@@ -114,6 +116,10 @@ def check_settings(config: dict) -> dict:
     if (config["objective"] == "curve") != (config["edit"] == "scores"):
         raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: a learned "
                          "criterion (--edit scores) is trained with --objective curve, an edit with --objective paper")
+    if config["gradient"] and config["edit"] != "scores":
+        raise SystemExit(f"meta_train: --gradient is an input of a learned criterion (--objective curve), not of "
+                         f"--edit {config['edit']}")
+    config["calibration"] = config["calibration"] or config["gradient"]  # the gradient reads the calibration batches
     if config["distill_epochs"] and config["edit"] == "additive":
         raise SystemExit("meta_train: --distill-epochs needs a gate edit (--edit gate): the additive edit has no gates")
     return _absolute(config)

@@ -17,7 +17,7 @@ from metanet.files import atomic_write_text
 from metanet.selection import OBJECTIVES
 
 META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size",
-             "edit", "evidence", "sparsity_norm", "objective", "calibration", "score_targets", "l1_reg",
+             "edit", "evidence", "sparsity_norm", "objective", "calibration", "gradient", "score_targets", "l1_reg",
              "weight_temperature")
 PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")

@@ -43,7 +43,9 @@ def trial(config: dict, search: dict, data) -> None:
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=config["hidden"],
                                         layers=config["layers"], residual=config["residual"],
                                         edit=edit_of(config),
-                                        evidence=config["evidence"], calibration=config["calibration"]))
+                                        evidence=config["evidence"],
+                                        calibration=config["calibration"] or config["gradient"],
+                                        gradient=config["gradient"]))
     recipe = recipe_from_settings(config, **zoo.finetune_settings(), seed=search.get("seed", 0))
     every = search.get("eval_every", 1)
 
