@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 from metanet.diagnostics import CURVE_SPEEDUPS, diagnose, recalibrated_accuracy, selectivity  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # noqa: E402
+from metanet.objective_defaults import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, fill  # noqa: E402
 from metanet.paired import mean_ci, method_table, paired_difference, paired_table, with_best  # noqa: E402
 from metanet.recipe import (ALL_METHODS, BENCH_METHODS, HAND_CRAFTED, apply_metanetwork, prune_to_targets,  # noqa: E402
                             recipe_from_settings)
@@ -79,24 +80,26 @@ def budgets(s: dict) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------ settings
 # Names as in pipelines/meta_train.py and pipelines/prune_batch.py, so a Tune best_config.yaml applies.
-# the metanetwork's edit and its sparsity term (bench/edits.py chose them; docs/method.md)
-# objective "curve": a learned criterion (edit "scores") trained on the curve objective, its
-# checkpoint chosen by the validation members' recalibrated pruning curve (selection "auc")
-EDIT = dict(edit="additive", evidence=False, sparsity_norm="none", distill_epochs=0, objective="paper",
-            selection=None, calibration=False, gradient=False, score_targets=0.0)  # selection None: by the objective
+# what meta is: the default objective (metanet.objective_defaults: the best learned criterion
+# measured); None is filled from the objective after --set / --config, so --set objective=paper
+# gives the paper's metanetwork (its edit and sparsity term as bench/edits.py chose them). A
+# learned criterion's checkpoint is chosen by the validation members' recalibrated pruning curve
+EDIT = dict(objective=DEFAULT_OBJECTIVE, sparsity_norm="none", distill_epochs=0, selection=None,
+            **{k: None for k in OBJECTIVE_DEFAULTS[DEFAULT_OBJECTIVE]})  # selection None: by the objective
+# (a preset's own value wins over the objective's: the cifar10 preset's batch of 128 for both)
 # the recalibrated curve's speed-ups, the extra budgets, and what prunes meta/depgraph (a Tune best_config may say)
 CURVE = dict(targets=[1.5, 2.0, 3.0, 4.0], budgets=[20], criterion="magnitude")
 PRESETS = {
-    "digits": dict(seeds=2, **CURVE, select_members=4, select_every=2, epochs=12, lr=1e-3, reg=3e-3,
-                   alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=256,
+    "digits": dict(seeds=2, **CURVE, select_members=4, select_every=2, epochs=12, reg=3e-3,
+                   alpha=16.0, residual=0.05, hidden=32, batches_per_step=4,
                    weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80, after_lr=0.01,
                    sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18, **EDIT),
-    "cifar10": dict(seeds=2, **CURVE, select_members=2, select_every=1, epochs=8, lr=1e-3, reg=3e-3,
-                    alpha=16.0, residual=0.05, hidden=32, layers=4, batches_per_step=4, batch_size=128,
+    "cifar10": dict(seeds=2, **CURVE, select_members=2, select_every=1, epochs=8, reg=3e-3,
+                    alpha=16.0, residual=0.05, hidden=32, batches_per_step=4,
                     weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80,
-                    after_lr=0.01, sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18, **EDIT),
-    "smoke": dict(seeds=1, targets=[2.0, 3.0], budgets=[5], criterion="magnitude", select_members=1, select_every=1, epochs=2, lr=1e-3, reg=3e-3,
-                  alpha=16.0, residual=0.05, hidden=16, layers=2, batches_per_step=2, batch_size=128,
+                    after_lr=0.01, sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18, **{**EDIT, "batch_size": 128}),
+    "smoke": dict(seeds=1, targets=[2.0, 3.0], budgets=[5], criterion="magnitude", select_members=1, select_every=1, epochs=2, reg=3e-3,
+                  alpha=16.0, residual=0.05, hidden=16, batches_per_step=2,
                   weight_decay=5e-4, bn_mode="eval", before_steps=10, before_lr=0.01, after_steps=10, after_lr=0.01,
                   sparse_reg=5e-4, oracle_reg=5e-2, select_steps=5, **EDIT),
 }
@@ -372,8 +375,10 @@ def main(argv=None) -> dict:
         s[key] = yaml.safe_load(value)
     if s["objective"] not in ("paper", "curve"):
         raise SystemExit(f"quality: --set objective={s['objective']}: must be paper or curve")
-    if s["objective"] == "curve" and s["edit"] != "scores":  # the curve objective trains a criterion
-        s["edit"] = "scores"
+    fill(s)  # what the preset and --set leave open comes from the objective
+    if (s["objective"] == "curve") != (s["edit"] == "scores"):  # the curve objective trains a criterion
+        raise SystemExit(f"quality: --set edit={s['edit']} with objective {s['objective']}: a learned criterion "
+                         "(edit scores) is trained with objective curve, an edit with objective paper")
     if s["selection"] is None:
         s["selection"] = default_selection(s["objective"])
     log_lines: list[str] = []

@@ -93,7 +93,9 @@ def add_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any],
     for key, value in defaults.items():
         flag = "--" + key.replace("_", "-")
         shown = " ".join(map(str, value)) if isinstance(value, list) else value
-        text = f"{helps.get(key, '')} (default: {'none' if shown is None or shown == '' else shown})".strip()
+        text = helps.get(key, "")
+        if "(default:" not in text:  # a help may say its default itself (one that depends on another setting)
+            text = f"{text} (default: {'none' if shown is None or shown == '' else shown})".strip()
         if isinstance(value, bool) or types.get(key) is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif isinstance(value, list):

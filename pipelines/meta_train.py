@@ -53,7 +53,7 @@ from distributed.ray_env import check_total, cluster_address, init_ray, prefligh
 from distributed.settings import SettingsError  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.meta_runs import already_done, log_selection, prepare, select, training_folder, training_name  # noqa: E402
-from zoo.meta_settings import DEFAULTS, HELP, LIMITS, check_settings  # noqa: E402
+from zoo.meta_settings import DEFAULTS, HELP, LIMITS, TYPES, check_settings  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
 EPOCH_LINE = "meta-training epoch"  # what rank 0 prints after each epoch (the demo shows these lines)
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     from distributed.settings import add_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(p, DEFAULTS, helps=HELP)
+    add_flags(p, DEFAULTS, types=TYPES, helps=HELP)
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, or the job's cluster, else local)")
     p.add_argument("--check", action="store_true", help="only say whether a metanetwork from these settings and "
                    "this zoo is there (exit 0) or would be trained (exit 1), without starting Ray (make meta-train "
@@ -197,7 +197,7 @@ def parse_args(argv=None) -> dict:
     from distributed.settings import resolve
 
     return check_settings(resolve(vars(build_parser().parse_args(argv)), DEFAULTS, "meta_train", "meta_train",
-                                  limits=LIMITS))
+                                  types=TYPES, limits=LIMITS))
 
 
 def completed(argv=None) -> str | None:

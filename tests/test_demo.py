@@ -64,6 +64,7 @@ def test_a_quick_demo_prints_its_own_lines_keeps_the_logs_and_reruns_without_wor
     assert len(trainings) == 1 and len([p for p in trainings[0].glob("checkpoint_*") if p.is_dir()]) == 2  # --keep 2
     net, extra = load_metanetwork(str(tmp_path / "demo" / "meta-train" / "metanet" / "metanetwork.pt"))
     assert extra["epoch"] in (0, 1) and 0 <= extra["selection_score"] <= 1
+    assert net.config.edit == "scores" and net.config.gradient  # meta is the default objective's learned criterion
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/demo/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["meta-train"])
     assert len(runs) == 1  # the job's workers (rank 0) and its driver log into one run

@@ -114,9 +114,11 @@ def test_the_selection_and_diagnostics_figures():
 @pytest.mark.parametrize("changes, message", [
     ({"selection": "best"}, "--selection must be one of recipe, auc, not 'best'"),
     ({"bn_mode": "x"}, "--bn-mode must be one of eval, train"),
-    ({"edit": "scores"}, "--edit scores with --objective paper"),
+    ({"objective": "paper", "edit": "scores"}, "--edit scores with --objective paper"),
+    ({"edit": "additive"}, "--edit additive with --objective curve"),
     ({"distill_epochs": 2}, "--distill-epochs needs a gate edit"),
-    ({"gradient": True}, "--gradient is an input of a learned criterion"),
+    ({"objective": "paper", "gradient": True}, "--gradient is an input of a learned criterion"),
+    ({"objective": "weight_curve", "edit": "additive"}, "--edit additive with --objective weight_curve"),
 ])
 def test_settings_are_refused_before_ray_in_one_line(changes, message):
     from zoo.meta_settings import DEFAULTS, check_settings
@@ -124,11 +126,27 @@ def test_settings_are_refused_before_ray_in_one_line(changes, message):
     with pytest.raises(SystemExit) as refused:
         check_settings({**DEFAULTS, **changes})
     assert message in str(refused.value.code) and "\n" not in str(refused.value.code)
-    curve = check_settings({**DEFAULTS, "objective": "curve"})
+    curve = check_settings(dict(DEFAULTS))
     assert curve["edit"] == "scores" and os.path.isabs(curve["zoo"]) and os.path.isabs(curve["out"])
     # each objective's measured default checkpoint score (docs/method.md); a choice given is kept
-    assert curve["selection"] == "auc" and check_settings(dict(DEFAULTS))["selection"] == "recipe"
-    assert check_settings({**DEFAULTS, "objective": "curve", "selection": "recipe"})["selection"] == "recipe"
+    assert curve["selection"] == "auc" and check_settings({**DEFAULTS, "objective": "paper"})["selection"] == "recipe"
+    assert check_settings({**DEFAULTS, "selection": "recipe"})["selection"] == "recipe"
+
+
+def test_the_default_objective_trains_the_measured_best_criterion_and_paper_keeps_the_papers_metanetwork():
+    """No flag: the curve objective with the best learned criterion's settings (a per-channel MLP
+    reading evidence, statistics and the curve gradient, regressed on curve scores x10);
+    ``--objective paper``: four message-passing layers and the additive edit; a setting given wins."""
+    from zoo.meta_settings import DEFAULTS, check_settings
+
+    keys = ("objective", "edit", "layers", "evidence", "calibration", "gradient", "score_targets", "lr", "batch_size")
+    assert [check_settings(dict(DEFAULTS))[k] for k in keys] == ["curve", "scores", 0, True, True, True, 10.0, 3e-3, 128]
+    paper = check_settings({**DEFAULTS, "objective": "paper"})
+    assert [paper[k] for k in keys] == ["paper", "additive", 4, False, False, False, 0.0, 1e-3, 256]
+    given = check_settings({**DEFAULTS, "layers": 4, "gradient": False, "calibration": False})
+    assert (given["layers"], given["gradient"], given["calibration"]) == (4, False, False)
+    assert check_settings({**DEFAULTS, "calibration": False})["calibration"]  # the gradient reads the batches
+    assert check_settings({**DEFAULTS, "objective": "weight_curve"})["edit"] == "weight_scores"
 
 
 @pytest.mark.parametrize("error, code, names", [

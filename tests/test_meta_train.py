@@ -28,9 +28,11 @@ def tiny_zoo(tmp_path_factory):
     return str(path)
 
 
-def _meta_args(zoo, out, epochs):
+def _meta_args(zoo, out, epochs, objective="paper"):
+    """Small settings; ``objective`` None: the default objective's own (layers, inputs, targets)."""
+    small = ["--objective", objective, "--layers", "1"] if objective else ["--score-targets", "1"]
     return ["--zoo", zoo, "--out", out, "--workers", "2", "--epochs", str(epochs), "--keep", "2", "--hidden", "8",
-            "--layers", "1", "--select-members", "1", "--batches-per-step", "1", "--batch-size", "64"]
+            "--select-members", "1", "--batches-per-step", "1", "--batch-size", "64", *small]
 
 
 def _registered_epochs(run_dir) -> list[int]:
@@ -199,21 +201,23 @@ def test_a_training_logs_into_one_mlflow_run_however_often_it_restarts(tmp_path,
 
 
 def test_the_curve_objective_trains_a_criterion_with_ray_train(tiny_zoo, tmp_path):
-    """``--objective curve --gradient`` (calibration statistics and the curve gradient) on 2 Ray Train
-    workers (DDP: the scores go through the wrapper's forward): a ``scores`` metanetwork comes out,
-    and it prunes a member by its scores."""
+    """The default objective (curve; the per-channel MLP reading calibration statistics and the curve
+    gradient, regressed on each member's curve scores) on 2 Ray Train workers (DDP: the scores go
+    through the wrapper's forward): a ``scores`` metanetwork comes out, and it prunes a member by
+    its scores."""
     import torch
 
     from metanet.recipe import prune_with_method, recipe_from_settings
     from zoo.store import Zoo
 
     out = subprocess.run([sys.executable, str(ROOT / "pipelines/meta_train.py"),
-                          *_meta_args(tiny_zoo, str(tmp_path / "out"), 2), "--objective", "curve", "--gradient",
-                          "--no-mlflow", "--selection", "auc"], env=ENV, capture_output=True, text=True, timeout=900)
+                          *_meta_args(tiny_zoo, str(tmp_path / "out"), 2, objective=None),
+                          "--no-mlflow"], env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "'epoch': 1, " in out.stdout and "'sparsity_loss': 0.0," in out.stdout, out.stdout[-2000:]
     net, extra = load_metanetwork(str(tmp_path / "out" / "metanet" / "metanetwork.pt"))
-    assert net.config.edit == "scores" and net.config.calibration and net.config.gradient
+    assert net.config.edit == "scores" and net.config.calibration and net.config.gradient and net.config.evidence
+    assert net.config.layers == 0 and "curve area" in extra["selection"]
     zoo = Zoo(tiny_zoo)
     data = zoo.dataset()
     member = zoo.built("val")[0].network()

@@ -39,7 +39,10 @@ def test_search_writes_a_best_config_the_pipelines_accept(tmp_path):
     assert "(default)" in out.stdout and "test accuracy of the best configuration on 1 held-out member(s): 4x" in out.stdout
     best = yaml.safe_load((tmp_path / "out/best_config.yaml").read_text())
     assert set(best) == {"meta_train", "prune_batch", "tune"}
-    assert best["meta_train"]["hidden"] == 8 and best["meta_train"]["layers"] in (1, 2)
+    # the best trial's settings: the sampled one's or the default's (the learned criterion, an MLP)
+    sampled = (best["meta_train"]["hidden"], best["meta_train"]["layers"] in (1, 2)) == (8, True)
+    assert sampled or (best["meta_train"]["hidden"], best["meta_train"]["layers"]) == (32, 0), best["meta_train"]
+    assert best["tune"]["val_score"] >= best["tune"]["default_val_score"]
     assert 1 <= best["meta_train"]["epochs"] <= 2 and best["prune_batch"]["before_steps"] == 10
     assert best["prune_batch"]["criterion"] == "magnitude"  # the pruning criterion is a tuned setting
     assert best["tune"]["default_val_score"] is not None  # the default configuration was a trial
@@ -151,14 +154,20 @@ def test_a_resumed_trial_logs_into_the_run_it_started(tmp_path, monkeypatch):
     assert runs[runs["tags.trial_id"] == "abc_00002"].iloc[0]["status"] == "FAILED"
 
 
-def test_the_learned_criterion_settings_are_tunable_and_default_to_the_papers():
-    from zoo.search import default_trial, param_space
+def test_the_default_trial_is_the_default_objective_and_a_trial_follows_its_objective():
+    from zoo.search import default_trial, param_space, with_objective_defaults
 
     trial = default_trial()
-    assert (trial["objective"], trial["calibration"], trial["gradient"], trial["score_targets"]) == \
-        ("paper", False, False, 0.0)
+    assert (trial["objective"], trial["edit"], trial["layers"], trial["gradient"], trial["score_targets"]) == \
+        ("curve", "scores", 0, True, 10.0)
     space = param_space({"space": {"objective": {"choice": ["paper", "curve"]}}, "fixed": {}})
     assert "objective" in space
+    # a trial that draws the paper's objective trains the paper's metanetwork, except what the search sets
+    search = {"fixed": {"layers": 2}, "space": {"lr": {"choice": [0.01]}}}
+    paper = with_objective_defaults({**trial, "objective": "paper", "lr": 0.01, "layers": 2}, search)
+    assert (paper["edit"], paper["gradient"], paper["calibration"], paper["layers"], paper["lr"]) == \
+        ("additive", False, False, 2, 0.01)
+    assert with_objective_defaults(trial, search) == trial
 
 
 def test_the_report_prints_every_trial_best_first_and_plots_the_scores(tmp_path, capsys):

@@ -8,6 +8,7 @@ import os
 from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
 from metanet.meta_training import MetaTrainConfig
 from metanet.metanetwork import EDITS, MetaNetConfig
+from metanet.objective_defaults import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, TYPES, fill
 from metanet.selection import OBJECTIVES, SELECT_STEPS, default_selection
 from metanet.sparsity import SPARSITY_FORMS
 
@@ -26,6 +27,8 @@ DEFAULTS = {
     "gpu": False, "max_failures": 2, "keep": 5, "selection": None, "select_target": 2.0,
     "select_finetune_steps": SELECT_STEPS,
     "select_members": 4, "diagnose_every": 1, "data_root": None, "mlflow": True, "min_member_acc": 0.0,
+    # the objective's settings (metanet.objective_defaults): None until the objective fills them
+    "objective": DEFAULT_OBJECTIVE, **{k: None for k in OBJECTIVE_DEFAULTS[DEFAULT_OBJECTIVE]},
 }
 HELP = {
     "zoo": "zoo directory or URI to meta-train on (its 'train' members; 'val' members select checkpoints)",
@@ -59,7 +62,7 @@ HELP = {
     "bn_mode": "BatchNorm mode of members in the meta-objective: eval (the paper) or train",
     "data_root": "dataset folder, overriding the zoo spec's",
     "mlflow": "log params, metrics and artifacts to MLflow",
-    "edit": "metanetwork edit: additive (the paper), gate or gate+additive",
+    "edit": "metanetwork edit: scores (a learned criterion), additive (the paper's), gate or gate+additive",
     "evidence": "give the metanetwork per-channel evidence features",
     "calibration": "a learned criterion also reads per-channel statistics of calibration batches (activations, "
                    "Taylor scores)",
@@ -69,12 +72,16 @@ HELP = {
     "distill_epochs": "epochs of regression on per-member gates before the meta-objective (gate edits)",
     "gate_reg": "sparsity strength of the per-member gates that distillation targets",
     "min_member_acc": "skip training members below this validation accuracy",
-    "objective": "paper (task loss of the edited network + group sparsity) or curve (a learned criterion, "
-                 "edit 'scores': the task loss of the network masked at a drawn pruning amount)",
+    "objective": "curve (a learned criterion, edit 'scores': the task loss of the network masked at a drawn pruning "
+                 "amount; the measured best, docs/benchmarks.md) or paper (the paper's: task loss of the edited "
+                 "network + group sparsity); weight_curve and paper_l1 train weight-level metanetworks",
     "score_targets": "curve objective: weight of the regression on each member's own optimised scores (0: none)",
     "l1_reg": "paper_l1 objective: strength of the L1 term on the edited weights (the paper's sign(w) gradient, 0.1)",
     "weight_temperature": "weight_curve objective: temperature of the soft mask, in units of log-magnitude",
 }
+for _key in TYPES:  # the settings the objective fills: their help says what each objective gives
+    HELP[_key] += (f" (default: by --objective: curve {OBJECTIVE_DEFAULTS['curve'][_key]}, "
+                   f"paper {OBJECTIVE_DEFAULTS['paper'][_key]})")
 GE0, GE1, GT0 = {"ge": 0}, {"ge": 1}, {"gt": 0}
 # what each setting may be (pydantic bounds, checked with the flags before Ray starts; floats finite)
 LIMITS = {"workers": GE1, "epochs": GE1, "lr": GT0, "weight_decay": GE0, "milestones": GE0, "batches_per_step": GE1,
@@ -96,21 +103,20 @@ def check_settings(config: dict) -> dict:
     """Refuses a bad value or combination in one line naming the flag (``SystemExit``: exit 2
     through ``distributed.cli``); derives what follows from the others; makes local paths absolute
     (Ray Train's workers run in another directory)."""
+    _one_of(config, "objective", TRAINING_OBJECTIVES)
+    given_edit = config["edit"]
+    fill(config)  # what is not given comes from the objective (metanet.objective_defaults)
     if config["selection"] is None:
         config["selection"] = default_selection(config["objective"])
     _one_of(config, "selection", OBJECTIVES)
     _one_of(config, "bn_mode", ("eval", "train"))
     _one_of(config, "edit", EDITS)
     _one_of(config, "sparsity_norm", SPARSITY_FORMS)
-    _one_of(config, "objective", TRAINING_OBJECTIVES)
     if config["objective"] in WEIGHT_OBJECTIVES:
-        if config["edit"] not in (DEFAULTS["edit"], WEIGHT_OBJECTIVES[config["objective"]]):
-            raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: it trains "
+        if given_edit not in (None, WEIGHT_OBJECTIVES[config["objective"]]):
+            raise SystemExit(f"meta_train: --edit {given_edit} with --objective {config['objective']}: it trains "
                              f"edit {WEIGHT_OBJECTIVES[config['objective']]}")
-        config["edit"] = WEIGHT_OBJECTIVES[config["objective"]]
         return _absolute(config)
-    if config["objective"] == "curve" and config["edit"] == DEFAULTS["edit"]:
-        config["edit"] = "scores"  # the curve objective trains a criterion: its edit is the scores
     if config["edit"] == "weight_scores":
         raise SystemExit("meta_train: --edit weight_scores is trained with --objective weight_curve")
     if (config["objective"] == "curve") != (config["edit"] == "scores"):
@@ -120,7 +126,7 @@ def check_settings(config: dict) -> dict:
         raise SystemExit(f"meta_train: --gradient is an input of a learned criterion (--objective curve), not of "
                          f"--edit {config['edit']}")
     config["calibration"] = config["calibration"] or config["gradient"]  # the gradient reads the calibration batches
-    if config["distill_epochs"] and config["edit"] == "additive":
+    if config["distill_epochs"] and config["edit"] in ("additive", "scores"):
         raise SystemExit("meta_train: --distill-epochs needs a gate edit (--edit gate): the additive edit has no gates")
     return _absolute(config)
 

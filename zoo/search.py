@@ -24,15 +24,27 @@ SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 
 
 def default_trial() -> dict:
-    """The configuration a user gets without tuning: the library's defaults (``MetaTrainConfig``,
-    ``MetaNetConfig``, ``metanet.recipe.RECIPE_DEFAULTS``), which meta_train.py and prune_batch.py use too."""
+    """The configuration a user gets without tuning, as meta_train.py and prune_batch.py have it: the
+    library's defaults (``MetaTrainConfig``, ``MetaNetConfig``, ``metanet.recipe.RECIPE_DEFAULTS``)
+    with the default objective and its settings (``metanet.objective_defaults``)."""
     from metanet.meta_training import MetaTrainConfig
     from metanet.metanetwork import MetaNetConfig
+    from metanet.objective_defaults import DEFAULT_OBJECTIVE, objective_defaults
     from metanet.recipe import RECIPE_DEFAULTS
 
     train, net = MetaTrainConfig(), MetaNetConfig(edge_widths={})
     meta = {k: getattr(train, k) if hasattr(train, k) else getattr(net, k) for k in META_KEYS}
+    meta.update(objective=DEFAULT_OBJECTIVE, **objective_defaults(DEFAULT_OBJECTIVE))
     return {**meta, **{k: RECIPE_DEFAULTS[k] for k in PRUNE_KEYS}}
+
+
+def with_objective_defaults(config: dict, search: dict) -> dict:
+    """A trial's settings as it trains with them: those the search neither fixes nor samples follow
+    the trial's objective (a search that fixes ``objective: paper`` gets the paper's metanetwork)."""
+    from metanet.objective_defaults import objective_defaults
+
+    chosen = set(search.get("fixed", {})) | set(search["space"])
+    return {**config, **{k: v for k, v in objective_defaults(config["objective"]).items() if k not in chosen}}
 
 
 Tunable = Literal[META_KEYS + PRUNE_KEYS]  # type: ignore[valid-type]

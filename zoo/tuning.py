@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from metanet.files import atomic_write, atomic_write_text
-from zoo.search import META_KEYS, PRUNE_KEYS, default_trial
+from zoo.search import META_KEYS, PRUNE_KEYS, default_trial, with_objective_defaults
 
 
 def trial(config: dict, search: dict, data) -> None:
@@ -27,6 +27,7 @@ def trial(config: dict, search: dict, data) -> None:
     from metanet.selection import score
     from zoo.store import Zoo
 
+    config = with_objective_defaults(config, search)
     torch.set_num_threads(max(1, int(search.get("cpus_per_trial", 1))))
     torch.manual_seed(search.get("seed", 0))
     zoo = Zoo(search["zoo"])
@@ -101,7 +102,7 @@ def best_configuration(results, search: dict, out: Path, data, finetune: dict) -
     checkpoint = max(result.best_checkpoints, key=lambda cm: cm[1]["score"])[0]
     with checkpoint.as_directory() as d:
         net = load_metanetwork(os.path.join(d, "metanet.pt"))[0]
-    config = best["config"]
+    config = with_objective_defaults(best["config"], search)
     best_config = {
         "meta_train": {**{k: config[k] for k in META_KEYS}, "epochs": best["epoch"] + 1, "milestones": [best["epoch"] + 1]},
         "prune_batch": {**{k: config[k] for k in PRUNE_KEYS},
