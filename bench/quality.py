@@ -4,12 +4,14 @@
    metanetwork, its ``val`` members select the checkpoint; the networks pruned are the zoo's held-out
    ``test`` members plus every member of the ``--heldout`` zoos (specs of networks unlike any zoo
    member, e.g. ``zoo/specs/digits-heldout.yaml``). The test split is never used for selection.
-2. Meta-training, with the diagnostics of ``metanet.diagnostics`` on the validation members after
-   every ``select_every`` epochs (selectivity of the edit, accuracy after BatchNorm recalibration,
-   the recalibrated pruning curve and its area) and the selection score: the short recipe
-   (metanetwork -> finetune -> prune to 2x -> finetune, ``select_steps`` each, validation
-   accuracy), which ranks checkpoints by what the full recipe reaches where the curve area right
-   after the edit does not (``bench/selection.py``). The best-scoring checkpoint is kept.
+2. Meta-training of the default objective's metanetwork (``metanet.objective_defaults``: the
+   learned criterion; ``--set objective=paper``: the paper's), with the diagnostics of
+   ``metanet.diagnostics`` on the validation members after every ``select_every`` epochs
+   (selectivity of the edit, accuracy after BatchNorm recalibration, the recalibrated pruning curve
+   and its area) and the selection score of its objective (``metanet.selection.default_selection``,
+   measured by ``bench/selection.py``): a learned criterion's curve area, or for an edit the short
+   recipe (metanetwork -> finetune -> prune to 2x -> finetune, ``select_steps`` each, validation
+   accuracy). The best-scoring checkpoint is kept.
 3. Every held-out network x seed x method (``--methods``, default ``metanet.recipe.BENCH_METHODS``:
    ``meta``, magnitude ``none``, Torch-Pruning's other criteria ``taylor``, ``bn_scale``, ``lamp``,
    ``fpgm``, ``hessian``, ``random``, ``depgraph``, and ``curve``, the per-network optimisation of

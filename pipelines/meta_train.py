@@ -127,9 +127,9 @@ def train_func(config: dict) -> None:
                    "train_acc": float(sums[2] / sums[3]), "seconds": time.perf_counter() - began,
                    "started_at_epoch": start}
         if rank == 0:
-            print(f"{EPOCH_LINE} {epoch + 1}/{cfg.epochs}: task loss {metrics['task_loss']:.3f}, sparsity "
-                  f"{metrics['sparsity_loss']:.3f}, train acc {100 * metrics['train_acc']:.1f}% "
-                  f"({metrics['seconds']:.0f} s)", flush=True)
+            sparsity = f", sparsity {metrics['sparsity_loss']:.3f}" if cfg.objective in ("paper", "paper_l1") else ""
+            print(f"{EPOCH_LINE} {epoch + 1}/{cfg.epochs}: task loss {metrics['task_loss']:.3f}{sparsity}, train acc "
+                  f"{100 * metrics['train_acc']:.1f}% ({metrics['seconds']:.0f} s)", flush=True)
         every_diag = config["diagnose_every"]
         if rank == 0 and every_diag and ((epoch + 1) % every_diag == 0 or epoch == cfg.epochs - 1):
             val = [r.network() for r in zoo.built("val")[:config["select_members"]]]
