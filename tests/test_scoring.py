@@ -160,8 +160,9 @@ def test_meta_train_objective_curve_trains_a_criterion_and_refuses_an_edit():
 
     config = meta_train.parse_args(["--objective", "curve"])
     assert config["objective"] == "curve" and config["edit"] == "scores"
-    assert meta_train.parse_args([])["objective"] == "paper"
-    for argv in (["--objective", "curve", "--edit", "gate"], ["--edit", "scores"], ["--objective", "steep"],
+    assert meta_train.parse_args([])["objective"] == "curve"  # the default: the learned criterion
+    for argv in (["--objective", "curve", "--edit", "gate"], ["--objective", "paper", "--edit", "scores"],
+                 ["--edit", "additive"], ["--objective", "steep"],
                  ["--objective", "weight_curve", "--edit", "scores"], ["--edit", "weight_scores"]):
         with pytest.raises(SystemExit, match="objective"):
             meta_train.parse_args(argv)
