@@ -127,7 +127,8 @@ def check_settings(config: dict) -> dict:
                          f"--edit {config['edit']}")
     config["calibration"] = config["calibration"] or config["gradient"]  # the gradient reads the calibration batches
     if config["distill_epochs"] and config["edit"] in ("additive", "scores"):
-        raise SystemExit("meta_train: --distill-epochs needs a gate edit (--edit gate): the additive edit has no gates")
+        raise SystemExit(f"meta_train: --distill-epochs needs a gate edit (--edit gate): edit {config['edit']} has no "
+                         "gates")
     return _absolute(config)
 
 
