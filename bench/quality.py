@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 from metanet.diagnostics import CURVE_SPEEDUPS, diagnose, recalibrated_accuracy, selectivity  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # noqa: E402
-from metanet.objective_defaults import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, fill  # noqa: E402
+from metanet.objective_defaults import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, edit_refusal, fill  # noqa: E402
 from metanet.paired import mean_ci, method_table, paired_difference, paired_table, with_best  # noqa: E402
 from metanet.recipe import (ALL_METHODS, BENCH_METHODS, HAND_CRAFTED, apply_metanetwork, prune_to_targets,  # noqa: E402
                             recipe_from_settings)
@@ -378,9 +378,9 @@ def main(argv=None) -> dict:
     if s["objective"] not in ("paper", "curve"):
         raise SystemExit(f"quality: --set objective={s['objective']}: must be paper or curve")
     fill(s)  # what the preset and --set leave open comes from the objective
-    if (s["objective"] == "curve") != (s["edit"] == "scores"):  # the curve objective trains a criterion
-        raise SystemExit(f"quality: --set edit={s['edit']} with objective {s['objective']}: a learned criterion "
-                         "(edit scores) is trained with objective curve, an edit with objective paper")
+    refusal = edit_refusal(s["objective"], s["edit"])
+    if refusal:
+        raise SystemExit(f"quality: --set edit={s['edit']} with objective {s['objective']}: {refusal}")
     if s["selection"] is None:
         s["selection"] = default_selection(s["objective"])
     log_lines: list[str] = []

@@ -47,6 +47,8 @@ from metanet.data import TaskData
 
 # "weight_curve" and "paper_l1": the weight-level objectives (unstructured and N:M sparsity)
 OBJECTIVES = ("paper", "curve", "weight_curve", "paper_l1")
+# the objectives with a sparsity (or L1) term beside the task loss: the others report it as 0
+SPARSITY_OBJECTIVES = ("paper", "paper_l1")
 
 
 @dataclass

@@ -25,6 +25,9 @@ OBJECTIVE_DEFAULTS: dict[str, dict] = {
     "paper_l1": _PAPER,
     "weight_curve": {**_PAPER, "edit": "weight_scores"},
 }
+# the edit an objective trains whatever edit it is given; ``paper`` trains the one it is given, an
+# additive or gate edit (not a criterion's scores)
+FIXED_EDITS = {"curve": "scores", "weight_curve": "weight_scores", "paper_l1": "additive"}
 # the types of these settings (their pipeline defaults are None: "the objective's")
 TYPES = {"edit": str, "layers": int, "evidence": bool, "calibration": bool, "gradient": bool,
          "score_targets": float, "lr": float, "batch_size": int}
@@ -43,3 +46,13 @@ def fill(config: dict, objective_key: str = "objective") -> dict:
         if config.get(key) is None:
             config[key] = value
     return config
+
+
+def edit_refusal(objective: str, edit: str) -> str | None:
+    """Why ``edit`` cannot be meta-trained with ``objective``, in words for an error line (None: it
+    can). One check for ``meta_train.py``, Tune's search files and ``bench/quality.py``."""
+    fixed = FIXED_EDITS.get(objective)
+    if fixed is not None:
+        return None if edit == fixed else f"objective {objective} trains edit {fixed}"
+    owner = next((o for o, e in FIXED_EDITS.items() if e == edit and e != "additive"), None)
+    return None if owner is None else f"edit {edit} is trained with objective {owner}"

@@ -68,7 +68,7 @@ def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from metanet.diagnostics import mean_diagnostics
-    from metanet.meta_training import distill_across_workers, make_member, run_epoch
+    from metanet.meta_training import SPARSITY_OBJECTIVES, distill_across_workers, make_member, run_epoch
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from metanet.recipe import RecipeConfig
     from metanet.train import TrainConfig
@@ -127,7 +127,7 @@ def train_func(config: dict) -> None:
                    "train_acc": float(sums[2] / sums[3]), "seconds": time.perf_counter() - began,
                    "started_at_epoch": start}
         if rank == 0:
-            sparsity = f", sparsity {metrics['sparsity_loss']:.3f}" if cfg.objective in ("paper", "paper_l1") else ""
+            sparsity = f", sparsity {metrics['sparsity_loss']:.3f}" if cfg.objective in SPARSITY_OBJECTIVES else ""
             print(f"{EPOCH_LINE} {epoch + 1}/{cfg.epochs}: task loss {metrics['task_loss']:.3f}{sparsity}, train acc "
                   f"{100 * metrics['train_acc']:.1f}% ({metrics['seconds']:.0f} s)", flush=True)
         every_diag = config["diagnose_every"]

@@ -120,6 +120,8 @@ CASES = [
      "space.hidden.choice: -5: must be greater than or equal to 1"),
     ("tune", ["--set", "zoo={tmp}/zoo", "--set", "fixed={layers: -1}", "--out", "{tmp}/done"], 2,
      "fixed.layers: -1: must be greater than or equal to 0"),
+    ("tune", ["--set", "zoo={tmp}/zoo", "--set", "fixed={objective: paper, edit: scores}", "--out", "{tmp}/done"], 2,
+     "fixed.edit: 'scores' with fixed.objective 'paper': edit scores is trained with objective curve"),
     # an output that is an existing file
     ("make_zoo", ["--out", "{tmp}/a-file"], 2, "{tmp}/a-file: the output is an existing file, not a folder"),
     ("prune_batch", ["--zoo", "{tmp}/zoo", "--methods", "none", "--out", "{tmp}/a-file"], 2,

@@ -114,8 +114,10 @@ def test_the_selection_and_diagnostics_figures():
 @pytest.mark.parametrize("changes, message", [
     ({"selection": "best"}, "--selection must be one of recipe, auc, not 'best'"),
     ({"bn_mode": "x"}, "--bn-mode must be one of eval, train"),
-    ({"objective": "paper", "edit": "scores"}, "--edit scores with --objective paper"),
-    ({"edit": "additive"}, "--edit additive with --objective curve"),
+    ({"objective": "paper", "edit": "scores"}, "--edit scores with --objective paper: edit scores is trained with "
+     "objective curve"),
+    ({"objective": "paper", "edit": "weight_scores"}, "weight_scores is trained with objective weight_curve"),
+    ({"edit": "additive"}, "--edit additive with --objective curve: objective curve trains edit scores"),
     ({"distill_epochs": 2}, "--distill-epochs needs a gate edit"),
     ({"objective": "paper", "gradient": True}, "--gradient is an input of a learned criterion"),
     ({"objective": "weight_curve", "edit": "additive"}, "--edit additive with --objective weight_curve"),

@@ -168,6 +168,10 @@ def test_the_default_trial_is_the_default_objective_and_a_trial_follows_its_obje
     assert (paper["edit"], paper["gradient"], paper["calibration"], paper["layers"], paper["lr"]) == \
         ("additive", False, False, 2, 0.01)
     assert with_objective_defaults(trial, search) == trial
+    # a search over objectives and edits: the curve objective trains scores whatever edit was drawn
+    both = {"fixed": {}, "space": {"objective": {"choice": ["paper", "curve"]}, "edit": {"choice": ["gate"]}}}
+    assert with_objective_defaults({**trial, "edit": "gate"}, both)["edit"] == "scores"
+    assert with_objective_defaults({**trial, "objective": "paper", "edit": "gate"}, both)["edit"] == "gate"
 
 
 def test_the_report_prints_every_trial_best_first_and_plots_the_scores(tmp_path, capsys):

@@ -8,7 +8,7 @@ import os
 from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
 from metanet.meta_training import MetaTrainConfig
 from metanet.metanetwork import EDITS, MetaNetConfig
-from metanet.objective_defaults import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, TYPES, fill
+from metanet.objective_defaults import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, TYPES, edit_refusal, fill
 from metanet.selection import OBJECTIVES, SELECT_STEPS, default_selection
 from metanet.sparsity import SPARSITY_FORMS
 
@@ -104,7 +104,6 @@ def check_settings(config: dict) -> dict:
     through ``distributed.cli``); derives what follows from the others; makes local paths absolute
     (Ray Train's workers run in another directory)."""
     _one_of(config, "objective", TRAINING_OBJECTIVES)
-    given_edit = config["edit"]
     fill(config)  # what is not given comes from the objective (metanet.objective_defaults)
     if config["selection"] is None:
         config["selection"] = default_selection(config["objective"])
@@ -112,16 +111,11 @@ def check_settings(config: dict) -> dict:
     _one_of(config, "bn_mode", ("eval", "train"))
     _one_of(config, "edit", EDITS)
     _one_of(config, "sparsity_norm", SPARSITY_FORMS)
+    refusal = edit_refusal(config["objective"], config["edit"])
+    if refusal:
+        raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: {refusal}")
     if config["objective"] in WEIGHT_OBJECTIVES:
-        if given_edit not in (None, WEIGHT_OBJECTIVES[config["objective"]]):
-            raise SystemExit(f"meta_train: --edit {given_edit} with --objective {config['objective']}: it trains "
-                             f"edit {WEIGHT_OBJECTIVES[config['objective']]}")
         return _absolute(config)
-    if config["edit"] == "weight_scores":
-        raise SystemExit("meta_train: --edit weight_scores is trained with --objective weight_curve")
-    if (config["objective"] == "curve") != (config["edit"] == "scores"):
-        raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: a learned "
-                         "criterion (--edit scores) is trained with --objective curve, an edit with --objective paper")
     if config["gradient"] and config["edit"] != "scores":
         raise SystemExit(f"meta_train: --gradient is an input of a learned criterion (--objective curve), not of "
                          f"--edit {config['edit']}")

@@ -40,11 +40,15 @@ def default_trial() -> dict:
 
 def with_objective_defaults(config: dict, search: dict) -> dict:
     """A trial's settings as it trains with them: those the search neither fixes nor samples follow
-    the trial's objective (a search that fixes ``objective: paper`` gets the paper's metanetwork)."""
-    from metanet.objective_defaults import objective_defaults
+    the trial's objective (a search that fixes ``objective: paper`` gets the paper's metanetwork);
+    the edit is the one the objective trains (``metanet.objective_defaults.FIXED_EDITS``), if it has one."""
+    from metanet.objective_defaults import FIXED_EDITS, objective_defaults
 
     chosen = set(search.get("fixed", {})) | set(search["space"])
-    return {**config, **{k: v for k, v in objective_defaults(config["objective"]).items() if k not in chosen}}
+    config = {**config, **{k: v for k, v in objective_defaults(config["objective"]).items() if k not in chosen}}
+    # a search over objectives and edits: an objective that trains one edit gets it (a fixed
+    # combination no trial could train is refused when the search file is read)
+    return {**config, "edit": FIXED_EDITS.get(config["objective"], config["edit"])}
 
 
 Tunable = Literal[META_KEYS + PRUNE_KEYS]  # type: ignore[valid-type]
@@ -118,6 +122,19 @@ class SearchFile(Strict):
             kind = next(k for k in SAMPLERS if getattr(sampler, k) is not None)
             for value in getattr(sampler, kind):
                 _check_value(f"space.{key}.{kind}", key, value)
+        return self
+
+    @model_validator(mode="after")
+    def _edit_for_objective(self):
+        """A fixed edit with a fixed objective that cannot train it (with sampled objectives, one that
+        trains a single edit gets it: ``with_objective_defaults``)."""
+        from metanet.objective_defaults import edit_refusal
+
+        if "edit" in self.fixed and "objective" in self.fixed:
+            refusal = edit_refusal(self.fixed["objective"], self.fixed["edit"])
+            if refusal:
+                raise ValueError(f"fixed.edit: {self.fixed['edit']!r} with fixed.objective "
+                                 f"{self.fixed['objective']!r}: {refusal}")
         return self
 
 

@@ -43,7 +43,7 @@ def trial(config: dict, search: dict, data) -> None:
     val = val[:search.get("val_members", len(val))]
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=config["hidden"],
                                         layers=config["layers"], residual=config["residual"],
-                                        edit=edit_of(config),
+                                        edit=config["edit"],
                                         evidence=config["evidence"],
                                         calibration=config["calibration"] or config["gradient"],
                                         gradient=config["gradient"]))
@@ -62,16 +62,6 @@ def trial(config: dict, search: dict, data) -> None:
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     meta_train(metanet, members, data, cfg, on_epoch=on_epoch, progress=False)
-
-
-def edit_of(config: dict) -> str:
-    """The edit a trial's objective trains: the curve objective a channel criterion (scores), the
-    weight-level ones theirs (``zoo.meta_settings.WEIGHT_OBJECTIVES``), the paper's the configured edit."""
-    from zoo.meta_settings import WEIGHT_OBJECTIVES
-
-    if config["objective"] == "curve":
-        return "scores"
-    return WEIGHT_OBJECTIVES.get(config["objective"], config["edit"])
 
 
 def best_configuration(results, search: dict, out: Path, data, finetune: dict) -> dict:
