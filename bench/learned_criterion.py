@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -119,33 +120,65 @@ def train_variant(v: dict, zoo: Zoo, train, val, data, cfg: RecipeConfig, batch_
     return net, {"epoch": best, "val_auc": history[best], "epoch_seconds": statistics.mean(seconds)}
 
 
-def finetuned(model, crit, data, cfg: RecipeConfig, steps: int, speedups) -> dict:
-    """{speed-up: (val, test accuracy)} of ``model`` pruned by ``crit`` (BatchNorm recalibrated), then
-    finetuned ``steps`` steps with the recipe's after-pruning schedule; the same seed for every method."""
+def finetuned(model, crit, data, cfg: RecipeConfig, steps: int, speedups, seeds: int = 1) -> dict:
+    """{speed-up: [(val, test accuracy) per finetuning seed]} of ``model`` pruned by ``crit``
+    (BatchNorm recalibrated), then finetuned ``steps`` steps with the recipe's after-pruning schedule,
+    once per data-order seed 0..seeds-1; every method gets the same seeds (paired)."""
     out = {}
     for s in speedups:
-        torch.manual_seed(0)
-        run = dataclasses.replace(cfg, target=s, after=dataclasses.replace(cfg.after, steps=steps))
-        _, record = prune_and_finetune(Prepared(model, {}, crit), data, run)
-        out[s] = (record["val_acc"], record["test_acc"])
+        out[s] = []
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            run = dataclasses.replace(cfg, target=s, after=dataclasses.replace(cfg.after, steps=steps, seed=seed))
+            _, record = prune_and_finetune(Prepared(model, {}, crit), data, run)
+            out[s].append((record["val_acc"], record["test_acc"]))
     return out
 
 
+def seed_mean(runs: list[tuple[float, float]], which: int) -> float:
+    """The mean over finetuning seeds of a network's validation (0) or test (1) accuracy."""
+    return statistics.mean(r[which] for r in runs)
+
+
+def noise_split(rows: list[dict], ref: list[dict], s: float) -> str:
+    """Where the spread of (method - ref) after the finetune comes from: the finetuning seed (mean
+    within-network standard deviation over seeds) or the network (standard deviation of the
+    per-network means), and how many networks a 95% interval above 0 would need at this mean."""
+    per_seed = [[100 * (a[1] - b[1]) for a, b in zip(rows[i][s], ref[i][s])] for i in range(len(rows))]
+    means = [statistics.mean(d) for d in per_seed]
+    within = statistics.mean(statistics.stdev(d) for d in per_seed)
+    between = statistics.stdev(means)
+    mean = statistics.mean(means)
+    need = (f"needs about {math.ceil((2.0 * between / mean) ** 2)} networks" if mean > 0
+            else "cannot come at this mean (not above 0)")
+    return f"mean {mean:+.1f}, seed sd {within:.1f}, network sd {between:.1f}; an interval above 0 {need}"
+
+
 def finetune_table(tuned: dict[str, list[dict]], steps: int, speedups, log) -> None:
-    """Test accuracy after the finetune and each method's paired difference against magnitude and
-    against the best hand-crafted criterion at each speed-up (chosen by mean validation accuracy)."""
+    """Test accuracy after the finetune (the mean over finetuning seeds per network) and each method's
+    paired difference against magnitude and against the best hand-crafted criterion at each speed-up
+    (chosen by mean validation accuracy); with several seeds, where the differences' spread comes from."""
     n = len(tuned["magnitude"])
-    best = {s: max(BASELINES, key=lambda b: statistics.mean(r[s][0] for r in tuned[b])) for s in speedups}
+    seeds = len(tuned["magnitude"][0][speedups[0]])
+    best = {s: max(BASELINES, key=lambda b: statistics.mean(seed_mean(r[s], 0) for r in tuned[b])) for s in speedups}
     head = " | ".join(f"{s:g}x" for s in speedups)
-    log(f"\nTest accuracy (%) after pruning and {steps} finetuning steps, {n} held-out networks; best hand-crafted "
+    log(f"\nTest accuracy (%) after pruning and {steps} finetuning steps ({seeds} data-order seed"
+        f"{'s, averaged per network' if seeds > 1 else ''}), {n} held-out networks; best hand-crafted "
         f"by validation accuracy: {', '.join(f'{s:g}x {b}' for s, b in best.items())}; paired, 95% intervals:\n")
     log(f"| method | {head} | - magnitude at {head} | - best at {head} |")
     log("|---|" + "---|" * (3 * len(speedups)))
     for m, rows in tuned.items():
-        means = [statistics.mean(100 * r[s][1] for r in rows) for s in speedups]
-        diffs = ["" if m == ref else str(mean_ci([100 * (rows[i][s][1] - tuned[ref][i][s][1]) for i in range(n)]))
+        means = [statistics.mean(100 * seed_mean(r[s], 1) for r in rows) for s in speedups]
+        diffs = ["" if m == ref else
+                 str(mean_ci([100 * (seed_mean(rows[i][s], 1) - seed_mean(tuned[ref][i][s], 1)) for i in range(n)]))
                  for ref, s in [*(("magnitude", s) for s in speedups), *((best[s], s) for s in speedups)]]
         log(f"| {m} | " + " | ".join(f"{v:.1f}" for v in means) + " | " + " | ".join(diffs) + " |")
+    if seeds > 1 and n > 1:
+        log("\nThe spread of each method - best after the finetune (paired by network and seed):")
+        for m, rows in tuned.items():
+            for s in speedups:
+                if m != best[s]:
+                    log(f"  {m} - {best[s]} at {s:g}x: {noise_split(rows, tuned[best[s]], s)}")
 
 
 def main(argv=None) -> None:
@@ -168,10 +201,15 @@ def main(argv=None) -> None:
                    "framing), finetune STEPS steps (the recipe's after-pruning finetune), and table the test "
                    "accuracy; 'best' is the hand-crafted criterion with the highest mean validation accuracy")
     p.add_argument("--finetune-speedups", type=float, nargs="+", default=[2.0, 4.0])
+    p.add_argument("--finetune-seeds", type=int, default=1, metavar="N",
+                   help="finetune each pruned network N times (data-order seeds 0..N-1, the same for every method), "
+                   "table the per-network means, and split the differences' spread into seed and network parts")
     p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.finetune_seeds < 1:
+        raise SystemExit(f"learned_criterion: --finetune-seeds {args.finetune_seeds}: must be at least 1")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
@@ -249,7 +287,8 @@ def main(argv=None) -> None:
             torch.manual_seed(0)
             curves[m].append(pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "test", crit))
             if args.finetune:
-                tuned[m].append(finetuned(model, crit, data, cfg, args.finetune, args.finetune_speedups))
+                tuned[m].append(finetuned(model, crit, data, cfg, args.finetune, args.finetune_speedups,
+                                          args.finetune_seeds))
     families = [r.arch["family"] for r in held]
     head = " | ".join(f"{s:g}x" for s in CURVE_SPEEDUPS)
     for subset in [None, *sorted(set(families))]:

@@ -60,3 +60,33 @@ def test_quality_smoke_pairs_every_method_and_reports_the_sensitivity_check(tmp_
     assert "metanetwork: reusing" in again.stdout and "reused 16 finished jobs" in again.stdout, again.stdout[-2000:]
     order = lambda rows: sorted(rows, key=lambda r: (r["network"], r["method"], r["target"]))  # noqa: E731
     assert order(json.loads((tmp_path / "results.json").read_text())["records"]) == order(records)
+
+
+def _learned_criterion_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learned_criterion_bench", ROOT / "bench/learned_criterion.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_finetune_table_averages_seeds_and_splits_the_spread_into_seed_and_network():
+    """bench/learned_criterion.py's finetune table on made-up accuracies: per-network means over the
+    finetuning seeds, and the seed and network parts of a difference's spread."""
+    bench = _learned_criterion_bench()
+    # (val, test) per seed at 4x; method "a" is 2 points above fpgm on network 0, 4 on network 1,
+    # with seed differences of +-1 around each
+    fpgm = [{4.0: [(0.5, 0.30), (0.5, 0.30)]}, {4.0: [(0.5, 0.40), (0.5, 0.40)]}]
+    a = [{4.0: [(0.4, 0.31), (0.4, 0.33)]}, {4.0: [(0.4, 0.43), (0.4, 0.45)]}]
+    magnitude = [{4.0: [(0.1, 0.2), (0.1, 0.2)]}, {4.0: [(0.1, 0.2), (0.1, 0.2)]}]
+    split = bench.noise_split(a, fpgm, 4.0)
+    # per seed: network 0 +1, +3 (sd 1.41), network 1 +3, +5 (sd 1.41); means +2, +4 (sd 1.41)
+    assert split.startswith("mean +3.0, seed sd 1.4, network sd 1.4; an interval above 0 needs about 1 networks")
+    assert "not above 0" in bench.noise_split(fpgm, a, 4.0)
+    lines = []
+    bench.finetune_table({"magnitude": magnitude, "fpgm": fpgm, "a": a}, 20, [4.0], lines.append)
+    text = "\n".join(lines)
+    assert "(2 data-order seeds, averaged per network)" in text and "best hand-crafted by validation accuracy: 4x fpgm" in text
+    assert "| a | 38.0 |" in text  # the mean over networks of the seed means: (32 + 44) / 2
+    assert "a - fpgm at 4x: mean +3.0, seed sd 1.4, network sd 1.4" in text
