@@ -46,7 +46,7 @@ from metanet.prune import amounts_for  # noqa: E402
 from metanet.recipe import Prepared, RecipeConfig, calibration, prune_and_finetune  # noqa: E402
 from metanet.scoring import gated_by_scores, learned_criterion, refined_criterion  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
-from zoo.store import Zoo  # noqa: E402
+from zoo.store import Zoo, benchmark_networks  # noqa: E402
 
 DEFAULT_VARIANTS = ["layers=4", "layers=4,stats=1", "layers=0,stats=1", "layers=4,stats=1,targets=1"]
 BASELINES = ("magnitude", "fpgm")
@@ -218,12 +218,7 @@ def main(argv=None) -> None:
 
     zoo = Zoo(args.zoo)
     data = zoo.dataset(args.data_root)
-    ok = [r for r in zoo if r.status == "ok"]
-    train = [r for r in ok if r.role == "train" and (not args.train_family or r.arch["family"] == args.train_family)]
-    val = [r.network().eval() for r in ok if r.role == "val"
-           and (not args.train_family or r.arch["family"] == args.train_family)][:4]
-    held = [r for path in (args.test_from or [args.zoo]) for r in Zoo(path) if r.status == "ok" and r.role == "test"]
-    held += [r for path in args.heldout for r in Zoo(path) if r.status == "ok"]
+    train, val, held = benchmark_networks(zoo, args.heldout, args.test_from, args.train_family)
     if not train or not val or not held:
         raise SystemExit(f"learned_criterion: need train ({len(train)}), val ({len(val)}) and held-out ({len(held)}) "
                          "networks")

@@ -52,7 +52,7 @@ from metanet.weight_pruning import GivenScores, WeightPruning, make_permanent, s
 from metanet.weight_scoring import fit_weight_scores, learned_weight_criterion  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.model_files import save_model  # noqa: E402
-from zoo.store import Zoo  # noqa: E402
+from zoo.store import Zoo, benchmark_networks  # noqa: E402
 
 BASELINES = {"magnitude": ("magnitude", "global"), "magnitude-layer": ("magnitude", "layer"),
              "wanda": ("wanda", "global"), "wanda-layer": ("wanda", "layer"), "random": ("random", "global")}
@@ -188,10 +188,7 @@ def main(argv=None) -> None:
 
     zoo = Zoo(args.zoo)
     data = zoo.dataset(args.data_root)
-    ok = [r for r in zoo if r.status == "ok"]
-    train_records = [r for r in ok if r.role == "train"]
-    val_models = [r.network().eval() for r in ok if r.role == "val"][:4]
-    held = [r for r in ok if r.role == "test"] + [r for path in args.heldout for r in Zoo(path) if r.status == "ok"]
+    train_records, val_models, held = benchmark_networks(zoo, args.heldout)
     held = held[:args.limit] if args.limit else held
     cfg = RecipeConfig()
     runs = [(f"{s:g}", WeightPruning(sparsity=s)) for s in args.sparsities]

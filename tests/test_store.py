@@ -112,3 +112,28 @@ def test_set_roles_rewrites_only_the_role(tmp_path):
     assert zoo.set_roles({"net-1": "test"}) == 0
     for (model, _), got in zip(pairs, zoo):  # the graphs are untouched
         assert_same_state(model, graph_to_network(got.graph, build_model(got.arch)))
+
+
+def test_benchmark_networks_splits_train_val_and_held_out_networks(tmp_path):
+    from zoo.store import benchmark_networks
+
+    specs = [resnet_spec(8, (4, 4, 4)), vgg_spec(11, width_mult=0.125), resnet_spec(8, (4, 4, 4)),
+             vgg_spec(11, width_mult=0.125), resnet_spec(8, (4, 4, 4))]
+    zoo = Zoo.create(str(tmp_path / "zoo"))
+    for i, spec in enumerate(specs):
+        _, rec = _record(i, spec)
+        zoo.write(rec.id, [rec], manifest=False)
+    failed = ZooRecord("net-x", specs[0], "cifar10", 7, None, status="failed", error="out of memory")
+    zoo.write(failed.id, [failed], manifest=False)
+    zoo.set_roles({"net-0": "train", "net-1": "train", "net-2": "val", "net-3": "val", "net-4": "test",
+                   "net-x": "test"})
+    other = Zoo.create(str(tmp_path / "other"))
+    _, unlike = _record(9, vgg_spec(11, width_mult=0.125))
+    other.write(unlike.id, [unlike], manifest=False)
+    zoo, other = Zoo(str(tmp_path / "zoo")), str(tmp_path / "other")
+    train, val, held = benchmark_networks(zoo, [other])
+    assert [r.id for r in train] == ["net-0", "net-1"] and len(val) == 2 and not val[0].training
+    assert [r.id for r in held] == ["net-4", "net-9"]  # the failed member is left out; the other zoo's all
+    train, val, held = benchmark_networks(zoo, [other], family="vgg", val_limit=1)
+    assert [r.id for r in train] == ["net-1"] and len(val) == 1 and [r.id for r in held] == ["net-4", "net-9"]
+    assert [r.id for r in benchmark_networks(zoo, test_from=[other])[2]] == []  # the other zoo's members are not test

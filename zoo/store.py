@@ -468,3 +468,19 @@ class Zoo:
         fs, path = open_fs(root)
         fs.create_dir(f"{path}/members", recursive=True)
         return cls(root)
+
+
+def benchmark_networks(zoo: Zoo, heldout: Sequence[str] = (), test_from: Sequence[str] | None = None,
+                       family: str | None = None, val_limit: int = 4) -> tuple[list[ZooRecord], list, list[ZooRecord]]:
+    """What a benchmark over ``zoo`` uses, as the bench scripts split it: the built ``train`` members
+    (they meta-train), the networks of the first ``val_limit`` ``val`` members (they select a
+    checkpoint), and the held-out records: the ``test`` members of the ``test_from`` zoos (default:
+    ``zoo``) and every built member of the ``heldout`` zoos (networks unlike any member).
+    ``family`` keeps one architecture family among the train and val members (transfer)."""
+    ok = [r for r in zoo if r.status == "ok" and (family is None or r.arch["family"] == family)]
+    train = [r for r in ok if r.role == "train"]
+    val = [r.network().eval() for r in ok if r.role == "val"][:val_limit]
+    sources = [Zoo(path) for path in test_from] if test_from else [zoo]
+    held = [r for z in sources for r in z if r.status == "ok" and r.role == "test"]
+    held += [r for path in heldout for r in Zoo(path) if r.status == "ok"]
+    return train, val, held
