@@ -479,7 +479,7 @@ def benchmark_networks(zoo: Zoo, heldout: Sequence[str] = (), test_from: Sequenc
     ``family`` keeps one architecture family among the train and val members (transfer)."""
     ok = [r for r in zoo if r.status == "ok" and (family is None or r.arch["family"] == family)]
     train = [r for r in ok if r.role == "train"]
-    val = [r.network().eval() for r in ok if r.role == "val"][:val_limit]
+    val = [r.network().eval() for r in [r for r in ok if r.role == "val"][:val_limit]]
     sources = [Zoo(path) for path in test_from] if test_from else [zoo]
     held = [r for z in sources for r in z if r.status == "ok" and r.role == "test"]
     held += [r for path in heldout for r in Zoo(path) if r.status == "ok"]
