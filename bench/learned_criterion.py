@@ -149,7 +149,7 @@ def noise_split(rows: list[dict], ref: list[dict], s: float) -> str:
     within = statistics.mean(statistics.stdev(d) for d in per_seed)
     between = statistics.stdev(means)
     mean = statistics.mean(means)
-    need = (f"needs about {math.ceil((2.0 * between / mean) ** 2)} networks" if mean > 0
+    need = (f"needs about {max(2, math.ceil((2.0 * between / mean) ** 2))} networks" if mean > 0
             else "cannot come at this mean (not above 0)")
     return f"mean {mean:+.1f}, seed sd {within:.1f}, network sd {between:.1f}; an interval above 0 {need}"
 

@@ -82,7 +82,10 @@ def test_the_finetune_table_averages_seeds_and_splits_the_spread_into_seed_and_n
     magnitude = [{4.0: [(0.1, 0.2), (0.1, 0.2)]}, {4.0: [(0.1, 0.2), (0.1, 0.2)]}]
     split = bench.noise_split(a, fpgm, 4.0)
     # per seed: network 0 +1, +3 (sd 1.41), network 1 +3, +5 (sd 1.41); means +2, +4 (sd 1.41)
-    assert split.startswith("mean +3.0, seed sd 1.4, network sd 1.4; an interval above 0 needs about 1 networks")
+    # (2 * 1.41 / 3)^2 = 0.9 networks by the normal approximation, but an interval needs 2 at least
+    assert split.startswith("mean +3.0, seed sd 1.4, network sd 1.4; an interval above 0 needs about 2 networks")
+    wide = [{4.0: [(0.4, 0.31), (0.4, 0.31)]}, {4.0: [(0.4, 0.45), (0.4, 0.45)]}]  # means +1, +5: sd 2.83
+    assert "needs about 4 networks" in bench.noise_split(wide, fpgm, 4.0)  # (2 * 2.83 / 3)^2 = 3.6
     assert "not above 0" in bench.noise_split(fpgm, a, 4.0)
     lines = []
     bench.finetune_table({"magnitude": magnitude, "fpgm": fpgm, "a": a}, 20, [4.0], lines.append)

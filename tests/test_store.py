@@ -134,6 +134,7 @@ def test_benchmark_networks_splits_train_val_and_held_out_networks(tmp_path):
     train, val, held = benchmark_networks(zoo, [other])
     assert [r.id for r in train] == ["net-0", "net-1"] and len(val) == 2 and not val[0].training
     assert [r.id for r in held] == ["net-4", "net-9"]  # the failed member is left out; the other zoo's all
-    train, val, held = benchmark_networks(zoo, [other], family="vgg", val_limit=1)
+    train, val, held = benchmark_networks(zoo, [other], family="vgg")
     assert [r.id for r in train] == ["net-1"] and len(val) == 1 and [r.id for r in held] == ["net-4", "net-9"]
+    assert len(benchmark_networks(zoo, val_limit=1)[1]) == 1  # two val members, the first kept
     assert [r.id for r in benchmark_networks(zoo, test_from=[other])[2]] == []  # the other zoo's members are not test

@@ -2,6 +2,7 @@
 trial; the best configuration file is one that meta_train.py and prune_batch.py accept; MLflow
 gets every trial; the test split is scored only for the best configuration."""
 
+import re
 import os
 import subprocess
 import sys
@@ -194,3 +195,24 @@ def test_the_report_prints_every_trial_best_first_and_plots_the_scores(tmp_path,
     assert any("best: trial 1, validation score 70.00% (default configuration: 60.00%" in line for line in lines)
     assert any("3 held-out member(s): 2x 55.00%" in line for line in lines)
     assert (tmp_path / "tune_scores.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # a fixed edit the default objective (curve) cannot train: refused, not silently replaced
+    (["fixed={edit: gate}"], "fixed.edit: 'gate' with the default objective 'curve': objective curve trains edit scores"),
+    # a sampled edit the fixed paper objective cannot train
+    (["fixed={objective: paper}", "space={edit: {choice: [additive, scores]}}"],
+     "space.edit.choice: 'scores' with fixed.objective 'paper': edit scores is trained with objective curve"),
+    # sampled objectives: the paper's trials would get the curve objective's edit
+    (["fixed={edit: scores}", "space={objective: {choice: [paper, curve]}}"],
+     "fixed.edit: 'scores' with space.objective 'paper': edit scores is trained with objective curve"),
+])
+def test_a_search_that_gives_a_trial_an_edit_its_objective_cannot_train_is_refused(overrides, message):
+    from zoo.search import SearchError, load_search
+
+    with pytest.raises(SearchError, match=re.escape(message)):
+        load_search(str(ROOT / "pipelines/searches/digits.yaml"), overrides)
+    # objectives and edits sampled together: a trial of an objective with one edit gets it (accepted)
+    both = load_search(str(ROOT / "pipelines/searches/digits.yaml"),
+                       ["space={objective: {choice: [paper, curve]}, edit: {choice: [additive, gate]}}"])
+    assert both["space"]["edit"] == {"choice": ["additive", "gate"]}

@@ -8,7 +8,7 @@ import os
 from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
 from metanet.meta_training import MetaTrainConfig
 from metanet.metanetwork import EDITS, MetaNetConfig
-from metanet.objective_defaults import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, TYPES, edit_refusal, fill
+from metanet.objective_defaults import DEFAULT_OBJECTIVE, FIXED_EDITS, OBJECTIVE_DEFAULTS, TYPES, edit_refusal, fill
 from metanet.selection import OBJECTIVES, SELECT_STEPS, default_selection
 from metanet.sparsity import SPARSITY_FORMS
 
@@ -18,7 +18,7 @@ TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", 
               "score_targets", "l1_reg", "weight_temperature")
 # the objectives that train a metanetwork for weight-level pruning (prune_batch --sparsity/--nm), and
 # the edit each trains
-WEIGHT_OBJECTIVES = {"weight_curve": "weight_scores", "paper_l1": "additive"}
+WEIGHT_OBJECTIVES = {o: FIXED_EDITS[o] for o in ("weight_curve", "paper_l1")}
 NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence", "calibration", "gradient")
 DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,

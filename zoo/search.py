@@ -126,15 +126,28 @@ class SearchFile(Strict):
 
     @model_validator(mode="after")
     def _edit_for_objective(self):
-        """A fixed edit with a fixed objective that cannot train it (with sampled objectives, one that
-        trains a single edit gets it: ``with_objective_defaults``)."""
-        from metanet.objective_defaults import edit_refusal
+        """Every edit a trial could be given must be one its objective trains, as ``meta_train.py``
+        checks: an objective that trains one edit takes it over a *sampled* objective's trials
+        (``with_objective_defaults``), but an edit given with an objective that is not sampled, and
+        an edit (fixed or sampled) that the paper's objective cannot train, is refused."""
+        from metanet.objective_defaults import FIXED_EDITS, edit_refusal
 
-        if "edit" in self.fixed and "objective" in self.fixed:
-            refusal = edit_refusal(self.fixed["objective"], self.fixed["edit"])
-            if refusal:
-                raise ValueError(f"fixed.edit: {self.fixed['edit']!r} with fixed.objective "
-                                 f"{self.fixed['objective']!r}: {refusal}")
+        if "edit" in self.space:
+            where, edits = "space.edit.choice", list(self.space["edit"].choice or [])
+        elif "edit" in self.fixed:
+            where, edits = "fixed.edit", [self.fixed["edit"]]
+        else:
+            return self  # each trial trains its objective's own edit
+        sampled = "objective" in self.space
+        objectives = (list(self.space["objective"].choice or []) if sampled
+                      else [self.fixed.get("objective", default_trial()["objective"])])
+        for objective in objectives:
+            for edit in edits:
+                refusal = None if sampled and objective in FIXED_EDITS else edit_refusal(objective, edit)
+                if refusal:
+                    named = ("space.objective" if sampled else
+                             "fixed.objective" if "objective" in self.fixed else "the default objective")
+                    raise ValueError(f"{where}: {edit!r} with {named} {objective!r}: {refusal}")
         return self
 
 
