@@ -4,8 +4,8 @@ The default objective is ``curve`` with the settings of the best learned criteri
 (docs/benchmarks.md, "The curve objective's gradient as an input"): a per-channel MLP (no message
 passing) over the channel's evidence, calibration statistics and the curve objective's gradient at
 magnitude's ranking, regressed on each member's own ``curve`` scores (x10). On 17 held-out digits
-networks it beats the best hand-crafted criterion at 2x and 3x right after pruning, on 9 CIFAR-10
-networks at 2x; a GNN with the same inputs did no better. ``paper`` (and ``paper_l1``) keep the
+networks it beats the best hand-crafted criterion at 2x and 3x right after pruning, on 20 CIFAR-10
+networks too (and at 2x after a 20-step finetune); a GNN with the same inputs did no better. ``paper`` (and ``paper_l1``) keep the
 paper's metanetwork: four message-passing layers and the additive edit, its learning rate and batch.
 
 ``meta_train.py``, Tune's default trial (``zoo.search.default_trial``) and ``bench/quality.py``
