@@ -5,8 +5,9 @@ The default objective is ``curve`` with the settings of the best learned criteri
 passing) over the channel's evidence, calibration statistics and the curve objective's gradient at
 magnitude's ranking, regressed on each member's own ``curve`` scores (x10). On 17 held-out digits
 networks it beats the best hand-crafted criterion at 2x and 3x right after pruning, on 20 CIFAR-10
-networks too (and at 2x after a 20-step finetune); a GNN with the same inputs did no better. ``paper`` (and ``paper_l1``) keep the
-paper's metanetwork: four message-passing layers and the additive edit, its learning rate and batch.
+networks too, and on 60 more at 2x and 4x after a 20-step finetune; a GNN with the same inputs did
+no better. ``paper`` (and ``paper_l1``) keep the paper's metanetwork: four message-passing layers
+and the additive edit, its learning rate and batch.
 
 ``meta_train.py``, Tune's default trial (``zoo.search.default_trial``) and ``bench/quality.py``
 read this one table, so what ``meta`` means follows it everywhere.

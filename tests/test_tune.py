@@ -2,8 +2,8 @@
 trial; the best configuration file is one that meta_train.py and prune_batch.py accept; MLflow
 gets every trial; the test split is scored only for the best configuration."""
 
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path

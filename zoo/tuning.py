@@ -73,13 +73,14 @@ def best_configuration(results, search: dict, out: Path, data, finetune: dict) -
     # ResultGrid lists them in another order, and the trial numbers must not change on a resume
     results = sorted(results, key=lambda r: os.path.basename(r.path or ""))
     for i, result in enumerate(results):
+        config = with_objective_defaults(result.config, search)  # as the trial trained
         if result.error or result.metrics_dataframe is None or "score" not in result.metrics_dataframe:
-            trials.append({"trial": i, "config": with_objective_defaults(result.config, search), "best": None, "error": str(result.error)[:300]})
+            trials.append({"trial": i, "config": config, "best": None, "error": str(result.error)[:300]})
             continue
         history = result.metrics_dataframe[["training_iteration", "epoch", "score"]]
         frames.append(history.assign(trial=i))
         best_row = history.loc[history.score.idxmax()]
-        trials.append({"trial": i, "config": with_objective_defaults(result.config, search), "best": float(best_row.score),
+        trials.append({"trial": i, "config": config, "best": float(best_row.score),
                        "epoch": int(best_row.epoch), "iterations": int(history.training_iteration.max()),
                        "path": result.path})
     scored = [t for t in trials if t["best"] is not None]
@@ -92,7 +93,7 @@ def best_configuration(results, search: dict, out: Path, data, finetune: dict) -
     checkpoint = max(result.best_checkpoints, key=lambda cm: cm[1]["score"])[0]
     with checkpoint.as_directory() as d:
         net = load_metanetwork(os.path.join(d, "metanet.pt"))[0]
-    config = best["config"]  # as the trial trained (with_objective_defaults)
+    config = best["config"]
     best_config = {
         "meta_train": {**{k: config[k] for k in META_KEYS}, "epochs": best["epoch"] + 1, "milestones": [best["epoch"] + 1]},
         "prune_batch": {**{k: config[k] for k in PRUNE_KEYS},
