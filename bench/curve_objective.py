@@ -30,7 +30,7 @@ from metanet.diagnostics import CURVE_SPEEDUPS, pruning_curve  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
 from metanet.recipe import RecipeConfig  # noqa: E402
-from zoo.store import Zoo  # noqa: E402
+from zoo.integrity import checked  # noqa: E402
 
 # mask, temperature, lr, steps, distill
 DEFAULT_VARIANTS = ["soft,0.2,0.2,40,0", "hard,0.5,0.2,40,0", "hard,0.5,0.05,40,0", "soft,0.5,0.2,40,0",
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     variants = [parse_variant(v) for v in args.variants]
     networks, data = [], None
     for path in args.zoo:
-        zoo = Zoo(path)
+        zoo = checked(path)
         data = data or zoo.dataset(args.data_root)
         networks += [r for r in zoo if r.status == "ok" and r.role in args.roles]
     networks = networks[: args.limit]

@@ -40,6 +40,7 @@ from zoo.arch import build_model  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import paired_difference  # noqa: E402
 from metanet.recipe import gate_logits_for, prepare, recipe_from_settings  # noqa: E402
+from zoo.integrity import checked  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
 # name -> (metanetwork settings, meta-training settings); the first is the paper's edit as the
@@ -140,13 +141,13 @@ def main(argv=None) -> list[dict]:
     if args.report:
         saved = json.loads((Path(args.out) / "rows.json").read_text())
         rows = [r for entry in saved.values() for r in entry["rows"]]
-        zoo = Zoo(args.zoo)
+        zoo = checked(args.zoo)
         val_names = {r.id for r in zoo.built("val")}
         print_table(rows, val_names, args)
         return rows
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    zoo, held = Zoo(args.zoo), Zoo(args.heldout)
+    zoo, held = checked(args.zoo), checked(args.heldout)
     data = zoo.dataset()
     cfg = recipe_from_settings({"before_steps": 40, "before_lr": 0.01, "after_steps": 0, "after_lr": 0.01},
                                **zoo.finetune_settings())

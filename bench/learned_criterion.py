@@ -46,6 +46,7 @@ from metanet.prune import amounts_for  # noqa: E402
 from metanet.recipe import Prepared, RecipeConfig, calibration, prune_and_finetune  # noqa: E402
 from metanet.scoring import gated_by_scores, learned_criterion, refined_criterion  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
+from zoo.integrity import checked  # noqa: E402
 from zoo.store import Zoo, benchmark_networks  # noqa: E402
 
 DEFAULT_VARIANTS = ["layers=4", "layers=4,stats=1", "layers=0,stats=1", "layers=4,stats=1,targets=1"]
@@ -216,9 +217,11 @@ def main(argv=None) -> None:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    zoo = Zoo(args.zoo)
+    zoo = checked(args.zoo)
     data = zoo.dataset(args.data_root)
-    train, val, held = benchmark_networks(zoo, args.heldout, args.test_from, args.train_family)
+    train, val, held = benchmark_networks(zoo, [checked(p) for p in args.heldout],
+                                         [checked(p) for p in args.test_from] if args.test_from else None,
+                                         args.train_family)
     if not train or not val or not held:
         raise SystemExit(f"learned_criterion: need train ({len(train)}), val ({len(val)}) and held-out ({len(held)}) "
                          "networks")

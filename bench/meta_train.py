@@ -64,10 +64,10 @@ def backend_worker(zoo_root: str, backend: str, steps: int, per_step: int) -> di
     from metanet.meta_training import MetaTrainConfig, make_member, members_step
     from zoo.arch import build_model
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
-    from zoo.store import Zoo
+    from zoo.integrity import checked
 
     torch.manual_seed(0)
-    zoo = Zoo(zoo_root)
+    zoo = checked(zoo_root)
     data = zoo.dataset()
     cfg = MetaTrainConfig()
     members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in zoo if r.status == "ok"]

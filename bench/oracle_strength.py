@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metanet.diagnostics import CURVE_SPEEDUPS, diagnose  # noqa: E402
 from metanet.paired import paired_difference  # noqa: E402
 from metanet.recipe import RecipeConfig, prepare, recipe_from_settings  # noqa: E402
-from zoo.store import Zoo  # noqa: E402
+from zoo.integrity import checked  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     args = p.parse_args()
     torch.set_num_threads(2)
-    zoo = Zoo(args.zoo)
+    zoo = checked(args.zoo)
     data = zoo.dataset(args.data_root)
     settings = {"before_steps": args.steps, "before_lr": 0.01, "after_steps": 0, "after_lr": 0.01}
     rows = []

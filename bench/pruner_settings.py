@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metanet.diagnostics import CURVE_SPEEDUPS, pruning_curve  # noqa: E402
 from metanet.prune import PruneSettings  # noqa: E402
 from metanet.recipe import RecipeConfig, prune_with_method  # noqa: E402
-from zoo.store import Zoo  # noqa: E402
+from zoo.integrity import checked  # noqa: E402
 from metanet.train import TrainConfig  # noqa: E402
 
 SETTINGS = {
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64, help="finetuning batch size (the digits zoo's)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    zoo = Zoo(args.zoo)
+    zoo = checked(args.zoo)
     data = zoo.dataset()
     nets = [(r.id, r.network(), r.metrics["test_acc"]) for r in zoo if r.status == "ok"]
     print(f"{len(nets)} held-out networks from {args.zoo}; unpruned test accuracy "

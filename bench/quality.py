@@ -67,6 +67,7 @@ from metanet.recipe import (ALL_METHODS, BENCH_METHODS, HAND_CRAFTED, apply_meta
 from metanet.selection import choose, criterion_of, default_selection, score, selection_recipe  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.data import TaskData  # noqa: E402
+from zoo.integrity import checked  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
 CURVE_KEYS = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
@@ -362,7 +363,7 @@ def main(argv=None) -> dict:
         zoo_path, heldout = smoke_zoos(out)
     else:
         zoo_path, heldout = args.zoo, args.heldout
-    zoo = Zoo(zoo_path)
+    zoo = checked(zoo_path)
     data = zoo.dataset(args.data_root)
     preset = args.preset or ("smoke" if args.smoke else "cifar10" if data.image_size > 8 else "digits")
     s = dict(PRESETS[preset])
@@ -398,7 +399,7 @@ def main(argv=None) -> dict:
     by_role = {role: [r for r in records if r.role == role] for role in ("train", "val", "test")}
     meta_zoo = zoo
     if args.meta_zoo:  # another zoo (a larger one) meta-trains and selects; the networks pruned stay these
-        meta_zoo = Zoo(args.meta_zoo)
+        meta_zoo = checked(args.meta_zoo)
         same_data(meta_zoo, "--meta-zoo")
         meta_records = [r for r in meta_zoo if r.status == "ok"]
         by_role.update({role: [r for r in meta_records if r.role == role] for role in ("train", "val")})
@@ -407,7 +408,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"quality: {meta_zoo.root}: no members with role(s) {missing}: build it with val_members")
     networks = [(r, "zoo test split") for r in by_role["test"]]
     for path in heldout:
-        held = Zoo(path)
+        held = checked(path)
         same_data(held, "--heldout")
         networks += [(r, f"unlike the zoo ({held.spec().get('name', path)})") for r in held if r.status == "ok"]
     if not networks:

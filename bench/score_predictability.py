@@ -35,7 +35,7 @@ from metanet.gates import EVIDENCE_FEATURES, channel_evidence  # noqa: E402
 from metanet.graph import network_to_graph  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
 from metanet.scoring import STATISTICS, channel_statistics, gradient_statistics, score_map  # noqa: E402
-from zoo.store import Zoo  # noqa: E402
+from zoo.integrity import checked  # noqa: E402
 
 FEATURES = [*(f"{k}_{s}" for k in ("z", "rank") for s in STATISTICS), *EVIDENCE_FEATURES]
 GRADIENT_FEATURES = ["gradient_scaled", "gradient_rank"]
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     p.add_argument("--gradient", action="store_true", help="also the curve gradient at magnitude's ranking")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    zoo = Zoo(args.zoo)
+    zoo = checked(args.zoo)
     data = zoo.dataset(args.data_root)
     sides = {}
     for side, roles in (("fit", args.fit_roles), ("test", args.test_roles)):

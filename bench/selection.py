@@ -40,7 +40,7 @@ from zoo.arch import build_model  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.recipe import AFTER_STEPS, BEFORE_STEPS, recipe_from_settings  # noqa: E402
 from metanet.selection import choose, score, selection_recipe  # noqa: E402
-from zoo.store import Zoo  # noqa: E402
+from zoo.integrity import checked  # noqa: E402
 
 
 def recipe_score(net, models, data, finetune, steps: tuple[int, int], targets, seeds) -> float:
@@ -72,7 +72,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    zoo = Zoo(args.zoo)
+    zoo = checked(args.zoo)
     data = zoo.dataset(args.data_root)
     finetune = zoo.finetune_settings()
     records = [r for r in zoo if r.status == "ok"]

@@ -52,6 +52,7 @@ from metanet.weight_pruning import GivenScores, WeightPruning, make_permanent, s
 from metanet.weight_scoring import fit_weight_scores, learned_weight_criterion  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.model_files import save_model  # noqa: E402
+from zoo.integrity import checked  # noqa: E402
 from zoo.store import Zoo, benchmark_networks  # noqa: E402
 
 BASELINES = {"magnitude": ("magnitude", "global"), "magnitude-layer": ("magnitude", "layer"),
@@ -186,9 +187,9 @@ def main(argv=None) -> None:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    zoo = Zoo(args.zoo)
+    zoo = checked(args.zoo)
     data = zoo.dataset(args.data_root)
-    train_records, val_models, held = benchmark_networks(zoo, args.heldout)
+    train_records, val_models, held = benchmark_networks(zoo, [checked(p) for p in args.heldout])
     held = held[:args.limit] if args.limit else held
     cfg = RecipeConfig()
     runs = [(f"{s:g}", WeightPruning(sparsity=s)) for s in args.sparsities]

@@ -34,6 +34,7 @@ from distributed.fanout import fan_out  # noqa: E402
 from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import check_fits, cluster_address, preflight, init_ray, ray, shutdown  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
+from zoo.integrity import inspect  # noqa: E402
 from zoo.spec import DEFAULT_SPEC, MemberSpec, SpecError, load_spec, members, role_of  # noqa: E402
 from zoo.store import Zoo, ZooFormatError, ZooRecord  # noqa: E402
 
@@ -126,6 +127,7 @@ def main(argv=None) -> dict:
         previous = _previous_spec(zoo, spec, args.move_roles)
         meta = zoo.metadata() if zoo.files() else None
         done = set(meta.query("status == 'ok'")["id"]) if meta is not None else set()
+        done -= _damaged(zoo, plan, spec["name"])  # rebuilt: the manifest written at the end must not bless them
         for path, error in zoo.unreadable.items():
             print(f"zoo {spec['name']}: member file {path} is unreadable ({error}); it is rebuilt if the spec "
                   "has that member")
@@ -154,6 +156,27 @@ def main(argv=None) -> dict:
     elif args.mlflow:
         print("mlflow: nothing built or moved, no new run")
     return {"manifest": manifest, "built": summaries, "seconds": wall, "failed": manifest["counts"]["failed"]}
+
+
+def _damaged(zoo: Zoo, plan: list[MemberSpec], name: str) -> set[str]:
+    """The planned members whose files are damaged (``zoo.integrity.inspect``): each is said and
+    rebuilt. A damaged file that is no member of the plan is left out of the manifest, and said. A
+    file that only lacks a manifest entry is an interrupted build's, kept."""
+    planned = {m.id for m in plan}
+    rebuild = set()
+    damage, _ = inspect(zoo)
+    for d in damage:
+        if d.unlisted:
+            continue
+        stem = d.file.removesuffix(".arrow")
+        if stem in planned:
+            print(f"zoo {name}: member {stem}: members/{d.file}: {d.what}; it is rebuilt")
+            rebuild.add(stem)
+        else:
+            print(f"zoo {name}: members/{d.file}: {d.what}; it is no member of this spec: left out of the manifest "
+                  "(remove it)")
+            zoo.exclude({f"{zoo.members_dir}/{d.file}": d.what})
+    return rebuild
 
 
 def _split(spec: dict) -> tuple:

@@ -81,7 +81,8 @@ def train_func(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    zoo = Zoo(config["zoo"], skip_unreadable=True)  # the driver checked that no train/val member is unreadable
+    # the driver checked that no train/val member is unreadable, and chose what to do with damaged ones
+    zoo = Zoo(config["zoo"], skip_unreadable=True, exclude=config.get("excluded_members"))
     data = zoo.dataset(config["data_root"])
     rows = training_rows(zoo.metadata(), config["min_member_acc"])
     cfg = train_config(config)
@@ -176,7 +177,7 @@ def _score_on_ray(config: dict):
     def score_all(folders: list[str]) -> list[float]:
         return ray.get([task.remote(f, config["metanet"], config["zoo"], config["data_root"], config["select_target"],
                                     config["select_finetune_steps"], config["select_members"], config["seed"],
-                                    config["objective"]) for f in folders])
+                                    config["objective"], config.get("excluded_members")) for f in folders])
     return score_all
 
 

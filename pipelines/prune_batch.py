@@ -53,6 +53,7 @@ from metanet.metanetwork import MetanetFileError  # noqa: E402
 from metanet.recipe import RECIPE_DEFAULTS, RECIPE_LIMITS  # noqa: E402
 from zoo import batch  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
+from zoo.integrity import DAMAGED_MEMBERS  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
 DEFAULTS = {
@@ -63,7 +64,7 @@ DEFAULTS = {
     "batch_size": None,
     "augment": None, "sparse_reg": RECIPE_DEFAULTS["sparse_reg"], "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
     "mlflow": True, "diagnostics": False, "learned_as": "criterion",
-    "sparsity": [], "nm": None, "sparsity_scope": "global", "prune_ends": False,
+    "sparsity": [], "nm": None, "sparsity_scope": "global", "prune_ends": False, "damaged_members": "refuse",
 }
 HELP = {
     "sparsity": "instead of targets: fractions of zero weights to prune to (0 < s < 1; unstructured, conv and linear "
@@ -72,6 +73,8 @@ HELP = {
     "sparsity_scope": "with --sparsity: global (one ranking over all layers) or layer (each layer to the fraction)",
     "prune_ends": "with --sparsity/--nm: prune the first layer and the classifier too (kept dense by default)",
     "zoo": "zoo whose --split members to prune",
+    "damaged_members": "zoo members whose files are not what the zoo's manifest records (zoo.integrity): refuse "
+                       "(name them and stop), skip (their rows fail, saying why) or use (prune them as they are)",
     "split": "zoo split to prune: train, val, test (held out) or all",
     "models": "model files, folders or globs to prune (zoo.model_files formats)",
     "arch": "architecture of bare state dicts: a YAML spec file, or MODULE:NAME[,key=value...] from "
@@ -163,6 +166,9 @@ def parse_args(argv=None) -> dict:
     if config["learned_as"] not in LEARNED_AS:
         raise SystemExit(f"prune_batch: --learned-as must be one of {', '.join(LEARNED_AS)}, not {config['learned_as']!r}")
 
+    if config["damaged_members"] not in DAMAGED_MEMBERS:
+        raise SystemExit(f"prune_batch: --damaged-members must be one of {', '.join(DAMAGED_MEMBERS)}, not "
+                         f"{config['damaged_members']!r}")
     if config["criterion"] not in CRITERIA:
         raise SystemExit(f"prune_batch: --criterion {config['criterion']!r} is not one of {', '.join(CRITERIA)}")
     if "meta" in config["methods"]:

@@ -64,10 +64,12 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     search = load_search(args.search, args.set)
     out = Path(args.out or f"runs/tune-{search['name']}").resolve()
-    from zoo.store import Zoo
+    from zoo.integrity import checked
 
     try:
-        zoo = Zoo(search["zoo"])
+        zoo = checked(search["zoo"], search["damaged_members"], who="tune", override="--set damaged_members=")
+        if zoo.excluded:  # the trials leave out what was left out here
+            search["excluded_members"] = dict(zoo.excluded)
         meta = zoo.metadata()
         data = zoo.dataset(search.get("data_root"))
     except FileNotFoundError as err:

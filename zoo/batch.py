@@ -18,6 +18,7 @@ from pathlib import Path
 
 from metanet.diagnostics import CURVE_SPEEDUPS
 from metanet.files import atomic_write
+from zoo.integrity import checked
 
 
 class BatchInputError(ValueError):
@@ -293,16 +294,15 @@ def find_sources(config: dict) -> list[Source]:
     """Every model to prune: the zoo split's members, then the files the ``models`` patterns match."""
     sources: list[Source] = []
     if config["zoo"]:
-        from zoo.store import Zoo
-
-        try:
-            zoo = Zoo(config["zoo"], skip_unreadable=True)  # an unreadable member fails only its own rows
-            meta = zoo.metadata()
-        except FileNotFoundError as err:
-            raise BatchInputError(f"{err}")
         if config["split"] not in ("train", "val", "test", "all"):
             raise BatchInputError(f"--split must be train, val, test or all, not {config['split']!r}")
         roles = {"train", "val", "test"} if config["split"] == "all" else {config["split"]}
+        try:  # an unreadable member fails only its own rows; a damaged one as --damaged-members says
+            zoo = checked(config["zoo"], config.get("damaged_members"), roles=roles, who="prune_batch",
+                          skip_unreadable=True, override="--damaged-members ")
+            meta = zoo.metadata()
+        except FileNotFoundError as err:
+            raise BatchInputError(f"{err}")
         files = {m.id: f for m, f in zip(meta.itertuples(), _member_files(zoo))}
         for m in meta.itertuples():
             if m.status == "ok" and m.role in roles:

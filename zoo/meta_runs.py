@@ -24,6 +24,7 @@ from metanet.selection import choose, score, selection_recipe
 from zoo.batch import file_digest
 from metanet.diagnostics import CURVE_SPARSITIES
 from zoo.meta_settings import NOT_RESULT_SETTINGS, WEIGHT_OBJECTIVES, metanet_settings
+from zoo.integrity import checked
 from zoo.store import Zoo
 
 
@@ -38,9 +39,13 @@ def prepare(config: dict):
     """The checks and derived settings every run needs before Ray starts: (zoo, run directory,
     digest of the inputs); refuses unreadable training or validation members by name. Sets
     ``config["metanet"]`` (``MetaNetConfig``'s arguments)."""
-    zoo = Zoo(config["zoo"], skip_unreadable=True)
+    zoo = checked(config["zoo"], config["damaged_members"], roles=("train", "val"), who="meta_train",
+                  skip_unreadable=True, override="--damaged-members ")
+    config["excluded_members"] = dict(zoo.excluded)  # the workers leave out what the driver left out
     meta = zoo.metadata()
     for path, error in zoo.unreadable.items():
+        if path in zoo.excluded:
+            continue  # a damaged member left out as asked: checked() said so
         if zoo.expected_role(path) in ("train", "val"):
             raise SystemExit(f"meta_train: {error} (a {zoo.expected_role(path)} member: rebuild it with make_zoo "
                              "and the zoo's spec)")
@@ -117,14 +122,15 @@ def load_checkpoint(ckpt_dir: str, metanet_config: dict) -> MetaNetwork:
 
 
 def score_checkpoint(ckpt_dir: str, metanet_config: dict, zoo_root: str, data_root: str | None, target: float,
-                     steps: int, members: int, seed: int, objective: str = "paper") -> float:
+                     steps: int, members: int, seed: int, objective: str = "paper",
+                     exclude: dict[str, str] | None = None) -> float:
     """Validation score of one checkpoint by the short recipe (metanetwork -> finetune -> prune to
     ``target`` -> finetune, validation accuracy over the first ``members`` validation members); for
     a weight-level ``objective`` the weight-level curve area (``WEIGHT_SELECTION``)."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     zoo = Zoo(zoo_root)
-    val = Zoo(zoo_root, skip_unreadable=True).built("val")[:members]
+    val = Zoo(zoo_root, skip_unreadable=True, exclude=exclude).built("val")[:members]
     if not val:
         raise ValueError(f"{zoo_root}: no validation members (role 'val') to select checkpoints with")
     recipe = selection_recipe(zoo.finetune_settings(), steps, target=target, seed=seed)

@@ -11,6 +11,7 @@ from metanet.metanetwork import EDITS, MetaNetConfig
 from metanet.objective_defaults import DEFAULT_OBJECTIVE, FIXED_EDITS, OBJECTIVE_DEFAULTS, TYPES, edit_refusal, fill
 from metanet.selection import OBJECTIVES, SELECT_STEPS, default_selection
 from metanet.sparsity import SPARSITY_FORMS
+from zoo.integrity import DAMAGED_MEMBERS
 
 _NET, _TRAIN = MetaNetConfig(edge_widths={}), MetaTrainConfig()
 TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", "members_per_step", "batch_size",
@@ -27,6 +28,7 @@ DEFAULTS = {
     "gpu": False, "max_failures": 2, "keep": 5, "selection": None, "select_target": 2.0,
     "select_finetune_steps": SELECT_STEPS,
     "select_members": 4, "diagnose_every": 1, "data_root": None, "mlflow": True, "min_member_acc": 0.0,
+    "damaged_members": "refuse",
     # the objective's settings (metanet.objective_defaults): None until the objective fills them
     "objective": DEFAULT_OBJECTIVE, **{k: None for k in OBJECTIVE_DEFAULTS[DEFAULT_OBJECTIVE]},
 }
@@ -72,6 +74,8 @@ HELP = {
     "distill_epochs": "epochs of regression on per-member gates before the meta-objective (gate edits)",
     "gate_reg": "sparsity strength of the per-member gates that distillation targets",
     "min_member_acc": "skip training members below this validation accuracy",
+    "damaged_members": "training or validation members whose files are not what the zoo's manifest records "
+                       "(zoo.integrity): refuse (name them and stop), skip (train without them) or use (as they are)",
     "objective": "curve (a learned criterion, edit 'scores': the task loss of the network masked at a drawn pruning "
                  "amount; the measured best, docs/benchmarks.md) or paper (the paper's: task loss of the edited "
                  "network + group sparsity); weight_curve and paper_l1 train weight-level metanetworks",
@@ -90,7 +94,8 @@ LIMITS = {"workers": GE1, "epochs": GE1, "lr": GT0, "weight_decay": GE0, "milest
           "select_target": {"gt": 1}, "select_finetune_steps": GE0, "select_members": GE1, "diagnose_every": GE0,
           "min_member_acc": {"ge": 0, "le": 1}, "l1_reg": GE0, "weight_temperature": GT0}
 # settings that do not change the chosen metanetwork (where Ray runs, logging, retries)
-NOT_RESULT_SETTINGS = ("address", "mlflow", "max_failures", "check")
+# (which members train is in the digest through their files: zoo.meta_runs.inputs_digest)
+NOT_RESULT_SETTINGS = ("address", "mlflow", "max_failures", "check", "damaged_members", "excluded_members")
 
 
 def _one_of(config: dict, key: str, allowed) -> None:
@@ -111,6 +116,7 @@ def check_settings(config: dict) -> dict:
     _one_of(config, "bn_mode", ("eval", "train"))
     _one_of(config, "edit", EDITS)
     _one_of(config, "sparsity_norm", SPARSITY_FORMS)
+    _one_of(config, "damaged_members", DAMAGED_MEMBERS)
     refusal = edit_refusal(config["objective"], config["edit"])
     if refusal:
         raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: {refusal}")

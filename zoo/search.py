@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 from distributed.schema import Strict, describe, read_mapping
 from metanet.files import atomic_write_text
 from metanet.selection import OBJECTIVES
+from zoo.integrity import DAMAGED_MEMBERS
 
 META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size",
              "edit", "evidence", "sparsity_norm", "objective", "calibration", "gradient", "score_targets", "l1_reg",
@@ -89,6 +90,8 @@ class SearchFile(Strict):
     cpus_per_trial: Annotated[float, Field(gt=0)] = 1
     max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
     seed: int = 0
+    # members whose files are not what the zoo's manifest records (zoo.integrity): refuse, skip or use
+    damaged_members: Literal[DAMAGED_MEMBERS] = "refuse"  # type: ignore[valid-type]
     fixed: dict[Tunable, Any] = {}
     space: Annotated[dict[Tunable, Sampler], Field(min_length=1)]
 

@@ -15,6 +15,7 @@ Row schema (version ``SCHEMA_VERSION``, in the schema metadata):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -97,6 +98,15 @@ def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def file_sha256(fs: pafs.FileSystem, path: str) -> str:
+    """The first 16 hex digits of the SHA-256 of a file on ``fs``, read in blocks."""
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def atomic_write_bytes(fs: pafs.FileSystem, path: str, write) -> None:
@@ -289,15 +299,25 @@ class Zoo:
     whether it needed it (``expected_role`` says what that member was for).
     """
 
-    def __init__(self, root: str, skip_unreadable: bool = False):
+    def __init__(self, root: str, skip_unreadable: bool = False, exclude: dict[str, str] | None = None):
         self.root = root.rstrip("/")
         self.skip_unreadable = skip_unreadable
         self.unreadable: dict[str, str] = {}
+        self.excluded: dict[str, str] = {}  # member file path -> why it is left out (zoo.integrity)
         self.fs, self.path = open_fs(self.root)
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"zoo directory not found: {root}")
         self._index: list[tuple[str, int]] | None = None
+        if exclude:
+            self.exclude(exclude)
+
+    def exclude(self, files: dict[str, str]) -> None:
+        """Leaves the member files ``files`` (path -> why) out of everything, as unreadable ones are:
+        ``zoo.integrity.checked`` does so with damaged members when asked to skip them."""
+        self.excluded.update(files)
+        self.unreadable.update(files)
+        self._index = None
 
     @property
     def members_dir(self) -> str:
@@ -313,6 +333,8 @@ class Zoo:
 
     def _tables(self, columns: Sequence[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
         for path in self.files():
+            if path in self.excluded:
+                continue
             try:
                 table = read_table(self._uri(path), columns)
             except ZooFormatError as err:
@@ -345,8 +367,8 @@ class Zoo:
         """Member ``member_id`` (its graph too), read from ``members/<id>.arrow`` when the zoo keeps
         one member per file (as make_zoo writes it), else found by scanning."""
         path = f"{self.members_dir}/{member_id}.arrow"
-        tables = [(path, read_table(self._uri(path)))] if self.fs.get_file_info(path).type == pafs.FileType.File \
-            else self._tables()
+        own = self.fs.get_file_info(path).type == pafs.FileType.File and path not in self.excluded
+        tables = [(path, read_table(self._uri(path)))] if own else self._tables()
         for _, table in tables:
             ids = table.column("id").to_pylist()
             if member_id in ids:
@@ -413,12 +435,16 @@ class Zoo:
         return changed
 
     def write_manifest(self) -> dict[str, Any]:
-        """Rewrites ``manifest.json`` from the member files (atomically)."""
+        """Rewrites ``manifest.json`` from the member files (atomically), with each file's content
+        digest (``zoo.integrity`` compares them before a pipeline uses the zoo): only its writers
+        call this, after they wrote or checked every file."""
         members = []
         for path, table in self._tables():
             meta = table.select(["id", "arch", "dataset", "seed", "role", "status", "error", *METRICS, *INT_METRICS])
+            digest = file_sha256(self.fs, path)
             for row in meta.to_pylist():
                 row["file"] = path.rsplit("/", 1)[-1]
+                row["sha256"] = digest
                 members.append(row)
         manifest = {"schema_version": SCHEMA_VERSION, "members": members,
                     "counts": {"total": len(members),
@@ -470,7 +496,7 @@ class Zoo:
         return cls(root)
 
 
-def benchmark_networks(zoo: Zoo, heldout: Sequence[str] = (), test_from: Sequence[str] | None = None,
+def benchmark_networks(zoo: Zoo, heldout: Sequence[str | Zoo] = (), test_from: Sequence[str | Zoo] | None = None,
                        family: str | None = None, val_limit: int = 4) -> tuple[list[ZooRecord], list, list[ZooRecord]]:
     """What a benchmark over ``zoo`` uses, as the bench scripts split it: the built ``train`` members
     (they meta-train), the networks of the first ``val_limit`` ``val`` members (they select a
@@ -480,7 +506,11 @@ def benchmark_networks(zoo: Zoo, heldout: Sequence[str] = (), test_from: Sequenc
     ok = [r for r in zoo if r.status == "ok" and (family is None or r.arch["family"] == family)]
     train = [r for r in ok if r.role == "train"]
     val = [r.network().eval() for r in [r for r in ok if r.role == "val"][:val_limit]]
-    sources = [Zoo(path) for path in test_from] if test_from else [zoo]
+
+    def opened(z: str | Zoo) -> Zoo:  # the bench scripts pass zoos they checked (zoo.integrity)
+        return z if isinstance(z, Zoo) else Zoo(z)
+
+    sources = [opened(z) for z in test_from] if test_from else [zoo]
     held = [r for z in sources for r in z if r.status == "ok" and r.role == "test"]
-    held += [r for path in heldout for r in Zoo(path) if r.status == "ok"]
+    held += [r for z in heldout for r in opened(z) if r.status == "ok"]
     return train, val, held

@@ -30,7 +30,7 @@ def trial(config: dict, search: dict, data) -> None:
     config = with_objective_defaults(config, search)
     torch.set_num_threads(max(1, int(search.get("cpus_per_trial", 1))))
     torch.manual_seed(search.get("seed", 0))
-    zoo = Zoo(search["zoo"])
+    zoo = Zoo(search["zoo"], exclude=search.get("excluded_members"))
     records = [r for r in zoo if r.status == "ok"]
     cfg = MetaTrainConfig(epochs=search["max_epochs"], lr=config["lr"], weight_decay=config["weight_decay"],
                           milestones=(10**6,), batches_per_step=config["batches_per_step"],
@@ -116,7 +116,7 @@ def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dic
     from metanet.recipe import prune_to_targets, recipe_from_settings
     from zoo.store import Zoo
 
-    held_out = Zoo(search["zoo"]).built("test")
+    held_out = Zoo(search["zoo"], exclude=search.get("excluded_members")).built("test")
     if not held_out:
         return {}
     recipe = recipe_from_settings(config, **finetune, seed=search.get("seed", 0))
