@@ -214,6 +214,12 @@ def weight_scores_metanet(metanet: MetaNetwork | None) -> bool:
     return metanet is not None and metanet.config.edit == "weight_scores"
 
 
+def prepare_reads_target(method: str, metanet: MetaNetwork | None, learned_as: str) -> bool:
+    """Does ``prepare`` read ``cfg.target``? Only for a learned criterion used as gates, which are
+    sized for the target (``gated_by_scores``): a store of results keys the rows it prepares on it."""
+    return method == "meta" and scores_metanet(metanet) and learned_as == "gates"
+
+
 def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
             metanet: MetaNetwork | None = None, level: str = "channels") -> Prepared:
     """The method's part before pruning, on a copy of ``model``: the metanetwork edit (``meta``)
@@ -237,7 +243,7 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
     elif method == "meta" and not scores_metanet(metanet):
         model = apply_metanetwork(metanet, model, x)
         record["val_acc_after_metanet"] = evaluate(model, data, "val")[0]
-    elif method == "meta" and cfg.learned_as == "gates":  # the scores as an edit: magnitude prunes afterwards
+    elif prepare_reads_target(method, metanet, cfg.learned_as):  # the scores as an edit: magnitude prunes afterwards
         amount = amounts_for(model, x, [cfg.target], cfg.pruning)[cfg.target]
         model = gated_by_scores(metanet, model, x, amount, cfg.curve_temperature, batches)
         record["val_acc_after_metanet"] = evaluate(model, data, "val")[0]

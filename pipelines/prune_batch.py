@@ -50,7 +50,7 @@ from distributed.ray_env import check_fits, init_ray, preflight, ray, shutdown  
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
-from metanet.recipe import RECIPE_DEFAULTS, RECIPE_LIMITS  # noqa: E402
+from metanet.recipe import RECIPE_DEFAULTS, RECIPE_LIMITS, prepare_reads_target  # noqa: E402
 from zoo import batch  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.integrity import DAMAGED_MEMBERS  # noqa: E402
@@ -188,33 +188,38 @@ def main(argv=None) -> dict:
         check_server()
     started = time.perf_counter()
     # the inputs are checked before the output is touched: a refused run leaves nothing behind
-    metanet_sha = ""
+    metanet_sha, metanet = "", None
     if "meta" in config["methods"]:
         from metanet.metanetwork import load_metanetwork
 
         metanet = load_metanetwork(config["metanet"])[0]  # a truncated or foreign file: one line now
         batch.check_metanet_level(metanet, config)
         metanet_sha = batch.file_digest(config["metanet"])
+    # the rows of a method whose preparation reads the target are keyed on it too
+    per_method = batch.method_settings(config, config["methods"],
+                                       lambda m: prepare_reads_target(m, metanet, config["learned_as"]))
     arch = batch.arch_file(config["arch"])
     sources = batch.find_sources(config)
     config = batch.finetune_defaults(config)
     out = os.path.abspath(config["out"])
     with exclusive(out, "prune_batch"):  # also the check that --out is writable
         os.makedirs(os.path.join(out, "models"), exist_ok=True)
-        return _main(config, out, started, metanet_sha, arch, sources)
+        return _main(config, out, started, metanet_sha, arch, sources, per_method)
 
 
-def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict | None, sources: list) -> dict:
+def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict | None, sources: list,
+          per_method: dict) -> dict:
     config = dict(config, arch=arch, metanet=os.path.abspath(config["metanet"]) if config["metanet"] else None)
     runs = batch.runs_of(config)
     todo = batch.plan(sources, config["methods"], runs, batch.read_results(out).to_dict("records"), metanet_sha,
-                      batch.settings_digest(config))
+                      batch.settings_digest(config), per_method)
     for note in todo.notes:
         print(f"  {note}")
     total = len(sources) * len(config["methods"]) * len(runs)
     print(f"prune_batch: {len(sources)} models x {len(config['methods'])} methods x {len(runs)} {'targets' if runs[0]['target'] or runs[0]['floor'] else 'sparsities'} = {total} "
           f"rows; {todo.reused} already done with the same model, metanetwork and settings -> {out}")
-    rows, nodes = todo.rows, set()
+    # the rows this run recomputes stay until their replacements exist (a killed run loses nothing)
+    rows, nodes = todo.rows + todo.stale, set()
     if todo.jobs:
         data = batch.load_data(config)
         resources = init_ray(config.pop("address"), config.pop("num_cpus"))
@@ -222,21 +227,19 @@ def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict |
         print(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs on "
               f"{len([n for n in ray.nodes() if n['Alive']])} node(s); data {data.name} (train {len(data.train[1])}, "
               f"val {len(data.val[1])}, test {len(data.test[1])})")
-        rows, nodes = _run(todo.jobs, config, data, out, rows)
+        rows, nodes = _run(todo, config, data, out, rows)
         shutdown()
     frame = batch.write_results(out, rows)
-    table = batch.summary_table(frame)
-    atomic_write_text(os.path.join(out, "summary.md"), table + "\n")
+    mine, table = _write_summary(out, frame, todo)
     written = ["results.parquet", "results.csv", "summary.md"]
-    if (frame.status == "ok").any():
-        if batch.plot(frame, os.path.join(out, "accuracy_vs_speedup.png")):
+    if (mine.status == "ok").any():  # the plots, like the summary, show this run's rows only
+        if batch.plot(mine, os.path.join(out, "accuracy_vs_speedup.png")):
             written.append("accuracy_vs_speedup.png")
-        if batch.plot_sparsity(frame, os.path.join(out, "accuracy_vs_sparsity.png")):
+        if batch.plot_sparsity(mine, os.path.join(out, "accuracy_vs_sparsity.png")):
             written.append("accuracy_vs_sparsity.png")
-        if batch.plot_curves(frame, os.path.join(out, "pruning_curve.png")):
+        if batch.plot_curves(mine, os.path.join(out, "pruning_curve.png")):
             written.append("pruning_curve.png")
     wall = time.perf_counter() - started
-    mine = frame[[batch.row_key(r) in todo.keys for r in frame.to_dict("records")]]
     failed = int((mine.status != "ok").sum())
     print(f"\n{table}\n\nwrote {', '.join(f'{out}/{w}' for w in written)} ({wall:.0f} s)"
           + (f"; tasks ran on {len(nodes)} node(s)" if nodes else ""))
@@ -245,23 +248,46 @@ def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict |
     if failed:
         print(f"prune_batch: {failed} of {len(mine)} rows failed (reasons above); exit code 1", file=sys.stderr)
     if config["mlflow"] and todo.jobs:
-        uri = _log_mlflow({k: v for k, v in config.items() if k not in ("address", "num_cpus")}, frame, out, wall)
+        uri = _log_mlflow({k: v for k, v in config.items() if k not in ("address", "num_cpus")}, mine, out, wall)
         print(f"mlflow: run logged to {uri} (experiment prune-batch)")
     elif config["mlflow"]:
         print("mlflow: every row reused, no new run")
     return {"results": frame, "seconds": wall, "failed": failed}
 
 
+def _write_summary(out: str, frame, todo: batch.Plan, pending: set = frozenset()):
+    """``summary.md`` for this run's rows (``todo.keys``) that are done: rows of other runs in the
+    same output (other models, methods, targets) are counted, never tabulated or paired with these;
+    while the run goes on, how many rows are still to come (``pending``: keys whose earlier rows,
+    of other settings, stay in the results until replaced). Written with every write of the
+    results, so that it is never older than them. Returns (this run's done rows, the summary)."""
+    keys = [batch.row_key(r) for r in frame.to_dict("records")]
+    mine = frame[[k in todo.keys for k in keys]]
+    done = mine[[k in todo.keys and k not in pending for k in keys if k in todo.keys]]
+    waiting = len(todo.keys) - len(done)
+    others = len(frame) - len(mine)
+    notes = ([f"{waiting} of {len(todo.keys)} rows of this run are still being computed"
+              + (f"; results.parquet keeps the earlier results of {len(pending)} of them (other settings) until they "
+                 "are replaced" if pending else "") + "."] if waiting else []) + \
+        ([f"{others} other row(s) in results.parquet come from earlier runs (other models, methods, targets): not in "
+          "this summary."] if others else [])
+    text = batch.summary_table(done) + ("\n\n" + "\n".join(notes) if notes else "")
+    atomic_write_text(os.path.join(out, "summary.md"), text + "\n")
+    return done, text
+
+
 def _cpus_flag(config: dict) -> str:
     return f"prune_batch: --cpus-per-task {config['cpus_per_task']:g}"
 
 
-def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> tuple[list[dict], set]:
-    """One Ray task per model and method; the results file is rewritten after each, so a killed
-    driver loses only what was running. Returns every row and the nodes this run's tasks ran on."""
+def _run(work: batch.Plan, config: dict, data, out: str, rows: list[dict]) -> tuple[list[dict], set]:
+    """One Ray task per model and method; after each, its models move into place (``batch.publish``)
+    and the results file and the summary are rewritten, so a killed driver loses only what was
+    running. Returns every row and the nodes this run's tasks ran on."""
+    jobs = work.jobs
     data_ref = ray.put(data)
     use_gpu = config["gpu"] if config["gpu"] is not None else ray.cluster_resources().get("GPU", 0) > 0
-    state = {"rows": rows, "failed": 0, "nodes": set()}
+    state = {"rows": rows, "failed": 0, "nodes": set(), "pending": {batch.row_key(r) for r in work.stale}}
     fingerprints = ("model_sha", "metanet_sha", "settings_sha", "settings", *batch.RUN_KEYS)
 
     def record(job, new: list[dict]) -> dict:
@@ -269,9 +295,11 @@ def _run(jobs, config: dict, data, out: str, rows: list[dict]) -> tuple[list[dic
         new = [dict(n, **{k: r[k] for k in fingerprints}) for n, r in zip(new, todo)]
         state["failed"] += sum(r["status"] != "ok" for r in new)
         state["nodes"] |= {r["node"] for r in new if r.get("node")}
+        new = [batch.publish(n, out) for n in new]
         replaced = {batch.row_key(n) for n in new}
         state["rows"] = [r for r in state["rows"] if batch.row_key(r) not in replaced] + new
-        batch.write_results(out, state["rows"])
+        state["pending"] -= replaced
+        _write_summary(out, batch.write_results(out, state["rows"]), work, state["pending"])
         return {"rows_ok": sum(r["status"] == "ok" for r in state["rows"]), "failed": state["failed"]}
 
     def lost(job, error: str) -> dict:  # the task itself died (every retry): its rows say so

@@ -13,7 +13,7 @@ import glob
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from metanet.diagnostics import CURVE_SPEEDUPS
@@ -135,7 +135,7 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         metanet = load_metanetwork(metanet_path, None if device == "cpu" else "torch")[0] if method == "meta" else None
         cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
                                    seed=config["seed"], sparse_reg=config["sparse_reg"],
-                                   target=next((r["target"] for r in runs if r.get("target")), 2.0))  # gates' amount
+                                   target=preparation_target(config))  # the gates' amount
         prepared = prepare(model, data, method, cfg, metanet,
                            level="weights" if any(is_weight_level(r) for r in runs) else "channels")
         if config["diagnostics"]:  # on the test split: a report, nothing is selected with it
@@ -165,8 +165,9 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
                 pruned, result = prune_and_finetune(prepared, data, cfg)
                 kept = ("criterion", "speedup", "macs_after", "params_after", "val_acc_pruned", "test_acc_pruned",
                         "val_acc", "test_acc")
-            name = f"{source.name}__{method}__{run_label(row)}.pt"
-            path = os.path.join(out, "models", name)
+            # under models/.pending until the driver records the row (``publish``): the file a
+            # finished row points to is replaced only together with the row
+            path = os.path.join(out, "models", PENDING, f"{source.name}__{method}__{run_label(row)}.pt")
             labels = {"target": row["target"], "floor": row["floor"],
                       **{k: row[k] for k in ("sparsity", "nm") if _given(row.get(k))}}
             try:
@@ -178,6 +179,21 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
             row.update(error=_error(err))
         row["seconds"] = shared + time.perf_counter() - began
     return rows
+
+
+PENDING = ".pending"  # models/.pending/: pruned models whose rows are not recorded yet
+
+
+def publish(row: dict, out: str) -> dict:
+    """``row`` with its pruned model moved from ``models/.pending`` into ``models/`` (replacing the
+    file of the row it replaces): the driver calls it right before it records the row, so that a
+    row and its file change together; a row recorded earlier never points at a newer model."""
+    path = row.get("path")
+    if not isinstance(path, str) or os.path.basename(os.path.dirname(path)) != PENDING:
+        return row
+    final = os.path.join(out, "models", os.path.basename(path))
+    os.replace(path, final)
+    return dict(row, path=final)
 
 
 def file_sizes(path: str) -> dict:
@@ -212,6 +228,28 @@ def _family(model) -> str:
 
 RUN_KEYS = ("target", "floor", "sparsity", "nm")  # what a run is: one of them set
 DEFAULT_TARGETS = [2.0]
+# a run's value (target, floor, sparsity) names its rows and files at this many significant digits:
+# values are rounded to it when given, so that two values are one run exactly when they name one
+PRECISION = 6
+
+
+def canonical(value: float) -> float:
+    """``value`` at ``PRECISION`` significant digits: the value a run prunes to, keys and names."""
+    return float(f"{float(value):.{PRECISION}g}")
+
+
+def _canonical_values(config: dict, key: str, flag: str) -> None:
+    """``config[key]`` (a list) rounded to ``PRECISION`` digits, in place; values that round to one
+    are refused as repeats (``BatchInputError``), naming both."""
+    seen: dict[float, float] = {}
+    for value in config[key]:
+        c = canonical(value)
+        if c in seen:
+            given = " ".join(f"{v!r}" for v in config[key])
+            raise BatchInputError(f"{flag} {given}: {seen[c]!r} and {value!r} are one value ({c:g}) at the "
+                                  f"{PRECISION} significant digits that name rows and files; give each value once")
+        seen[c] = value
+    config[key] = list(seen)
 
 
 def check_runs_and_methods(config: dict, targets_given: bool) -> None:
@@ -221,6 +259,10 @@ def check_runs_and_methods(config: dict, targets_given: bool) -> None:
     from metanet.recipe import ALL_METHODS, WEIGHT_BASELINES, WEIGHT_METHODS
     from metanet.weight_pruning import SCOPES, parse_nm
 
+    _canonical_values(config, "targets", "--targets")
+    _canonical_values(config, "sparsity", "--sparsity")
+    if config["floor"] is not None:
+        config["floor"] = canonical(config["floor"])
     if config["nm"] is not None:
         try:
             config["nm"] = "{}:{}".format(*parse_nm(config["nm"]))
@@ -259,6 +301,23 @@ def runs_of(config: dict) -> list[dict]:
     return [dict(none, target=float(t)) for t in config["targets"]]
 
 
+def preparation_target(config: dict) -> float:
+    """The speed-up a method's preparation reads (``metanet.recipe.prepare_reads_target``: learned
+    gates are sized for it): the run's first target, or 2 for a floor or weight-level run. Taken from
+    the run's settings, never from the rows a task happens to recompute, and in the fingerprint of
+    the rows it shapes (``method_settings``)."""
+    targets = config.get("targets") or []
+    return canonical(targets[0]) if targets and config.get("floor") is None else 2.0
+
+
+def method_settings(config: dict, methods, reads_target) -> dict[str, tuple[str, str]]:
+    """Per method whose preparation reads the target (``reads_target(method)``): the settings'
+    digest with that target in it (``preparation_target``), so that a row is reused only when its
+    method was prepared for the same target."""
+    return {m: settings_digest(config, {"prepared_for_target": preparation_target(config)})
+            for m in methods if reads_target(m)}
+
+
 def check_metanet_level(metanet, config: dict) -> None:
     """A learned criterion prunes at its own level: a channel-scores metanetwork (objective curve)
     channels, a weight-scores one (weight_curve) weights; the paper's edit either."""
@@ -276,13 +335,17 @@ def _given(value) -> bool:
 
 
 def run_label(row: dict) -> str:
-    """A row's run in names and tables: ``2x``, ``floor0.9``, ``sparsity0.8``, ``2of4``."""
+    """A row's run in names and tables: ``2x``, ``floor0.9``, ``sparsity0.8``, ``2of4``: its value
+    at ``PRECISION`` digits, as in its key (``row_key``), so that two runs never share a file."""
+    def text(v) -> str:
+        return f"{canonical(v):.{PRECISION}g}"
+
     if _given(row.get("nm")):
         return "{}of{}".format(*str(row["nm"]).split(":"))
     if _given(row.get("sparsity")):
-        return f"sparsity{row['sparsity']:g}"
+        return f"sparsity{text(row['sparsity'])}"
     floor = row.get("floor")
-    return f"floor{floor:g}" if _given(floor) else f"{row['target']:g}x"
+    return f"floor{text(floor)}" if _given(floor) else f"{text(row['target'])}x"
 
 
 def is_weight_level(row: dict) -> bool:
@@ -354,13 +417,14 @@ def file_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def settings_digest(config: dict) -> tuple[str, str]:
-    """The settings that change a row's result, as JSON, and their hash."""
+def settings_digest(config: dict, extra: dict | None = None) -> tuple[str, str]:
+    """The settings that change a row's result (and ``extra``: what one method's rows also depend
+    on), as JSON, and their hash."""
     import hashlib
     import json
 
     keys = RESULT_SETTINGS + (WEIGHT_SETTINGS if config.get("sparsity") or config.get("nm") else ())
-    text = json.dumps({k: config.get(k) for k in keys}, sort_keys=True, default=str)
+    text = json.dumps({**{k: config.get(k) for k in keys}, **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], text
 
 
@@ -463,7 +527,7 @@ def write_results(out: str, rows: list[dict]):
 def row_key(row) -> tuple:
     """What identifies a row: model, method, target, floor, sparsity, N:M (NaN and None alike)."""
     def num(v):
-        return None if v is None or v != v else round(float(v), 6)
+        return None if v is None or v != v else canonical(v)
 
     nm = row.get("nm")
     return (row["model"], row["method"], num(row["target"]), num(row["floor"]), num(row.get("sparsity")),
@@ -686,18 +750,22 @@ class Plan:
     keys: set[tuple]
     reused: int
     notes: list[str]
+    # the finished rows this run recomputes: they stay in the results until their replacements
+    # exist (a killed run loses nothing), marked by their old fingerprints for the next run
+    stale: list[dict] = field(default_factory=list)
 
 
 def plan(sources: list[Source], methods: list[str], runs: list[dict], previous: list[dict], metanet_sha: str,
-         settings: tuple[str, str]) -> Plan:
+         settings: tuple[str, str], per_method: dict[str, tuple[str, str]] | None = None) -> Plan:
     """Which rows of ``sources`` x ``methods`` x ``runs`` (each a dict of target and floor) to
     compute, given the ``previous`` rows of the output: a finished row is reused only when its
-    model file, metanetwork file (``meta`` rows) and settings are unchanged (``why_recompute``)."""
-    settings_sha, settings_json = settings
+    model file, metanetwork file (``meta`` rows) and settings (``per_method``'s for its method,
+    else ``settings``) are unchanged (``why_recompute``)."""
     old = {row_key(r): r for r in previous}
-    kept, jobs, failed, notes, reused = {}, [], [], [], 0
+    kept, jobs, failed, notes, reused, stale = {}, [], [], [], 0, []
     for source in sources:
         for method in methods:
+            settings_sha, settings_json = (per_method or {}).get(method, settings)
             current = {"model_sha": source.digest, "metanet_sha": metanet_sha if method == "meta" else "",
                        "settings_sha": settings_sha, "settings": settings_json}
             todo = []
@@ -716,9 +784,11 @@ def plan(sources: list[Source], methods: list[str], runs: list[dict], previous: 
                     continue
                 if reason != "not done":
                     notes.append(f"{source.name} / {method} / {run_label(r)}: recomputed ({reason})")
+                if before is not None:
+                    stale.append(before)
                 todo.append(dict(r, **current))
             if todo:
                 jobs.append((source, method, todo))
     keys = {row_key({"model": s.name, "method": m, **r}) for s in sources for m in methods for r in runs}
     rows = [r for k, r in old.items() if k not in keys] + list(kept.values()) + failed
-    return Plan(rows, jobs, keys, reused, notes)
+    return Plan(rows, jobs, keys, reused, notes, stale)
