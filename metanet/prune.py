@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -39,6 +39,11 @@ class UnreachableSpeedupError(ValueError):
     """The target speed-up cannot be reached within the pruning schedule."""
 
 
+# per pruned Conv/Linear (by module name): the unpruned layer's indices of the output and input
+# channels it kept, in order (``metanet.reconstruct`` maps the unpruned network's activations with it)
+ChannelMap = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+
+
 @dataclass
 class PruneResult:
     model: nn.Module
@@ -47,6 +52,7 @@ class PruneResult:
     params_before: int
     params_after: int
     steps: int
+    channels: ChannelMap = field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
@@ -134,6 +140,8 @@ class _Pruning:
                  criterion: Criterion | None, batches: Batches | None):
         self.model, self.criterion, self.batches = model, criterion or MAGNITUDE, batches
         self.refresh, self.done, self.stale = max(1, settings.refresh), 0, True
+        self.names = {m: n for n, m in model.named_modules()}
+        self.kept: dict[str, dict[str, list[int]]] = {}
         self.importance = self.criterion.importance(model, settings.normalizer)
         if not isinstance(self.criterion, Magnitude):  # a group the criterion cannot score: magnitude's ranking
             self.importance = WithFallback(self.importance, MAGNITUDE.importance(model, settings.normalizer))
@@ -158,10 +166,35 @@ class _Pruning:
             self.model.zero_grad(set_to_none=True)
             self.stale = True
 
+    def channels(self) -> ChannelMap:
+        """The kept channels of every Conv/Linear pruned so far (a copy: ``ChannelMap``)."""
+        return {name: (tuple(kept["out"]), tuple(kept["in"])) for name, kept in self.kept.items()}
+
+    def track(self, group) -> None:
+        """Records which channels ``group`` is about to remove from each Conv/Linear, as
+        Torch-Pruning applies its items: one after another, each index relative to the layer then."""
+        graph = self.pruner.DG
+        for dep, idxs in group:
+            layer = dep.target.module
+            name = self.names.get(layer) if isinstance(layer, (nn.Conv2d, nn.Linear)) else None
+            if name is None:
+                continue
+            side = ("out" if graph.is_out_channel_pruning_fn(dep.handler) else
+                    "in" if graph.is_in_channel_pruning_fn(dep.handler) else None)
+            if side is None:
+                continue
+            conv = isinstance(layer, nn.Conv2d)
+            kept = self.kept.setdefault(name, {  # first touched: the layer is still unpruned
+                "out": list(range(layer.out_channels if conv else layer.out_features)),
+                "in": list(range(layer.in_channels if conv else layer.in_features))})
+            drop = {int(getattr(i, "idx", i)) for i in idxs}
+            kept[side] = [c for k, c in enumerate(kept[side]) if k not in drop]
+
     def prune_groups(self) -> None:
         try:
             for group in self.pruner.step(interactive=True):
                 self.criterion.observe(self.importance, group)
+                self.track(group)
                 group.prune()
         except IndexError as err:
             if not _raised_in_torch_pruning(err):  # our own bug (a criterion's table): not the network's fault
@@ -204,7 +237,7 @@ def prune_in_steps(model: nn.Module, example_inputs: torch.Tensor, targets: Sequ
             done += 1
             macs, params = count(model, example_inputs)
         pruning.clean()
-        yield target, PruneResult(model, macs0, macs, params0, params, done)
+        yield target, PruneResult(model, macs0, macs, params0, params, done, pruning.channels())
 
 
 def prune_to_speedup(model: nn.Module, example_inputs: torch.Tensor, target: float,
@@ -266,7 +299,7 @@ def prune_adaptive(model: nn.Module, example_inputs: torch.Tensor, score: Callab
         raise ValueError(f"the unpruned network already scores below the floor {floor}")
     steps = settings.steps
     pruning = _Pruning(model, example_inputs, settings, criterion, batches)
-    best, best_steps, done = copy.deepcopy(model), 0, 0
+    best, best_steps, best_channels, done = copy.deepcopy(model), 0, {}, 0
     while done < steps:
         for _ in range(min(check_every, steps - done)):
             pruning.step()
@@ -274,9 +307,9 @@ def prune_adaptive(model: nn.Module, example_inputs: torch.Tensor, score: Callab
         pruning.clean()
         if score(model) < floor:
             break
-        best, best_steps = copy.deepcopy(model), done
+        best, best_steps, best_channels = copy.deepcopy(model), done, pruning.channels()
     macs, params = count(best, example_inputs)
-    return PruneResult(best, macs0, macs, params0, params, best_steps)
+    return PruneResult(best, macs0, macs, params0, params, best_steps, best_channels)
 
 
 def _safe_attributes(module: nn.Module) -> dict:

@@ -52,6 +52,7 @@ from metanet.scoring import gated_by_scores, learned_criterion
 from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, amounts_for, prune_adaptive, prune_in_steps,
                            prune_to_speedup,
                            recalibrate_bn)
+from metanet.reconstruct import ReconstructSettings, reconstruct
 from metanet.sparsity import GroupSparsity
 from metanet.weight_pruning import (GivenScores, WeightCriterion, WeightPruning, WeightPruningReport, make_permanent,
                                     sparsify, weight_criterion, zero_fraction)
@@ -88,6 +89,11 @@ RECIPE_LIMITS = {"before_steps": {"ge": 0}, "after_steps": {"ge": 0}, "before_lr
                  "sparse_reg": {"ge": 0}}
 RECAL_BATCHES = 10
 LEARNED_AS = ("criterion", "gates")
+# the reconstruction's settings as the pipelines name them (off unless asked: metanet.reconstruct)
+RECONSTRUCT_DEFAULTS = {"reconstruct": False, "reconstruct_batches": ReconstructSettings.batches,
+                        "reconstruct_ridge": ReconstructSettings.ridge,
+                        "reconstruct_targets": ReconstructSettings.targets}
+RECONSTRUCT_LIMITS = {"reconstruct_batches": {"ge": 1}, "reconstruct_ridge": {"ge": 0}}
 
 
 @dataclass
@@ -117,6 +123,9 @@ class RecipeConfig:
     # "gates" (the paper's framing: the scores shrink the channels they drop at ``target``, then the
     # finetune, then magnitude pruning; metanet.scoring.gated_by_scores)
     learned_as: str = "criterion"
+    # least-squares reconstruction of the layers that read pruned channels, before BatchNorm is
+    # recalibrated (metanet.reconstruct); None: none
+    reconstruct: ReconstructSettings | None = None
 
     def __post_init__(self):
         criterion(self.criterion)  # a known name, or ValueError naming the known ones
@@ -136,6 +145,11 @@ def recipe_from_settings(settings: dict, *, batch_size: int = 128, augment: bool
     common = dict(batch_size=batch_size, augment=augment, seed=seed)
     extra.setdefault("criterion", settings.get("criterion", "magnitude"))
     extra.setdefault("learned_as", settings.get("learned_as", "criterion"))
+    if settings.get("reconstruct"):
+        extra.setdefault("reconstruct", ReconstructSettings(
+            batches=int(settings.get("reconstruct_batches", RECONSTRUCT_DEFAULTS["reconstruct_batches"])),
+            ridge=float(settings.get("reconstruct_ridge", RECONSTRUCT_DEFAULTS["reconstruct_ridge"])),
+            targets=settings.get("reconstruct_targets", RECONSTRUCT_DEFAULTS["reconstruct_targets"])))
     return RecipeConfig(target=target, **extra,
                         before=TrainConfig(steps=int(settings["before_steps"]), lr=settings["before_lr"],
                                            schedule="constant", **common),
@@ -149,6 +163,14 @@ def recalibrate(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> nn.Modul
     batches = (x for x, _ in data.batches("train", cfg.before.batch_size, shuffle=True, generator=gen,
                                          limit=cfg.recal_batches))
     return recalibrate_bn(model, batches)
+
+
+def reconstruction_batches(data: TaskData, cfg: RecipeConfig) -> list[torch.Tensor]:
+    """The calibration inputs of the reconstruction: ``cfg.reconstruct.batches`` shuffled training
+    batches, no augmentation, no labels."""
+    gen = torch.Generator().manual_seed(cfg.before.seed + 2)
+    return [x for x, _ in data.batches("train", cfg.before.batch_size, shuffle=True, generator=gen,
+                                       limit=cfg.reconstruct.batches)]
 
 
 def calibration(data: TaskData, cfg: RecipeConfig) -> Batches:
@@ -296,6 +318,11 @@ def _finish(model: nn.Module, result: PruneResult, prepared: Prepared, data: Tas
     """A pruned ``model``: BatchNorm recalibrated, evaluated, finetuned (each budget), its record."""
     start = time.perf_counter()
     record = dict(prepared.record, target=cfg.target, floor=cfg.floor)
+    if cfg.reconstruct is not None and isinstance(result, PruneResult):
+        # the unpruned network's outputs on calibration inputs, re-fitted; then BN as always
+        report = reconstruct(model, prepared.model, result.channels, reconstruction_batches(data, cfg),
+                             cfg.reconstruct)
+        record.update(report.summary())
     recalibrate(model, data, cfg)
     record.update(result.summary())
     record["val_acc_pruned"], _ = evaluate(model, data, "val")

@@ -50,7 +50,9 @@ from distributed.ray_env import check_fits, init_ray, preflight, ray, shutdown  
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
-from metanet.recipe import RECIPE_DEFAULTS, RECIPE_LIMITS, prepare_reads_target  # noqa: E402
+from metanet.reconstruct import TARGETS as RECONSTRUCT_TARGETS  # noqa: E402
+from metanet.recipe import (RECIPE_DEFAULTS, RECIPE_LIMITS, RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS,  # noqa: E402
+                            prepare_reads_target)
 from zoo import batch  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.integrity import DAMAGED_MEMBERS  # noqa: E402
@@ -61,6 +63,7 @@ DEFAULTS = {
     "data_root": None, "metanet": None, "methods": ["meta"], "baselines": False,
     "targets": list(batch.DEFAULT_TARGETS), "floor": None,
     **{k: RECIPE_DEFAULTS[k] for k in ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")},
+    **RECONSTRUCT_DEFAULTS,
     "batch_size": None,
     "augment": None, "sparse_reg": RECIPE_DEFAULTS["sparse_reg"], "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
     "mlflow": True, "diagnostics": False, "learned_as": "criterion",
@@ -98,6 +101,13 @@ HELP = {
     "augment": "augment while finetuning (default: the zoo's, else yes)",
     "sparse_reg": "group-sparsity strength of the depgraph baseline's sparse learning",
     "seed": "seed of finetuning batches",
+    "reconstruct": "after pruning, re-fit every layer that reads pruned channels by least squares to the unpruned "
+                   "network's outputs on calibration inputs (metanet.reconstruct; no labels), then recompute BatchNorm; "
+                   "with --before-steps 0 --after-steps 0: post-training pruning",
+    "reconstruct_batches": "calibration batches (of --batch-size training inputs) the reconstruction fits on",
+    "reconstruct_ridge": "ridge strength of the reconstruction, relative to the mean diagonal of its normal equations",
+    "reconstruct_targets": "reconstruction inputs: sequential (each layer reads the already re-fitted pruned network) or "
+                           "local (the unpruned network's inputs on the kept channels)",
     "out": "output directory: results, models, summary, plots, MLflow store",
     "cpus_per_task": "CPUs per Ray task (one task per model and method)",
     "gpu": "one GPU per task (default: when the cluster has GPUs)",
@@ -108,7 +118,7 @@ HELP = {
                   "target, then finetune, then magnitude)",
 }
 FLAG_TYPES = {"floor": float, "gpu": bool, "batch_size": int, "augment": bool, "sparsity": float, "nm": str}
-LIMITS = {**RECIPE_LIMITS, "targets": {"gt": 1, "distinct": True}, "methods": {"distinct": True},
+LIMITS = {**RECIPE_LIMITS, **RECONSTRUCT_LIMITS, "targets": {"gt": 1, "distinct": True}, "methods": {"distinct": True},
           "sparsity": {"gt": 0, "lt": 1, "distinct": True},
           "batch_size": {"ge": 1}, "floor": {"gt": 0, "le": 1}, "cpus_per_task": {"gt": 0}}
 
@@ -169,6 +179,9 @@ def parse_args(argv=None) -> dict:
     if config["damaged_members"] not in DAMAGED_MEMBERS:
         raise SystemExit(f"prune_batch: --damaged-members must be one of {', '.join(DAMAGED_MEMBERS)}, not "
                          f"{config['damaged_members']!r}")
+    if config["reconstruct_targets"] not in RECONSTRUCT_TARGETS:
+        raise SystemExit(f"prune_batch: --reconstruct-targets must be one of {', '.join(RECONSTRUCT_TARGETS)}, not "
+                         f"{config['reconstruct_targets']!r}")
     if config["criterion"] not in CRITERIA:
         raise SystemExit(f"prune_batch: --criterion {config['criterion']!r} is not one of {', '.join(CRITERIA)}")
     if "meta" in config["methods"]:

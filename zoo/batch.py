@@ -31,10 +31,16 @@ DIAGNOSTICS = ["ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal",
 # nonzero parameters, and the saved file's size raw and compressed (zeros compress)
 WEIGHT_COLUMNS = ["sparsity", "nm", "sparsity_measured", "layers_pruned", "params_nonzero", "file_bytes",
                   "file_bytes_compressed"]
+# and, when the run reconstructs (only then: rows of runs without it keep their digests)
+RECONSTRUCT_SETTINGS = ("reconstruct", "reconstruct_batches", "reconstruct_ridge", "reconstruct_targets")
+# what a reconstructed row records (metanet.reconstruct.ReconstructReport.summary)
+RECONSTRUCT_COLUMNS = ["reconstructed_layers", "reconstruct_error_before", "reconstruct_error_after",
+                       "reconstruct_seconds", "reconstruct_peak_mb"]
 COLUMNS = ["model", "source", "family", "method", "criterion", "target", "floor", "sparsity", "nm", "status", "error",
            "warning", "speedup", "macs_before", "macs_after", "params_before", "params_after", "val_acc_before",
            "test_acc_before", "val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc", "seconds", "path",
-           *DIAGNOSTICS, *WEIGHT_COLUMNS[2:], "model_sha", "metanet_sha", "settings_sha", "settings", "node"]
+           *DIAGNOSTICS, *WEIGHT_COLUMNS[2:], *RECONSTRUCT_COLUMNS, "model_sha", "metanet_sha", "settings_sha",
+           "settings", "node"]
 KEY = ["model", "method", "target", "floor", "sparsity", "nm"]
 # the settings a row's result depends on (besides its model, method, target/floor and metanetwork)
 RESULT_SETTINGS = ("arch", "dataset", "data_root", "before_steps", "before_lr", "after_steps", "after_lr",
@@ -164,7 +170,7 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
                 cfg.floor = row["floor"]
                 pruned, result = prune_and_finetune(prepared, data, cfg)
                 kept = ("criterion", "speedup", "macs_after", "params_after", "val_acc_pruned", "test_acc_pruned",
-                        "val_acc", "test_acc")
+                        "val_acc", "test_acc", *(c for c in RECONSTRUCT_COLUMNS if c in result))
             # under models/.pending until the driver records the row (``publish``): the file a
             # finished row points to is replaced only together with the row
             path = os.path.join(out, "models", PENDING, f"{source.name}__{method}__{run_label(row)}.pt")
@@ -423,7 +429,8 @@ def settings_digest(config: dict, extra: dict | None = None) -> tuple[str, str]:
     import hashlib
     import json
 
-    keys = RESULT_SETTINGS + (WEIGHT_SETTINGS if config.get("sparsity") or config.get("nm") else ())
+    keys = (RESULT_SETTINGS + (WEIGHT_SETTINGS if config.get("sparsity") or config.get("nm") else ())
+            + (RECONSTRUCT_SETTINGS if config.get("reconstruct") else ()))
     text = json.dumps({**{k: config.get(k) for k in keys}, **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], text
 
