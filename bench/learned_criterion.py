@@ -43,6 +43,7 @@ from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snap
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
+from metanet.reconstruct import ReconstructSettings  # noqa: E402
 from metanet.recipe import Prepared, RecipeConfig, calibration, prune_and_finetune  # noqa: E402
 from metanet.scoring import gated_by_scores, learned_criterion, refined_criterion  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
@@ -155,31 +156,79 @@ def noise_split(rows: list[dict], ref: list[dict], s: float) -> str:
     return f"mean {mean:+.1f}, seed sd {within:.1f}, network sd {between:.1f}; an interval above 0 {need}"
 
 
-def finetune_table(tuned: dict[str, list[dict]], steps: int, speedups, log) -> None:
+def finetune_table(tuned: dict[str, list[dict]], steps: int, speedups, log, criteria=BASELINES) -> None:
     """Test accuracy after the finetune (the mean over finetuning seeds per network) and each method's
     paired difference against magnitude and against the best hand-crafted criterion at each speed-up
-    (chosen by mean validation accuracy); with several seeds, where the differences' spread comes from."""
+    (chosen by mean validation accuracy; a reconstructed method, ``RECONSTRUCTED``, against the best
+    reconstructed one); with several seeds, where the differences' spread comes from."""
     n = len(tuned["magnitude"])
     seeds = len(tuned["magnitude"][0][speedups[0]])
-    best = {s: max(BASELINES, key=lambda b: statistics.mean(seed_mean(r[s], 0) for r in tuned[b])) for s in speedups}
+    bests = {tag: {s: max([c + tag for c in criteria], key=lambda b: statistics.mean(seed_mean(r[s], 0) for r in tuned[b]))
+                   for s in speedups} for tag in dict.fromkeys(suffix(m) for m in tuned)}
+    best = bests[""]
     head = " | ".join(f"{s:g}x" for s in speedups)
     log(f"\nTest accuracy (%) after pruning and {steps} finetuning steps ({seeds} data-order seed"
         f"{'s, averaged per network' if seeds > 1 else ''}), {n} held-out networks; best hand-crafted "
-        f"by validation accuracy: {', '.join(f'{s:g}x {b}' for s, b in best.items())}; paired, 95% intervals:\n")
+        f"by validation accuracy: {'; '.join(', '.join(f'{s:g}x {b}' for s, b in bb.items()) for bb in bests.values())}"
+        "; paired, 95% intervals:\n")
     log(f"| method | {head} | - magnitude at {head} | - best at {head} |")
     log("|---|" + "---|" * (3 * len(speedups)))
     for m, rows in tuned.items():
+        best = bests[suffix(m)]
+        mag = "magnitude" + suffix(m)
         means = [statistics.mean(100 * seed_mean(r[s], 1) for r in rows) for s in speedups]
         diffs = ["" if m == ref else
                  str(mean_ci([100 * (seed_mean(rows[i][s], 1) - seed_mean(tuned[ref][i][s], 1)) for i in range(n)]))
-                 for ref, s in [*(("magnitude", s) for s in speedups), *((best[s], s) for s in speedups)]]
+                 for ref, s in [*((mag, s) for s in speedups), *((best[s], s) for s in speedups)]]
         log(f"| {m} | " + " | ".join(f"{v:.1f}" for v in means) + " | " + " | ".join(diffs) + " |")
+    gain_table({m: [{s: seed_mean(r[s], 1) for s in speedups} for r in rows] for m, rows in tuned.items()},
+               speedups, f"after {steps} finetuning steps", log)
     if seeds > 1 and n > 1:
         log("\nThe spread of each method - best after the finetune (paired by network and seed):")
         for m, rows in tuned.items():
+            best = bests[suffix(m)]
             for s in speedups:
                 if m != best[s]:
                     log(f"  {m} - {best[s]} at {s:g}x: {noise_split(rows, tuned[best[s]], s)}")
+
+
+RECONSTRUCTED = " + LS"  # a method's row with the least-squares reconstruction after the cut
+
+
+def ls_variant(text: str) -> ReconstructSettings:
+    """``key=value,...`` over ``ReconstructSettings``' fields (``--ls-variants``)."""
+    fields = {f.name: f.type for f in dataclasses.fields(ReconstructSettings)}
+    given = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise SystemExit(f"learned_criterion: --ls-variants {text!r}: {item!r} is not key=value with a key of "
+                             f"{', '.join(fields)}")
+        default = getattr(ReconstructSettings, key)
+        given[key] = bool(int(value)) if isinstance(default, bool) else type(default)(value)
+    try:
+        return ReconstructSettings(**given)
+    except ValueError as err:
+        raise SystemExit(f"learned_criterion: --ls-variants {text!r}: {err}") from None
+
+
+def suffix(method: str) -> str:
+    return RECONSTRUCTED if method.endswith(RECONSTRUCTED) else ""
+
+
+def gain_table(results: dict[str, list[dict]], speedups, when: str, log) -> None:
+    """Reconstruction's gain per method: (method + LS) - method, paired by network, per speed-up."""
+    pairs = [(m, m + RECONSTRUCTED) for m in results if m + RECONSTRUCTED in results]
+    if not pairs:
+        return
+    head = " | ".join(f"{s:g}x" for s in speedups)
+    log(f"\nWhat the reconstruction adds {when}: (method + LS) - method, points, paired by network, 95% intervals:\n")
+    log(f"| method | {head} |")
+    log("|---|" + "---|" * len(speedups))
+    for plain, fitted in pairs:
+        n = len(results[plain])
+        log(f"| {plain} | " + " | ".join(str(mean_ci([100 * (results[fitted][i][s] - results[plain][i][s])
+                                                        for i in range(n)])) for s in speedups) + " |")
 
 
 def main(argv=None) -> None:
@@ -197,10 +246,23 @@ def main(argv=None) -> None:
                    help="also each variant's scores as the start of STEPS steps of the per-network curve "
                    "optimisation, beside the same optimisation from magnitude's ranking ('curve, STEPS steps'): "
                    "what the metanetwork adds as a starting point")
-    p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+    p.add_argument("--finetune", type=int, nargs="*", default=[], metavar="STEPS",
                    help="also prune each network to --finetune-speedups with every criterion (not the gates "
-                   "framing), finetune STEPS steps (the recipe's after-pruning finetune), and table the test "
-                   "accuracy; 'best' is the hand-crafted criterion with the highest mean validation accuracy")
+                   "framing), finetune STEPS steps (the recipe's after-pruning finetune; several budgets: a table "
+                   "each), and table the test accuracy; 'best' is the hand-crafted criterion with the highest mean "
+                   "validation accuracy")
+    p.add_argument("--criteria", nargs="+", default=list(BASELINES),
+                   help=f"the hand-crafted criteria compared (metanet.criteria names; default: {' '.join(BASELINES)}; "
+                   "magnitude is always one)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help=f"also every method (not the gates framing) with the least-squares reconstruction after the "
+                   f"cut (metanet.reconstruct, its defaults), as 'METHOD{RECONSTRUCTED}' rows: right after pruning "
+                   "and after each finetune, with a table of what it adds per method")
+    p.add_argument("--ls-variants", nargs="*", default=[], metavar="KEY=VALUE,...",
+                   help="also magnitude with the reconstruction under other settings (metanet.reconstruct."
+                   "ReconstructSettings fields: batches=1, recalibrate=1, block_targets=0, targets=local, ridge=0.01, "
+                   "layers=all), right after pruning: how many calibration batches are enough, and what each choice "
+                   "of the default is worth")
     p.add_argument("--finetune-speedups", type=float, nargs="+", default=[2.0, 4.0])
     p.add_argument("--finetune-seeds", type=int, default=1, metavar="N",
                    help="finetune each pruned network N times (data-order seeds 0..N-1, the same for every method), "
@@ -211,6 +273,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.finetune_seeds < 1:
         raise SystemExit(f"learned_criterion: --finetune-seeds {args.finetune_seeds}: must be at least 1")
+    criteria = tuple(dict.fromkeys(["magnitude", *args.criteria]))
+    for c in criteria:
+        try:
+            criterion(c)
+        except ValueError as err:
+            raise SystemExit(f"learned_criterion: --criteria {c}: {err}") from None
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
@@ -240,13 +308,21 @@ def main(argv=None) -> None:
     # name -> (variant or None for magnitude's ranking, curve steps from it)
     refined = {f"curve, {k} steps": (None, k) for k in args.refine}
     refined.update({f"{n} + {k} curve steps": (n, k) for k in args.refine for n in variants})
-    methods = [*BASELINES, *([] if args.no_curve else ["curve"]), *variants, *refined, *gated]
-    curves: dict[str, list[dict]] = {m: [] for m in methods}
+    methods = [*criteria, *([] if args.no_curve else ["curve"]), *variants, *refined, *gated]
+    # each method's criterion is evaluated under these recipes: the cut alone, and re-fitted
+    repairs = {"": cfg, **({RECONSTRUCTED: dataclasses.replace(cfg, reconstruct=ReconstructSettings())}
+                          if args.reconstruct else {})}
+    sweep = {f"magnitude{RECONSTRUCTED} ({v})": dataclasses.replace(cfg, reconstruct=ls_variant(v))
+             for v in args.ls_variants}
+    rows_of = {m: [m + tag for tag in repairs] if m not in gated else [m] for m in methods}
+    shown = [r for m in methods for r in rows_of[m]] + list(sweep)
+    curves: dict[str, list[dict]] = {m: [] for m in shown}
     # the hand-crafted criteria's curves on the validation split: which is "best" is chosen there
-    val_curves: dict[str, list[dict]] = {m: [] for m in BASELINES}
-    # after a short finetune: (val, test) accuracy per method, network and speed-up
-    tuned: dict[str, list[dict]] = {m: [] for m in methods if m not in gated} if args.finetune else {}
-    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    val_curves: dict[str, list[dict]] = {c + tag: [] for c in criteria for tag in repairs}
+    # after a short finetune: (val, test) accuracy per budget, method, network and speed-up
+    tuned: dict[int, dict[str, list[dict]]] = {
+        steps: {r: [] for m in methods if m not in gated for r in rows_of[m]} for steps in args.finetune}
+    seconds: dict[str, list[float]] = {m: [] for m in shown}
     for record in progress(held, desc="held-out networks", unit="network"):
         model = record.network().eval()
         for m in methods:
@@ -261,7 +337,7 @@ def main(argv=None) -> None:
                 seconds[m].append(time.perf_counter() - start)
                 curves[m].append(curve)
                 continue
-            if m in BASELINES:
+            if m in criteria:
                 crit = criterion(m)
             elif m == "curve":
                 amounts = list(amounts_for(model, x, [1.5, 4.0]).values())
@@ -278,46 +354,61 @@ def main(argv=None) -> None:
                                              seed=0, batches=list(calibration(data, cfg)()))
             else:
                 crit = learned_criterion(nets[m], model, x, list(calibration(data, cfg)()))
-            seconds[m].append(time.perf_counter() - start)
-            if m in BASELINES:
+            scoring = time.perf_counter() - start
+            for tag, recipe in repairs.items():
+                row = m + tag
+                start = time.perf_counter()
+                if m in criteria:
+                    torch.manual_seed(0)
+                    val_curves[row].append(pruning_curve(model, data, recipe, CURVE_SPEEDUPS, "val", crit))
                 torch.manual_seed(0)
-                val_curves[m].append(pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "val", crit))
-            torch.manual_seed(0)
-            curves[m].append(pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "test", crit))
-            if args.finetune:
-                tuned[m].append(finetuned(model, crit, data, cfg, args.finetune, args.finetune_speedups,
-                                          args.finetune_seeds))
+                curves[row].append(pruning_curve(model, data, recipe, CURVE_SPEEDUPS, "test", crit))
+                seconds[row].append(scoring + (time.perf_counter() - start if tag else 0.0))
+                for steps in args.finetune:
+                    tuned[steps][row].append(finetuned(model, crit, data, recipe, steps, args.finetune_speedups,
+                                                       args.finetune_seeds))
+            if m == "magnitude":
+                for row, recipe in sweep.items():
+                    torch.manual_seed(0)
+                    curves[row].append(pruning_curve(model, data, recipe, CURVE_SPEEDUPS, "test", crit))
+                    seconds[row].append(0.0)
     families = [r.arch["family"] for r in held]
     head = " | ".join(f"{s:g}x" for s in CURVE_SPEEDUPS)
     for subset in [None, *sorted(set(families))]:
         pick = [i for i, f in enumerate(families) if subset is None or f == subset]
-        best = {s: max(BASELINES, key=lambda b: statistics.mean(val_curves[b][i][s] for i in pick))
-                for s in CURVE_SPEEDUPS}
+        bests = {tag: {s: max([c + tag for c in criteria], key=lambda b: statistics.mean(val_curves[b][i][s] for i in pick))
+                       for s in CURVE_SPEEDUPS} for tag in repairs}
         log(f"\nTest accuracy (%) right after pruning (BatchNorm recalibrated), {len(pick)} held-out networks"
             f"{f' ({subset})' if subset else ''}; differences paired by network, 95% intervals; best hand-crafted "
-            f"by validation accuracy: {', '.join(f'{s:g}x {b}' for s, b in best.items())}:\n")
+            f"by validation accuracy: {'; '.join(', '.join(f'{s:g}x {b}' for s, b in bb.items()) for bb in bests.values())}"
+            + (f"; a row{RECONSTRUCTED} against magnitude{RECONSTRUCTED} and the best{RECONSTRUCTED}" if args.reconstruct
+               else "") + ":\n")
         log(f"| method | {head} | - magnitude at {head} | gap closed at {head} | - best at {head} | scoring s |")
         log("|---|" + "---|" * (4 * len(CURVE_SPEEDUPS) + 1))
-        mag = curves["magnitude"]
-        for m in methods:
+        for m in shown:
+            tag = suffix(m) if m not in sweep else RECONSTRUCTED
+            best, mag, reference = bests.get(tag, bests[""]), curves["magnitude" + tag], "curve" + tag
             rows = [curves[m][i] for i in pick]
             means = [statistics.mean(100 * r[s] for r in rows) for s in CURVE_SPEEDUPS]
-            diffs = ["" if m == "magnitude" else str(mean_ci([100 * (curves[m][i][s] - mag[i][s]) for i in pick]))
+            diffs = ["" if m == "magnitude" + tag else str(mean_ci([100 * (curves[m][i][s] - mag[i][s]) for i in pick]))
                      for s in CURVE_SPEEDUPS]
             gaps = []
             for s in CURVE_SPEEDUPS:
-                if m in ("magnitude", "curve") or "curve" not in curves:
+                if m in ("magnitude" + tag, reference) or reference not in curves:
                     gaps.append("")
                     continue
-                gap = statistics.mean(100 * (curves["curve"][i][s] - mag[i][s]) for i in pick)
+                gap = statistics.mean(100 * (curves[reference][i][s] - mag[i][s]) for i in pick)
                 got = statistics.mean(100 * (curves[m][i][s] - mag[i][s]) for i in pick)
                 gaps.append(f"{got / gap:.0%}" if gap > 0.5 else "n/a")
             vs_best = ["" if m == best[s] else str(mean_ci([100 * (curves[m][i][s] - curves[best[s]][i][s]) for i in pick]))
                        for s in CURVE_SPEEDUPS]
             log(f"| {m} | " + " | ".join(f"{v:.1f}" for v in means) + " | " + " | ".join(diffs) + " | "
                 + " | ".join(gaps) + " | " + " | ".join(vs_best) + f" | {statistics.mean(seconds[m][i] for i in pick):.2f} |")
-    if args.finetune:
-        finetune_table(tuned, args.finetune, args.finetune_speedups, log)
+        if subset is None:
+            gain_table({m: [curves[m][i] for i in pick] for m in shown}, CURVE_SPEEDUPS,
+                       "right after pruning (BatchNorm recalibrated)", log)
+    for steps in args.finetune:
+        finetune_table(tuned[steps], steps, args.finetune_speedups, log, criteria)
     log("\nmeta-training: " + "; ".join(f"{n}: epoch {i['epoch']} chosen, {i['epoch_seconds']:.1f} s per epoch"
                                         for n, i in info.items()))
     log(f"total {(time.perf_counter() - t0) / 60:.1f} min")

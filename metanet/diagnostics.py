@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from metanet.criteria import Criterion
-from metanet.recipe import RecipeConfig, calibration, recalibrate
+from metanet.reconstruct import reconstruct
+from metanet.recipe import RecipeConfig, calibration, recalibrate, reconstruction_batches
 from metanet.prune import UnreachableSpeedupError, prune_in_steps
 from metanet.sparsity import GroupSparsity
 from metanet.data import TaskData
@@ -40,16 +41,24 @@ def curve_auc(curve: dict[float, float]) -> float:
 def pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups: Sequence[float] = CURVE_SPEEDUPS,
                   split: str = "val", criterion: Criterion | None = None) -> dict[float, float]:
     """{speed-up: accuracy on ``split``} right after pruning a copy of ``model`` to each speed-up
-    (``cfg.pruning``, channels ranked by ``criterion``, default magnitude) and recomputing
-    BatchNorm statistics; ``model`` is not changed."""
+    (``cfg.pruning``, channels ranked by ``criterion``, default magnitude), re-fitting the layers
+    that read pruned channels when ``cfg.reconstruct`` says so (``metanet.reconstruct``), and
+    recomputing BatchNorm statistics; ``model`` is not changed."""
     device = next(model.parameters()).device
     work = copy.deepcopy(model)
     x = torch.zeros(data.input_shape, device=device)
     curve: dict[float, float] = {}
     batches = calibration(data, cfg) if criterion is not None and criterion.data_driven else None
+    inputs = reconstruction_batches(data, cfg) if cfg.reconstruct is not None else None
     try:
         for target, result in prune_in_steps(work, x, speedups, cfg.pruning, criterion, batches):
-            curve[target] = recalibrated_accuracy(result.model, data, cfg, split)
+            if inputs is None:
+                curve[target] = recalibrated_accuracy(result.model, data, cfg, split)
+                continue
+            pruned = copy.deepcopy(result.model)  # on a copy: the pruning run goes on from the cut itself
+            reconstruct(pruned, model, result.channels, inputs, cfg.reconstruct)
+            curve[target] = (recalibrated_accuracy(pruned, data, cfg, split) if cfg.reconstruct.recalibrate
+                             else evaluate(pruned, data, split)[0])
     except UnreachableSpeedupError:
         pass
     return {float(s): curve.get(float(s), float("nan")) for s in speedups}

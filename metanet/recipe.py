@@ -323,7 +323,8 @@ def _finish(model: nn.Module, result: PruneResult, prepared: Prepared, data: Tas
         report = reconstruct(model, prepared.model, result.channels, reconstruction_batches(data, cfg),
                              cfg.reconstruct)
         record.update(report.summary())
-    recalibrate(model, data, cfg)
+    if cfg.reconstruct is None or cfg.reconstruct.recalibrate:
+        recalibrate(model, data, cfg)
     record.update(result.summary())
     record["val_acc_pruned"], _ = evaluate(model, data, "val")
     if report_test:

@@ -102,7 +102,7 @@ HELP = {
     "sparse_reg": "group-sparsity strength of the depgraph baseline's sparse learning",
     "seed": "seed of finetuning batches",
     "reconstruct": "after pruning, re-fit every layer that reads pruned channels by least squares to the unpruned "
-                   "network's outputs on calibration inputs (metanet.reconstruct; no labels), then recompute BatchNorm; "
+                   "network's outputs on calibration inputs (metanet.reconstruct; no labels; BatchNorm statistics kept); "
                    "with --before-steps 0 --after-steps 0: post-training pruning",
     "reconstruct_batches": "calibration batches (of --batch-size training inputs) the reconstruction fits on",
     "reconstruct_ridge": "ridge strength of the reconstruction, relative to the mean diagonal of its normal equations",

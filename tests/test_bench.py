@@ -93,3 +93,23 @@ def test_the_finetune_table_averages_seeds_and_splits_the_spread_into_seed_and_n
     assert "(2 data-order seeds, averaged per network)" in text and "best hand-crafted by validation accuracy: 4x fpgm" in text
     assert "| a | 38.0 |" in text  # the mean over networks of the seed means: (32 + 44) / 2
     assert "a - fpgm at 4x: mean +3.0, seed sd 1.4, network sd 1.4" in text
+
+
+def test_the_learned_criterion_bench_runs_every_method_with_and_without_the_reconstruction(tmp_path, capsys):
+    """bench/learned_criterion.py on a tiny digits zoo, one epoch: each method's row and its
+    reconstructed row (``+ LS``) right after pruning and after two finetuning budgets, the table of
+    what the reconstruction adds, and the rows of other reconstruction settings."""
+    from conftest import build_digits_zoo
+
+    build_digits_zoo(tmp_path / "zoo", members=3)
+    bench = _learned_criterion_bench()
+    bench.main(["--zoo", str(tmp_path / "zoo"), "--variants", "layers=0,epochs=1", "--no-curve", "--reconstruct",
+                "--finetune", "2", "4", "--finetune-speedups", "2", "--ls-variants", "batches=1", "recalibrate=1",
+                "--criteria", "fpgm", "random"])
+    out = capsys.readouterr().out
+    for row in ("| magnitude |", "| magnitude + LS |", "| fpgm + LS |", "| random + LS |",
+                "| MLP (no message passing) + evidence, lr 0.003, 1 ep + LS |", "| magnitude + LS (batches=1) |",
+                "| magnitude + LS (recalibrate=1) |"):
+        assert row in out, row
+    assert out.count("What the reconstruction adds") == 3  # right after pruning, after 2 and after 4 steps
+    assert "after pruning and 2 finetuning steps" in out and "after pruning and 4 finetuning steps" in out
