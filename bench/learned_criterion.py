@@ -205,7 +205,7 @@ def ls_variant(text: str) -> ReconstructSettings:
             raise SystemExit(f"learned_criterion: --ls-variants {text!r}: {item!r} is not key=value with a key of "
                              f"{', '.join(fields)}")
         default = getattr(ReconstructSettings, key)
-        given[key] = bool(int(value)) if isinstance(default, bool) else type(default)(value)
+        given[key] = bool(int(value)) if isinstance(default, bool) or key == "recalibrate" else type(default)(value)
     try:
         return ReconstructSettings(**given)
     except ValueError as err:

@@ -57,7 +57,7 @@ def pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups:
                 continue
             pruned = copy.deepcopy(result.model)  # on a copy: the pruning run goes on from the cut itself
             reconstruct(pruned, model, result.channels, inputs, cfg.reconstruct)
-            curve[target] = (recalibrated_accuracy(pruned, data, cfg, split) if cfg.reconstruct.recalibrate
+            curve[target] = (recalibrated_accuracy(pruned, data, cfg, split) if cfg.reconstruct.recalibrates(True)
                              else evaluate(pruned, data, split)[0])
     except UnreachableSpeedupError:
         pass

@@ -52,7 +52,7 @@ from metanet.scoring import gated_by_scores, learned_criterion
 from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, amounts_for, prune_adaptive, prune_in_steps,
                            prune_to_speedup,
                            recalibrate_bn)
-from metanet.reconstruct import ReconstructSettings, reconstruct
+from metanet.reconstruct import ReconstructSettings, reconstruct, reconstruct_masked
 from metanet.sparsity import GroupSparsity
 from metanet.weight_pruning import (GivenScores, WeightCriterion, WeightPruning, WeightPruningReport, make_permanent,
                                     sparsify, weight_criterion, zero_fraction)
@@ -323,7 +323,7 @@ def _finish(model: nn.Module, result: PruneResult, prepared: Prepared, data: Tas
         report = reconstruct(model, prepared.model, result.channels, reconstruction_batches(data, cfg),
                              cfg.reconstruct)
         record.update(report.summary())
-    if cfg.reconstruct is None or cfg.reconstruct.recalibrate:
+    if cfg.reconstruct is None or cfg.reconstruct.recalibrates(channels=isinstance(result, PruneResult)):
         recalibrate(model, data, cfg)
     record.update(result.summary())
     record["val_acc_pruned"], _ = evaluate(model, data, "val")
@@ -387,7 +387,11 @@ def sparsify_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig,
     chosen = weight_criterion_for(prepared, data, cfg, pruning, metanet)
     model = copy.deepcopy(prepared.model)
     report = sparsify(model, pruning, chosen, calibration(data, cfg) if chosen.data_driven else None)
-    prepared = prepared._replace(record=dict(prepared.record, criterion=chosen.name))
+    fitted = {}
+    if cfg.reconstruct is not None:  # each pruned layer re-fitted with its mask fixed
+        fitted = reconstruct_masked(model, prepared.model, report.layers, reconstruction_batches(data, cfg),
+                                    cfg.reconstruct).summary()
+    prepared = prepared._replace(record=dict(prepared.record, criterion=chosen.name, **fitted))
     model, record = _finish(model, _WeightResult(report), prepared, data, cfg, report_test, extra_after,
                             time.perf_counter() - start)
     make_permanent(model)

@@ -133,3 +133,28 @@ def test_depthwise_convolutions_and_linear_layers_over_tokens():
         else:
             groups = {n: getattr(dict(pruned.named_modules())[n], "groups", 1) for n in report.fitted}
             assert max(groups.values()) > 1  # a depthwise convolution, fitted per group
+
+
+def test_weight_level_reconstruction_keeps_every_mask_and_fits_the_rest(resnet, digits):
+    """2:4 and 1:4 masks (magnitude): each pruned layer re-fitted row by row over its unmasked
+    weights; the zeros stay exactly where the masks put them, and the network is closer to the dense
+    one (measured: 1:4 76.9% -> 92.2% test accuracy, BatchNorm recomputed both times)."""
+    from metanet.reconstruct import reconstruct_masked
+    from metanet.weight_pruning import WeightPruning, make_permanent, sparsify, weight_criterion
+
+    xs = _batches(digits)
+    for nm in ((2, 4), (1, 4)):
+        sparse = copy.deepcopy(resnet)
+        pruning = sparsify(sparse, WeightPruning(nm=nm), weight_criterion("magnitude"))
+        masks = {n: dict(sparse.named_modules())[n].weight_mask.clone() for n in pruning.layers}
+        plain = evaluate(recalibrate_bn(copy.deepcopy(sparse), xs), digits, "test")[0]
+        report = reconstruct_masked(sparse, resnet, pruning.layers, xs)
+        assert sorted(report.fitted) == sorted(pruning.layers) and not report.skipped
+        assert all(report.error_after[n] < report.error_before[n] for n in report.fitted)
+        make_permanent(sparse)
+        for name, mask in masks.items():
+            weight = dict(sparse.named_modules())[name].weight
+            assert torch.equal(weight[mask == 0], torch.zeros_like(weight[mask == 0])), name
+            assert int((weight[mask == 1] != 0).sum()) > 0.99 * int(mask.sum())  # the kept ones were fitted, not zeroed
+        fitted = evaluate(recalibrate_bn(sparse, xs), digits, "test")[0]
+        assert fitted > plain + (0.1 if nm == (1, 4) else -0.01), (nm, plain, fitted)

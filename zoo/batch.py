@@ -163,7 +163,8 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
                 pruned, result = sparsify_and_finetune(prepared, data, cfg, pruning, metanet=metanet)
                 kept = ("criterion", "sparsity_measured", "layers_pruned", "params_nonzero",
                         "macs_after", "params_after",
-                        "val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc")
+                        "val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc",
+                        *(c for c in RECONSTRUCT_COLUMNS if c in result))
                 result.update(macs_after=macs, params_after=params)  # zeros leave the dense shapes and MACs as they were
             else:
                 cfg.target = row["target"] if row["target"] is not None else cfg.target
