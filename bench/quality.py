@@ -63,7 +63,7 @@ from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # 
 from metanet.objective_defaults import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, edit_refusal, fill  # noqa: E402
 from metanet.paired import mean_ci, method_table, paired_difference, paired_table, with_best  # noqa: E402
 from metanet.recipe import (ALL_METHODS, BENCH_METHODS, HAND_CRAFTED, apply_metanetwork, prune_to_targets,  # noqa: E402
-                            recipe_from_settings)
+                            RECONSTRUCT_DEFAULTS, recipe_from_settings)
 from metanet.selection import choose, criterion_of, default_selection, score, selection_recipe  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.data import TaskData  # noqa: E402
@@ -91,7 +91,7 @@ EDIT = dict(objective=DEFAULT_OBJECTIVE, sparsity_norm="none", distill_epochs=0,
             **{k: None for k in OBJECTIVE_DEFAULTS[DEFAULT_OBJECTIVE]})  # selection None: by the objective
 # (a preset's own value wins over the objective's: the cifar10 preset's batch of 128 for both)
 # the recalibrated curve's speed-ups, the extra budgets, and what prunes meta/depgraph (a Tune best_config may say)
-CURVE = dict(targets=[1.5, 2.0, 3.0, 4.0], budgets=[20], criterion="magnitude")
+CURVE = dict(targets=[1.5, 2.0, 3.0, 4.0], budgets=[20], criterion="magnitude", **RECONSTRUCT_DEFAULTS)
 PRESETS = {
     "digits": dict(seeds=2, **CURVE, select_members=4, select_every=2, epochs=12, reg=3e-3,
                    alpha=16.0, residual=0.05, hidden=32, batches_per_step=4,
@@ -101,7 +101,8 @@ PRESETS = {
                     alpha=16.0, residual=0.05, hidden=32, batches_per_step=4,
                     weight_decay=5e-4, bn_mode="eval", before_steps=40, before_lr=0.01, after_steps=80,
                     after_lr=0.01, sparse_reg=5e-4, oracle_reg=5e-2, select_steps=18, **{**EDIT, "batch_size": 128}),
-    "smoke": dict(seeds=1, targets=[2.0, 3.0], budgets=[5], criterion="magnitude", select_members=1, select_every=1, epochs=2, reg=3e-3,
+    "smoke": dict(seeds=1, targets=[2.0, 3.0], budgets=[5], criterion="magnitude", **RECONSTRUCT_DEFAULTS,
+                  select_members=1, select_every=1, epochs=2, reg=3e-3,
                   alpha=16.0, residual=0.05, hidden=16, batches_per_step=2,
                   weight_decay=5e-4, bn_mode="eval", before_steps=10, before_lr=0.01, after_steps=10, after_lr=0.01,
                   sparse_reg=5e-4, oracle_reg=5e-2, select_steps=5, **EDIT),
@@ -344,6 +345,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=ALL_METHODS, metavar="METHOD",
                         help=f"methods to compare (default: {' '.join(BENCH_METHODS)}; also: gate, oracle)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--reconstruct", action="store_true", help="every method re-fits the layers that read pruned "
+                        "channels after the cut (metanet.reconstruct; = --set reconstruct=true)")
     parser.add_argument("--report", action="store_true", help="print the report again from --out's results.json "
                         "(after a change to the report), run nothing")
     args = parser.parse_args(argv)
@@ -371,6 +374,7 @@ def main(argv=None) -> dict:
         if not os.path.exists(args.config):
             raise SystemExit(f"quality: --config: file not found: {args.config}")
         apply_config(s, args.config)
+    s["reconstruct"] = s["reconstruct"] or args.reconstruct
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in s:

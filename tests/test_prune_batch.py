@@ -313,3 +313,28 @@ def test_bad_inputs_are_named(args, message, tmp_path, capsys):
         prune_batch.cli([*args, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_post_training_pruning_with_the_reconstruction_needs_no_training_step(inputs, tmp_path):
+    """The README's post-training example: no finetuning before or after (``--before-steps 0
+    --after-steps 0``), the layers that read pruned channels re-fitted on calibration inputs; at
+    channel level and at weight level (2:4, each layer re-fitted with its mask fixed). Each row says
+    what the reconstruction did, and the accuracy after is the accuracy right after pruning."""
+    out = tmp_path / "post"
+    common = ["--zoo", inputs / "zoo", "--before-steps", "0", "--after-steps", "0", "--reconstruct", "--no-mlflow"]
+    done = _run(*common, "--methods", "none", "fpgm", "--targets", "2", "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = pd.read_parquet(out / "results.parquet")
+    assert len(rows) == 2 and (rows.status == "ok").all()
+    assert (rows.reconstructed_layers > 0).all() and (rows.reconstruct_seconds > 0).all()
+    assert (rows.reconstruct_error_after < rows.reconstruct_error_before).all()
+    assert (rows.test_acc == rows.test_acc_pruned).all()  # nothing trained after the cut
+    assert all('"reconstruct": true' in s for s in rows.settings)
+    weights = tmp_path / "post-weights"
+    done = _run(*common, "--methods", "none", "wanda", "--nm", "2:4", "--out", weights)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = pd.read_parquet(weights / "results.parquet")
+    assert (rows.status == "ok").all() and (rows.reconstructed_layers > 0).all()
+    for row in rows.itertuples():
+        model, _ = load_model(row.path)
+        assert abs(row.sparsity_measured - 0.5) < 0.01  # the masks survived the re-fit

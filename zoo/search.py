@@ -20,7 +20,8 @@ from zoo.integrity import DAMAGED_MEMBERS
 META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size",
              "edit", "evidence", "sparsity_norm", "objective", "calibration", "gradient", "score_targets", "l1_reg",
              "weight_temperature")
-PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")
+PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr", "criterion", "reconstruct", "reconstruct_batches",
+              "reconstruct_ridge", "reconstruct_targets")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 
 
@@ -31,12 +32,13 @@ def default_trial() -> dict:
     from metanet.meta_training import MetaTrainConfig
     from metanet.metanetwork import MetaNetConfig
     from metanet.objective_defaults import DEFAULT_OBJECTIVE, objective_defaults
-    from metanet.recipe import RECIPE_DEFAULTS
+    from metanet.recipe import RECIPE_DEFAULTS, RECONSTRUCT_DEFAULTS
 
     train, net = MetaTrainConfig(), MetaNetConfig(edge_widths={})
     meta = {k: getattr(train, k) if hasattr(train, k) else getattr(net, k) for k in META_KEYS}
     meta.update(objective=DEFAULT_OBJECTIVE, **objective_defaults(DEFAULT_OBJECTIVE))
-    return {**meta, **{k: RECIPE_DEFAULTS[k] for k in PRUNE_KEYS}}
+    recipe = {**RECIPE_DEFAULTS, **RECONSTRUCT_DEFAULTS}
+    return {**meta, **{k: recipe[k] for k in PRUNE_KEYS}}
 
 
 def with_objective_defaults(config: dict, search: dict) -> dict:
@@ -157,10 +159,10 @@ class SearchFile(Strict):
 @functools.lru_cache(maxsize=1)  # one pydantic model for every value a search file names
 def _trial_model():
     from distributed.settings import settings_model
-    from metanet.recipe import RECIPE_LIMITS
+    from metanet.recipe import RECIPE_LIMITS, RECONSTRUCT_LIMITS
     from zoo.meta_settings import LIMITS
 
-    return settings_model(default_trial(), limits={**LIMITS, **RECIPE_LIMITS})
+    return settings_model(default_trial(), limits={**LIMITS, **RECIPE_LIMITS, **RECONSTRUCT_LIMITS})
 
 
 @functools.lru_cache(maxsize=1)
@@ -168,9 +170,11 @@ def _choices() -> dict[str, tuple]:
     from metanet.criteria import CRITERIA
     from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
     from metanet.metanetwork import EDITS
+    from metanet.reconstruct import TARGETS
     from metanet.sparsity import SPARSITY_FORMS
 
-    return {"edit": EDITS, "objective": TRAINING_OBJECTIVES, "sparsity_norm": SPARSITY_FORMS, "criterion": tuple(CRITERIA)}
+    return {"edit": EDITS, "objective": TRAINING_OBJECTIVES, "sparsity_norm": SPARSITY_FORMS, "criterion": tuple(CRITERIA),
+            "reconstruct_targets": TARGETS}
 
 
 def _check_value(where: str, key: str, value) -> None:
