@@ -236,6 +236,18 @@ def weight_scores_metanet(metanet: MetaNetwork | None) -> bool:
     return metanet is not None and metanet.config.edit == "weight_scores"
 
 
+def reads_labels(method: str, metanet: MetaNetwork | None, cfg: RecipeConfig) -> bool:
+    """Does ``method`` read labelled data with no training step at all (post-training pruning:
+    ``before.steps`` and ``after.steps`` 0)? The data-driven criteria (a task-loss gradient),
+    ``curve`` (its scores are fitted on the task loss) and a learned criterion that reads
+    calibration statistics or the curve gradient; the reconstruction reads inputs only."""
+    if method == "curve":
+        return True
+    if method == "meta":
+        return scores_metanet(metanet) and bool(metanet.config.calibration or metanet.config.gradient)
+    return criterion(CRITERION_OF.get(method, cfg.criterion)).data_driven
+
+
 def prepare_reads_target(method: str, metanet: MetaNetwork | None, learned_as: str) -> bool:
     """Does ``prepare`` read ``cfg.target``? Only for a learned criterion used as gates, which are
     sized for the target (``gated_by_scores``): a store of results keys the rows it prepares on it."""

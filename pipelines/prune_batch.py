@@ -52,7 +52,7 @@ from metanet.files import atomic_write_text  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
 from metanet.reconstruct import TARGETS as RECONSTRUCT_TARGETS  # noqa: E402
 from metanet.recipe import (RECIPE_DEFAULTS, RECIPE_LIMITS, RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS,  # noqa: E402
-                            prepare_reads_target)
+                            prepare_reads_target, reads_labels, recipe_from_settings)
 from zoo import batch  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
 from zoo.integrity import DAMAGED_MEMBERS  # noqa: E402
@@ -211,6 +211,13 @@ def main(argv=None) -> dict:
     # the rows of a method whose preparation reads the target are keyed on it too
     per_method = batch.method_settings(config, config["methods"],
                                        lambda m: prepare_reads_target(m, metanet, config["learned_as"]))
+    if config["before_steps"] == 0 and config["after_steps"] == 0:  # post-training: say what reads labels
+        cfg = recipe_from_settings(config)
+        labelled = [m for m in config["methods"] if reads_labels(m, metanet, cfg)]
+        print("prune_batch: post-training (no finetuning): "
+              + ("the reconstruction reads calibration inputs only; " if config["reconstruct"] else "")
+              + (f"{', '.join(labelled)} also read labelled training batches (a task loss or its gradient)"
+                 if labelled else "no method reads labels (they are used only to report accuracy)"))
     arch = batch.arch_file(config["arch"])
     sources = batch.find_sources(config)
     config = batch.finetune_defaults(config)

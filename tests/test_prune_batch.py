@@ -324,6 +324,8 @@ def test_post_training_pruning_with_the_reconstruction_needs_no_training_step(in
     common = ["--zoo", inputs / "zoo", "--before-steps", "0", "--after-steps", "0", "--reconstruct", "--no-mlflow"]
     done = _run(*common, "--methods", "none", "fpgm", "--targets", "2", "--out", out)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "post-training (no finetuning): the reconstruction reads calibration inputs only; no method reads labels" \
+        in done.stdout
     rows = pd.read_parquet(out / "results.parquet")
     assert len(rows) == 2 and (rows.status == "ok").all()
     assert (rows.reconstructed_layers > 0).all() and (rows.reconstruct_seconds > 0).all()
