@@ -59,10 +59,15 @@ def _errno(err: OSError) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def training_error(err: BaseException) -> str:
-    """The first line that says what went wrong in a Ray Train error (its message wraps each
-    worker's whole traceback): the last ``Error:`` line of the first worker's traceback."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+# the colour codes Ray puts in its tracebacks' headers (and a terminal would show, a log file not)
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def training_error(err: BaseException | str) -> str:
+    """The first line that says what went wrong in a Ray Train or Tune error (its message wraps each
+    worker's whole traceback): the last ``Error:`` line of the first worker's traceback, without
+    Ray's colour codes."""
+    lines = [line.strip() for line in ANSI.sub("", str(err)).splitlines() if line.strip()]
     causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", line)]
     return (causes[-1] if causes else lines[0] if lines else type(err).__name__)[:300]
 

@@ -11,6 +11,7 @@ one line that names the key, the value and what is allowed, e.g.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
 import yaml
@@ -48,11 +49,30 @@ def load_yaml(text_or_stream):
     return yaml.load(text_or_stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+_SPECIAL = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def require_regular_file(path: str, named: str, error: type[Exception] = ValueError) -> None:
+    """Refuses (``error``, one line starting with ``named``: the flag and path, or the path) an
+    existing ``path`` that is not a regular file (after symlinks): reading ``/dev/zero`` never
+    ends, a FIFO waits for a writer forever, and hashing or parsing either hangs. A missing path
+    passes: each caller names that its own way."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL if test(mode)), "not a plain file")
+        raise error(f"{named}: not a regular file ({kind})")
+
+
 def read_mapping(path: str, what: str, error: type[Exception]) -> dict:
     """The mapping in the YAML (or, for ``*.toml``, TOML) file ``path``; ``error`` with one line
     when the file is missing, does not parse, or is not a mapping (``what`` names the file's kind)."""
     if not os.path.exists(path):
         raise error(f"{what} not found: {path}")
+    require_regular_file(path, f"{what} {path}", error)
     toml = path.endswith(".toml")
     try:
         with open(path) as f:

@@ -82,10 +82,20 @@ def parse_nm(text) -> tuple[int, int]:
     return check_nm((int(match[1]), int(match[2])))
 
 
+# The largest group an N:M pattern may have. The patterns in use are small: 2:4 (sparse tensor
+# cores), 1:4, 4:8, 2:8, 1:16 in the literature. A group longer than a layer's input row (a 3x3
+# convolution over 8 channels has 72 inputs) is no N:M pattern but a per-row count, and the mask
+# pads every row to a multiple of M: 1:10**12 asked a task for terabytes. 64 keeps every useful
+# pattern with room to spare and refuses the rest when the flag is read.
+MAX_NM_M = 64
+
+
 def check_nm(nm: tuple[int, int]) -> tuple[int, int]:
     n, m = nm
     if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
         raise ValueError(f"N:M {n}:{m} needs 0 < N < M (at most N nonzero weights in every M)")
+    if m > MAX_NM_M:
+        raise ValueError(f"N:M {n}:{m}: M must be at most {MAX_NM_M} (patterns in use: 2:4, 1:4, 4:8, 2:8, 1:16)")
     return n, m
 
 

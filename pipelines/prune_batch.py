@@ -47,6 +47,7 @@ from distributed.cli import run_cli  # noqa: E402
 from distributed.fanout import fan_out  # noqa: E402
 from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import check_fits, init_ray, preflight, ray, shutdown  # noqa: E402
+from distributed.schema import require_regular_file  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
@@ -187,8 +188,9 @@ def parse_args(argv=None) -> dict:
     if "meta" in config["methods"]:
         if not config["metanet"]:
             raise SystemExit("prune_batch: --metanet FILE is needed for method 'meta' (or --methods none depgraph)")
-        if not os.path.isfile(config["metanet"]):
+        if not os.path.exists(config["metanet"]):
             raise SystemExit(f"prune_batch: metanetwork file not found: {config['metanet']}")
+        require_regular_file(config["metanet"], f"--metanet {config['metanet']}", batch.BatchInputError)
     return config
 
 
@@ -223,6 +225,7 @@ def main(argv=None) -> dict:
     config = batch.finetune_defaults(config)
     out = os.path.abspath(config["out"])
     with exclusive(out, "prune_batch"):  # also the check that --out is writable
+        batch.read_results(out)  # an unreadable results file is refused before anything is made in --out
         os.makedirs(os.path.join(out, "models"), exist_ok=True)
         return _main(config, out, started, metanet_sha, arch, sources, per_method)
 

@@ -4,6 +4,8 @@ already there is byte-identical afterwards. The pipelines run in-process through
 wrapper (``distributed.cli.run_cli``), without Ray: every case is refused before Ray starts."""
 
 import copy
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,7 +76,30 @@ def world(tmp_path_factory):
     save_metanetwork(net, str(tmp / "nan-metanet.pt"))
     (tmp / "empty-folder").mkdir()
     (tmp / "duplicate.yaml").write_text("name: dup\nmembers: 2\nmembers: 1\ndataset: {name: digits}\n")
+    _broken_copies(tmp)
     return tmp
+
+
+def _broken_copies(tmp: Path) -> None:
+    """A prune_batch output whose results file is cut short, zoos whose spec.json is cut short, a
+    list, or a FIFO (or whose member is one), a FIFO where a file is expected, and a folder of models
+    holding one (reading a FIFO waits forever for a writer)."""
+    import pandas as pd
+
+    (tmp / "bad-results").mkdir()
+    results = tmp / "bad-results" / "results.parquet"
+    pd.DataFrame({"model": [f"m{i}" for i in range(50)], "method": "none"}).to_parquet(results)
+    results.write_bytes(results.read_bytes()[:100])
+    for name in ("bad-spec-zoo", "list-spec-zoo", "fifo-spec-zoo", "fifo-member-zoo"):
+        shutil.copytree(tmp / "zoo", tmp / name)
+    (tmp / "bad-spec-zoo" / "spec.json").write_text('{\n "dataset": {\n  "name": "digi')  # cut short
+    (tmp / "list-spec-zoo" / "spec.json").write_text("[1, 2]")
+    for fifo in ("fifo-spec-zoo/spec.json", "fifo-member-zoo/members/resnet-000000000000.arrow"):
+        (tmp / fifo).unlink()
+        os.mkfifo(tmp / fifo)
+    os.mkfifo(tmp / "fifo")
+    (tmp / "fifo-models").mkdir()
+    os.mkfifo(tmp / "fifo-models" / "net.pt")
 
 
 def _snapshot(root: Path) -> dict:
@@ -163,6 +188,40 @@ CASES = [
      "targets.0 = nan: must be a finite number"),
     ("tune", ["--set", "zoo={tmp}/zoo", "--set", "space={lr: {gaussian: [0, 1]}}", "--out", "{tmp}/done"], 2,
      "space.lr.gaussian: unknown key (allowed: uniform, loguniform, randint, choice)"),
+    # issue 37, case 6: a damaged results file or zoo spec is named, before Ray or any output
+    ("prune_batch", ["--out", "{tmp}/bad-results", "--zoo", "{tmp}/zoo", "--methods", "none"], 2,
+     "{tmp}/bad-results/results.parquet: not a readable Parquet file"),
+    ("meta_train", ["--zoo", "{tmp}/bad-spec-zoo", "--out", "{tmp}/new-out"], 2,
+     "{tmp}/bad-spec-zoo/spec.json: not valid JSON (Unterminated string starting at: line 3 column 11 (char 26))"),
+    ("meta_train", ["--zoo", "{tmp}/list-spec-zoo", "--out", "{tmp}/new-out"], 2,
+     "{tmp}/list-spec-zoo/spec.json: not a JSON mapping"),
+    ("prune_batch", ["--zoo", "{tmp}/bad-spec-zoo", "--methods", "none", "--out", "{tmp}/new-out"], 2,
+     "{tmp}/bad-spec-zoo/spec.json: not valid JSON"),
+    ("prune_batch", ["--batch-size", "8", "--no-augment", "--zoo", "{tmp}/bad-spec-zoo", "--methods", "none",
+                     "--out", "{tmp}/new-out"], 2, "{tmp}/bad-spec-zoo/spec.json: not valid JSON"),  # read up front
+    ("tune", ["--set", "zoo={tmp}/bad-spec-zoo", "--out", "{tmp}/new-out"], 2,
+     "{tmp}/bad-spec-zoo/spec.json: not valid JSON"),
+    ("tune", ["--set", "zoo={tmp}/list-spec-zoo", "--out", "{tmp}/new-out"], 2,
+     "{tmp}/list-spec-zoo/spec.json: not a JSON mapping"),
+    ("make_zoo", ["--out", "{tmp}/bad-spec-zoo"], 2, "{tmp}/bad-spec-zoo/spec.json: not valid JSON"),
+    # case 8: an N:M pattern no layer could hold
+    ("prune_batch", ["--nm", "1:1000000000000", "--zoo", "{tmp}/zoo", "--methods", "none", "--out", "{tmp}/new-out"],
+     2, "--nm: N:M 1:1000000000000: M must be at most 64"),
+    # case 10: a device, FIFO or socket where a file is expected is never read (it would never end)
+    ("prune_batch", ["--models", "/dev/zero", "--dataset", "digits", "--methods", "none", "--out", "{tmp}/new-out"],
+     2, "--models /dev/zero: not a regular file (a character device)"),
+    ("prune_batch", ["--models", "{tmp}/fifo-models", "--dataset", "digits", "--methods", "none", "--out",
+                     "{tmp}/new-out"], 2, "--models {tmp}/fifo-models/net.pt: not a regular file (a FIFO)"),
+    ("prune_batch", ["--metanet", "/dev/zero", "--zoo", "{tmp}/zoo", "--out", "{tmp}/new-out"], 2,
+     "--metanet /dev/zero: not a regular file"),
+    ("prune_batch", ["--arch", "{tmp}/fifo", "--zoo", "{tmp}/zoo", "--methods", "none", "--out", "{tmp}/new-out"],
+     2, "--arch {tmp}/fifo: not a regular file"),
+    ("make_zoo", ["--spec", "{tmp}/fifo"], 2, "{tmp}/fifo: not a regular file"),
+    ("tune", ["--search", "{tmp}/fifo", "--out", "{tmp}/new-out"], 2, "{tmp}/fifo: not a regular file"),
+    ("tune", ["--set", "zoo={tmp}/fifo-spec-zoo", "--out", "{tmp}/new-out"], 2,
+     "{tmp}/fifo-spec-zoo/spec.json: not a regular file"),
+    ("meta_train", ["--zoo", "{tmp}/fifo-member-zoo", "--out", "{tmp}/new-out"], 2,
+     "{tmp}/fifo-member-zoo/members/resnet-000000000000.arrow: not a regular file"),
 ]
 
 
@@ -264,6 +323,59 @@ def test_a_model_for_another_input_fails_its_row_in_one_line_naming_the_shape(wo
                              config, load_digits(), None, str(world / "rgb-out"))
     assert rows[0]["status"] == "failed" and "does not take the dataset's input of shape (1, 1, 8, 8)" in rows[0]["error"]
     assert "\n" not in rows[0]["error"] and len(rows[0]["error"]) < 400
+
+
+def test_a_model_for_another_class_count_fails_its_row_naming_both_counts(world):
+    """Issue 37, case 9: a 2-class model on digits (10 classes) failed as ``IndexError: Target 2 is
+    out of bounds`` from the loss, naming neither count."""
+    from zoo.data import load_digits
+    from zoo.model_files import save_model
+
+    save_model(build_model(resnet_spec(8, (4, 6, 8), in_channels=1, num_classes=2)).eval(), str(world / "two.pt"))
+    config = {**prune_batch.DEFAULTS, "arch": None, "batch_size": 64, "augment": False}
+    rows = batch.prune_model(batch.Source("two", str(world / "two.pt")), "none", [{"target": 2.0, "floor": None}],
+                             config, load_digits(), None, str(world / "two-out"))
+    assert rows[0]["status"] == "failed" and "\n" not in rows[0]["error"], rows[0]["error"]
+    assert f"{world / 'two.pt'}: the model has 2 outputs, the dataset digits has 10 classes" in rows[0]["error"]
+
+
+# what Ray Tune keeps as a failed trial's error (``Result.error``, also its error.txt): the worker's
+# header in ANSI colours, then the trial function's traceback
+RAY_TRIAL_ERROR = (
+    "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=51234, ip=127.0.0.1, actor_id=4f3c2a, "
+    "repr=trial)\n  File \"/venv/lib/python3.11/site-packages/ray/tune/trainable/trainable.py\", line 331, "
+    "in train\n    raise skipped from exception_cause(skipped)\n"
+    "  File \"/venv/lib/python3.11/site-packages/ray/air/_internal/util.py\", line 107, in run\n"
+    "    self._ret = self._target(*self._args, **self._kwargs)\n"
+    "  File \"/work/main/zoo/tuning.py\", line 38, in trial\n"
+    "    members = [make_member(r.id, build_model(r.arch), r.graph, cfg) for r in records]\n"
+    "  File \"/work/main/zoo/arch.py\", line 201, in build_model\n"
+    "    raise ValueError(f\"unknown architecture family {family!r}\")\n"
+    "\x1b[31mValueError\x1b[39m: unknown architecture family 'resnex'")
+
+
+def test_a_search_whose_every_trial_failed_names_the_first_failure_in_one_line(tmp_path):
+    """Issue 37, case 7: no trial reported a score; the line names the first failed trial, its
+    exception (ANSI colours stripped) and its log, not two 300-character pieces of Ray's headers."""
+    from types import SimpleNamespace
+
+    from zoo.tuning import no_score_message
+
+    folders = [tmp_path / f"trial_8a1f2_0000{i}_{i}_lr=0.01" for i in range(3)]
+    for folder in folders:
+        folder.mkdir()
+        (folder / "error.txt").write_text(f"Failure # 1\n{RAY_TRIAL_ERROR}\n")
+    results = [SimpleNamespace(error=RuntimeError(RAY_TRIAL_ERROR), path=str(f), metrics={}) for f in folders]
+    line = no_score_message(results)
+    assert line == (f"no trial reported a score; trial 0 failed: ValueError: unknown architecture family 'resnex' "
+                    f"(log: {folders[0] / 'error.txt'}); 2 other trial(s) failed too"), line
+    assert "\x1b" not in line and "\n" not in line
+    from ray.exceptions import RayTaskError  # the class only: no Ray starts
+
+    wrapped = RayTaskError("train", RAY_TRIAL_ERROR, ValueError("unknown architecture family 'resnex'"),
+                           proctitle="ray::ImplicitFunc.train", pid=1, ip="127.0.0.1").as_instanceof_cause()
+    assert no_score_message([SimpleNamespace(error=wrapped, path=None, metrics={})]) == \
+        "no trial reported a score; trial 0 failed: ValueError: unknown architecture family 'resnex'"
 
 
 def test_model_paths_with_brackets_are_files_not_patterns(tmp_path):

@@ -120,7 +120,8 @@ def test_random_differs_from_magnitude_and_follows_the_seed():
 
 
 @pytest.mark.parametrize("text, message", [("3:2", "needs 0 < N < M"), ("0:4", "needs 0 < N < M"),
-                                            ("two of four", "not two whole numbers"), ("2:4:8", "not two whole")])
+                                            ("two of four", "not two whole numbers"), ("2:4:8", "not two whole"),
+                                            ("1:1000000000000", "M must be at most 64")])
 def test_bad_nm_is_named(text, message):
     with pytest.raises(ValueError, match=message):
         parse_nm(text)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distributed.schema import require_regular_file
 from metanet.diagnostics import CURVE_SPEEDUPS
 from metanet.files import atomic_write
 from zoo.integrity import checked
@@ -88,18 +89,30 @@ def check_finite(model, where: str) -> None:
             raise ValueError(f"{where}: {name} has non-finite values (NaN or inf); the model file is broken")
 
 
-def check_input(model, x, where: str) -> None:
+def check_input(model, x, where: str):
     """A model that cannot take the dataset's input (another image size or channel count): one
-    line naming the file and the shape, not the tracer's multi-line dump later."""
+    line naming the file and the shape, not the tracer's multi-line dump later. Returns the output."""
     import torch
 
     try:
         with torch.no_grad():
-            model.eval()(x)
+            return model.eval()(x)
     except Exception as err:
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise ValueError(f"{where}: does not take the dataset's input of shape {tuple(x.shape)}: "
                          f"{first[:200]}") from None
+
+
+def check_classes(output, data, where: str) -> None:
+    """A classifier with another class count than the dataset's: fewer outputs fail in the loss as
+    ``Target 2 is out of bounds`` naming neither count, more would train and prune silently with
+    outputs no label ever asks for. ``output``: the model's output for one input."""
+    shape = tuple(getattr(output, "shape", ()))
+    if len(shape) != 2 or shape[0] != 1:
+        raise ValueError(f"{where}: the model's output has shape {shape}, not (1, classes): not a classifier")
+    if shape[1] != data.num_classes:
+        raise ValueError(f"{where}: the model has {shape[1]} outputs, the dataset {data.name} has "
+                         f"{data.num_classes} classes")
 
 
 def _error(err: BaseException) -> str:
@@ -132,7 +145,7 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         check_finite(model, source.ref)
         family = _family(model)
         x = torch.zeros(data.input_shape, device=device)
-        check_input(model, x, source.ref)
+        check_classes(check_input(model, x, source.ref), data, source.ref)
         macs, params = count(model, x)
         val_acc = evaluate(model, data, "val")[0]
         before = {"family": family, "val_acc_before": val_acc, "test_acc_before": evaluate(model, data, "test")[0],
@@ -373,6 +386,7 @@ def find_sources(config: dict) -> list[Source]:
             meta = zoo.metadata()
         except FileNotFoundError as err:
             raise BatchInputError(f"{err}")
+        _check_spec(zoo)
         files = {m.id: f for m, f in zip(meta.itertuples(), _member_files(zoo))}
         for m in meta.itertuples():
             if m.status == "ok" and m.role in roles:
@@ -398,6 +412,7 @@ def find_sources(config: dict) -> list[Source]:
         if not matches:
             raise BatchInputError(f"--models {pattern!r}: no such file, and no .pt/.pth files match it")
         for path in matches:
+            require_regular_file(path, f"--models {path}", BatchInputError)  # before hashing it: /dev/zero never ends
             sources.append(Source(Path(path).stem, os.path.abspath(path), digest=file_digest(path)))
     names = [s.name for s in sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -406,6 +421,16 @@ def find_sources(config: dict) -> list[Source]:
     if not sources:
         raise BatchInputError("nothing to prune: give --zoo (and --split) and/or --models")
     return sources
+
+
+def _check_spec(zoo) -> None:
+    """The zoo's spec.json, read now: the dataset and the finetuning settings come from it once the
+    output exists, so a damaged one (``ZooFormatError``) is named before anything is written. A
+    missing one is said where it is needed (``--dataset`` and the finetuning flags do without it)."""
+    try:
+        zoo.spec()
+    except FileNotFoundError:
+        pass
 
 
 def _member_files(zoo) -> list[str]:
@@ -503,6 +528,7 @@ def arch_file(path: str | None) -> dict | None:
         return arch
     if not os.path.exists(path):
         raise BatchInputError(f"--arch file not found: {path}")
+    require_regular_file(path, f"--arch {path}", BatchInputError)
     with open(path) as f:
         arch = load_yaml(f)
     if not isinstance(arch, dict) or "family" not in arch:
@@ -512,12 +538,26 @@ def arch_file(path: str | None) -> dict | None:
 
 # ------------------------------------------------------------------------------- results
 def read_results(out: str):
+    """The rows an earlier run left in ``out`` (none when there is no results file). A results file
+    that cannot be read (cut short by a full disk or a copy) is refused, not replaced: rewriting it
+    would drop every row it held."""
     import pandas as pd
 
     path = os.path.join(out, "results.parquet")
     if not os.path.exists(path):
         return pd.DataFrame(columns=COLUMNS)
-    return pd.read_parquet(path)
+    require_regular_file(path, path, BatchInputError)
+    try:
+        return pd.read_parquet(path)
+    except (ValueError, OSError) as err:
+        # pyarrow: ArrowInvalid (a ValueError) for a truncated or foreign file, an OSError without an
+        # errno for damaged pages ("Corrupt snappy compressed data"); a failing disk keeps its errno
+        # (pyarrow's only in the text: distributed.cli reports it as an I/O failure)
+        if isinstance(err, OSError) and (err.errno is not None or "[Errno " in str(err)):
+            raise
+        why = re.sub(r"^Could not open Parquet input source '.*?': ", "", " ".join(str(err).split()))[:200]
+        raise BatchInputError(f"{path}: not a readable Parquet file ({why}); move it away or delete it to start "
+                              "over (results.csv beside it may hold the same rows)") from None
 
 
 def write_results(out: str, rows: list[dict]):

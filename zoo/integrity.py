@@ -29,8 +29,10 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import pyarrow.fs as pafs
 import torch
 
+from distributed.schema import require_regular_file
 from metanet.graph import network_to_graph
 from zoo.arch import build_model
 from zoo.store import METRICS, Zoo, ZooFormatError, file_sha256, read_table, record_from_row
@@ -66,6 +68,8 @@ class Damage:
 def manifest_entries(zoo: Zoo) -> dict[str, dict] | None:
     """The manifest's entries by file name, or None when the zoo has no readable manifest."""
     try:
+        if isinstance(zoo.fs, pafs.LocalFileSystem):  # a FIFO would block the read below for ever
+            require_regular_file(f"{zoo.path}/manifest.json", f"{zoo.root}/manifest.json", ZooFormatError)
         with zoo.fs.open_input_stream(f"{zoo.path}/manifest.json") as f:
             manifest = json.loads(f.read())
         return {m["file"]: m for m in manifest["members"]}

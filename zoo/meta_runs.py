@@ -42,6 +42,7 @@ def prepare(config: dict):
     zoo = checked(config["zoo"], config["damaged_members"], roles=("train", "val"), who="meta_train",
                   skip_unreadable=True, override="--damaged-members ")
     config["excluded_members"] = dict(zoo.excluded)  # the workers leave out what the driver left out
+    zoo.spec()  # the workers read the dataset from it: a damaged spec.json is named here, before Ray starts
     meta = zoo.metadata()
     for path, error in zoo.unreadable.items():
         if path in zoo.excluded:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from distributed.schema import require_regular_file
 from metanet.files import atomic_write
 from metanet.graph import NetworkGraph
 
@@ -208,9 +209,19 @@ def _check_schema(schema: pa.Schema, where: str) -> None:
             raise ZooFormatError(f"{where}: column '{f.name}' has type {got}, expected {f.type}")
 
 
+def _require_file(fs: pafs.FileSystem, path: str, where: str) -> None:
+    """``ZooFormatError`` when ``path`` exists but is no regular file: opening a FIFO blocks until a
+    writer comes (pyarrow's open cannot be interrupted), and a device is read forever. A missing
+    path passes: the reader says so in its own words. Only local paths are asked (a stat each): an
+    object store has neither, and asking would cost a request per read."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        require_regular_file(path, where, ZooFormatError)
+
+
 def read_table(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
     """The table in one member file, memory-mapped when local; clear errors for bad files."""
     fs, path = open_fs(uri)
+    _require_file(fs, path, uri)
     try:
         if isinstance(fs, pafs.LocalFileSystem):
             source = pa.memory_map(path, "r")
@@ -470,12 +481,22 @@ class Zoo:
         atomic_write_bytes(self.fs, f"{self.path}/spec.json", lambda s: s.write(data))
 
     def spec(self) -> dict:
-        path = f"{self.path}/spec.json"
+        """The spec the zoo was built from; ``ZooFormatError`` naming ``<zoo>/spec.json`` when it is
+        cut short, not JSON, not a mapping, or not a regular file (a FIFO would block the read)."""
+        path, where = f"{self.path}/spec.json", f"{self.root}/spec.json"
+        # make_zoo compares the spec it is given with this one: a damaged one must go before it writes anew
+        fix = "restore it, or delete it and run make_zoo with the zoo's spec and this --out (built members are kept)"
+        _require_file(self.fs, path, where)
         try:
             with self.fs.open_input_stream(path) as f:
-                return json.loads(f.read())
+                spec = json.loads(f.read())
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.root}: no spec.json (was this zoo built by make_zoo.py?)") from None
+        except ValueError as err:  # JSONDecodeError (with the position), or bytes that are not UTF-8
+            raise ZooFormatError(f"{where}: not valid JSON ({err}); {fix}") from None
+        if not isinstance(spec, dict):
+            raise ZooFormatError(f"{where}: not a JSON mapping (a {type(spec).__name__}); {fix}")
+        return spec
 
     def finetune_settings(self) -> dict[str, Any]:
         """Batch size and augmentation of the zoo's own finetuning: later finetuning on this dataset

@@ -75,7 +75,8 @@ def best_configuration(results, search: dict, out: Path, data, finetune: dict) -
     for i, result in enumerate(results):
         config = with_objective_defaults(result.config, search)  # as the trial trained
         if result.error or result.metrics_dataframe is None or "score" not in result.metrics_dataframe:
-            trials.append({"trial": i, "config": config, "best": None, "error": str(result.error)[:300]})
+            trials.append({"trial": i, "config": config, "best": None,
+                           "error": trial_error(result.error) if result.error else None})
             continue
         history = result.metrics_dataframe[["training_iteration", "epoch", "score"]]
         frames.append(history.assign(trial=i))
@@ -85,7 +86,7 @@ def best_configuration(results, search: dict, out: Path, data, finetune: dict) -
                        "path": result.path})
     scored = [t for t in trials if t["best"] is not None]
     if not scored:
-        raise SystemExit(f"tune: no trial reported a score; errors: {[t.get('error') for t in trials]}")
+        raise SystemExit(f"tune: {no_score_message(results)}")
     best = max(scored, key=lambda t: t["best"])
     wanted = {k: v for k, v in default_trial().items() if k in search["space"]}
     default = next((t for t in trials if all(t["config"].get(k) == v for k, v in wanted.items())), {})
@@ -109,6 +110,39 @@ def best_configuration(results, search: dict, out: Path, data, finetune: dict) -
     test_score = held_out_score(net, config, search, data, finetune)
     return {"best": best, "default": default, "trials": trials, "best_config": best_config,
             "test_score": test_score, "history": frames}
+
+
+def trial_error(error: BaseException) -> str:
+    """A failed trial's error in one line, ``Type: message``: the exception the trial function
+    raised (Ray's ``RayTaskError`` keeps it as ``cause``), else the last exception line of Ray's
+    text (a worker header in colour codes, then the traceback), without the colour codes."""
+    from distributed.cli import ANSI, training_error
+
+    cause = error
+    for _ in range(8):  # a task error wrapping another task's error: down to what was raised first
+        inner = getattr(cause, "cause", None)
+        if not isinstance(inner, BaseException) or inner is cause:
+            break
+        cause = inner
+    if cause is error:
+        return training_error(error)
+    text = " ".join(ANSI.sub("", str(cause)).split())
+    return f"{type(cause).__name__}: {text}"[:300] if text else type(cause).__name__
+
+
+def no_score_message(results) -> str:
+    """Why a search has no best configuration, in one line: the first failed trial (in the order
+    Tune created them, as the report numbers them), what it raised, and its log (Ray writes the
+    whole traceback to ``error.txt`` in the trial's folder)."""
+    failed = [(i, r) for i, r in enumerate(results) if r.error]
+    if not failed:
+        return (f"no trial reported a score, and none of the {len(results)} trial(s) failed: is eval_every larger "
+                "than max_epochs?")
+    i, result = failed[0]
+    log = os.path.join(result.path, "error.txt") if result.path else None
+    where = f" (log: {log if os.path.isfile(log) else result.path})" if log else ""
+    more = f"; {len(failed) - 1} other trial(s) failed too" if len(failed) > 1 else ""
+    return f"no trial reported a score; trial {i} failed: {trial_error(result.error)}{where}{more}"
 
 
 def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dict:
