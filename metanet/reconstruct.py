@@ -27,6 +27,7 @@ seconds and peak memory of the normal equations.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -296,16 +297,35 @@ def reconstruct(pruned: nn.Module, unpruned: nn.Module, channels: ChannelMap, ba
     the kept output channels, over the first ``settings.batches`` of ``batches`` (inputs only);
     returns what it did. Both networks are put in eval mode (BatchNorm with its running statistics,
     as they will be used)."""
+    with _fitting(pruned, unpruned, batches, settings) as (xs, report):
+        _reconstruct(pruned, unpruned, channels, xs, settings, report)
+    return report
+
+
+@contextlib.contextmanager
+def _fitting(model: nn.Module, reference: nn.Module, batches: Iterable[torch.Tensor], settings: ReconstructSettings):
+    """Both networks in eval mode (BatchNorm with the running statistics they will be used with)
+    for the fit, the first ``settings.batches`` calibration batches on the model's device, and the
+    report, timed; the modes are restored afterwards."""
     start = time.perf_counter()
     report = ReconstructReport()
     xs = [x for _, x in zip(range(settings.batches), batches)]
     if not xs:
         raise ValueError("reconstruction needs at least one calibration batch")
-    was = pruned.training, unpruned.training
-    pruned.eval()
-    unpruned.eval()
-    device = next(pruned.parameters()).device
-    xs = [x.to(device) for x in xs]
+    was = model.training, reference.training
+    model.eval()
+    reference.eval()
+    device = next(model.parameters()).device
+    try:
+        yield [x.to(device) for x in xs], report
+    finally:
+        model.train(was[0])
+        reference.train(was[1])
+        report.seconds = time.perf_counter() - start
+
+
+def _reconstruct(pruned: nn.Module, unpruned: nn.Module, channels: ChannelMap, xs: list[torch.Tensor],
+                 settings: ReconstructSettings, report: ReconstructReport) -> None:
     layers = dict(pruned.named_modules())
     order = _call_order(pruned, xs[0][:1])
     blocks = _residual_blocks(pruned) if settings.block_targets and settings.targets == "sequential" else {}
@@ -341,10 +361,6 @@ def reconstruct(pruned: nn.Module, unpruned: nn.Module, channels: ChannelMap, ba
         for g, (equations, solution) in enumerate(fits):
             _set_weights(layer, solution, g)
         report.fitted.append(name)
-    pruned.train(was[0])
-    unpruned.train(was[1])
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _shortcut(block: _Block) -> tuple[str, str]:
@@ -453,16 +469,13 @@ def reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequenc
     its inputs in ``sparse`` (sequential), every output row over its unmasked weights only, so the
     mask and the zeros stay where they are; a bias is fitted too. Grouped convolutions are skipped
     (named in the report)."""
-    start = time.perf_counter()
-    report = ReconstructReport()
-    xs = [x for _, x in zip(range(settings.batches), batches)]
-    if not xs:
-        raise ValueError("reconstruction needs at least one calibration batch")
-    was = sparse.training, dense.training
-    sparse.eval()
-    dense.eval()
-    device = next(dense.parameters()).device
-    xs = [x.to(device) for x in xs]
+    with _fitting(sparse, dense, batches, settings) as (xs, report):
+        _reconstruct_masked(sparse, dense, layer_names, xs, settings, report)
+    return report
+
+
+def _reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequence[str], xs: list[torch.Tensor],
+                        settings: ReconstructSettings, report: ReconstructReport) -> None:
     layers = dict(sparse.named_modules())
     order = [n for n in _call_order(sparse, xs[0][:1]) if n in set(layer_names)]
     for name in order:
@@ -503,7 +516,3 @@ def reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequenc
             solution = solution[:-1]
         original.copy_(solution.T.reshape(original.shape).to(original.dtype))
         report.fitted.append(name)
-    sparse.train(was[0])
-    dense.train(was[1])
-    report.seconds = time.perf_counter() - start
-    return report
