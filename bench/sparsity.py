@@ -46,7 +46,9 @@ from metanet.files import atomic_write_text  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
-from metanet.recipe import RecipeConfig, apply_metanetwork, calibration, recalibrate  # noqa: E402
+from metanet.reconstruct import ReconstructSettings, reconstruct_masked  # noqa: E402
+from metanet.recipe import (RecipeConfig, apply_metanetwork, calibration, recalibrate,  # noqa: E402
+                            reconstruction_batches)
 from metanet.train import evaluate, train  # noqa: E402
 from metanet.weight_pruning import GivenScores, WeightPruning, make_permanent, sparsify, weight_criterion  # noqa: E402
 from metanet.weight_scoring import fit_weight_scores, learned_weight_criterion  # noqa: E402
@@ -130,12 +132,20 @@ def prepared(net: MetaNetwork, model, data):
     return apply_metanetwork(net, model, x), weight_criterion("magnitude")
 
 
+RECONSTRUCTED = " + LS"  # a method's row with the masked least-squares reconstruction
+
+
 def prune_and_tune(model, crit, pruning: WeightPruning, data, cfg: RecipeConfig, budgets) -> dict:
-    """{budget: (val, test accuracy)} of ``model`` masked by ``crit`` (BatchNorm recalibrated),
-    budget 0 right after pruning, the others after that many finetuning steps (masks kept)."""
+    """{budget: (val, test accuracy)} of ``model`` masked by ``crit`` (with ``cfg.reconstruct``, each
+    masked layer re-fitted to ``model``'s outputs over its unmasked weights: ``reconstruct_masked``),
+    BatchNorm recalibrated, budget 0 right after pruning, the others after that many finetuning steps
+    (masks kept)."""
     work = copy.deepcopy(model)
-    sparsify(work, pruning, crit, calibration(data, cfg) if crit.data_driven else None)
-    recalibrate(work, data, cfg)
+    report = sparsify(work, pruning, crit, calibration(data, cfg) if crit.data_driven else None)
+    if cfg.reconstruct is not None:
+        reconstruct_masked(work, model, report.layers, reconstruction_batches(data, cfg), cfg.reconstruct)
+    if cfg.reconstruct is None or cfg.reconstruct.recalibrates(channels=False):
+        recalibrate(work, data, cfg)
     out = {0: (evaluate(work, data, "val")[0], evaluate(work, data, "test")[0])}
     for steps in budgets:
         if steps:
@@ -174,6 +184,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-nm", action="store_true", help="skip 2:4")
     p.add_argument("--finetune", type=int, nargs="+", default=[0, 20, 80], help="finetuning budgets (steps)")
     p.add_argument("--curve-steps", type=int, default=40)
+    p.add_argument("--reconstruct", action="store_true", help=f"also every method with each masked layer re-fitted "
+                   f"by least squares over its unmasked weights (metanet.reconstruct), as 'METHOD{RECONSTRUCTED}' rows, "
+                   "and a table of what that adds")
     p.add_argument("--limit", type=int, help="at most this many held-out networks (a smoke run)")
     p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     p.add_argument("--batch-size", type=int, default=128)
@@ -204,8 +217,11 @@ def main(argv=None) -> None:
         nets[name_of(v)], info[name_of(v)] = train_variant(v, zoo, train_records, val_models, data, cfg,
                                                             args.batch_size, log)
     methods = [*args.methods, *nets]
-    results: dict[str, list[dict]] = {m: [] for m in methods}  # per method, per network: {run: {budget: (val, test)}}
-    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    repairs = {"": cfg, **({RECONSTRUCTED: dataclasses.replace(cfg, reconstruct=ReconstructSettings())}
+                          if args.reconstruct else {})}
+    rows_of = [m + tag for m in methods for tag in repairs]
+    results: dict[str, list[dict]] = {m: [] for m in rows_of}  # per row, per network: {run: {budget: (val, test)}}
+    seconds: dict[str, list[float]] = {m: [] for m in rows_of}
     sizes = []
     for record in progress(held, desc="held-out networks", unit="network"):
         model = record.network().eval()
@@ -221,13 +237,16 @@ def main(argv=None) -> None:
                 scope, source = "global", model
             else:
                 (source, crit), scope = prepared(nets[m], model, data), "global"
-            seconds[m].append(time.perf_counter() - start)
-            per_run = {}
-            for key, pruning in runs:
-                if pruning.sparsity is not None:
-                    pruning = dataclasses.replace(pruning, scope=scope)
-                per_run[key] = prune_and_tune(source, crit, pruning, data, cfg, args.finetune)
-            results[m].append(per_run)
+            scoring = time.perf_counter() - start
+            for tag, recipe in repairs.items():
+                start = time.perf_counter()
+                per_run = {}
+                for key, pruning in runs:
+                    if pruning.sparsity is not None:
+                        pruning = dataclasses.replace(pruning, scope=scope)
+                    per_run[key] = prune_and_tune(source, crit, pruning, data, recipe, args.finetune)
+                results[m + tag].append(per_run)
+                seconds[m + tag].append(scoring + (time.perf_counter() - start if tag else 0.0))
         if args.partial:
             lines: list[str] = []
             report(results, seconds, sizes, runs, args.finetune, lines.append)
@@ -262,6 +281,16 @@ def report(results, seconds, sizes, runs, budgets, log) -> None:
                                               for i in range(n)])))
             log(f"| {m} | " + " | ".join(f"{v:.1f}" for v in means) + " | " + " | ".join(diffs)
                 + f" | {statistics.mean(seconds[m]):.2f} |")
+    fitted = [(m[:-len(RECONSTRUCTED)], m) for m in results if m.endswith(RECONSTRUCTED)]
+    for budget in budgets if fitted else []:
+        when = "right after pruning" if budget == 0 else f"after {budget} finetuning steps"
+        log(f"\nWhat the reconstruction adds {when}: (method{RECONSTRUCTED}) - method, points, paired by network, "
+            "95% intervals:\n")
+        log(f"| method | {head} |")
+        log("|---|" + "---|" * len(keys))
+        for plain, m in fitted:
+            log(f"| {plain} | " + " | ".join(str(mean_ci([100 * (results[m][i][k][budget][1] - results[plain][i][k][budget][1])
+                                                             for i in range(n)])) for k in keys) + " |")
     log(f"\nSaved file size, zlib-compressed, relative to the unpruned file's compressed size (mean over {n} "
         "networks; global magnitude masks):\n")
     log("| | dense | " + head + " |")
