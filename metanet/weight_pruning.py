@@ -247,11 +247,6 @@ def sparsify(model: nn.Module, settings: WeightPruning, criterion: WeightCriteri
     report = WeightPruningReport(settings, list(layers))
     if settings.nm is not None:
         n, m = settings.nm
-        short = {name: module.weight[0].numel() for name, module in layers.items() if module.weight[0].numel() < m}
-        if short:  # a row shorter than one group would keep n of it: no N:M pattern at all
-            name, length = next(iter(short.items()))
-            raise ValueError(f"N:M {n}:{m}: layer {name} has rows of {length} weights, shorter than one group of {m}"
-                             + (f" ({len(short) - 1} other layer(s) too)" if len(short) > 1 else ""))
         for name, module in layers.items():
             prune.custom_from_mask(module, "weight", nm_mask(scores[name], n, m))
     elif settings.scope == "global":

@@ -170,19 +170,3 @@ def test_a_masked_network_deep_copies_and_still_trains_through_its_mask(digits):
     assert all(bool((m.weight[m.weight_mask == 0] == 0).all()) for m in twin.modules() if hasattr(m, "weight_mask"))
     make_permanent(twin)
     assert not any(hook is not None for m in twin.modules() for hook in m._forward_hooks.values())
-
-
-def test_an_nm_group_longer_than_a_layers_rows_is_refused_naming_the_layer():
-    """1:64 on a network whose layers have rows of 36 to 72 weights: a row shorter than one group
-    would keep 1 weight of it, a pattern no N:M kernel runs; it is named, not applied."""
-    import pytest
-    import torch
-    from zoo.arch import build_model, resnet_spec
-
-    from metanet.weight_pruning import WeightPruning, sparsify, weight_criterion
-
-    torch.manual_seed(0)
-    model = build_model(resnet_spec(8, (4, 6, 8), in_channels=1))
-    with pytest.raises(ValueError, match=r"N:M 1:64: layer layers\.0\.conv1 has rows of 36 weights, shorter than one "
-                                         r"group of 64 \(\d+ other layer\(s\) too\)"):
-        sparsify(model, WeightPruning(nm=(1, 64)), weight_criterion("magnitude"))
