@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -49,14 +48,11 @@ from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import check_fits, init_ray, preflight, ray, shutdown  # noqa: E402
 from distributed.schema import require_regular_file  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
-from metanet.files import atomic_write_text  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
-from metanet.reconstruct import TARGETS as RECONSTRUCT_TARGETS  # noqa: E402
 from metanet.recipe import (RECIPE_DEFAULTS, RECIPE_LIMITS, RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS,  # noqa: E402
-                            prepare_reads_target, reads_labels, recipe_from_settings)
+                            prepare_reads_target)
 from zoo import batch  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
-from zoo.integrity import DAMAGED_MEMBERS  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
 DEFAULTS = {
@@ -102,13 +98,7 @@ HELP = {
     "augment": "augment while finetuning (default: the zoo's, else yes)",
     "sparse_reg": "group-sparsity strength of the depgraph baseline's sparse learning",
     "seed": "seed of finetuning batches",
-    "reconstruct": "after pruning, re-fit every layer that reads pruned channels by least squares to the unpruned "
-                   "network's outputs on calibration inputs (metanet.reconstruct; no labels; BatchNorm statistics kept); "
-                   "with --before-steps 0 --after-steps 0: post-training pruning",
-    "reconstruct_batches": "calibration batches (of --batch-size training inputs) the reconstruction fits on",
-    "reconstruct_ridge": "ridge strength of the reconstruction, relative to the mean diagonal of its normal equations",
-    "reconstruct_targets": "reconstruction inputs: sequential (each layer reads the already re-fitted pruned network) or "
-                           "local (the unpruned network's inputs on the kept channels)",
+    **batch.RECONSTRUCT_HELP,
     "out": "output directory: results, models, summary, plots, MLflow store",
     "cpus_per_task": "CPUs per Ray task (one task per model and method)",
     "gpu": "one GPU per task (default: when the cluster has GPUs)",
@@ -135,16 +125,7 @@ def _log_mlflow(config: dict, frame, out: str, wall: float) -> str:
     from distributed.tracking import log_run
 
     ok = frame[frame.status == "ok"]
-    metrics = {"rows_ok": float(len(ok)), "rows_failed": float((frame.status != "ok").sum()), "wall_seconds": wall}
-    labelled = ok.assign(run=[batch.run_label(r) for r in ok.to_dict("records")])
-    for (method, run), g in labelled.groupby(["method", "run"]):
-        tag = re.sub(r"[^0-9A-Za-z_.x-]", "_", f"{method}_{run}")
-        metrics.update({f"test_acc_{tag}": g.test_acc.mean(), f"val_acc_{tag}": g.val_acc.mean()})
-        if g.sparsity_measured.notna().any():  # weight-level rows: the zeros reached and what they save on disk
-            metrics.update({f"sparsity_{tag}": g.sparsity_measured.mean(),
-                            f"compressed_mb_{tag}": g.file_bytes_compressed.mean() / 1e6})
-        else:
-            metrics[f"speedup_{tag}"] = g.speedup.mean()
+    metrics = batch.mlflow_metrics(frame, wall)
     files = ("results.parquet", "results.csv", "summary.md", "accuracy_vs_speedup.png", "accuracy_vs_sparsity.png",
              "pruning_curve.png")
     return log_run("prune-batch", out, run_name=f"prune-batch-{ok.model.nunique()}-models", params=config,
@@ -169,22 +150,9 @@ def parse_args(argv=None) -> dict:
     config = resolve(flags, DEFAULTS, "prune_batch", "prune_batch", types=FLAG_TYPES, limits=LIMITS)
     try:
         batch.check_runs_and_methods(config, targets_given=flags.get("targets") is not None)
+        batch.check_choices(config)
     except batch.BatchInputError as err:
         raise SystemExit(f"prune_batch: {err}") from None
-    from metanet.criteria import CRITERIA
-    from metanet.recipe import LEARNED_AS
-
-    if config["learned_as"] not in LEARNED_AS:
-        raise SystemExit(f"prune_batch: --learned-as must be one of {', '.join(LEARNED_AS)}, not {config['learned_as']!r}")
-
-    if config["damaged_members"] not in DAMAGED_MEMBERS:
-        raise SystemExit(f"prune_batch: --damaged-members must be one of {', '.join(DAMAGED_MEMBERS)}, not "
-                         f"{config['damaged_members']!r}")
-    if config["reconstruct_targets"] not in RECONSTRUCT_TARGETS:
-        raise SystemExit(f"prune_batch: --reconstruct-targets must be one of {', '.join(RECONSTRUCT_TARGETS)}, not "
-                         f"{config['reconstruct_targets']!r}")
-    if config["criterion"] not in CRITERIA:
-        raise SystemExit(f"prune_batch: --criterion {config['criterion']!r} is not one of {', '.join(CRITERIA)}")
     if "meta" in config["methods"]:
         if not config["metanet"]:
             raise SystemExit("prune_batch: --metanet FILE is needed for method 'meta' (or --methods none depgraph)")
@@ -214,12 +182,7 @@ def main(argv=None) -> dict:
     per_method = batch.method_settings(config, config["methods"],
                                        lambda m: prepare_reads_target(m, metanet, config["learned_as"]))
     if config["before_steps"] == 0 and config["after_steps"] == 0:  # post-training: say what reads labels
-        cfg = recipe_from_settings(config)
-        labelled = [m for m in config["methods"] if reads_labels(m, metanet, cfg)]
-        print("prune_batch: post-training (no finetuning): "
-              + ("the reconstruction reads calibration inputs only; " if config["reconstruct"] else "")
-              + (f"{', '.join(labelled)} also read labelled training batches (a task loss or its gradient)"
-                 if labelled else "no method reads labels (they are used only to report accuracy)"))
+        print(f"prune_batch: {batch.post_training_note(config, metanet)}")
     arch = batch.arch_file(config["arch"])
     sources = batch.find_sources(config)
     config = batch.finetune_defaults(config)
@@ -253,15 +216,8 @@ def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict |
         rows, nodes = _run(todo, config, data, out, rows)
         shutdown()
     frame = batch.write_results(out, rows)
-    mine, table = _write_summary(out, frame, todo)
-    written = ["results.parquet", "results.csv", "summary.md"]
-    if (mine.status == "ok").any():  # the plots, like the summary, show this run's rows only
-        if batch.plot(mine, os.path.join(out, "accuracy_vs_speedup.png")):
-            written.append("accuracy_vs_speedup.png")
-        if batch.plot_sparsity(mine, os.path.join(out, "accuracy_vs_sparsity.png")):
-            written.append("accuracy_vs_sparsity.png")
-        if batch.plot_curves(mine, os.path.join(out, "pruning_curve.png")):
-            written.append("pruning_curve.png")
+    mine, table = batch.write_summary(out, frame, todo)
+    written = ["results.parquet", "results.csv", "summary.md", *batch.write_plots(out, mine)]
     wall = time.perf_counter() - started
     failed = int((mine.status != "ok").sum())
     print(f"\n{table}\n\nwrote {', '.join(f'{out}/{w}' for w in written)} ({wall:.0f} s)"
@@ -276,27 +232,6 @@ def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict |
     elif config["mlflow"]:
         print("mlflow: every row reused, no new run")
     return {"results": frame, "seconds": wall, "failed": failed}
-
-
-def _write_summary(out: str, frame, todo: batch.Plan, pending: set = frozenset()):
-    """``summary.md`` for this run's rows (``todo.keys``) that are done: rows of other runs in the
-    same output (other models, methods, targets) are counted, never tabulated or paired with these;
-    while the run goes on, how many rows are still to come (``pending``: keys whose earlier rows,
-    of other settings, stay in the results until replaced). Written with every write of the
-    results, so that it is never older than them. Returns (this run's done rows, the summary)."""
-    keys = [batch.row_key(r) for r in frame.to_dict("records")]
-    mine = frame[[k in todo.keys for k in keys]]
-    done = mine[[k in todo.keys and k not in pending for k in keys if k in todo.keys]]
-    waiting = len(todo.keys) - len(done)
-    others = len(frame) - len(mine)
-    notes = ([f"{waiting} of {len(todo.keys)} rows of this run are still being computed"
-              + (f"; results.parquet keeps the earlier results of {len(pending)} of them (other settings) until they "
-                 "are replaced" if pending else "") + "."] if waiting else []) + \
-        ([f"{others} other row(s) in results.parquet come from earlier runs (other models, methods, targets): not in "
-          "this summary."] if others else [])
-    text = batch.summary_table(done) + ("\n\n" + "\n".join(notes) if notes else "")
-    atomic_write_text(os.path.join(out, "summary.md"), text + "\n")
-    return done, text
 
 
 def _cpus_flag(config: dict) -> str:
@@ -322,7 +257,7 @@ def _run(work: batch.Plan, config: dict, data, out: str, rows: list[dict]) -> tu
         replaced = {batch.row_key(n) for n in new}
         state["rows"] = [r for r in state["rows"] if batch.row_key(r) not in replaced] + new
         state["pending"] -= replaced
-        _write_summary(out, batch.write_results(out, state["rows"]), work, state["pending"])
+        batch.write_summary(out, batch.write_results(out, state["rows"]), work, state["pending"])
         return {"rows_ok": sum(r["status"] == "ok" for r in state["rows"]), "failed": state["failed"]}
 
     def lost(job, error: str) -> dict:  # the task itself died (every retry): its rows say so

@@ -102,7 +102,7 @@ def test_the_summary_holds_this_runs_rows_and_never_pairs_them_with_rows_of_othe
     assert len(todo.jobs) == 3 and len(todo.stale) == 3
     now = [_row(m, "curve", 2.0, short, 0.2) for m in models]
     frame = batch.write_results(str(tmp_path), [r for r in earlier if r["method"] == "none"] + now)
-    done, text = prune_batch._write_summary(str(tmp_path), frame, todo)
+    done, text = batch.write_summary(str(tmp_path), frame, todo)
     assert set(done.method) == {"curve"} and len(done) == 3
     assert "| none |" not in text and "curve - none" not in text and "Paired" not in text
     assert "3 other row(s) in results.parquet come from earlier runs" in text

@@ -134,7 +134,7 @@ def test_no_finetuning_after_pruning_reports_the_recalibrated_network(trained, d
 
 @pytest.mark.parametrize("flags, message", [
     (["--methods", "taylor", "l1"], "unknown method(s) ['l1']"),
-    (["--methods", "none", "--criterion", "l1"], "--criterion 'l1' is not one of magnitude"),
+    (["--methods", "none", "--criterion", "l1"], "--criterion must be one of magnitude"),
     (["--methods", "none", "--after-steps", "-5"], "--after-steps -5: must be greater than or equal to 0"),
     (["--methods", "none", "--before-steps", "-1"], "--before-steps -1: must be greater than or equal to 0"),
 ])

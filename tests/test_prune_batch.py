@@ -337,6 +337,9 @@ def test_post_training_pruning_with_the_reconstruction_needs_no_training_step(in
     assert done.returncode == 0, done.stderr[-2000:]
     rows = pd.read_parquet(weights / "results.parquet")
     assert (rows.status == "ok").all() and (rows.reconstructed_layers > 0).all()
+    from metanet.weight_pruning import nm_violations, prunable_layers
+
     for row in rows.itertuples():
         model, _ = load_model(row.path)
-        assert abs(row.sparsity_measured - 0.5) < 0.01  # the masks survived the re-fit
+        assert nm_violations(model, list(prunable_layers(model)), 2, 4) == []  # the masks survived the re-fit
+        assert 0.45 < row.sparsity_measured <= 0.5  # rows not a multiple of 4 end in a shorter group

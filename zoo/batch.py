@@ -18,7 +18,7 @@ from pathlib import Path
 
 from distributed.schema import require_regular_file
 from metanet.diagnostics import CURVE_SPEEDUPS
-from metanet.files import atomic_write
+from metanet.files import atomic_write, atomic_write_text
 from zoo.integrity import checked
 
 
@@ -34,6 +34,15 @@ WEIGHT_COLUMNS = ["sparsity", "nm", "sparsity_measured", "layers_pruned", "param
                   "file_bytes_compressed"]
 # and, when the run reconstructs (only then: rows of runs without it keep their digests)
 RECONSTRUCT_SETTINGS = ("reconstruct", "reconstruct_batches", "reconstruct_ridge", "reconstruct_targets")
+RECONSTRUCT_HELP = {
+    "reconstruct": "after pruning, re-fit every layer that reads pruned channels by least squares to the unpruned "
+                   "network's outputs on calibration inputs (metanet.reconstruct; no labels; BatchNorm statistics kept); "
+                   "with --before-steps 0 --after-steps 0: post-training pruning",
+    "reconstruct_batches": "calibration batches (of --batch-size training inputs) the reconstruction fits on",
+    "reconstruct_ridge": "ridge strength of the reconstruction, relative to the mean diagonal of its normal equations",
+    "reconstruct_targets": "reconstruction inputs: sequential (each layer reads the already re-fitted pruned network) or "
+                           "local (the unpruned network's inputs on the kept channels)",
+}
 # what a reconstructed row records (metanet.reconstruct.ReconstructReport.summary)
 RECONSTRUCT_COLUMNS = ["reconstructed_layers", "reconstruct_error_before", "reconstruct_error_after",
                        "reconstruct_seconds", "reconstruct_peak_mb"]
@@ -336,6 +345,19 @@ def method_settings(config: dict, methods, reads_target) -> dict[str, tuple[str,
     method was prepared for the same target."""
     return {m: settings_digest(config, {"prepared_for_target": preparation_target(config)})
             for m in methods if reads_target(m)}
+
+
+def check_choices(config: dict) -> None:
+    """Each setting that names one of a fixed set of choices is one of them (``BatchInputError``)."""
+    from metanet.criteria import CRITERIA
+    from metanet.recipe import LEARNED_AS
+    from metanet.reconstruct import TARGETS
+    from zoo.integrity import DAMAGED_MEMBERS
+
+    for key, allowed in (("learned_as", LEARNED_AS), ("damaged_members", DAMAGED_MEMBERS),
+                         ("reconstruct_targets", TARGETS), ("criterion", tuple(CRITERIA))):
+        if config[key] not in allowed:
+            raise BatchInputError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, not {config[key]!r}")
 
 
 def check_metanet_level(metanet, config: dict) -> None:
@@ -840,3 +862,64 @@ def plan(sources: list[Source], methods: list[str], runs: list[dict], previous: 
     keys = {row_key({"model": s.name, "method": m, **r}) for s in sources for m in methods for r in runs}
     rows = [r for k, r in old.items() if k not in keys] + list(kept.values()) + failed
     return Plan(rows, jobs, keys, reused, notes, stale)
+
+
+def write_summary(out: str, frame, todo: Plan, pending: set = frozenset()):
+    """``summary.md`` for this run's rows (``todo.keys``) that are done: rows of other runs in the
+    same output (other models, methods, targets) are counted, never tabulated or paired with these;
+    while the run goes on, how many rows are still to come (``pending``: keys whose earlier rows,
+    of other settings, stay in the results until replaced). Written with every write of the
+    results, so that it is never older than them. Returns (this run's done rows, the summary)."""
+    keys = [row_key(r) for r in frame.to_dict("records")]
+    mine = frame[[k in todo.keys for k in keys]]
+    done = mine[[k in todo.keys and k not in pending for k in keys if k in todo.keys]]
+    waiting = len(todo.keys) - len(done)
+    others = len(frame) - len(mine)
+    notes = ([f"{waiting} of {len(todo.keys)} rows of this run are still being computed"
+              + (f"; results.parquet keeps the earlier results of {len(pending)} of them (other settings) until they "
+                 "are replaced" if pending else "") + "."] if waiting else []) + \
+        ([f"{others} other row(s) in results.parquet come from earlier runs (other models, methods, targets): not in "
+          "this summary."] if others else [])
+    text = summary_table(done) + ("\n\n" + "\n".join(notes) if notes else "")
+    atomic_write_text(os.path.join(out, "summary.md"), text + "\n")
+    return done, text
+
+
+def post_training_note(config: dict, metanet) -> str:
+    """What a run with no training step reads: the reconstruction inputs only, and which methods
+    also read labelled batches (``metanet.recipe.reads_labels``)."""
+    from metanet.recipe import reads_labels, recipe_from_settings
+
+    cfg = recipe_from_settings(config)
+    labelled = [m for m in config["methods"] if reads_labels(m, metanet, cfg)]
+    return ("post-training (no finetuning): "
+            + ("the reconstruction reads calibration inputs only; " if config["reconstruct"] else "")
+            + (f"{', '.join(labelled)} also read labelled training batches (a task loss or its gradient)"
+               if labelled else "no method reads labels (they are used only to report accuracy)"))
+
+
+def mlflow_metrics(frame, wall: float) -> dict[str, float]:
+    """A run's MLflow metrics: rows done and failed, wall time, and per method and run the mean
+    accuracies and the speed-up (or, weight level, the zeros and the compressed size) reached."""
+    ok = frame[frame.status == "ok"]
+    metrics = {"rows_ok": float(len(ok)), "rows_failed": float((frame.status != "ok").sum()), "wall_seconds": wall}
+    labelled = ok.assign(run=[run_label(r) for r in ok.to_dict("records")])
+    for (method, run), g in labelled.groupby(["method", "run"]):
+        tag = re.sub(r"[^0-9A-Za-z_.x-]", "_", f"{method}_{run}")
+        metrics.update({f"test_acc_{tag}": g.test_acc.mean(), f"val_acc_{tag}": g.val_acc.mean()})
+        if g.sparsity_measured.notna().any():  # weight-level rows: the zeros reached and what they save on disk
+            metrics.update({f"sparsity_{tag}": g.sparsity_measured.mean(),
+                            f"compressed_mb_{tag}": g.file_bytes_compressed.mean() / 1e6})
+        else:
+            metrics[f"speedup_{tag}"] = g.speedup.mean()
+    return metrics
+
+
+def write_plots(out: str, frame) -> list[str]:
+    """The plots of ``frame``'s finished rows (this run's) that apply: accuracy against speed-up,
+    against sparsity, and the pruning curves; the names of those written."""
+    if not (frame.status == "ok").any():
+        return []
+    plots = (("accuracy_vs_speedup.png", plot), ("accuracy_vs_sparsity.png", plot_sparsity),
+             ("pruning_curve.png", plot_curves))
+    return [name for name, draw in plots if draw(frame, os.path.join(out, name))]
