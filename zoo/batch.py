@@ -461,14 +461,13 @@ def _member_files(zoo) -> list[str]:
 
 
 def file_digest(path: str) -> str:
-    """Content hash of a file (the first 16 hex digits of its SHA-256)."""
-    import hashlib
+    """Content hash of a local file (the first 16 hex digits of its SHA-256): ``zoo.store.file_sha256``,
+    the digest zoo manifests record."""
+    import pyarrow.fs as pafs
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    from zoo.store import file_sha256
+
+    return file_sha256(pafs.LocalFileSystem(), os.path.abspath(path))
 
 
 def settings_digest(config: dict, extra: dict | None = None) -> tuple[str, str]:
