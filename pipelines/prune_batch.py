@@ -188,16 +188,16 @@ def main(argv=None) -> dict:
     config = batch.finetune_defaults(config)
     out = os.path.abspath(config["out"])
     with exclusive(out, "prune_batch"):  # also the check that --out is writable
-        batch.read_results(out)  # an unreadable results file is refused before anything is made in --out
+        previous = batch.read_results(out).to_dict("records")  # an unreadable one is refused before --out changes
         os.makedirs(os.path.join(out, "models"), exist_ok=True)
-        return _main(config, out, started, metanet_sha, arch, sources, per_method)
+        return _main(config, out, started, metanet_sha, arch, sources, per_method, previous)
 
 
 def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict | None, sources: list,
-          per_method: dict) -> dict:
+          per_method: dict, previous: list[dict]) -> dict:
     config = dict(config, arch=arch, metanet=os.path.abspath(config["metanet"]) if config["metanet"] else None)
     runs = batch.runs_of(config)
-    todo = batch.plan(sources, config["methods"], runs, batch.read_results(out).to_dict("records"), metanet_sha,
+    todo = batch.plan(sources, config["methods"], runs, previous, metanet_sha,
                       batch.settings_digest(config), per_method)
     for note in todo.notes:
         print(f"  {note}")
