@@ -8,12 +8,22 @@ targets), BatchNorm statistics kept or recomputed after the fit, sequential or l
 at weight level, magnitude and Wanda masks (80% zeros, 1:4) with the statistics kept or recomputed.
 
     python bench/reconstruct_settings.py
+
+With ``--zoo``, the settings a CIFAR-10 run uses are chosen the same way: every validation member
+of the zoo pruned by magnitude to 1.5x-4x and re-fitted under each setting of ``--settings``
+(``ReconstructSettings`` fields as ``key=value,...``; "default" for the defaults), validation
+accuracy right after, differences to the first setting paired by network with 95% intervals:
+
+    python bench/reconstruct_settings.py --zoo runs/zoo-cifar10-bench-40 --data-root DIR/cifar10-jpeg \
+        --settings default intercept=0 batches=30 ridge=0.01 ridge=0.0001
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,12 +32,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from distributed.progress import progress  # noqa: E402
+from metanet.diagnostics import CURVE_SPEEDUPS, pruning_curve  # noqa: E402
+from metanet.paired import mean_ci  # noqa: E402
 from metanet.prune import prune_to_speedup, recalibrate_bn  # noqa: E402
+from metanet.recipe import RecipeConfig  # noqa: E402
 from metanet.reconstruct import ReconstructSettings, reconstruct, reconstruct_masked  # noqa: E402
 from metanet.train import TrainConfig, evaluate, train  # noqa: E402
 from metanet.weight_pruning import WeightPruning, sparsify, weight_criterion  # noqa: E402
 from zoo.arch import build_model, resnet_spec  # noqa: E402
 from zoo.data import load_digits  # noqa: E402
+from zoo.integrity import checked  # noqa: E402
 
 CHANNEL_SETTINGS = {
     "own targets, statistics recomputed": (ReconstructSettings(block_targets=False, recalibrate=True)),
@@ -43,9 +58,17 @@ WEIGHT_SETTINGS = {"statistics kept": ReconstructSettings(recalibrate=False),
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--zoo", help="choose on this zoo's validation members instead of the digits ResNets")
+    p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
+    p.add_argument("--settings", nargs="+", default=["default"], metavar="KEY=VALUE,...",
+                   help="with --zoo: the settings compared, the first the reference")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if args.zoo:
+        zoo_settings(args.zoo, args.data_root, {s: parse_settings(s) for s in args.settings})
+        print(f"\ntotal {(time.perf_counter() - t0) / 60:.1f} min")
+        return
     data = load_digits()
     gen = torch.Generator().manual_seed(1)
     xs = [x for x, _ in data.batches("train", 128, shuffle=True, generator=gen, limit=10)]
@@ -95,6 +118,55 @@ def main(argv=None) -> None:
                 accs.append(100 * evaluate(work, data, "val")[0])
             print(f"| {crit} | {name} | " + " | ".join(f"{a:.1f}" for a in accs) + " |")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+def parse_settings(text: str) -> ReconstructSettings:
+    """``key=value,...`` over ``ReconstructSettings``' fields ("default": none changed)."""
+    fields = {f.name: f.type for f in dataclasses.fields(ReconstructSettings)}
+    changes = {}
+    for item in ([] if text == "default" else text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise SystemExit(f"reconstruct_settings: --settings {text!r}: {item!r} is not key=value with a key of "
+                             f"{', '.join(fields)}")
+        default = getattr(ReconstructSettings(), key)
+        kind = type(default) if default is not None else bool
+        changes[key] = bool(int(value)) if kind is bool else kind(value)
+    try:
+        return ReconstructSettings(**changes)
+    except ValueError as err:
+        raise SystemExit(f"reconstruct_settings: --settings {text!r}: {err}") from None
+
+
+def zoo_settings(path: str, data_root: str | None, settings: dict[str, ReconstructSettings]) -> None:
+    """Validation accuracy right after magnitude pruning and the re-fit under each of ``settings``,
+    over every validation member of the zoo at ``path``; differences to the first setting."""
+    zoo = checked(path)
+    data = zoo.dataset(data_root)
+    members = [r for r in zoo if r.status == "ok" and r.role == "val"]
+    if not members:
+        raise SystemExit(f"reconstruct_settings: {path}: no validation members")
+    acc: dict[str, list[dict]] = {name: [] for name in ["the cut alone", *settings]}
+    for record in progress(members, desc="validation networks", unit="network"):
+        model = record.network().eval()
+        for name in acc:
+            cfg = RecipeConfig(reconstruct=settings.get(name))
+            torch.manual_seed(0)
+            acc[name].append(pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "val"))
+    unpruned = statistics.mean(100 * r.metrics["val_acc"] for r in members) if all(
+        r.metrics.get("val_acc") is not None for r in members) else float("nan")
+    head = " | ".join(f"{s:g}x" for s in CURVE_SPEEDUPS)
+    reference = next(iter(settings))
+    print(f"\nValidation accuracy (%) right after magnitude pruning and the re-fit, {len(members)} validation "
+          f"networks of {path} (unpruned {unpruned:.1f}); differences to '{reference}' paired by network, 95% "
+          "intervals:\n")
+    print(f"| setting | {head} | - {reference} at {head} |")
+    print("|---|" + "---|" * (2 * len(CURVE_SPEEDUPS)))
+    for name, rows in acc.items():
+        means = [statistics.mean(100 * r[s] for r in rows) for s in CURVE_SPEEDUPS]
+        diffs = ["" if name == reference else str(mean_ci([100 * (a[s] - b[s]) for a, b in zip(rows, acc[reference])]))
+                 for s in CURVE_SPEEDUPS]
+        print(f"| {name} | " + " | ".join(f"{m:.1f}" for m in means) + " | " + " | ".join(diffs) + " |")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ class ReconstructSettings:
     # ResNet-20 at 4x 84.7% kept, 76.9% recomputed). Weight-level pruning recomputes them: a global
     # mask can leave a layer that no fit restores (Wanda at 80% zeros: 12.3% kept, 76.9% recomputed)
     recalibrate: bool | None = None
+    # fit an intercept too where a layer has no bias but feeds a BatchNorm (the intercept is folded
+    # into its running mean): the channels removed carried a mean (after a ReLU, a positive one) that
+    # no combination of the kept ones need reproduce, and a per-channel offset restores it exactly
+    intercept: bool = True
 
     def recalibrates(self, channels: bool) -> bool:
         """Are BatchNorm statistics recomputed after the fit (channel pruning, or weight-level)?"""
@@ -175,10 +179,11 @@ class _NormalEquations:
 
 
 def _layer_rows(layer: nn.Module, x: torch.Tensor, group: int = 0, batch: int = 0,
-                settings: ReconstructSettings | None = None) -> torch.Tensor:
+                settings: ReconstructSettings | None = None, offset: bool = False) -> torch.Tensor:
     """The unfolded input of ``layer`` (group ``group`` of a grouped convolution) as rows
-    ``[positions, inputs (+1 for a bias)]``: im2col for a convolution (at the output positions
-    ``_at`` samples in calibration batch ``batch``), one row per token for a Linear."""
+    ``[positions, inputs (+1 for a bias or an ``offset``, the intercept of a layer without one)]``:
+    im2col for a convolution (at the output positions ``_at`` samples in calibration batch
+    ``batch``), one row per token for a Linear."""
     if isinstance(layer, nn.Conv2d):
         per = x.shape[1] // layer.groups
         x = x[:, group * per:(group + 1) * per]
@@ -188,7 +193,7 @@ def _layer_rows(layer: nn.Module, x: torch.Tensor, group: int = 0, batch: int = 
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     else:
         rows = x.reshape(-1, x.shape[-1])
-    if layer.bias is not None:
+    if layer.bias is not None or offset:
         rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], 1)
     return rows
 
@@ -221,8 +226,9 @@ def _target_rows(layer: nn.Module, y: torch.Tensor, group: int = 0) -> torch.Ten
     return y.reshape(-1, y.shape[-1])
 
 
-def _weights(layer: nn.Module, group: int = 0) -> torch.Tensor:
-    """The layer's current weights (group ``group``) as ``[inputs (+1), outputs]``, like ``solve``'s."""
+def _weights(layer: nn.Module, group: int = 0, offset: bool = False) -> torch.Tensor:
+    """The layer's current weights (group ``group``) as ``[inputs (+1), outputs]``, like ``solve``'s
+    (``offset``: a zero intercept row for a layer without a bias)."""
     w = layer.weight
     if isinstance(layer, nn.Conv2d):
         per = w.shape[0] // layer.groups
@@ -232,16 +238,24 @@ def _weights(layer: nn.Module, group: int = 0) -> torch.Tensor:
         b = layer.bias if not isinstance(layer, nn.Conv2d) else layer.bias[group * (layer.bias.numel() // layer.groups):
                                                                             (group + 1) * (layer.bias.numel() // layer.groups)]
         w = torch.cat([w, b.unsqueeze(0)], 0)
+    elif offset:
+        w = torch.cat([w, torch.zeros(1, w.shape[1], dtype=w.dtype, device=w.device)], 0)
     return w.detach()
 
 
 @torch.no_grad()
-def _set_weights(layer: nn.Module, solution: torch.Tensor, group: int = 0) -> None:
+def _set_weights(layer: nn.Module, solution: torch.Tensor, group: int = 0, norm: nn.Module | None = None) -> None:
+    """Writes ``solution`` into the layer (group ``group``); an intercept row of a layer without a
+    bias goes into the BatchNorm ``norm`` it feeds: ``BN(y + c)`` with running mean ``m`` is
+    ``BN(y)`` with running mean ``m - c``."""
     w = layer.weight
     per = w.shape[0] // (layer.groups if isinstance(layer, nn.Conv2d) else 1)
     rows = slice(group * per, (group + 1) * per)
     if layer.bias is not None:
         layer.bias[rows] = solution[-1].to(layer.bias.dtype)
+        solution = solution[:-1]
+    elif norm is not None:
+        norm.running_mean[rows] -= solution[-1].to(norm.running_mean.dtype)
         solution = solution[:-1]
     w[rows] = solution.T.reshape(w[rows].shape).to(w.dtype)
 
@@ -257,6 +271,37 @@ def _call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
         for h in handles:
             h.remove()
     return order
+
+
+def _norms_fed(model: nn.Module, x: torch.Tensor) -> dict[str, nn.Module]:
+    """{name: BatchNorm} for each Conv/Linear without a bias whose output goes straight into a
+    BatchNorm (the module called next on that very tensor), from one forward pass on ``x``: where
+    an intercept can be folded (``ReconstructSettings.intercept``)."""
+    modules = dict(model.named_modules())
+    made: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor kept alive: its id is not reused in the pass
+    fed: dict[str, nn.Module] = {}
+
+    def made_by(name):
+        def hook(m, a, out):
+            made[id(out)] = (name, out)
+        return hook
+
+    def read_by(norm):
+        def hook(m, a):  # returns None: a pre-hook's return value would replace the input
+            if id(a[0]) in made:
+                fed.setdefault(made[id(a[0])][0], norm)
+        return hook
+
+    handles = [m.register_forward_hook(made_by(n)) for n, m in modules.items()
+               if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None]
+    handles += [m.register_forward_pre_hook(read_by(m)) for m in modules.values()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return fed
 
 
 def _capture(model: nn.Module, wants: Sequence[tuple[str, str]], x: torch.Tensor) -> list[torch.Tensor]:
@@ -341,6 +386,7 @@ def _reconstruct(pruned: nn.Module, unpruned: nn.Module, channels: ChannelMap, x
             # its projections are read as tensors by F.multi_head_attention_forward: no hook sees them
             report.skipped[name] = (f"attention over pruned channels ({dict(unpruned.named_modules())[name].embed_dim}"
                                     f" -> {layer.embed_dim}): its projections are not re-fitted")
+    norms = _norms_fed(pruned, xs[0][:1]) if settings.intercept else {}
     todo: dict[str, tuple[list[int], list[int]]] = {}
     for position, name in enumerate(order):
         original = dict(unpruned.named_modules())[name]
@@ -357,9 +403,9 @@ def _reconstruct(pruned: nn.Module, unpruned: nn.Module, channels: ChannelMap, x
         layer = layers[name]
         groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
         fits = _fit_layer(pruned, unpruned, name, layer, out_ids, in_ids, xs, settings, groups, report,
-                          blocks.get(name), cached)
+                          blocks.get(name), cached, name in norms)
         for g, (equations, solution) in enumerate(fits):
-            _set_weights(layer, solution, g)
+            _set_weights(layer, solution, g, norms.get(name))
         report.fitted.append(name)
 
 
@@ -422,11 +468,13 @@ def _block_target(bn: nn.Module, summed: torch.Tensor, shortcut: torch.Tensor, o
 
 def _fit_layer(pruned, unpruned, name: str, layer: nn.Module, out_ids: Sequence[int], in_ids: Sequence[int],
                xs: list[torch.Tensor], settings: ReconstructSettings, groups: int, report: ReconstructReport,
-               block: _Block | None = None, cached: list[dict] | None = None) -> list[tuple[_NormalEquations, torch.Tensor]]:
+               block: _Block | None = None, cached: list[dict] | None = None,
+               offset: bool = False) -> list[tuple[_NormalEquations, torch.Tensor]]:
     """The normal equations of one layer (one set per group) over the calibration batches, solved;
     records the layer's relative output error before and after. ``block``: the layer is a residual
     block's last convolution (``ReconstructSettings.block_targets``); ``cached``: the unpruned
-    network's targets (``_unpruned_targets``; sequential targets), else they are computed here."""
+    network's targets (``_unpruned_targets``; sequential targets), else they are computed here;
+    ``offset``: an intercept is fitted too (the layer has no bias; ``_norms_fed``)."""
     equations: list[_NormalEquations] = []
     for b, x in enumerate(xs):
         if cached is not None:  # sequential: the pruned network's own input (and shortcut)
@@ -440,7 +488,7 @@ def _fit_layer(pruned, unpruned, name: str, layer: nn.Module, out_ids: Sequence[
             y = _picked(layer, y, out_ids, b, settings)
             inp = full[:, in_ids] if isinstance(layer, nn.Conv2d) else full[..., in_ids]
         for g in range(groups):
-            a, t = _layer_rows(layer, inp, g, b, settings), _target_rows(layer, y, g)
+            a, t = _layer_rows(layer, inp, g, b, settings, offset), _target_rows(layer, y, g)
             if len(equations) <= g:
                 equations.append(_NormalEquations(a.shape[1], t.shape[1]))
             for lo in range(0, a.shape[0], ROWS_PER_CHUNK):
@@ -451,7 +499,7 @@ def _fit_layer(pruned, unpruned, name: str, layer: nn.Module, out_ids: Sequence[
     before = after = total = 0.0
     for g, eq in enumerate(equations):
         solution = eq.solve(settings.ridge)
-        before += eq.error(_weights(layer, g)) * eq.yy
+        before += eq.error(_weights(layer, g, offset)) * eq.yy
         after += eq.error(solution) * eq.yy
         total += eq.yy
         fits.append((eq, solution))
@@ -467,7 +515,8 @@ def reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequenc
     pruning): each masked layer of ``sparse`` (``layer_names``, in the order the network calls them;
     torch's pruning masks, ``weight_orig`` * ``weight_mask``) is re-fitted to ``dense``'s outputs on
     its inputs in ``sparse`` (sequential), every output row over its unmasked weights only, so the
-    mask and the zeros stay where they are; a bias is fitted too. Grouped convolutions are skipped
+    mask and the zeros stay where they are; a bias (or an intercept folded into the BatchNorm the
+    layer feeds, ``ReconstructSettings.intercept``) is fitted too. Grouped convolutions are skipped
     (named in the report)."""
     with _fitting(sparse, dense, batches, settings) as (xs, report):
         _reconstruct_masked(sparse, dense, layer_names, xs, settings, report)
@@ -478,8 +527,10 @@ def _reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequen
                         settings: ReconstructSettings, report: ReconstructReport) -> None:
     layers = dict(sparse.named_modules())
     order = [n for n in _call_order(sparse, xs[0][:1]) if n in set(layer_names)]
+    norms = _norms_fed(sparse, xs[0][:1]) if settings.intercept else {}
     for name in order:
         layer = layers[name]
+        offset = name in norms
         mask = getattr(layer, "weight_mask", None)
         if mask is None:
             report.skipped[name] = "no pruning mask (not pruned at weight level)"
@@ -492,16 +543,16 @@ def _reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequen
             (y,) = _capture(dense, [(name, "output")], x)
             (inp,) = _capture(sparse, [(name, "input")], x)
             y = _picked(layer, y, slice(None), b, settings)
-            a, t = _layer_rows(layer, inp, 0, b, settings), _target_rows(layer, y, 0)
+            a, t = _layer_rows(layer, inp, 0, b, settings, offset), _target_rows(layer, y, 0)
             equations = equations or _NormalEquations(a.shape[1], t.shape[1])
             for lo in range(0, a.shape[0], ROWS_PER_CHUNK):
                 equations.add(a[lo:lo + ROWS_PER_CHUNK], t[lo:lo + ROWS_PER_CHUNK])
             report.peak_mb = max(report.peak_mb, equations.megabytes
                                  + min(a.shape[0], ROWS_PER_CHUNK) * (a.shape[1] + t.shape[1]) * 8 / 1e6)
         keep = mask.reshape(mask.shape[0], -1).bool().T.cpu()  # [inputs, outputs]
-        if layer.bias is not None:
+        if layer.bias is not None or offset:
             keep = torch.cat([keep, torch.ones(1, keep.shape[1], dtype=torch.bool)], 0)
-        current = _weights(layer)
+        current = _weights(layer, 0, offset)
         solution = torch.zeros_like(equations.h)
         lam = settings.ridge * float(torch.diagonal(equations.g).sum()) / max(equations.g.shape[0], 1)
         for j in range(keep.shape[1]):  # one output row at a time, over its unmasked inputs
@@ -513,6 +564,9 @@ def _reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequen
         original = layer.weight_orig
         if layer.bias is not None:
             layer.bias.copy_(solution[-1].to(layer.bias.dtype))
+            solution = solution[:-1]
+        elif offset:
+            norms[name].running_mean -= solution[-1].to(norms[name].running_mean.dtype)
             solution = solution[:-1]
         original.copy_(solution.T.reshape(original.shape).to(original.dtype))
         report.fitted.append(name)

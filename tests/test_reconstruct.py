@@ -93,13 +93,14 @@ def test_a_wrong_channel_map_makes_the_fit_worse(resnet, digits):
 ], ids=["resnet-projection", "vgg-with-hidden-linear"])
 def test_projection_shortcuts_and_linear_layers_after_flatten_are_refitted(spec, digits):
     model = _trained(spec, digits)
-    pruned, channels = _pruned(model, digits, 2.0)
+    # 3x: far enough that the cut alone costs accuracy (at 2x these small networks barely lose any)
+    pruned, channels = _pruned(model, digits, 3.0)
     xs = _batches(digits)
     cut = evaluate(recalibrate_bn(copy.deepcopy(pruned), xs), digits, "test")[0]
     report = reconstruct(pruned, model, channels, xs)
     assert any(isinstance(dict(pruned.named_modules())[n], nn.Linear) for n in report.fitted) or \
         "shortcut" in " ".join(report.fitted)
-    assert evaluate(pruned, digits, "test")[0] >= cut - 0.01
+    assert evaluate(pruned, digits, "test")[0] > cut
 
 
 def test_local_targets_read_the_unpruned_networks_inputs(resnet, digits):
@@ -175,4 +176,4 @@ def test_a_blocks_last_convolution_is_fitted_to_the_block_output(resnet, digits)
     own, block = copy.deepcopy(pruned), copy.deepcopy(pruned)
     reconstruct(own, resnet, channels, xs, ReconstructSettings(block_targets=False))
     reconstruct(block, resnet, channels, xs)
-    assert evaluate(block, digits, "val")[0] > evaluate(own, digits, "val")[0] + 0.03
+    assert evaluate(block, digits, "val")[0] > evaluate(own, digits, "val")[0] + 0.02
