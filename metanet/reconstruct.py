@@ -71,8 +71,10 @@ class ReconstructSettings:
     recalibrate: bool | None = None
     # fit an intercept too where a layer has no bias but feeds a BatchNorm (the intercept is folded
     # into its running mean): the channels removed carried a mean (after a ReLU, a positive one) that
-    # no combination of the kept ones need reproduce, and a per-channel offset restores it exactly
-    intercept: bool = True
+    # no combination of the kept ones need reproduce. Off by default: on the 5 validation members of
+    # the CIFAR-10 zoo it gained nothing (without it +0.1 [-0.4, +0.5] at 2x, +0.5 [-0.7, +1.7] at
+    # 3x; docs/benchmarks.md), though it helped small digits networks at 4x
+    intercept: bool = False
 
     def recalibrates(self, channels: bool) -> bool:
         """Are BatchNorm statistics recomputed after the fit (channel pruning, or weight-level)?"""

@@ -176,4 +176,4 @@ def test_a_blocks_last_convolution_is_fitted_to_the_block_output(resnet, digits)
     own, block = copy.deepcopy(pruned), copy.deepcopy(pruned)
     reconstruct(own, resnet, channels, xs, ReconstructSettings(block_targets=False))
     reconstruct(block, resnet, channels, xs)
-    assert evaluate(block, digits, "val")[0] > evaluate(own, digits, "val")[0] + 0.02
+    assert evaluate(block, digits, "val")[0] > evaluate(own, digits, "val")[0] + 0.03
