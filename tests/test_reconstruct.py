@@ -177,3 +177,41 @@ def test_a_blocks_last_convolution_is_fitted_to_the_block_output(resnet, digits)
     reconstruct(own, resnet, channels, xs, ReconstructSettings(block_targets=False))
     reconstruct(block, resnet, channels, xs)
     assert evaluate(block, digits, "val")[0] > evaluate(own, digits, "val")[0] + 0.03
+
+
+def test_an_intercept_folded_into_the_batchnorm_restores_a_removed_constant_channel():
+    """A channel that is constant after its ReLU (BatchNorm gamma 0, beta 1) carries only a mean:
+    removing it, the convolution that read it (no bias) cannot match its old output from the other
+    channels, but with ``intercept`` it fits a per-channel offset, folded into the BatchNorm's
+    running mean, and the network's output comes back exactly."""
+    torch.manual_seed(0)
+
+    def net(width):
+        return nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                             # no padding: a constant input adds the same to every output position
+                             nn.Conv2d(width, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+
+    xs = [torch.randn(16, 1, 6, 6) for _ in range(3)]
+    full = net(4)
+    recalibrate_bn(full, xs)
+    with torch.no_grad():
+        full[1].weight[3], full[1].bias[3] = 0.0, 1.0  # channel 3: ReLU(1) = 1 everywhere
+    kept = [0, 1, 2]
+    channels = {"0": (tuple(kept), (0,)), "3": (tuple(range(4)), tuple(kept))}
+    outputs = []
+    for intercept in (False, True):
+        pruned = net(3)
+        with torch.no_grad():
+            pruned[0].weight.copy_(full[0].weight[kept])
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(pruned[1], name).copy_(getattr(full[1], name)[kept])
+            pruned[3].weight.copy_(full[3].weight[:, kept])
+            pruned[4].load_state_dict(full[4].state_dict())
+            pruned[8].load_state_dict(full[8].state_dict())
+        report = reconstruct(pruned, full, channels, xs, ReconstructSettings(ridge=0.0, positions=0, intercept=intercept))
+        assert report.fitted == ["3"]
+        outputs.append((report.error_after["3"], (pruned(xs[0]) - full(xs[0])).abs().max().item()))
+    (error_without, gap_without), (error_with, gap_with) = outputs
+    assert error_with < 1e-9 and gap_with < 1e-4, outputs
+    assert error_without > 1e-3 and gap_without > 1e-3, outputs
