@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from metanet.normal_equations import ROWS_PER_CHUNK, NormalEquations, layer_rows, sampled_positions
 from metanet.prune import ChannelMap
 
 TARGETS = ("sequential", "local")
 LAYERS = ("pruned", "all")
-ROWS_PER_CHUNK = 1 << 15  # unfolded rows accumulated at a time: memory stays bounded on large inputs
 
 
 @dataclass(frozen=True)
@@ -145,82 +144,19 @@ class _Stop(Exception):
     """Raised by a hook once the layer being fitted has been seen: the rest of the forward is not needed."""
 
 
-class _NormalEquations:
-    """``G``, ``H`` and ``sum ||y||^2`` of one layer (or one group of a grouped convolution),
-    accumulated from (unfolded input, target) row blocks in float64."""
-
-    def __init__(self, inputs: int, outputs: int):
-        self.g = torch.zeros(inputs, inputs, dtype=torch.float64)
-        self.h = torch.zeros(inputs, outputs, dtype=torch.float64)
-        self.yy = 0.0
-
-    def add(self, a: torch.Tensor, y: torch.Tensor) -> None:
-        a, y = a.double().cpu(), y.double().cpu()
-        self.g += a.T @ a
-        self.h += a.T @ y
-        self.yy += float((y * y).sum())
-
-    def error(self, w: torch.Tensor) -> float:
-        """Relative squared error ``sum ||a w - y||^2 / sum ||y||^2`` of weights ``w`` ([inputs, outputs])."""
-        w = w.double()
-        sse = float((w * (self.g @ w)).sum() - 2 * (w * self.h).sum()) + self.yy
-        return max(sse, 0.0) / max(self.yy, 1e-30)
-
-    def solve(self, ridge: float) -> torch.Tensor:
-        n = self.g.shape[0]
-        lam = ridge * float(torch.diagonal(self.g).sum()) / max(n, 1)
-        g = self.g + lam * torch.eye(n, dtype=torch.float64)
-        try:
-            return torch.linalg.solve(g, self.h)
-        except RuntimeError:  # singular (ridge 0 and fewer independent rows than inputs): the least-norm fit
-            return torch.linalg.lstsq(g, self.h, driver="gelsd").solution
-
-    @property
-    def megabytes(self) -> float:
-        return (self.g.numel() + self.h.numel()) * 8 / 1e6
-
-
-def _layer_rows(layer: nn.Module, x: torch.Tensor, group: int = 0, batch: int = 0,
-                settings: ReconstructSettings | None = None, offset: bool = False) -> torch.Tensor:
-    """The unfolded input of ``layer`` (group ``group`` of a grouped convolution) as rows
-    ``[positions, inputs (+1 for a bias or an ``offset``, the intercept of a layer without one)]``:
-    im2col for a convolution (at the output positions ``_at`` samples in calibration batch
-    ``batch``), one row per token for a Linear."""
-    if isinstance(layer, nn.Conv2d):
-        per = x.shape[1] // layer.groups
-        x = x[:, group * per:(group + 1) * per]
-        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # [N, C*k*k, L]
-        at = _at(batch, cols.shape[2], settings, cols.device) if settings is not None else None
-        cols = cols if at is None else cols[:, :, at]
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    else:
-        rows = x.reshape(-1, x.shape[-1])
-    if layer.bias is not None or offset:
-        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], 1)
-    return rows
-
-
-def _at(batch: int, size: int, settings: ReconstructSettings, device) -> torch.Tensor | None:
-    """The output positions sampled in calibration batch ``batch`` of a map of ``size`` positions
-    (None: all): the same in every run, and for every layer whose maps have that size."""
-    if not settings.positions or size <= settings.positions:
-        return None
-    return torch.randperm(size, generator=torch.Generator().manual_seed(batch))[:settings.positions].to(device)
-
-
 def _picked(layer: nn.Module, y: torch.Tensor, keep: Sequence[int], batch: int,
             settings: ReconstructSettings) -> torch.Tensor:
     """A layer's output (or anything of its shape) on channels ``keep``, at the positions of
-    ``_at``: ``[N, C, positions]`` for a convolution, ``[..., C]`` for a Linear."""
+    ``sampled_positions``: ``[N, C, positions]`` for a convolution, ``[..., C]`` for a Linear."""
     if not isinstance(layer, nn.Conv2d):
         return y[..., keep]
     y = y[:, keep].flatten(2)
-    at = _at(batch, y.shape[2], settings, y.device)
+    at = sampled_positions(batch, y.shape[2], settings.positions, y.device)
     return y if at is None else y[:, :, at]
 
 
 def _target_rows(layer: nn.Module, y: torch.Tensor, group: int = 0) -> torch.Tensor:
-    """A ``_picked`` output as rows ``[positions, outputs]`` matching ``_layer_rows``."""
+    """A ``_picked`` output as rows ``[positions, outputs]`` matching ``layer_rows``."""
     if isinstance(layer, nn.Conv2d):
         per = y.shape[1] // layer.groups
         y = y[:, group * per:(group + 1) * per]
@@ -471,13 +407,13 @@ def _block_target(bn: nn.Module, summed: torch.Tensor, shortcut: torch.Tensor, o
 def _fit_layer(pruned, unpruned, name: str, layer: nn.Module, out_ids: Sequence[int], in_ids: Sequence[int],
                xs: list[torch.Tensor], settings: ReconstructSettings, groups: int, report: ReconstructReport,
                block: _Block | None = None, cached: list[dict] | None = None,
-               offset: bool = False) -> list[tuple[_NormalEquations, torch.Tensor]]:
+               offset: bool = False) -> list[tuple[NormalEquations, torch.Tensor]]:
     """The normal equations of one layer (one set per group) over the calibration batches, solved;
     records the layer's relative output error before and after. ``block``: the layer is a residual
     block's last convolution (``ReconstructSettings.block_targets``); ``cached``: the unpruned
     network's targets (``_unpruned_targets``; sequential targets), else they are computed here;
     ``offset``: an intercept is fitted too (the layer has no bias; ``_norms_fed``)."""
-    equations: list[_NormalEquations] = []
+    equations: list[NormalEquations] = []
     for b, x in enumerate(xs):
         if cached is not None:  # sequential: the pruned network's own input (and shortcut)
             got = _capture(pruned, [(name, "input"), *([_shortcut(block)] if block is not None else [])], x)
@@ -490,9 +426,9 @@ def _fit_layer(pruned, unpruned, name: str, layer: nn.Module, out_ids: Sequence[
             y = _picked(layer, y, out_ids, b, settings)
             inp = full[:, in_ids] if isinstance(layer, nn.Conv2d) else full[..., in_ids]
         for g in range(groups):
-            a, t = _layer_rows(layer, inp, g, b, settings, offset), _target_rows(layer, y, g)
+            a, t = layer_rows(layer, inp, g, b, settings.positions, offset), _target_rows(layer, y, g)
             if len(equations) <= g:
-                equations.append(_NormalEquations(a.shape[1], t.shape[1]))
+                equations.append(NormalEquations(a.shape[1], t.shape[1]))
             for lo in range(0, a.shape[0], ROWS_PER_CHUNK):
                 equations[g].add(a[lo:lo + ROWS_PER_CHUNK], t[lo:lo + ROWS_PER_CHUNK])
             chunk_mb = min(a.shape[0], ROWS_PER_CHUNK) * (a.shape[1] + t.shape[1]) * 8 / 1e6
@@ -545,8 +481,8 @@ def _reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequen
             (y,) = _capture(dense, [(name, "output")], x)
             (inp,) = _capture(sparse, [(name, "input")], x)
             y = _picked(layer, y, slice(None), b, settings)
-            a, t = _layer_rows(layer, inp, 0, b, settings, offset), _target_rows(layer, y, 0)
-            equations = equations or _NormalEquations(a.shape[1], t.shape[1])
+            a, t = layer_rows(layer, inp, 0, b, settings.positions, offset), _target_rows(layer, y, 0)
+            equations = equations or NormalEquations(a.shape[1], t.shape[1])
             for lo in range(0, a.shape[0], ROWS_PER_CHUNK):
                 equations.add(a[lo:lo + ROWS_PER_CHUNK], t[lo:lo + ROWS_PER_CHUNK])
             report.peak_mb = max(report.peak_mb, equations.megabytes
