@@ -1,6 +1,5 @@
 """Normal equations of a layer's least-squares fit, accumulated from its unfolded inputs: what the
-reconstruction after pruning solves (``metanet.reconstruct``) and what the ``obs`` criterion reads
-(``metanet.criteria``). For a Conv/Linear with inputs unfolded to rows ``A`` (im2col for a
+reconstruction after pruning solves (``metanet.reconstruct``). For a Conv/Linear with inputs unfolded to rows ``A`` (im2col for a
 convolution, one row per token for a Linear) and targets ``Y``: ``G = A^T A``, ``H = A^T Y``,
 summed batch by batch in float64, so memory is bounded by one batch's rows."""
 
