@@ -197,17 +197,8 @@ RECONSTRUCTED = " + LS"  # a method's row with the least-squares reconstruction 
 
 def ls_variant(text: str) -> ReconstructSettings:
     """``key=value,...`` over ``ReconstructSettings``' fields (``--ls-variants``)."""
-    fields = {f.name: f.type for f in dataclasses.fields(ReconstructSettings)}
-    given = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in fields or not value:
-            raise SystemExit(f"learned_criterion: --ls-variants {text!r}: {item!r} is not key=value with a key of "
-                             f"{', '.join(fields)}")
-        default = getattr(ReconstructSettings, key)
-        given[key] = bool(int(value)) if isinstance(default, bool) or key == "recalibrate" else type(default)(value)
     try:
-        return ReconstructSettings(**given)
+        return ReconstructSettings.parse(text)
     except ValueError as err:
         raise SystemExit(f"learned_criterion: --ls-variants {text!r}: {err}") from None
 

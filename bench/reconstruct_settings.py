@@ -15,14 +15,13 @@ of the zoo pruned by magnitude to 1.5x-4x and re-fitted under each setting of ``
 accuracy right after, differences to the first setting paired by network with 95% intervals:
 
     python bench/reconstruct_settings.py --zoo runs/zoo-cifar10-bench-40 --data-root DIR/cifar10-jpeg \
-        --settings default intercept=0 batches=30 ridge=0.01 ridge=0.0001
+        --settings default intercept=1 batches=30 positions=256 ridge=0.01 ridge=0.0001
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import statistics
 import sys
 import time
@@ -65,6 +64,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if not args.zoo and (args.data_root or args.settings != ["default"]):
+        raise SystemExit("reconstruct_settings: --settings and --data-root need --zoo")
+    if len(set(args.settings)) < len(args.settings):
+        raise SystemExit(f"reconstruct_settings: --settings names a setting twice: {' '.join(args.settings)}")
     if args.zoo:
         zoo_settings(args.zoo, args.data_root, {s: parse_settings(s) for s in args.settings})
         print(f"\ntotal {(time.perf_counter() - t0) / 60:.1f} min")
@@ -122,18 +125,8 @@ def main(argv=None) -> None:
 
 def parse_settings(text: str) -> ReconstructSettings:
     """``key=value,...`` over ``ReconstructSettings``' fields ("default": none changed)."""
-    fields = {f.name: f.type for f in dataclasses.fields(ReconstructSettings)}
-    changes = {}
-    for item in ([] if text == "default" else text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in fields or not value:
-            raise SystemExit(f"reconstruct_settings: --settings {text!r}: {item!r} is not key=value with a key of "
-                             f"{', '.join(fields)}")
-        default = getattr(ReconstructSettings(), key)
-        kind = type(default) if default is not None else bool
-        changes[key] = bool(int(value)) if kind is bool else kind(value)
     try:
-        return ReconstructSettings(**changes)
+        return ReconstructSettings.parse(text)
     except ValueError as err:
         raise SystemExit(f"reconstruct_settings: --settings {text!r}: {err}") from None
 

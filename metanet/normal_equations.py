@@ -29,12 +29,13 @@ class NormalEquations:
 
     def error(self, w: torch.Tensor) -> float:
         """Relative squared error ``sum ||a w - y||^2 / sum ||y||^2`` of weights ``w`` ([inputs, outputs])."""
-        w = w.double()
+        w = w.double().cpu()  # the layer's own weights may sit on a GPU; the equations are on the CPU
         sse = float((w * (self.g @ w)).sum() - 2 * (w * self.h).sum()) + self.yy
         return max(sse, 0.0) / max(self.yy, 1e-30)
 
     def solve(self, ridge: float) -> torch.Tensor:
         n = self.g.shape[0]
+        # the bias or intercept column is penalised too: at ridge 1e-3 of the mean diagonal, negligible
         lam = ridge * float(torch.diagonal(self.g).sum()) / max(n, 1)
         g = self.g + lam * torch.eye(n, dtype=torch.float64)
         try:
@@ -50,8 +51,8 @@ class NormalEquations:
 def layer_rows(layer: nn.Module, x: torch.Tensor, group: int = 0, batch: int = 0, positions: int = 0,
                offset: bool = False) -> torch.Tensor:
     """The unfolded input of ``layer`` (group ``group`` of a grouped convolution) as rows
-    ``[positions, inputs (+1 for a bias or an ``offset``, the intercept of a layer without one)]``:
-    im2col for a convolution (at the ``positions`` output positions ``sampled_positions`` draws
+    ``[positions, inputs + 1]`` where the layer has a bias or ``offset`` asks for an intercept,
+    ``[positions, inputs]`` otherwise: im2col for a convolution (at the ``positions`` output positions ``sampled_positions`` draws
     for calibration batch ``batch``; 0: all), one row per token for a Linear."""
     if isinstance(layer, nn.Conv2d):
         per = x.shape[1] // layer.groups

@@ -72,8 +72,28 @@ class ReconstructSettings:
     # into its running mean): the channels removed carried a mean (after a ReLU, a positive one) that
     # no combination of the kept ones need reproduce. Off by default: on the 5 validation members of
     # the CIFAR-10 zoo it gained nothing (without it +0.1 [-0.4, +0.5] at 2x, +0.5 [-0.7, +1.7] at
-    # 3x; docs/benchmarks.md), though it helped small digits networks at 4x
+    # 3x; docs/benchmarks.md), though it helped small digits networks at 4x. Where the statistics
+    # are recomputed after the fit (weight level), the folded offset is recomputed away with them
     intercept: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "ReconstructSettings":
+        """Settings from ``key=value,...`` over the fields ("default" or "": none changed; booleans
+        as 0/1), as the bench scripts take them; a ValueError names the item that is wrong."""
+        changes = {}
+        for item in ([] if text in ("", "default") else text.split(",")):
+            key, _, value = item.partition("=")
+            if key not in cls.__dataclass_fields__ or not value:
+                raise ValueError(f"{item!r} is not key=value with a key of {', '.join(cls.__dataclass_fields__)}")
+            default = getattr(cls, key)
+            boolean = isinstance(default, bool) or default is None  # recalibrate: None, or a boolean
+            try:
+                if boolean and value not in ("0", "1"):
+                    raise ValueError
+                changes[key] = value == "1" if boolean else type(default)(value)
+            except ValueError:
+                raise ValueError(f"{item!r}: {value!r} is not {'0 or 1' if boolean else 'a ' + type(default).__name__}") from None
+        return cls(**changes)
 
     def recalibrates(self, channels: bool) -> bool:
         """Are BatchNorm statistics recomputed after the fit (channel pruning, or weight-level)?"""
@@ -193,7 +213,7 @@ def _set_weights(layer: nn.Module, solution: torch.Tensor, group: int = 0, norm:
         layer.bias[rows] = solution[-1].to(layer.bias.dtype)
         solution = solution[:-1]
     elif norm is not None:
-        norm.running_mean[rows] -= solution[-1].to(norm.running_mean.dtype)
+        norm.running_mean[rows] -= solution[-1].to(norm.running_mean)
         solution = solution[:-1]
     w[rows] = solution.T.reshape(w[rows].shape).to(w.dtype)
 
@@ -212,34 +232,46 @@ def _call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
 
 
 def _norms_fed(model: nn.Module, x: torch.Tensor) -> dict[str, nn.Module]:
-    """{name: BatchNorm} for each Conv/Linear without a bias whose output goes straight into a
-    BatchNorm (the module called next on that very tensor), from one forward pass on ``x``: where
-    an intercept can be folded (``ReconstructSettings.intercept``)."""
+    """{name: BatchNorm} for each Conv/Linear without a bias whose output only that BatchNorm reads,
+    unchanged, from one forward pass on ``x``: where an intercept can be folded
+    (``ReconstructSettings.intercept``). Refused: an output read by any other module too, or
+    changed in place before the BatchNorm (a ``ReLU(inplace=True)``, a residual ``+=``); a
+    BatchNorm called more than once; a Linear's output over tokens (``BatchNorm1d`` would
+    normalise the tokens, not its channels). Module hooks do not see a functional reader (an
+    ``out + shortcut`` on the layer's own output): such a network should keep the intercept off."""
     modules = dict(model.named_modules())
-    made: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor kept alive: its id is not reused in the pass
-    fed: dict[str, nn.Module] = {}
+    # id -> (layer name, the tensor: kept alive so its id is not reused in the pass, its version)
+    made: dict[int, tuple[str, torch.Tensor, int]] = {}
+    readers: dict[str, list] = {}  # layer name -> what read its output (a BatchNorm, or None: another module)
+    calls: dict[nn.Module, int] = {}
 
-    def made_by(name):
+    def made_by(name, layer):
         def hook(m, a, out):
-            made[id(out)] = (name, out)
+            if isinstance(layer, nn.Conv2d) or out.dim() == 2:
+                made[id(out)] = (name, out, out._version)
         return hook
 
-    def read_by(norm):
+    def read_by(module):
         def hook(m, a):  # returns None: a pre-hook's return value would replace the input
-            if id(a[0]) in made:
-                fed.setdefault(made[id(a[0])][0], norm)
+            norm = module if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+            if norm is not None:
+                calls[norm] = calls.get(norm, 0) + 1
+            for value in a:
+                if isinstance(value, torch.Tensor) and id(value) in made:
+                    name, tensor, version = made[id(value)]
+                    readers.setdefault(name, []).append(norm if value._version == version else None)
         return hook
 
-    handles = [m.register_forward_hook(made_by(n)) for n, m in modules.items()
+    handles = [m.register_forward_hook(made_by(n, m)) for n, m in modules.items()
                if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None]
-    handles += [m.register_forward_pre_hook(read_by(m)) for m in modules.values()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    handles += [m.register_forward_pre_hook(read_by(m)) for m in modules.values() if not list(m.children())]
     try:
         model(x)
     finally:
         for h in handles:
             h.remove()
-    return fed
+    return {name: got[0] for name, got in readers.items()
+            if len(got) == 1 and got[0] is not None and got[0].track_running_stats and calls[got[0]] == 1}
 
 
 def _capture(model: nn.Module, wants: Sequence[tuple[str, str]], x: torch.Tensor) -> list[torch.Tensor]:
@@ -504,7 +536,7 @@ def _reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequen
             layer.bias.copy_(solution[-1].to(layer.bias.dtype))
             solution = solution[:-1]
         elif offset:
-            norms[name].running_mean -= solution[-1].to(norms[name].running_mean.dtype)
+            norms[name].running_mean -= solution[-1].to(norms[name].running_mean)
             solution = solution[:-1]
         original.copy_(solution.T.reshape(original.shape).to(original.dtype))
         report.fitted.append(name)

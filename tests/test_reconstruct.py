@@ -215,3 +215,48 @@ def test_an_intercept_folded_into_the_batchnorm_restores_a_removed_constant_chan
     (error_without, gap_without), (error_with, gap_with) = outputs
     assert error_with < 1e-9 and gap_with < 1e-4, outputs
     assert error_without > 1e-3 and gap_without > 1e-3, outputs
+
+
+class _Tokens(nn.Module):
+    """A Linear over tokens ([N, T, C]) whose output a BatchNorm1d over the T tokens reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 4, bias=False), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
+class _TwoReaders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.other = nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + self.other(y)
+
+
+def test_an_intercept_is_folded_only_where_the_batchnorm_alone_reads_the_layers_output_unchanged():
+    from metanet.reconstruct import _norms_fed
+
+    plain = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU())
+    assert _norms_fed(plain, torch.randn(2, 2, 5, 5)) == {"0": plain[1]}
+    in_place = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.ReLU(inplace=True), nn.BatchNorm2d(3))
+    assert _norms_fed(in_place, torch.randn(2, 2, 5, 5)) == {}  # the offset would pass through the ReLU
+    assert _norms_fed(_TwoReaders(), torch.randn(2, 2, 5, 5)) == {}  # the other reader would lose it
+    assert _norms_fed(_Tokens(), torch.randn(2, 3, 4)) == {}  # BatchNorm1d over tokens, not channels
+    shared = nn.BatchNorm2d(3)
+    twice = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), shared, nn.Conv2d(3, 3, 1, bias=False), shared)
+    assert _norms_fed(twice, torch.randn(2, 3, 4, 4)) == {}  # one running mean cannot take two offsets
+
+
+def test_settings_parse_from_text_and_name_what_is_wrong():
+    assert ReconstructSettings.parse("default") == ReconstructSettings()
+    assert ReconstructSettings.parse("batches=30,intercept=1,recalibrate=0") == ReconstructSettings(
+        batches=30, intercept=True, recalibrate=False)
+    for text, named in [("batches=3.5", "'batches=3.5'"), ("intercept=yes", "'intercept=yes'"),
+                        ("colour=1", "'colour=1'"), ("targets=far", "far")]:
+        with pytest.raises(ValueError, match=named):
+            ReconstructSettings.parse(text)
