@@ -92,7 +92,8 @@ class ReconstructSettings:
                     raise ValueError
                 changes[key] = value == "1" if boolean else type(default)(value)
             except ValueError:
-                raise ValueError(f"{item!r}: {value!r} is not {'0 or 1' if boolean else 'a ' + type(default).__name__}") from None
+                kind = "0 or 1" if boolean else {int: "an integer", float: "a number"}.get(type(default), "valid")
+                raise ValueError(f"{item!r}: {value!r} is not {kind}") from None
         return cls(**changes)
 
     def recalibrates(self, channels: bool) -> bool:
