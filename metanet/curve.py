@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metanet.sparsity import GroupSparsity
+from metanet.prune import recalibrate_bn
+from metanet.train import evaluate
 
 MASKS = ("soft", "hard")
 
@@ -239,8 +241,6 @@ def masked_accuracy(model: nn.Module, masker: ChannelMask, scores: torch.Tensor,
                     split: str = "val", batch_size: int = 256) -> float:
     """Accuracy of ``model`` hard-masked by ``scores`` at ``amount``, BatchNorm statistics
     recomputed on the masked network over the training split's first batches (as after pruning)."""
-    from metanet.prune import recalibrate_bn
-    from metanet.train import evaluate
 
     work = copy.deepcopy(model)
     masked = masker.apply(dict(work.named_parameters()), masker.mask(scores, amount, mode="hard"))

@@ -26,6 +26,7 @@ from metanet.prune import UnreachableSpeedupError, prune_in_steps
 from metanet.sparsity import GroupSparsity
 from metanet.data import TaskData
 from metanet.train import evaluate
+from metanet.weight_pruning import WeightPruning, sparsify
 
 CURVE_SPEEDUPS = (1.5, 2.0, 3.0, 4.0)
 CURVE_SPARSITIES = (0.5, 0.8, 0.9, 0.95)  # the weight-level curve's fractions of zeros
@@ -97,7 +98,6 @@ def weight_pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, cr
     """The weight-level pruning curve: {sparsity (and, with ``nm``, "2:4"): accuracy on ``split``}
     right after masking a copy of ``model``'s weights (``metanet.weight_pruning``, ranked by the
     weight ``criterion``) and recomputing BatchNorm statistics; ``model`` is not changed."""
-    from metanet.weight_pruning import WeightPruning, sparsify
 
     runs = [(s, WeightPruning(sparsity=s, scope=scope, dense_ends=dense_ends)) for s in sparsities]
     if nm:

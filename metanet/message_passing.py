@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from metanet.graph import NetworkGraph
+from metanet.dense_passing import build_dense
 
 STD_EPS = 1e-5
 BACKENDS = ("torch", "dgl", "pyg")
@@ -84,7 +85,6 @@ def build(graph: NetworkGraph, backend: str) -> tuple[MessagePassing, MessagePas
     key = (backend, graph.src.device)
     if key not in cache:
         if backend == "torch":
-            from metanet.dense_passing import build_dense
 
             cache[key] = build_dense(graph, graph.src.device)
         else:

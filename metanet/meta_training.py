@@ -44,6 +44,13 @@ if TYPE_CHECKING:
     from metanet.scoring import ScoreMap
 from metanet.sparsity import SPARSITY_FORMS, GroupSparsity, sparsity_term
 from metanet.data import TaskData
+from metanet.curve import batch_stat_copy
+from metanet.weight_scoring import weight_names
+from metanet.prune import amounts_for
+from metanet.scoring import score_map
+from metanet.curve import fit_scores
+from metanet.scoring import attach_statistics, channel_scores, node_statistics
+from metanet.weight_scoring import metanet_weight_scores, weight_curve_loss
 
 # "weight_curve" and "paper_l1": the weight-level objectives (unstructured and N:M sparsity)
 OBJECTIVES = ("paper", "curve", "weight_curve", "paper_l1")
@@ -147,8 +154,6 @@ def make_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: Meta
     if cfg.objective == "curve":
         return _curve_member(member_id, model, graph, cfg)
     if cfg.objective in ("weight_curve", "paper_l1"):
-        from metanet.curve import batch_stat_copy
-        from metanet.weight_scoring import weight_names
 
         work = batch_stat_copy(model) if cfg.objective == "weight_curve" else model.train(cfg.bn_mode == "train")
         params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
@@ -163,8 +168,6 @@ def make_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: Meta
 
 
 def _curve_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: MetaTrainConfig) -> Member:
-    from metanet.prune import amounts_for
-    from metanet.scoring import score_map
 
     device = graph.node_feat.device
     scores_map = score_map(model.cpu(), graph.to("cpu") if device.type != "cpu" else graph)
@@ -181,7 +184,6 @@ def _curve_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: Me
 def attach_targets(member: Member, data: TaskData, cfg: MetaTrainConfig) -> None:
     """The member's per-network curve scores (``fit_scores`` on its own network, standardised per
     group) as its regression target; computed once per member and settings."""
-    from metanet.curve import fit_scores
 
     key = (member.id, member.graph.fingerprint, member.amounts, cfg.target_steps, cfg.batch_size, cfg.seed,
            cfg.curve_temperature, cfg.curve_mask)
@@ -200,7 +202,6 @@ def curve_step(metanet: MetaNetwork, members: Sequence[Member], batches: Sequenc
     from one metanetwork pass (``metanet.scoring.channel_scores``), the hard-to-soft mask at the
     amount ``lo + draw * (hi - lo)`` of its range, the masked network's mean cross-entropy over
     ``batches``; gradients accumulate in ``metanet``. Returns the mean loss terms."""
-    from metanet.scoring import attach_statistics, channel_scores, node_statistics
 
     core = metanet.module if hasattr(metanet, "module") else metanet
     terms = {"task_loss": 0.0, "sparsity_loss": 0.0, "train_acc": 0.0}
@@ -239,7 +240,6 @@ def weight_curve_step(metanet: MetaNetwork, members: Sequence[Member],
     per-weight scores from one metanetwork pass (``metanet.weight_scoring.metanet_weight_scores``),
     the soft mask at the sparsity ``lo + draw * (hi - lo)``, the masked network's mean cross-entropy
     over ``batches``; gradients accumulate in ``metanet``. Returns the mean loss terms."""
-    from metanet.weight_scoring import metanet_weight_scores, weight_curve_loss
 
     lo, hi = cfg.weight_sparsities
     sparsity = lo + draw * (hi - lo)

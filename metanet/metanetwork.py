@@ -24,6 +24,7 @@ from metanet import message_passing as mp
 from metanet.gates import EVIDENCE_FEATURES, apply_gates, channel_evidence, gate_from_logit
 from metanet.graph import NODE_FEATURES, STRUCTURAL_EDGE_TYPES, NetworkGraph
 from metanet.graph.batch import GraphBatch, batch_graphs
+from metanet.files import atomic_write
 
 EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
 STATISTICS_WIDTH = 6  # metanet.scoring.channel_statistics: (z, rank) of three statistics
@@ -338,8 +339,6 @@ def save_metanetwork(metanet: MetaNetwork, path: str, **extra) -> None:
     """Weights and config, loadable with ``torch.load(weights_only=True)``; atomic. ``path`` may
     be a URI (``s3://...``, ``file://...``: pyarrow's filesystems)."""
     import io
-
-    from metanet.files import atomic_write
 
     payload = {"format": "metaprune.metanetwork/1", "config": metanet.config.to_dict(),
                "state_dict": metanet.state_dict(), "extra": extra}

@@ -30,6 +30,7 @@ from metanet.criteria import ChannelScores
 from metanet.curve import ChannelMask, curve_gradient, fit_scores
 from metanet.graph import NetworkGraph, graph_layout, network_to_graph
 from metanet.metanetwork import MetaNetwork
+from metanet.gates import _within_layer
 
 
 def row_nodes(layout) -> dict[str, torch.Tensor]:
@@ -131,7 +132,6 @@ def channel_statistics(model: nn.Module, graph: NetworkGraph, batches, scores_ma
             h.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    from metanet.gates import _within_layer
 
     out = torch.zeros(graph.num_nodes, 2 * len(STATISTICS))
     for name, total in sums.items():
@@ -149,7 +149,6 @@ def gradient_statistics(model: nn.Module, graph: NetworkGraph, batches, scores_m
     (``metanet.curve.curve_gradient`` over ``batches``) of the channel the node carries, divided by
     its group's root mean square (sign kept), and the channel's rank in its group by the negative
     gradient (1: the objective most wants it kept); zeros for nodes that carry no channel."""
-    from metanet.gates import _within_layer
 
     masker = scores_map.masker
     grad = curve_gradient(model, masker, batches).float().cpu()

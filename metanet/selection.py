@@ -28,6 +28,7 @@ from metanet.metanetwork import MetaNetwork
 from metanet.recipe import (RecipeConfig, apply_metanetwork, calibration, prune_to_targets, recipe_from_settings,
                             scores_metanet)
 from metanet.scoring import learned_criterion
+from metanet.weight_scoring import weight_level_view
 
 OBJECTIVES = ("recipe", "auc")
 SELECT_STEPS = 18  # about one epoch of digits at batch 64 (bench/selection.py's short recipe)
@@ -54,7 +55,6 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
         raise ValueError("no validation members to score a metanetwork on")
     if sparsities:
         from metanet.diagnostics import weight_pruning_curve
-        from metanet.weight_scoring import weight_level_view
 
         x = torch.zeros(data.input_shape, device=next(metanet.parameters()).device)
         areas = []

@@ -32,6 +32,8 @@ from torch import nn
 
 from metanet.graph import NetworkGraph, graph_to_params, network_to_graph
 from metanet.weight_pruning import GivenScores, prunable_layers
+from metanet.curve import batch_stat_copy
+from metanet.weight_pruning import weight_criterion
 
 SPARSITY_RANGE = (0.5, 0.95)  # the sparsities the objective draws from (the benchmark's 0.5 ... 0.95)
 TEMPERATURE = 0.2
@@ -75,7 +77,6 @@ def fit_weight_scores(model: nn.Module, data, *, steps: int, batch_size: int, se
     """Per-weight scores optimised on ``model`` itself with the weight-level curve objective:
     ``steps`` Adam steps, each on one shuffled training batch and a sparsity drawn uniformly from
     ``sparsities``. Returns {layer name: scores shaped like its weight}."""
-    from metanet.curve import batch_stat_copy
 
     device = next(model.parameters()).device
     work = batch_stat_copy(model)
@@ -115,7 +116,6 @@ def weight_level_view(metanet, model: nn.Module, example_inputs: torch.Tensor):
     level: a ``weight_scores`` one ranks ``model``'s own weights by its scores; an edit (the
     paper's, meta-trained with ``paper_l1``) changes them, then global magnitude ranks."""
     from metanet.recipe import apply_metanetwork
-    from metanet.weight_pruning import weight_criterion
 
     if metanet.config.edit == "weight_scores":
         return model, learned_weight_criterion(metanet, model, example_inputs)
