@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from metanet.scoring import ScoreMap
 from metanet.sparsity import SPARSITY_FORMS, GroupSparsity, sparsity_term
 from metanet.data import TaskData
-from metanet.curve import batch_stat_copy
 from metanet.weight_scoring import weight_names
 from metanet.prune import amounts_for
 from metanet.scoring import score_map

@@ -16,10 +16,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distributed.schema import require_regular_file
-from metanet.diagnostics import CURVE_SPEEDUPS
+from distributed.schema import load_yaml, require_regular_file
+from metanet.criteria import CRITERIA
+from metanet.diagnostics import CURVE_SPEEDUPS, diagnose
 from metanet.files import atomic_write, atomic_write_text
-from zoo.integrity import checked
+from metanet.metanetwork import load_metanetwork
+from metanet.paired import mean_ci, paired_key_table, paired_table, target_label, with_best
+from metanet.plotting import pyplot
+from metanet.prune import count
+from metanet.recipe import (
+    ALL_METHODS, HAND_CRAFTED, LEARNED_AS, WEIGHT_BASELINES, WEIGHT_METHODS, prepare, prune_and_finetune, reads_labels,
+    recipe_from_settings, sparsify_and_finetune)
+from metanet.reconstruct import TARGETS
+from metanet.train import evaluate
+from metanet.weight_pruning import SCOPES, WeightPruning, parse_nm
+from zoo.arch import arch_spec, build_model, parse_import_arch
+from zoo.data import load_dataset
+from zoo.integrity import DAMAGED_MEMBERS, checked
+from zoo.model_files import load_model, save_model
+from zoo.store import Zoo, file_sha256
 
 
 class BatchInputError(ValueError):
@@ -79,9 +94,6 @@ ACCURACY_DRIFT = 0.01
 
 # ------------------------------------------------------------------------------- the task
 def _load(source: Source, arch: dict | None, trust_pickle: bool):
-    from zoo.model_files import load_model
-    from zoo.store import Zoo
-
     if source.zoo is not None:
         return Zoo(source.zoo, skip_unreadable=True).record(source.name).network()
     return load_model(source.ref, arch=arch, trust_pickle=trust_pickle)[0]
@@ -136,13 +148,6 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
     ``sparsity_scope`` and ``prune_ends``). Never raises for a bad model: its rows say ``failed``."""
     import torch
 
-    from metanet.metanetwork import load_metanetwork
-    from metanet.prune import count
-    from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings, sparsify_and_finetune
-    from metanet.weight_pruning import WeightPruning, parse_nm
-    from zoo.model_files import save_model
-    from metanet.train import evaluate
-
     torch.set_num_threads(max(1, int(config["cpus_per_task"])))
     torch.manual_seed(config["seed"])
     base = {"model": source.name, "source": source.ref, "method": method, "status": "failed"}
@@ -167,8 +172,6 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         prepared = prepare(model, data, method, cfg, metanet,
                            level="weights" if any(is_weight_level(r) for r in runs) else "channels")
         if config["diagnostics"]:  # on the test split: a report, nothing is selected with it
-            from metanet.diagnostics import diagnose
-
             before.update(diagnose(model, prepared.model, data, cfg, CURVE_SPEEDUPS, split="test",
                                    criterion=prepared.criterion))
     except Exception as err:  # the model could not be loaded, converted or trained: every row says why
@@ -246,8 +249,6 @@ def drift_warning(source: Source, val_acc: float) -> str | None:
 
 
 def _family(model) -> str:
-    from zoo.arch import arch_spec
-
     try:
         spec = arch_spec(model)
         return spec["target"].split(":")[1] if spec["family"] == "import" else spec["family"]
@@ -285,9 +286,6 @@ def check_runs_and_methods(config: dict, targets_given: bool) -> None:
     """prune_batch's runs and methods, checked (``BatchInputError``, one line) and completed in
     place: N:M normalised to ``N:M``, ``--baselines`` added. One kind of pruning per run: channels
     (targets or floor) or weights (sparsity or N:M), each with the methods that have that form."""
-    from metanet.recipe import ALL_METHODS, WEIGHT_BASELINES, WEIGHT_METHODS
-    from metanet.weight_pruning import SCOPES, parse_nm
-
     _canonical_values(config, "targets", "--targets")
     _canonical_values(config, "sparsity", "--sparsity")
     if config["floor"] is not None:
@@ -349,11 +347,6 @@ def method_settings(config: dict, methods, reads_target) -> dict[str, tuple[str,
 
 def check_choices(config: dict) -> None:
     """Each setting that names one of a fixed set of choices is one of them (``BatchInputError``)."""
-    from metanet.criteria import CRITERIA
-    from metanet.recipe import LEARNED_AS
-    from metanet.reconstruct import TARGETS
-    from zoo.integrity import DAMAGED_MEMBERS
-
     for key, allowed in (("learned_as", LEARNED_AS), ("damaged_members", DAMAGED_MEMBERS),
                          ("reconstruct_targets", TARGETS), ("criterion", tuple(CRITERIA))):
         if config[key] not in allowed:
@@ -465,8 +458,6 @@ def file_digest(path: str) -> str:
     the digest zoo manifests record."""
     import pyarrow.fs as pafs
 
-    from zoo.store import file_sha256
-
     return file_sha256(pafs.LocalFileSystem(), os.path.abspath(path))
 
 
@@ -506,14 +497,10 @@ def why_recompute(previous: dict, current: dict) -> str | None:
 
 
 def load_data(config: dict):
-    from zoo.data import load_dataset
-
     try:
         if config["dataset"]:
             return load_dataset(config["dataset"], config["data_root"])
         if config["zoo"]:
-            from zoo.store import Zoo
-
             return Zoo(config["zoo"]).dataset(config["data_root"])
     except FileNotFoundError as err:
         raise BatchInputError(str(err)) from None
@@ -525,8 +512,6 @@ def finetune_defaults(config: dict) -> dict:
     augmentation."""
     zoo_settings = {"batch_size": 128, "augment": True}
     if config["zoo"] and (config["batch_size"] is None or config["augment"] is None):
-        from zoo.store import Zoo
-
         zoo_settings = Zoo(config["zoo"]).finetune_settings()
     return dict(config, batch_size=config["batch_size"] or zoo_settings["batch_size"],
                 augment=config["augment"] if config["augment"] is not None else zoo_settings["augment"])
@@ -537,8 +522,6 @@ def arch_file(path: str | None) -> dict | None:
     (``torchvision.models:mobilenet_v2,num_classes=10``; see ``zoo.arch``)."""
     if path is None:
         return None
-    from distributed.schema import load_yaml
-    from zoo.arch import build_model, parse_import_arch
 
     if ":" in path and not os.path.exists(path):
         try:
@@ -608,8 +591,6 @@ def paired_summary(frame) -> str:
     accuracy and right after pruning (BatchNorm recalibrated): meta and curve against the best
     hand-crafted criterion of the run (chosen on validation accuracy, per target) and against each
     other method, or the methods against each other without meta; '' with one method."""
-    from metanet.recipe import HAND_CRAFTED, WEIGHT_BASELINES
-
     ok = frame[(frame.status == "ok") & frame.floor.isna()]
     weights = ok.sparsity.notna() | ok.nm.notna()
     return "\n\n".join(filter(None, [_paired(ok[~weights], HAND_CRAFTED, "target"),
@@ -619,8 +600,6 @@ def paired_summary(frame) -> str:
 def _paired(ok, hand_crafted, kind: str) -> str:
     """``paired_summary`` of channel-pruning rows (``kind`` "target") or weight-level rows
     ("weights": the runs are their labels, ``sparsity0.8``, ``2of4``)."""
-    from metanet.paired import paired_key_table, paired_table, target_label, with_best
-
     methods = list(dict.fromkeys(ok.method))
     if len(methods) < 2:
         return ""
@@ -685,9 +664,6 @@ def plot(frame, path: str) -> bool:
     import matplotlib.ticker
     from matplotlib.lines import Line2D
 
-    from metanet.paired import mean_ci
-    from metanet.plotting import pyplot
-
     plt = pyplot()
 
     ok = frame[(frame.status == "ok") & frame.speedup.notna()]
@@ -729,9 +705,6 @@ def plot_sparsity(frame, path: str) -> bool:
     with its 95% interval; N:M runs are labelled at their point. False when there are none."""
     import matplotlib.ticker
 
-    from metanet.paired import mean_ci
-    from metanet.plotting import pyplot
-
     plt = pyplot()
     ok = frame[(frame.status == "ok") & frame.sparsity_measured.notna()]
     if ok.empty:
@@ -762,8 +735,6 @@ def plot_sparsity(frame, path: str) -> bool:
 
 def _save(fig, ax, path: str, legend_size: int) -> bool:
     """A figure's grid and legend, written atomically as PNG, closed."""
-    from metanet.plotting import pyplot
-
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
@@ -777,11 +748,7 @@ def plot_curves(frame, path: str) -> bool:
     interval), the unedited networks' beside them. False when no row has diagnostics."""
     import matplotlib.ticker
 
-    from metanet.plotting import pyplot
-
     plt = pyplot()
-
-    from metanet.paired import mean_ci
 
     ok = frame[(frame.status == "ok") & frame["auc"].notna()]
     if ok.empty:
@@ -887,8 +854,6 @@ def write_summary(out: str, frame, todo: Plan, pending: set = frozenset()):
 def post_training_note(config: dict, metanet) -> str:
     """What a run with no training step reads: the reconstruction inputs only, and which methods
     also read labelled batches (``metanet.recipe.reads_labels``)."""
-    from metanet.recipe import reads_labels, recipe_from_settings
-
     cfg = recipe_from_settings(config)
     labelled = [m for m in config["methods"] if reads_labels(m, metanet, cfg)]
     return ("post-training (no finetuning): "

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distributed.progress import progress
 from metanet.data import TaskData
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagefolder")
@@ -191,7 +192,6 @@ def load_imagefolder(root: str, *, seed: int = 0, val_fraction: float = 0.1, tra
     """``root/train/<class>/*`` and ``root/test/<class>/*`` read with torchvision's ImageFolder,
     decoded once (resized to ``size`` if given) into memory; a progress bar shows the decoding."""
     from torchvision.datasets import ImageFolder
-    from distributed.progress import progress
 
     splits = {}
     for split in ("train", "test"):

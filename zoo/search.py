@@ -13,9 +13,18 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from distributed.schema import Strict, describe, read_mapping
+from distributed.settings import settings_model
+from metanet.criteria import CRITERIA
 from metanet.files import atomic_write_text
+from metanet.meta_training import MetaTrainConfig, OBJECTIVES as TRAINING_OBJECTIVES
+from metanet.metanetwork import EDITS, MetaNetConfig
+from metanet.objective_defaults import DEFAULT_OBJECTIVE, FIXED_EDITS, edit_refusal, objective_defaults
+from metanet.recipe import RECIPE_DEFAULTS, RECIPE_LIMITS, RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS
+from metanet.reconstruct import TARGETS
 from metanet.selection import OBJECTIVES
+from metanet.sparsity import SPARSITY_FORMS
 from zoo.integrity import DAMAGED_MEMBERS
+from zoo.meta_settings import LIMITS, WEIGHT_OBJECTIVES
 
 META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual", "batches_per_step", "batch_size",
              "edit", "evidence", "sparsity_norm", "objective", "calibration", "gradient", "score_targets", "l1_reg",
@@ -29,11 +38,6 @@ def default_trial() -> dict:
     """The configuration a user gets without tuning, as meta_train.py and prune_batch.py have it: the
     library's defaults (``MetaTrainConfig``, ``MetaNetConfig``, ``metanet.recipe.RECIPE_DEFAULTS``)
     with the default objective and its settings (``metanet.objective_defaults``)."""
-    from metanet.meta_training import MetaTrainConfig
-    from metanet.metanetwork import MetaNetConfig
-    from metanet.objective_defaults import DEFAULT_OBJECTIVE, objective_defaults
-    from metanet.recipe import RECIPE_DEFAULTS, RECONSTRUCT_DEFAULTS
-
     train, net = MetaTrainConfig(), MetaNetConfig(edge_widths={})
     meta = {k: getattr(train, k) if hasattr(train, k) else getattr(net, k) for k in META_KEYS}
     meta.update(objective=DEFAULT_OBJECTIVE, **objective_defaults(DEFAULT_OBJECTIVE))
@@ -45,8 +49,6 @@ def with_objective_defaults(config: dict, search: dict) -> dict:
     """A trial's settings as it trains with them: those the search neither fixes nor samples follow
     the trial's objective (a search that fixes ``objective: paper`` gets the paper's metanetwork);
     the edit is the one the objective trains (``metanet.objective_defaults.FIXED_EDITS``), if it has one."""
-    from metanet.objective_defaults import FIXED_EDITS, objective_defaults
-
     chosen = set(search.get("fixed", {})) | set(search["space"])
     config = {**config, **{k: v for k, v in objective_defaults(config["objective"]).items() if k not in chosen}}
     # a search over objectives and edits: an objective that trains one edit gets it (a fixed
@@ -99,8 +101,6 @@ class SearchFile(Strict):
 
     @model_validator(mode="after")
     def _targets_or_sparsities(self):
-        from zoo.meta_settings import WEIGHT_OBJECTIVES
-
         if (self.targets is None) == (self.sparsities is None):
             raise ValueError("give exactly one of targets (speed-ups: channel pruning) and sparsities (fractions "
                              "of zero weights: a weight-level search)")
@@ -135,8 +135,6 @@ class SearchFile(Strict):
         checks: an objective that trains one edit takes it over a *sampled* objective's trials
         (``with_objective_defaults``), but an edit given with an objective that is not sampled, and
         an edit (fixed or sampled) that the paper's objective cannot train, is refused."""
-        from metanet.objective_defaults import FIXED_EDITS, edit_refusal
-
         if "edit" in self.space:
             where, edits = "space.edit.choice", list(self.space["edit"].choice or [])
         elif "edit" in self.fixed:
@@ -158,21 +156,11 @@ class SearchFile(Strict):
 
 @functools.lru_cache(maxsize=1)  # one pydantic model for every value a search file names
 def _trial_model():
-    from distributed.settings import settings_model
-    from metanet.recipe import RECIPE_LIMITS, RECONSTRUCT_LIMITS
-    from zoo.meta_settings import LIMITS
-
     return settings_model(default_trial(), limits={**LIMITS, **RECIPE_LIMITS, **RECONSTRUCT_LIMITS})
 
 
 @functools.lru_cache(maxsize=1)
 def _choices() -> dict[str, tuple]:
-    from metanet.criteria import CRITERIA
-    from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
-    from metanet.metanetwork import EDITS
-    from metanet.reconstruct import TARGETS
-    from metanet.sparsity import SPARSITY_FORMS
-
     return {"edit": EDITS, "objective": TRAINING_OBJECTIVES, "sparsity_norm": SPARSITY_FORMS, "criterion": tuple(CRITERIA),
             "reconstruct_targets": TARGETS}
 

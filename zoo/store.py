@@ -28,7 +28,10 @@ import torch
 
 from distributed.schema import require_regular_file
 from metanet.files import atomic_write
-from metanet.graph import NetworkGraph
+from metanet.graph import NetworkGraph, graph_to_network
+from zoo.arch import build_model
+from zoo.data import load_from_config
+from zoo.spec import role_of
 
 SCHEMA_VERSION = 1
 _KIND = b"metaprune.zoo-members"
@@ -85,9 +88,6 @@ class ZooRecord:
 
     def network(self):
         """The member as a module (eval mode), rebuilt exactly from its graph."""
-        from metanet.graph import graph_to_network
-        from zoo.arch import build_model
-
         if self.graph is None:
             raise ValueError(f"zoo member {self.id} has no graph (status {self.status})")
         return graph_to_network(self.graph, build_model(self.arch)).eval()
@@ -389,8 +389,6 @@ class Zoo:
     def expected_role(self, path: str) -> str:
         """The role of the member in file ``path`` without reading it: as the manifest recorded
         it, else from its id (the file name) and the spec's fractions (``zoo.spec.role_of``)."""
-        from zoo.spec import role_of
-
         name = path.rsplit("/", 1)[-1]
         try:
             with self.fs.open_input_stream(f"{self.path}/manifest.json") as f:
@@ -506,8 +504,6 @@ class Zoo:
 
     def dataset(self, root: str | None = None):
         """The zoo's task data, as its spec describes it (``root`` overrides the data folder)."""
-        from zoo.data import load_from_config
-
         return load_from_config(self.spec()["dataset"], root)
 
     @classmethod

@@ -11,8 +11,17 @@ from pathlib import Path
 
 import yaml
 
+from distributed.cli import ANSI, training_error
 from metanet.files import atomic_write, atomic_write_text
+from metanet.meta_training import MetaTrainConfig, make_member, meta_train
+from metanet.metanetwork import MetaNetConfig, MetaNetwork, load_metanetwork, save_metanetwork
+from metanet.plotting import pyplot
+from metanet.recipe import prepare, prune_to_targets, recipe_from_settings, sparsify_and_finetune
+from metanet.selection import score
+from metanet.weight_pruning import WeightPruning
+from zoo.arch import build_model
 from zoo.search import META_KEYS, PRUNE_KEYS, default_trial, with_objective_defaults
+from zoo.store import Zoo
 
 
 def trial(config: dict, search: dict, data) -> None:
@@ -20,12 +29,6 @@ def trial(config: dict, search: dict, data) -> None:
     import torch
 
     from ray import tune
-    from metanet.meta_training import MetaTrainConfig, make_member, meta_train
-    from zoo.arch import build_model
-    from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
-    from metanet.recipe import recipe_from_settings
-    from metanet.selection import score
-    from zoo.store import Zoo
 
     config = with_objective_defaults(config, search)
     torch.set_num_threads(max(1, int(search.get("cpus_per_trial", 1))))
@@ -66,8 +69,6 @@ def trial(config: dict, search: dict, data) -> None:
 
 def best_configuration(results, search: dict, out: Path, data, finetune: dict) -> dict:
     """The best configuration (by validation score), written as best_config.yaml; then its test score."""
-    from metanet.metanetwork import load_metanetwork
-
     frames, trials = [], []
     # in the order Tune created the trials (the path names count them): a restored search's
     # ResultGrid lists them in another order, and the trial numbers must not change on a resume
@@ -116,8 +117,6 @@ def trial_error(error: BaseException) -> str:
     """A failed trial's error in one line, ``Type: message``: the exception the trial function
     raised (Ray's ``RayTaskError`` keeps it as ``cause``), else the last exception line of Ray's
     text (a worker header in colour codes, then the traceback), without the colour codes."""
-    from distributed.cli import ANSI, training_error
-
     cause = error
     for _ in range(8):  # a task error wrapping another task's error: down to what was raised first
         inner = getattr(cause, "cause", None)
@@ -147,9 +146,6 @@ def no_score_message(results) -> str:
 
 def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dict:
     """Test accuracy of the best configuration on the held-out (role 'test') members, per target."""
-    from metanet.recipe import prune_to_targets, recipe_from_settings
-    from zoo.store import Zoo
-
     held_out = Zoo(search["zoo"], exclude=search.get("excluded_members")).built("test")
     if not held_out:
         return {}
@@ -166,9 +162,6 @@ def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dic
 def _held_out_weights(net, held_out, sparsities, data, recipe) -> dict:
     """Test accuracy of a weight-level search's best metanetwork on the held-out members, per
     fraction of zeros (its finetune, then weight-level pruning, then the finetune)."""
-    from metanet.recipe import prepare, sparsify_and_finetune
-    from metanet.weight_pruning import WeightPruning
-
     scores: dict[float, list[float]] = {float(s): [] for s in sparsities}
     for record in held_out:
         prepared = prepare(record.network(), data, "meta", recipe, net, level="weights")
@@ -181,10 +174,10 @@ def _held_out_weights(net, held_out, sparsities, data, recipe) -> dict:
 def print_report(report: dict, out: Path) -> None:
     print(f"\n{'trial':>5} {'val score':>10} {'epochs':>7}  configuration")
     for t in sorted(report["trials"], key=lambda t: -(t["best"] or -1)):
-        score = f"{100 * t['best']:.2f}" if t["best"] is not None else "error"
+        shown_score = f"{100 * t['best']:.2f}" if t["best"] is not None else "error"
         label = " (default)" if t["trial"] == report["default"].get("trial") else ""
         shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in t["config"].items()}
-        print(f"{t['trial']:>5} {score:>10} {t.get('epoch', -1) + 1:>7}  {shown}{label}")
+        print(f"{t['trial']:>5} {shown_score:>10} {t.get('epoch', -1) + 1:>7}  {shown}{label}")
     best, default = report["best"], report["default"]
     print(f"\nbest: trial {best['trial']}, validation score {100 * best['best']:.2f}% "
           f"(default configuration: {100 * default['best']:.2f}% after {default['iterations']} evaluation(s))"
@@ -200,8 +193,6 @@ def print_report(report: dict, out: Path) -> None:
 
 
 def write_scores_figure(report: dict, path: Path) -> None:
-    from metanet.plotting import pyplot
-
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
