@@ -33,11 +33,14 @@ class NormalEquations:
         sse = float((w * (self.g @ w)).sum() - 2 * (w * self.h).sum()) + self.yy
         return max(sse, 0.0) / max(self.yy, 1e-30)
 
+    def damping(self, ridge: float) -> float:
+        """The ridge term ``lambda``: ``ridge`` times G's mean diagonal (the bias or intercept column
+        is penalised too: at ridge 1e-3 of the mean diagonal, negligible)."""
+        return ridge * float(torch.diagonal(self.g).sum()) / max(self.g.shape[0], 1)
+
     def solve(self, ridge: float) -> torch.Tensor:
         n = self.g.shape[0]
-        # the bias or intercept column is penalised too: at ridge 1e-3 of the mean diagonal, negligible
-        lam = ridge * float(torch.diagonal(self.g).sum()) / max(n, 1)
-        g = self.g + lam * torch.eye(n, dtype=torch.float64)
+        g = self.g + self.damping(ridge) * torch.eye(n, dtype=torch.float64)
         try:
             return torch.linalg.solve(g, self.h)
         except RuntimeError:  # singular (ridge 0 and fewer independent rows than inputs): the least-norm fit

@@ -214,9 +214,16 @@ def _set_weights(layer: nn.Module, solution: torch.Tensor, group: int = 0, norm:
         layer.bias[rows] = solution[-1].to(layer.bias.dtype)
         solution = solution[:-1]
     elif norm is not None:
-        norm.running_mean[rows] -= solution[-1].to(norm.running_mean)
+        _fold_intercept(norm, rows, solution[-1])
         solution = solution[:-1]
     w[rows] = solution.T.reshape(w[rows].shape).to(w.dtype)
+
+
+@torch.no_grad()
+def _fold_intercept(norm: nn.Module, rows: slice, intercept: torch.Tensor) -> None:
+    """``BN(y + c)`` with running mean ``m`` is ``BN(y)`` with running mean ``m - c``: the fitted
+    intercept ``c`` of channels ``rows`` goes into the BatchNorm the layer feeds."""
+    norm.running_mean[rows] -= intercept.to(norm.running_mean)
 
 
 def _call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
@@ -525,7 +532,7 @@ def _reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequen
             keep = torch.cat([keep, torch.ones(1, keep.shape[1], dtype=torch.bool)], 0)
         current = _weights(layer, 0, offset)
         solution = torch.zeros_like(equations.h)
-        lam = settings.ridge * float(torch.diagonal(equations.g).sum()) / max(equations.g.shape[0], 1)
+        lam = equations.damping(settings.ridge)
         for j in range(keep.shape[1]):  # one output row at a time, over its unmasked inputs
             free = keep[:, j].nonzero().squeeze(1)
             g = equations.g[free][:, free] + lam * torch.eye(len(free), dtype=torch.float64)
@@ -537,7 +544,7 @@ def _reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequen
             layer.bias.copy_(solution[-1].to(layer.bias.dtype))
             solution = solution[:-1]
         elif offset:
-            norms[name].running_mean -= solution[-1].to(norms[name].running_mean)
+            _fold_intercept(norms[name], slice(None), solution[-1])
             solution = solution[:-1]
         original.copy_(solution.T.reshape(original.shape).to(original.dtype))
         report.fitted.append(name)
