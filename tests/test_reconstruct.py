@@ -238,6 +238,19 @@ class _TwoReaders(nn.Module):
         return self.bn(y) + self.other(y)
 
 
+class _ResidualInPlace(nn.Module):
+    """The layer's output changed in place by a functional op (a residual ``+=``) before its BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y += x
+        return self.bn(y)
+
+
 def test_an_intercept_is_folded_only_where_the_batchnorm_alone_reads_the_layers_output_unchanged():
     from metanet.reconstruct import _norms_fed
 
@@ -246,6 +259,7 @@ def test_an_intercept_is_folded_only_where_the_batchnorm_alone_reads_the_layers_
     in_place = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.ReLU(inplace=True), nn.BatchNorm2d(3))
     assert _norms_fed(in_place, torch.randn(2, 2, 5, 5)) == {}  # the offset would pass through the ReLU
     assert _norms_fed(_TwoReaders(), torch.randn(2, 2, 5, 5)) == {}  # the other reader would lose it
+    assert _norms_fed(_ResidualInPlace(), torch.randn(2, 3, 4, 4)) == {}  # no module sees the +=, its version does
     assert _norms_fed(_Tokens(), torch.randn(2, 3, 4)) == {}  # BatchNorm1d over tokens, not channels
     shared = nn.BatchNorm2d(3)
     twice = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), shared, nn.Conv2d(3, 3, 1, bias=False), shared)
