@@ -30,6 +30,8 @@ from metanet.diagnostics import CURVE_SPEEDUPS, pruning_curve  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
 from metanet.recipe import RecipeConfig  # noqa: E402
+
+REFERENCE = "magnitude"  # the row every other is compared with
 from zoo.integrity import checked  # noqa: E402
 
 # mask, temperature, lr, steps, distill
@@ -69,12 +71,12 @@ def main(argv=None) -> None:
     x = torch.zeros(data.input_shape)
     print(f"{len(networks)} networks ({', '.join(sorted({r.arch['family'] for r in networks}))}), {data.name}; "
           f"validation accuracy right after pruning (BN recalibrated), paired against magnitude", flush=True)
-    curves: dict[str, list[dict]] = {"magnitude": []}
+    curves: dict[str, list[dict]] = {REFERENCE: []}
     seconds: dict[str, list[float]] = {}
     for i, record in enumerate(networks):
         model = record.network().eval()
         torch.manual_seed(0)
-        curves["magnitude"].append(pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "val", criterion("magnitude")))
+        curves[REFERENCE].append(pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "val", criterion("magnitude")))
         amounts = list(amounts_for(model, x, [min(CURVE_SPEEDUPS), max(CURVE_SPEEDUPS)]).values())
         masker = ChannelMask(model, x)
         for text, v in zip(args.variants, variants):
@@ -90,8 +92,8 @@ def main(argv=None) -> None:
     print("|---|" + "---|" * (2 * len(CURVE_SPEEDUPS) + 1))
     for name, rows in curves.items():
         means = [f"{100 * statistics.mean(r[s] for r in rows):.1f}" for s in CURVE_SPEEDUPS]
-        diffs = [str(mean_ci([100 * (r[s] - m[s]) for r, m in zip(rows, curves["magnitude"])]))
-                 if name != "magnitude" else "" for s in CURVE_SPEEDUPS]
+        diffs = [str(mean_ci([100 * (r[s] - m[s]) for r, m in zip(rows, curves[REFERENCE])]))
+                 if name != REFERENCE else "" for s in CURVE_SPEEDUPS]
         fit = f"{statistics.mean(seconds[name]):.1f}" if name in seconds else ""
         print(f"| {name} | " + " | ".join(means) + " | " + " | ".join(diffs) + f" | {fit} |")
 

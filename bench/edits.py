@@ -39,7 +39,8 @@ from metanet.meta_training import MetaTrainConfig, make_member, meta_train  # no
 from zoo.arch import build_model  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import paired_difference  # noqa: E402
-from metanet.recipe import gate_logits_for, prepare, recipe_from_settings  # noqa: E402
+from metanet.methods import gate_logits_for  # noqa: E402
+from metanet.recipe import prepare, recipe_from_settings  # noqa: E402
 from zoo.integrity import checked  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
@@ -69,7 +70,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
                                            {"reg": 0.03, "sparsity_norm": "relative", "distill_epochs": 10,
                                             "epochs": 60}),
 }
-BASELINES = ("none", "gate", "depgraph")
+UNEDITED = "none"  # the baseline every row's curve is compared with: the network as it is, magnitude
+BASELINES = (UNEDITED, "gate", "depgraph")
 SPEEDUPS = (2.0, 3.0)
 METRICS = ("ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal", "curve_2x", "curve_3x", "auc")
 
@@ -93,7 +95,7 @@ def judge(label: str, models, data, cfg, split: str, metanet=None, gate_targets=
             continue
         row = {"method": label, "network": name, "diverged": False,
                **diagnose(model, prepared, data, cfg, SPEEDUPS, split)}
-        if metanet is not None and metanet.config.edit != "additive" and gate_targets is not None:
+        if metanet is not None and metanet.head.gates and gate_targets is not None:
             graph = network_to_graph(model, torch.zeros(data.input_shape))
             with torch.no_grad():
                 mine = metanet.eval().gate_logits(graph)
@@ -204,7 +206,7 @@ def print_table(rows: list[dict], val_names: set[str], args) -> None:
             print(f"{label:<36}every network diverged")
             continue
         mean = lambda k, rs=mine: statistics.mean(r[k] for r in rs)  # noqa: E731
-        diffs = "".join(f"{str(paired_difference(test, label, 'none', f'curve_{s:g}x')) if label != 'none' else '':>22}"
+        diffs = "".join(f"{str(paired_difference(test, label, UNEDITED, f'curve_{s:g}x')) if label != UNEDITED else '':>22}"
                         for s in SPEEDUPS)
         corr = f"{mean('gate_corr'):>10.2f}" if "gate_corr" in mine[0] else f"{'':>10}"
         print(f"{label:<36}{100 * mean('auc', val):>8.1f}{100 * mean('share_below_0.1'):>5.0f}%{100 * mean('acc_recal'):>6.1f}"

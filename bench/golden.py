@@ -107,7 +107,7 @@ def record(zoo: str, metanet: str, learned_zoo: str) -> dict:
 def differences(expected: dict, got: dict) -> list[str]:
     """One line per held value that differs (or is missing on one side)."""
     lines = []
-    for name in expected.keys() | got.keys():
+    for name in sorted(expected.keys() | got.keys()):
         a, b = expected.get(name), got.get(name)
         if isinstance(a, list) or isinstance(b, list):
             a, b = a or [], b or []

@@ -61,6 +61,7 @@ def worker(backend: str, mode: str, repeats: int, layers: int, hidden: int, devi
 
     from metanet import network_to_graph
     from metanet.meta_training import MetaTrainConfig, make_member, member_step
+    from metanet.heads import HEADS
     from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of
     from zoo.arch import build_model
 
@@ -68,7 +69,7 @@ def worker(backend: str, mode: str, repeats: int, layers: int, hidden: int, devi
     model = build_model(_arch(arch)).eval()
     graph = network_to_graph(model, torch.zeros(1, 3, 32, 32)).to(device)
     net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), hidden=hidden, layers=layers,
-                                    backend=backend, edit=edit, evidence=edit != "additive",
+                                    backend=backend, edit=edit, evidence=HEADS[edit].channel_decoder is not None,
                                     recompute=recompute)).to(device)
     cuda = device.startswith("cuda")
     if mode == "step":

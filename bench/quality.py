@@ -4,7 +4,7 @@
    metanetwork, its ``val`` members select the checkpoint; the networks pruned are the zoo's held-out
    ``test`` members plus every member of the ``--heldout`` zoos (specs of networks unlike any zoo
    member, e.g. ``zoo/specs/digits-heldout.yaml``). The test split is never used for selection.
-2. Meta-training of the default objective's metanetwork (``metanet.objective_defaults``: the
+2. Meta-training of the default objective's metanetwork (``metanet.objectives``: the
    learned criterion; ``--set objective=paper``: the paper's), with the diagnostics of
    ``metanet.diagnostics`` on the validation members after every ``select_every`` epochs
    (selectivity of the edit, accuracy after BatchNorm recalibration, the recalibrated pruning curve
@@ -12,7 +12,7 @@
    measured by ``bench/selection.py``): a learned criterion's curve area, or for an edit the short
    recipe (metanetwork -> finetune -> prune to 2x -> finetune, ``select_steps`` each, validation
    accuracy). The best-scoring checkpoint is kept.
-3. Every held-out network x seed x method (``--methods``, default ``metanet.recipe.BENCH_METHODS``:
+3. Every held-out network x seed x method (``--methods``, default the registered methods with ``benchmarked`` set (``metanet.methods``):
    ``meta``, magnitude ``none``, Torch-Pruning's other criteria ``taylor``, ``bn_scale``, ``lamp``,
    ``fpgm``, ``hessian``, ``random``, ``depgraph``, and ``curve``, the per-network optimisation of
    the curve objective): the method's preparation and its selectivity (for ``meta`` also the curve
@@ -60,10 +60,13 @@ sys.path.insert(0, str(ROOT))
 from metanet.diagnostics import CURVE_SPEEDUPS, diagnose, recalibrated_accuracy, selectivity  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # noqa: E402
-from metanet.objective_defaults import DEFAULT_OBJECTIVE, OBJECTIVE_DEFAULTS, edit_refusal, fill  # noqa: E402
+from metanet.objectives import DEFAULT_OBJECTIVE, edit_refusal, fill, objective_defaults  # noqa: E402
 from metanet.paired import mean_ci, method_table, paired_difference, paired_table, with_best  # noqa: E402
-from metanet.recipe import (ALL_METHODS, BENCH_METHODS, HAND_CRAFTED, apply_metanetwork, prune_to_targets,  # noqa: E402
-                            RECONSTRUCT_DEFAULTS, recipe_from_settings)
+from metanet.levels import Level  # noqa: E402
+from metanet.methods import HAND_CRAFTED, METHODS, leads, names, uses_metanet  # noqa: E402
+from metanet.metanetwork import apply_metanetwork  # noqa: E402
+from metanet.objectives import OBJECTIVES  # noqa: E402
+from metanet.recipe import RECONSTRUCT_DEFAULTS, prune_to_targets, recipe_from_settings  # noqa: E402
 from metanet.selection import choose, criterion_of, default_selection, score, selection_recipe  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.data import TaskData  # noqa: E402
@@ -71,6 +74,11 @@ from zoo.integrity import checked  # noqa: E402
 from zoo.store import Zoo  # noqa: E402
 
 CURVE_KEYS = [f"curve_{s:g}x" for s in CURVE_SPEEDUPS]
+# the benchmark's design: every method is compared with magnitude ("none": also the unedited
+# network's own curve), and the per-network curve scores against it are the sensitivity check
+MAGNITUDE, PER_NETWORK = "none", "curve"
+CHANNEL_METHODS = names(Level.CHANNELS)
+BENCH_METHODS = names(Level.CHANNELS, benchmarked=True)
 # what is reported at every target: (label, key without its val_/test_ prefix)
 BUDGETS = [("right after pruning (BatchNorm recalibrated, 0 finetuning steps)", "acc_pruned")]
 
@@ -83,12 +91,12 @@ def budgets(s: dict) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------ settings
 # Names as in pipelines/meta_train.py and pipelines/prune_batch.py, so a Tune best_config.yaml applies.
-# what meta is: the default objective (metanet.objective_defaults: the best learned criterion
+# what meta is: the default objective (metanet.objectives: the best learned criterion
 # measured); None is filled from the objective after --set / --config, so --set objective=paper
 # gives the paper's metanetwork (its edit and sparsity term as bench/edits.py chose them). A
 # learned criterion's checkpoint is chosen by the validation members' recalibrated pruning curve
 EDIT = dict(objective=DEFAULT_OBJECTIVE, sparsity_norm="none", distill_epochs=0, selection=None,
-            **{k: None for k in OBJECTIVE_DEFAULTS[DEFAULT_OBJECTIVE]})  # selection None: by the objective
+            **{k: None for k in objective_defaults(DEFAULT_OBJECTIVE)})  # selection None: by the objective
 # (a preset's own value wins over the objective's: the cifar10 preset's batch of 128 for both)
 # the recalibrated curve's speed-ups, the extra budgets, and what prunes meta/depgraph (a Tune best_config may say)
 CURVE = dict(targets=[1.5, 2.0, 3.0, 4.0], budgets=[20], criterion="magnitude", **RECONSTRUCT_DEFAULTS)
@@ -144,9 +152,9 @@ def prune_job(arch: dict, state: dict, method: str, s: dict, finetune: dict, see
     cfg = recipe_from_settings(s, **finetune, seed=seed, sparse_reg=s["sparse_reg"], oracle_reg=s["oracle_reg"])
     torch.manual_seed(seed)
     extra: dict = {}
-    if method == "none":  # the unedited network's own curve, once per network and seed
+    if method == MAGNITUDE:  # the unedited network's own curve, once per network and seed
         extra.update({f"raw_{k}": v for k, v in diagnose(model, model, data, cfg, split="test").items()})
-    if method == "meta":
+    if METHODS[method].uses_metanet:
         edited = apply_metanetwork(metanet, model, torch.zeros(data.input_shape))
         extra.update({f"edit_{k}": v for k, v in diagnose(model, edited, data, cfg, split="test").items()})
 
@@ -342,7 +350,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: 2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set residual=0.1 --set epochs=40")
-    parser.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=ALL_METHODS, metavar="METHOD",
+    parser.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=CHANNEL_METHODS, metavar="METHOD",
                         help=f"methods to compare (default: {' '.join(BENCH_METHODS)}; also: gate, oracle)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     parser.add_argument("--reconstruct", action="store_true", help="every method re-fits the layers that read pruned "
@@ -380,8 +388,9 @@ def main(argv=None) -> dict:
         if key not in s:
             raise SystemExit(f"quality: --set: unknown setting {key!r}; known: {', '.join(sorted(s))}")
         s[key] = yaml.safe_load(value)
-    if s["objective"] not in ("paper", "curve"):
-        raise SystemExit(f"quality: --set objective={s['objective']}: must be paper or curve")
+    channel_objectives = [n for n, o in OBJECTIVES.items() if o.level is Level.CHANNELS]
+    if s["objective"] not in channel_objectives:
+        raise SystemExit(f"quality: --set objective={s['objective']}: must be {' or '.join(channel_objectives)}")
     fill(s)  # what the preset and --set leave open comes from the objective
     refusal = edit_refusal(s["objective"], s["edit"])
     if refusal:
@@ -426,7 +435,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(max(1, args.workers))
 
     meta_state, history = None, {}
-    if "meta" in args.methods:  # the metanetwork is trained only when it is compared
+    if uses_metanet(args.methods):  # the metanetwork is trained only when it is compared
         meta_state, history = metanetwork_for(meta_zoo, data, s, by_role, out, log)
         log(f"{time.perf_counter() - t0:.0f} s so far")
 
@@ -446,7 +455,7 @@ def main(argv=None) -> dict:
         state = member.network().state_dict()
         for seed in range(s["seeds"]):
             for method in args.methods:
-                net = (meta_state, history["config"]) if method == "meta" else (None, None)
+                net = (meta_state, history["config"]) if METHODS[method].uses_metanet else (None, None)
                 key = job_key(state, member.arch, method, seed, s, finetune, data.name, net[0])
                 job = (h, member, origin, seed, method)
                 if key in kept.done:
@@ -491,14 +500,15 @@ def _cell(values) -> str:
 def comparison_pairs(methods) -> list[tuple[str, str]]:
     """The paired differences reported: meta and curve against the best hand-crafted criterion
     and magnitude (none), then every other method against none."""
-    pairs = [(a, b) for a in ("meta", "curve") if a in methods for b in ("best", "none")]
-    return pairs + [(m, "none") for m in methods if m not in ("meta", "curve", "none")]
+    first = leads(methods)
+    pairs = [(a, b) for a in first for b in ("best", MAGNITUDE)]
+    return pairs + [(m, MAGNITUDE) for m in methods if m not in first and m != MAGNITUDE]
 
 
 def sensitivity(rows: list[dict], targets) -> dict:
     """curve - none right after pruning, paired by network: can the benchmark see a criterion
     that is better than magnitude on these networks?"""
-    diffs = {t: paired_difference(rows, "curve", "none", "test_acc_pruned", t) for t in targets}
+    diffs = {t: paired_difference(rows, PER_NETWORK, MAGNITUDE, "test_acc_pruned", t) for t in targets}
     return {"differences": diffs, "separates": any(d.excludes_zero and d.mean > 0 for d in diffs.values())}
 
 
@@ -521,8 +531,8 @@ def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, da
         log(f"\nTest accuracy (%) {label}, mean ± half-width of the 95% interval:\n")
         table = method_table(rows, methods, targets, key=f"test_{key}")
         if key == "acc_pruned":  # the unedited network's and the bare edit's curves beside the methods'
-            extra = [(lab, meth, pre) for lab, meth, pre in (("unedited", "none", "raw_"), ("after the edit", "meta", "edit_"))
-                     if meth in methods]
+            extra = [("unedited", MAGNITUDE, "raw_")] * (MAGNITUDE in methods) + \
+                [("after the edit", m, "edit_") for m in methods if METHODS[m].uses_metanet]
             for lab, meth, pre in extra:
                 cells = [_cell(_first_rows(rows, meth, pre, f"curve_{t:g}x").values()) for t in targets]
                 table += f"\n| {lab} | " + " | ".join(cells) + " |"
@@ -547,8 +557,9 @@ def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, da
         "variation of channel group-norm ratios; below 0.1 = share of prunable channels under 0.1 normalised "
         "importance; acc = test accuracy after BN recalibration, before pruning:\n")
     lines = ["| preparation | ratio spread | mean ratio | below 0.1 | acc |", "|---|---|---|---|---|"]
-    preparations = [("unedited", "none", "raw_")] * ("none" in methods) + \
-        [("after the edit", "meta", "edit_")] * ("meta" in methods) + [(m, m, "") for m in methods]
+    edited = [m for m in methods if METHODS[m].uses_metanet]
+    preparations = [("unedited", MAGNITUDE, "raw_")] * (MAGNITUDE in methods) + \
+        [("after the edit", m, "edit_") for m in edited] + [(m, m, "") for m in methods]
     for label, method, prefix in preparations:
         vals = {k: statistics.mean(_first_rows(rows, method, prefix, k).values())
                 for k in ("ratio_spread", "mean_ratio", "share_below_0.1", "acc_recal")}
@@ -556,7 +567,7 @@ def report(rows: list[dict], s: dict, history: dict, out: Path, total: float, da
                      f"{100 * vals['share_below_0.1']:.1f}% | {100 * vals['acc_recal']:.1f} |")
     log("\n".join(lines))
     check = {"differences": {}, "separates": False}
-    if {"curve", "none"} <= set(methods):
+    if {PER_NETWORK, MAGNITUDE} <= set(methods):
         check = sensitivity(rows, targets)
         verdict = ("the benchmark CAN tell criteria apart on these networks: curve - none right after pruning has a "
                    "95% interval above zero at " + ", ".join(f"{t:g}x" for t, d in check["differences"].items()
@@ -603,7 +614,7 @@ def plot(rows, s, history, out: Path, dataset: str, methods, criteria) -> None:
         for i, method in enumerate(methods):
             cis = [mean_ci([100 * statistics.mean(v) for v in _by_network(rows, method, f"test_{key}", t).values()])
                    for t in targets]
-            style = dict(lw=2.5, zorder=3) if method in ("meta", "curve") else dict(lw=1, alpha=0.8)
+            style = dict(lw=2.5, zorder=3) if method in leads(methods) else dict(lw=1, alpha=0.8)
             ax.errorbar(targets, [c.mean for c in cis], yerr=[(c.high - c.low) / 2 if c.n > 1 else 0 for c in cis],
                         marker="os^vD<>ph*"[i % 10], capsize=3, color=colors[i % len(colors)],
                         ls="--" if method in criteria else "-", label=method, **style)

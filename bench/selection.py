@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
+from metanet.heads import HEADS  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
+from metanet.objectives import trained_edit  # noqa: E402
 from metanet.recipe import AFTER_STEPS, BEFORE_STEPS, recipe_from_settings  # noqa: E402
 from metanet.selection import choose, score, selection_recipe  # noqa: E402
 from zoo.integrity import checked  # noqa: E402
@@ -80,8 +82,8 @@ def main() -> None:
     if len(val) < 2 * args.members:
         raise SystemExit(f"selection: {args.zoo} has {len(val)} validation members; need {2 * args.members}")
     half_a, half_b = val[:args.members], val[args.members:2 * args.members]
-    if args.objective == "curve":  # as bench/learned_criterion.py trains its variants
-        cfg = MetaTrainConfig(objective="curve", epochs=args.epochs, lr=args.lr or 3e-3, batch_size=128,
+    if not HEADS[trained_edit(args.objective, "additive")].edits:  # as bench/learned_criterion.py trains its variants
+        cfg = MetaTrainConfig(objective=args.objective, epochs=args.epochs, lr=args.lr or 3e-3, batch_size=128,
                               milestones=(int(args.epochs * 0.75),), score_targets=args.targets,
                               curve_temperature=0.2)
         net_cfg = MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=32, layers=args.layers, edit="scores",

@@ -44,11 +44,14 @@ from distributed.progress import progress  # noqa: E402
 from metanet.diagnostics import CURVE_SPARSITIES, weight_pruning_curve  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
+from metanet.heads import HEADS  # noqa: E402
+from metanet.levels import Level  # noqa: E402
+from metanet.objectives import OBJECTIVES, trained_edit  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.reconstruct import ReconstructSettings, reconstruct_masked  # noqa: E402
-from metanet.recipe import (RecipeConfig, apply_metanetwork, calibration, recalibrate,  # noqa: E402
-                            reconstruction_batches)
+from metanet.metanetwork import apply_metanetwork  # noqa: E402
+from metanet.recipe import RecipeConfig, calibration, recalibrate, reconstruction_batches  # noqa: E402
 from metanet.train import evaluate, train  # noqa: E402
 from metanet.weight_pruning import GivenScores, WeightPruning, make_permanent, sparsify, weight_criterion  # noqa: E402
 from metanet.weight_scoring import fit_weight_scores, learned_weight_criterion  # noqa: E402
@@ -59,6 +62,8 @@ from zoo.store import Zoo, benchmark_networks  # noqa: E402
 
 BASELINES = {"magnitude": ("magnitude", "global"), "magnitude-layer": ("magnitude", "layer"),
              "wanda": ("wanda", "global"), "wanda-layer": ("wanda", "layer"), "random": ("random", "global")}
+WEIGHT_OBJECTIVES = tuple(n for n, o in OBJECTIVES.items() if o.level is Level.WEIGHTS)
+PER_NETWORK = "curve"  # per-weight scores fitted to each network (metanet.weight_scoring)
 HAND_CRAFTED = ("magnitude", "magnitude-layer", "wanda", "wanda-layer")  # the candidates for "best" (not random)
 VARIANT_DEFAULTS = {"objective": "weight_curve", "layers": 4, "hidden": 32, "lr": 3e-3, "epochs": 20, "l1": 0.1,
                     "residual": 0.05}
@@ -73,8 +78,8 @@ def parse_variant(text: str) -> dict:
             raise SystemExit(f"sparsity: --variants {text!r}: {item!r} is not key=value with a key of "
                              f"{', '.join(VARIANT_DEFAULTS)}")
         if key == "objective":
-            if value not in ("weight_curve", "paper_l1"):
-                raise SystemExit(f"sparsity: --variants {text!r}: objective must be weight_curve or paper_l1")
+            if value not in WEIGHT_OBJECTIVES:
+                raise SystemExit(f"sparsity: --variants {text!r}: objective must be {' or '.join(WEIGHT_OBJECTIVES)}")
             v[key] = value
             continue
         try:
@@ -85,7 +90,8 @@ def parse_variant(text: str) -> dict:
 
 
 def name_of(v: dict) -> str:
-    kind = "weight scores" if v["objective"] == "weight_curve" else f"paper L1 {v['l1']:g}, r {v['residual']:g}"
+    kind = ("weight scores" if not HEADS[trained_edit(v["objective"], "additive")].edits
+            else f"paper L1 {v['l1']:g}, r {v['residual']:g}")
     return f"meta ({kind}, GNN {v['layers']}x{v['hidden']}, {v['epochs']} ep)"
 
 
@@ -96,7 +102,7 @@ def train_variant(v: dict, zoo: Zoo, train_records, val_models, data, cfg: Recip
     meta_cfg = MetaTrainConfig(objective=v["objective"], epochs=v["epochs"], lr=v["lr"], batch_size=batch_size,
                                milestones=(int(v["epochs"] * 0.75),), l1_reg=v["l1"])
     members = [make_member(r.id, build_model(r.arch), r.graph, meta_cfg) for r in train_records]
-    edit = "weight_scores" if v["objective"] == "weight_curve" else "additive"
+    edit = trained_edit(v["objective"], "additive")
     net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=v["hidden"], layers=v["layers"], edit=edit,
                                     residual=v["residual"], backend="torch"))
 
@@ -127,7 +133,7 @@ def prepared(net: MetaNetwork, model, data):
     """(the network to prune, the weight criterion) for a variant: a weight-scores metanetwork
     ranks ``model``'s weights; the paper's edit changes them, then magnitude ranks."""
     x = torch.zeros(data.input_shape)
-    if net.config.edit == "weight_scores":
+    if net.head.ranks is Level.WEIGHTS:
         return model, learned_weight_criterion(net, model, x)
     return apply_metanetwork(net, model, x), weight_criterion("magnitude")
 
@@ -231,7 +237,7 @@ def main(argv=None) -> None:
             if m in BASELINES:
                 crit, scope = weight_criterion(BASELINES[m][0]), BASELINES[m][1]
                 source = model
-            elif m == "curve":
+            elif m == PER_NETWORK:
                 crit = GivenScores(fit_weight_scores(model, data, steps=args.curve_steps, batch_size=args.batch_size),
                                    name="curve")
                 scope, source = "global", model
@@ -261,7 +267,7 @@ def main(argv=None) -> None:
 def report(results, seconds, sizes, runs, budgets, log) -> None:
     keys = [k for k, _ in runs]
     head = " | ".join(keys)
-    n = len(results["magnitude"]) if "magnitude" in results else len(next(iter(results.values())))
+    n = len(next(iter(results.values())))
     candidates = [m for m in HAND_CRAFTED if m in results]
     for budget in budgets:
         best = {k: max(candidates, key=lambda c: statistics.mean(r[k][budget][0] for r in results[c])) for k in keys}

@@ -19,7 +19,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from metanet.criteria import Criterion
+from metanet.criteria import Criterion, criterion
+from metanet.heads import ranks
+from metanet.levels import Level
+from metanet.metanetwork import MetaNetwork, apply_metanetwork
+from metanet.scoring import learned_criterion
 from metanet.reconstruct import reconstruct
 from metanet.recipe import RecipeConfig, calibration, recalibrate, reconstruction_batches
 from metanet.prune import UnreachableSpeedupError, prune_in_steps
@@ -130,14 +134,22 @@ def diagnose(before: nn.Module, after: nn.Module, data: TaskData, cfg: RecipeCon
     return out
 
 
+def criterion_of(metanet: MetaNetwork, model: nn.Module, x: torch.Tensor, recipe: RecipeConfig,
+                 data: TaskData | None = None):
+    """What ranks ``model``'s channels after ``metanet``: its own scores for a learned criterion
+    (a ``scores`` metanetwork; ``data``'s calibration batches where it reads statistics), else the
+    recipe's criterion on the edited weights."""
+    if not ranks(metanet, Level.CHANNELS):
+        return criterion(recipe.criterion)
+    batches = list(calibration(data, recipe)()) if metanet.config.calibration else None
+    return learned_criterion(metanet, model, x, batches)
+
+
 def mean_diagnostics(metanet, models: Sequence[nn.Module], data: TaskData, cfg: RecipeConfig,
                      split: str = "val") -> dict[str, float]:
     """``diagnose`` of ``metanet``'s edit (and, for a learned criterion, its scores as the
     criterion) on each of ``models``, averaged key by key: what meta-training reports for its
     validation members after an epoch. An empty dict for no models; ``metanet`` keeps its mode."""
-    from metanet.recipe import apply_metanetwork
-    from metanet.selection import criterion_of
-
     if not models:
         return {}
     device = next(metanet.parameters()).device

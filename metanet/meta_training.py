@@ -29,32 +29,23 @@ import copy
 import itertools
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metanet.curve import MASKS, batch_stat_copy
+from distributed.progress import progress as bar_of
+from metanet.curve import MASKS
 from metanet.gates import fit_gates, gatable, gate_from_logit
-from metanet.graph import NetworkGraph, graph_to_network, graph_to_params
+from metanet.graph import NetworkGraph
 from metanet.metanetwork import MetaNetwork
-
-if TYPE_CHECKING:
-    from metanet.scoring import ScoreMap
-from metanet.sparsity import SPARSITY_FORMS, GroupSparsity, sparsity_term
+from metanet.objectives import OBJECTIVES, Member, objective
+from metanet.sparsity import SPARSITY_FORMS
 from metanet.data import TaskData
-from metanet.weight_scoring import weight_names
-from metanet.prune import amounts_for
-from metanet.scoring import score_map
-from metanet.curve import fit_scores
-from metanet.scoring import attach_statistics, channel_scores, node_statistics
-from metanet.weight_scoring import metanet_weight_scores, weight_curve_loss
 
-# "weight_curve" and "paper_l1": the weight-level objectives (unstructured and N:M sparsity)
-OBJECTIVES = ("paper", "curve", "weight_curve", "paper_l1")
 # the objectives with a sparsity (or L1) term beside the task loss: the others report it as 0
-SPARSITY_OBJECTIVES = ("paper", "paper_l1")
+SPARSITY_OBJECTIVES = tuple(name for name, o in OBJECTIVES.items() if o.sparsity_term)
 
 
 @dataclass
@@ -107,8 +98,7 @@ class MetaTrainConfig:
     l1_reg: float = 0.1
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
+        objective(self.objective)  # a known name, or ValueError naming the known ones
         if self.curve_mask not in MASKS:
             raise ValueError(f"curve_mask must be one of {MASKS}, not {self.curve_mask!r}")
         if self.bn_mode not in ("eval", "train"):
@@ -122,204 +112,28 @@ class MetaTrainConfig:
         return asdict(self)
 
 
-@dataclass
-class Member:
-    """A zoo network ready for meta-training: its graph, a module of its architecture (used only
-    for its structure), and its group-sparsity index maps."""
-
-    id: str
-    graph: NetworkGraph
-    model: nn.Module
-    sparsity: GroupSparsity
-    sparsity_form: str = "none"  # metanet.sparsity.SPARSITY_FORMS
-    group_weights: torch.Tensor | None = None  # the "group" form's normalisation
-    # the curve objective's: the channel map, the member's own parameters and its amount range
-    scores_map: "ScoreMap | None" = None
-    params: dict[str, torch.Tensor] | None = None
-    amounts: tuple[float, float] | None = None
-    targets: torch.Tensor | None = None  # its per-network curve scores (``score_targets``)
-    # the weight-level objectives': the names of the weights a weight-level pruning masks
-    weight_names: list[str] | None = None
-
-
-_TARGETS_CACHE: dict[tuple, torch.Tensor] = {}
-_SPARSITY_CACHE: dict[tuple, GroupSparsity] = {}
-_AMOUNTS_CACHE: dict[tuple, tuple[float, float]] = {}
-
-
 def make_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: MetaTrainConfig) -> Member:
-    """A zoo member ready for the meta-objective: ``model`` is a module of the member's architecture
+    """A zoo member ready for ``cfg``'s objective: ``model`` is a module of the member's architecture
     (its weights are not used: they come from ``graph``)."""
-    if cfg.objective == "curve":
-        return _curve_member(member_id, model, graph, cfg)
-    if cfg.objective in ("weight_curve", "paper_l1"):
-
-        work = batch_stat_copy(model) if cfg.objective == "weight_curve" else model.train(cfg.bn_mode == "train")
-        params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
-        return Member(member_id, graph, work.to(graph.node_feat.device), None, params=params,
-                      weight_names=weight_names(model))
-    key = (graph.fingerprint, cfg.reg, cfg.alpha)
-    if key not in _SPARSITY_CACHE:
-        _SPARSITY_CACHE[key] = GroupSparsity(model, torch.zeros(graph.input_shape), reg=cfg.reg, alpha=cfg.alpha)
-    sparsity = _SPARSITY_CACHE[key]
-    weights = sparsity.group_weights(graph_to_params(graph, model)) if cfg.sparsity_norm == "group" else None
-    return Member(member_id, graph, model.train(cfg.bn_mode == "train"), sparsity, cfg.sparsity_norm, weights)
+    return objective(cfg.objective).member(member_id, model, graph, cfg)
 
 
-def _curve_member(member_id: str, model: nn.Module, graph: NetworkGraph, cfg: MetaTrainConfig) -> Member:
-
-    device = graph.node_feat.device
-    scores_map = score_map(model.cpu(), graph.to("cpu") if device.type != "cpu" else graph)
-    key = (graph.fingerprint, tuple(cfg.curve_speedups))
-    if key not in _AMOUNTS_CACHE:
-        amounts = amounts_for(model, torch.zeros(graph.input_shape), sorted(cfg.curve_speedups)).values()
-        _AMOUNTS_CACHE[key] = (min(amounts), max(amounts))
-    work = batch_stat_copy(model).to(device)  # eval mode, BatchNorm on the masked network's batch statistics
-    params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
-    return Member(member_id, graph, work, scores_map.masker.groups, scores_map=scores_map, params=params,
-                  amounts=_AMOUNTS_CACHE[key])
-
-
-def attach_targets(member: Member, data: TaskData, cfg: MetaTrainConfig) -> None:
-    """The member's per-network curve scores (``fit_scores`` on its own network, standardised per
-    group) as its regression target; computed once per member and settings."""
-
-    key = (member.id, member.graph.fingerprint, member.amounts, cfg.target_steps, cfg.batch_size, cfg.seed,
-           cfg.curve_temperature, cfg.curve_mask)
-    if key not in _TARGETS_CACHE:
-        reference = graph_to_network(member.graph, member.model).eval()
-        scores, _ = fit_scores(reference, data, member.amounts, steps=cfg.target_steps, batch_size=cfg.batch_size,
-                               seed=cfg.seed, temperature=cfg.curve_temperature, mode=cfg.curve_mask,
-                               masker=member.scores_map.masker)
-        _TARGETS_CACHE[key] = member.scores_map.masker.standardise(scores).detach()
-    member.targets = _TARGETS_CACHE[key]
-
-
-def curve_step(metanet: MetaNetwork, members: Sequence[Member], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               draw: float, cfg: MetaTrainConfig) -> dict[str, float]:
-    """Forward and backward of the curve objective for ``members``: each member's channel scores
-    from one metanetwork pass (``metanet.scoring.channel_scores``), the hard-to-soft mask at the
-    amount ``lo + draw * (hi - lo)`` of its range, the masked network's mean cross-entropy over
-    ``batches``; gradients accumulate in ``metanet``. Returns the mean loss terms."""
-
-    core = metanet.module if hasattr(metanet, "module") else metanet
-    terms = {"task_loss": 0.0, "sparsity_loss": 0.0, "train_acc": 0.0}
-    total = 0.0
-    for member in members:
-        lo, hi = member.amounts
-        if core.config.calibration and "_statistics" not in member.graph.__dict__:
-            # the member's own channel statistics (eval mode), on its first step's batches
-            reference = graph_to_network(member.graph, member.model).eval()
-            attach_statistics(member.graph, node_statistics(core, reference, member.graph, batches, member.scores_map))
-        scores = channel_scores(metanet, member.graph, member.params, member.scores_map)
-        masker = member.scores_map.masker
-        mask = masker.mask(scores, lo + draw * (hi - lo), cfg.curve_temperature, cfg.curve_mask)
-        masked = masker.apply(member.params, mask)
-        correct, seen = 0, 0
-        for x, y in batches:
-            out = torch.func.functional_call(member.model, masked, (x,))
-            loss = F.cross_entropy(out, y) / (len(batches) * len(members))
-            total = total + loss
-            terms["task_loss"] += float(loss.detach())
-            correct += int((out.argmax(1) == y).sum())
-            seen += y.numel()
-        terms["train_acc"] += correct / max(seen, 1) / len(members)
-        if cfg.score_targets and member.targets is not None:
-            target = F.mse_loss(masker.standardise(scores), member.targets.to(scores.device)) / len(members)
-            total = total + cfg.score_targets * target
-            terms["target_loss"] = terms.get("target_loss", 0.0) + float(target.detach())
-    total.backward()
-    return terms
-
-
-def weight_curve_step(metanet: MetaNetwork, members: Sequence[Member],
-                      batches: Sequence[tuple[torch.Tensor, torch.Tensor]], draw: float,
-                      cfg: MetaTrainConfig) -> dict[str, float]:
-    """Forward and backward of the weight-level curve objective for ``members``: each member's
-    per-weight scores from one metanetwork pass (``metanet.weight_scoring.metanet_weight_scores``),
-    the soft mask at the sparsity ``lo + draw * (hi - lo)``, the masked network's mean cross-entropy
-    over ``batches``; gradients accumulate in ``metanet``. Returns the mean loss terms."""
-
-    lo, hi = cfg.weight_sparsities
-    sparsity = lo + draw * (hi - lo)
-    terms = {"task_loss": 0.0, "sparsity_loss": 0.0, "train_acc": 0.0}
-    total = 0.0
-    for member in members:
-        scores = metanet_weight_scores(metanet, member.graph, member.model, member.params, member.weight_names)
-        correct, seen = 0, 0
-        for x, y in batches:
-            loss, logits = weight_curve_loss(member.model, member.params, scores, sparsity, x, y,
-                                             cfg.weight_temperature)
-            loss = loss / (len(batches) * len(members))
-            total = total + loss
-            terms["task_loss"] += float(loss.detach())
-            correct += int((logits.argmax(1) == y).sum())
-            seen += y.numel()
-        terms["train_acc"] += correct / max(seen, 1) / len(members)
-    total.backward()
-    return terms
-
-
-def task_objective(member: Member, params: dict[str, torch.Tensor],
-                   batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """The task term of the meta-objective for ``params`` (a name -> tensor dict of the member's
-    architecture), in the member's BatchNorm mode; accumulates gradients into ``params``' leaves
-    that require them. Returns (mean cross-entropy over ``batches``, accuracy)."""
-    if not batches:
-        raise ValueError("task_objective needs at least one batch")
-    task, correct, seen = 0.0, 0, 0
-    for x, y in batches:
-        out = torch.func.functional_call(member.model, params, (x,))
-        loss = F.cross_entropy(out, y) / len(batches)
-        if loss.requires_grad:
-            loss.backward()
-        task += float(loss.detach())
-        correct += int((out.argmax(1) == y).sum())
-        seen += y.numel()
-    return task, correct / max(seen, 1)
-
-
-def member_step(metanet: MetaNetwork, member: Member, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                ) -> dict[str, float]:
+def member_step(metanet: MetaNetwork, member: Member, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                cfg: MetaTrainConfig | None = None) -> dict[str, float]:
     """Forward and backward of the meta-objective for one member; gradients accumulate in
     ``metanet``'s parameters. Returns the loss terms."""
-    return members_step(metanet, [member], batches)
+    return members_step(metanet, [member], batches, cfg=cfg)
 
 
 def members_step(metanet: MetaNetwork, members: Sequence[Member],
                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]], draw: float = 0.5,
                  cfg: MetaTrainConfig | None = None) -> dict[str, float]:
-    """``member_step`` for several members at once: one metanetwork pass over their graphs' union
-    (``MetaNetwork.forward_many``), each member's objective on the same task batches, and one
-    backward pass of the mean over members. Members made for the curve objective go to
-    ``curve_step`` (``draw`` in [0, 1): where in their amount range this step prunes). Returns the
-    mean loss terms."""
-    batches = list(batches)
-    if members[0].scores_map is not None:
-        return curve_step(metanet, members, batches, draw, cfg)
-    if cfg is not None and cfg.objective == "weight_curve":
-        return weight_curve_step(metanet, members, batches, draw, cfg)
-    graphs = [m.graph for m in members]
-    edited = metanet(graphs) if len(members) > 1 else [metanet(graphs[0])]
-    outputs, gradients = [], []
-    terms = {"task_loss": 0.0, "sparsity_loss": 0.0, "train_acc": 0.0}
-    for member, graph in zip(members, edited):
-        params = graph_to_params(graph, member.model)
-        leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
-        task, accuracy = task_objective(member, leaves, batches)
-        if member.weight_names is not None:  # paper_l1: the paper's unstructured term, reg * sign(w) in the gradient
-            sparse = (cfg or MetaTrainConfig()).l1_reg * sum(leaves[n].abs().sum() for n in member.weight_names)
-        else:
-            sparse = sparsity_term(member.sparsity, leaves, member.sparsity_form, member.group_weights)
-        sparse.backward()
-        for k in params:
-            if params[k].requires_grad and leaves[k].grad is not None:
-                outputs.append(params[k])
-                gradients.append(leaves[k].grad / len(members))
-        for name, value in (("task_loss", task), ("sparsity_loss", float(sparse.detach())), ("train_acc", accuracy)):
-            terms[name] += value / len(members)
-    torch.autograd.backward(outputs, gradients)
-    return terms
+    """``member_step`` for several members at once (the edit objectives: one metanetwork pass over
+    their graphs' union, ``MetaNetwork.forward_many``), each member's objective on the same task
+    batches, and one backward pass of the mean over members; ``draw`` in [0, 1): where in their
+    range the curve objectives prune this step. Returns the mean loss terms."""
+    cfg = cfg or MetaTrainConfig()
+    return objective(cfg.objective).step(metanet, members, list(batches), draw, cfg)
 
 
 def gate_targets(member: Member, data: TaskData, cfg: MetaTrainConfig) -> torch.Tensor:
@@ -345,8 +159,6 @@ def distill(metanet: MetaNetwork, members: Sequence[Member], targets: Sequence[t
             cfg: MetaTrainConfig, progress: bool = True) -> list[float]:
     """``cfg.distill_epochs`` epochs of AdamW on ``distill_step``: a warm start that shows the
     metanetwork what a selective edit of each member looks like. Returns per-epoch mean losses."""
-    from distributed.progress import progress as bar_of
-
     opt = torch.optim.AdamW(metanet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
@@ -394,8 +206,6 @@ def meta_train(metanet: MetaNetwork, members: Sequence[Member], data: TaskData, 
                ) -> list[dict]:
     """Meta-trains ``metanet`` in place; after each epoch ``on_epoch(epoch, metrics, metanet)``
     (for checkpoints and selection). Returns per-epoch mean loss terms."""
-    from distributed.progress import progress as bar_of
-
     if cfg.distill_epochs > 0:
         targets = [gate_targets(m, data, cfg) for m in members]
         distill(metanet, members, targets, cfg, progress)
@@ -441,11 +251,10 @@ def run_epoch(metanet: nn.Module, opt: torch.optim.Optimizer, members: Iterable[
         batches = [(x.to(device), y.to(device)) for x, y in
                    data.batches("train", cfg.batch_size, shuffle=True, augment=True, generator=gen,
                                 limit=cfg.batches_per_step)]
-        if cfg.objective == "curve" and cfg.score_targets:
-            for member in group:
-                attach_targets(member, data, cfg)
-        # the curve objective's amount; drawn only for it, so the paper objective's batches stay as they were
-        draw = float(torch.rand((), generator=gen)) if cfg.objective in ("curve", "weight_curve") else 0.5
+        goal = objective(cfg.objective)
+        goal.before_step(group, data, cfg)
+        # where the curve objectives prune; drawn only for them, so the paper objective's batches stay as they were
+        draw = float(torch.rand((), generator=gen)) if goal.draws else 0.5
         opt.zero_grad(set_to_none=True)
         terms = members_step(metanet, group, batches, draw, cfg)
         opt.step()

@@ -21,20 +21,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from metanet import message_passing as mp
-from metanet.gates import EVIDENCE_FEATURES, apply_gates, channel_evidence, gate_from_logit
-from metanet.graph import NODE_FEATURES, STRUCTURAL_EDGE_TYPES, NetworkGraph
+from metanet.gates import EVIDENCE_FEATURES, channel_evidence
+from metanet.heads import HEADS, Head, head
+from metanet.levels import Level
+from metanet.graph import NODE_FEATURES, STRUCTURAL_EDGE_TYPES, NetworkGraph, graph_to_network, network_to_graph
 from metanet.graph.batch import GraphBatch, batch_graphs
 from metanet.files import atomic_write
 
 EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
 STATISTICS_WIDTH = 6  # metanet.scoring.channel_statistics: (z, rank) of three statistics
 GRADIENT_WIDTH = 2  # metanet.scoring.gradient_statistics: the curve gradient scaled in its group, and its rank
-# "scores": no edit at all: the metanetwork is a learned pruning criterion, one score per channel
-# (``node_scores``, trained on the curve objective; metanet.scoring)
-# "weight_scores": no edit either: per-weight score corrections decoded from the edge states, a
-# learned weight-level criterion (unstructured and N:M sparsity; metanet.weight_scoring)
-EDITS = ("additive", "gate", "gate+additive", "scores", "weight_scores")
-NO_EDIT = ("scores", "weight_scores")  # learned criteria: the network is pruned as it is
+EDITS = tuple(HEADS)  # the heads' names, as --edit takes them (metanet.heads)
 
 
 @dataclass
@@ -51,9 +48,9 @@ class MetaNetConfig:
     # with DGL on the digits zoo's small graphs, faster and a third leaner on ResNet-56:
     # docs/performance.md), "dgl" (fused sparse kernels, CPU-only wheel), "pyg" (gather/scatter reference)
     backend: str = "torch"
-    # "additive": the paper's edit, input + r * decoded; "gate": a per-channel gate decoded from the
-    # node states (metanet.gates); "gate+additive": the additive edit, then the gates; "scores": no
-    # edit, per-channel pruning scores decoded from the node states (metanet.scoring)
+    # the head (metanet.heads.HEADS): "additive", the paper's edit, input + r * decoded; "gate": a
+    # per-channel gate decoded from the node states (metanet.gates); "gate+additive": the additive edit,
+    # then the gates; "scores" / "weight_scores": no edit, a learned channel / weight criterion
     edit: str = "additive"
     evidence: bool = False  # the gate or score decoder also reads each channel's evidence (metanet.gates)
     # node inputs also carry per-channel statistics of calibration batches (metanet.scoring.channel_statistics)
@@ -161,8 +158,7 @@ class MetaNetwork(nn.Module):
             setattr(config, k, v)
         if config.backend not in mp.BACKENDS:
             raise ValueError(f"backend must be one of {mp.BACKENDS}, not {config.backend!r}")
-        if config.edit not in EDITS:
-            raise ValueError(f"edit must be one of {EDITS}, not {config.edit!r}")
+        self.head: Head = head(config.edit)
         self.config = config
         h = config.hidden
         if config.gradient and not config.calibration:
@@ -172,29 +168,27 @@ class MetaNetwork(nn.Module):
         self.edge_encoders = nn.ModuleDict({t: nn.Linear(k, h) for t, k in config.edge_widths.items()})
         self.layers = nn.ModuleList(MetaLayer(h, config.shared_directions, config.edge_norm)
                                     for _ in range(config.layers))
-        if config.edit not in NO_EDIT:  # a criterion edits nothing: no decoders back to weights
+        # built in this order, under these names: the saved files' keys and the initial weights
+        if self.head.node_decoder:
             self.node_decoder = nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(),
                                               nn.Linear(h, len(NODE_FEATURES)))
-        if config.edit != "scores":
+        if self.head.edge_decoders:
             # identity, gate and norm edges stand for operations, not weights: they inform, but are not edited
             self.edge_decoders = nn.ModuleDict({
                 t: nn.Sequential(nn.LayerNorm(h, elementwise_affine=False), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, k))
                 for t, k in config.edge_widths.items() if t not in STRUCTURAL_EDGE_TYPES})
-            if config.edit == "weight_scores":  # every correction starts at 0: the criterion starts as magnitude
+            if self.head.zero_edge_decoders:  # every correction starts at 0: the criterion starts as magnitude
                 for decoder in self.edge_decoders.values():
                     nn.init.zeros_(decoder[-1].weight)
                     nn.init.zeros_(decoder[-1].bias)
-        if config.edit not in ("additive", "weight_scores"):
+        if self.head.channel_decoder is not None:
             width = h + (len(EVIDENCE_FEATURES) if config.evidence else 0)
             decoder = nn.Sequential(nn.Linear(width, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1))
             # every gate starts at exactly 1 (every score's correction at 0): the metanetwork starts
             # as the identity edit (as magnitude pruning)
             nn.init.zeros_(decoder[-1].weight)
             nn.init.zeros_(decoder[-1].bias)
-            if config.edit == "scores":
-                self.score_decoder = decoder
-            else:
-                self.gate_decoder = decoder
+            setattr(self, self.head.channel_decoder, decoder)
         sign = torch.ones(h)
         sign[h // 2:] = -1
         self.register_buffer("sign", sign, persistent=False)
@@ -252,8 +246,8 @@ class MetaNetwork(nn.Module):
     def node_scores(self, graph: NetworkGraph) -> torch.Tensor:
         """[N] the per-node pruning-score corrections of a ``scores`` metanetwork (0 for every node
         before training; ``metanet.scoring`` adds them to the channels' magnitude ranks)."""
-        if self.config.edit != "scores":
-            raise ValueError(f"this metanetwork's edit is {self.config.edit!r}: it decodes no scores "
+        if self.head.ranks is not Level.CHANNELS:
+            raise ValueError(f"this metanetwork's edit is {self.config.edit!r}: it decodes no channel scores "
                              "(a criterion metanetwork has edit 'scores')")
         return self.score_decoder(self._decoder_input(graph, self._embed(graph)[0])).squeeze(1)
 
@@ -261,7 +255,7 @@ class MetaNetwork(nn.Module):
         """A ``weight_scores`` metanetwork's per-weight score corrections, as edge features: for
         each edited edge type a tensor shaped like its features (0 everywhere before training;
         ``metanet.weight_scoring`` adds them to the weights' log magnitudes)."""
-        if self.config.edit != "weight_scores":
+        if self.head.ranks is not Level.WEIGHTS:
             raise ValueError(f"this metanetwork's edit is {self.config.edit!r}: it decodes no per-weight scores "
                              "(a weight-level criterion has edit 'weight_scores')")
         e = self._embed(graph)[1]
@@ -275,8 +269,8 @@ class MetaNetwork(nn.Module):
 
     def gate_logits(self, graph: NetworkGraph) -> torch.Tensor:
         """[N] the gate logits this metanetwork decodes for ``graph`` (gate = 2 sigmoid(logit))."""
-        if self.config.edit in ("additive", "weight_scores"):
-            raise ValueError("this metanetwork's edit is 'additive': it has no gates")
+        if not self.head.gates:
+            raise ValueError(f"this metanetwork's edit is {self.config.edit!r}: it has no gates")
         return self._gate_logits(graph, self._embed(graph)[0])
 
     def forward(self, graph: NetworkGraph | Sequence[NetworkGraph], scores: bool = False
@@ -285,8 +279,8 @@ class MetaNetwork(nn.Module):
         run batches of members too); with ``scores``, a ``scores`` metanetwork's ``node_scores``
         (through ``forward``, so that a DDP wrapper averages their gradients)."""
         if scores:
-            return self.weight_deltas(graph) if self.config.edit == "weight_scores" else self.node_scores(graph)
-        if self.config.edit in NO_EDIT:  # a criterion edits nothing (node_scores, weight_deltas: its output)
+            return self.head.scores(self, graph)
+        if not self.head.edits:  # a criterion edits nothing (node_scores, weight_deltas: its output)
             return list(graph) if isinstance(graph, (list, tuple)) else graph
         if isinstance(graph, (list, tuple)):
             return self.forward_many(graph)
@@ -300,15 +294,8 @@ class MetaNetwork(nn.Module):
         return [self._edit(g, batch.nodes_of(i, x), batch.edges_of(i, e)) for i, g in enumerate(graphs)]
 
     def _edit(self, graph: NetworkGraph, x: torch.Tensor, e: torch.Tensor) -> NetworkGraph:
-        """``graph`` edited from its final node and edge states."""
-        if self.config.edit in NO_EDIT:  # a criterion: the network is pruned as it is
-            return graph
-        if self.config.edit == "gate":
-            return apply_gates(graph, gate_from_logit(self._gate_logits(graph, x)))
-        edited = self._additive(graph, x, e)
-        if self.config.edit == "gate+additive":
-            edited = apply_gates(edited, gate_from_logit(self._gate_logits(graph, x)))
-        return edited
+        """``graph`` edited from its final node and edge states (its head's edit)."""
+        return self.head.edit(self, graph, x, e)
 
     def _additive(self, graph: NetworkGraph, x: torch.Tensor, e: torch.Tensor) -> NetworkGraph:
         r = self.config.residual
@@ -322,6 +309,13 @@ class MetaNetwork(nn.Module):
                 edge_out[t] = graph.edge_feat[t]
             start += n
         return graph.with_features(node_out, edge_out)
+
+
+@torch.no_grad()
+def apply_metanetwork(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
+    """One metanetwork forward pass: a new module of ``model``'s architecture with edited weights."""
+    metanet.eval().to(example_inputs.device)
+    return graph_to_network(metanet(network_to_graph(model, example_inputs)), model)
 
 
 def edge_widths_of(graphs) -> dict[str, int]:

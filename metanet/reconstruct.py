@@ -35,6 +35,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from metanet.forward_taps import ResidualBlock, call_order, capture, norms_fed, residual_blocks
 from metanet.normal_equations import ROWS_PER_CHUNK, NormalEquations, layer_rows, sampled_positions
 from metanet.prune import ChannelMap
 
@@ -127,44 +128,6 @@ class ReconstructReport:
                 "reconstruct_peak_mb": self.peak_mb}
 
 
-# residual blocks, by class: (the last convolution, its BatchNorm, the shortcut: a module, or None
-# or absent for the identity) whose outputs are summed before the block's activation
-RESIDUAL_BLOCKS = {
-    "zoo.arch.BasicBlock": ("conv2", "bn2", "shortcut"),
-    "torchvision.models.resnet.BasicBlock": ("conv2", "bn2", "downsample"),
-    "torchvision.models.resnet.Bottleneck": ("conv3", "bn3", "downsample"),
-}
-
-
-@dataclass(frozen=True)
-class _Block:
-    """A residual block around a last convolution: names of its BatchNorm, shortcut (None: the
-    identity, read as the block's input) and the block itself."""
-
-    bn: str
-    shortcut: str | None
-    block: str
-
-
-def _residual_blocks(model: nn.Module) -> dict[str, _Block]:
-    """{last convolution's name: its block} for the ``RESIDUAL_BLOCKS`` in ``model``."""
-    found = {}
-    for name, m in model.named_modules():
-        layout = RESIDUAL_BLOCKS.get(f"{type(m).__module__}.{type(m).__qualname__}")
-        if layout is None:
-            continue
-        conv, bn, shortcut = layout
-        prefix = f"{name}." if name else ""
-        short = getattr(m, shortcut, None)
-        found[prefix + conv] = _Block(prefix + bn, prefix + shortcut if isinstance(short, nn.Module)
-                                      and not isinstance(short, nn.Identity) else None, name)
-    return found
-
-
-class _Stop(Exception):
-    """Raised by a hook once the layer being fitted has been seen: the rest of the forward is not needed."""
-
-
 def _picked(layer: nn.Module, y: torch.Tensor, keep: Sequence[int], batch: int,
             settings: ReconstructSettings) -> torch.Tensor:
     """A layer's output (or anything of its shape) on channels ``keep``, at the positions of
@@ -226,92 +189,6 @@ def _fold_intercept(norm: nn.Module, rows: slice, intercept: torch.Tensor) -> No
     norm.running_mean[rows] -= intercept.to(norm.running_mean)
 
 
-def _call_order(model: nn.Module, x: torch.Tensor) -> list[str]:
-    """The Conv/Linear modules of ``model`` in the order one forward pass calls them."""
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda m, a, n=name: order.append(n) if n not in order else None)
-               for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
-
-
-def _norms_fed(model: nn.Module, x: torch.Tensor) -> dict[str, nn.Module]:
-    """{name: BatchNorm} for each Conv/Linear without a bias whose output only that BatchNorm reads,
-    unchanged, from one forward pass on ``x``: where an intercept can be folded
-    (``ReconstructSettings.intercept``). Refused: an output read by any other module too, or
-    changed in place before the BatchNorm (a ``ReLU(inplace=True)``, a residual ``+=``); a
-    BatchNorm called more than once; a Linear's output over tokens (``BatchNorm1d`` would
-    normalise the tokens, not its channels). Module hooks do not see a functional reader (an
-    ``out + shortcut`` on the layer's own output): such a network should keep the intercept off."""
-    modules = dict(model.named_modules())
-    # id -> (layer name, the tensor: kept alive so its id is not reused in the pass, its version)
-    made: dict[int, tuple[str, torch.Tensor, int]] = {}
-    readers: dict[str, list] = {}  # layer name -> what read its output (a BatchNorm, or None: another module)
-    calls: dict[nn.Module, int] = {}
-
-    def made_by(name, layer):
-        def hook(m, a, out):
-            if isinstance(layer, nn.Conv2d) or out.dim() == 2:
-                made[id(out)] = (name, out, out._version)
-        return hook
-
-    def read_by(module):
-        def hook(m, a):  # returns None: a pre-hook's return value would replace the input
-            norm = module if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
-            if norm is not None:
-                calls[norm] = calls.get(norm, 0) + 1
-            for value in a:
-                if isinstance(value, torch.Tensor) and id(value) in made:
-                    name, tensor, version = made[id(value)]
-                    readers.setdefault(name, []).append(norm if value._version == version else None)
-        return hook
-
-    handles = [m.register_forward_hook(made_by(n, m)) for n, m in modules.items()
-               if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None]
-    handles += [m.register_forward_pre_hook(read_by(m)) for m in modules.values() if not list(m.children())]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: got[0] for name, got in readers.items()
-            if len(got) == 1 and got[0] is not None and got[0].track_running_stats and calls[got[0]] == 1}
-
-
-def _capture(model: nn.Module, wants: Sequence[tuple[str, str]], x: torch.Tensor) -> list[torch.Tensor]:
-    """What ``model`` computes on ``x`` at each of ``wants`` (module name, "input" or "output"), from
-    one forward pass that stops once all are seen."""
-    modules = dict(model.named_modules())
-    seen: dict[tuple[str, str], torch.Tensor] = {}
-
-    def keep(key, value):
-        seen.setdefault(key, value)
-        if len(seen) == len(wants):
-            raise _Stop
-
-    handles = []
-    for name, want in dict.fromkeys(wants):
-        if want == "input":
-            handles.append(modules[name].register_forward_pre_hook(lambda m, a, k=(name, want): keep(k, a[0])))
-        else:
-            handles.append(modules[name].register_forward_hook(lambda m, a, out, k=(name, want): keep(k, out)))
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n, w in wants if (n, w) not in seen]
-    if missing:
-        raise RuntimeError(f"layer {missing[0]} was not called as a module in the forward pass")
-    return [seen[w] for w in wants]
-
-
 @torch.no_grad()
 def reconstruct(pruned: nn.Module, unpruned: nn.Module, channels: ChannelMap, batches: Iterable[torch.Tensor],
                 settings: ReconstructSettings = ReconstructSettings()) -> ReconstructReport:
@@ -350,8 +227,8 @@ def _fitting(model: nn.Module, reference: nn.Module, batches: Iterable[torch.Ten
 def _reconstruct(pruned: nn.Module, unpruned: nn.Module, channels: ChannelMap, xs: list[torch.Tensor],
                  settings: ReconstructSettings, report: ReconstructReport) -> None:
     layers = dict(pruned.named_modules())
-    order = _call_order(pruned, xs[0][:1])
-    blocks = _residual_blocks(pruned) if settings.block_targets and settings.targets == "sequential" else {}
+    order = call_order(pruned, xs[0][:1])
+    blocks = residual_blocks(pruned) if settings.block_targets and settings.targets == "sequential" else {}
     for conv, block in blocks.items():  # a block's shortcut is fitted before the convolution that reads it
         if block.shortcut is not None and conv in order:
             inside = [n for n in order if n.startswith(block.shortcut + ".")]
@@ -364,7 +241,7 @@ def _reconstruct(pruned: nn.Module, unpruned: nn.Module, channels: ChannelMap, x
             # its projections are read as tensors by F.multi_head_attention_forward: no hook sees them
             report.skipped[name] = (f"attention over pruned channels ({dict(unpruned.named_modules())[name].embed_dim}"
                                     f" -> {layer.embed_dim}): its projections are not re-fitted")
-    norms = _norms_fed(pruned, xs[0][:1]) if settings.intercept else {}
+    norms = norms_fed(pruned, xs[0][:1]) if settings.intercept else {}
     todo: dict[str, tuple[list[int], list[int]]] = {}
     for position, name in enumerate(order):
         original = dict(unpruned.named_modules())[name]
@@ -387,12 +264,12 @@ def _reconstruct(pruned: nn.Module, unpruned: nn.Module, channels: ChannelMap, x
         report.fitted.append(name)
 
 
-def _shortcut(block: _Block) -> tuple[str, str]:
+def _shortcut(block: ResidualBlock) -> tuple[str, str]:
     """Where a block's shortcut is read: its module's output, or the block's input (identity)."""
     return (block.shortcut, "output") if block.shortcut else (block.block, "input")
 
 
-def _unpruned_targets(unpruned: nn.Module, fits: dict[str, tuple], blocks: dict[str, _Block], xs: list[torch.Tensor],
+def _unpruned_targets(unpruned: nn.Module, fits: dict[str, tuple], blocks: dict[str, ResidualBlock], xs: list[torch.Tensor],
                       settings: ReconstructSettings) -> list[dict]:
     """Per calibration batch, from one forward pass of the unpruned network: each layer of ``fits``
     (name -> (layer, kept output channels)) its ``_picked`` output, and for a block's last
@@ -446,23 +323,23 @@ def _block_target(bn: nn.Module, summed: torch.Tensor, shortcut: torch.Tensor, o
 
 def _fit_layer(pruned, unpruned, name: str, layer: nn.Module, out_ids: Sequence[int], in_ids: Sequence[int],
                xs: list[torch.Tensor], settings: ReconstructSettings, groups: int, report: ReconstructReport,
-               block: _Block | None = None, cached: list[dict] | None = None,
+               block: ResidualBlock | None = None, cached: list[dict] | None = None,
                offset: bool = False) -> list[tuple[NormalEquations, torch.Tensor]]:
     """The normal equations of one layer (one set per group) over the calibration batches, solved;
     records the layer's relative output error before and after. ``block``: the layer is a residual
     block's last convolution (``ReconstructSettings.block_targets``); ``cached``: the unpruned
     network's targets (``_unpruned_targets``; sequential targets), else they are computed here;
-    ``offset``: an intercept is fitted too (the layer has no bias; ``_norms_fed``)."""
+    ``offset``: an intercept is fitted too (the layer has no bias; ``norms_fed``)."""
     equations: list[NormalEquations] = []
     for b, x in enumerate(xs):
         if cached is not None:  # sequential: the pruned network's own input (and shortcut)
-            got = _capture(pruned, [(name, "input"), *([_shortcut(block)] if block is not None else [])], x)
+            got = capture(pruned, [(name, "input"), *([_shortcut(block)] if block is not None else [])], x)
             inp, y = got[0], cached[b][name]
             if block is not None:
                 shortcut = _picked(layer, got[1], slice(None), b, settings)
                 y = _block_target(dict(pruned.named_modules())[block.bn], cached[b][(name, "summed")], shortcut, y)
         else:  # local: the unpruned network's input on the kept channels
-            y, full = _capture(unpruned, [(name, "output"), (name, "input")], x)
+            y, full = capture(unpruned, [(name, "output"), (name, "input")], x)
             y = _picked(layer, y, out_ids, b, settings)
             inp = full[:, in_ids] if isinstance(layer, nn.Conv2d) else full[..., in_ids]
         for g in range(groups):
@@ -504,8 +381,8 @@ def reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequenc
 def _reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequence[str], xs: list[torch.Tensor],
                         settings: ReconstructSettings, report: ReconstructReport) -> None:
     layers = dict(sparse.named_modules())
-    order = [n for n in _call_order(sparse, xs[0][:1]) if n in set(layer_names)]
-    norms = _norms_fed(sparse, xs[0][:1]) if settings.intercept else {}
+    order = [n for n in call_order(sparse, xs[0][:1]) if n in set(layer_names)]
+    norms = norms_fed(sparse, xs[0][:1]) if settings.intercept else {}
     for name in order:
         layer = layers[name]
         offset = name in norms
@@ -518,8 +395,8 @@ def _reconstruct_masked(sparse: nn.Module, dense: nn.Module, layer_names: Sequen
             continue
         equations = None
         for b, x in enumerate(xs):
-            (y,) = _capture(dense, [(name, "output")], x)
-            (inp,) = _capture(sparse, [(name, "input")], x)
+            (y,) = capture(dense, [(name, "output")], x)
+            (inp,) = capture(sparse, [(name, "input")], x)
             y = _picked(layer, y, slice(None), b, settings)
             a, t = layer_rows(layer, inp, 0, b, settings.positions, offset), _target_rows(layer, y, 0)
             equations = equations or NormalEquations(a.shape[1], t.shape[1])

@@ -23,14 +23,13 @@ from torch import nn
 
 from metanet.data import TaskData
 from metanet.criteria import criterion
-from metanet.diagnostics import curve_auc, pruning_curve
-from metanet.metanetwork import MetaNetwork
-from metanet.recipe import (RecipeConfig, apply_metanetwork, calibration, prune_to_targets, recipe_from_settings,
-                            scores_metanet)
-from metanet.scoring import learned_criterion
+from metanet.diagnostics import criterion_of, curve_auc, pruning_curve, weight_pruning_curve
+from metanet.metanetwork import MetaNetwork, apply_metanetwork
+from metanet.objectives import objective
+from metanet.recipe import RecipeConfig, prune_to_targets, recipe_from_settings
 from metanet.weight_scoring import weight_level_view
 
-OBJECTIVES = ("recipe", "auc")
+SELECTIONS = ("recipe", "auc")  # how a run's checkpoints are scored
 SELECT_STEPS = 18  # about one epoch of digits at batch 64 (bench/selection.py's short recipe)
 
 
@@ -49,13 +48,11 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
     defaults to ``recipe.target``. With ``sparsities``, a weight-level metanetwork's: the mean
     validation accuracy right after pruning to each fraction of zeros, BatchNorm recalibrated
     (``metanet.weight_scoring.weight_level_view``). Never reads the test split."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"selection objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    if objective not in SELECTIONS:
+        raise ValueError(f"selection objective must be one of {', '.join(SELECTIONS)}, not {objective!r}")
     if not models:
         raise ValueError("no validation members to score a metanetwork on")
     if sparsities:
-        from metanet.diagnostics import weight_pruning_curve
-
         x = torch.zeros(data.input_shape, device=next(metanet.parameters()).device)
         areas = []
         for m in models:
@@ -74,24 +71,13 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
     return sum(scores) / len(scores)
 
 
-def criterion_of(metanet: MetaNetwork, model: nn.Module, x: torch.Tensor, recipe: RecipeConfig,
-                 data: TaskData | None = None):
-    """What ranks ``model``'s channels after ``metanet``: its own scores for a learned criterion
-    (a ``scores`` metanetwork; ``data``'s calibration batches where it reads statistics), else the
-    recipe's criterion on the edited weights."""
-    if not scores_metanet(metanet):
-        return criterion(recipe.criterion)
-    batches = list(calibration(data, recipe)()) if metanet.config.calibration else None
-    return learned_criterion(metanet, model, x, batches)
-
-
 def default_selection(training_objective: str) -> str:
     """The selection score for a metanetwork trained with ``training_objective``: ``auc`` for a
     learned criterion (the curve objective), the short ``recipe`` for an edit. Measured by
     ``bench/selection.py`` (docs/method.md): the edit's curve area ranks checkpoints backwards
     (Spearman -0.75 with the full recipe's outcome, the short recipe 0.67-0.82); a learned
     criterion's ranks them better than the short recipe (0.61 against 0.57 and 0.36)."""
-    return "auc" if training_objective == "curve" else "recipe"
+    return objective(training_objective).selection
 
 
 def choose(scores: Mapping[int, float]) -> tuple[int, float]:

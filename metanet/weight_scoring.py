@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metanet.graph import NetworkGraph, graph_to_params, network_to_graph
+from metanet.levels import Level
+from metanet.metanetwork import apply_metanetwork
 from metanet.weight_pruning import GivenScores, prunable_layers
 from metanet.curve import batch_stat_copy
 from metanet.weight_pruning import weight_criterion
@@ -115,11 +117,9 @@ def weight_level_view(metanet, model: nn.Module, example_inputs: torch.Tensor):
     """(the network to prune, the weight criterion ranking it) for a metanetwork at the weight
     level: a ``weight_scores`` one ranks ``model``'s own weights by its scores; an edit (the
     paper's, meta-trained with ``paper_l1``) changes them, then global magnitude ranks."""
-    from metanet.recipe import apply_metanetwork
-
-    if metanet.config.edit == "weight_scores":
+    if metanet.head.ranks is Level.WEIGHTS:
         return model, learned_weight_criterion(metanet, model, example_inputs)
-    if metanet.config.edit in ("scores",):
+    if metanet.head.ranks is Level.CHANNELS:
         raise ValueError("a channel-scores metanetwork ranks channels, not weights")
     return apply_metanetwork(metanet, model, example_inputs), weight_criterion("magnitude")
 

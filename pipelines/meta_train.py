@@ -68,7 +68,8 @@ def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from metanet.diagnostics import mean_diagnostics
-    from metanet.meta_training import SPARSITY_OBJECTIVES, distill_across_workers, make_member, run_epoch
+    from metanet.meta_training import distill_across_workers, make_member, run_epoch
+    from metanet.objectives import objective
     from metanet.metanetwork import MetaNetConfig, MetaNetwork
     from metanet.recipe import RecipeConfig
     from metanet.train import TrainConfig
@@ -128,7 +129,7 @@ def train_func(config: dict) -> None:
                    "train_acc": float(sums[2] / sums[3]), "seconds": time.perf_counter() - began,
                    "started_at_epoch": start}
         if rank == 0:
-            sparsity = f", sparsity {metrics['sparsity_loss']:.3f}" if cfg.objective in SPARSITY_OBJECTIVES else ""
+            sparsity = f", sparsity {metrics['sparsity_loss']:.3f}" if objective(cfg.objective).sparsity_term else ""
             print(f"{EPOCH_LINE} {epoch + 1}/{cfg.epochs}: task loss {metrics['task_loss']:.3f}{sparsity}, train acc "
                   f"{100 * metrics['train_acc']:.1f}% ({metrics['seconds']:.0f} s)", flush=True)
         every_diag = config["diagnose_every"]

@@ -49,6 +49,7 @@ from distributed.ray_env import check_fits, init_ray, preflight, ray, shutdown  
 from distributed.schema import require_regular_file  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
+from metanet.methods import uses_metanet  # noqa: E402
 from metanet.recipe import (RECIPE_DEFAULTS, RECIPE_LIMITS, RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS,  # noqa: E402
                             prepare_reads_target)
 from zoo import batch  # noqa: E402
@@ -153,7 +154,7 @@ def parse_args(argv=None) -> dict:
         batch.check_choices(config)
     except batch.BatchInputError as err:
         raise SystemExit(f"prune_batch: {err}") from None
-    if "meta" in config["methods"]:
+    if uses_metanet(config["methods"]):
         if not config["metanet"]:
             raise SystemExit("prune_batch: --metanet FILE is needed for method 'meta' (or --methods none depgraph)")
         if not os.path.exists(config["metanet"]):
@@ -172,7 +173,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     # the inputs are checked before the output is touched: a refused run leaves nothing behind
     metanet_sha, metanet = "", None
-    if "meta" in config["methods"]:
+    if uses_metanet(config["methods"]):
         from metanet.metanetwork import load_metanetwork
 
         metanet = load_metanetwork(config["metanet"])[0]  # a truncated or foreign file: one line now

@@ -6,7 +6,8 @@ import torch
 
 from conftest import randomize_state
 from metanet import network_to_graph
-from metanet.meta_training import Member, member_step
+from metanet.meta_training import member_step
+from metanet.objectives import EditMember
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of
 from metanet.sparsity import GroupSparsity
 from metanet.graph import graph_to_params
@@ -33,7 +34,7 @@ def test_meta_training_step_on_cuda_matches_the_cpu(edit, backend):
         if edit != "additive":  # gates that differ from 1, so the step exercises them
             torch.nn.init.normal_(net.gate_decoder[-1].weight, std=0.5)
         net.to(device)
-        member = Member("m", graph.to(device), model.to(device).eval(), sparsity, sparsity_form="group",
+        member = EditMember("m", graph.to(device), model.to(device).eval(), sparsity, sparsity_form="group",
                         group_weights=weights.to(device))
         terms = member_step(net, member, [(a.to(device), b.to(device)) for a, b in batches])
         results[device] = terms, {k: p.grad.cpu() for k, p in net.named_parameters() if p.grad is not None}

@@ -10,7 +10,8 @@ from torch import nn
 from metanet import network_to_graph
 from metanet.diagnostics import pruning_curve, selectivity
 from metanet.graph import graph_to_params
-from metanet.meta_training import MetaTrainConfig, make_member, task_objective
+from metanet.meta_training import MetaTrainConfig, make_member
+from metanet.objectives import task_objective
 from metanet.paired import mean_ci, paired_difference
 from metanet.prune import PruneSettings, prune_in_steps, prune_to_speedup, recalibrate_bn
 from metanet.recipe import RecipeConfig

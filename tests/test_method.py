@@ -9,7 +9,9 @@ from metanet.meta_training import MetaTrainConfig, make_member, member_step
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of
 from metanet.prune import (PruneSettings, UnreachableSpeedupError, count, load_pruned, prune_adaptive, prune_to_speedup,
                            save_pruned, structure)
-from metanet.recipe import ALL_METHODS, RecipeConfig, prune_with_method
+from metanet.levels import Level
+from metanet.methods import names
+from metanet.recipe import RecipeConfig, prune_with_method
 from metanet.sparsity import GroupSparsity, classifier_of, importance
 from zoo.arch import build_model, resnet_spec, vgg_spec
 from metanet.train import TrainConfig, evaluate, train
@@ -135,7 +137,7 @@ def test_adaptive_pruning_stays_above_the_floor(digits):
     assert result.speedup > 1.0
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("method", names(Level.CHANNELS))
 def test_recipe_runs_every_method_with_the_same_budget(method, digits):
     torch.manual_seed(0)
     spec = resnet_spec(20, (6, 12, 16), in_channels=1)

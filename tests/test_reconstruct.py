@@ -166,9 +166,9 @@ def test_a_blocks_last_convolution_is_fitted_to_the_block_output(resnet, digits)
     the block's input), and fitting it to the block's output (minus the pruned shortcut) rather than
     its own output is what keeps the digits ResNet-20 at 4x (bench/reconstruct_settings.py: 84.7%
     against 78.6% on validation)."""
-    from metanet.reconstruct import _residual_blocks
+    from metanet.forward_taps import residual_blocks
 
-    blocks = _residual_blocks(resnet)
+    blocks = residual_blocks(resnet)
     assert len(blocks) == 9 and blocks["layers.0.conv2"].shortcut is None
     assert blocks["layers.3.conv2"].shortcut == "layers.3.shortcut" and blocks["layers.3.conv2"].bn == "layers.3.bn2"
     pruned, channels = _pruned(resnet, digits, 4.0)
@@ -252,18 +252,18 @@ class _ResidualInPlace(nn.Module):
 
 
 def test_an_intercept_is_folded_only_where_the_batchnorm_alone_reads_the_layers_output_unchanged():
-    from metanet.reconstruct import _norms_fed
+    from metanet.forward_taps import norms_fed
 
     plain = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU())
-    assert _norms_fed(plain, torch.randn(2, 2, 5, 5)) == {"0": plain[1]}
+    assert norms_fed(plain, torch.randn(2, 2, 5, 5)) == {"0": plain[1]}
     in_place = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.ReLU(inplace=True), nn.BatchNorm2d(3))
-    assert _norms_fed(in_place, torch.randn(2, 2, 5, 5)) == {}  # the offset would pass through the ReLU
-    assert _norms_fed(_TwoReaders(), torch.randn(2, 2, 5, 5)) == {}  # the other reader would lose it
-    assert _norms_fed(_ResidualInPlace(), torch.randn(2, 3, 4, 4)) == {}  # no module sees the +=, its version does
-    assert _norms_fed(_Tokens(), torch.randn(2, 3, 4)) == {}  # BatchNorm1d over tokens, not channels
+    assert norms_fed(in_place, torch.randn(2, 2, 5, 5)) == {}  # the offset would pass through the ReLU
+    assert norms_fed(_TwoReaders(), torch.randn(2, 2, 5, 5)) == {}  # the other reader would lose it
+    assert norms_fed(_ResidualInPlace(), torch.randn(2, 3, 4, 4)) == {}  # no module sees the +=, its version does
+    assert norms_fed(_Tokens(), torch.randn(2, 3, 4)) == {}  # BatchNorm1d over tokens, not channels
     shared = nn.BatchNorm2d(3)
     twice = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), shared, nn.Conv2d(3, 3, 1, bias=False), shared)
-    assert _norms_fed(twice, torch.randn(2, 3, 4, 4)) == {}  # one running mean cannot take two offsets
+    assert norms_fed(twice, torch.randn(2, 3, 4, 4)) == {}  # one running mean cannot take two offsets
 
 
 def test_settings_parse_from_text_and_name_what_is_wrong():

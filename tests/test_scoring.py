@@ -173,7 +173,7 @@ def test_meta_train_objective_curve_trains_a_criterion_and_refuses_an_edit():
 
 
 def test_score_targets_regress_the_scores_on_the_members_own_curve_scores(trained_member, digits):
-    from metanet.meta_training import attach_targets
+    from metanet.objectives import attach_targets
 
     graph = network_to_graph(trained_member, X)
     cfg = MetaTrainConfig(objective="curve", batch_size=128, score_targets=1.0, target_steps=10)

@@ -23,6 +23,7 @@ from metanet.metanetwork import MetaNetConfig, MetaNetwork, MetanetFileError, lo
 from metanet.selection import choose, score, selection_recipe
 from zoo.batch import file_digest
 from metanet.diagnostics import CURVE_SPARSITIES
+from metanet.plotting import DIAGNOSTIC_PANELS, diagnostics_figure, pyplot, selection_figure
 from zoo.meta_settings import NOT_RESULT_SETTINGS, WEIGHT_OBJECTIVES, metanet_settings
 from zoo.integrity import checked
 from zoo.store import Zoo
@@ -176,7 +177,6 @@ def log_selection(config: dict, selection: dict, run_id: str) -> None:
     """MLflow, into the training's run: the chosen epoch and score, each checkpoint's score, the
     chosen metanetwork, the selection plot and the per-epoch validation diagnostics."""
     from distributed.tracking import log_run, metric_histories, use_experiment
-    from metanet.plotting import DIAGNOSTIC_PANELS, diagnostics_figure, pyplot, selection_figure
 
     figures = {"selection_scores.png": selection_figure(selection["epochs"], selection["scores"],
                                                         selection["best_epoch"],

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 
-from metanet.meta_training import OBJECTIVES as TRAINING_OBJECTIVES
+from metanet.heads import HEADS
+from metanet.levels import Level
 from metanet.meta_training import MetaTrainConfig
 from metanet.metanetwork import EDITS, MetaNetConfig
-from metanet.objective_defaults import DEFAULT_OBJECTIVE, FIXED_EDITS, OBJECTIVE_DEFAULTS, TYPES, edit_refusal, fill
-from metanet.selection import OBJECTIVES, SELECT_STEPS, default_selection
+from metanet.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, TYPES, edit_refusal, fill, objective_defaults
+from metanet.selection import SELECTIONS, SELECT_STEPS, default_selection
 from metanet.sparsity import SPARSITY_FORMS
 from zoo.integrity import DAMAGED_MEMBERS
 
@@ -19,7 +20,7 @@ TRAIN_KEYS = ("epochs", "lr", "weight_decay", "milestones", "batches_per_step", 
               "score_targets", "l1_reg", "weight_temperature")
 # the objectives that train a metanetwork for weight-level pruning (prune_batch --sparsity/--nm), and
 # the edit each trains
-WEIGHT_OBJECTIVES = {o: FIXED_EDITS[o] for o in ("weight_curve", "paper_l1")}
+WEIGHT_OBJECTIVES = {name: o.head for name, o in OBJECTIVES.items() if o.level is Level.WEIGHTS}
 NET_KEYS = ("hidden", "layers", "residual", "backend", "edit", "evidence", "calibration", "gradient")
 DEFAULTS = {
     "zoo": "runs/zoo-digits", "out": "runs/meta-train", "name": "metanet", "workers": 2,
@@ -29,8 +30,8 @@ DEFAULTS = {
     "select_finetune_steps": SELECT_STEPS,
     "select_members": 4, "diagnose_every": 1, "data_root": None, "mlflow": True, "min_member_acc": 0.0,
     "damaged_members": "refuse",
-    # the objective's settings (metanet.objective_defaults): None until the objective fills them
-    "objective": DEFAULT_OBJECTIVE, **{k: None for k in OBJECTIVE_DEFAULTS[DEFAULT_OBJECTIVE]},
+    # the objective's settings (metanet.objectives): None until the objective fills them
+    "objective": DEFAULT_OBJECTIVE, **{k: None for k in objective_defaults(DEFAULT_OBJECTIVE)},
 }
 HELP = {
     "zoo": "zoo directory or URI to meta-train on (its 'train' members; 'val' members select checkpoints)",
@@ -84,8 +85,8 @@ HELP = {
     "weight_temperature": "weight_curve objective: temperature of the soft mask, in units of log-magnitude",
 }
 for _key in TYPES:  # the settings the objective fills: their help says what each objective gives
-    HELP[_key] += (f" (default: by --objective: curve {OBJECTIVE_DEFAULTS['curve'][_key]}, "
-                   f"paper {OBJECTIVE_DEFAULTS['paper'][_key]})")
+    HELP[_key] += (f" (default: by --objective: curve {OBJECTIVES['curve'].defaults[_key]}, "
+                   f"paper {OBJECTIVES['paper'].defaults[_key]})")
 GE0, GE1, GT0 = {"ge": 0}, {"ge": 1}, {"gt": 0}
 # what each setting may be (pydantic bounds, checked with the flags before Ray starts; floats finite)
 LIMITS = {"workers": GE1, "epochs": GE1, "lr": GT0, "weight_decay": GE0, "milestones": GE0, "batches_per_step": GE1,
@@ -108,11 +109,11 @@ def check_settings(config: dict) -> dict:
     """Refuses a bad value or combination in one line naming the flag (``SystemExit``: exit 2
     through ``distributed.cli``); derives what follows from the others; makes local paths absolute
     (Ray Train's workers run in another directory)."""
-    _one_of(config, "objective", TRAINING_OBJECTIVES)
-    fill(config)  # what is not given comes from the objective (metanet.objective_defaults)
+    _one_of(config, "objective", OBJECTIVES)
+    fill(config)  # what is not given comes from the objective (metanet.objectives)
     if config["selection"] is None:
         config["selection"] = default_selection(config["objective"])
-    _one_of(config, "selection", OBJECTIVES)
+    _one_of(config, "selection", SELECTIONS)
     _one_of(config, "bn_mode", ("eval", "train"))
     _one_of(config, "edit", EDITS)
     _one_of(config, "sparsity_norm", SPARSITY_FORMS)
@@ -122,11 +123,11 @@ def check_settings(config: dict) -> dict:
         raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: {refusal}")
     if config["objective"] in WEIGHT_OBJECTIVES:
         return _absolute(config)
-    if config["gradient"] and config["edit"] != "scores":
+    if config["gradient"] and HEADS[config["edit"]].ranks is not Level.CHANNELS:
         raise SystemExit(f"meta_train: --gradient is an input of a learned criterion (--objective curve), not of "
                          f"--edit {config['edit']}")
     config["calibration"] = config["calibration"] or config["gradient"]  # the gradient reads the calibration batches
-    if config["distill_epochs"] and config["edit"] in ("additive", "scores"):
+    if config["distill_epochs"] and not HEADS[config["edit"]].gates:
         raise SystemExit(f"meta_train: --distill-epochs needs a gate edit (--edit gate): edit {config['edit']} has no "
                          "gates")
     return _absolute(config)

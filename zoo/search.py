@@ -16,12 +16,12 @@ from distributed.schema import Strict, describe, read_mapping
 from distributed.settings import settings_model
 from metanet.criteria import CRITERIA
 from metanet.files import atomic_write_text
-from metanet.meta_training import MetaTrainConfig, OBJECTIVES as TRAINING_OBJECTIVES
+from metanet.meta_training import MetaTrainConfig
 from metanet.metanetwork import EDITS, MetaNetConfig
-from metanet.objective_defaults import DEFAULT_OBJECTIVE, FIXED_EDITS, edit_refusal, objective_defaults
+from metanet.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, edit_refusal, objective_defaults, trained_edit
 from metanet.recipe import RECIPE_DEFAULTS, RECIPE_LIMITS, RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS
 from metanet.reconstruct import TARGETS
-from metanet.selection import OBJECTIVES
+from metanet.selection import SELECTIONS
 from metanet.sparsity import SPARSITY_FORMS
 from zoo.integrity import DAMAGED_MEMBERS
 from zoo.meta_settings import LIMITS, WEIGHT_OBJECTIVES
@@ -37,7 +37,7 @@ SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 def default_trial() -> dict:
     """The configuration a user gets without tuning, as meta_train.py and prune_batch.py have it: the
     library's defaults (``MetaTrainConfig``, ``MetaNetConfig``, ``metanet.recipe.RECIPE_DEFAULTS``)
-    with the default objective and its settings (``metanet.objective_defaults``)."""
+    with the default objective and its settings (``metanet.objectives``)."""
     train, net = MetaTrainConfig(), MetaNetConfig(edge_widths={})
     meta = {k: getattr(train, k) if hasattr(train, k) else getattr(net, k) for k in META_KEYS}
     meta.update(objective=DEFAULT_OBJECTIVE, **objective_defaults(DEFAULT_OBJECTIVE))
@@ -48,12 +48,12 @@ def default_trial() -> dict:
 def with_objective_defaults(config: dict, search: dict) -> dict:
     """A trial's settings as it trains with them: those the search neither fixes nor samples follow
     the trial's objective (a search that fixes ``objective: paper`` gets the paper's metanetwork);
-    the edit is the one the objective trains (``metanet.objective_defaults.FIXED_EDITS``), if it has one."""
+    the edit is the one the objective trains (``metanet.objectives.trained_edit``), if it has one."""
     chosen = set(search.get("fixed", {})) | set(search["space"])
     config = {**config, **{k: v for k, v in objective_defaults(config["objective"]).items() if k not in chosen}}
     # a search over objectives and edits: an objective that trains one edit gets it (a fixed
     # combination no trial could train is refused when the search file is read)
-    return {**config, "edit": FIXED_EDITS.get(config["objective"], config["edit"])}
+    return {**config, "edit": trained_edit(config["objective"], config["edit"])}
 
 
 Tunable = Literal[META_KEYS + PRUNE_KEYS]  # type: ignore[valid-type]
@@ -84,7 +84,7 @@ class SearchFile(Strict):
     # (objective weight_curve or paper_l1), fractions of zero weights: exactly one of the two
     targets: Annotated[list[Annotated[float, Field(gt=1, allow_inf_nan=False)]], Field(min_length=1)] | None = None
     sparsities: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], Field(min_length=1)] | None = None
-    objective: Literal[OBJECTIVES] = "recipe"  # type: ignore[valid-type]
+    objective: Literal[SELECTIONS] = "recipe"  # type: ignore[valid-type]
     val_members: Annotated[int, Field(ge=1)] | None = None
     max_epochs: Annotated[int, Field(ge=1)]
     eval_every: Annotated[int, Field(ge=1)] = 1
@@ -146,7 +146,8 @@ class SearchFile(Strict):
                       else [self.fixed.get("objective", default_trial()["objective"])])
         for objective in objectives:
             for edit in edits:
-                refusal = None if sampled and objective in FIXED_EDITS else edit_refusal(objective, edit)
+                fixed_head = objective in OBJECTIVES and OBJECTIVES[objective].head is not None
+                refusal = None if sampled and fixed_head else edit_refusal(objective, edit)
                 if refusal:
                     named = ("space.objective" if sampled else
                              "fixed.objective" if "objective" in self.fixed else "the default objective")
@@ -161,7 +162,7 @@ def _trial_model():
 
 @functools.lru_cache(maxsize=1)
 def _choices() -> dict[str, tuple]:
-    return {"edit": EDITS, "objective": TRAINING_OBJECTIVES, "sparsity_norm": SPARSITY_FORMS, "criterion": tuple(CRITERIA),
+    return {"edit": EDITS, "objective": tuple(OBJECTIVES), "sparsity_norm": SPARSITY_FORMS, "criterion": tuple(CRITERIA),
             "reconstruct_targets": TARGETS}
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from distributed.cli import ANSI, training_error
 from metanet.files import atomic_write, atomic_write_text
+from metanet.levels import Level
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, load_metanetwork, save_metanetwork
 from metanet.plotting import pyplot
@@ -164,7 +165,7 @@ def _held_out_weights(net, held_out, sparsities, data, recipe) -> dict:
     fraction of zeros (its finetune, then weight-level pruning, then the finetune)."""
     scores: dict[float, list[float]] = {float(s): [] for s in sparsities}
     for record in held_out:
-        prepared = prepare(record.network(), data, "meta", recipe, net, level="weights")
+        prepared = prepare(record.network(), data, "meta", recipe, net, level=Level.WEIGHTS)
         for s in scores:
             scores[s].append(sparsify_and_finetune(prepared, data, recipe, WeightPruning(sparsity=s), metanet=net)[1]
                              ["test_acc"])
