@@ -42,6 +42,7 @@ from metanet.diagnostics import CURVE_SPEEDUPS, curve_auc, pruning_curve  # noqa
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
+from metanet.plotting import pyplot  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
 from metanet.reconstruct import ReconstructSettings  # noqa: E402
 from metanet.recipe import Prepared, RecipeConfig, calibration, prune_and_finetune  # noqa: E402
@@ -196,6 +197,58 @@ def finetune_table(tuned: dict[str, list[dict]], steps: int, speedups, log, crit
 RECONSTRUCTED = " + LS"  # a method's row with the least-squares reconstruction after the cut
 
 
+def plot_summary(path: str, curves, val_curves, tuned, criteria, learned, speedup: float, unpruned: float,
+                 title: str) -> None:
+    """The figure of a run: test accuracy (%) of the learned criteria, ``curve`` and the best
+    hand-crafted criterion (chosen per point by validation accuracy), each without (solid) and with
+    (dashed) the re-fit; left right after pruning against the speed-up, right at ``speedup`` against
+    the finetuning steps. Bars: 95% intervals over the held-out networks."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    budgets = sorted(tuned)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def test_at(row: str, s: float, steps: int, which: int = 1) -> list[float]:
+        """Per network: accuracy of ``row`` at speed-up ``s`` after ``steps`` (0: right after pruning)."""
+        if steps == 0:
+            source = curves if which == 1 else val_curves
+            return [100 * r[s] for r in source[row]]
+        return [100 * seed_mean(r[s], which) for r in tuned[steps][row]]
+
+    def best(tag: str, s: float, steps: int) -> str:
+        return max((c + tag for c in criteria), key=lambda c: statistics.mean(test_at(c, s, steps, which=0)))
+
+    # one learned criterion is what the defaults call meta; several keep their variant names
+    lines = [("meta (learned criterion)" if len(learned) == 1 else n, lambda tag, s, steps, n=n: n + tag)
+             for n in learned]
+    lines += [(PER_NETWORK, lambda tag, s, steps: PER_NETWORK + tag)] if PER_NETWORK in curves else []
+    lines += [("best hand-crafted", best)]
+    for i, (label, row_of) in enumerate(lines):
+        for tag in dict.fromkeys(suffix(r) for r in curves):
+            style = dict(color=colors[i % len(colors)], ls="--" if tag else "-", marker="o", capsize=3,
+                         label=label + tag)
+            cis = [mean_ci(test_at(row_of(tag, s, 0), s, 0)) for s in CURVE_SPEEDUPS]
+            left.errorbar(CURVE_SPEEDUPS, [c.mean for c in cis], yerr=[(c.high - c.low) / 2 for c in cis], **style)
+            steps = [0, *budgets]
+            cis = [mean_ci(test_at(row_of(tag, speedup, k), speedup, k)) for k in steps
+                   if k == 0 or row_of(tag, speedup, k) in tuned[k]]
+            right.errorbar(steps[:len(cis)], [c.mean for c in cis], yerr=[(c.high - c.low) / 2 for c in cis], **style)
+    for ax, xlabel, what in ((left, "speed-up (MACs)", "right after pruning (BatchNorm recalibrated)"),
+                             (right, "finetuning steps", f"at {speedup:g}x, after finetuning")):
+        ax.axhline(unpruned, color="gray", ls=":", label=f"unpruned (mean {unpruned:.1f}%)")
+        ax.set_xlabel(xlabel)
+        if ax is right:
+            ax.set_xticks([0, *budgets])
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(what, fontsize=10)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def ls_variant(text: str) -> ReconstructSettings:
     """``key=value,...`` over ``ReconstructSettings``' fields (``--ls-variants``)."""
     try:
@@ -262,6 +315,9 @@ def main(argv=None) -> None:
     p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot", metavar="PNG", help="also draw the learned criteria, curve and the best hand-crafted "
+                   "criterion, with and without the re-fit, right after pruning and after each --finetune budget at "
+                   "the first --finetune-speedups (default: no plot)")
     args = p.parse_args(argv)
     if args.finetune_seeds < 1:
         raise SystemExit(f"learned_criterion: --finetune-seeds {args.finetune_seeds}: must be at least 1")
@@ -401,6 +457,12 @@ def main(argv=None) -> None:
                        "right after pruning (BatchNorm recalibrated)", log)
     for steps in args.finetune:
         finetune_table(tuned[steps], steps, args.finetune_speedups, log, criteria)
+    if args.plot:
+        unpruned = 100 * statistics.mean(r.metrics["test_acc"] for r in held)
+        plot_summary(args.plot, {m: curves[m] for m in shown if m not in sweep and m not in gated}, val_curves, tuned,
+                     criteria, list(variants), args.finetune_speedups[0], unpruned,
+                     f"{data.name}: {len(held)} held-out networks ({', '.join(f'{n} {f}' for f, n in kinds.items())})")
+        log(f"\nplot: {args.plot}")
     log("\nmeta-training: " + "; ".join(f"{n}: epoch {i['epoch']} chosen, {i['epoch_seconds']:.1f} s per epoch"
                                         for n, i in info.items()))
     log(f"total {(time.perf_counter() - t0) / 60:.1f} min")

@@ -38,7 +38,7 @@ from metanet.metanetwork import MetaNetwork
 from metanet.prune import amounts_for
 from metanet.scoring import ScoreMap, attach_statistics, channel_scores, node_statistics, score_map
 from metanet.sparsity import GroupSparsity, sparsity_term
-from metanet.weight_scoring import metanet_weight_scores, weight_curve_loss, weight_names
+from metanet.weight_scoring import metanet_weight_scores, soft_masked, weight_names
 
 if TYPE_CHECKING:
     from metanet.meta_training import MetaTrainConfig
@@ -210,6 +210,34 @@ def _edited_step(metanet, members, batches, cfg, extra_term) -> dict[str, float]
     return terms
 
 
+def _masked_step(members: Sequence[Member], batches: Batches, masked_logits, extra=None) -> dict[str, float]:
+    """The curve objectives' step at either level: for each member ``masked_logits(member)`` gives
+    ``x -> logits`` of its network soft-masked by the metanetwork's scores (channels or weights);
+    the mean cross-entropy over ``batches`` and members, plus ``extra(member)`` (None, or a term's
+    name, its value and its weight in the loss: the value is what the terms report), backward once;
+    gradients accumulate in the metanetwork. Returns the mean loss terms."""
+    terms = _terms()
+    total = 0.0
+    for member in members:
+        logits_of = masked_logits(member)
+        correct, seen = 0, 0
+        for x, y in batches:
+            out = logits_of(x)
+            loss = F.cross_entropy(out, y) / (len(batches) * len(members))
+            total = total + loss
+            terms["task_loss"] += float(loss.detach())
+            correct += int((out.argmax(1) == y).sum())
+            seen += y.numel()
+        terms["train_acc"] += correct / max(seen, 1) / len(members)
+        term = extra(member) if extra is not None else None
+        if term is not None:
+            name, value, weight = term
+            total = total + weight * value
+            terms[name] = terms.get(name, 0.0) + float(value.detach())
+    total.backward()
+    return terms
+
+
 _PAPER = {"edit": "additive", "layers": 4, "evidence": False, "calibration": False, "gradient": False,
           "score_targets": 0.0, "lr": 1e-3, "batch_size": 256}
 
@@ -230,25 +258,6 @@ class Paper(Objective):
     def step(self, metanet, members, batches, draw, cfg):
         return _edited_step(metanet, members, batches, cfg, lambda m, leaves: sparsity_term(
             m.sparsity, leaves, m.sparsity_form, m.group_weights))
-
-
-@register
-class PaperL1(Objective):
-    name = "paper_l1"
-    defaults = _PAPER
-    head = "additive"
-    level = Level.WEIGHTS
-    sparsity_term = True
-
-    def member(self, member_id, model, graph, cfg):
-        work = model.train(cfg.bn_mode == "train")
-        params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
-        return WeightMember(member_id, graph, work.to(graph.node_feat.device), params, weight_names(model))
-
-    def step(self, metanet, members, batches, draw, cfg):
-        # the paper's unstructured term: reg * sign(w) in the gradient
-        return _edited_step(metanet, members, batches, cfg, lambda m, leaves: cfg.l1_reg * sum(
-            leaves[n].abs().sum() for n in m.weight_names))
 
 
 @register
@@ -281,36 +290,32 @@ class Curve(Objective):
     def step(self, metanet, members, batches, draw, cfg):
         """Each member's channel scores from one metanetwork pass (``metanet.scoring.channel_scores``),
         the hard-to-soft mask at the amount ``lo + draw * (hi - lo)`` of its range, the masked
-        network's mean cross-entropy over ``batches``."""
+        network's mean cross-entropy over ``batches``; with ``score_targets``, the regression on
+        the member's own curve scores."""
         core = metanet.module if hasattr(metanet, "module") else metanet
-        terms = _terms()
-        total = 0.0
-        for member in members:
+        scores_of = {}
+
+        def masked_logits(member):
             lo, hi = member.amounts
             if core.config.calibration and "_statistics" not in member.graph.__dict__:
                 # the member's own channel statistics (eval mode), on its first step's batches
                 reference = graph_to_network(member.graph, member.model).eval()
                 attach_statistics(member.graph, node_statistics(core, reference, member.graph, batches,
                                                                 member.scores_map))
-            scores = channel_scores(metanet, member.graph, member.params, member.scores_map)
+            scores = scores_of[member.id] = channel_scores(metanet, member.graph, member.params, member.scores_map)
             masker = member.scores_map.masker
-            mask = masker.mask(scores, lo + draw * (hi - lo), cfg.curve_temperature, cfg.curve_mask)
-            masked = masker.apply(member.params, mask)
-            correct, seen = 0, 0
-            for x, y in batches:
-                out = torch.func.functional_call(member.model, masked, (x,))
-                loss = F.cross_entropy(out, y) / (len(batches) * len(members))
-                total = total + loss
-                terms["task_loss"] += float(loss.detach())
-                correct += int((out.argmax(1) == y).sum())
-                seen += y.numel()
-            terms["train_acc"] += correct / max(seen, 1) / len(members)
-            if cfg.score_targets and member.targets is not None:
-                target = F.mse_loss(masker.standardise(scores), member.targets.to(scores.device)) / len(members)
-                total = total + cfg.score_targets * target
-                terms["target_loss"] = terms.get("target_loss", 0.0) + float(target.detach())
-        total.backward()
-        return terms
+            masked = masker.apply(member.params, masker.mask(scores, lo + draw * (hi - lo), cfg.curve_temperature,
+                                                             cfg.curve_mask))
+            return lambda x: torch.func.functional_call(member.model, masked, (x,))
+
+        def target_term(member):
+            if not cfg.score_targets or member.targets is None:
+                return None
+            scores = scores_of[member.id]
+            loss = F.mse_loss(member.scores_map.masker.standardise(scores), member.targets.to(scores.device))
+            return "target_loss", loss / len(members), cfg.score_targets
+
+        return _masked_step(members, batches, masked_logits, target_term)
 
 
 def attach_targets(member: CurveMember, data: TaskData, cfg: "MetaTrainConfig") -> None:
@@ -347,22 +352,33 @@ class WeightCurve(Objective):
         ``lo + draw * (hi - lo)``, the masked network's mean cross-entropy over ``batches``."""
         lo, hi = cfg.weight_sparsities
         sparsity = lo + draw * (hi - lo)
-        terms = _terms()
-        total = 0.0
-        for member in members:
+
+        def masked_logits(member):
             scores = metanet_weight_scores(metanet, member.graph, member.model, member.params, member.weight_names)
-            correct, seen = 0, 0
-            for x, y in batches:
-                loss, logits = weight_curve_loss(member.model, member.params, scores, sparsity, x, y,
-                                                 cfg.weight_temperature)
-                loss = loss / (len(batches) * len(members))
-                total = total + loss
-                terms["task_loss"] += float(loss.detach())
-                correct += int((logits.argmax(1) == y).sum())
-                seen += y.numel()
-            terms["train_acc"] += correct / max(seen, 1) / len(members)
-        total.backward()
-        return terms
+            # the mask built per batch, as weight_curve_loss builds it: the same sums in the backward
+            return lambda x: torch.func.functional_call(
+                member.model, soft_masked(member.params, scores, sparsity, cfg.weight_temperature), (x,))
+
+        return _masked_step(members, batches, masked_logits)
+
+
+@register
+class PaperL1(Objective):
+    name = "paper_l1"
+    defaults = _PAPER
+    head = "additive"
+    level = Level.WEIGHTS
+    sparsity_term = True
+
+    def member(self, member_id, model, graph, cfg):
+        work = model.train(cfg.bn_mode == "train")
+        params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
+        return WeightMember(member_id, graph, work.to(graph.node_feat.device), params, weight_names(model))
+
+    def step(self, metanet, members, batches, draw, cfg):
+        # the paper's unstructured term: reg * sign(w) in the gradient
+        return _edited_step(metanet, members, batches, cfg, lambda m, leaves: cfg.l1_reg * sum(
+            leaves[n].abs().sum() for n in m.weight_names))
 
 
 DEFAULT_OBJECTIVE = "curve"

@@ -3,9 +3,9 @@ before pruning (``metanet.methods``: an edit, sparse learning or nothing) -> fin
 target speed-up with the method's criterion -> (optionally the least-squares reconstruction) ->
 BatchNorm recalibrated -> finetune.
 
-Weight-level pruning (``sparsify_and_finetune``: a fraction of zero weights, or N:M) takes the
-same preparation, then masks weights instead of removing channels, ranked by the method's weight
-criterion; the finetune after it keeps the zeros.
+Weight-level pruning (``prune_and_finetune(..., weights=...)``: a fraction of zero weights, or N:M)
+takes the same preparation and the same steps after the cut, but masks weights instead of removing
+channels, ranked by the method's weight criterion; the finetune after it keeps the zeros.
 Every method spends the same optimiser steps on the weights (``before.steps + after.steps``); after
 pruning the BatchNorm statistics are recomputed on ``recal_batches`` training batches for every
 method alike, and the data-driven criteria read the same batches.
@@ -67,8 +67,8 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
             metanet: MetaNetwork | None = None, level: Level | str = Level.CHANNELS) -> Prepared:
     """The method's part before pruning, on a copy of ``model`` (``metanet.methods``: its edit or
     sparse learning), then ``cfg.before``'s finetuning, then its channel criterion (for ``curve``
-    the fitted scores). Shared by every target. ``level`` weights: for ``sparsify_and_finetune``,
-    which computes the method's weight criterion when it prunes."""
+    the fitted scores). Shared by every target. ``level`` weights: for a weight-level
+    ``prune_and_finetune``, which computes the method's weight criterion when it prunes."""
     chosen_method, level = method_of(method), Level.of(level)
     chosen_method.check(metanet, level)
     start = time.perf_counter()
@@ -87,13 +87,25 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
 
 
 def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, report_test: bool = True,
-                       extra_after: Sequence[int] = ()) -> tuple[nn.Module, dict]:
-    """Prunes a copy of ``prepared.model`` with its criterion to ``cfg.target`` (or, with
-    ``cfg.floor``, while validation accuracy stays at or above it), then finetunes with
-    ``cfg.after``; returns it and its record. ``extra_after``: other finetuning budgets (steps),
-    each run on its own copy of the pruned network, recorded as ``val_acc_ft<N>``/``test_acc_ft<N>``
-    (0 steps is ``*_acc_pruned``: BatchNorm recalibrated, no finetuning)."""
+                       extra_after: Sequence[int] = (), weights: WeightPruning | None = None,
+                       metanet: MetaNetwork | None = None) -> tuple[nn.Module, dict]:
+    """Prunes a copy of ``prepared.model`` and finetunes it with ``cfg.after``; returns it and its
+    record. Channels (``weights`` None): with its criterion to ``cfg.target`` (or, with ``cfg.floor``,
+    while validation accuracy stays at or above it). Weights (``weights``: a fraction of zeros or
+    N:M, ``metanet.weight_pruning``): ranked by the method's weight criterion (``metanet.methods``;
+    ``metanet``: a learned one), the finetune keeps the zeros and the network comes back with plain
+    weights, its record saying ``sparsity_measured`` (zeros among the pruned layers' weights),
+    ``params_nonzero`` and ``layers_pruned``. Either way the layers that read what was cut are
+    re-fitted if ``cfg.reconstruct`` says so, and BatchNorm recalibrated. ``extra_after``: other
+    finetuning budgets (steps), each run on its own copy of the pruned network, recorded as
+    ``val_acc_ft<N>``/``test_acc_ft<N>`` (0 steps is ``*_acc_pruned``: no finetuning)."""
     start = time.perf_counter()
+    if weights is not None:
+        chosen = weight_criterion_for(prepared, data, cfg, weights, metanet)
+        model = copy.deepcopy(prepared.model)
+        cut: _Cut = _WeightCut(sparsify(model, weights, chosen, calibration(data, cfg) if chosen.data_driven else None),
+                               chosen.name)
+        return _finish(model, cut, prepared, data, cfg, report_test, extra_after, time.perf_counter() - start)
     x = torch.zeros(data.input_shape, device=_device(prepared.model))
     model = copy.deepcopy(prepared.model)
     batches = calibration(data, cfg) if prepared.criterion.data_driven else None
@@ -106,22 +118,71 @@ def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, re
         result = prune_adaptive(model, x, score, cfg.floor, cfg.pruning, criterion=prepared.criterion,
                                 batches=batches)
         model = result.model
-    return _finish(model, result, prepared, data, cfg, report_test, extra_after, time.perf_counter() - start)
+    return _finish(model, _ChannelCut(result), prepared, data, cfg, report_test, extra_after,
+                   time.perf_counter() - start)
 
 
-def _finish(model: nn.Module, result: PruneResult, prepared: Prepared, data: TaskData, cfg: RecipeConfig,
+class _Cut:
+    """What the recipe needs of a pruning after the cut, at its level: what the row records about it,
+    the repair of the layers that read what was cut, and what is settled after the finetune."""
+
+    level: Level
+
+    def summary(self) -> dict:
+        raise NotImplementedError
+
+    def repair(self, model: nn.Module, reference: nn.Module, inputs: list[torch.Tensor], settings):
+        raise NotImplementedError
+
+    def settle(self, model: nn.Module, record: dict) -> None:
+        """After the finetune: nothing for channels (the network is smaller)."""
+
+
+class _ChannelCut(_Cut):
+    level = Level.CHANNELS
+
+    def __init__(self, result: PruneResult):
+        self.result = result
+
+    def summary(self) -> dict:
+        return self.result.summary()
+
+    def repair(self, model, reference, inputs, settings):
+        return reconstruct(model, reference, self.result.channels, inputs, settings)
+
+
+class _WeightCut(_Cut):
+    level = Level.WEIGHTS
+
+    def __init__(self, report: WeightPruningReport, criterion: str):
+        self.report, self.criterion = report, criterion
+
+    def summary(self) -> dict:
+        s = self.report.settings
+        return {"criterion": self.criterion, "sparsity": s.sparsity, "nm": f"{s.nm[0]}:{s.nm[1]}" if s.nm else None,
+                "layers_pruned": len(self.report.layers)}
+
+    def repair(self, model, reference, inputs, settings):
+        return reconstruct_masked(model, reference, self.report.layers, inputs, settings)  # each mask kept
+
+    def settle(self, model, record):
+        make_permanent(model)  # plain weights, the zeros in them
+        record.update(target=None, floor=None, sparsity_measured=zero_fraction(model, self.report.layers),
+                      params_nonzero=sum(int(torch.count_nonzero(p)) for p in model.parameters()))
+
+
+def _finish(model: nn.Module, cut: _Cut, prepared: Prepared, data: TaskData, cfg: RecipeConfig,
             report_test: bool, extra_after: Sequence[int], pruning_seconds: float) -> tuple[nn.Module, dict]:
-    """A pruned ``model``: BatchNorm recalibrated, evaluated, finetuned (each budget), its record."""
+    """A pruned ``model``: re-fitted (``cfg.reconstruct``), BatchNorm recalibrated, evaluated,
+    finetuned (each budget), its record."""
     start = time.perf_counter()
     record = dict(prepared.record, target=cfg.target, floor=cfg.floor)
-    if cfg.reconstruct is not None and isinstance(result, PruneResult):
-        # the unpruned network's outputs on calibration inputs, re-fitted; then BN as always
-        report = reconstruct(model, prepared.model, result.channels, reconstruction_batches(data, cfg),
-                             cfg.reconstruct)
-        record.update(report.summary())
-    if cfg.reconstruct is None or cfg.reconstruct.recalibrates(channels=isinstance(result, PruneResult)):
+    if cfg.reconstruct is not None:
+        # the unpruned network's outputs on calibration inputs, re-fitted; then BN as the settings say
+        record.update(cut.repair(model, prepared.model, reconstruction_batches(data, cfg), cfg.reconstruct).summary())
+    if cfg.reconstruct is None or cfg.reconstruct.recalibrates(channels=cut.level is Level.CHANNELS):
         recalibrate(model, data, cfg)
-    record.update(result.summary())
+    record.update(cut.summary())
     record["val_acc_pruned"], _ = evaluate(model, data, "val")
     if report_test:
         record["test_acc_pruned"], _ = evaluate(model, data, "test")
@@ -136,19 +197,8 @@ def _finish(model: nn.Module, result: PruneResult, prepared: Prepared, data: Tas
     if report_test:
         record["test_acc"], record["test_loss"] = evaluate(model, data, "test")
     record["seconds"] = record.get("seconds_before_prune", 0.0) + pruning_seconds + time.perf_counter() - start
+    cut.settle(model, record)
     return model, record
-
-
-class _WeightResult:
-    """``_finish``'s view of a weight-level pruning: what the row records about it."""
-
-    def __init__(self, report: WeightPruningReport):
-        self.report = report
-
-    def summary(self) -> dict:
-        s = self.report.settings
-        return {"sparsity": s.sparsity, "nm": f"{s.nm[0]}:{s.nm[1]}" if s.nm else None,
-                "layers_pruned": len(self.report.layers)}
 
 
 def weight_criterion_for(prepared: Prepared, data: TaskData, cfg: RecipeConfig, pruning: WeightPruning,
@@ -157,31 +207,6 @@ def weight_criterion_for(prepared: Prepared, data: TaskData, cfg: RecipeConfig, 
     ``weight_scores`` metanetwork's scores of the prepared network (``meta``), or per-weight scores
     optimised on it for ``cfg.before.steps`` steps (``curve``)."""
     return method_of(prepared.record["method"]).weight_criterion(prepared.model, data, cfg, pruning, metanet)
-
-
-def sparsify_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, pruning: WeightPruning,
-                          report_test: bool = True, extra_after: Sequence[int] = (),
-                          metanet: MetaNetwork | None = None) -> tuple[nn.Module, dict]:
-    """Weight-level pruning of a copy of ``prepared.model`` (``metanet.weight_pruning``; the
-    method's weight criterion, ``metanet.methods``), BatchNorm recalibrated, then ``cfg.after``'s
-    finetune with the masks kept (zeros stay zeros); returns the network with plain weights and its
-    record: ``sparsity_measured`` (zeros among the pruned layers' weights), ``params_nonzero``,
-    ``layers_pruned``."""
-    start = time.perf_counter()
-    chosen = weight_criterion_for(prepared, data, cfg, pruning, metanet)
-    model = copy.deepcopy(prepared.model)
-    report = sparsify(model, pruning, chosen, calibration(data, cfg) if chosen.data_driven else None)
-    fitted = {}
-    if cfg.reconstruct is not None:  # each pruned layer re-fitted with its mask fixed
-        fitted = reconstruct_masked(model, prepared.model, report.layers, reconstruction_batches(data, cfg),
-                                    cfg.reconstruct).summary()
-    prepared = prepared._replace(record=dict(prepared.record, criterion=chosen.name, **fitted))
-    model, record = _finish(model, _WeightResult(report), prepared, data, cfg, report_test, extra_after,
-                            time.perf_counter() - start)
-    make_permanent(model)
-    record.update(target=None, floor=None, sparsity_measured=zero_fraction(model, report.layers),
-                  params_nonzero=sum(int(torch.count_nonzero(p)) for p in model.parameters()))
-    return model, record
 
 
 def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
@@ -216,7 +241,7 @@ def prune_to_targets(model: nn.Module, data: TaskData, method: str, cfg: RecipeC
                                          prepared.criterion, batches):
         seconds += time.perf_counter() - start
         snapshot = copy.deepcopy(result.model)
-        out[target] = _finish(snapshot, replace(result, model=snapshot), prepared, data, replace(cfg, target=target),
-                              report_test, extra_after, seconds)
+        out[target] = _finish(snapshot, _ChannelCut(replace(result, model=snapshot)), prepared, data,
+                              replace(cfg, target=target), report_test, extra_after, seconds)
         start = time.perf_counter()
     return [out[float(t)] for t in targets]

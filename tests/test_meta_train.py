@@ -244,7 +244,7 @@ def test_the_weight_curve_objective_trains_a_weight_level_criterion_with_ray_tra
     weight-level curve area, and it prunes a member's weights."""
     import torch
 
-    from metanet.recipe import prepare, recipe_from_settings, sparsify_and_finetune
+    from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings
     from metanet.weight_pruning import WeightPruning
     from zoo.store import Zoo
 
@@ -260,5 +260,5 @@ def test_the_weight_curve_objective_trains_a_weight_level_criterion_with_ray_tra
                                batch_size=64)
     torch.manual_seed(0)
     prepared = prepare(zoo.built("val")[0].network(), data, "meta", cfg, net, level="weights")
-    _, record = sparsify_and_finetune(prepared, data, cfg, WeightPruning(sparsity=0.8), metanet=net)
+    _, record = prune_and_finetune(prepared, data, cfg, weights=WeightPruning(sparsity=0.8), metanet=net)
     assert record["criterion"] == "learned" and record["sparsity_measured"] >= 0.8 - 1e-3

@@ -17,7 +17,7 @@ from metanet.levels import Level
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, load_metanetwork, save_metanetwork
 from metanet.plotting import pyplot
-from metanet.recipe import prepare, prune_to_targets, recipe_from_settings, sparsify_and_finetune
+from metanet.recipe import prepare, prune_and_finetune, prune_to_targets, recipe_from_settings
 from metanet.selection import score
 from metanet.weight_pruning import WeightPruning
 from zoo.arch import build_model
@@ -167,8 +167,8 @@ def _held_out_weights(net, held_out, sparsities, data, recipe) -> dict:
     for record in held_out:
         prepared = prepare(record.network(), data, "meta", recipe, net, level=Level.WEIGHTS)
         for s in scores:
-            scores[s].append(sparsify_and_finetune(prepared, data, recipe, WeightPruning(sparsity=s), metanet=net)[1]
-                             ["test_acc"])
+            _, row = prune_and_finetune(prepared, data, recipe, weights=WeightPruning(sparsity=s), metanet=net)
+            scores[s].append(row["test_acc"])
     return {s: sum(v) / len(v) for s, v in scores.items()} | {"members": len(held_out), "unit": "zeros"}
 
 

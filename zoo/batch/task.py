@@ -13,7 +13,7 @@ from metanet.levels import Level
 from metanet.metanetwork import load_metanetwork
 from metanet.methods import METHODS
 from metanet.prune import count
-from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings, sparsify_and_finetune
+from metanet.recipe import prepare, prune_and_finetune, recipe_from_settings
 from metanet.train import evaluate
 from metanet.weight_pruning import WeightPruning, parse_nm
 from zoo.batch.inputs import (Source, family_of, given, load_source, check_classes, check_finite, check_input,
@@ -72,7 +72,7 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
                 nm = parse_nm(row["nm"]) if given(row.get("nm")) else None
                 pruning = WeightPruning(sparsity=None if nm else row["sparsity"], nm=nm,
                                         scope=config["sparsity_scope"], dense_ends=not config["prune_ends"])
-                pruned, result = sparsify_and_finetune(prepared, data, cfg, pruning, metanet=metanet)
+                pruned, result = prune_and_finetune(prepared, data, cfg, weights=pruning, metanet=metanet)
                 kept = ("criterion", "sparsity_measured", "layers_pruned", "params_nonzero",
                         "macs_after", "params_after",
                         "val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc",
