@@ -220,7 +220,7 @@ class MetaNetwork(nn.Module):
         passing_fwd, passing_rev = mp.build(graph, self.config.backend)
         nodes = graph.node_feat
         if self.config.calibration:
-            stats = graph.__dict__.get("_statistics")
+            stats = graph.statistics
             if stats is None:
                 raise ValueError("this metanetwork reads calibration statistics: attach them to the graph "
                                  "(metanet.scoring.attach_statistics)")

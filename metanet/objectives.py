@@ -297,7 +297,7 @@ class Curve(Objective):
 
         def masked_logits(member):
             lo, hi = member.amounts
-            if core.config.calibration and "_statistics" not in member.graph.__dict__:
+            if core.config.calibration and member.graph.statistics is None:
                 # the member's own channel statistics (eval mode), on its first step's batches
                 reference = graph_to_network(member.graph, member.model).eval()
                 attach_statistics(member.graph, node_statistics(core, reference, member.graph, batches,

@@ -176,7 +176,7 @@ def node_statistics(metanet: MetaNetwork, model: nn.Module, graph: NetworkGraph,
 
 def attach_statistics(graph: NetworkGraph, statistics: torch.Tensor) -> NetworkGraph:
     """``graph`` carrying per-node calibration statistics for a metanetwork built with ``calibration``."""
-    graph.__dict__["_statistics"] = statistics.to(graph.node_feat.device)
+    graph.statistics = statistics.to(graph.node_feat.device)
     return graph
 
 

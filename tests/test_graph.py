@@ -61,6 +61,23 @@ def test_rebuilt_network_is_independent():
     assert all(p.requires_grad for p in rebuilt.parameters())
 
 
+def test_attached_statistics_move_with_the_graph_and_not_to_other_weights():
+    """Calibration statistics are a field of the graph: ``to`` and a batch of graphs keep them,
+    ``with_features`` (other weights) drops them, and a graph without them says so."""
+    from metanet.graph.batch import batch_graphs
+    from metanet.scoring import attach_statistics
+
+    model = randomize_state(build_model(resnet_spec(8, (4, 6, 8))))
+    graph = network_to_graph(model, torch.zeros(CIFAR))
+    assert graph.statistics is None
+    stats = torch.randn(graph.num_nodes, 6)
+    attach_statistics(graph, stats)
+    assert torch.equal(graph.to("cpu").statistics, stats)
+    assert graph.with_features(graph.node_feat, graph.edge_feat).statistics is None
+    assert torch.equal(batch_graphs([graph, graph]).graph.statistics, torch.cat([stats, stats]))
+    assert batch_graphs([graph, network_to_graph(model, torch.zeros(CIFAR))]).graph.statistics is None
+
+
 def _conv_count(model):
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 

@@ -69,7 +69,9 @@ def batch_graphs(graphs: Sequence[NetworkGraph]) -> GraphBatch:
         feat[t] = torch.cat(rows)
     union = NetworkGraph(node_start[-1], torch.cat([g.node_feat for g in graphs]), torch.cat(src), torch.cat(dst),
                          torch.cat(kind), types, feat, graphs[0].input_shape, graphs[0].counters,
-                         "batch:" + ",".join(g.fingerprint for g in graphs))
+                         "batch:" + ",".join(g.fingerprint for g in graphs),
+                         torch.cat([g.statistics for g in graphs])
+                         if all(g.statistics is not None for g in graphs) else None)
     edge_index = tuple(torch.cat([member_positions[i][t] for t in g.edge_types]) for i, g in enumerate(graphs))
     node_ranges = tuple((node_start[i], node_start[i + 1]) for i in range(len(graphs)))
     return GraphBatch(union, node_ranges, edge_index)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -46,6 +46,10 @@ class NetworkGraph:
     input_shape: tuple[int, ...]
     counters: torch.Tensor
     fingerprint: str
+    # per-node calibration statistics of these weights ([N, k]: metanet.scoring.attach_statistics),
+    # for a metanetwork that reads them; None until attached. ``to`` moves them, ``with_features``
+    # drops them (other weights, other statistics)
+    statistics: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_edges(self) -> int:
@@ -73,7 +77,8 @@ class NetworkGraph:
         return NetworkGraph(self.num_nodes, self.node_feat.to(device), self.src.to(device),
                             self.dst.to(device), self.edge_type.to(device), self.edge_types,
                             {t: f.to(device) for t, f in self.edge_feat.items()}, self.input_shape,
-                            self.counters, self.fingerprint)
+                            self.counters, self.fingerprint,
+                            None if self.statistics is None else self.statistics.to(device))
 
     def _meta(self) -> dict[str, Any]:
         return {"input_shape": self.input_shape, "counters": self.counters,
