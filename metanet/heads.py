@@ -16,6 +16,7 @@ import torch
 from metanet.gates import apply_gates, gate_from_logit
 from metanet.graph import NetworkGraph
 from metanet.levels import Level
+from metanet.registry import Registry
 
 if TYPE_CHECKING:
     from metanet.metanetwork import MetaNetwork
@@ -55,19 +56,9 @@ class Head:
                          "(a learned criterion has edit 'scores' or 'weight_scores')")
 
 
-HEADS: dict[str, Head] = {}
-
-
-def register(cls: type[Head]) -> type[Head]:
-    HEADS[cls.name] = cls()
-    return cls
-
-
-def head(name: str) -> Head:
-    """The head called ``name``; ValueError naming the known ones."""
-    if name not in HEADS:
-        raise ValueError(f"edit must be one of {', '.join(HEADS)}, not {name!r}")
-    return HEADS[name]
+HEADS: Registry[Head] = Registry("edit")  # the config key that names a head is ``edit``
+register = HEADS.register
+head = HEADS  # head(name): the head called ``name``; ValueError naming the known ones
 
 
 @register

@@ -38,6 +38,7 @@ from metanet.levels import Level
 from metanet.metanetwork import MetaNetwork, apply_metanetwork
 from metanet.prune import amounts_for
 from metanet.recipe_settings import RecipeConfig, calibration
+from metanet.registry import Registry
 from metanet.scoring import gated_by_scores, learned_criterion
 from metanet.sparsity import GroupSparsity
 from metanet.train import evaluate
@@ -115,19 +116,9 @@ class Method:
         return False
 
 
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    METHODS[method.name] = method
-    return method
-
-
-def method(name: str) -> Method:
-    """The method called ``name``; ValueError naming the known ones."""
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, not {name!r}")
-    return METHODS[name]
+METHODS: Registry[Method] = Registry("method")
+register = METHODS.add  # instances: one class (HandCrafted, SparseLearning) serves several names
+method = METHODS  # method(name): the method called ``name``; ValueError naming the known ones
 
 
 def names(level: Level | None = None, **where) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from metanet.heads import HEADS
 from metanet.levels import Level
 from metanet.metanetwork import MetaNetwork
 from metanet.prune import amounts_for
+from metanet.registry import Registry
 from metanet.scoring import ScoreMap, attach_statistics, channel_scores, node_statistics, score_map
 from metanet.sparsity import GroupSparsity, sparsity_term
 from metanet.weight_scoring import metanet_weight_scores, soft_masked, weight_names
@@ -171,19 +172,9 @@ class Objective:
         return None if owner is None else f"edit {edit} is trained with objective {owner.name}"
 
 
-OBJECTIVES: dict[str, Objective] = {}
-
-
-def register(cls: type[Objective]) -> type[Objective]:
-    OBJECTIVES[cls.name] = cls()
-    return cls
-
-
-def objective(name: str) -> Objective:
-    """The objective called ``name``; ValueError naming the known ones."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {name!r}")
-    return OBJECTIVES[name]
+OBJECTIVES: Registry[Objective] = Registry("objective")
+register = OBJECTIVES.register
+objective = OBJECTIVES  # objective(name): the objective called ``name``; ValueError naming the known ones
 
 
 def _edited_step(metanet, members, batches, cfg, extra_term) -> dict[str, float]:
