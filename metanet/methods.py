@@ -49,8 +49,9 @@ BOTH = frozenset(Level)
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def example_input(model: nn.Module, data: TaskData) -> torch.Tensor:
+    """A zero input of ``data``'s shape on ``model``'s device: what tracing and counting run on."""
+    return torch.zeros(data.input_shape, device=next(model.parameters()).device)
 
 
 class Method:
@@ -82,9 +83,8 @@ class Method:
     def check(self, metanet: MetaNetwork | None, level: Level) -> None:
         """ValueError if the method cannot run at ``level`` (with ``metanet``)."""
         if level not in self.levels:
-            known = ", ".join(n for n, m in METHODS.items() if level in m.levels)
             raise ValueError(f"method {self.name!r} prunes {', '.join(sorted(v.value for v in self.levels))} only; "
-                             f"{level.value}-level methods: {known}")
+                             f"{level.value}-level methods: {', '.join(names(level))}")
 
     def before_finetune(self, model: nn.Module, data: TaskData, cfg: RecipeConfig, metanet: MetaNetwork | None,
                         record: dict) -> tuple[nn.Module, ExtraLoss | None]:
@@ -164,7 +164,7 @@ class Meta(Method):
         return ranks(metanet, Level.CHANNELS) and bool(metanet.config.calibration or metanet.config.gradient)
 
     def before_finetune(self, model, data, cfg, metanet, record):
-        x = torch.zeros(data.input_shape, device=_device(model))
+        x = example_input(model, data)
         if metanet.head.edits:
             model = apply_metanetwork(metanet, model, x)
         elif self.reads_target(metanet, cfg.learned_as):  # the scores as an edit: magnitude prunes afterwards
@@ -177,13 +177,13 @@ class Meta(Method):
 
     def criterion(self, model, data, cfg, metanet):
         if ranks(metanet, Level.CHANNELS) and cfg.learned_as == "criterion":
-            x = torch.zeros(data.input_shape, device=_device(model))
+            x = example_input(model, data)
             return learned_criterion(metanet, model, x, _calibration(metanet, data, cfg))
         return self.registered_criterion(cfg)
 
     def weight_criterion(self, model, data, cfg, pruning, metanet):
         if ranks(metanet, Level.WEIGHTS):
-            x = torch.zeros(data.input_shape, device=_device(model))
+            x = example_input(model, data)
             return learned_weight_criterion(metanet, model, x, pruning.dense_ends)
         return weight_criterion("magnitude")  # the paper's unstructured pipeline: its edit, then magnitude
 
@@ -212,7 +212,7 @@ class SparseLearning(Method):
         self.baseline_at = frozenset(baseline_at)
 
     def before_finetune(self, model, data, cfg, metanet, record):
-        x = torch.zeros(data.input_shape, device=_device(model))
+        x = example_input(model, data)
         sparsity = GroupSparsity(model, x, reg=getattr(cfg, self.reg_field), alpha=cfg.sparse_alpha)
         return model, lambda m: sparsity(dict(m.named_parameters()))
 
@@ -220,7 +220,7 @@ class SparseLearning(Method):
 def gate_logits_for(model: nn.Module, data: TaskData, cfg: RecipeConfig):
     """(``model``'s graph, per-channel gate logits optimised on it for ``cfg.before.steps`` steps,
     one training batch each, at ``cfg.gate_reg``)."""
-    graph = network_to_graph(model, torch.zeros(data.input_shape, device=_device(model)))
+    graph = network_to_graph(model, example_input(model, data))
     b = cfg.before
     return graph, fit_gates(model, graph, data, steps=b.steps, batches_per_step=1, batch_size=b.batch_size,
                             augment=b.augment, seed=b.seed, reg=cfg.gate_reg, alpha=cfg.sparse_alpha, lr=cfg.gate_lr)
@@ -241,7 +241,7 @@ class Gate(Method):
 
 def curve_scores(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> ChannelScores:
     """The ``curve`` method's criterion: scores fitted to ``model`` with the curve objective."""
-    x = torch.zeros(data.input_shape, device=_device(model))
+    x = example_input(model, data)
     amounts = list(amounts_for(model, x, sorted(cfg.curve_speedups), cfg.pruning).values())
     b = cfg.before
     scores, masker = fit_scores(model, data, amounts, steps=b.steps, batch_size=b.batch_size, seed=b.seed,

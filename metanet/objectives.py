@@ -102,10 +102,6 @@ class CurveMember(Member):
     amounts: tuple[float, float]
     targets: torch.Tensor | None = None
 
-    @property
-    def sparsity(self) -> GroupSparsity:
-        return self.scores_map.masker.groups
-
 
 @dataclass
 class WeightMember(Member):

@@ -27,7 +27,7 @@ from metanet.criteria import Criterion
 from metanet.data import TaskData
 from metanet.levels import Level
 from metanet.metanetwork import MetaNetwork
-from metanet.methods import method as method_of
+from metanet.methods import example_input, method as method_of
 from metanet.prune import PruneResult, prune_adaptive, prune_in_steps, prune_to_speedup
 from metanet.recipe_settings import (AFTER_STEPS, BEFORE_STEPS, RECIPE_DEFAULTS, RECIPE_LIMITS,  # noqa: F401
                                      RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS, RecipeConfig, calibration,
@@ -43,10 +43,6 @@ class Prepared(NamedTuple):
     model: nn.Module
     record: dict
     criterion: Criterion
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def reads_labels(method: str, metanet: MetaNetwork | None, cfg: RecipeConfig) -> bool:
@@ -106,7 +102,7 @@ def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, re
         cut: _Cut = _WeightCut(sparsify(model, weights, chosen, calibration(data, cfg) if chosen.data_driven else None),
                                chosen.name)
         return _finish(model, cut, prepared, data, cfg, report_test, extra_after, time.perf_counter() - start)
-    x = torch.zeros(data.input_shape, device=_device(prepared.model))
+    x = example_input(prepared.model, data)
     model = copy.deepcopy(prepared.model)
     batches = calibration(data, cfg) if prepared.criterion.data_driven else None
     if cfg.floor is None:
@@ -232,7 +228,7 @@ def prune_to_targets(model: nn.Module, data: TaskData, method: str, cfg: RecipeC
                 for t in targets]
     # one iterative pruning run serves every target: the schedule to a higher target passes
     # through the lower ones step for step, so a copy at each is what pruning to it alone gives
-    x = torch.zeros(data.input_shape, device=_device(prepared.model))
+    x = example_input(prepared.model, data)
     work = copy.deepcopy(prepared.model)
     batches = calibration(data, cfg) if prepared.criterion.data_driven else None
     out: dict[float, tuple[nn.Module, dict]] = {}
