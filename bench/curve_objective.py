@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metanet.criteria import ChannelScores, criterion  # noqa: E402
-from metanet.curve import ChannelMask, fit_scores  # noqa: E402
+from metanet.criteria import criterion  # noqa: E402
+from metanet.curve import fit_scores
+from metanet.masks import ChannelMask  # noqa: E402
 from metanet.diagnostics import CURVE_SPEEDUPS, pruning_curve  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
                                    temperature=v["temperature"], mode=v["mask"], distill=v["distill"], masker=masker)
             seconds.setdefault(text, []).append(time.perf_counter() - start)
             curves.setdefault(text, []).append(
-                pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "val", ChannelScores(masker.module_scores(scores))))
+                pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "val", masker.criterion(scores)))
         print(f"  network {i + 1}/{len(networks)} ({record.id}) done", flush=True)
     head = " | ".join(f"{s:g}x" for s in CURVE_SPEEDUPS)
     print(f"\n| variant (mask,T,lr,steps,distill) | {head} | - magnitude at {head} | fit s |")

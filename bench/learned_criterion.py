@@ -36,8 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.progress import progress  # noqa: E402
-from metanet.criteria import ChannelScores, criterion  # noqa: E402
-from metanet.curve import ChannelMask, fit_scores  # noqa: E402
+from metanet.criteria import criterion  # noqa: E402
+from metanet.curve import fit_scores  # noqa: E402
+from metanet.masks import ChannelMask  # noqa: E402
 from metanet.diagnostics import CURVE_SPEEDUPS, curve_auc, pruning_curve  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
@@ -390,13 +391,13 @@ def main(argv=None) -> None:
             elif m == PER_NETWORK:
                 amounts = list(amounts_for(model, x, [1.5, 4.0]).values())
                 scores, masker = fit_scores(model, data, amounts, steps=40, batch_size=args.batch_size, seed=0)
-                crit = ChannelScores(masker.module_scores(scores))
+                crit = masker.criterion(scores)
             elif m in refined:
                 variant, k = refined[m]
                 amounts = list(amounts_for(model, x, [1.5, 4.0]).values())
                 if variant is None:  # the per-network optimisation from magnitude's ranking
                     scores, masker = fit_scores(model, data, amounts, steps=k, batch_size=args.batch_size, seed=0)
-                    crit = ChannelScores(masker.module_scores(scores))
+                    crit = masker.criterion(scores)
                 else:
                     crit = refined_criterion(nets[variant], model, data, amounts, steps=k, batch_size=args.batch_size,
                                              seed=0, batches=list(calibration(data, cfg)()))

@@ -271,8 +271,10 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
     x = torch.zeros(data.input_shape)
 
     def diagnostics(net: MetaNetwork) -> dict:
-        per = [diagnose(m, apply_metanetwork(net, m, x), data, cfg, split="val",
-                        criterion=criterion_of(net, m, x, cfg, data)) for m in val_models]
+        per = []
+        for m in val_models:
+            network, crit = criterion_of(net, m, x, cfg, data)
+            per.append(diagnose(m, network, data, cfg, split="val", criterion=crit))
         out = {k: statistics.mean(d[k] for d in per) for k in per[0]}
         # "auc": the curve area just computed (free); "recipe": the short recipe
         out["score"] = out["auc"] if s["selection"] == "auc" else score(net, val_models, data, select_cfg)

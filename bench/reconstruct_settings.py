@@ -38,7 +38,9 @@ from metanet.prune import prune_to_speedup, recalibrate_bn  # noqa: E402
 from metanet.recipe import RecipeConfig  # noqa: E402
 from metanet.reconstruct import ReconstructSettings, reconstruct, reconstruct_masked  # noqa: E402
 from metanet.train import TrainConfig, evaluate, train  # noqa: E402
-from metanet.weight_pruning import WeightPruning, sparsify, weight_criterion  # noqa: E402
+from metanet.criteria import criterion
+from metanet.levels import Level
+from metanet.weight_pruning import WeightPruning, sparsify  # noqa: E402
 from zoo.arch import build_model, resnet_spec  # noqa: E402
 from zoo.data import load_digits  # noqa: E402
 from zoo.integrity import checked  # noqa: E402
@@ -112,7 +114,7 @@ def main(argv=None) -> None:
             accs = []
             for pruning in runs.values():
                 work = copy.deepcopy(model)
-                report = sparsify(work, pruning, weight_criterion(crit), lambda: iter(list(data.batches(
+                report = sparsify(work, pruning, criterion(crit, Level.WEIGHTS), lambda: iter(list(data.batches(
                     "train", 128, shuffle=True, generator=torch.Generator().manual_seed(2), limit=10))))
                 if settings is not None:
                     reconstruct_masked(work, model, report.layers, xs, settings)

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.progress import progress  # noqa: E402
-from metanet.diagnostics import CURVE_SPARSITIES, weight_pruning_curve  # noqa: E402
+from metanet.diagnostics import CURVE_SPARSITIES, criterion_of, pruning_curve, weight_points  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from metanet.heads import HEADS  # noqa: E402
@@ -53,8 +53,10 @@ from metanet.reconstruct import ReconstructSettings, reconstruct_masked  # noqa:
 from metanet.metanetwork import apply_metanetwork  # noqa: E402
 from metanet.recipe import RecipeConfig, calibration, recalibrate, reconstruction_batches  # noqa: E402
 from metanet.train import evaluate, train  # noqa: E402
-from metanet.weight_pruning import GivenScores, WeightPruning, make_permanent, sparsify, weight_criterion  # noqa: E402
-from metanet.weight_scoring import fit_weight_scores, learned_weight_criterion  # noqa: E402
+from metanet.criteria import criterion  # noqa: E402
+from metanet.curve import fit_scores  # noqa: E402
+from metanet.masks import WeightMask  # noqa: E402
+from metanet.weight_pruning import WeightPruning, make_permanent, sparsify  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.model_files import save_model  # noqa: E402
 from zoo.integrity import checked  # noqa: E402
@@ -63,7 +65,7 @@ from zoo.store import Zoo, benchmark_networks  # noqa: E402
 BASELINES = {"magnitude": ("magnitude", "global"), "magnitude-layer": ("magnitude", "layer"),
              "wanda": ("wanda", "global"), "wanda-layer": ("wanda", "layer"), "random": ("random", "global")}
 WEIGHT_OBJECTIVES = tuple(n for n, o in OBJECTIVES.items() if o.level is Level.WEIGHTS)
-PER_NETWORK = "curve"  # per-weight scores fitted to each network (metanet.weight_scoring)
+PER_NETWORK = "curve"  # per-weight scores fitted to each network (metanet.curve.fit_scores with a WeightMask)
 HAND_CRAFTED = ("magnitude", "magnitude-layer", "wanda", "wanda-layer")  # the candidates for "best" (not random)
 VARIANT_DEFAULTS = {"objective": "weight_curve", "layers": 4, "hidden": 32, "lr": 3e-3, "epochs": 20, "l1": 0.1,
                     "residual": 0.05}
@@ -109,8 +111,8 @@ def train_variant(v: dict, zoo: Zoo, train_records, val_models, data, cfg: Recip
     def val_area(m: MetaNetwork) -> float:
         areas = []
         for model in val_models:
-            pruned_from, crit = prepared(m, model, data)
-            areas.append(statistics.mean(weight_pruning_curve(pruned_from, data, cfg, crit).values()))
+            pruned_from, crit = criterion_of(m, model, torch.zeros(data.input_shape), cfg, data, Level.WEIGHTS)
+            areas.append(statistics.mean(pruning_curve(pruned_from, data, cfg, weight_points(), criterion=crit).values()))
         return statistics.mean(areas)
 
     history, kept, seconds = {-1: val_area(net)}, {-1: snapshot(net)}, []
@@ -127,15 +129,6 @@ def train_variant(v: dict, zoo: Zoo, train_records, val_models, data, cfg: Recip
     net.load_state_dict(kept[best])
     log(f"  chosen epoch {best} (val area {100 * history[best]:.1f}; untrained {100 * history[-1]:.1f})")
     return net, {"epoch": best, "epoch_seconds": statistics.mean(seconds) if seconds else 0.0}
-
-
-def prepared(net: MetaNetwork, model, data):
-    """(the network to prune, the weight criterion) for a variant: a weight-scores metanetwork
-    ranks ``model``'s weights; the paper's edit changes them, then magnitude ranks."""
-    x = torch.zeros(data.input_shape)
-    if net.head.ranks is Level.WEIGHTS:
-        return model, learned_weight_criterion(net, model, x)
-    return apply_metanetwork(net, model, x), weight_criterion("magnitude")
 
 
 RECONSTRUCTED = " + LS"  # a method's row with the masked least-squares reconstruction
@@ -170,7 +163,7 @@ def compressed_sizes(model, runs, data, cfg) -> dict:
         for key, pruning in [("dense", None), *runs]:
             work = copy.deepcopy(model)
             if pruning is not None:
-                sparsify(work, pruning, weight_criterion("magnitude"))
+                sparsify(work, pruning, criterion("magnitude", Level.WEIGHTS))
                 make_permanent(work)
             path = os.path.join(tmp, "m.pt")
             save_model(work, path)
@@ -235,14 +228,17 @@ def main(argv=None) -> None:
         for m in methods:
             start = time.perf_counter()
             if m in BASELINES:
-                crit, scope = weight_criterion(BASELINES[m][0]), BASELINES[m][1]
+                crit, scope = criterion(BASELINES[m][0], Level.WEIGHTS), BASELINES[m][1]
                 source = model
             elif m == PER_NETWORK:
-                crit = GivenScores(fit_weight_scores(model, data, steps=args.curve_steps, batch_size=args.batch_size),
-                                   name="curve")
+                mask = WeightMask(model)
+                scores, _ = fit_scores(model, data, mask.amounts, steps=args.curve_steps, batch_size=args.batch_size,
+                                       seed=0, masker=mask)
+                crit = mask.criterion(scores, "curve")
                 scope, source = "global", model
             else:
-                (source, crit), scope = prepared(nets[m], model, data), "global"
+                (source, crit), scope = criterion_of(nets[m], model, torch.zeros(data.input_shape), cfg, data,
+                                                     Level.WEIGHTS), "global"
             scoring = time.perf_counter() - start
             for tag, recipe in repairs.items():
                 start = time.perf_counter()

@@ -14,18 +14,19 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from metanet.criteria import Criterion, criterion
+from metanet.criteria import Criterion, criterion as registered
 from metanet.heads import ranks
 from metanet.levels import Level
 from metanet.metanetwork import MetaNetwork, apply_metanetwork
 from metanet.scoring import learned_criterion
-from metanet.reconstruct import reconstruct
-from metanet.recipe import RecipeConfig, calibration, recalibrate, reconstruction_batches
+from metanet.recipe import (ChannelCut, RecipeConfig, WeightCut, calibration, recalibrate, reconstruction_batches,
+                            repair)
 from metanet.prune import UnreachableSpeedupError, prune_in_steps
 from metanet.sparsity import GroupSparsity
 from metanet.data import TaskData
@@ -43,30 +44,55 @@ def curve_auc(curve: dict[float, float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups: Sequence[float] = CURVE_SPEEDUPS,
-                  split: str = "val", criterion: Criterion | None = None) -> dict[float, float]:
-    """{speed-up: accuracy on ``split``} right after pruning a copy of ``model`` to each speed-up
-    (``cfg.pruning``, channels ranked by ``criterion``, default magnitude), re-fitting the layers
-    that read pruned channels when ``cfg.reconstruct`` says so (``metanet.reconstruct``), and
-    recomputing BatchNorm statistics; ``model`` is not changed."""
-    device = next(model.parameters()).device
-    work = copy.deepcopy(model)
-    x = torch.zeros(data.input_shape, device=device)
-    curve: dict[float, float] = {}
-    batches = calibration(data, cfg) if criterion is not None and criterion.data_driven else None
-    inputs = reconstruction_batches(data, cfg) if cfg.reconstruct is not None else None
+def weight_points(sparsities: Sequence[float] = CURVE_SPARSITIES, nm: bool = False, dense_ends: bool = True,
+                  scope: str = "global") -> list[WeightPruning]:
+    """The weight-level curve's points: each fraction of zeros (and, with ``nm``, 2:4)."""
+    points = [WeightPruning(sparsity=s, scope=scope, dense_ends=dense_ends) for s in sparsities]
+    return points + ([WeightPruning(nm=(2, 4), dense_ends=dense_ends)] if nm else [])
+
+
+def _channel_cuts(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups: Sequence[float], crit: Criterion):
+    """(speed-up, a pruned copy, its cut) for each reachable speed-up, from one iterative pruning run."""
+    x = torch.zeros(data.input_shape, device=next(model.parameters()).device)
+    batches = calibration(data, cfg) if crit.data_driven else None
     try:
-        for target, result in prune_in_steps(work, x, speedups, cfg.pruning, criterion, batches):
-            if inputs is None:
-                curve[target] = recalibrated_accuracy(result.model, data, cfg, split)
-                continue
-            pruned = copy.deepcopy(result.model)  # on a copy: the pruning run goes on from the cut itself
-            reconstruct(pruned, model, result.channels, inputs, cfg.reconstruct)
-            curve[target] = (recalibrated_accuracy(pruned, data, cfg, split) if cfg.reconstruct.recalibrates(True)
-                             else evaluate(pruned, data, split)[0])
+        for target, result in prune_in_steps(copy.deepcopy(model), x, speedups, cfg.pruning, crit, batches):
+            pruned = copy.deepcopy(result.model)  # the pruning run goes on from the cut itself
+            yield float(target), pruned, ChannelCut(replace(result, model=pruned))
     except UnreachableSpeedupError:
-        pass
-    return {float(s): curve.get(float(s), float("nan")) for s in speedups}
+        return
+
+
+def _weight_cuts(model: nn.Module, data: TaskData, cfg: RecipeConfig, points: Sequence[WeightPruning],
+                 crit: Criterion):
+    """(the point's key: its sparsity or "N:M", a masked copy, its cut) for each weight pruning."""
+    batches = calibration(data, cfg) if crit.data_driven else None
+    for pruning in points:
+        work = copy.deepcopy(model)
+        key = pruning.sparsity if pruning.nm is None else f"{pruning.nm[0]}:{pruning.nm[1]}"
+        yield key, work, WeightCut(sparsify(work, pruning, crit, batches), crit.name)
+
+
+def pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, points: Sequence = CURVE_SPEEDUPS,
+                  split: str = "val", criterion: Criterion | None = None) -> dict:
+    """{point: accuracy on ``split``} right after pruning a copy of ``model`` to each point and the
+    recipe's repair (``metanet.recipe.repair``: the layers reading what was cut re-fitted when
+    ``cfg.reconstruct`` says so, BatchNorm statistics recomputed); ``model`` is not changed.
+
+    A point is a speed-up (channels, ``cfg.pruning``; NaN where unreachable) or a ``WeightPruning``
+    (weights, ``weight_points``; keyed by its sparsity or "N:M"). ``criterion`` ranks at that
+    level (default: magnitude)."""
+    level = Level.WEIGHTS if any(isinstance(p, WeightPruning) for p in points) else Level.CHANNELS
+    crit = criterion or registered("magnitude", level)
+    cuts = (_weight_cuts if level is Level.WEIGHTS else _channel_cuts)(model, data, cfg, points, crit)
+    inputs = reconstruction_batches(data, cfg) if cfg.reconstruct is not None else None
+    curve = {}
+    for key, pruned, cut in cuts:
+        repair(pruned, cut, model, data, cfg, inputs)
+        curve[key] = evaluate(pruned, data, split)[0]
+    if level is Level.WEIGHTS:
+        return curve
+    return {float(s): curve.get(float(s), float("nan")) for s in points}
 
 
 def _importance(sparsity: GroupSparsity, model: nn.Module) -> torch.Tensor:
@@ -96,25 +122,6 @@ def _selectivity(sparsity: GroupSparsity, imp0: torch.Tensor, imp1: torch.Tensor
             "share_below_0.1": float((normalised < LOW_IMPORTANCE).float().mean())}
 
 
-def weight_pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, criterion,
-                         sparsities: Sequence[float] = CURVE_SPARSITIES, split: str = "val", nm: bool = False,
-                         dense_ends: bool = True, scope: str = "global") -> dict:
-    """The weight-level pruning curve: {sparsity (and, with ``nm``, "2:4"): accuracy on ``split``}
-    right after masking a copy of ``model``'s weights (``metanet.weight_pruning``, ranked by the
-    weight ``criterion``) and recomputing BatchNorm statistics; ``model`` is not changed."""
-
-    runs = [(s, WeightPruning(sparsity=s, scope=scope, dense_ends=dense_ends)) for s in sparsities]
-    if nm:
-        runs.append(("2:4", WeightPruning(nm=(2, 4), dense_ends=dense_ends)))
-    batches = calibration(data, cfg) if criterion.data_driven else None
-    curve = {}
-    for key, pruning in runs:
-        work = copy.deepcopy(model)
-        sparsify(work, pruning, criterion, batches)
-        curve[key] = recalibrated_accuracy(work, data, cfg, split)
-    return curve
-
-
 def recalibrated_accuracy(model: nn.Module, data: TaskData, cfg: RecipeConfig, split: str = "val") -> float:
     """Accuracy of a copy of ``model`` after recomputing its BatchNorm statistics."""
     return evaluate(recalibrate(copy.deepcopy(model), data, cfg), data, split)[0]
@@ -135,14 +142,20 @@ def diagnose(before: nn.Module, after: nn.Module, data: TaskData, cfg: RecipeCon
 
 
 def criterion_of(metanet: MetaNetwork, model: nn.Module, x: torch.Tensor, recipe: RecipeConfig,
-                 data: TaskData | None = None):
-    """What ranks ``model``'s channels after ``metanet``: its own scores for a learned criterion
-    (a ``scores`` metanetwork; ``data``'s calibration batches where it reads statistics), else the
-    recipe's criterion on the edited weights."""
-    if not ranks(metanet, Level.CHANNELS):
-        return criterion(recipe.criterion)
-    batches = list(calibration(data, recipe)()) if metanet.config.calibration else None
-    return learned_criterion(metanet, model, x, batches)
+                 data: TaskData | None = None, level: Level = Level.CHANNELS,
+                 dense_ends: bool = True) -> tuple[nn.Module, Criterion]:
+    """(the network to prune, what ranks it at ``level``) after ``metanet``: ``model`` and the
+    metanetwork's own scores for a learned criterion at that level (``data``'s calibration batches
+    where it reads statistics); for an edit, the edited network and the recipe's criterion
+    (magnitude for weights: the paper's unstructured pipeline)."""
+    if ranks(metanet, level):
+        batches = list(calibration(data, recipe)()) if metanet.config.calibration else None
+        return model, learned_criterion(metanet, model, x, batches, dense_ends)
+    if metanet.head.ranks is not None:
+        raise ValueError(f"a {metanet.head.ranks.value}-scores metanetwork ranks {metanet.head.ranks.value}, "
+                         f"not {level.value}")
+    fallback = registered(recipe.criterion) if level is Level.CHANNELS else registered("magnitude", level)
+    return apply_metanetwork(metanet, model, x), fallback
 
 
 def mean_diagnostics(metanet, models: Sequence[nn.Module], data: TaskData, cfg: RecipeConfig,
@@ -158,7 +171,7 @@ def mean_diagnostics(metanet, models: Sequence[nn.Module], data: TaskData, cfg: 
     for model in models:
         model = model.to(device).eval()
         x = torch.zeros(data.input_shape, device=device)
-        per.append(diagnose(model, apply_metanetwork(metanet, model, x), data, cfg, split=split,
-                            criterion=criterion_of(metanet, model, x, cfg, data)))
+        network, crit = criterion_of(metanet, model, x, cfg, data)
+        per.append(diagnose(model, network, data, cfg, split=split, criterion=crit))
     metanet.train(was_training)
     return {k: sum(d[k] for d in per) / len(per) for k in per[0]}

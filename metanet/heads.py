@@ -112,7 +112,7 @@ class ChannelScores(Head):
 @register
 class WeightScores(Head):
     """A learned weight criterion: per-weight score corrections decoded from the edge states
-    (``MetaNetwork.weight_deltas``, ``metanet.weight_scoring``)."""
+    (``MetaNetwork.weight_deltas``, ``metanet.scoring.metanet_weight_scores``)."""
 
     name = "weight_scores"
     node_decoder = False

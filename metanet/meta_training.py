@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed.progress import progress as bar_of
-from metanet.curve import MASKS
+from metanet.masks import MASKS
 from metanet.gates import fit_gates, gatable, gate_from_logit
 from metanet.graph import NetworkGraph
 from metanet.metanetwork import MetaNetwork
@@ -88,7 +88,7 @@ class MetaTrainConfig:
     # dense target beside the masked task loss; 0 leaves the curve objective alone
     score_targets: float = 0.0
     target_steps: int = 40
-    # "weight_curve": the weight-level curve objective (metanet.weight_scoring) on the per-weight
+    # "weight_curve": the weight-level curve objective (metanet.masks.WeightMask) on the per-weight
     # scores of a ``weight_scores`` metanetwork, a sparsity drawn per step from ``weight_sparsities``;
     # "paper_l1": the paper's unstructured objective, the additive edit's task loss plus
     # ``l1_reg * sum |w|`` over the pruned layers' edited weights (its gradient reg * sign(w); the

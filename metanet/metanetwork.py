@@ -254,7 +254,7 @@ class MetaNetwork(nn.Module):
     def weight_deltas(self, graph: NetworkGraph) -> dict[str, torch.Tensor]:
         """A ``weight_scores`` metanetwork's per-weight score corrections, as edge features: for
         each edited edge type a tensor shaped like its features (0 everywhere before training;
-        ``metanet.weight_scoring`` adds them to the weights' log magnitudes)."""
+        ``metanet.scoring.metanet_weight_scores`` adds them to the weights' log magnitudes)."""
         if self.head.ranks is not Level.WEIGHTS:
             raise ValueError(f"this metanetwork's edit is {self.config.edit!r}: it decodes no per-weight scores "
                              "(a weight-level criterion has edit 'weight_scores')")

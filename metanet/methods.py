@@ -28,7 +28,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from metanet.criteria import ChannelScores, Criterion, criterion
+from metanet.criteria import Criterion, GivenScores, criterion
 from metanet.curve import fit_scores
 from metanet.data import TaskData
 from metanet.gates import apply_gates, fit_gates, gate_from_logit
@@ -42,8 +42,8 @@ from metanet.registry import Registry
 from metanet.scoring import gated_by_scores, learned_criterion
 from metanet.sparsity import GroupSparsity
 from metanet.train import evaluate
-from metanet.weight_pruning import GivenScores, WeightCriterion, WeightPruning, weight_criterion
-from metanet.weight_scoring import fit_weight_scores, learned_weight_criterion
+from metanet.masks import WeightMask
+from metanet.weight_pruning import WeightPruning
 
 BOTH = frozenset(Level)
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
@@ -102,10 +102,10 @@ class Method:
         return self.registered_criterion(cfg)
 
     def weight_criterion(self, model: nn.Module, data: TaskData, cfg: RecipeConfig, pruning: WeightPruning,
-                         metanet: MetaNetwork | None) -> WeightCriterion:
+                         metanet: MetaNetwork | None) -> Criterion:
         """What ranks ``model``'s weights (after the finetune)."""
         self.check(metanet, Level.WEIGHTS)
-        return weight_criterion(self.weight_criterion_name)
+        return criterion(self.weight_criterion_name, Level.WEIGHTS)
 
     def reads_labels(self, metanet: MetaNetwork | None, cfg: RecipeConfig) -> bool:
         """Does it read labelled data even with no training step (post-training pruning)?"""
@@ -184,8 +184,8 @@ class Meta(Method):
     def weight_criterion(self, model, data, cfg, pruning, metanet):
         if ranks(metanet, Level.WEIGHTS):
             x = example_input(model, data)
-            return learned_weight_criterion(metanet, model, x, pruning.dense_ends)
-        return weight_criterion("magnitude")  # the paper's unstructured pipeline: its edit, then magnitude
+            return learned_criterion(metanet, model, x, dense_ends=pruning.dense_ends)
+        return criterion("magnitude", Level.WEIGHTS)  # the paper's unstructured pipeline: its edit, then magnitude
 
 
 def _calibration(metanet: MetaNetwork, data: TaskData, cfg: RecipeConfig):
@@ -239,7 +239,7 @@ class Gate(Method):
         return model, None
 
 
-def curve_scores(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> ChannelScores:
+def curve_scores(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> GivenScores:
     """The ``curve`` method's criterion: scores fitted to ``model`` with the curve objective."""
     x = example_input(model, data)
     amounts = list(amounts_for(model, x, sorted(cfg.curve_speedups), cfg.pruning).values())
@@ -247,7 +247,7 @@ def curve_scores(model: nn.Module, data: TaskData, cfg: RecipeConfig) -> Channel
     scores, masker = fit_scores(model, data, amounts, steps=b.steps, batch_size=b.batch_size, seed=b.seed,
                                 lr=cfg.curve_lr, temperature=cfg.curve_temperature, mode=cfg.curve_mask,
                                 distill=cfg.curve_distill)
-    return ChannelScores(masker.module_scores(scores))
+    return masker.criterion(scores)
 
 
 class Curve(Method):
@@ -261,9 +261,10 @@ class Curve(Method):
         return curve_scores(model, data, cfg)
 
     def weight_criterion(self, model, data, cfg, pruning, metanet):
-        b = cfg.before
-        return GivenScores(fit_weight_scores(model, data, steps=max(b.steps, 1), batch_size=b.batch_size,
-                                             seed=b.seed, dense_ends=pruning.dense_ends), name="curve")
+        b, mask = cfg.before, WeightMask(model, pruning.dense_ends)
+        scores, _ = fit_scores(model, data, mask.amounts, steps=max(b.steps, 1), batch_size=b.batch_size,
+                               seed=b.seed, masker=mask)
+        return mask.criterion(scores, "curve")
 
     def reads_labels(self, metanet, cfg):
         return True  # its scores are fitted on the task loss

@@ -9,7 +9,7 @@ given (``defaults``), the head it trains and how its checkpoints are chosen.
 - ``curve``: a learned channel criterion (``scores``) trained on the pruning curve: per step an
   amount drawn in the member's range, the masked network's task loss (``metanet.curve``), plus
   optionally the regression on the member's own ``curve`` scores (``score_targets``);
-- ``weight_curve``: the same at the weight level (``weight_scores``, ``metanet.weight_scoring``).
+- ``weight_curve``: the same at the weight level (``weight_scores``, ``metanet.masks.WeightMask``).
 
 The default objective is ``curve`` with the settings of the best learned criterion measured
 (docs/benchmarks.md, "The curve objective's gradient as an input"): a per-channel MLP (no message
@@ -37,9 +37,9 @@ from metanet.levels import Level
 from metanet.metanetwork import MetaNetwork
 from metanet.prune import amounts_for
 from metanet.registry import Registry
-from metanet.scoring import ScoreMap, attach_statistics, channel_scores, node_statistics, score_map
+from metanet.masks import WeightMask
+from metanet.scoring import ScoreMap, attach_statistics, channel_scores, metanet_weight_scores, node_statistics, score_map
 from metanet.sparsity import GroupSparsity, sparsity_term
-from metanet.weight_scoring import metanet_weight_scores, soft_masked, weight_names
 
 if TYPE_CHECKING:
     from metanet.meta_training import MetaTrainConfig
@@ -108,7 +108,7 @@ class WeightMember(Member):
     """The weight-level objectives': the member's own parameters and the weights a pruning masks."""
 
     params: dict[str, torch.Tensor]
-    weight_names: list[str]
+    mask: WeightMask
 
 
 def task_objective(member: Member, params: dict[str, torch.Tensor], batches: Batches) -> tuple[float, float]:
@@ -291,8 +291,7 @@ class Curve(Objective):
                                                                 member.scores_map))
             scores = scores_of[member.id] = channel_scores(metanet, member.graph, member.params, member.scores_map)
             masker = member.scores_map.masker
-            masked = masker.apply(member.params, masker.mask(scores, lo + draw * (hi - lo), cfg.curve_temperature,
-                                                             cfg.curve_mask))
+            masked = masker.masked(member.params, scores, lo + draw * (hi - lo), cfg.curve_temperature, cfg.curve_mask)
             return lambda x: torch.func.functional_call(member.model, masked, (x,))
 
         def target_term(member):
@@ -331,20 +330,20 @@ class WeightCurve(Objective):
     def member(self, member_id, model, graph, cfg):
         work = batch_stat_copy(model)
         params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
-        return WeightMember(member_id, graph, work.to(graph.node_feat.device), params, weight_names(model))
+        return WeightMember(member_id, graph, work.to(graph.node_feat.device), params, WeightMask(model))
 
     def step(self, metanet, members, batches, draw, cfg):
         """Each member's per-weight scores from one metanetwork pass
-        (``metanet.weight_scoring.metanet_weight_scores``), the soft mask at the sparsity
+        (``metanet.scoring.metanet_weight_scores``), the soft mask at the sparsity
         ``lo + draw * (hi - lo)``, the masked network's mean cross-entropy over ``batches``."""
         lo, hi = cfg.weight_sparsities
         sparsity = lo + draw * (hi - lo)
 
         def masked_logits(member):
-            scores = metanet_weight_scores(metanet, member.graph, member.model, member.params, member.weight_names)
-            # the mask built per batch, as weight_curve_loss builds it: the same sums in the backward
+            scores = metanet_weight_scores(metanet, member.graph, member.model, member.params, member.mask.names)
+            # the mask built per batch, as curve_loss builds it: the same sums in the backward
             return lambda x: torch.func.functional_call(
-                member.model, soft_masked(member.params, scores, sparsity, cfg.weight_temperature), (x,))
+                member.model, member.mask.masked(member.params, scores, sparsity, cfg.weight_temperature), (x,))
 
         return _masked_step(members, batches, masked_logits)
 
@@ -360,12 +359,12 @@ class PaperL1(Objective):
     def member(self, member_id, model, graph, cfg):
         work = model.train(cfg.bn_mode == "train")
         params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
-        return WeightMember(member_id, graph, work.to(graph.node_feat.device), params, weight_names(model))
+        return WeightMember(member_id, graph, work.to(graph.node_feat.device), params, WeightMask(model))
 
     def step(self, metanet, members, batches, draw, cfg):
         # the paper's unstructured term: reg * sign(w) in the gradient
         return _edited_step(metanet, members, batches, cfg, lambda m, leaves: cfg.l1_reg * sum(
-            leaves[n].abs().sum() for n in m.weight_names))
+            leaves[n].abs().sum() for n in m.mask.names))
 
 
 DEFAULT_OBJECTIVE = "curve"

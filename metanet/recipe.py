@@ -99,7 +99,7 @@ def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, re
     if weights is not None:
         chosen = weight_criterion_for(prepared, data, cfg, weights, metanet)
         model = copy.deepcopy(prepared.model)
-        cut: _Cut = _WeightCut(sparsify(model, weights, chosen, calibration(data, cfg) if chosen.data_driven else None),
+        cut: Cut = WeightCut(sparsify(model, weights, chosen, calibration(data, cfg) if chosen.data_driven else None),
                                chosen.name)
         return _finish(model, cut, prepared, data, cfg, report_test, extra_after, time.perf_counter() - start)
     x = example_input(prepared.model, data)
@@ -114,11 +114,11 @@ def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, re
         result = prune_adaptive(model, x, score, cfg.floor, cfg.pruning, criterion=prepared.criterion,
                                 batches=batches)
         model = result.model
-    return _finish(model, _ChannelCut(result), prepared, data, cfg, report_test, extra_after,
+    return _finish(model, ChannelCut(result), prepared, data, cfg, report_test, extra_after,
                    time.perf_counter() - start)
 
 
-class _Cut:
+class Cut:
     """What the recipe needs of a pruning after the cut, at its level: what the row records about it,
     the repair of the layers that read what was cut, and what is settled after the finetune."""
 
@@ -134,7 +134,7 @@ class _Cut:
         """After the finetune: nothing for channels (the network is smaller)."""
 
 
-class _ChannelCut(_Cut):
+class ChannelCut(Cut):
     level = Level.CHANNELS
 
     def __init__(self, result: PruneResult):
@@ -147,7 +147,7 @@ class _ChannelCut(_Cut):
         return reconstruct(model, reference, self.result.channels, inputs, settings)
 
 
-class _WeightCut(_Cut):
+class WeightCut(Cut):
     level = Level.WEIGHTS
 
     def __init__(self, report: WeightPruningReport, criterion: str):
@@ -167,17 +167,28 @@ class _WeightCut(_Cut):
                       params_nonzero=sum(int(torch.count_nonzero(p)) for p in model.parameters()))
 
 
-def _finish(model: nn.Module, cut: _Cut, prepared: Prepared, data: TaskData, cfg: RecipeConfig,
+def repair(model: nn.Module, cut: Cut, reference: nn.Module, data: TaskData, cfg: RecipeConfig,
+           inputs: list[torch.Tensor] | None = None) -> dict:
+    """The repair after ``cut``, in place: the layers reading what was cut re-fitted to ``reference``
+    (the unpruned network) on calibration inputs when ``cfg.reconstruct`` says so (``inputs``: those
+    inputs, if already drawn), then BatchNorm statistics recomputed as the settings say. Returns
+    what the re-fit reports (empty without one)."""
+    summary = {}
+    if cfg.reconstruct is not None:
+        inputs = reconstruction_batches(data, cfg) if inputs is None else inputs
+        summary = cut.repair(model, reference, inputs, cfg.reconstruct).summary()
+    if cfg.reconstruct is None or cfg.reconstruct.recalibrates(channels=cut.level is Level.CHANNELS):
+        recalibrate(model, data, cfg)
+    return summary
+
+
+def _finish(model: nn.Module, cut: Cut, prepared: Prepared, data: TaskData, cfg: RecipeConfig,
             report_test: bool, extra_after: Sequence[int], pruning_seconds: float) -> tuple[nn.Module, dict]:
     """A pruned ``model``: re-fitted (``cfg.reconstruct``), BatchNorm recalibrated, evaluated,
     finetuned (each budget), its record."""
     start = time.perf_counter()
     record = dict(prepared.record, target=cfg.target, floor=cfg.floor)
-    if cfg.reconstruct is not None:
-        # the unpruned network's outputs on calibration inputs, re-fitted; then BN as the settings say
-        record.update(cut.repair(model, prepared.model, reconstruction_batches(data, cfg), cfg.reconstruct).summary())
-    if cfg.reconstruct is None or cfg.reconstruct.recalibrates(channels=cut.level is Level.CHANNELS):
-        recalibrate(model, data, cfg)
+    record.update(repair(model, cut, prepared.model, data, cfg))
     record.update(cut.summary())
     record["val_acc_pruned"], _ = evaluate(model, data, "val")
     if report_test:
@@ -237,7 +248,7 @@ def prune_to_targets(model: nn.Module, data: TaskData, method: str, cfg: RecipeC
                                          prepared.criterion, batches):
         seconds += time.perf_counter() - start
         snapshot = copy.deepcopy(result.model)
-        out[target] = _finish(snapshot, _ChannelCut(replace(result, model=snapshot)), prepared, data,
+        out[target] = _finish(snapshot, ChannelCut(replace(result, model=snapshot)), prepared, data,
                               replace(cfg, target=target), report_test, extra_after, seconds)
         start = time.perf_counter()
     return [out[float(t)] for t in targets]

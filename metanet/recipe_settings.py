@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from metanet.criteria import Batches, criterion
-from metanet.curve import MASKS
+from metanet.masks import MASKS
 from metanet.data import TaskData
 from metanet.prune import DEFAULT_PRUNING, PruneSettings, recalibrate_bn
 from metanet.reconstruct import ReconstructSettings

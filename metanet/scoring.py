@@ -1,4 +1,5 @@
-"""A learned pruning criterion: a metanetwork's per-channel scores, trained on the curve objective.
+"""A learned pruning criterion: a metanetwork's scores per channel (or per weight), trained on the
+curve objective.
 
 A ``scores`` metanetwork (``MetaNetConfig(edit="scores")``) edits nothing; it decodes one number
 per graph node from its final node state (``MetaNetwork.node_scores``). A channel of a dependency
@@ -15,20 +16,29 @@ learns is a correction in units of a group's spread: the same parametrisation as
 meant to approach in one forward pass.
 
 ``ScoreMap`` holds, per architecture, the channel map of the curve objective (``ChannelMask``)
-and which graph nodes carry each channel; ``channel_scores`` turns a graph into scores [C] and
-``learned_criterion`` into the pruner's importance (``metanet.criteria.ChannelScores``).
+and which graph nodes carry each channel; ``channel_scores`` turns a graph into scores [C].
+
+The weight level is the same idea one level down: a ``weight_scores`` metanetwork decodes one
+correction per edge (``MetaNetwork.weight_deltas``) and ``metanet_weight_scores`` adds it to each
+weight's log magnitude (so an untrained one is global magnitude pruning), meta-trained with
+``objective="weight_curve"``.
+
+``learned_criterion`` turns either into the pruner's criterion (``metanet.criteria.GivenScores`` at
+the level the metanetwork's head ranks): one forward pass per network at pruning time.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from metanet.criteria import ChannelScores
-from metanet.curve import ChannelMask, curve_gradient, fit_scores
-from metanet.graph import NetworkGraph, graph_layout, network_to_graph
+from metanet.criteria import GivenScores
+from metanet.curve import curve_gradient, fit_scores
+from metanet.graph import NetworkGraph, graph_layout, graph_to_params, network_to_graph
+from metanet.levels import Level
+from metanet.masks import ChannelMask, WeightMask, magnitude_base
 from metanet.metanetwork import MetaNetwork
 from metanet.gates import _within_layer
 
@@ -213,16 +223,50 @@ def _scores_of(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Ten
         return channel_scores(metanet, graph, dict(model.named_parameters()), scores_map), scores_map
 
 
-def learned_criterion(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor,
-                      batches=None) -> ChannelScores:
-    """The pruner's importance for ``model``: one forward pass of the ``scores`` metanetwork
-    (``batches``: (x, y) calibration batches, for a metanetwork that reads channel statistics)."""
+def metanet_weight_scores(metanet, graph: NetworkGraph, model: nn.Module, params: Mapping[str, torch.Tensor],
+                          names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """{weight name: log|w| + the metanetwork's correction} for ``names``, a ``weight_scores``
+    metanetwork's per-weight scores (its edge decoders' outputs, 0 before training); differentiable
+    in ``metanet`` (called, not bypassed, so that a DDP wrapper averages its gradients)."""
+    deltas = metanet(graph, scores=True)
+    as_graph = graph.with_features(graph.node_feat, {t: deltas.get(t, graph.edge_feat[t]) for t in graph.edge_types})
+    corrections = graph_to_params(as_graph, model)
+    base = magnitude_base(params, names)
+    return {n: base[n] + corrections[n] for n in names}
+
+
+def _learned_channels(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor, batches,
+                      dense_ends: bool) -> GivenScores:
     scores, scores_map = _scores_of(metanet, model, example_inputs, batches)
-    return ChannelScores(scores_map.masker.module_scores(scores))
+    return scores_map.masker.criterion(scores)
+
+
+def _learned_weights(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor, batches,
+                     dense_ends: bool) -> GivenScores:
+    metanet.eval().to(example_inputs.device)
+    graph = network_to_graph(model, example_inputs)
+    mask = WeightMask(model, dense_ends)
+    with torch.no_grad():
+        scores = metanet_weight_scores(metanet, graph, model, dict(model.named_parameters()), mask.names)
+    return mask.criterion(scores, "learned")
+
+
+_LEARNED = {Level.CHANNELS: _learned_channels, Level.WEIGHTS: _learned_weights}
+
+
+def learned_criterion(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor, batches=None,
+                      dense_ends: bool = True) -> GivenScores:
+    """The pruner's criterion for ``model`` from one forward pass of a learned criterion, at the level
+    its head ranks: channel scores (``batches``: (x, y) calibration batches, for a metanetwork that
+    reads channel statistics) or weight scores (of the layers a pruning with ``dense_ends`` masks)."""
+    level = metanet.head.ranks
+    if level not in _LEARNED:
+        raise ValueError(f"a metanetwork with the {metanet.config.edit!r} head edits weights and ranks nothing")
+    return _LEARNED[level](metanet, model, example_inputs, batches, dense_ends)
 
 
 def refined_criterion(metanet: MetaNetwork, model: nn.Module, data, amounts, *, steps: int, batch_size: int,
-                      seed: int = 0, batches=None, **fit) -> ChannelScores:
+                      seed: int = 0, batches=None, **fit) -> GivenScores:
     """The metanetwork's scores of ``model`` as the starting point of the per-network curve
     optimisation (``metanet.curve.fit_scores``: ``steps`` Adam steps on ``data``'s training
     batches at amounts between those in ``amounts``; ``fit``: its lr, temperature, mask, distill):
@@ -232,7 +276,7 @@ def refined_criterion(metanet: MetaNetwork, model: nn.Module, data, amounts, *, 
     if steps:
         scores, _ = fit_scores(model, data, amounts, steps=steps, batch_size=batch_size, seed=seed,
                                masker=scores_map.masker, start=scores, **fit)
-    return ChannelScores(scores_map.masker.module_scores(scores))
+    return GivenScores(scores_map.masker.module_scores(scores))
 
 
 def gated_by_scores(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor, amount: float,

@@ -1,7 +1,10 @@
 """Choosing a metanetwork among checkpoints, on validation members only: one score, one rule.
 
 Every place that compares metanetworks (``meta_train``'s kept checkpoints, a Tune trial's epochs,
-``bench/quality.py``'s epochs) scores with ``score`` and chooses with ``choose``.
+the benchmarks' epochs) scores with ``score`` and chooses with ``choose``; in one process,
+``train_and_select`` meta-trains, scores every few epochs and loads the checkpoint it chose (Tune's
+trials and the benchmarks; ``meta_train.py`` trains on Ray Train's workers and chooses among the
+checkpoints they kept).
 
 - ``recipe`` (the default): validation accuracy at the end of a short pruning recipe
   (``selection_recipe``: the metanetwork edit -> ``steps`` finetuning steps -> prune to each target
@@ -16,18 +19,20 @@ chance for every checkpoint on small budgets: it cannot rank them, so it is not 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from metanet.data import TaskData
 from metanet.criteria import criterion
-from metanet.diagnostics import criterion_of, curve_auc, pruning_curve, weight_pruning_curve
-from metanet.metanetwork import MetaNetwork, apply_metanetwork
-from metanet.objectives import objective
+from metanet.diagnostics import criterion_of, curve_auc, pruning_curve, weight_points
+from metanet.levels import Level
+from metanet.meta_training import MetaTrainConfig, meta_train, snapshot
+from metanet.metanetwork import MetaNetwork
+from metanet.objectives import Member, objective
 from metanet.recipe import RecipeConfig, prune_to_targets, recipe_from_settings
-from metanet.weight_scoring import weight_level_view
 
 SELECTIONS = ("recipe", "auc")  # how a run's checkpoints are scored
 SELECT_STEPS = 18  # about one epoch of digits at batch 64 (bench/selection.py's short recipe)
@@ -47,7 +52,7 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
     """The validation score of ``metanet`` on ``models`` (see the module docstring); ``targets``
     defaults to ``recipe.target``. With ``sparsities``, a weight-level metanetwork's: the mean
     validation accuracy right after pruning to each fraction of zeros, BatchNorm recalibrated
-    (``metanet.weight_scoring.weight_level_view``). Never reads the test split."""
+    (``metanet.diagnostics.criterion_of``). Never reads the test split."""
     if objective not in SELECTIONS:
         raise ValueError(f"selection objective must be one of {', '.join(SELECTIONS)}, not {objective!r}")
     if not models:
@@ -56,14 +61,16 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
         x = torch.zeros(data.input_shape, device=next(metanet.parameters()).device)
         areas = []
         for m in models:
-            network, crit = weight_level_view(metanet, m, x)
-            areas.append(curve_auc(weight_pruning_curve(network, data, recipe, crit, sparsities)))
+            network, crit = criterion_of(metanet, m, x, recipe, data, Level.WEIGHTS)
+            areas.append(curve_auc(pruning_curve(network, data, recipe, weight_points(sparsities), criterion=crit)))
         return sum(areas) / len(areas)
     if objective == "auc":
         device = next(metanet.parameters()).device
         x = torch.zeros(data.input_shape, device=device)
-        areas = [curve_auc(pruning_curve(apply_metanetwork(metanet, m, x), data, recipe,
-                                         criterion=criterion_of(metanet, m, x, recipe, data))) for m in models]
+        areas = []
+        for m in models:
+            network, crit = criterion_of(metanet, m, x, recipe, data)
+            areas.append(curve_auc(pruning_curve(network, data, recipe, criterion=crit)))
         return sum(areas) / len(areas)
     scores = [record["val_acc"] for model in models
               for _, record in prune_to_targets(model, data, "meta", recipe, targets or [recipe.target], metanet,
@@ -88,3 +95,55 @@ def choose(scores: Mapping[int, float]) -> tuple[int, float]:
         raise ValueError("no checkpoint has a score to choose by")
     best_score, best_epoch = max(ranked)
     return best_epoch, best_score
+
+
+@dataclass
+class Selection:
+    """What ``train_and_select`` chose: the ``epoch`` (-1: the untrained metanetwork) and its
+    ``score``, and every scored epoch's row (``history``: its training metrics and what
+    ``validate`` returned)."""
+
+    epoch: int
+    score: float
+    history: list[dict]
+
+
+Validate = Callable[[MetaNetwork], "float | Mapping[str, float]"]
+Report = Callable[[int, dict, MetaNetwork, "dict | None"], None]
+
+
+def train_and_select(metanet: MetaNetwork, members: Sequence[Member], data: TaskData, cfg: MetaTrainConfig,
+                     validate: Validate, *, every: int = 1, untrained: bool = True, final: bool = True,
+                     report: Report | None = None, progress: bool = False) -> Selection:
+    """Meta-trains ``metanet`` (``meta_train``) and leaves it at the checkpoint ``choose`` picks.
+
+    ``validate(metanet)`` scores a checkpoint on validation members only (a number, or a dict with
+    a ``score`` and anything else worth keeping); it runs before training when ``untrained``, after
+    every ``every``-th epoch and, when ``final``, after the last. A snapshot of each scored
+    checkpoint is kept in memory. ``report(epoch, metrics, metanet, scored)`` sees every epoch
+    (``scored``: the row of a scored one, else None; epoch -1 for the untrained one): a Tune trial
+    reports there, a benchmark logs."""
+    history, kept = [], {}
+
+    def scored(epoch: int, metrics: dict, net: MetaNetwork) -> dict:
+        found = validate(net)
+        row = {"epoch": epoch, **metrics, **(dict(found) if isinstance(found, Mapping) else {"score": float(found)})}
+        history.append(row)
+        kept[epoch] = snapshot(net)
+        return row
+
+    if untrained:
+        row = scored(-1, {}, metanet)
+        if report is not None:
+            report(-1, {}, metanet, row)
+
+    def on_epoch(epoch: int, metrics: dict, net: MetaNetwork) -> None:
+        due = (epoch + 1) % every == 0 or (final and epoch == cfg.epochs - 1)
+        row = scored(epoch, metrics, net) if due else None
+        if report is not None:
+            report(epoch, metrics, net, row)
+
+    meta_train(metanet, members, data, cfg, on_epoch=on_epoch, progress=progress)
+    epoch, value = choose({row["epoch"]: row["score"] for row in history})
+    metanet.load_state_dict(kept[epoch])
+    return Selection(epoch, value, history)

@@ -1,8 +1,9 @@
 """Weight-level pruning: unstructured sparsity (a fraction of zeros) and N:M (in every group of M
 consecutive input weights at most N nonzero, 2:4 being what recent GPUs run faster).
 
-Analysis apart from actions, as in ``metanet.criteria``: a ``WeightCriterion`` (one class per
-criterion, in ``WEIGHT_CRITERIA``) scores every weight of the layers ``prunable_layers`` picks;
+Analysis apart from actions: a weight criterion (``metanet.criteria``, one class per name, in
+``CRITERIA`` with ``Level.WEIGHTS`` among its levels) scores every weight of the layers
+``prunable_layers`` picks;
 ``sparsify`` turns the scores into masks and applies them with ``torch.nn.utils.prune`` (global or
 per-layer ranking through its ``L1Unstructured`` with the scores as ``importance_scores``, N:M
 through ``custom_from_mask``). The masks stay on the network as torch's forward pre-hooks
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from metanet.criteria import Batches, _calibration
+from metanet.criteria import Batches, Criterion
 from metanet.sparsity import classifier_of
 
 SCOPES = ("global", "layer")
@@ -111,103 +112,6 @@ def prunable_layers(model: nn.Module, dense_ends: bool = True) -> dict[str, nn.M
     return layers
 
 
-class WeightCriterion:
-    """Scores every weight of ``layers``: higher is kept. ``data_driven`` criteria read calibration
-    batches (``(x, y)`` pairs)."""
-
-    name = ""
-    data_driven = False
-
-    def scores(self, model: nn.Module, layers: dict[str, nn.Module], batches: Batches | None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-
-class WeightMagnitude(WeightCriterion):
-    """|w|: one-shot magnitude pruning."""
-
-    name = "magnitude"
-
-    def scores(self, model, layers, batches):
-        return {n: m.weight.detach().abs() for n, m in layers.items()}
-
-
-class Wanda(WeightCriterion):
-    """|w| times the L2 norm of the input feature it multiplies, over calibration batches (Sun et
-    al., 2023, "A Simple and Effective Pruning Approach for LLMs"): a convolution's input feature is
-    its input channel (every kernel position of the channel shares its norm), a Linear's its input
-    dimension over every other axis (tokens, positions)."""
-
-    name = "wanda"
-    data_driven = True
-
-    def scores(self, model, layers, batches):
-        sums = {n: torch.zeros(m.in_features if isinstance(m, nn.Linear) else m.in_channels, device=m.weight.device)
-                for n, m in layers.items()}
-        names = {m: n for n, m in layers.items()}
-
-        def hook(module, inputs, _out):
-            x = inputs[0].detach()
-            axis = x.dim() - 1 if isinstance(module, nn.Linear) else 1
-            sums[names[module]] += x.movedim(axis, 0).reshape(x.shape[axis], -1).square().sum(1)
-
-        handles = [m.register_forward_hook(hook) for m in layers.values()]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for x, _ in _calibration(batches, self.name):
-                    model(x)
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
-        out = {}
-        for n, m in layers.items():
-            w = m.weight.detach()
-            norm = sums[n].sqrt()
-            if isinstance(m, nn.Linear):
-                out[n] = w.abs() * norm[None, :]
-            else:  # grouped convolutions: column c of the weight reads input channel (g * in/groups + c)
-                per_group = w.shape[1]
-                cols = norm.reshape(m.groups, per_group)  # [groups, in / groups]
-                rows = cols.repeat_interleave(w.shape[0] // m.groups, 0)  # [out, in / groups]
-                out[n] = w.abs() * rows.reshape(w.shape[0], per_group, *([1] * (w.dim() - 2)))
-        return out
-
-
-class WeightRandom(WeightCriterion):
-    """Uniform random scores (the floor any criterion should beat); torch's global seed."""
-
-    name = "random"
-
-    def scores(self, model, layers, batches):
-        return {n: torch.rand(m.weight.shape, device=m.weight.device) for n, m in layers.items()}
-
-
-class GivenScores(WeightCriterion):
-    """Scores computed elsewhere (a metanetwork's per-weight scores), by layer name."""
-
-    name = "learned"
-
-    def __init__(self, scores: dict[str, torch.Tensor], name: str = "learned"):
-        self._scores, self.name = scores, name
-
-    def scores(self, model, layers, batches):
-        missing = sorted(set(layers) - set(self._scores))
-        if missing:
-            raise ValueError(f"no scores for layer(s) {', '.join(missing)}")
-        return {n: self._scores[n].detach().reshape(layers[n].weight.shape) for n in layers}
-
-
-WEIGHT_CRITERIA: dict[str, WeightCriterion] = {c.name: c for c in (WeightMagnitude(), Wanda(), WeightRandom())}
-
-
-def weight_criterion(name: str) -> WeightCriterion:
-    if name not in WEIGHT_CRITERIA:
-        raise ValueError(f"unknown weight criterion {name!r}; known: {', '.join(WEIGHT_CRITERIA)}")
-    return WEIGHT_CRITERIA[name]
-
-
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """The 0/1 mask keeping the ``n`` highest of ``scores`` in every group of ``m`` consecutive
     input weights (each output row flattened). A row whose length is not a multiple of ``m`` ends in
@@ -232,7 +136,7 @@ class WeightPruningReport:
     layers: list[str]
 
 
-def sparsify(model: nn.Module, settings: WeightPruning, criterion: WeightCriterion,
+def sparsify(model: nn.Module, settings: WeightPruning, criterion: Criterion,
              batches: Batches | None = None) -> WeightPruningReport:
     """Masks ``model``'s weights in place (torch's pruning hooks: a finetune keeps the zeros)."""
     layers = prunable_layers(model, settings.dense_ends)

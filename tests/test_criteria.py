@@ -5,8 +5,10 @@ import copy
 import pytest
 import torch
 
-from metanet.criteria import CRITERIA, ChannelScores, criterion
-from metanet.curve import ChannelMask, batch_stat_copy, fit_scores, masked_accuracy
+from metanet.criteria import GivenScores, criterion, names
+from metanet.levels import Level
+from metanet.curve import batch_stat_copy, fit_scores, masked_accuracy
+from metanet.masks import ChannelMask
 from metanet.diagnostics import pruning_curve
 from metanet.paired import best_method, with_best
 from metanet.prune import amounts_for, count, prune_to_speedup
@@ -23,7 +25,7 @@ def trained(digits):
     return model.eval()
 
 
-@pytest.mark.parametrize("name", sorted(CRITERIA))
+@pytest.mark.parametrize("name", sorted(names(Level.CHANNELS)))
 def test_every_criterion_prunes_to_the_target_with_its_own_ranking(name, trained, digits):
     x = torch.zeros(digits.input_shape)
     model = copy.deepcopy(trained)
@@ -50,8 +52,14 @@ def test_criteria_rank_channels_differently(trained, digits):
 
 
 def test_an_unknown_criterion_is_refused_by_name():
-    with pytest.raises(ValueError, match="unknown pruning criterion 'l1'.*magnitude"):
+    with pytest.raises(ValueError, match="unknown channel pruning criterion 'l1'.*magnitude"):
         criterion("l1")
+    # one registry for both levels: a criterion is refused at the level it does not rank
+    with pytest.raises(ValueError, match="unknown channel pruning criterion 'wanda'; known: magnitude.*random$"):
+        criterion("wanda")
+    with pytest.raises(ValueError, match="unknown weight pruning criterion 'fpgm'; known: magnitude, random, wanda$"):
+        criterion("fpgm", Level.WEIGHTS)
+    assert criterion("magnitude", Level.WEIGHTS) is criterion("magnitude")
     with pytest.raises(ValueError, match="'l1'"):
         RecipeConfig(criterion="l1")
 
@@ -67,7 +75,7 @@ def test_the_hard_mask_removes_exactly_what_the_pruner_removes(arch, digits):
     scores = torch.randn(masker.num_channels)
     amount = amounts_for(model, x, [2.0])[2.0]
     pruned = copy.deepcopy(model)
-    prune_to_speedup(pruned, x, 2.0, criterion=ChannelScores(masker.module_scores(scores)))
+    prune_to_speedup(pruned, x, 2.0, criterion=GivenScores(masker.module_scores(scores)))
     batch = next(iter(digits.batches("train", 64)))[0]
     work = batch_stat_copy(model)
     masked = masker.apply(dict(work.named_parameters()), masker.mask(scores, amount, mode="hard"))
@@ -106,7 +114,7 @@ def test_optimised_scores_beat_random_scores_and_magnitude_start(trained, digits
     assert fitted > max(random) + 0.1, (fitted, random)
     # as the pruner's importance: the recalibrated curve at 2x is above random pruning's
     cfg = RecipeConfig()
-    curve = pruning_curve(trained, digits, cfg, (2.0,), criterion=ChannelScores(masker.module_scores(scores)))[2.0]
+    curve = pruning_curve(trained, digits, cfg, (2.0,), criterion=GivenScores(masker.module_scores(scores)))[2.0]
     torch.manual_seed(0)
     rand = pruning_curve(trained, digits, cfg, (2.0,), criterion=criterion("random"))[2.0]
     assert curve > rand + 0.1, (curve, rand)

@@ -53,11 +53,13 @@ def test_a_two_four_pruned_linear_runs_on_sparse_tensor_cores():
         pytest.skip("2:4 kernels need compute capability 8.0 or newer")
     from torch.sparse import to_sparse_semi_structured
 
-    from metanet.weight_pruning import WeightPruning, make_permanent, nm_violations, sparsify, weight_criterion
+    from metanet.criteria import criterion
+    from metanet.levels import Level
+    from metanet.weight_pruning import WeightPruning, make_permanent, nm_violations, sparsify
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128))
-    sparsify(model, WeightPruning(nm=(2, 4), dense_ends=False), weight_criterion("magnitude"))
+    sparsify(model, WeightPruning(nm=(2, 4), dense_ends=False), criterion("magnitude", Level.WEIGHTS))
     make_permanent(model)
     assert not nm_violations(model, ["0", "2"], 2, 4)
     w = model[0].weight.detach().half().cuda()

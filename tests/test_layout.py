@@ -17,8 +17,9 @@ from metanet.recipe_settings import LEARNED_AS
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("metanet", "zoo", "bench", "pipelines", "distributed")
 # the modules that define a concept's classes may name it: that is what a registry is for
-REGISTRIES = {"metanet/methods.py", "metanet/objectives.py", "metanet/heads.py", "metanet/criteria.py",
-              "metanet/levels.py"}
+REGISTRIES = {"metanet/methods.py", "metanet/objectives.py", "metanet/heads.py", "metanet/criteria/__init__.py",
+              "metanet/criteria/base.py", "metanet/criteria/both.py", "metanet/criteria/channels.py",
+              "metanet/criteria/weights.py", "metanet/levels.py"}
 CONCEPT_NAMES = {*METHODS, *OBJECTIVES, *HEADS, *CRITERIA, *(v.value for v in Level), *LEARNED_AS}
 # comparisons against registered names outside the registries: none today, so any new one fails
 MOST_COMPARISONS = 0

@@ -141,12 +141,14 @@ def test_weight_level_reconstruction_keeps_every_mask_and_fits_the_rest(resnet, 
     weights; the zeros stay exactly where the masks put them, and the network is closer to the dense
     one (measured: 1:4 76.9% -> 92.2% test accuracy, BatchNorm recomputed both times)."""
     from metanet.reconstruct import reconstruct_masked
-    from metanet.weight_pruning import WeightPruning, make_permanent, sparsify, weight_criterion
+    from metanet.criteria import criterion
+    from metanet.levels import Level
+    from metanet.weight_pruning import WeightPruning, make_permanent, sparsify
 
     xs = _batches(digits)
     for nm in ((2, 4), (1, 4)):
         sparse = copy.deepcopy(resnet)
-        pruning = sparsify(sparse, WeightPruning(nm=nm), weight_criterion("magnitude"))
+        pruning = sparsify(sparse, WeightPruning(nm=nm), criterion("magnitude", Level.WEIGHTS))
         masks = {n: dict(sparse.named_modules())[n].weight_mask.clone() for n in pruning.layers}
         plain = evaluate(recalibrate_bn(copy.deepcopy(sparse), xs), digits, "test")[0]
         report = reconstruct_masked(sparse, resnet, pruning.layers, xs)

@@ -57,7 +57,7 @@ def test_an_untrained_scores_metanetwork_prunes_as_magnitude_does():
     torch.testing.assert_close(scores, smap.base(dict(model.named_parameters())))
     # the pruner reads them per layer, in magnitude's order (iterative magnitude pruning can still
     # differ: removing a group's channels changes the input columns that other groups' norms count)
-    table, expected = learned_criterion(net, model, X).scores, smap.masker.module_scores(smap.base(dict(model.named_parameters())))
+    table, expected = learned_criterion(net, model, X).table, smap.masker.module_scores(smap.base(dict(model.named_parameters())))
     assert table.keys() == expected.keys()
     for layer in table:
         torch.testing.assert_close(table[layer], expected[layer], msg=layer)
@@ -128,7 +128,7 @@ def test_channel_statistics_rank_a_dead_channel_last_in_its_layer(digits):
     net = MetaNetwork(MetaNetConfig(edge_widths=edge_widths_of([graph]), edit="scores", calibration=True, layers=0))
     with pytest.raises(ValueError, match="calibration batches"):
         learned_criterion(net, model, X)
-    table = learned_criterion(net, model, X, list(digits.batches("train", 64, limit=1))).scores
+    table = learned_criterion(net, model, X, list(digits.batches("train", 64, limit=1))).table
     assert "features.0" in table and len(table) == len(smap.masker.groups.rows)
 
 
@@ -228,12 +228,12 @@ def test_refined_scores_start_where_the_metanetwork_left_them(trained_member, di
     graph = network_to_graph(trained_member, X)
     net = _scores_net(graph)
     kw = dict(data=digits, amounts=[0.3, 0.6], batch_size=64, seed=0)
-    same = refined_criterion(net, trained_member, steps=0, **kw).scores
-    for layer, scores in learned_criterion(net, trained_member, X).scores.items():
+    same = refined_criterion(net, trained_member, steps=0, **kw).table
+    for layer, scores in learned_criterion(net, trained_member, X).table.items():
         torch.testing.assert_close(same[layer], scores, msg=layer)
     smap = ScoreMap(trained_member, X)
     cold, _ = fit_scores(trained_member, digits, [0.3, 0.6], steps=5, batch_size=64, seed=0, masker=smap.masker)
-    warm = refined_criterion(net, trained_member, steps=5, **kw).scores
+    warm = refined_criterion(net, trained_member, steps=5, **kw).table
     for layer, scores in smap.masker.module_scores(cold).items():
         torch.testing.assert_close(warm[layer], scores, msg=layer)
     flipped, _ = fit_scores(trained_member, digits, [0.3, 0.6], steps=5, batch_size=64, seed=0, masker=smap.masker,
@@ -278,4 +278,4 @@ def test_the_curve_gradient_points_where_the_objective_falls(trained_member, dig
         _scores_net(graph, gradient=True)
     net = _scores_net(graph, calibration=True, gradient=True)
     assert node_statistics(net, trained_member, graph, batches, smap).shape == (graph.num_nodes, 8)
-    assert len(learned_criterion(net, trained_member, X, batches).scores) > 0
+    assert len(learned_criterion(net, trained_member, X, batches).table) > 0

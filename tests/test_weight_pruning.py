@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from metanet.train import TrainConfig, train
-from metanet.weight_pruning import (Wanda, WeightPruning, WeightRandom, make_permanent, nm_mask, nm_violations,
-                                    parse_nm, prunable_layers, sparsify, weight_criterion, zero_fraction)
+from metanet.criteria import Random, Wanda, criterion
+from metanet.levels import Level
+from metanet.weight_pruning import (WeightPruning, make_permanent, nm_mask, nm_violations, parse_nm, prunable_layers,
+                                    sparsify, zero_fraction)
 from zoo.arch import build_model, resnet_spec
 
 
@@ -30,7 +32,7 @@ def test_global_sparsity_masks_the_middle_layers_and_the_finetune_keeps_the_zero
     layers = prunable_layers(model)
     every = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert every[0] not in layers and every[-1] not in layers and len(layers) == len(every) - 2
-    report = sparsify(model, WeightPruning(sparsity=0.8), weight_criterion("magnitude"))
+    report = sparsify(model, WeightPruning(sparsity=0.8), criterion("magnitude", Level.WEIGHTS))
     assert report.layers == list(layers)
     assert zero_fraction(model, report.layers) == pytest.approx(0.8, abs=1e-3)
     modules = dict(model.named_modules())
@@ -48,7 +50,7 @@ def test_global_sparsity_masks_the_middle_layers_and_the_finetune_keeps_the_zero
 
 def test_per_layer_scope_prunes_each_layer_to_the_fraction():
     model = _net()
-    report = sparsify(model, WeightPruning(sparsity=0.5, scope="layer", dense_ends=False), weight_criterion("magnitude"))
+    report = sparsify(model, WeightPruning(sparsity=0.5, scope="layer", dense_ends=False), criterion("magnitude", Level.WEIGHTS))
     assert len(report.layers) == len([m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
     for name in report.layers:
         assert zero_fraction(model, [name]) == pytest.approx(0.5, abs=0.02), name
@@ -56,7 +58,7 @@ def test_per_layer_scope_prunes_each_layer_to_the_fraction():
 
 def test_two_four_keeps_two_of_every_four_and_matches_torch_ao_on_linear_layers():
     model = _net()
-    report = sparsify(model, WeightPruning(nm=(2, 4)), weight_criterion("magnitude"))
+    report = sparsify(model, WeightPruning(nm=(2, 4)), criterion("magnitude", Level.WEIGHTS))
     make_permanent(model)
     assert report.layers and not nm_violations(model, report.layers, 2, 4)
     assert 0.45 < zero_fraction(model, report.layers) <= 0.5  # rows of 9 x 6 inputs end in a group of 2, both kept
@@ -78,7 +80,7 @@ def test_two_four_keeps_two_of_every_four_and_matches_torch_ao_on_linear_layers(
 def test_a_row_that_is_not_a_multiple_of_m_ends_in_a_shorter_group():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(3, 3))
-    report = sparsify(model, WeightPruning(nm=(2, 4), dense_ends=False), weight_criterion("magnitude"))
+    report = sparsify(model, WeightPruning(nm=(2, 4), dense_ends=False), criterion("magnitude", Level.WEIGHTS))
     make_permanent(model)
     assert report.layers == ["0", "2", "4"] and not nm_violations(model, report.layers, 2, 4)
     six = (model[2].weight != 0).sum(1)  # rows of 6: a group of 4 (2 kept) and one of 2 (both kept)
@@ -114,7 +116,7 @@ def test_random_differs_from_magnitude_and_follows_the_seed():
     for seed in (0, 0, 1):
         model = _net()
         torch.manual_seed(seed)
-        sparsify(model, WeightPruning(sparsity=0.5), WeightRandom())
+        sparsify(model, WeightPruning(sparsity=0.5), Random())
         masks.append(torch.cat([m.weight_mask.flatten() for m in model.modules() if hasattr(m, "weight_mask")]))
     assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
 
@@ -147,11 +149,11 @@ def test_exactly_one_of_sparsity_and_nm():
 def test_given_scores_rank_by_value_even_when_negative():
     """torch's L1Unstructured ranks |score|: negative scores (log magnitudes) must still be ranked
     by value, so minus |w| keeps the smallest weights."""
-    from metanet.weight_pruning import GivenScores
+    from metanet.criteria import GivenScores
 
     model = _net()
     layers = prunable_layers(model)
-    flipped = GivenScores({n: -m.weight.detach().abs() - 1.0 for n, m in layers.items()})
+    flipped = GivenScores({n: -m.weight.detach().abs() - 1.0 for n, m in layers.items()}, Level.WEIGHTS)
     sparsify(model, WeightPruning(sparsity=0.5), flipped)
     kept = torch.cat([m.weight_orig[m.weight_mask.bool()].abs() for m in layers.values()])
     dropped = torch.cat([m.weight_orig[~m.weight_mask.bool()].abs() for m in layers.values()])
@@ -160,7 +162,7 @@ def test_given_scores_rank_by_value_even_when_negative():
 
 def test_a_masked_network_deep_copies_and_still_trains_through_its_mask(digits):
     model = _net()
-    sparsify(model, WeightPruning(sparsity=0.7), weight_criterion("magnitude"))
+    sparsify(model, WeightPruning(sparsity=0.7), criterion("magnitude", Level.WEIGHTS))
     model(torch.zeros(2, 1, 8, 8))
     twin = copy.deepcopy(model)  # after a forward: torch's masked weight is no graph leaf
     before = [m.weight_orig.clone() for m in twin.modules() if hasattr(m, "weight_orig")]

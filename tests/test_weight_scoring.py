@@ -1,5 +1,6 @@
-"""metanet.weight_scoring: per-weight scores from a metanetwork's edge states or optimised per
-network, the weight-level curve objective, and the paper's unstructured (L1) objective."""
+"""Weight-level scores: per-weight scores from a metanetwork's edge states (``learned_criterion``
+with a ``weight_scores`` head) or optimised per network (``fit_scores`` with a ``WeightMask``), the
+weight-level curve objective, and the paper's unstructured (L1) objective."""
 
 import copy
 
@@ -10,9 +11,12 @@ from metanet.graph import network_to_graph
 from metanet.meta_training import MetaTrainConfig, make_member, members_step
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of
 from metanet.train import TrainConfig, train
-from metanet.weight_pruning import WeightPruning, make_permanent, sparsify, weight_criterion
-from metanet.weight_scoring import (fit_weight_scores, learned_weight_criterion, magnitude_base, weight_curve_loss,
-                                    weight_names)
+from metanet.criteria import criterion
+from metanet.curve import curve_loss, fit_scores
+from metanet.levels import Level
+from metanet.masks import WeightMask, magnitude_base, weight_names
+from metanet.scoring import learned_criterion
+from metanet.weight_pruning import WeightPruning, make_permanent, sparsify
 from zoo.arch import build_model, resnet_spec
 
 X = torch.zeros(1, 1, 8, 8)
@@ -39,9 +43,9 @@ def _masks(model, crit, pruning):
 
 def test_an_untrained_weight_scores_metanetwork_prunes_as_global_magnitude(trained):
     net = _net(network_to_graph(trained, X))
-    learned = learned_weight_criterion(net, trained, X)
+    learned = learned_criterion(net, trained, X)
     for pruning in (WeightPruning(sparsity=0.8), WeightPruning(nm=(2, 4))):
-        ours, magnitude = _masks(trained, learned, pruning), _masks(trained, weight_criterion("magnitude"), pruning)
+        ours, magnitude = _masks(trained, learned, pruning), _masks(trained, criterion("magnitude", Level.WEIGHTS), pruning)
         assert ours.keys() == magnitude.keys() and all(torch.equal(ours[k], magnitude[k]) for k in ours)
     with pytest.raises(ValueError, match="decodes no per-weight scores"):
         MetaNetwork(MetaNetConfig(edge_widths=net.config.edge_widths, edit="additive")).weight_deltas(
@@ -56,7 +60,7 @@ def _held_out_loss(model, scores_by_layer, digits, sparsity=0.9):
     scores = {f"{k}.weight": v for k, v in scores_by_layer.items()}
     x, y = next(iter(digits.batches("val", 256)))
     with torch.no_grad():
-        return float(weight_curve_loss(work, params, scores, sparsity, x, y)[0])
+        return float(curve_loss(work, WeightMask(model), params, scores, sparsity, x, y, temperature=0.2, mode="soft"))
 
 
 def test_meta_training_on_the_weight_curve_moves_the_scores_past_magnitude(trained, digits):
@@ -67,7 +71,7 @@ def test_meta_training_on_the_weight_curve_moves_the_scores_past_magnitude(train
     graph = network_to_graph(trained, X)
     cfg = MetaTrainConfig(objective="weight_curve", weight_sparsities=(0.9, 0.9), batch_size=128)
     member = make_member("m", trained, graph, cfg)
-    assert member.weight_names == weight_names(trained)
+    assert member.mask.names == weight_names(trained)
     net = _net(graph)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
@@ -80,12 +84,14 @@ def test_meta_training_on_the_weight_curve_moves_the_scores_past_magnitude(train
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
     base = {k.removesuffix(".weight"): v for k, v in magnitude_base(dict(trained.named_parameters()),
                                                                      weight_names(trained)).items()}
-    learned = learned_weight_criterion(net, trained, X)._scores
+    learned = learned_criterion(net, trained, X).table
     assert _held_out_loss(trained, learned, digits) < 0.9 * _held_out_loss(trained, base, digits)
 
 
 def test_per_network_weight_scores_beat_magnitude_on_their_objective(trained, digits):
-    scores = fit_weight_scores(trained, digits, steps=30, batch_size=128, sparsities=(0.9, 0.9))
+    mask = WeightMask(trained)
+    fitted, _ = fit_scores(trained, digits, (0.9, 0.9), steps=30, batch_size=128, seed=0, masker=mask)
+    scores = mask.criterion(fitted).table
     base = {k.removesuffix(".weight"): v for k, v in magnitude_base(dict(trained.named_parameters()),
                                                                      weight_names(trained)).items()}
     assert scores.keys() == base.keys()
@@ -107,7 +113,7 @@ def test_the_paper_l1_objective_shrinks_the_edited_weights(trained, digits):
     def l1() -> float:
         with torch.no_grad():
             params = graph_to_params(net(graph), trained)
-        return float(sum(params[n].abs().sum() for n in member.weight_names))
+        return float(sum(params[n].abs().sum() for n in member.mask.names))
 
     before = l1()
     terms = []
@@ -122,6 +128,6 @@ def test_the_paper_l1_objective_shrinks_the_edited_weights(trained, digits):
 def test_pruned_with_learned_scores_then_made_permanent(trained):
     net = _net(network_to_graph(trained, X))
     model = copy.deepcopy(trained)
-    report = sparsify(model, WeightPruning(sparsity=0.5, scope="layer"), learned_weight_criterion(net, trained, X))
+    report = sparsify(model, WeightPruning(sparsity=0.5, scope="layer"), learned_criterion(net, trained, X))
     make_permanent(model)
     assert report.layers and all(k.split(".")[-1] not in ("weight_orig", "weight_mask") for k in model.state_dict())

@@ -14,8 +14,9 @@ from pydantic import Field, ValidationError, model_validator
 
 from distributed.schema import Strict, describe, read_mapping
 from distributed.settings import settings_model
-from metanet.criteria import CRITERIA
+from metanet.criteria import names as criterion_names
 from metanet.files import atomic_write_text
+from metanet.levels import Level
 from metanet.meta_training import MetaTrainConfig
 from metanet.metanetwork import EDITS, MetaNetConfig
 from metanet.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, edit_refusal, objective_defaults, trained_edit
@@ -162,7 +163,7 @@ def _trial_model():
 
 @functools.lru_cache(maxsize=1)
 def _choices() -> dict[str, tuple]:
-    return {"edit": EDITS, "objective": tuple(OBJECTIVES), "sparsity_norm": SPARSITY_FORMS, "criterion": tuple(CRITERIA),
+    return {"edit": EDITS, "objective": tuple(OBJECTIVES), "sparsity_norm": SPARSITY_FORMS, "criterion": criterion_names(Level.CHANNELS),
             "reconstruct_targets": TARGETS}
 
 

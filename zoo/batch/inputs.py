@@ -10,7 +10,7 @@ import glob
 import os
 
 from distributed.schema import load_yaml, require_regular_file
-from metanet.criteria import CRITERIA
+from metanet.criteria import names as criterion_names
 from metanet.levels import Level
 from metanet.methods import METHODS, baselines, names
 from metanet.recipe_settings import LEARNED_AS, RECIPE_DEFAULTS
@@ -202,7 +202,7 @@ def preparation_target(config: dict) -> float:
 def check_choices(config: dict) -> None:
     """Each setting that names one of a fixed set of choices is one of them (``BatchInputError``)."""
     for key, allowed in (("learned_as", LEARNED_AS), ("damaged_members", DAMAGED_MEMBERS),
-                         ("reconstruct_targets", TARGETS), ("criterion", tuple(CRITERIA))):
+                         ("reconstruct_targets", TARGETS), ("criterion", criterion_names(Level.CHANNELS))):
         if config[key] not in allowed:
             raise BatchInputError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, not {config[key]!r}")
 

@@ -1,13 +1,9 @@
-"""Pruning criteria: which channels of a dependency group the pruner removes first.
+"""Channel criteria: which channels of a dependency group the pruner removes first.
 
-One class per criterion in a registry (``CRITERIA``, by name), each wrapping Torch-Pruning's own
-importance class; none computes an importance by hand. A criterion gives the pruner its
-``importance`` for one network, and may need data before each pruning step (``before_step``):
-gradients for Taylor, squared per-sample gradients for Hessian (OBD), every ``PruneSettings.refresh``
-steps. ``ChannelScores`` is the
-exception by design: its importance is a table of per-channel scores given from outside (the
-``curve`` method's optimised scores, or a metanetwork's), kept aligned with the channels that
-remain as the pruner removes others (``observe``, called with each group before it is pruned).
+Each wraps Torch-Pruning's own importance class. Taylor and Hessian read gradients of calibration
+batches before each pruning step (every ``PruneSettings.refresh`` steps). ``ScoreImportance`` is a
+table of per-channel scores given from outside (the ``curve`` method's optimised scores, or a
+metanetwork's), kept aligned with the channels that remain as the pruner removes others.
 
 With the default per-layer pruning every group loses the same fraction of its channels, so a
 criterion decides only which channels of a group go; the normaliser matters only to global pruning.
@@ -15,42 +11,16 @@ criterion decides only which channels of a group go; the normaliser matters only
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-Batches = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # a fresh iterator of (x, y) per call
+from metanet.criteria.base import Criterion, calibration_batches
+
 _OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
-
-
-class Criterion:
-    """A pruning criterion: ``importance(model, normalizer)`` is the Torch-Pruning importance the
-    pruner of ``model`` uses; ``before_step`` prepares what it reads (gradients) before each step."""
-
-    name = ""
-    data_driven = False  # needs calibration batches before each pruning step
-
-    def importance(self, model: nn.Module, normalizer: str | None) -> tp.importance.Importance:
-        raise NotImplementedError
-
-    def before_step(self, model: nn.Module, importance: tp.importance.Importance, batches: Batches | None) -> None:
-        """Called before a pruning step of ``model`` (in eval mode), every ``PruneSettings.refresh``
-        steps and after the pruner handed the model out (its gradients dropped)."""
-
-    def observe(self, importance: tp.importance.Importance, group) -> None:
-        """Called with every group the pruner is about to prune (its ``idxs`` are the channels that go)."""
-
-
-class Magnitude(Criterion):
-    """Group L2 norm of the channel's weights, mean over the group (the paper's; ``none``)."""
-
-    name = "magnitude"
-
-    def importance(self, model, normalizer):
-        return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=normalizer)
 
 
 class BNScale(Criterion):
@@ -81,24 +51,6 @@ class FPGM(Criterion):
         return tp.importance.FPGMImportance(p=2, group_reduction="mean", normalizer=normalizer)
 
 
-class RandomCriterion(Criterion):
-    """Uniform random importance (torch's global generator: the caller seeds it)."""
-
-    name = "random"
-
-    def importance(self, model, normalizer):
-        return tp.importance.RandomImportance()
-
-
-def _calibration(batches: Batches | None, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if batches is None:
-        raise ValueError(f"criterion {name!r} needs calibration batches")
-    found = list(batches())
-    if not found:
-        raise ValueError(f"criterion {name!r}: the calibration batches are empty")
-    return found
-
-
 class Taylor(Criterion):
     """First-order Taylor |w * dL/dw| of the channel's weights, the gradient of the mean loss over
     every calibration batch (Torch-Pruning's benchmark accumulates 10), recomputed on the network
@@ -111,7 +63,7 @@ class Taylor(Criterion):
         return tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=normalizer)
 
     def before_step(self, model, importance, batches):
-        found = _calibration(batches, self.name)
+        found = calibration_batches(batches, self.name)
         device = next(model.parameters()).device
         model.zero_grad(set_to_none=True)
         for x, y in found:
@@ -138,7 +90,7 @@ class Hessian(Criterion):
         return tp.importance.GroupHessianImportance(group_reduction="mean", normalizer=normalizer)
 
     def before_step(self, model, importance, batches):
-        found = _calibration(batches, self.name)
+        found = calibration_batches(batches, self.name)
         device = next(model.parameters()).device
         x = torch.cat([x for x, _ in found])[: self.samples].to(device)
         y = torch.cat([y for _, y in found])[: self.samples].to(device)
@@ -215,30 +167,3 @@ class ScoreImportance(tp.importance.Importance):
                 keep = torch.ones(entry[1].numel(), dtype=torch.bool)
                 keep[torch.as_tensor(list(idxs), dtype=torch.int64)] = False
                 entry[1] = entry[1][keep]
-
-
-class ChannelScores(Criterion):
-    """Scores given per channel (``{layer name: [out channels]}``), higher kept longer: the
-    ``curve`` method's optimised scores, or a metanetwork's."""
-
-    name = "scores"
-
-    def __init__(self, scores: Mapping[str, torch.Tensor]):
-        self.scores = dict(scores)
-
-    def importance(self, model, normalizer):
-        return ScoreImportance(model, self.scores)
-
-    def observe(self, importance, group):
-        importance.observe(group)
-
-
-CRITERIA: dict[str, Criterion] = {c.name: c for c in (Magnitude(), Taylor(), BNScale(), LAMP(), FPGM(), Hessian(),
-                                                      RandomCriterion())}
-
-
-def criterion(name: str) -> Criterion:
-    """The registered criterion called ``name``."""
-    if name not in CRITERIA:
-        raise ValueError(f"unknown pruning criterion {name!r}; known: {', '.join(CRITERIA)}")
-    return CRITERIA[name]
