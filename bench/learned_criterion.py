@@ -22,7 +22,6 @@ ranking (what the metanetwork adds as a starting point).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import statistics
@@ -35,19 +34,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import parser, set_up  # noqa: E402
 from distributed.progress import progress  # noqa: E402
 from metanet.criteria import criterion  # noqa: E402
 from metanet.curve import fit_scores  # noqa: E402
 from metanet.masks import ChannelMask  # noqa: E402
 from metanet.diagnostics import CURVE_SPEEDUPS, curve_auc, pruning_curve  # noqa: E402
-from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
+from metanet.meta_training import MetaTrainConfig, make_member  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
-from metanet.paired import mean_ci  # noqa: E402
+from metanet.paired import best_by, mean_ci  # noqa: E402
 from metanet.plotting import pyplot  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
 from metanet.reconstruct import ReconstructSettings  # noqa: E402
 from metanet.recipe import Prepared, RecipeConfig, calibration, prune_and_finetune  # noqa: E402
 from metanet.scoring import gated_by_scores, learned_criterion, refined_criterion  # noqa: E402
+from metanet.selection import train_and_select  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.integrity import checked  # noqa: E402
 from zoo.store import Zoo, benchmark_networks  # noqa: E402
@@ -106,23 +107,20 @@ def train_variant(v: dict, zoo: Zoo, train, val, data, cfg: RecipeConfig, batch_
         return statistics.mean(curve_auc(pruning_curve(model, data, cfg, CURVE_SPEEDUPS, "val",
                                                        learned_criterion(m, model, x, batches))) for model in val)
 
-    history = {-1: val_auc(net)}
-    kept = {-1: snapshot(net)}
     seconds = []
 
-    def on_epoch(epoch, metrics, m):
+    def report(epoch, metrics, m, row):
+        if epoch < 0:
+            return
         seconds.append(metrics["seconds"])
-        history[epoch] = val_auc(m)
-        kept[epoch] = snapshot(m)
         target = f", target loss {metrics['target_loss']:.3f}" if "target_loss" in metrics else ""
         log(f"    epoch {epoch}: curve loss {metrics['task_loss']:.3f}{target}, train acc (masked) "
-            f"{100 * metrics['train_acc']:.1f}%, val curve area {100 * history[epoch]:.1f} ({metrics['seconds']:.1f} s)")
+            f"{100 * metrics['train_acc']:.1f}%, val curve area {100 * row['score']:.1f} ({metrics['seconds']:.1f} s)")
 
-    meta_train(net, members, data, meta_cfg, on_epoch=on_epoch, progress=False)
-    best = max(history, key=lambda e: (history[e], e))
-    net.load_state_dict(kept[best])
-    log(f"  chosen epoch {best} (val curve area {100 * history[best]:.1f}; untrained {100 * history[-1]:.1f})")
-    return net, {"epoch": best, "val_auc": history[best], "epoch_seconds": statistics.mean(seconds)}
+    chosen = train_and_select(net, members, data, meta_cfg, val_auc, report=report)
+    log(f"  chosen epoch {chosen.epoch} (val curve area {100 * chosen.score:.1f}; untrained "
+        f"{100 * chosen.history[0]['score']:.1f})")
+    return net, {"epoch": chosen.epoch, "val_auc": chosen.score, "epoch_seconds": statistics.mean(seconds)}
 
 
 def finetuned(model, crit, data, cfg: RecipeConfig, steps: int, speedups, seeds: int = 1) -> dict:
@@ -166,7 +164,7 @@ def finetune_table(tuned: dict[str, list[dict]], steps: int, speedups, log, crit
     reconstructed one); with several seeds, where the differences' spread comes from."""
     n = len(tuned["magnitude"])
     seeds = len(tuned["magnitude"][0][speedups[0]])
-    bests = {tag: {s: max([c + tag for c in criteria], key=lambda b: statistics.mean(seed_mean(r[s], 0) for r in tuned[b]))
+    bests = {tag: {s: best_by([c + tag for c in criteria], lambda b: [seed_mean(r[s], 0) for r in tuned[b]])
                    for s in speedups} for tag in dict.fromkeys(suffix(m) for m in tuned)}
     best = bests[""]
     head = " | ".join(f"{s:g}x" for s in speedups)
@@ -217,7 +215,7 @@ def plot_summary(path: str, curves, val_curves, tuned, criteria, learned, speedu
         return [100 * seed_mean(r[s], which) for r in tuned[steps][row]]
 
     def best(tag: str, s: float, steps: int) -> str:
-        return max((c + tag for c in criteria), key=lambda c: statistics.mean(test_at(c, s, steps, which=0)))
+        return best_by((c + tag for c in criteria), lambda c: test_at(c, s, steps, which=0))
 
     # one learned criterion is what the defaults call meta; several keep their variant names
     lines = [("meta (learned criterion)" if len(learned) == 1 else n, lambda tag, s, steps, n=n: n + tag)
@@ -278,9 +276,7 @@ def gain_table(results: dict[str, list[dict]], speedups, when: str, log) -> None
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", required=True, help="the zoo: train members meta-train, val members select")
-    p.add_argument("--heldout", nargs="*", default=[], help="zoos whose every member is evaluated too")
+    p = parser(__doc__, zoo_help="the zoo: train members meta-train, val members select", heldout=True)
     p.add_argument("--test-from", nargs="*", help="zoos whose test members are evaluated (default: --zoo)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                    help=f"key=value,... over {VARIANT_DEFAULTS} (default: {' '.join(DEFAULT_VARIANTS)})")
@@ -313,9 +309,7 @@ def main(argv=None) -> None:
     p.add_argument("--finetune-seeds", type=int, default=1, metavar="N",
                    help="finetune each pruned network N times (data-order seeds 0..N-1, the same for every method), "
                    "table the per-network means, and split the differences' spread into seed and network parts")
-    p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot", metavar="PNG", help="also draw the learned criteria, curve and the best hand-crafted "
                    "criterion, with and without the re-fit, right after pruning and after each --finetune budget at "
                    "the first --finetune-speedups (default: no plot)")
@@ -328,15 +322,14 @@ def main(argv=None) -> None:
             criterion(c)
         except ValueError as err:
             raise SystemExit(f"learned_criterion: --criteria {c}: {err}") from None
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     def log(line: str) -> None:
         print(line, flush=True)
 
-    zoo = checked(args.zoo)
-    data = zoo.dataset(args.data_root)
-    train, val, held = benchmark_networks(zoo, [checked(p) for p in args.heldout],
+    setup = set_up(args)
+    zoo, data = setup.zoo, setup.data
+    train, val, held = benchmark_networks(zoo, setup.heldout,
                                          [checked(p) for p in args.test_from] if args.test_from else None,
                                          args.train_family)
     if not train or not val or not held:
@@ -425,7 +418,7 @@ def main(argv=None) -> None:
     head = " | ".join(f"{s:g}x" for s in CURVE_SPEEDUPS)
     for subset in [None, *sorted(set(families))]:
         pick = [i for i, f in enumerate(families) if subset is None or f == subset]
-        bests = {tag: {s: max([c + tag for c in criteria], key=lambda b: statistics.mean(val_curves[b][i][s] for i in pick))
+        bests = {tag: {s: best_by([c + tag for c in criteria], lambda b: [val_curves[b][i][s] for i in pick])
                        for s in CURVE_SPEEDUPS} for tag in repairs}
         log(f"\nTest accuracy (%) right after pruning (BatchNorm recalibrated), {len(pick)} held-out networks"
             f"{f' ({subset})' if subset else ''}; differences paired by network, 95% intervals; best hand-crafted "

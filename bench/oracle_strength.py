@@ -10,7 +10,6 @@ steps); with the selectivity of the sparse training and its accuracy before prun
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import parser, set_up  # noqa: E402
 from metanet.diagnostics import CURVE_SPEEDUPS, diagnose  # noqa: E402
 from metanet.paired import paired_difference  # noqa: E402
 from metanet.recipe import RecipeConfig, prepare, recipe_from_settings  # noqa: E402
@@ -26,15 +26,13 @@ from zoo.integrity import checked  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", default="runs/zoo-digits-heldout", help="held-out networks (a make_zoo output)")
+    p = parser(__doc__, zoo_help="held-out networks (a make_zoo output)", zoo_default="runs/zoo-digits-heldout",
+               threads=2)
     p.add_argument("--regs", type=float, nargs="+", default=[0.05, 0.2, 0.5], help="oracle_reg values")
     p.add_argument("--steps", type=int, default=40, help="sparse-learning steps (the recipe's before_steps)")
-    p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     args = p.parse_args()
-    torch.set_num_threads(2)
-    zoo = checked(args.zoo)
-    data = zoo.dataset(args.data_root)
+    setup = set_up(args)
+    zoo, data = setup.zoo, setup.data
     settings = {"before_steps": args.steps, "before_lr": 0.01, "after_steps": 0, "after_lr": 0.01}
     rows = []
     for r in (r for r in zoo if r.status == "ok"):

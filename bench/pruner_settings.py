@@ -11,7 +11,6 @@ right after pruning, BatchNorm statistics recomputed, no finetuning) and the ``n
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import parser, set_up  # noqa: E402
 from metanet.diagnostics import CURVE_SPEEDUPS, pruning_curve  # noqa: E402
 from metanet.prune import PruneSettings  # noqa: E402
 from metanet.recipe import RecipeConfig, prune_with_method  # noqa: E402
@@ -38,14 +38,13 @@ BUDGETS = [(20, 40), (40, 80), (80, 160)]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", default="runs/zoo-digits-heldout", help="held-out networks (a make_zoo output)")
+    p = parser(__doc__, zoo_help="held-out networks (a make_zoo output)", zoo_default="runs/zoo-digits-heldout",
+               threads=2)
     p.add_argument("--target", type=float, default=2.0, help="speed-up of the finetuned comparison")
     p.add_argument("--batch-size", type=int, default=64, help="finetuning batch size (the digits zoo's)")
     args = p.parse_args()
-    torch.set_num_threads(2)
-    zoo = checked(args.zoo)
-    data = zoo.dataset()
+    setup = set_up(args)
+    zoo, data = setup.zoo, setup.data
     nets = [(r.id, r.network(), r.metrics["test_acc"]) for r in zoo if r.status == "ok"]
     print(f"{len(nets)} held-out networks from {args.zoo}; unpruned test accuracy "
           f"{100 * statistics.mean(a for *_, a in nets):.1f}% mean\n")

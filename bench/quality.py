@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from metanet.diagnostics import CURVE_SPEEDUPS, diagnose, recalibrated_accuracy, selectivity  # noqa: E402
-from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
+from metanet.meta_training import MetaTrainConfig, make_member  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # noqa: E402
 from metanet.objectives import DEFAULT_OBJECTIVE, edit_refusal, fill, objective_defaults  # noqa: E402
 from metanet.paired import mean_ci, method_table, paired_difference, paired_table, with_best  # noqa: E402
@@ -67,7 +67,7 @@ from metanet.methods import HAND_CRAFTED, METHODS, leads, names, uses_metanet  #
 from metanet.metanetwork import apply_metanetwork  # noqa: E402
 from metanet.objectives import OBJECTIVES  # noqa: E402
 from metanet.recipe import RECONSTRUCT_DEFAULTS, prune_to_targets, recipe_from_settings  # noqa: E402
-from metanet.selection import choose, criterion_of, default_selection, score, selection_recipe  # noqa: E402
+from metanet.selection import criterion_of, default_selection, score, selection_recipe, train_and_select  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.data import TaskData  # noqa: E402
 from zoo.integrity import checked  # noqa: E402
@@ -281,27 +281,20 @@ def train_metanetwork(zoo: Zoo, data: TaskData, s: dict, by_role: dict, log) -> 
         return out
 
     unedited = [diagnose(m, m, data, cfg, split="val") for m in val_models]
-    epochs = [{"epoch": -1, **diagnostics(metanet)}]
-    log(f"validation members, unedited: curve AUC {100 * statistics.mean(d['auc'] for d in unedited):.1f}; "
-        f"edited before meta-training: {_diag_line(epochs[0])}")
-    kept = {-1: snapshot(metanet)}
 
-    def on_epoch(epoch, metrics, net):
+    def report(epoch, metrics, net, row):
+        if epoch < 0:
+            log(f"validation members, unedited: curve AUC {100 * statistics.mean(d['auc'] for d in unedited):.1f}; "
+                f"edited before meta-training: {_diag_line(row)}")
+            return
         line = f"  epoch {epoch}: task {metrics['task_loss']:.3f} sparsity {metrics['sparsity_loss']:.3f} " \
                f"({metrics['seconds']:.0f} s)"
-        if (epoch + 1) % s["select_every"] == 0 or epoch == meta_cfg.epochs - 1:
-            d = diagnostics(net)
-            epochs.append({"epoch": epoch, **metrics, **d})
-            line += "; " + _diag_line(d)
-            kept[epoch] = snapshot(net)
-        log(line)
+        log(line + ("; " + _diag_line(row) if row is not None else ""))
 
-    meta_train(metanet, members, data, meta_cfg, on_epoch=on_epoch, progress=False)
-    chosen_epoch, chosen_score = choose({e["epoch"]: e["score"] for e in epochs})
-    metanet.load_state_dict(kept[chosen_epoch])
-    history = {"epochs": epochs, "chosen_epoch": chosen_epoch, "chosen_score": chosen_score,
+    chosen = train_and_select(metanet, members, data, meta_cfg, diagnostics, every=s["select_every"], report=report)
+    history = {"epochs": chosen.history, "chosen_epoch": chosen.epoch, "chosen_score": chosen.score,
                "unedited_auc": statistics.mean(d["auc"] for d in unedited), "config": net_cfg.to_dict()}
-    log(f"chosen checkpoint: epoch {chosen_epoch} (validation score {100 * chosen_score:.1f})")
+    log(f"chosen checkpoint: epoch {chosen.epoch} (validation score {100 * chosen.score:.1f})")
     return metanet, history
 
 

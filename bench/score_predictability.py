@@ -21,7 +21,6 @@ about magnitude's ranking. The table says
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import parser, set_up  # noqa: E402
 from metanet.curve import fit_scores  # noqa: E402
 from metanet.gates import EVIDENCE_FEATURES, channel_evidence  # noqa: E402
 from metanet.graph import network_to_graph  # noqa: E402
@@ -62,19 +62,15 @@ def network_rows(model, data, steps: int, batch_size: int,
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", required=True)
+    p = parser(__doc__, zoo_help="a make_zoo output: --fit-roles members fit the regression, --test-roles test it")
     p.add_argument("--fit-roles", nargs="+", default=["train"], help="members the regression is fitted on")
     p.add_argument("--test-roles", nargs="+", default=["val"], help="members it is tested on")
     p.add_argument("--limit", type=int, default=8, help="networks per side at most (default: 8)")
     p.add_argument("--steps", type=int, default=40, help="curve steps (default: 40, the curve method's)")
-    p.add_argument("--data-root")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gradient", action="store_true", help="also the curve gradient at magnitude's ranking")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    zoo = checked(args.zoo)
-    data = zoo.dataset(args.data_root)
+    setup = set_up(args)
+    zoo, data = setup.zoo, setup.data
     sides = {}
     for side, roles in (("fit", args.fit_roles), ("test", args.test_roles)):
         records = [r for r in zoo if r.status == "ok" and r.role in roles][: args.limit]

@@ -24,7 +24,6 @@ recalibrated pruning curve of the networks pruned by its scores.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import parser, set_up  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.heads import HEADS  # noqa: E402
@@ -56,26 +56,23 @@ def recipe_score(net, models, data, finetune, steps: tuple[int, int], targets, s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", default="runs/zoo-digits", help="a make_zoo output with train and val members")
+    p = parser(__doc__, zoo_help="a make_zoo output with train and val members", zoo_default="runs/zoo-digits",
+               threads=2)
     p.add_argument("--epochs", type=int, default=12, help="meta-training epochs")
     p.add_argument("--every", type=int, default=2, help="epochs between kept checkpoints")
     p.add_argument("--members", type=int, default=4, help="validation members in each half")
     p.add_argument("--short-steps", type=int, default=18, help="the short recipe's steps before and after pruning "
                    "(18: about one epoch of digits at batch 64, as the old selection)")
-    p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     p.add_argument("--objective", choices=("paper", "curve"), default="paper",
                    help="the paper's objective and additive edit, or a learned criterion on the curve objective")
     p.add_argument("--layers", type=int, default=4, help="message-passing layers (0: a per-channel MLP)")
     p.add_argument("--stats", action="store_true", help="curve: calibration statistics as node inputs")
     p.add_argument("--targets", type=float, default=0.0, help="curve: weight of the regression on curve scores")
     p.add_argument("--lr", type=float, default=None, help="meta-training lr (default: the objective's usual one)")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    zoo = checked(args.zoo)
-    data = zoo.dataset(args.data_root)
+    setup = set_up(args)
+    zoo, data = setup.zoo, setup.data
     finetune = zoo.finetune_settings()
     records = [r for r in zoo if r.status == "ok"]
     val = [r.network().eval() for r in records if r.role == "val"]

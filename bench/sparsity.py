@@ -25,7 +25,6 @@ validation accuracy right after pruning (mean over ``CURVE_SPARSITIES``):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import os
@@ -43,16 +42,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distributed.progress import progress  # noqa: E402
 from metanet.diagnostics import CURVE_SPARSITIES, criterion_of, pruning_curve, weight_points  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
-from metanet.meta_training import MetaTrainConfig, make_member, meta_train, snapshot  # noqa: E402
+from metanet.meta_training import MetaTrainConfig, make_member  # noqa: E402
+from metanet.selection import score, train_and_select  # noqa: E402
 from metanet.heads import HEADS  # noqa: E402
 from metanet.levels import Level  # noqa: E402
 from metanet.objectives import OBJECTIVES, trained_edit  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
-from metanet.paired import mean_ci  # noqa: E402
+from metanet.paired import best_by, mean_ci  # noqa: E402
 from metanet.reconstruct import ReconstructSettings, reconstruct_masked  # noqa: E402
 from metanet.metanetwork import apply_metanetwork  # noqa: E402
 from metanet.recipe import RecipeConfig, calibration, recalibrate, reconstruction_batches  # noqa: E402
 from metanet.train import evaluate, train  # noqa: E402
+from bench.common import parser, set_up  # noqa: E402
 from metanet.criteria import criterion  # noqa: E402
 from metanet.curve import fit_scores  # noqa: E402
 from metanet.masks import WeightMask  # noqa: E402
@@ -108,27 +109,22 @@ def train_variant(v: dict, zoo: Zoo, train_records, val_models, data, cfg: Recip
     net = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=v["hidden"], layers=v["layers"], edit=edit,
                                     residual=v["residual"], backend="torch"))
 
-    def val_area(m: MetaNetwork) -> float:
-        areas = []
-        for model in val_models:
-            pruned_from, crit = criterion_of(m, model, torch.zeros(data.input_shape), cfg, data, Level.WEIGHTS)
-            areas.append(statistics.mean(pruning_curve(pruned_from, data, cfg, weight_points(), criterion=crit).values()))
-        return statistics.mean(areas)
+    def val_area(m: MetaNetwork) -> float:  # the mean validation curve area at CURVE_SPARSITIES
+        return score(m, val_models, data, cfg, sparsities=CURVE_SPARSITIES)
 
-    history, kept, seconds = {-1: val_area(net)}, {-1: snapshot(net)}, []
+    seconds = []
 
-    def on_epoch(epoch, metrics, m):
+    def report(epoch, metrics, m, row):
+        if epoch < 0:
+            return
         seconds.append(metrics["seconds"])
-        history[epoch] = val_area(m)
-        kept[epoch] = snapshot(m)
         log(f"    epoch {epoch}: task loss {metrics['task_loss']:.3f}, sparsity term {metrics['sparsity_loss']:.3f}, "
-            f"val area {100 * history[epoch]:.1f} ({metrics['seconds']:.1f} s)")
+            f"val area {100 * row['score']:.1f} ({metrics['seconds']:.1f} s)")
 
-    meta_train(net, members, data, meta_cfg, on_epoch=on_epoch, progress=False)
-    best = max(history, key=lambda e: (history[e], e))
-    net.load_state_dict(kept[best])
-    log(f"  chosen epoch {best} (val area {100 * history[best]:.1f}; untrained {100 * history[-1]:.1f})")
-    return net, {"epoch": best, "epoch_seconds": statistics.mean(seconds) if seconds else 0.0}
+    chosen = train_and_select(net, members, data, meta_cfg, val_area, report=report)
+    log(f"  chosen epoch {chosen.epoch} (val area {100 * chosen.score:.1f}; untrained "
+        f"{100 * chosen.history[0]['score']:.1f})")
+    return net, {"epoch": chosen.epoch, "epoch_seconds": statistics.mean(seconds) if seconds else 0.0}
 
 
 RECONSTRUCTED = " + LS"  # a method's row with the masked least-squares reconstruction
@@ -173,9 +169,7 @@ def compressed_sizes(model, runs, data, cfg) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--zoo", required=True, help="the zoo: train members meta-train, val members select")
-    p.add_argument("--heldout", nargs="*", default=[], help="zoos whose every member is evaluated too")
+    p = parser(__doc__, zoo_help="the zoo: train members meta-train, val members select", heldout=True)
     p.add_argument("--variants", nargs="*", default=["objective=weight_curve", "objective=paper_l1"],
                    help=f"key=value,... over {VARIANT_DEFAULTS}; none: baselines only")
     p.add_argument("--methods", nargs="+", default=[*BASELINES, "curve"], choices=[*BASELINES, "curve"])
@@ -187,21 +181,18 @@ def main(argv=None) -> None:
                    f"by least squares over its unmasked weights (metanet.reconstruct), as 'METHOD{RECONSTRUCTED}' rows, "
                    "and a table of what that adds")
     p.add_argument("--limit", type=int, help="at most this many held-out networks (a smoke run)")
-    p.add_argument("--data-root", help="the dataset folder, if not where the zoo was built from")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--partial", help="after each network, write the tables so far to this file (a long run's "
                    "results survive its interruption)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     def log(line: str) -> None:
         print(line, flush=True)
 
-    zoo = checked(args.zoo)
-    data = zoo.dataset(args.data_root)
-    train_records, val_models, held = benchmark_networks(zoo, [checked(p) for p in args.heldout])
+    setup = set_up(args)
+    zoo, data = setup.zoo, setup.data
+    train_records, val_models, held = benchmark_networks(zoo, setup.heldout)
     held = held[:args.limit] if args.limit else held
     cfg = RecipeConfig()
     runs = [(f"{s:g}", WeightPruning(sparsity=s)) for s in args.sparsities]
@@ -266,7 +257,7 @@ def report(results, seconds, sizes, runs, budgets, log) -> None:
     n = len(next(iter(results.values())))
     candidates = [m for m in HAND_CRAFTED if m in results]
     for budget in budgets:
-        best = {k: max(candidates, key=lambda c: statistics.mean(r[k][budget][0] for r in results[c])) for k in keys}
+        best = {k: best_by(candidates, lambda c: [r[k][budget][0] for r in results[c]]) for k in keys}
         when = "right after pruning (BatchNorm recalibrated)" if budget == 0 else f"after {budget} finetuning steps"
         log(f"\nTest accuracy (%) {when}, {n} held-out networks; best hand-crafted by validation accuracy: "
             + ", ".join(f"{k} {b}" for k, b in best.items()) + "; differences paired by network, 95% intervals:\n")

@@ -93,8 +93,7 @@ def fit_scores(model: nn.Module, data, amounts: Sequence[float], *, steps: int, 
             loss.backward()
             opt.step()
             done += 1
-    detached = scores.detach() if isinstance(scores, torch.Tensor) else {n: s.detach() for n, s in scores.items()}
-    return detached, masker
+    return masker.detach(scores), masker
 
 
 GRADIENT_AMOUNTS = (0.2, 0.35, 0.5)  # about 1.5x, 2x and 4x under per-layer pruning (MACs ~ (1 - amount)^2)

@@ -43,11 +43,10 @@ def gate_from_logit(logit: torch.Tensor) -> torch.Tensor:
 
 
 def _cached(graph: NetworkGraph, key: str, make):
-    cache = graph.__dict__.setdefault("_gate_cache", {})
-    dev_key = (key, graph.src.device)
-    if dev_key not in cache:
-        cache[dev_key] = make()
-    return cache[dev_key]
+    """``make()``, computed once per graph (``NetworkGraph.derived``)."""
+    if key not in graph.derived:
+        graph.derived[key] = make()
+    return graph.derived[key]
 
 
 def _weight_edges(graph: NetworkGraph) -> torch.Tensor:

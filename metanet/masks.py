@@ -107,6 +107,10 @@ class ChannelMask:
     def leaves(scores: torch.Tensor) -> list[torch.Tensor]:
         return [scores]
 
+    @staticmethod
+    def detach(scores: torch.Tensor) -> torch.Tensor:
+        return scores.detach()
+
     def masked(self, params: Mapping[str, torch.Tensor], scores: torch.Tensor, amount: float,
                temperature: float = 0.5, mode: str = "hard") -> dict[str, torch.Tensor]:
         """``params`` with each channel's outputs multiplied by its mask at ``amount``."""
@@ -185,6 +189,10 @@ class WeightMask:
     @staticmethod
     def leaves(scores: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         return list(scores.values())
+
+    @staticmethod
+    def detach(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: s.detach() for n, s in scores.items()}
 
     def masked(self, params: Mapping[str, torch.Tensor], scores: Mapping[str, torch.Tensor], amount: float,
                temperature: float = 0.2, mode: str = "soft") -> dict[str, torch.Tensor]:

@@ -14,11 +14,11 @@ import yaml
 from distributed.cli import ANSI, training_error
 from metanet.files import atomic_write, atomic_write_text
 from metanet.levels import Level
-from metanet.meta_training import MetaTrainConfig, make_member, meta_train
+from metanet.meta_training import MetaTrainConfig, make_member
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, load_metanetwork, save_metanetwork
 from metanet.plotting import pyplot
 from metanet.recipe import prepare, prune_and_finetune, prune_to_targets, recipe_from_settings
-from metanet.selection import score
+from metanet.selection import choose, score, train_and_select
 from metanet.weight_pruning import WeightPruning
 from zoo.arch import build_model
 from zoo.search import META_KEYS, PRUNE_KEYS, default_trial, with_objective_defaults
@@ -52,20 +52,22 @@ def trial(config: dict, search: dict, data) -> None:
                                         calibration=config["calibration"] or config["gradient"],
                                         gradient=config["gradient"]))
     recipe = recipe_from_settings(config, **zoo.finetune_settings(), seed=search.get("seed", 0))
-    every = search.get("eval_every", 1)
-
-    def on_epoch(epoch: int, metrics: dict, net) -> None:
-        if (epoch + 1) % every:
-            return
+    def validate(net) -> float:
         # the trial's own recipe settings score it: the search compares recipes, not just metanetworks
-        value = score(net, val, data, recipe, search["objective"], search.get("targets"), search.get("sparsities"))
+        return score(net, val, data, recipe, search["objective"], search.get("targets"), search.get("sparsities"))
+
+    def report(epoch: int, metrics: dict, net, row: dict | None) -> None:
+        if row is None:
+            return
         with tempfile.TemporaryDirectory() as d:
             save_metanetwork(net, os.path.join(d, "metanet.pt"), epoch=epoch)  # the one metanetwork file format
-            tune.report({"score": value, "epoch": epoch, "task_loss": metrics["task_loss"],
+            tune.report({"score": row["score"], "epoch": epoch, "task_loss": metrics["task_loss"],
                          "sparsity_loss": metrics["sparsity_loss"], "meta_seconds": metrics["seconds"]},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
-    meta_train(metanet, members, data, cfg, on_epoch=on_epoch, progress=False)
+    # Tune's scheduler stops a trial between reports, and the report picks among them (``choose``)
+    train_and_select(metanet, members, data, cfg, validate, every=search.get("eval_every", 1), untrained=False,
+                     final=False, report=report)
 
 
 def best_configuration(results, search: dict, out: Path, data, finetune: dict) -> dict:
@@ -82,10 +84,9 @@ def best_configuration(results, search: dict, out: Path, data, finetune: dict) -
             continue
         history = result.metrics_dataframe[["training_iteration", "epoch", "score"]]
         frames.append(history.assign(trial=i))
-        best_row = history.loc[history.score.idxmax()]
-        trials.append({"trial": i, "config": config, "best": float(best_row.score),
-                       "epoch": int(best_row.epoch), "iterations": int(history.training_iteration.max()),
-                       "path": result.path})
+        epoch, best_score = choose(dict(zip(history.epoch.astype(int), history.score.astype(float))))
+        trials.append({"trial": i, "config": config, "best": best_score, "epoch": epoch,
+                       "iterations": int(history.training_iteration.max()), "path": result.path})
     scored = [t for t in trials if t["best"] is not None]
     if not scored:
         raise SystemExit(f"tune: {no_score_message(results)}")
@@ -93,7 +94,9 @@ def best_configuration(results, search: dict, out: Path, data, finetune: dict) -
     wanted = {k: v for k, v in default_trial().items() if k in search["space"]}
     default = next((t for t in trials if all(t["config"].get(k) == v for k, v in wanted.items())), {})
     result = next(r for i, r in enumerate(results) if i == best["trial"])
-    checkpoint = max(result.best_checkpoints, key=lambda cm: cm[1]["score"])[0]
+    # the same rule among the checkpoints Tune kept (the best-scored ones: the chosen epoch's among them)
+    kept = {int(metrics["epoch"]): (c, float(metrics["score"])) for c, metrics in result.best_checkpoints}
+    checkpoint = kept[choose({e: value for e, (_, value) in kept.items()})[0]][0]
     with checkpoint.as_directory() as d:
         net = load_metanetwork(os.path.join(d, "metanet.pt"))[0]
     config = best["config"]

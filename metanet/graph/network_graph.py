@@ -50,6 +50,10 @@ class NetworkGraph:
     # for a metanetwork that reads them; None until attached. ``to`` moves them, ``with_features``
     # drops them (other weights, other statistics)
     statistics: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # quantities computed from this graph's tensors, kept so that each is computed once per graph
+    # (metanet.gates: which nodes are gatable, layer ids, per-channel evidence); ``to`` and
+    # ``with_features`` start empty (another device, other weights)
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_edges(self) -> int:
