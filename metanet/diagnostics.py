@@ -146,14 +146,13 @@ def criterion_of(metanet: MetaNetwork, model: nn.Module, x: torch.Tensor, recipe
                  dense_ends: bool = True) -> tuple[nn.Module, Criterion]:
     """(the network to prune, what ranks it at ``level``) after ``metanet``: ``model`` and the
     metanetwork's own scores for a learned criterion at that level (``data``'s calibration batches
-    where it reads statistics); for an edit, the edited network and the recipe's criterion
-    (magnitude for weights: the paper's unstructured pipeline)."""
+    where it reads statistics); otherwise the edited network (unchanged by a metanetwork that only
+    scores) and the recipe's criterion (magnitude for weights: the paper's unstructured pipeline)."""
     if ranks(metanet, level):
         batches = list(calibration(data, recipe)()) if metanet.config.calibration else None
         return model, learned_criterion(metanet, model, x, batches, dense_ends)
-    if metanet.head.ranks is not None:
-        raise ValueError(f"a {metanet.head.ranks.value}-scores metanetwork ranks {metanet.head.ranks.value}, "
-                         f"not {level.value}")
+    if level is Level.WEIGHTS and metanet.head.ranks is Level.CHANNELS:
+        raise ValueError("a channel-scores metanetwork ranks channels, not weights")
     fallback = registered(recipe.criterion) if level is Level.CHANNELS else registered("magnitude", level)
     return apply_metanetwork(metanet, model, x), fallback
 

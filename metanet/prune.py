@@ -22,7 +22,7 @@ import copy
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch_pruning as tp
@@ -120,6 +120,7 @@ class PruneSettings:
     normalizer: str | None = "max"
     steps: int = 200
     refresh: int = 10  # data-driven criteria recompute their gradients every this many steps
+    isomorphic: bool = False  # global ranking within Torch-Pruning's isomorphic groups (ECCV 2024)
 
     def label(self) -> str:
         scope = "global" if self.global_pruning else "per-layer"
@@ -137,7 +138,8 @@ class _Pruning:
     stepped interactively so the criterion sees every group before it is pruned."""
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, settings: PruneSettings,
-                 criterion: Criterion | None, batches: Batches | None):
+                 criterion: Criterion | None, batches: Batches | None, ratios: Mapping[str, float] | None = None,
+                 steps: int | None = None):
         self.model, self.criterion, self.batches = model, criterion or MAGNITUDE, batches
         self.refresh, self.done, self.stale = max(1, settings.refresh), 0, True
         self.names = {m: n for n, m in model.named_modules()}
@@ -145,10 +147,14 @@ class _Pruning:
         self.importance = self.criterion.importance(model, settings.normalizer)
         if not isinstance(self.criterion, Magnitude):  # a group the criterion cannot score: magnitude's ranking
             self.importance = WithFallback(self.importance, MAGNITUDE.importance(model, settings.normalizer))
+        # an allocation (``ratios``): each group's own fraction, reached over ``steps`` steps; the
+        # rest of the network is not pruned
+        per_group = {} if ratios is None else _root_modules(model, ratios)
         self.pruner = tp.pruner.BasePruner(
             model, example_inputs, importance=self.importance, global_pruning=settings.global_pruning,
-            pruning_ratio=settings.max_ratio, max_pruning_ratio=settings.max_ratio, iterative_steps=settings.steps,
-            ignored_layers=[classifier_of(model)], **torch_pruning_options(model))
+            pruning_ratio=settings.max_ratio if ratios is None else 0.0, pruning_ratio_dict=per_group,
+            max_pruning_ratio=settings.max_ratio, iterative_steps=steps or settings.steps,
+            isomorphic=settings.isomorphic, ignored_layers=[classifier_of(model)], **torch_pruning_options(model))
 
     def step(self) -> None:
         if self.stale or self.done % self.refresh == 0:
@@ -202,6 +208,50 @@ class _Pruning:
             raise UnprunableNetworkError(  # Torch-Pruning's channel index maps do not fit this network
                 f"{type(self.model).__name__}: Torch-Pruning failed to prune it ({err}); networks with channel "
                 "splits or shuffles (ShuffleNet) are not prunable with Torch-Pruning 1.6") from None
+
+
+def _root_modules(model: nn.Module, ratios: Mapping[str, float]) -> dict[nn.Module, float]:
+    modules = dict(model.named_modules())
+    for name, ratio in ratios.items():
+        if name not in modules:
+            raise ValueError(f"no prunable group {name!r} in {type(model).__name__}")
+        if not 0.0 <= float(ratio) < 1.0:
+            raise ValueError(f"group {name!r}: fraction removed {ratio!r} must be in [0, 1)")
+    return {modules[name]: float(ratio) for name, ratio in ratios.items()}
+
+
+def prunable_groups(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
+    """{the root Conv/Linear of each group the pruner prunes (by module name): its output channels},
+    in Torch-Pruning's order: what an allocation gives a fraction to (a residual stage's coupled
+    layers are one group; the classifier's outputs are never pruned)."""
+    work = copy.deepcopy(model).eval()
+    names = {m: n for n, m in work.named_modules()}
+    with torch.enable_grad():  # Torch-Pruning traces the dependency graph with autograd
+        pruner = tp.pruner.BasePruner(work, example_inputs, importance=MAGNITUDE.importance(work, None),
+                                      ignored_layers=[classifier_of(work)], **torch_pruning_options(work))
+    graph, out = pruner.DG, {}
+    for group in graph.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        dep = group[0].dep
+        if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names:
+            out[names[dep.target.module]] = int(graph.get_out_channels(dep.target.module))
+    return out
+
+
+def prune_allocated(model: nn.Module, example_inputs: torch.Tensor, ratios: Mapping[str, float],
+                    settings: PruneSettings = DEFAULT_PRUNING, criterion: Criterion | None = None,
+                    batches: Batches | None = None, steps: int = 20) -> PruneResult:
+    """Prunes ``model`` in place to an allocation: each group in ``ratios`` (its root module's name,
+    ``prunable_groups``) loses that fraction of its channels (Torch-Pruning's count: the floor of
+    what it keeps), over ``steps`` iterative steps, channels ranked by ``criterion`` (default
+    magnitude; a data-driven one reads ``batches()``); groups not named keep all their channels."""
+    model.eval()
+    macs0, params0 = count(model, example_inputs)
+    pruning = _Pruning(model, example_inputs, settings, criterion, batches, ratios=ratios, steps=steps)
+    for _ in range(steps):
+        pruning.step()
+    pruning.clean()
+    macs, params = count(model, example_inputs)
+    return PruneResult(model, macs0, macs, params0, params, steps, pruning.channels())
 
 
 def _raised_in_torch_pruning(err: BaseException) -> bool:
