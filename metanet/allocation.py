@@ -32,17 +32,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from metanet.criteria import LAMP, Criterion, Magnitude
-from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, count, prune_allocated, prunable_groups,
-                           prune_to_speedup)
+from metanet.criteria import LAMP, Batches, Criterion, Magnitude
+from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, UnreachableSpeedupError, count,
+                           prunable_groups, prune_allocated, prune_in_steps, prune_to_speedup)
 from metanet.registry import Registry
 
 TOLERANCE = 0.02  # a speed-up within 2% of the target reaches it
+DEFAULT_ALLOCATION = "uniform"
 SENSITIVITY_FRACTIONS = (0.3, 0.6)
 Amounts = dict[str, float]  # root Conv/Linear module name of each group -> fraction of its channels removed
 
@@ -61,10 +62,26 @@ class AllocationContext:
 
 class Allocation:
     """How many channels each group keeps at a target speed-up: ``amounts`` (fractions removed, by
-    the group's root module name), reaching the target within ``TOLERANCE``."""
+    the group's root module name), reaching the target within ``TOLERANCE``; ``prune_in_steps``
+    prunes to it with any criterion ranking the channels inside each group."""
 
     name = ""
     reads_data = False  # needs ``context.score`` (validation accuracy)
+    adaptive = False  # serves ``prune_adaptive`` (a floor on accuracy instead of a target)
+    one_run = False  # one pruning run passes through every target (else one run per target)
+
+    def prune_in_steps(self, model: nn.Module, example_inputs: torch.Tensor, targets, context: AllocationContext,
+                       criterion: Criterion | None = None, batches: Batches | None = None
+                       ) -> Iterator[tuple[float, PruneResult]]:
+        """``(target, result)`` for each of ``targets`` (ascending), as ``metanet.prune.prune_in_steps``
+        yields them: each target's allocation is computed on the unpruned ``model``; the last is pruned
+        in ``model`` itself, the others in copies."""
+        targets = sorted(float(t) for t in targets)
+        base = copy.deepcopy(model)
+        for i, target in enumerate(targets):
+            amounts = self.amounts(base, example_inputs, target, context)
+            work = model if i == len(targets) - 1 else copy.deepcopy(base)
+            yield target, prune_allocated(work, example_inputs, amounts, context.settings, criterion, batches)
 
     def amounts(self, model: nn.Module, example_inputs: torch.Tensor, target: float,
                 context: AllocationContext) -> Amounts:
@@ -84,6 +101,12 @@ class Uniform(Allocation):
     """The same fraction of every group (today's pruner)."""
 
     name = "uniform"
+    adaptive = True
+    one_run = True
+
+    def prune_in_steps(self, model, example_inputs, targets, context, criterion=None, batches=None):
+        # today's pruner itself: one iterative run serves every target
+        return prune_in_steps(model, example_inputs, targets, context.settings, criterion, batches)
 
     def amounts(self, model, example_inputs, target, context):
         # the widths today's pruner reaches (per-layer, iterative, the first step past the target),
@@ -210,7 +233,7 @@ def to_target(model: nn.Module, example_inputs: torch.Tensor, target: float, pre
     high = cap * top / max(min(p for p in pressures.values() if p > 0), 1e-6)  # every positive group at the cap
     reached = speedup_of(model, example_inputs, amounts(high), settings)
     if reached < target:
-        raise ValueError(f"target speed-up {target}x cannot be reached by this allocation: pruning at most "
+        raise UnreachableSpeedupError(f"target speed-up {target}x cannot be reached by this allocation: pruning at most "
                          f"{cap:.0%} of each group reaches {reached:.2f}x")
     low = 0.0
     for _ in range(iterations):

@@ -25,9 +25,10 @@ from metanet.heads import ranks
 from metanet.levels import Level
 from metanet.metanetwork import MetaNetwork, apply_metanetwork
 from metanet.scoring import learned_criterion
-from metanet.recipe import (ChannelCut, RecipeConfig, WeightCut, calibration, recalibrate, reconstruction_batches,
-                            repair)
-from metanet.prune import UnreachableSpeedupError, prune_in_steps
+from metanet.recipe import (ChannelCut, RecipeConfig, WeightCut, allocation_context, calibration, recalibrate,
+                            reconstruction_batches, repair)
+from metanet.allocation import allocation
+from metanet.prune import UnreachableSpeedupError
 from metanet.sparsity import GroupSparsity
 from metanet.data import TaskData
 from metanet.train import evaluate
@@ -52,11 +53,13 @@ def weight_points(sparsities: Sequence[float] = CURVE_SPARSITIES, nm: bool = Fal
 
 
 def _channel_cuts(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups: Sequence[float], crit: Criterion):
-    """(speed-up, a pruned copy, its cut) for each reachable speed-up, from one iterative pruning run."""
+    """(speed-up, a pruned copy, its cut) for each reachable speed-up, under ``cfg.allocation``
+    (uniform: from one iterative pruning run)."""
     x = torch.zeros(data.input_shape, device=next(model.parameters()).device)
     batches = calibration(data, cfg) if crit.data_driven else None
     try:
-        for target, result in prune_in_steps(copy.deepcopy(model), x, speedups, cfg.pruning, crit, batches):
+        for target, result in allocation(cfg.allocation).prune_in_steps(copy.deepcopy(model), x, speedups,
+                                                                         allocation_context(data, cfg), crit, batches):
             pruned = copy.deepcopy(result.model)  # the pruning run goes on from the cut itself
             yield float(target), pruned, ChannelCut(replace(result, model=pruned))
     except UnreachableSpeedupError:

@@ -28,10 +28,12 @@ from metanet.data import TaskData
 from metanet.levels import Level
 from metanet.metanetwork import MetaNetwork
 from metanet.methods import example_input, method as method_of
-from metanet.prune import PruneResult, prune_adaptive, prune_in_steps, prune_to_speedup
+from metanet.allocation import allocation
+from metanet.prune import PruneResult, prune_adaptive
 from metanet.recipe_settings import (AFTER_STEPS, BEFORE_STEPS, RECIPE_DEFAULTS, RECIPE_LIMITS,  # noqa: F401
                                      RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS, RecipeConfig, calibration,
-                                     recalibrate, recipe_from_settings, reconstruction_batches)
+                                     allocation_context, recalibrate, recipe_from_settings,
+                                     reconstruction_batches)
 from metanet.reconstruct import reconstruct, reconstruct_masked
 from metanet.train import evaluate, train
 from metanet.weight_pruning import WeightPruning, WeightPruningReport, make_permanent, sparsify, zero_fraction
@@ -106,7 +108,11 @@ def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, re
     model = copy.deepcopy(prepared.model)
     batches = calibration(data, cfg) if prepared.criterion.data_driven else None
     if cfg.floor is None:
-        result = prune_to_speedup(model, x, cfg.target, cfg.pruning, prepared.criterion, batches)
+        # the allocation (uniform: today's per-layer pruner) says how many channels each group keeps,
+        # the criterion which ones
+        context = allocation_context(data, cfg)
+        [(_, result)] = allocation(cfg.allocation).prune_in_steps(model, x, [cfg.target], context, prepared.criterion,
+                                                                  batches)
     else:
         def score(m: nn.Module) -> float:
             return evaluate(recalibrate(copy.deepcopy(m), data, cfg), data, "val")[0]
@@ -237,16 +243,18 @@ def prune_to_targets(model: nn.Module, data: TaskData, method: str, cfg: RecipeC
     if cfg.floor is not None:
         return [prune_and_finetune(prepared, data, replace(cfg, target=float(t)), report_test, extra_after)
                 for t in targets]
-    # one iterative pruning run serves every target: the schedule to a higher target passes
-    # through the lower ones step for step, so a copy at each is what pruning to it alone gives
+    # uniform: one iterative pruning run serves every target (the schedule to a higher target passes
+    # through the lower ones step for step, so a copy at each is what pruning to it alone gives);
+    # another allocation prunes each target from the unpruned network
+    chosen = allocation(cfg.allocation)
     x = example_input(prepared.model, data)
     work = copy.deepcopy(prepared.model)
     batches = calibration(data, cfg) if prepared.criterion.data_driven else None
     out: dict[float, tuple[nn.Module, dict]] = {}
     seconds, start = 0.0, time.perf_counter()  # pruning time up to each target, as if pruned alone
-    for target, result in prune_in_steps(work, x, sorted(float(t) for t in targets), cfg.pruning,
-                                         prepared.criterion, batches):
-        seconds += time.perf_counter() - start
+    for target, result in chosen.prune_in_steps(work, x, targets, allocation_context(data, cfg), prepared.criterion,
+                                                batches):
+        seconds = (seconds if chosen.one_run else 0.0) + time.perf_counter() - start
         snapshot = copy.deepcopy(result.model)
         out[target] = _finish(snapshot, ChannelCut(replace(result, model=snapshot)), prepared, data,
                               replace(cfg, target=target), report_test, extra_after, seconds)

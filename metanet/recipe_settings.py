@@ -4,17 +4,19 @@ recalibration batches, the data-driven criteria's calibration batches, the recon
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from metanet.allocation import DEFAULT_ALLOCATION, AllocationContext, allocation
 from metanet.criteria import Batches, criterion
 from metanet.masks import MASKS
 from metanet.data import TaskData
 from metanet.prune import DEFAULT_PRUNING, PruneSettings, recalibrate_bn
 from metanet.reconstruct import ReconstructSettings
-from metanet.train import TrainConfig
+from metanet.train import TrainConfig, evaluate
 
 # The finetuning budget in optimiser steps (docs/method.md, "The pruning recipe's defaults", measured
 # with bench/pruner_settings.py): on held-out digits networks at 2x, 'none' ends 0.9 points
@@ -24,10 +26,11 @@ AFTER_STEPS = 80
 # the recipe's settings as the pipelines name them (prune_batch.py's flags, Tune's search keys):
 # the one place their defaults live
 RECIPE_DEFAULTS = {"before_steps": BEFORE_STEPS, "before_lr": 0.01, "after_steps": AFTER_STEPS, "after_lr": 0.01,
-                   "sparse_reg": 5e-4, "criterion": "magnitude"}
+                   "sparse_reg": 5e-4, "criterion": "magnitude", "allocation": DEFAULT_ALLOCATION,
+                   "allocation_candidates": 24}
 # what each recipe setting may be (``distributed.settings``' limits: pydantic bounds)
 RECIPE_LIMITS = {"before_steps": {"ge": 0}, "after_steps": {"ge": 0}, "before_lr": {"gt": 0}, "after_lr": {"gt": 0},
-                 "sparse_reg": {"ge": 0}}
+                 "sparse_reg": {"ge": 0}, "allocation_candidates": {"ge": 1}}
 RECAL_BATCHES = 10
 # a learned channel criterion in ``meta``: its scores rank channels, or shrink them as gates (metanet.methods.Meta)
 LEARNED_AS = ("criterion", "gates")
@@ -52,6 +55,11 @@ class RecipeConfig:
     # what ranks channels for meta, depgraph, gate and oracle (a metanet.criteria name); the
     # hand-crafted methods use their own, curve its scores
     criterion: str = "magnitude"
+    # how many channels each group keeps (metanet.allocation: uniform, global, lamp, sensitivity,
+    # eagleeye, ...); the criterion ranks channels inside it. ``allocation_candidates``: EagleEye's
+    # random allocations per network and target
+    allocation: str = DEFAULT_ALLOCATION
+    allocation_candidates: int = 24
     recal_batches: int = RECAL_BATCHES  # training batches that recompute BatchNorm statistics after pruning
     floor: float | None = None  # adaptive mode: prune while validation accuracy stays >= floor
     # the curve method (metanet.curve): amounts drawn between those of these speed-ups
@@ -71,6 +79,11 @@ class RecipeConfig:
 
     def __post_init__(self):
         criterion(self.criterion)  # a known name, or ValueError naming the known ones
+        chosen = allocation(self.allocation)
+        if self.floor is not None and not chosen.adaptive:
+            raise ValueError(f"allocation {self.allocation!r} prunes to a target speed-up, not to a floor on accuracy")
+        if self.allocation_candidates < 1:
+            raise ValueError(f"allocation_candidates must be at least 1, not {self.allocation_candidates!r}")
         if self.curve_mask not in MASKS:
             raise ValueError(f"curve_mask must be one of {MASKS}, not {self.curve_mask!r}")
         if self.learned_as not in LEARNED_AS:
@@ -87,6 +100,9 @@ def recipe_from_settings(settings: dict, *, batch_size: int = 128, augment: bool
     common = dict(batch_size=batch_size, augment=augment, seed=seed)
     extra.setdefault("criterion", settings.get("criterion", "magnitude"))
     extra.setdefault("learned_as", settings.get("learned_as", "criterion"))
+    extra.setdefault("allocation", settings.get("allocation", DEFAULT_ALLOCATION))
+    extra.setdefault("allocation_candidates", int(settings.get("allocation_candidates",
+                                                               RECIPE_DEFAULTS["allocation_candidates"])))
     if settings.get("reconstruct"):
         extra.setdefault("reconstruct", ReconstructSettings(
             batches=int(settings.get("reconstruct_batches", RECONSTRUCT_DEFAULTS["reconstruct_batches"])),
@@ -123,3 +139,11 @@ def calibration(data: TaskData, cfg: RecipeConfig) -> Batches:
     return lambda: iter(fixed)
 
 
+def allocation_context(data: TaskData, cfg: RecipeConfig) -> AllocationContext:
+    """What ``cfg.allocation`` reads: the pruner's settings, EagleEye's budget and seed, and a pruned
+    network's validation accuracy after BatchNorm recalibration (never the test split)."""
+    def score(model: nn.Module) -> float:
+        return evaluate(recalibrate(copy.deepcopy(model), data, cfg), data, "val")[0]
+
+    return AllocationContext(settings=cfg.pruning, score=score, seed=cfg.before.seed,
+                             candidates=cfg.allocation_candidates)

@@ -60,7 +60,8 @@ DEFAULTS = {
     "zoo": None, "split": "test", "models": [], "arch": None, "trust_pickle": False, "dataset": None,
     "data_root": None, "metanet": None, "methods": ["meta"], "baselines": False,
     "targets": list(batch.DEFAULT_TARGETS), "floor": None,
-    **{k: RECIPE_DEFAULTS[k] for k in ("before_steps", "before_lr", "after_steps", "after_lr", "criterion")},
+    **{k: RECIPE_DEFAULTS[k] for k in ("before_steps", "before_lr", "after_steps", "after_lr", "criterion",
+                                       "allocation", "allocation_candidates")},
     **RECONSTRUCT_DEFAULTS,
     "batch_size": None,
     "augment": None, "sparse_reg": RECIPE_DEFAULTS["sparse_reg"], "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
@@ -88,6 +89,11 @@ HELP = {
                "hessian, random, curve (per-network optimised scores), gate, oracle",
     "criterion": "what ranks channels for meta, depgraph, gate and oracle: magnitude, taylor, bn_scale, lamp, fpgm, "
                  "hessian, random",
+    "allocation": "how many channels each group keeps (the criterion picks which): uniform (the same fraction of "
+                  "every group), global, isomorphic, lamp (global rankings), sensitivity (each group pruned alone, "
+                  "validation accuracy), eagleeye (the best of --allocation-candidates random allocations by "
+                  "validation accuracy after BatchNorm recalibration)",
+    "allocation_candidates": "eagleeye: random allocations tried per network and target",
     "baselines": "add the baselines none and depgraph",
     "targets": "MAC speed-ups to prune to (finite, > 1)",
     "floor": "instead of targets: prune while validation accuracy stays at or above this",

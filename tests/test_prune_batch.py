@@ -304,6 +304,11 @@ def test_an_imported_architecture_from_a_state_dict(inputs, tmp_path):
     (["--models", ".", "--methods", "none", "--sparsity-scope", "layer"], "apply to --sparsity/--nm runs only"),
     (["--models", ".", "--methods", "none", "--nm", "2:4", "--criterion", "fpgm"], "the method chooses the weight"),
     (["--models", ".", "--methods", "none", "--nm", "2:4", "--sparsity-scope", "row"], "--sparsity-scope 'row'"),
+    # allocations: a known name, at the channel level, to a target
+    (["--models", ".", "--methods", "none", "--allocation", "greedy"], "--allocation must be one of uniform, global"),
+    (["--models", ".", "--methods", "none", "--floor", "0.5", "--allocation", "eagleeye"], "--floor prunes the same"),
+    (["--models", ".", "--methods", "none", "--nm", "2:4", "--allocation", "lamp"], "a channel-pruning setting"),
+    (["--models", ".", "--methods", "none", "--allocation-candidates", "0"], "--allocation-candidates"),
 ])
 def test_bad_inputs_are_named(args, message, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "pipelines"))
@@ -313,6 +318,26 @@ def test_bad_inputs_are_named(args, message, tmp_path, capsys):
         prune_batch.cli([*args, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_an_allocation_decides_the_widths_and_each_criterion_the_channels(inputs, tmp_path):
+    """``--allocation eagleeye --methods none fpgm``: every method prunes to the target under the
+    widths the allocation chose for the network (the same for both criteria: EagleEye's candidates
+    are drawn with the run's seed), other widths than uniform's, and the setting is in each row."""
+    common = ["--zoo", inputs / "zoo", "--before-steps", "0", "--after-steps", "0", "--no-mlflow", "--methods", "none",
+              "fpgm", "--targets", "2"]
+    found = {}
+    for name in ("uniform", "eagleeye"):
+        done = _run(*common, "--allocation", name, "--allocation-candidates", "3", "--out", tmp_path / name)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = pd.read_parquet(tmp_path / name / "results.parquet")
+        assert len(rows) == 2 and (rows.status == "ok").all(), rows.error.tolist()
+        assert (rows.speedup >= 2.0 * 0.98).all()
+        found[name] = rows.set_index("method")
+    eagle = found["eagleeye"]
+    assert all('"allocation": "eagleeye"' in s for s in eagle.settings)
+    assert eagle.params_after["none"] == eagle.params_after["fpgm"]  # the same widths for both criteria
+    assert eagle.params_after["none"] != found["uniform"].params_after["none"]  # not uniform's
 
 
 def test_post_training_pruning_with_the_reconstruction_needs_no_training_step(inputs, tmp_path):

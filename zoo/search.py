@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from distributed.schema import Strict, describe, read_mapping
 from distributed.settings import settings_model
+from metanet.allocation import ALLOCATIONS
 from metanet.criteria import names as criterion_names
 from metanet.files import atomic_write_text
 from metanet.levels import Level
@@ -31,7 +32,7 @@ META_KEYS = ("lr", "weight_decay", "reg", "alpha", "hidden", "layers", "residual
              "edit", "evidence", "sparsity_norm", "objective", "calibration", "gradient", "score_targets", "l1_reg",
              "weight_temperature")
 PRUNE_KEYS = ("before_steps", "before_lr", "after_steps", "after_lr", "criterion", "reconstruct", "reconstruct_batches",
-              "reconstruct_ridge", "reconstruct_targets")
+              "reconstruct_ridge", "reconstruct_targets", "allocation", "allocation_candidates")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 
 
@@ -163,8 +164,8 @@ def _trial_model():
 
 @functools.lru_cache(maxsize=1)
 def _choices() -> dict[str, tuple]:
-    return {"edit": EDITS, "objective": tuple(OBJECTIVES), "sparsity_norm": SPARSITY_FORMS, "criterion": criterion_names(Level.CHANNELS),
-            "reconstruct_targets": TARGETS}
+    return {"edit": EDITS, "objective": tuple(OBJECTIVES), "sparsity_norm": SPARSITY_FORMS,
+            "criterion": criterion_names(Level.CHANNELS), "reconstruct_targets": TARGETS, "allocation": tuple(ALLOCATIONS)}
 
 
 def _check_value(where: str, key: str, value) -> None:

@@ -10,6 +10,7 @@ import glob
 import os
 
 from distributed.schema import load_yaml, require_regular_file
+from metanet.allocation import ALLOCATIONS, DEFAULT_ALLOCATION
 from metanet.criteria import names as criterion_names
 from metanet.levels import Level
 from metanet.methods import METHODS, baselines, names
@@ -164,6 +165,13 @@ def check_runs_and_methods(config: dict, targets_given: bool) -> None:
     if weights and (config["learned_as"] != LEARNED_AS[0] or config["criterion"] != RECIPE_DEFAULTS["criterion"]):
         raise BatchInputError("--learned-as and --criterion choose how channels are pruned; with --sparsity/--nm "
                               "the method chooses the weight criterion")
+    if weights and config["allocation"] != DEFAULT_ALLOCATION:
+        raise BatchInputError("--allocation says how many channels each group keeps: a channel-pruning setting, not "
+                              "one of --sparsity/--nm")
+    chosen = ALLOCATIONS.get(config["allocation"])
+    if config["floor"] is not None and chosen is not None and not chosen.adaptive:
+        raise BatchInputError(f"--allocation {config['allocation']} prunes to --targets; --floor prunes the same "
+                              "fraction of every group")
     if not weights and (config["sparsity_scope"] != "global" or config["prune_ends"]):
         raise BatchInputError("--sparsity-scope and --prune-ends apply to --sparsity/--nm runs only")
     level = Level.WEIGHTS if weights else Level.CHANNELS
@@ -202,7 +210,8 @@ def preparation_target(config: dict) -> float:
 def check_choices(config: dict) -> None:
     """Each setting that names one of a fixed set of choices is one of them (``BatchInputError``)."""
     for key, allowed in (("learned_as", LEARNED_AS), ("damaged_members", DAMAGED_MEMBERS),
-                         ("reconstruct_targets", TARGETS), ("criterion", criterion_names(Level.CHANNELS))):
+                         ("reconstruct_targets", TARGETS), ("criterion", criterion_names(Level.CHANNELS)),
+                         ("allocation", tuple(ALLOCATIONS))):
         if config[key] not in allowed:
             raise BatchInputError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, not {config[key]!r}")
 

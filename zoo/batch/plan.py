@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from metanet.allocation import DEFAULT_ALLOCATION
 from metanet.methods import METHODS
 from zoo.batch.inputs import Source, given, canonical, preparation_target, run_label
 
@@ -16,6 +17,8 @@ RESULT_SETTINGS = ("arch", "dataset", "data_root", "before_steps", "before_lr", 
                    "batch_size", "augment", "sparse_reg", "seed", "diagnostics", "criterion", "learned_as")
 # and, in a weight-level run (only: channel-pruning rows of earlier runs keep their digests)
 WEIGHT_SETTINGS = ("sparsity_scope", "prune_ends")
+# and with another allocation than the default (rows of earlier runs keep their digests)
+ALLOCATION_SETTINGS = ("allocation", "allocation_candidates")
 
 
 def method_settings(config: dict, methods, reads_target) -> dict[str, tuple[str, str]]:
@@ -33,7 +36,8 @@ def settings_digest(config: dict, extra: dict | None = None) -> tuple[str, str]:
     import json
 
     keys = (RESULT_SETTINGS + (WEIGHT_SETTINGS if config.get("sparsity") or config.get("nm") else ())
-            + (RECONSTRUCT_SETTINGS if config.get("reconstruct") else ()))
+            + (RECONSTRUCT_SETTINGS if config.get("reconstruct") else ())
+            + (ALLOCATION_SETTINGS if config.get("allocation", DEFAULT_ALLOCATION) != DEFAULT_ALLOCATION else ()))
     text = json.dumps({**{k: config.get(k) for k in keys}, **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], text
 
