@@ -1,0 +1,150 @@
+"""How many channels each layer keeps: every registered allocation against uniform, on held-out
+networks, right after pruning (the recipe's repair: BatchNorm recalibrated, the least-squares
+re-fit with ``--reconstruct``) and after each finetuning budget, beside the unpruned network
+finetuned for the same steps (the benchmark's networks are not trained to convergence: a long
+finetune trains them further).
+
+Every allocation prunes with the same criterion (``--method``, magnitude by default: after the
+re-fit the criteria cannot be told apart, docs/benchmarks.md) through the recipe itself
+(``metanet.recipe.prune_to_targets`` with ``RecipeConfig.allocation``); differences are paired by
+network against ``uniform``, 95% intervals; a row says when the interval holds 0. EagleEye's budget
+(``--candidates``) and every allocation's seconds per network are printed beside the accuracies.
+
+    python bench/allocation.py --zoo runs/zoo-digits --heldout runs/zoo-digits-heldout --targets 2 3 --finetune 0 20
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import parser, set_up  # noqa: E402
+from distributed.progress import progress  # noqa: E402
+from metanet.allocation import ALLOCATIONS  # noqa: E402
+from metanet.paired import mean_ci  # noqa: E402
+from metanet.plotting import pyplot  # noqa: E402
+from metanet.prune import prunable_groups  # noqa: E402
+from metanet.levels import Level  # noqa: E402
+from metanet.methods import example_input, names  # noqa: E402
+from metanet.recipe import prune_to_targets, recipe_from_settings  # noqa: E402
+from metanet.train import evaluate, train  # noqa: E402
+from zoo.store import benchmark_networks  # noqa: E402
+
+UNPRUNED = "unpruned, finetuned as long"
+
+
+def run_network(record, data, allocations, method: str, targets, budgets, finetune: dict, args) -> dict:
+    """{allocation: {(target, steps): test accuracy}, "seconds": ..., "widths": ...} for one network."""
+    model = record.network().eval()
+    x = example_input(model, data)
+    sizes = prunable_groups(model, x)
+    longest = max(budgets)
+    out: dict = {"acc": {}, "seconds": {}, "widths": {}}
+    for name in allocations:
+        settings = {"before_steps": 0, "before_lr": 0.01, "after_steps": longest, "after_lr": 0.01,
+                    "reconstruct": args.reconstruct, "allocation": name, "allocation_candidates": args.candidates}
+        cfg = recipe_from_settings(settings, **finetune, seed=0)
+        start = time.perf_counter()
+        rows = prune_to_targets(model, data, method, cfg, targets, extra_after=[b for b in budgets if 0 < b < longest])
+        out["seconds"][name] = time.perf_counter() - start
+        for target, (pruned, row) in zip(targets, rows):
+            for steps in budgets:
+                key = "test_acc_pruned" if steps == 0 else "test_acc" if steps == longest else f"test_acc_ft{steps}"
+                out["acc"][name, float(target), steps] = row[key]
+            modules = dict(pruned.named_modules())
+            out["widths"][name, float(target)] = {r: _out_channels(modules[r]) for r in sizes}
+    out["sizes"] = sizes
+    for steps in budgets:  # the reference: the unpruned network finetuned for the same steps
+        if steps == 0:
+            out["acc"][UNPRUNED, 0.0, 0] = evaluate(model, data, "test")[0]
+            continue
+        other = copy.deepcopy(model)
+        train(other, data, replace(cfg.after, steps=steps))
+        out["acc"][UNPRUNED, 0.0, steps] = evaluate(other, data, "test")[0]
+    return out
+
+
+def _out_channels(module) -> int:
+    return int(getattr(module, "out_channels", getattr(module, "out_features", 0)))
+
+
+def table(results: list[dict], allocations, targets, budgets, log) -> None:
+    cols = [(float(t), s) for t in targets for s in budgets]
+    head = " | ".join(f"{t:g}x, {s} steps" for t, s in cols)
+    log(f"\nTest accuracy (%), mean over {len(results)} held-out networks; below each allocation its paired "
+        "difference to uniform (points, 95% interval; 'cannot tell' where it holds 0):\n")
+    log(f"| allocation | {head} | seconds per network |")
+    log("|---|" + "---|" * (len(cols) + 1))
+    for name in allocations:
+        means = [statistics.mean(100 * r["acc"][name, t, s] for r in results) for t, s in cols]
+        seconds = statistics.mean(r["seconds"][name] for r in results)
+        log(f"| {name} | " + " | ".join(f"{m:.1f}" for m in means) + f" | {seconds:.1f} |")
+        if name == "uniform":
+            continue
+        diffs = [mean_ci([100 * (r["acc"][name, t, s] - r["acc"]["uniform", t, s]) for r in results]) for t, s in cols]
+        log(f"| {name} - uniform | " + " | ".join(f"{d}{'' if d.low > 0 or d.high < 0 else ' (cannot tell)'}"
+                                                   for d in diffs) + " | |")
+    reference = {s: statistics.mean(100 * r["acc"][UNPRUNED, 0.0, s] for r in results) for s in budgets}
+    log(f"| {UNPRUNED} | " + " | ".join(f"{reference[s]:.1f}" for _, s in cols) + " | |")
+
+
+def plot_widths(result: dict, target: float, allocations, path: str, title: str) -> None:
+    """Each allocation's kept fraction per group of one network at ``target``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    roots = list(result["sizes"])
+    for name in allocations:
+        kept = result["widths"][name, target]
+        ax.plot(range(len(roots)), [kept[r] / result["sizes"][r] for r in roots], marker="o", label=name)
+    ax.set_xticks(range(len(roots)))
+    ax.set_xticklabels(roots, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("fraction of channels kept")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__, zoo_help="the zoo whose test members are pruned", heldout=True)
+    p.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=list(ALLOCATIONS))
+    p.add_argument("--method", default="none", choices=names(Level.CHANNELS, hand_crafted=True),
+                   help="the hand-crafted criterion every allocation prunes with (none: magnitude)")
+    p.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0])
+    p.add_argument("--finetune", type=int, nargs="+", default=[0, 80], help="finetuning budgets (steps; 0: none)")
+    p.add_argument("--candidates", type=int, default=16, help="eagleeye: random allocations per network and target")
+    p.add_argument("--reconstruct", action="store_true", help="the least-squares re-fit after the cut (the repair)")
+    p.add_argument("--networks", type=int, help="at most this many held-out networks")
+    p.add_argument("--plot", metavar="PNG", help="each allocation's widths on the first network at the first target")
+    args = p.parse_args(argv)
+    if "uniform" not in args.allocations:
+        args.allocations = ["uniform", *args.allocations]
+    budgets = sorted(set(args.finetune))
+    setup = set_up(args)
+    _, _, held = benchmark_networks(setup.zoo, setup.heldout)
+    held = held[: args.networks] if args.networks else held
+    if not held:
+        raise SystemExit("allocation: no held-out networks (the zoo's test members and --heldout zoos)")
+    t0 = time.perf_counter()
+    results = [run_network(r, setup.data, args.allocations, args.method, args.targets, budgets,
+                           setup.zoo.finetune_settings(), args)
+               for r in progress(held, desc="held-out networks", unit="network")]
+    print(f"\n{len(held)} held-out networks, method {args.method}, {'with' if args.reconstruct else 'without'} the "
+          f"re-fit, eagleeye {args.candidates} candidates; {time.perf_counter() - t0:.0f} s")
+    table(results, args.allocations, args.targets, budgets, print)
+    if args.plot:
+        plot_widths(results[0], float(args.targets[0]), args.allocations, args.plot,
+                    f"{held[0].id}: channels kept per group at {args.targets[0]:g}x")
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
