@@ -9,8 +9,9 @@ criterion (``metanet.criteria``) then ranks the channels inside each group:
 Every allocation is scaled to the MAC target the same way (``to_target``): it proposes a pruning
 *pressure* per group (how readily the group gives up channels), the fraction removed is
 ``min(max_ratio, s * pressure)``, and a bisection over the scale ``s`` finds the smallest that
-reaches the target speed-up, within ``TOLERANCE`` (channel counts are whole: a scale that lands
-inside the tolerance is kept; otherwise the nearest above the target). MACs are Torch-Pruning's
+reaches the target speed-up; where whole channel counts overshoot it by more than ``TOLERANCE``,
+single channels are given back to the groups under the least pressure while the speed-up stays
+within ``TOLERANCE`` of the target (below it by at most that). MACs are Torch-Pruning's
 count of the network pruned to those fractions (the criterion does not change a count).
 
 One class per allocation, in ``ALLOCATIONS``:
@@ -160,7 +161,7 @@ class Sensitivity(Allocation):
                 lost = max(base - score(result.model), 0.0)
                 ratios.append(saved / (lost + 1e-3))  # a free cut (no loss) is worth a thousand-fold
             out[root] = sum(ratios) / len(ratios)
-        top = max(out.values(), default=1.0)
+        top = max(out.values(), default=0.0) or 1.0  # no group saves anything: all pressures 0
         return {root: value / top for root, value in out.items()}
 
 
@@ -192,12 +193,14 @@ def _needs_score(allocation: Allocation, context: AllocationContext) -> Callable
 
 
 def removed_fractions(sizes: Mapping[str, int], result: PruneResult) -> Amounts:
-    """{group root: the fraction of its channels ``result`` removed} (from its channel map)."""
-    out = {}
-    for root, size in sizes.items():
-        kept = len(result.channels[root][0]) if root in result.channels else size
-        out[root] = keeping(kept, size)
-    return out
+    """{group root: the fraction of its channels ``result`` removed}, read from the pruned network's
+    root layers (any Conv or Linear: the channel map holds 2-D convolutions and Linears only)."""
+    modules = dict(result.model.named_modules())
+    return {root: keeping(_out_channels(modules[root]), size) for root, size in sizes.items()}
+
+
+def _out_channels(module: nn.Module) -> int:
+    return int(getattr(module, "out_channels", getattr(module, "out_features", 0)))
 
 
 def keeping(kept: int, size: int) -> float:
@@ -215,9 +218,10 @@ def speedup_of(model: nn.Module, example_inputs: torch.Tensor, amounts: Amounts,
 def to_target(model: nn.Module, example_inputs: torch.Tensor, target: float, pressures: Mapping[str, float],
               settings: PruneSettings = DEFAULT_PRUNING, iterations: int = 24) -> Amounts:
     """``pressures`` scaled to reach ``target``: fractions ``min(max_ratio, s * pressure)`` with
-    the smallest scale ``s`` (bisection) whose speed-up reaches the target; within ``TOLERANCE``
-    of it where whole channel counts allow. ValueError naming the target if even ``max_ratio``
-    everywhere pressure is positive cannot reach it."""
+    the smallest scale ``s`` (bisection) whose speed-up reaches the target, then single channels
+    given back while it overshoots by more than ``TOLERANCE`` (``_give_back``): within
+    ``TOLERANCE`` of the target where whole channel counts allow. ``UnreachableSpeedupError``
+    naming the target if even ``max_ratio`` everywhere pressure is positive cannot reach it."""
     if not pressures or max(pressures.values()) <= 0:
         raise ValueError("an allocation needs a positive pruning pressure on at least one group")
     top = max(pressures.values())

@@ -96,14 +96,12 @@ class Method:
         """Its fixed channel criterion, or the recipe's ``criterion``."""
         return criterion(self.channel_criterion or cfg.criterion)
 
-    def criterion(self, model: nn.Module, data: TaskData, cfg: RecipeConfig,
-                  metanet: MetaNetwork | None) -> Criterion:
-        """What ranks ``model``'s channels (after the finetune)."""
-        return self.registered_criterion(cfg)
-
-    def weight_criterion(self, model: nn.Module, data: TaskData, cfg: RecipeConfig, pruning: WeightPruning,
-                         metanet: MetaNetwork | None) -> Criterion:
-        """What ranks ``model``'s weights (after the finetune)."""
+    def criterion(self, model: nn.Module, data: TaskData, cfg: RecipeConfig, metanet: MetaNetwork | None,
+                  level: Level = Level.CHANNELS, dense_ends: bool = True) -> Criterion:
+        """What ranks ``model``'s channels or weights (after the finetune; ``dense_ends``: a weight
+        pruning keeps the first layer and the classifier dense)."""
+        if level is Level.CHANNELS:
+            return self.registered_criterion(cfg)
         self.check(metanet, Level.WEIGHTS)
         return criterion(self.weight_criterion_name, Level.WEIGHTS)
 
@@ -175,16 +173,13 @@ class Meta(Method):
         record["val_acc_after_metanet"] = evaluate(model, data, "val")[0]
         return model, None
 
-    def criterion(self, model, data, cfg, metanet):
-        if ranks(metanet, Level.CHANNELS) and cfg.learned_as == "criterion":
+    def criterion(self, model, data, cfg, metanet, level=Level.CHANNELS, dense_ends=True):
+        # its scores rank at their own level (channel scores only as a criterion, not as gates)
+        if ranks(metanet, level) and (level is Level.WEIGHTS or cfg.learned_as == "criterion"):
             x = example_input(model, data)
-            return learned_criterion(metanet, model, x, _calibration(metanet, data, cfg))
-        return self.registered_criterion(cfg)
-
-    def weight_criterion(self, model, data, cfg, pruning, metanet):
-        if ranks(metanet, Level.WEIGHTS):
-            x = example_input(model, data)
-            return learned_criterion(metanet, model, x, dense_ends=pruning.dense_ends)
+            return learned_criterion(metanet, model, x, _calibration(metanet, data, cfg), dense_ends)
+        if level is Level.CHANNELS:
+            return self.registered_criterion(cfg)
         return criterion("magnitude", Level.WEIGHTS)  # the paper's unstructured pipeline: its edit, then magnitude
 
 
@@ -257,11 +252,10 @@ class Curve(Method):
     levels = BOTH
     lead = 1
 
-    def criterion(self, model, data, cfg, metanet):
-        return curve_scores(model, data, cfg)
-
-    def weight_criterion(self, model, data, cfg, pruning, metanet):
-        b, mask = cfg.before, WeightMask(model, pruning.dense_ends)
+    def criterion(self, model, data, cfg, metanet, level=Level.CHANNELS, dense_ends=True):
+        if level is Level.CHANNELS:
+            return curve_scores(model, data, cfg)
+        b, mask = cfg.before, WeightMask(model, dense_ends)
         scores, _ = fit_scores(model, data, mask.amounts, steps=max(b.steps, 1), batch_size=b.batch_size,
                                seed=b.seed, masker=mask)
         return mask.criterion(scores, "curve")

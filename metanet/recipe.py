@@ -219,7 +219,8 @@ def weight_criterion_for(prepared: Prepared, data: TaskData, cfg: RecipeConfig, 
     """The weight criterion of ``prepared``'s method (``metanet.methods``): a registered one, a
     ``weight_scores`` metanetwork's scores of the prepared network (``meta``), or per-weight scores
     optimised on it for ``cfg.before.steps`` steps (``curve``)."""
-    return method_of(prepared.record["method"]).weight_criterion(prepared.model, data, cfg, pruning, metanet)
+    return method_of(prepared.record["method"]).criterion(prepared.model, data, cfg, metanet, Level.WEIGHTS,
+                                                          pruning.dense_ends)
 
 
 def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,

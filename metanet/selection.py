@@ -122,7 +122,8 @@ def train_and_select(metanet: MetaNetwork, members: Sequence[Member], data: Task
     every ``every``-th epoch and, when ``final``, after the last. A snapshot of each scored
     checkpoint is kept in memory. ``report(epoch, metrics, metanet, scored)`` sees every epoch
     (``scored``: the row of a scored one, else None; epoch -1 for the untrained one): a Tune trial
-    reports there, a benchmark logs."""
+    reports there, a benchmark logs. With no usable score (none due, or every one NaN) the
+    metanetwork stays as trained and the selection's score is NaN."""
     history, kept = [], {}
 
     def scored(epoch: int, metrics: dict, net: MetaNetwork) -> dict:
@@ -144,6 +145,9 @@ def train_and_select(metanet: MetaNetwork, members: Sequence[Member], data: Task
             report(epoch, metrics, net, row)
 
     meta_train(metanet, members, data, cfg, on_epoch=on_epoch, progress=progress)
-    epoch, value = choose({row["epoch"]: row["score"] for row in history})
+    scores = {row["epoch"]: row["score"] for row in history}
+    if not any(s == s for s in scores.values()):  # nothing scored (or only NaN): the trained network as it is
+        return Selection(cfg.epochs - 1, float("nan"), history)
+    epoch, value = choose(scores)
     metanet.load_state_dict(kept[epoch])
     return Selection(epoch, value, history)

@@ -91,3 +91,4 @@ def test_bad_allocations_are_refused_in_one_line(trained, digits):
         to_target(trained, x, 500.0, {r: 1.0 for r in prunable_groups(trained, x)})
     with pytest.raises(ValueError, match="no prunable group 'nope'"):
         prune_allocated(copy.deepcopy(trained), x, {"nope": 0.5})
+

@@ -113,3 +113,23 @@ def test_the_learned_criterion_bench_runs_every_method_with_and_without_the_reco
         assert row in out, row
     assert out.count("What the reconstruction adds") == 3  # right after pruning, after 2 and after 4 steps
     assert "after pruning and 2 finetuning steps" in out and "after pruning and 4 finetuning steps" in out
+
+
+def test_the_allocation_bench_pairs_every_allocation_against_uniform(tmp_path, capsys):
+    """bench/allocation.py on a tiny digits zoo: a row per allocation and its paired difference to
+    uniform right after pruning and after a finetune, the unpruned reference, seconds, the widths plot."""
+    import importlib.util
+
+    from conftest import build_digits_zoo
+
+    build_digits_zoo(tmp_path / "zoo", members=3)
+    spec = importlib.util.spec_from_file_location("allocation_bench", ROOT / "bench/allocation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "global", "eagleeye", "--targets", "2",
+                "--finetune", "0", "2", "--candidates", "2", "--plot", str(tmp_path / "widths.png")])
+    out = capsys.readouterr().out
+    for row in ("| uniform |", "| global - uniform |", "| eagleeye - uniform |", "| unpruned, finetuned as long |",
+                "| allocation | 2x, 0 steps | 2x, 2 steps | seconds per network |"):
+        assert row in out, out
+    assert (tmp_path / "widths.png").stat().st_size > 0
