@@ -43,7 +43,6 @@ from metanet.scoring import gated_by_scores, learned_criterion
 from metanet.sparsity import GroupSparsity
 from metanet.train import evaluate
 from metanet.masks import WeightMask
-from metanet.weight_pruning import WeightPruning
 
 BOTH = frozenset(Level)
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
