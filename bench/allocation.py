@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parser, set_up  # noqa: E402
 from distributed.progress import progress  # noqa: E402
-from metanet.allocation import ALLOCATIONS  # noqa: E402
+from metanet.allocation import ALLOCATIONS, out_channels  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.plotting import pyplot  # noqa: E402
 from metanet.prune import prunable_groups  # noqa: E402
@@ -58,7 +58,7 @@ def run_network(record, data, allocations, method: str, targets, budgets, finetu
                 key = "test_acc_pruned" if steps == 0 else "test_acc" if steps == longest else f"test_acc_ft{steps}"
                 out["acc"][name, float(target), steps] = row[key]
             modules = dict(pruned.named_modules())
-            out["widths"][name, float(target)] = {r: _out_channels(modules[r]) for r in sizes}
+            out["widths"][name, float(target)] = {r: out_channels(modules[r]) for r in sizes}
     out["sizes"] = sizes
     for steps in budgets:  # the reference: the unpruned network finetuned for the same steps
         if steps == 0:
@@ -68,10 +68,6 @@ def run_network(record, data, allocations, method: str, targets, budgets, finetu
         train(other, data, replace(cfg.after, steps=steps))
         out["acc"][UNPRUNED, 0.0, steps] = evaluate(other, data, "test")[0]
     return out
-
-
-def _out_channels(module) -> int:
-    return int(getattr(module, "out_channels", getattr(module, "out_features", 0)))
 
 
 def table(results: list[dict], allocations, targets, budgets, log) -> None:

@@ -57,7 +57,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metanet.diagnostics import CURVE_SPEEDUPS, diagnose, recalibrated_accuracy, selectivity  # noqa: E402
+from metanet.diagnostics import CURVE_SPEEDUPS, diagnose, selectivity  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member  # noqa: E402
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork  # noqa: E402
 from metanet.objectives import DEFAULT_OBJECTIVE, edit_refusal, fill, objective_defaults  # noqa: E402
@@ -66,7 +66,8 @@ from metanet.levels import Level  # noqa: E402
 from metanet.methods import HAND_CRAFTED, METHODS, leads, names, uses_metanet  # noqa: E402
 from metanet.metanetwork import apply_metanetwork  # noqa: E402
 from metanet.objectives import OBJECTIVES  # noqa: E402
-from metanet.recipe import RECONSTRUCT_DEFAULTS, prune_to_targets, recipe_from_settings  # noqa: E402
+from metanet.recipe import (RECONSTRUCT_DEFAULTS, prune_to_targets, recalibrated_accuracy,  # noqa: E402
+                            recipe_from_settings)
 from metanet.selection import criterion_of, default_selection, score, selection_recipe, train_and_select  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from metanet.data import TaskData  # noqa: E402

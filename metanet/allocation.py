@@ -196,10 +196,11 @@ def removed_fractions(sizes: Mapping[str, int], result: PruneResult) -> Amounts:
     """{group root: the fraction of its channels ``result`` removed}, read from the pruned network's
     root layers (any Conv or Linear: the channel map holds 2-D convolutions and Linears only)."""
     modules = dict(result.model.named_modules())
-    return {root: keeping(_out_channels(modules[root]), size) for root, size in sizes.items()}
+    return {root: keeping(out_channels(modules[root]), size) for root, size in sizes.items()}
 
 
-def _out_channels(module: nn.Module) -> int:
+def out_channels(module: nn.Module) -> int:
+    """A Conv's or Linear's output channels."""
     return int(getattr(module, "out_channels", getattr(module, "out_features", 0)))
 
 

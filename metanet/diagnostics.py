@@ -25,8 +25,8 @@ from metanet.heads import ranks
 from metanet.levels import Level
 from metanet.metanetwork import MetaNetwork, apply_metanetwork
 from metanet.scoring import learned_criterion
-from metanet.recipe import (ChannelCut, RecipeConfig, WeightCut, allocation_context, calibration, recalibrate,
-                            reconstruction_batches, repair)
+from metanet.recipe import (ChannelCut, RecipeConfig, WeightCut, allocation_context, calibration,
+                            recalibrated_accuracy, reconstruction_batches, repair)
 from metanet.allocation import allocation
 from metanet.prune import UnreachableSpeedupError
 from metanet.sparsity import GroupSparsity
@@ -123,11 +123,6 @@ def _selectivity(sparsity: GroupSparsity, imp0: torch.Tensor, imp1: torch.Tensor
     normalised = imp1 / sparsity.group_reduce(imp1, "amax")[group_of].clamp_min(1e-12)
     return {"ratio_spread": float(spread[counts > 1].mean()), "mean_ratio": float(ratio.mean()),
             "share_below_0.1": float((normalised < LOW_IMPORTANCE).float().mean())}
-
-
-def recalibrated_accuracy(model: nn.Module, data: TaskData, cfg: RecipeConfig, split: str = "val") -> float:
-    """Accuracy of a copy of ``model`` after recomputing its BatchNorm statistics."""
-    return evaluate(recalibrate(copy.deepcopy(model), data, cfg), data, split)[0]
 
 
 def diagnose(before: nn.Module, after: nn.Module, data: TaskData, cfg: RecipeConfig,

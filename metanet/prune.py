@@ -223,7 +223,20 @@ def _root_modules(model: nn.Module, ratios: Mapping[str, float]) -> dict[nn.Modu
 def prunable_groups(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
     """{the root Conv/Linear of each group the pruner prunes (by module name): its output channels},
     in Torch-Pruning's order: what an allocation gives a fraction to (a residual stage's coupled
-    layers are one group; the classifier's outputs are never pruned)."""
+    layers are one group; the classifier's outputs are never pruned). Remembered per ``structure``:
+    an allocation asks for every candidate and every step of its search."""
+    key = structure(model, example_inputs)
+    if key not in _GROUPS:
+        if len(_GROUPS) >= _COUNTS_MAX:
+            _GROUPS.clear()
+        _GROUPS[key] = _trace_groups(model, example_inputs)
+    return dict(_GROUPS[key])
+
+
+_GROUPS: dict[tuple, dict[str, int]] = {}  # structure -> prunable groups
+
+
+def _trace_groups(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
     work = copy.deepcopy(model).eval()
     names = {m: n for n, m in work.named_modules()}
     with torch.enable_grad():  # Torch-Pruning traces the dependency graph with autograd

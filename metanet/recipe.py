@@ -32,7 +32,7 @@ from metanet.allocation import allocation
 from metanet.prune import PruneResult, prune_adaptive
 from metanet.recipe_settings import (AFTER_STEPS, BEFORE_STEPS, RECIPE_DEFAULTS, RECIPE_LIMITS,  # noqa: F401
                                      RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS, RecipeConfig, calibration,
-                                     allocation_context, recalibrate, recipe_from_settings,
+                                     allocation_context, recalibrate, recalibrated_accuracy, recipe_from_settings,
                                      reconstruction_batches)
 from metanet.reconstruct import reconstruct, reconstruct_masked
 from metanet.train import evaluate, train
@@ -114,10 +114,7 @@ def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, re
         [(_, result)] = allocation(cfg.allocation).prune_in_steps(model, x, [cfg.target], context, prepared.criterion,
                                                                   batches)
     else:
-        def score(m: nn.Module) -> float:
-            return evaluate(recalibrate(copy.deepcopy(m), data, cfg), data, "val")[0]
-
-        result = prune_adaptive(model, x, score, cfg.floor, cfg.pruning, criterion=prepared.criterion,
+        result = prune_adaptive(model, x, lambda m: recalibrated_accuracy(m, data, cfg), cfg.floor, cfg.pruning, criterion=prepared.criterion,
                                 batches=batches)
         model = result.model
     return _finish(model, ChannelCut(result), prepared, data, cfg, report_test, extra_after,

@@ -139,11 +139,16 @@ def calibration(data: TaskData, cfg: RecipeConfig) -> Batches:
     return lambda: iter(fixed)
 
 
+def recalibrated_accuracy(model: nn.Module, data: TaskData, cfg: RecipeConfig, split: str = "val") -> float:
+    """Accuracy of a copy of ``model`` after recomputing its BatchNorm statistics."""
+    return evaluate(recalibrate(copy.deepcopy(model), data, cfg), data, split)[0]
+
+
 def allocation_context(data: TaskData, cfg: RecipeConfig) -> AllocationContext:
     """What ``cfg.allocation`` reads: the pruner's settings, EagleEye's budget and seed, and a pruned
     network's validation accuracy after BatchNorm recalibration (never the test split)."""
     def score(model: nn.Module) -> float:
-        return evaluate(recalibrate(copy.deepcopy(model), data, cfg), data, "val")[0]
+        return recalibrated_accuracy(model, data, cfg)
 
     return AllocationContext(settings=cfg.pruning, score=score, seed=cfg.before.seed,
                              candidates=cfg.allocation_candidates)
