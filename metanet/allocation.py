@@ -23,6 +23,9 @@ One class per allocation, in ``ALLOCATIONS``:
 - ``lamp``: the same global ranking with LAMP scores (layer-adaptive magnitude, Lee et al. 2021);
 - ``sensitivity``: each group pruned alone at ``SENSITIVITY_FRACTIONS``, BatchNorm recalibrated,
   validation accuracy; its pressure is the MACs it saves per point of accuracy it loses;
+- ``fitted``: the per-network reference (``metanet.allocation_fit``): each group's kept fraction
+  fitted with the channels' scores on the curve objective at the target's MACs (training batches,
+  ``fit_steps`` steps), then scaled to the target on Torch-Pruning's count as every allocation is;
 - ``eagleeye``: ``candidates`` random pressures (uniform in [0, 1] per group, as EagleEye samples
   per-layer ratios), each scaled to the target and pruned, BatchNorm recalibrated, the best by
   validation accuracy (Li et al., ECCV 2020). Its cost is reported: ``candidates`` prunings and
@@ -38,7 +41,9 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from metanet.allocation_fit import FIT_STEPS, fit_allocation
 from metanet.criteria import LAMP, Batches, Criterion, Magnitude
+from metanet.data import TaskData
 from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, UnreachableSpeedupError, count,
                            prunable_groups, prune_allocated, prune_in_steps, prune_to_speedup)
 from metanet.registry import Registry
@@ -53,12 +58,15 @@ Amounts = dict[str, float]  # root Conv/Linear module name of each group -> frac
 class AllocationContext:
     """What an allocation may read besides the network: the pruner's ``settings``, ``score`` (a
     pruned network's validation accuracy after BatchNorm recalibration; the data-driven
-    allocations need it), the ``seed`` of the random ones and ``candidates`` (EagleEye's budget)."""
+    allocations need it), the ``seed`` of the random ones, ``candidates`` (EagleEye's budget),
+    and ``data`` with ``fit_steps`` (the fitted allocation trains on ``data``'s training split)."""
 
     settings: PruneSettings = DEFAULT_PRUNING
     score: Callable[[nn.Module], float] | None = None
     seed: int = 0
     candidates: int = 24
+    data: TaskData | None = None
+    fit_steps: int = FIT_STEPS
 
 
 class Allocation:
@@ -184,6 +192,24 @@ class EagleEye(Allocation):
             if value > best_score:
                 best, best_score = amounts, value
         return best
+
+
+@ALLOCATIONS.register
+class Fitted(Allocation):
+    """Kept fractions fitted per network on the curve objective at the target's MACs (the reference)."""
+
+    name = "fitted"
+    reads_data = True
+
+    def amounts(self, model, example_inputs, target, context):
+        if context.data is None:
+            raise ValueError(f"allocation {self.name!r} trains on the task's data: give it data")
+        fit = fit_allocation(model, context.data, target, steps=context.fit_steps, seed=context.seed,
+                             settings=context.settings)
+        removed = {root: 1.0 - kept for root, kept in fit.kept.items()}
+        if max(removed.values()) <= 0:
+            raise ValueError(f"allocation {self.name!r}: the fit kept every group whole at {target}x")
+        return to_target(model, example_inputs, target, removed, context.settings)
 
 
 def _needs_score(allocation: Allocation, context: AllocationContext) -> Callable[[nn.Module], float]:

@@ -140,6 +140,37 @@ class ChannelMask:
         hard = (z.detach() > tau[group_of]).to(z.dtype)
         return hard + soft - soft.detach()
 
+    def kept_mask(self, scores: torch.Tensor, keep: torch.Tensor, temperature: float = 0.2,
+                  mode: str = "soft") -> torch.Tensor:
+        """[C] the soft mask keeping a fraction ``keep[g]`` ([G], each group's own, in group order) of
+        every group's top-scored channels, differentiable in ``keep`` as well as in ``scores``.
+
+        Keeping k of a group's n channels puts its threshold at the fractional position k - 0.5 of
+        its z-scores in descending order (``mask``'s: halfway between the k-th and (k+1)-th),
+        interpolated linearly between neighbours; below the weakest channel sits a sentinel 2
+        below it (as ``mask`` puts it), so a group kept whole masks nothing. Positions are held
+        in [0.5, n - 0.5]: at least one channel, at most all. ``mode`` as ``mask``'s (``hard``: the
+        channels above the threshold in the forward pass, the soft mask's gradient)."""
+        if mode not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, not {mode!r}")
+        dev = scores.device
+        group_of, padded, sizes = self.group_of.to(dev), self.padded.to(dev), self.sizes.to(dev)
+        z = self.standardise(scores)
+        table = torch.where(padded >= 0, z.detach()[padded.clamp_min(0)], torch.full_like(padded, -1e9, dtype=z.dtype))
+        ranked = torch.cat([table.sort(dim=1, descending=True).values, table.new_zeros(len(sizes), 1)], dim=1)
+        rows = torch.arange(len(sizes), device=dev)
+        ranked[rows, sizes] = ranked[rows, sizes - 1] - 2.0  # the sentinel after each group's weakest
+        n = sizes.to(keep.dtype)
+        position = torch.minimum(torch.maximum(keep * n - 0.5, torch.full_like(n, 0.5).minimum(n - 0.5)), n - 0.5)
+        low = position.detach().floor().long().clamp(max=ranked.shape[1] - 2)
+        first, second = ranked[rows, low], ranked[rows, low + 1]
+        tau = first + (position - low.to(position.dtype)) * (second - first)
+        soft = torch.sigmoid((z - tau.to(z.dtype)[group_of]) / temperature)
+        if mode == "soft":
+            return soft
+        hard = (z.detach() > tau.detach().to(z.dtype)[group_of]).to(z.dtype)
+        return hard + soft - soft.detach()
+
     def apply(self, params: Mapping[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """``params`` with every channel's output parameters multiplied by its mask value."""
         padded = torch.cat([mask, mask.new_ones(1)])

@@ -145,10 +145,11 @@ def recalibrated_accuracy(model: nn.Module, data: TaskData, cfg: RecipeConfig, s
 
 
 def allocation_context(data: TaskData, cfg: RecipeConfig) -> AllocationContext:
-    """What ``cfg.allocation`` reads: the pruner's settings, EagleEye's budget and seed, and a pruned
-    network's validation accuracy after BatchNorm recalibration (never the test split)."""
+    """What ``cfg.allocation`` reads: the pruner's settings, EagleEye's budget and seed, a pruned
+    network's validation accuracy after BatchNorm recalibration, and the data (the fitted
+    allocation trains on its training split; nothing reads the test split)."""
     def score(model: nn.Module) -> float:
         return recalibrated_accuracy(model, data, cfg)
 
     return AllocationContext(settings=cfg.pruning, score=score, seed=cfg.before.seed,
-                             candidates=cfg.allocation_candidates)
+                             candidates=cfg.allocation_candidates, data=data)

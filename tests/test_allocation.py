@@ -32,7 +32,7 @@ def _score(digits):
 @pytest.mark.parametrize("name", list(ALLOCATIONS))
 def test_every_allocation_reaches_its_target_within_the_tolerance(name, trained, digits):
     x = torch.zeros(digits.input_shape)
-    context = AllocationContext(score=_score(digits), candidates=3)
+    context = AllocationContext(score=_score(digits), candidates=3, data=digits, fit_steps=10)
     for target in (2.0, 3.0):
         amounts = allocation(name).amounts(trained, x, target, context)
         assert set(amounts) == set(prunable_groups(trained, x))
@@ -87,6 +87,8 @@ def test_bad_allocations_are_refused_in_one_line(trained, digits):
         allocation("greedy")
     with pytest.raises(ValueError, match="'eagleeye' reads validation accuracy"):
         allocation("eagleeye").amounts(trained, x, 2.0, AllocationContext())
+    with pytest.raises(ValueError, match="'fitted' trains on the task's data"):
+        allocation("fitted").amounts(trained, x, 2.0, AllocationContext())
     with pytest.raises(ValueError, match="cannot be reached by this allocation"):
         to_target(trained, x, 500.0, {r: 1.0 for r in prunable_groups(trained, x)})
     with pytest.raises(ValueError, match="no prunable group 'nope'"):

@@ -1,0 +1,129 @@
+"""The per-network allocation: each group's kept fraction and each channel's score optimised together
+on one network with the curve objective, at its MAC target. What any allocation can gain over
+``uniform`` on that network, and what a learned allocation should approach (the ``fitted``
+allocation, ``metanet.allocation``).
+
+Free parameters: a logit ``u_g`` per group and a score per channel (started at magnitude's ranking,
+standardised within its group, as ``metanet.curve.fit_scores``). Group g keeps
+
+    f_g(u, s) = lo_g + (1 - lo_g) * sigmoid(u_g + s)
+
+of its channels (``lo_g``: one channel, or ``1 - max_ratio``). The scalar ``s`` puts the
+differentiable MAC count (``metanet.widths.MacModel``) on the target's budget B: found by bisection
+without gradient, then one Newton step with the slope held constant,
+
+    s' = s - (MACs(f(u, s)) - B) / (dMACs/ds),
+
+whose value is s (the residual is 0) and whose gradient is the implicit one, ds/du =
+-(dMACs/du) / (dMACs/ds): the budget holds exactly and the gradient moves channels between groups
+at constant MACs. The loss is the cross-entropy of the network masked by ``ChannelMask.kept_mask``
+(each group's soft top-``f_g`` channels by score), BatchNorm on batch statistics, one training batch
+per step. ``u`` starts at 0: the same fraction of every group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metanet.curve import batch_stat_copy
+from metanet.data import TaskData
+from metanet.masks import ChannelMask
+from metanet.prune import DEFAULT_PRUNING, PruneSettings
+from metanet.widths import MacModel
+
+FIT_STEPS = 60
+FIT_LR = 0.1  # Adam on the group logits u
+SCORE_LR = 0.2  # Adam on the channel scores (``ChannelMask.lr``), in units of a group's spread
+TEMPERATURE = 0.2  # the soft mask's, as ``fit_scores`` measured best for channels
+
+
+@dataclass
+class FittedAllocation:
+    """{group root: fraction kept} and the jointly fitted channel scores ([C], ``masker``'s order)."""
+
+    kept: dict[str, float]
+    scores: torch.Tensor
+    masker: ChannelMask
+    losses: list[float]
+
+
+class Widths:
+    """Group logits -> kept fractions [G] (in ``masker``'s group order) on the MAC budget of a target."""
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, masker: ChannelMask,
+                 settings: PruneSettings = DEFAULT_PRUNING):
+        self.macs = MacModel(model, example_inputs, settings)
+        rows = masker.groups.rows
+        missing = [r for r in self.macs.roots if f"{r}.weight" not in rows]
+        if missing:
+            raise ValueError(f"{type(model).__name__}: groups {missing[:3]} have no channels in the mask")
+        # a group's root layer's output rows carry its channels' ids; the group is theirs
+        self.group = torch.tensor([int(masker.group_of[int(rows[f"{r}.weight"][1][0])]) for r in self.macs.roots])
+        if sorted(self.group.tolist()) != list(range(len(masker.sizes))):
+            raise ValueError(f"{type(model).__name__}: the MAC model's groups and the mask's do not match one to one")
+        sizes = masker.sizes.double()
+        self.lo = torch.maximum(1.0 / sizes, torch.full_like(sizes, 1.0 - settings.max_ratio))
+
+    def _macs(self, kept: torch.Tensor) -> torch.Tensor:
+        return self.macs(kept[self.group])  # the MAC model reads groups in its roots' order
+
+    def kept(self, u: torch.Tensor, s) -> torch.Tensor:
+        lo = self.lo.to(u.device)
+        return lo + (1 - lo) * torch.sigmoid(u.double() + s)
+
+    def at_budget(self, u: torch.Tensor, budget: float, iterations: int = 50) -> torch.Tensor:
+        """[G] kept fractions with MACs = ``budget`` (as close as the fractions' bounds allow),
+        differentiable in ``u`` at constant MACs (the implicit gradient of the shift)."""
+        low, high = -40.0, 40.0
+        with torch.no_grad():
+            for _ in range(iterations):
+                mid = (low + high) / 2
+                if float(self._macs(self.kept(u, mid))) > budget:
+                    high = mid
+                else:
+                    low = mid
+        s = torch.tensor((low + high) / 2, dtype=torch.float64, requires_grad=True)
+        macs = self._macs(self.kept(u.detach(), s))
+        (slope,) = torch.autograd.grad(macs, s)
+        if float(slope) <= 0:  # at a bound everywhere: the budget cannot move
+            return self.kept(u, s.detach())
+        shift = s.detach() - (self._macs(self.kept(u, s.detach())) - budget) / slope.detach()
+        return self.kept(u, shift)
+
+
+def fit_allocation(model: nn.Module, data: TaskData, target: float, *, steps: int = FIT_STEPS, batch_size: int = 128,
+                   seed: int = 0, temperature: float = TEMPERATURE, mode: str = "soft", settings: PruneSettings = DEFAULT_PRUNING
+                   ) -> FittedAllocation:
+    """Kept fractions and channel scores fitted to ``model`` at ``target`` (a MAC speed-up) with
+    ``steps`` Adam steps, one shuffled training batch of ``data`` each."""
+    device = next(model.parameters()).device
+    x = torch.zeros(data.input_shape, device=device)
+    masker = ChannelMask(model, x)
+    widths = Widths(model, x, masker, settings)
+    budget = widths.macs.total / float(target)
+    work = batch_stat_copy(model)
+    params = {k: v.detach() for k, v in work.named_parameters()}
+    u = torch.zeros(len(masker.sizes), dtype=torch.float64, requires_grad=True)
+    scores = masker.initial(model)
+    opt = torch.optim.Adam([{"params": [u], "lr": FIT_LR}, {"params": [scores], "lr": SCORE_LR}])
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    while len(losses) < steps:
+        for xb, yb in data.batches("train", batch_size, shuffle=True, generator=gen):
+            if len(losses) >= steps:
+                break
+            kept = widths.at_budget(u, budget).float().to(device)
+            masked = masker.apply(params, masker.kept_mask(scores, kept, temperature, mode))
+            loss = F.cross_entropy(torch.func.functional_call(work, masked, (xb.to(device),)), yb.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    kept = widths.at_budget(u.detach(), budget).detach()
+    roots = widths.macs.roots
+    return FittedAllocation({r: float(kept[g]) for r, g in zip(roots, widths.group.tolist())}, scores.detach(),
+                            masker, losses)
