@@ -118,7 +118,10 @@ def main(argv=None) -> None:
     p.add_argument("--finetune", type=int, nargs="+", default=[0, 80], help="finetuning budgets (steps; 0: none)")
     p.add_argument("--candidates", type=int, default=16, help="eagleeye: random allocations per network and target")
     p.add_argument("--reconstruct", action="store_true", help="the least-squares re-fit after the cut (the repair)")
-    p.add_argument("--networks", type=int, help="at most this many held-out networks")
+    p.add_argument("--networks", type=int, help="at most this many held-out networks (the first ones)")
+    p.add_argument("--spread", action="store_true",
+                   help="with --networks: evenly spaced over the held-out list instead of the first ones (both "
+                        "families, and the held-out zoo's members, which sit at its end)")
     p.add_argument("--plot", metavar="PNG", help="each allocation's widths on the first network at the first target")
     args = p.parse_args(argv)
     if "uniform" not in args.allocations:
@@ -126,7 +129,11 @@ def main(argv=None) -> None:
     budgets = sorted(set(args.finetune))
     setup = set_up(args)
     _, _, held = benchmark_networks(setup.zoo, setup.heldout)
-    held = held[: args.networks] if args.networks else held
+    if args.networks and args.spread and args.networks < len(held):
+        held = [held[round(i * (len(held) - 1) / (args.networks - 1))] for i in range(args.networks)] \
+            if args.networks > 1 else held[:1]
+    elif args.networks:
+        held = held[: args.networks]
     if not held:
         raise SystemExit("allocation: no held-out networks (the zoo's test members and --heldout zoos)")
     t0 = time.perf_counter()
