@@ -4,6 +4,9 @@ re-fit with ``--reconstruct``) and after each finetuning budget, beside the unpr
 finetuned for the same steps (the benchmark's networks are not trained to convergence: a long
 finetune trains them further).
 
+``--allocators NAME=FILE ...`` adds one row per allocation metanetwork (the ``learned`` allocation,
+``metanet.allocation_fit``; ``bench/allocation_meta.py`` trains them), labelled ``learned:NAME``.
+
 Every allocation prunes with the same criterion (``--method``, magnitude by default: after the
 re-fit the criteria cannot be told apart, docs/benchmarks.md) through the recipe itself
 (``metanet.recipe.prune_to_targets`` with ``RecipeConfig.allocation``); differences are paired by
@@ -26,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parser, set_up  # noqa: E402
 from distributed.progress import progress  # noqa: E402
-from metanet.allocation import ALLOCATIONS, out_channels  # noqa: E402
+from metanet.allocation import ALLOCATIONS, Learned, out_channels  # noqa: E402
+from metanet.metanetwork import load_metanetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.plotting import pyplot  # noqa: E402
 from metanet.prune import prunable_groups  # noqa: E402
@@ -39,19 +43,24 @@ from zoo.store import benchmark_networks  # noqa: E402
 UNPRUNED = "unpruned, finetuned as long"
 
 
-def run_network(record, data, allocations, method: str, targets, budgets, finetune: dict, args) -> dict:
-    """{allocation: {(target, steps): test accuracy}, "seconds": ..., "widths": ...} for one network."""
+def run_network(record, data, allocations, method: str, targets, budgets, finetune: dict, args,
+                allocators: dict | None = None) -> dict:
+    """{allocation: {(target, steps): test accuracy}, "seconds": ..., "widths": ...} for one network;
+    ``allocators``: {row label: (allocation name, its metanetwork)} rows beside the registered ones."""
     model = record.network().eval()
     x = example_input(model, data)
     sizes = prunable_groups(model, x)
     longest = max(budgets)
     out: dict = {"acc": {}, "seconds": {}, "widths": {}}
-    for name in allocations:
+    rows_of = {name: (name, None) for name in allocations}
+    rows_of.update(allocators or {})
+    for name, (chosen, allocator) in rows_of.items():
         settings = {"before_steps": 0, "before_lr": 0.01, "after_steps": longest, "after_lr": 0.01,
-                    "reconstruct": args.reconstruct, "allocation": name, "allocation_candidates": args.candidates}
+                    "reconstruct": args.reconstruct, "allocation": chosen, "allocation_candidates": args.candidates}
         cfg = recipe_from_settings(settings, **finetune, seed=0)
         start = time.perf_counter()
-        rows = prune_to_targets(model, data, method, cfg, targets, extra_after=[b for b in budgets if 0 < b < longest])
+        rows = prune_to_targets(model, data, method, cfg, targets, extra_after=[b for b in budgets if 0 < b < longest],
+                                allocator=allocator)
         out["seconds"][name] = time.perf_counter() - start
         for target, (pruned, row) in zip(targets, rows):
             for steps in budgets:
@@ -111,7 +120,10 @@ def plot_widths(result: dict, target: float, allocations, path: str, title: str)
 
 def main(argv=None) -> None:
     p = parser(__doc__, zoo_help="the zoo whose test members are pruned", heldout=True)
-    p.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=list(ALLOCATIONS))
+    p.add_argument("--allocations", nargs="+", default=[a for a in ALLOCATIONS if a != Learned.name],
+                   choices=[a for a in ALLOCATIONS if a != Learned.name])
+    p.add_argument("--allocators", nargs="+", default=[], metavar="NAME=FILE",
+                   help="allocation metanetworks, each a row learned:NAME")
     p.add_argument("--method", default="none", choices=names(Level.CHANNELS, hand_crafted=True),
                    help="the hand-crafted criterion every allocation prunes with (none: magnitude)")
     p.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0])
@@ -127,6 +139,15 @@ def main(argv=None) -> None:
     if "uniform" not in args.allocations:
         args.allocations = ["uniform", *args.allocations]
     budgets = sorted(set(args.finetune))
+    allocators = {}
+    for item in args.allocators:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"allocation: --allocators takes NAME=FILE, not {item!r}")
+        net, _ = load_metanetwork(path)
+        if not net.head.allocates:
+            raise SystemExit(f"allocation: {path}: edit {net.config.edit!r} is not an allocation metanetwork")
+        allocators[f"{Learned.name}:{label}"] = (Learned.name, net)
     setup = set_up(args)
     _, _, held = benchmark_networks(setup.zoo, setup.heldout)
     if args.networks and args.spread and args.networks < len(held):
@@ -138,13 +159,14 @@ def main(argv=None) -> None:
         raise SystemExit("allocation: no held-out networks (the zoo's test members and --heldout zoos)")
     t0 = time.perf_counter()
     results = [run_network(r, setup.data, args.allocations, args.method, args.targets, budgets,
-                           setup.zoo.finetune_settings(), args)
+                           setup.zoo.finetune_settings(), args, allocators)
                for r in progress(held, desc="held-out networks", unit="network")]
+    rows = [*args.allocations, *allocators]
     print(f"\n{len(held)} held-out networks, method {args.method}, {'with' if args.reconstruct else 'without'} the "
           f"re-fit, eagleeye {args.candidates} candidates; {time.perf_counter() - t0:.0f} s")
-    table(results, args.allocations, args.targets, budgets, print)
+    table(results, rows, args.targets, budgets, print)
     if args.plot:
-        plot_widths(results[0], float(args.targets[0]), args.allocations, args.plot,
+        plot_widths(results[0], float(args.targets[0]), rows, args.plot,
                     f"{held[0].id}: channels kept per group at {args.targets[0]:g}x")
         print(f"wrote {args.plot}")
 

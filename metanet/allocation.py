@@ -26,6 +26,8 @@ One class per allocation, in ``ALLOCATIONS``:
 - ``fitted``: the per-network reference (``metanet.allocation_fit``): each group's kept fraction
   fitted with the channels' scores on the curve objective at the target's MACs (training batches,
   ``fit_steps`` steps), then scaled to the target on Torch-Pruning's count as every allocation is;
+- ``learned``: the fractions an allocation metanetwork (``context.allocator``, the ``allocation``
+  head) gives the network at the target, scaled to it on Torch-Pruning's count;
 - ``eagleeye``: ``candidates`` random pressures (uniform in [0, 1] per group, as EagleEye samples
   per-layer ratios), each scaled to the target and pruned, BatchNorm recalibrated, the best by
   validation accuracy (Li et al., ECCV 2020). Its cost is reported: ``candidates`` prunings and
@@ -41,7 +43,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from metanet.allocation_fit import FIT_STEPS, fit_allocation
+from metanet.allocation_fit import FIT_STEPS, fit_allocation, learned_kept
 from metanet.criteria import LAMP, Batches, Criterion, Magnitude
 from metanet.data import TaskData
 from metanet.prune import (DEFAULT_PRUNING, PruneResult, PruneSettings, UnreachableSpeedupError, count,
@@ -59,7 +61,8 @@ class AllocationContext:
     """What an allocation may read besides the network: the pruner's ``settings``, ``score`` (a
     pruned network's validation accuracy after BatchNorm recalibration; the data-driven
     allocations need it), the ``seed`` of the random ones, ``candidates`` (EagleEye's budget),
-    and ``data`` with ``fit_steps`` (the fitted allocation trains on ``data``'s training split)."""
+    ``data`` with ``fit_steps`` (the fitted allocation trains on ``data``'s training split), and
+    the ``allocator`` (an allocation metanetwork: the learned allocation's)."""
 
     settings: PruneSettings = DEFAULT_PRUNING
     score: Callable[[nn.Module], float] | None = None
@@ -67,6 +70,7 @@ class AllocationContext:
     candidates: int = 24
     data: TaskData | None = None
     fit_steps: int = FIT_STEPS
+    allocator: object | None = None  # a MetaNetwork with the ``allocation`` head
 
 
 class Allocation:
@@ -78,6 +82,7 @@ class Allocation:
     reads_data = False  # needs ``context.score`` (validation accuracy)
     adaptive = False  # serves ``prune_adaptive`` (a floor on accuracy instead of a target)
     one_run = False  # one pruning run passes through every target (else one run per target)
+    reads_allocator = False  # needs ``context.allocator`` (an allocation metanetwork)
 
     def prune_in_steps(self, model: nn.Module, example_inputs: torch.Tensor, targets, context: AllocationContext,
                        criterion: Criterion | None = None, batches: Batches | None = None
@@ -209,6 +214,23 @@ class Fitted(Allocation):
         removed = {root: 1.0 - kept for root, kept in fit.kept.items()}
         if max(removed.values()) <= 0:
             raise ValueError(f"allocation {self.name!r}: the fit kept every group whole at {target}x")
+        return to_target(model, example_inputs, target, removed, context.settings)
+
+
+@ALLOCATIONS.register
+class Learned(Allocation):
+    """The kept fractions an allocation metanetwork gives the network at the target."""
+
+    name = "learned"
+    reads_allocator = True
+
+    def amounts(self, model, example_inputs, target, context):
+        if context.allocator is None:
+            raise ValueError(f"allocation {self.name!r} reads an allocation metanetwork: give one (--allocator FILE)")
+        kept = learned_kept(context.allocator, model, example_inputs, target, context.settings)
+        removed = {root: 1.0 - k for root, k in kept.items()}
+        if max(removed.values()) <= 0:
+            raise ValueError(f"allocation {self.name!r}: the metanetwork kept every group whole at {target}x")
         return to_target(model, example_inputs, target, removed, context.settings)
 
 

@@ -19,6 +19,11 @@ whose value is s (the residual is 0) and whose gradient is the implicit one, ds/
 at constant MACs. The loss is the cross-entropy of the network masked by ``ChannelMask.kept_mask``
 (each group's soft top-``f_g`` channels by score), BatchNorm on batch statistics, one training batch
 per step. ``u`` starts at 0: the same fraction of every group.
+
+A learned allocation (a metanetwork with the ``allocation`` head, ``metanet.heads``) replaces the
+free ``u`` by the metanetwork's logits for the network's graph at the target (``learned_kept``),
+and is meta-trained on the same loss with magnitude ranking inside each group (the ``allocation``
+objective, ``metanet.objectives``).
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from torch import nn
 
 from metanet.curve import batch_stat_copy
 from metanet.data import TaskData
+from metanet.graph import NetworkGraph, network_to_graph
 from metanet.masks import ChannelMask
+from metanet.metanetwork import GROUP_FEATURE_WIDTH, MetaNetwork
 from metanet.prune import DEFAULT_PRUNING, PruneSettings
+from metanet.scoring import ScoreMap, score_map
 from metanet.widths import MacModel
 
 FIT_STEPS = 60
@@ -127,3 +135,61 @@ def fit_allocation(model: nn.Module, data: TaskData, target: float, *, steps: in
     roots = widths.macs.roots
     return FittedAllocation({r: float(kept[g]) for r, g in zip(roots, widths.group.tolist())}, scores.detach(),
                             masker, losses)
+
+
+@dataclass
+class GroupInputs:
+    """What an allocation metanetwork reads of one architecture besides its graph: the graph
+    ``nodes`` carrying each group's channels and their ``groups`` (in the mask's group order), the
+    groups' ``features`` [G, GROUP_FEATURE_WIDTH], and the ``widths`` that put logits on a budget."""
+
+    nodes: torch.Tensor
+    groups: torch.Tensor
+    features: torch.Tensor
+    widths: Widths
+
+
+def group_inputs(model: nn.Module, graph: NetworkGraph, scores_map: ScoreMap | None = None,
+                 settings: PruneSettings = DEFAULT_PRUNING) -> GroupInputs:
+    """``GroupInputs`` of ``model``'s architecture. Each group's features: log2 of its channel
+    count / 8; its share of the MACs (d log MACs / d log f_g at the unpruned widths, from the MAC
+    model: how much pruning it saves); its depth (its root layer's position among the modules)."""
+    x = torch.zeros(graph.input_shape)
+    scores_map = scores_map or score_map(model, graph)
+    masker = scores_map.masker
+    widths = Widths(model, x, masker, settings)
+    macs = widths.macs
+    share = (macs.base.unsqueeze(1) * macs.exponents).sum(0) / macs.total
+    order = [name for name, _ in model.named_modules()]
+    features = torch.zeros(len(masker.sizes), GROUP_FEATURE_WIDTH)
+    for i, root in enumerate(macs.roots):
+        g = int(widths.group[i])
+        features[g] = torch.tensor([float(torch.log2(masker.sizes[g].double())) / 8, float(share[i]),
+                                    order.index(root) / max(len(order) - 1, 1)])
+    return GroupInputs(scores_map.nodes, masker.group_of[scores_map.channels], features, widths)
+
+
+def allocation_logits(metanet, graph: NetworkGraph, inputs: GroupInputs, target: float) -> torch.Tensor:
+    """[G] the metanetwork's logits (``metanet`` may be a DDP wrapper: called, not bypassed)."""
+    device = graph.node_feat.device
+    return metanet(graph, scores=True, nodes=inputs.nodes.to(device), groups=inputs.groups.to(device),
+                   features=inputs.features.to(device), target=float(target))
+
+
+def learned_kept(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.Tensor, target: float,
+                 settings: PruneSettings = DEFAULT_PRUNING) -> dict[str, float]:
+    """{group root: fraction kept} an allocation metanetwork gives ``model`` at ``target`` (one
+    forward pass, then the shift onto the target's MACs of the differentiable count)."""
+    if not metanet.head.allocates:
+        raise ValueError(f"this metanetwork's edit is {metanet.config.edit!r}: it decodes no allocation "
+                         "(an allocation metanetwork has edit 'allocation')")
+    if metanet.config.calibration:
+        raise ValueError("an allocation metanetwork reads no calibration statistics: build it with calibration=False")
+    metanet.eval().to(example_inputs.device)
+    graph = network_to_graph(model, example_inputs)
+    inputs = group_inputs(model, graph, settings=settings)
+    with torch.no_grad():
+        u = allocation_logits(metanet, graph, inputs, target).double().cpu()
+    widths = inputs.widths
+    kept = widths.at_budget(u, widths.macs.total / float(target)).detach()
+    return {r: float(kept[g]) for r, g in zip(widths.macs.roots, widths.group.tolist())}

@@ -27,7 +27,7 @@ from metanet.metanetwork import MetaNetwork, apply_metanetwork
 from metanet.scoring import learned_criterion
 from metanet.recipe import (ChannelCut, RecipeConfig, WeightCut, allocation_context, calibration,
                             recalibrated_accuracy, reconstruction_batches, repair)
-from metanet.allocation import allocation
+from metanet.allocation import Learned, allocation
 from metanet.prune import UnreachableSpeedupError
 from metanet.sparsity import GroupSparsity
 from metanet.data import TaskData
@@ -52,14 +52,16 @@ def weight_points(sparsities: Sequence[float] = CURVE_SPARSITIES, nm: bool = Fal
     return points + ([WeightPruning(nm=(2, 4), dense_ends=dense_ends)] if nm else [])
 
 
-def _channel_cuts(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups: Sequence[float], crit: Criterion):
+def _channel_cuts(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups: Sequence[float], crit: Criterion,
+                  allocator: MetaNetwork | None = None):
     """(speed-up, a pruned copy, its cut) for each reachable speed-up, under ``cfg.allocation``
-    (uniform: from one iterative pruning run)."""
+    (uniform: from one iterative pruning run; ``allocator``: the learned allocation's metanetwork)."""
     x = torch.zeros(data.input_shape, device=next(model.parameters()).device)
     batches = calibration(data, cfg) if crit.data_driven else None
     try:
         for target, result in allocation(cfg.allocation).prune_in_steps(copy.deepcopy(model), x, speedups,
-                                                                         allocation_context(data, cfg), crit, batches):
+                                                                         allocation_context(data, cfg, allocator),
+                                                                         crit, batches):
             pruned = copy.deepcopy(result.model)  # the pruning run goes on from the cut itself
             yield float(target), pruned, ChannelCut(replace(result, model=pruned))
     except UnreachableSpeedupError:
@@ -67,7 +69,7 @@ def _channel_cuts(model: nn.Module, data: TaskData, cfg: RecipeConfig, speedups:
 
 
 def _weight_cuts(model: nn.Module, data: TaskData, cfg: RecipeConfig, points: Sequence[WeightPruning],
-                 crit: Criterion):
+                 crit: Criterion, allocator=None):
     """(the point's key: its sparsity or "N:M", a masked copy, its cut) for each weight pruning."""
     batches = calibration(data, cfg) if crit.data_driven else None
     for pruning in points:
@@ -77,17 +79,18 @@ def _weight_cuts(model: nn.Module, data: TaskData, cfg: RecipeConfig, points: Se
 
 
 def pruning_curve(model: nn.Module, data: TaskData, cfg: RecipeConfig, points: Sequence = CURVE_SPEEDUPS,
-                  split: str = "val", criterion: Criterion | None = None) -> dict:
+                  split: str = "val", criterion: Criterion | None = None,
+                  allocator: MetaNetwork | None = None) -> dict:
     """{point: accuracy on ``split``} right after pruning a copy of ``model`` to each point and the
     recipe's repair (``metanet.recipe.repair``: the layers reading what was cut re-fitted when
     ``cfg.reconstruct`` says so, BatchNorm statistics recomputed); ``model`` is not changed.
 
     A point is a speed-up (channels, ``cfg.pruning``; NaN where unreachable) or a ``WeightPruning``
     (weights, ``weight_points``; keyed by its sparsity or "N:M"). ``criterion`` ranks at that
-    level (default: magnitude)."""
+    level (default: magnitude); ``allocator``: the metanetwork of ``cfg.allocation`` ``learned``."""
     level = Level.WEIGHTS if any(isinstance(p, WeightPruning) for p in points) else Level.CHANNELS
     crit = criterion or registered("magnitude", level)
-    cuts = (_weight_cuts if level is Level.WEIGHTS else _channel_cuts)(model, data, cfg, points, crit)
+    cuts = (_weight_cuts if level is Level.WEIGHTS else _channel_cuts)(model, data, cfg, points, crit, allocator)
     inputs = reconstruction_batches(data, cfg) if cfg.reconstruct is not None else None
     curve = {}
     for key, pruned, cut in cuts:
@@ -127,13 +130,15 @@ def _selectivity(sparsity: GroupSparsity, imp0: torch.Tensor, imp1: torch.Tensor
 
 def diagnose(before: nn.Module, after: nn.Module, data: TaskData, cfg: RecipeConfig,
              speedups: Sequence[float] = CURVE_SPEEDUPS, split: str = "val",
-             sparsity: GroupSparsity | None = None, criterion: Criterion | None = None) -> dict[str, float]:
+             sparsity: GroupSparsity | None = None, criterion: Criterion | None = None,
+             allocator: MetaNetwork | None = None) -> dict[str, float]:
     """Selectivity of ``before -> after``, ``after``'s recalibrated accuracy and its pruning curve
-    (``curve_<s>x`` keys and ``auc``; channels ranked by ``criterion``, default magnitude), as one
-    flat dict of metrics (for tables and MLflow)."""
+    (``curve_<s>x`` keys and ``auc``; channels ranked by ``criterion``, default magnitude; the
+    groups' widths by ``cfg.allocation``, with ``allocator`` for ``learned``), as one flat dict of
+    metrics (for tables and MLflow)."""
     out = selectivity(before, after, data, sparsity)
     out["acc_recal"] = recalibrated_accuracy(after, data, cfg, split)
-    curve = pruning_curve(after, data, cfg, speedups, split, criterion)
+    curve = pruning_curve(after, data, cfg, speedups, split, criterion, allocator)
     out.update({f"curve_{s:g}x": v for s, v in curve.items()})
     out["auc"] = curve_auc(curve)
     return out
@@ -158,10 +163,14 @@ def criterion_of(metanet: MetaNetwork, model: nn.Module, x: torch.Tensor, recipe
 def mean_diagnostics(metanet, models: Sequence[nn.Module], data: TaskData, cfg: RecipeConfig,
                      split: str = "val") -> dict[str, float]:
     """``diagnose`` of ``metanet``'s edit (and, for a learned criterion, its scores as the
-    criterion) on each of ``models``, averaged key by key: what meta-training reports for its
-    validation members after an epoch. An empty dict for no models; ``metanet`` keeps its mode."""
+    criterion; for an allocation metanetwork, its allocation) on each of ``models``, averaged key by
+    key: what meta-training reports for its validation members after an epoch. An empty dict for no
+    models; ``metanet`` keeps its mode."""
     if not models:
         return {}
+    allocator = metanet if metanet.head.allocates else None
+    if allocator is not None:
+        cfg = replace(cfg, allocation=Learned.name)
     device = next(metanet.parameters()).device
     was_training = metanet.training
     per = []
@@ -169,6 +178,6 @@ def mean_diagnostics(metanet, models: Sequence[nn.Module], data: TaskData, cfg: 
         model = model.to(device).eval()
         x = torch.zeros(data.input_shape, device=device)
         network, crit = criterion_of(metanet, model, x, cfg, data)
-        per.append(diagnose(model, network, data, cfg, split=split, criterion=crit))
+        per.append(diagnose(model, network, data, cfg, split=split, criterion=crit, allocator=allocator))
     metanet.train(was_training)
     return {k: sum(d[k] for d in per) / len(per) for k in per[0]}

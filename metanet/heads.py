@@ -3,8 +3,9 @@
 A head decides which decoders the metanetwork has (their names are the keys of its saved files) and
 what its output means: an edit of the network's weights (``additive``, the paper's; ``gate``;
 ``gate+additive``) or a learned criterion that edits nothing and ranks the network's channels
-(``scores``) or weights (``weight_scores``). The config key that names it is ``edit``, as in every
-metanetwork file and flag written so far (``--edit scores``).
+(``scores``) or weights (``weight_scores``), or an allocation that edits and ranks nothing and says
+how much of each dependency group a pruning keeps (``allocation``). The config key that names it
+is ``edit``, as in every metanetwork file and flag written so far (``--edit scores``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class Head:
     - ``node_decoder`` / ``edge_decoders``: decoders back to node / weight features;
     - ``channel_decoder``: the name of a per-channel decoder (``gate_decoder``, ``score_decoder``) or None;
     - ``ranks``: for a learned criterion, the level its scores rank (None: an edit);
-    - ``zero_edge_decoders``: its weight corrections start at 0 (it starts as magnitude).
+    - ``zero_edge_decoders``: its weight corrections start at 0 (it starts as magnitude);
+    - ``allocates``: it decodes one logit per dependency group (``MetaNetwork.group_logits``), how
+      much of the group a pruning keeps, and neither edits nor ranks.
     """
 
     name: ClassVar[str]
@@ -37,11 +40,12 @@ class Head:
     channel_decoder: ClassVar[str | None] = None
     ranks: ClassVar[Level | None] = None
     zero_edge_decoders: ClassVar[bool] = False
+    allocates: ClassVar[bool] = False
 
     @property
     def edits(self) -> bool:
-        """Does it change the network's weights (rather than rank them)?"""
-        return self.ranks is None
+        """Does it change the network's weights (rather than rank them or allocate)?"""
+        return self.ranks is None and not self.allocates
 
     @property
     def gates(self) -> bool:
@@ -51,7 +55,7 @@ class Head:
         """``graph`` edited from the final node states ``x`` [N, hidden] and edge states ``e`` [E, hidden]."""
         return graph  # a criterion: the network is pruned as it is
 
-    def scores(self, net: "MetaNetwork", graph: NetworkGraph):
+    def scores(self, net: "MetaNetwork", graph: NetworkGraph, **inputs):
         raise ValueError(f"this metanetwork's edit is {self.name!r}: it decodes no scores "
                          "(a learned criterion has edit 'scores' or 'weight_scores')")
 
@@ -105,7 +109,7 @@ class ChannelScores(Head):
     channel_decoder = "score_decoder"
     ranks = Level.CHANNELS
 
-    def scores(self, net, graph):
+    def scores(self, net, graph, **inputs):
         return net.node_scores(graph)
 
 
@@ -119,8 +123,24 @@ class WeightScores(Head):
     zero_edge_decoders = True
     ranks = Level.WEIGHTS
 
-    def scores(self, net, graph):
+    def scores(self, net, graph, **inputs):
         return net.weight_deltas(graph)
+
+
+@register
+class GroupAllocation(Head):
+    """A learned allocation: one logit per dependency group from its channels' pooled states, the
+    whole network's and the target speed-up (``MetaNetwork.group_logits``); the fractions kept are
+    the logits shifted onto the target's MACs (``metanet.allocation_fit``). Trained with the
+    ``allocation`` objective."""
+
+    name = "allocation"
+    node_decoder = False
+    edge_decoders = False
+    allocates = True
+
+    def scores(self, net, graph, **inputs):
+        return net.group_logits(graph, **inputs)
 
 
 def ranks(metanet, level: Level) -> bool:

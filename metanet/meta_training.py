@@ -82,6 +82,9 @@ class MetaTrainConfig:
     curve_speedups: tuple[float, float] = (1.5, 4.0)
     curve_temperature: float = 0.2  # the soft mask's temperature (curve's best, bench/curve_objective.py)
     curve_mask: str = "soft"
+    # "allocation": a learned allocation (metanet.allocation_fit) on the curve objective, per step a
+    # target speed-up drawn log-uniformly in ``allocation_speedups``, magnitude ranking inside groups
+    allocation_speedups: tuple[float, float] = (2.0, 6.0)
     # weight of a second term of the curve objective: the squared error between the metanetwork's
     # scores and the member's own per-network ``curve`` scores (``metanet.curve.fit_scores``,
     # ``target_steps`` steps, computed once per member), both standardised within each group: a
@@ -103,6 +106,9 @@ class MetaTrainConfig:
             raise ValueError(f"curve_mask must be one of {MASKS}, not {self.curve_mask!r}")
         if self.bn_mode not in ("eval", "train"):
             raise ValueError(f"bn_mode must be 'eval' or 'train', not {self.bn_mode!r}")
+        if not 1.0 < self.allocation_speedups[0] <= self.allocation_speedups[1]:
+            raise ValueError(f"allocation_speedups must be two speed-ups above 1, lowest first, not "
+                             f"{tuple(self.allocation_speedups)}")
         if self.members_per_step < 1:
             raise ValueError(f"members_per_step must be at least 1, not {self.members_per_step}")
         if self.sparsity_norm not in SPARSITY_FORMS:

@@ -12,6 +12,7 @@ they are buffers that no loss can give a gradient, so an edit there would be unt
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -31,6 +32,8 @@ from metanet.files import atomic_write
 EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
 STATISTICS_WIDTH = 6  # metanet.scoring.channel_statistics: (z, rank) of three statistics
 GRADIENT_WIDTH = 2  # metanet.scoring.gradient_statistics: the curve gradient scaled in its group, and its rank
+# metanet.allocation_fit.group_features: a group's log size, its share of the MACs, its depth
+GROUP_FEATURE_WIDTH = 3
 EDITS = tuple(HEADS)  # the heads' names, as --edit takes them (metanet.heads)
 
 
@@ -189,6 +192,14 @@ class MetaNetwork(nn.Module):
             nn.init.zeros_(decoder[-1].weight)
             nn.init.zeros_(decoder[-1].bias)
             setattr(self, self.head.channel_decoder, decoder)
+        if self.head.allocates:
+            # [group's pooled states, the network's mean of them, group features, log target] -> logit
+            width = 2 * (h + (len(EVIDENCE_FEATURES) if config.evidence else 0)) + GROUP_FEATURE_WIDTH + 1
+            decoder = nn.Sequential(nn.Linear(width, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1))
+            # every logit starts at 0: every group keeps the same fraction (as the per-network fit starts)
+            nn.init.zeros_(decoder[-1].weight)
+            nn.init.zeros_(decoder[-1].bias)
+            self.allocation_decoder = decoder
         sign = torch.ones(h)
         sign[h // 2:] = -1
         self.register_buffer("sign", sign, persistent=False)
@@ -267,19 +278,42 @@ class MetaNetwork(nn.Module):
             start += n
         return out
 
+    def group_logits(self, graph: NetworkGraph, nodes: torch.Tensor, groups: torch.Tensor, features: torch.Tensor,
+                     target: float) -> torch.Tensor:
+        """[G] an ``allocation`` metanetwork's logit per dependency group (0 for every group before
+        training): the decoder reads, per group g,
+
+            [mean_{k: groups[k] = g} d(nodes[k]),  mean over groups of the same,  features[g],  log target]
+
+        where d is a node's decoder input (its final state, LayerNormed, and with ``evidence`` its
+        channel evidence); ``nodes`` [K] and ``groups`` [K]: the graph nodes carrying each group's
+        channels and their group; ``features`` [G, GROUP_FEATURE_WIDTH]."""
+        if not self.head.allocates:
+            raise ValueError(f"this metanetwork's edit is {self.config.edit!r}: it decodes no allocation "
+                             "(an allocation metanetwork has edit 'allocation')")
+        d = self._decoder_input(graph, self._embed(graph)[0])[nodes]
+        count = torch.zeros(len(features), device=d.device).index_add(0, groups, torch.ones_like(groups, dtype=d.dtype))
+        pooled = torch.zeros(len(features), d.shape[1], device=d.device, dtype=d.dtype).index_add(0, groups, d)
+        pooled = pooled / count.clamp_min(1).unsqueeze(1)
+        whole = pooled.mean(0, keepdim=True).expand_as(pooled)
+        log_target = torch.full((len(features), 1), math.log(float(target)), device=d.device, dtype=d.dtype)
+        inputs = torch.cat([pooled, whole, features.to(d.device, d.dtype), log_target], 1)
+        return self.allocation_decoder(inputs).squeeze(1)
+
     def gate_logits(self, graph: NetworkGraph) -> torch.Tensor:
         """[N] the gate logits this metanetwork decodes for ``graph`` (gate = 2 sigmoid(logit))."""
         if not self.head.gates:
             raise ValueError(f"this metanetwork's edit is {self.config.edit!r}: it has no gates")
         return self._gate_logits(graph, self._embed(graph)[0])
 
-    def forward(self, graph: NetworkGraph | Sequence[NetworkGraph], scores: bool = False
+    def forward(self, graph: NetworkGraph | Sequence[NetworkGraph], scores: bool = False, **inputs
                 ) -> NetworkGraph | list[NetworkGraph] | torch.Tensor:
         """The edited graph; for a list of graphs, ``forward_many``'s list (so a DDP wrapper can
-        run batches of members too); with ``scores``, a ``scores`` metanetwork's ``node_scores``
-        (through ``forward``, so that a DDP wrapper averages their gradients)."""
+        run batches of members too); with ``scores``, what a criterion or allocation head decodes
+        (``node_scores``, ``weight_deltas``, ``group_logits`` with ``inputs``), through ``forward``
+        so that a DDP wrapper averages their gradients."""
         if scores:
-            return self.head.scores(self, graph)
+            return self.head.scores(self, graph, **inputs)
         if not self.head.edits:  # a criterion edits nothing (node_scores, weight_deltas: its output)
             return list(graph) if isinstance(graph, (list, tuple)) else graph
         if isinstance(graph, (list, tuple)):

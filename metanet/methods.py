@@ -271,7 +271,8 @@ class Wanda(Method):
 
 
 register(Meta())
-register(HandCrafted("none", "magnitude", weight="magnitude", baseline_at={Level.CHANNELS, Level.WEIGHTS}))
+MAGNITUDE = "none"  # the method that prunes by magnitude with no step before (the paper's "none")
+register(HandCrafted(MAGNITUDE, "magnitude", weight="magnitude", baseline_at={Level.CHANNELS, Level.WEIGHTS}))
 for _name in ("taylor", "bn_scale", "lamp", "fpgm", "hessian"):
     register(HandCrafted(_name, _name))
 register(HandCrafted("random", "random", weight="random"))

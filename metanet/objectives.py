@@ -9,7 +9,11 @@ given (``defaults``), the head it trains and how its checkpoints are chosen.
 - ``curve``: a learned channel criterion (``scores``) trained on the pruning curve: per step an
   amount drawn in the member's range, the masked network's task loss (``metanet.curve``), plus
   optionally the regression on the member's own ``curve`` scores (``score_targets``);
-- ``weight_curve``: the same at the weight level (``weight_scores``, ``metanet.masks.WeightMask``).
+- ``weight_curve``: the same at the weight level (``weight_scores``, ``metanet.masks.WeightMask``);
+- ``allocation``: a learned allocation (the ``allocation`` head): per step a target speed-up drawn in
+  ``allocation_speedups``, each group's kept fraction from the metanetwork's logits put on the
+  target's MACs (``metanet.allocation_fit``), the masked network's task loss with magnitude ranking
+  inside each group.
 
 The default objective is ``curve`` with the settings of the best learned criterion measured
 (docs/benchmarks.md, "The curve objective's gradient as an input"): a per-channel MLP (no message
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metanet.allocation_fit import GroupInputs, allocation_logits, group_inputs
 from metanet.curve import batch_stat_copy, fit_scores
 from metanet.data import TaskData
 from metanet.graph import NetworkGraph, graph_to_network, graph_to_params
@@ -71,6 +76,7 @@ class _Cache(OrderedDict):
 _SPARSITY = _Cache()
 _AMOUNTS = _Cache()
 _TARGETS = _Cache()
+_GROUPS = _Cache()
 
 
 @dataclass
@@ -365,6 +371,52 @@ class PaperL1(Objective):
         # the paper's unstructured term: reg * sign(w) in the gradient
         return _edited_step(metanet, members, batches, cfg, lambda m, leaves: cfg.l1_reg * sum(
             leaves[n].abs().sum() for n in m.mask.names))
+
+
+@dataclass
+class AllocationMember(Member):
+    """The allocation objective's: the channel map, the member's own parameters, magnitude's scores
+    ([C], the ranking inside each group) and what the allocation head reads of its groups."""
+
+    scores_map: ScoreMap
+    params: dict[str, torch.Tensor]
+    base: torch.Tensor
+    inputs: GroupInputs
+
+
+@register
+class AllocationCurve(Objective):
+    name = "allocation"
+    defaults = {"edit": "allocation", "layers": 4, "evidence": True, "calibration": False, "gradient": False,
+                "score_targets": 0.0, "lr": 3e-3, "batch_size": 128}
+    head = "allocation"
+    draws = True
+
+    def member(self, member_id, model, graph, cfg):
+        device = graph.node_feat.device
+        on_cpu = graph.to("cpu") if device.type != "cpu" else graph
+        scores_map = score_map(model.cpu(), on_cpu)
+        inputs = _GROUPS.get_or(graph.fingerprint, lambda: group_inputs(model.cpu(), on_cpu, scores_map))
+        work = batch_stat_copy(model).to(device)
+        params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
+        return AllocationMember(member_id, graph, work, scores_map, params, scores_map.base(params), inputs)
+
+    def step(self, metanet, members, batches, draw, cfg):
+        """Each member's group logits at the target ``lo * (hi / lo) ** draw`` from one metanetwork
+        pass, the kept fractions on the target's MACs, the soft mask of each group's top fraction
+        by magnitude (``ChannelMask.kept_mask``), the masked network's mean cross-entropy."""
+        lo, hi = cfg.allocation_speedups
+        target = lo * (hi / lo) ** draw
+
+        def masked_logits(member):
+            widths = member.inputs.widths
+            u = allocation_logits(metanet, member.graph, member.inputs, target)
+            kept = widths.at_budget(u.double().cpu(), widths.macs.total / target).to(u.device, u.dtype)
+            masker = member.scores_map.masker
+            masked = masker.apply(member.params, masker.kept_mask(member.base, kept, cfg.curve_temperature))
+            return lambda x: torch.func.functional_call(member.model, masked, (x,))
+
+        return _masked_step(members, batches, masked_logits)
 
 
 DEFAULT_OBJECTIVE = "curve"

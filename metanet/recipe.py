@@ -86,7 +86,8 @@ def prepare(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig,
 
 def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, report_test: bool = True,
                        extra_after: Sequence[int] = (), weights: WeightPruning | None = None,
-                       metanet: MetaNetwork | None = None) -> tuple[nn.Module, dict]:
+                       metanet: MetaNetwork | None = None, allocator: MetaNetwork | None = None
+                       ) -> tuple[nn.Module, dict]:
     """Prunes a copy of ``prepared.model`` and finetunes it with ``cfg.after``; returns it and its
     record. Channels (``weights`` None): with its criterion to ``cfg.target`` (or, with ``cfg.floor``,
     while validation accuracy stays at or above it). Weights (``weights``: a fraction of zeros or
@@ -96,7 +97,8 @@ def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, re
     ``params_nonzero`` and ``layers_pruned``. Either way the layers that read what was cut are
     re-fitted if ``cfg.reconstruct`` says so, and BatchNorm recalibrated. ``extra_after``: other
     finetuning budgets (steps), each run on its own copy of the pruned network, recorded as
-    ``val_acc_ft<N>``/``test_acc_ft<N>`` (0 steps is ``*_acc_pruned``: no finetuning)."""
+    ``val_acc_ft<N>``/``test_acc_ft<N>`` (0 steps is ``*_acc_pruned``: no finetuning).
+    ``allocator``: the allocation metanetwork of ``cfg.allocation`` ``learned``."""
     start = time.perf_counter()
     if weights is not None:
         chosen = weight_criterion_for(prepared, data, cfg, weights, metanet)
@@ -110,7 +112,7 @@ def prune_and_finetune(prepared: Prepared, data: TaskData, cfg: RecipeConfig, re
     if cfg.floor is None:
         # the allocation (uniform: today's per-layer pruner) says how many channels each group keeps,
         # the criterion which ones
-        context = allocation_context(data, cfg)
+        context = allocation_context(data, cfg, allocator)
         [(_, result)] = allocation(cfg.allocation).prune_in_steps(model, x, [cfg.target], context, prepared.criterion,
                                                                   batches)
     else:
@@ -230,17 +232,19 @@ def prune_with_method(model: nn.Module, data: TaskData, method: str, cfg: Recipe
 def prune_to_targets(model: nn.Module, data: TaskData, method: str, cfg: RecipeConfig, targets: Sequence[float],
                      metanet: MetaNetwork | None = None, report_test: bool = True,
                      inspect: Callable[[Prepared], None] | None = None,
-                     extra_after: Sequence[int] = ()) -> list[tuple[nn.Module, dict]]:
+                     extra_after: Sequence[int] = (), allocator: MetaNetwork | None = None
+                     ) -> list[tuple[nn.Module, dict]]:
     """Prepares ``model`` once (``prepare``), then prunes a copy to each of ``targets`` and finetunes
     it: the (model, record) pairs in the order of ``targets``. The targets share the method's part
     before pruning, as they do in ``prune_batch`` (which prunes row by row, to record each row's
-    failure). ``inspect`` sees the prepared network before pruning (diagnostics)."""
+    failure). ``inspect`` sees the prepared network before pruning (diagnostics); ``allocator``: the
+    allocation metanetwork of ``cfg.allocation`` ``learned``."""
     prepared = prepare(model, data, method, cfg, metanet)
     if inspect is not None:
         inspect(prepared)
     if cfg.floor is not None:
-        return [prune_and_finetune(prepared, data, replace(cfg, target=float(t)), report_test, extra_after)
-                for t in targets]
+        return [prune_and_finetune(prepared, data, replace(cfg, target=float(t)), report_test, extra_after,
+                                   allocator=allocator) for t in targets]
     # uniform: one iterative pruning run serves every target (the schedule to a higher target passes
     # through the lower ones step for step, so a copy at each is what pruning to it alone gives);
     # another allocation prunes each target from the unpruned network
@@ -250,8 +254,8 @@ def prune_to_targets(model: nn.Module, data: TaskData, method: str, cfg: RecipeC
     batches = calibration(data, cfg) if prepared.criterion.data_driven else None
     out: dict[float, tuple[nn.Module, dict]] = {}
     seconds, start = 0.0, time.perf_counter()  # pruning time up to each target, as if pruned alone
-    for target, result in chosen.prune_in_steps(work, x, targets, allocation_context(data, cfg), prepared.criterion,
-                                                batches):
+    context = allocation_context(data, cfg, allocator)
+    for target, result in chosen.prune_in_steps(work, x, targets, context, prepared.criterion, batches):
         seconds = (seconds if chosen.one_run else 0.0) + time.perf_counter() - start
         snapshot = copy.deepcopy(result.model)
         out[target] = _finish(snapshot, ChannelCut(replace(result, model=snapshot)), prepared, data,

@@ -144,12 +144,14 @@ def recalibrated_accuracy(model: nn.Module, data: TaskData, cfg: RecipeConfig, s
     return evaluate(recalibrate(copy.deepcopy(model), data, cfg), data, split)[0]
 
 
-def allocation_context(data: TaskData, cfg: RecipeConfig) -> AllocationContext:
+def allocation_context(data: TaskData, cfg: RecipeConfig, allocator=None) -> AllocationContext:
     """What ``cfg.allocation`` reads: the pruner's settings, EagleEye's budget and seed, a pruned
     network's validation accuracy after BatchNorm recalibration, and the data (the fitted
-    allocation trains on its training split; nothing reads the test split)."""
+    allocation trains on its training split; nothing reads the test split) and the ``allocator``
+    (an allocation metanetwork, the learned allocation's)."""
     def score(model: nn.Module) -> float:
         return recalibrated_accuracy(model, data, cfg)
 
     return AllocationContext(settings=cfg.pruning, score=score, seed=cfg.before.seed,
-                             candidates=cfg.allocation_candidates, data=data)
+                             candidates=cfg.allocation_candidates, data=data,
+                             allocator=allocator)

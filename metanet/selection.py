@@ -12,6 +12,9 @@ checkpoints they kept).
 - ``auc``: the area under the edited networks' pruning curve (accuracy right after pruning, BatchNorm
   recalibrated, no finetuning), free when it was computed as a diagnostic during training.
 
+An allocation metanetwork is scored by the same short recipe with magnitude ranking inside the
+groups it allocates (``allocation`` ``learned``): what it decides is how many channels each keeps.
+
 ``bench/selection.py`` measured both against the outcome of the full recipe on other validation
 members (docs/method.md, "Choosing the metanetwork's checkpoint"). Accuracy right after pruning without recalibration sits at
 chance for every checkpoint on small budgets: it cannot rank them, so it is not offered.
@@ -19,16 +22,18 @@ chance for every checkpoint on small budgets: it cannot rank them, so it is not 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from metanet.allocation import Learned
 from metanet.data import TaskData
 from metanet.criteria import criterion
 from metanet.diagnostics import criterion_of, curve_auc, pruning_curve, weight_points
 from metanet.levels import Level
+from metanet.methods import MAGNITUDE
 from metanet.meta_training import MetaTrainConfig, meta_train, snapshot
 from metanet.metanetwork import MetaNetwork
 from metanet.objectives import Member, objective
@@ -72,6 +77,12 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
             network, crit = criterion_of(metanet, m, x, recipe, data)
             areas.append(curve_auc(pruning_curve(network, data, recipe, criterion=crit)))
         return sum(areas) / len(areas)
+    if metanet.head.allocates:
+        run = replace(recipe, allocation=Learned.name)
+        scores = [record["val_acc"] for model in models
+                  for _, record in prune_to_targets(model, data, MAGNITUDE, run, targets or [recipe.target],
+                                                    report_test=False, allocator=metanet)]
+        return sum(scores) / len(scores)
     scores = [record["val_acc"] for model in models
               for _, record in prune_to_targets(model, data, "meta", recipe, targets or [recipe.target], metanet,
                                                 report_test=False)]

@@ -58,7 +58,7 @@ from zoo.store import ZooFormatError  # noqa: E402
 
 DEFAULTS = {
     "zoo": None, "split": "test", "models": [], "arch": None, "trust_pickle": False, "dataset": None,
-    "data_root": None, "metanet": None, "methods": ["meta"], "baselines": False,
+    "data_root": None, "metanet": None, "allocator": None, "methods": ["meta"], "baselines": False,
     "targets": list(batch.DEFAULT_TARGETS), "floor": None,
     **{k: RECIPE_DEFAULTS[k] for k in ("before_steps", "before_lr", "after_steps", "after_lr", "criterion",
                                        "allocation", "allocation_candidates")},
@@ -91,8 +91,10 @@ HELP = {
                  "hessian, random",
     "allocation": "how many channels each group keeps (the criterion picks which): uniform (the same fraction of "
                   "every group), global, isomorphic, lamp (global rankings), sensitivity (each group pruned alone, "
-                  "validation accuracy), eagleeye (the best of --allocation-candidates random allocations by "
-                  "validation accuracy after BatchNorm recalibration)",
+                  "validation accuracy), fitted (fitted per network on the curve objective), learned (an "
+                  "allocation metanetwork, --allocator), eagleeye (the best of --allocation-candidates random "
+                  "allocations by validation accuracy after BatchNorm recalibration)",
+    "allocator": "allocation metanetwork file (meta_train.py --objective allocation), needed for --allocation learned",
     "allocation_candidates": "eagleeye: random allocations tried per network and target",
     "baselines": "add the baselines none and depgraph",
     "targets": "MAC speed-ups to prune to (finite, > 1)",
@@ -166,6 +168,10 @@ def parse_args(argv=None) -> dict:
         if not os.path.exists(config["metanet"]):
             raise SystemExit(f"prune_batch: metanetwork file not found: {config['metanet']}")
         require_regular_file(config["metanet"], f"--metanet {config['metanet']}", batch.BatchInputError)
+    if config["allocator"]:
+        if not os.path.exists(config["allocator"]):
+            raise SystemExit(f"prune_batch: allocation metanetwork file not found: {config['allocator']}")
+        require_regular_file(config["allocator"], f"--allocator {config['allocator']}", batch.BatchInputError)
     return config
 
 
@@ -185,6 +191,12 @@ def main(argv=None) -> dict:
         metanet = load_metanetwork(config["metanet"])[0]  # a truncated or foreign file: one line now
         batch.check_metanet_level(metanet, config)
         metanet_sha = batch.file_digest(config["metanet"])
+    if config["allocator"]:
+        from metanet.metanetwork import load_metanetwork
+
+        batch.check_allocator(load_metanetwork(config["allocator"])[0], config)
+        config["allocator_sha"] = batch.file_digest(config["allocator"])  # in the rows' settings fingerprint
+        config["allocator"] = os.path.abspath(config["allocator"])  # read by the Ray tasks
     # the rows of a method whose preparation reads the target are keyed on it too
     per_method = batch.method_settings(config, config["methods"],
                                        lambda m: prepare_reads_target(m, metanet, config["learned_as"]))

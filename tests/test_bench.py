@@ -122,14 +122,22 @@ def test_the_allocation_bench_pairs_every_allocation_against_uniform(tmp_path, c
 
     from conftest import build_digits_zoo
 
+    from metanet.metanetwork import MetaNetConfig, MetaNetwork, save_metanetwork
+    from zoo.store import Zoo
+
     build_digits_zoo(tmp_path / "zoo", members=3)
+    widths = Zoo(str(tmp_path / "zoo")).edge_widths()
+    save_metanetwork(MetaNetwork(MetaNetConfig(edge_widths=widths, edit="allocation", hidden=8, layers=1)),
+                     str(tmp_path / "allocator.pt"))
     spec = importlib.util.spec_from_file_location("allocation_bench", ROOT / "bench/allocation.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "global", "eagleeye", "--targets", "2",
-                "--finetune", "0", "2", "--candidates", "2", "--plot", str(tmp_path / "widths.png")])
+    bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "global", "eagleeye", "fitted", "--targets", "2",
+                "--finetune", "0", "2", "--candidates", "2", "--plot", str(tmp_path / "widths.png"),
+                "--allocators", f"gnn={tmp_path / 'allocator.pt'}"])
     out = capsys.readouterr().out
-    for row in ("| uniform |", "| global - uniform |", "| eagleeye - uniform |", "| unpruned, finetuned as long |",
+    for row in ("| uniform |", "| global - uniform |", "| eagleeye - uniform |", "| fitted - uniform |",
+                "| learned:gnn - uniform |", "| unpruned, finetuned as long |",
                 "| allocation | 2x, 0 steps | 2x, 2 steps | seconds per network |"):
         assert row in out, out
     assert (tmp_path / "widths.png").stat().st_size > 0

@@ -33,6 +33,8 @@ def inputs(tmp_path_factory):
     assert sorted(zoo.metadata().role) == ["test", "train", "val"]
     metanet = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=8, layers=1, residual=0.01))
     save_metanetwork(metanet, str(tmp / "metanet.pt"))
+    allocator = MetaNetwork(MetaNetConfig(edge_widths=zoo.edge_widths(), hidden=8, layers=1, edit="allocation"))
+    save_metanetwork(allocator, str(tmp / "allocator.pt"))
     models = tmp / "models"
     models.mkdir()
     torch.manual_seed(0)
@@ -309,6 +311,10 @@ def test_an_imported_architecture_from_a_state_dict(inputs, tmp_path):
     (["--models", ".", "--methods", "none", "--floor", "0.5", "--allocation", "eagleeye"], "--floor prunes the same"),
     (["--models", ".", "--methods", "none", "--nm", "2:4", "--allocation", "lamp"], "a channel-pruning setting"),
     (["--models", ".", "--methods", "none", "--allocation-candidates", "0"], "--allocation-candidates"),
+    (["--models", ".", "--methods", "none", "--allocation", "learned"], "--allocation learned needs --allocator FILE"),
+    (["--models", ".", "--methods", "none", "--allocator", "a.pt"], "--allocator is read by --allocation learned only"),
+    (["--models", ".", "--methods", "none", "--allocation", "learned", "--allocator", "missing.pt"],
+     "allocation metanetwork file not found: missing.pt"),
 ])
 def test_bad_inputs_are_named(args, message, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "pipelines"))
@@ -327,8 +333,8 @@ def test_an_allocation_decides_the_widths_and_each_criterion_the_channels(inputs
     common = ["--zoo", inputs / "zoo", "--before-steps", "0", "--after-steps", "0", "--no-mlflow", "--methods", "none",
               "fpgm", "--targets", "2"]
     found = {}
-    for name in ("uniform", "eagleeye"):
-        done = _run(*common, "--allocation", name, "--allocation-candidates", "3", "--out", tmp_path / name)
+    for name, extra in (("uniform", []), ("eagleeye", []), ("learned", ["--allocator", inputs / "allocator.pt"])):
+        done = _run(*common, "--allocation", name, "--allocation-candidates", "3", "--out", tmp_path / name, *extra)
         assert done.returncode == 0, done.stderr[-2000:]
         rows = pd.read_parquet(tmp_path / name / "results.parquet")
         assert len(rows) == 2 and (rows.status == "ok").all(), rows.error.tolist()
@@ -338,6 +344,21 @@ def test_an_allocation_decides_the_widths_and_each_criterion_the_channels(inputs
     assert all('"allocation": "eagleeye"' in s for s in eagle.settings)
     assert eagle.params_after["none"] == eagle.params_after["fpgm"]  # the same widths for both criteria
     assert eagle.params_after["none"] != found["uniform"].params_after["none"]  # not uniform's
+    learned = found["learned"]  # an untrained allocation metanetwork: the same fraction of every group
+    assert all('"allocator_sha": ' in s for s in learned.settings)
+    assert learned.params_after["none"] == learned.params_after["fpgm"]
+
+
+def test_an_allocator_that_is_not_one_is_refused_in_one_line(inputs, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import prune_batch
+
+    with pytest.raises(SystemExit):
+        prune_batch.cli(["--zoo", str(inputs / "zoo"), "--methods", "none", "--no-mlflow", "--allocation", "learned",
+                         "--allocator", str(inputs / "metanet.pt"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "edit 'additive' is not an allocation metanetwork" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_post_training_pruning_with_the_reconstruction_needs_no_training_step(inputs, tmp_path):

@@ -19,6 +19,7 @@ from metanet.criteria import names as criterion_names
 from metanet.files import atomic_write_text
 from metanet.levels import Level
 from metanet.meta_training import MetaTrainConfig
+from metanet.heads import HEADS
 from metanet.metanetwork import EDITS, MetaNetConfig
 from metanet.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, edit_refusal, objective_defaults, trained_edit
 from metanet.recipe import RECIPE_DEFAULTS, RECIPE_LIMITS, RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS
@@ -164,8 +165,13 @@ def _trial_model():
 
 @functools.lru_cache(maxsize=1)
 def _choices() -> dict[str, tuple]:
-    return {"edit": EDITS, "objective": tuple(OBJECTIVES), "sparsity_norm": SPARSITY_FORMS,
-            "criterion": criterion_names(Level.CHANNELS), "reconstruct_targets": TARGETS, "allocation": tuple(ALLOCATIONS)}
+    # a trial meta-trains the criterion it prunes with: an allocation metanetwork (its objective,
+    # its head, the allocation that reads one) is trained by meta_train.py, not searched here
+    allocating = {name for name, o in OBJECTIVES.items() if o.head is not None and HEADS[o.head].allocates}
+    return {"edit": tuple(e for e in EDITS if not HEADS[e].allocates),
+            "objective": tuple(o for o in OBJECTIVES if o not in allocating), "sparsity_norm": SPARSITY_FORMS,
+            "criterion": criterion_names(Level.CHANNELS), "reconstruct_targets": TARGETS,
+            "allocation": tuple(a for a, chosen in ALLOCATIONS.items() if not chosen.reads_allocator)}
 
 
 def _check_value(where: str, key: str, value) -> None:

@@ -169,6 +169,9 @@ def check_runs_and_methods(config: dict, targets_given: bool) -> None:
         raise BatchInputError("--allocation says how many channels each group keeps: a channel-pruning setting, not "
                               "one of --sparsity/--nm")
     chosen = ALLOCATIONS.get(config["allocation"])
+    if chosen is not None and chosen.reads_allocator != bool(config.get("allocator")):
+        raise BatchInputError(f"--allocation {config['allocation']} needs --allocator FILE" if chosen.reads_allocator
+                              else f"--allocator is read by --allocation learned only, not {config['allocation']}")
     if config["floor"] is not None and chosen is not None and not chosen.adaptive:
         raise BatchInputError(f"--allocation {config['allocation']} prunes to --targets; --floor prunes the same "
                               "fraction of every group")
@@ -226,6 +229,13 @@ def check_metanet_level(metanet, config: dict) -> None:
     if not weights and metanet.head.ranks is Level.WEIGHTS:
         raise BatchInputError(f"--metanet {config['metanet']}: a weight-scores metanetwork (--objective "
                               "weight_curve) ranks weights: prune with --sparsity or --nm")
+
+
+def check_allocator(allocator, config: dict) -> None:
+    """``--allocator`` is an allocation metanetwork (its head allocates)."""
+    if not allocator.head.allocates:
+        raise BatchInputError(f"--allocator {config['allocator']}: edit {allocator.config.edit!r} is not an allocation "
+                              "metanetwork (meta_train.py --objective allocation)")
 
 
 def given(value) -> bool:

@@ -19,6 +19,8 @@ RESULT_SETTINGS = ("arch", "dataset", "data_root", "before_steps", "before_lr", 
 WEIGHT_SETTINGS = ("sparsity_scope", "prune_ends")
 # and with another allocation than the default (rows of earlier runs keep their digests)
 ALLOCATION_SETTINGS = ("allocation", "allocation_candidates")
+# and with an allocation metanetwork: its content (its path does not change a result)
+ALLOCATOR_SETTINGS = ("allocator_sha",)
 
 
 def method_settings(config: dict, methods, reads_target) -> dict[str, tuple[str, str]]:
@@ -37,7 +39,8 @@ def settings_digest(config: dict, extra: dict | None = None) -> tuple[str, str]:
 
     keys = (RESULT_SETTINGS + (WEIGHT_SETTINGS if config.get("sparsity") or config.get("nm") else ())
             + (RECONSTRUCT_SETTINGS if config.get("reconstruct") else ())
-            + (ALLOCATION_SETTINGS if config.get("allocation", DEFAULT_ALLOCATION) != DEFAULT_ALLOCATION else ()))
+            + (ALLOCATION_SETTINGS if config.get("allocation", DEFAULT_ALLOCATION) != DEFAULT_ALLOCATION else ())
+            + (ALLOCATOR_SETTINGS if config.get("allocator") else ()))
     text = json.dumps({**{k: config.get(k) for k in keys}, **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], text
 

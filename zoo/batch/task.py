@@ -53,6 +53,8 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
         # DGL's wheel is a CPU build: on a GPU the metanetwork runs on the plain-PyTorch backend
         metanet = (load_metanetwork(metanet_path, None if device == "cpu" else "torch")[0]
                    if METHODS[method].uses_metanet else None)
+        allocator = (load_metanetwork(config["allocator"], None if device == "cpu" else "torch")[0]
+                     if config.get("allocator") else None)
         cfg = recipe_from_settings(config, batch_size=config["batch_size"], augment=config["augment"],
                                    seed=config["seed"], sparse_reg=config["sparse_reg"],
                                    target=preparation_target(config))  # the gates' amount
@@ -81,7 +83,7 @@ def prune_model(source: Source, method: str, runs: list[dict], config: dict, dat
             else:
                 cfg.target = row["target"] if row["target"] is not None else cfg.target
                 cfg.floor = row["floor"]
-                pruned, result = prune_and_finetune(prepared, data, cfg)
+                pruned, result = prune_and_finetune(prepared, data, cfg, allocator=allocator)
                 kept = ("criterion", "speedup", "macs_after", "params_after", "val_acc_pruned", "test_acc_pruned",
                         "val_acc", "test_acc", *(c for c in RECONSTRUCT_COLUMNS if c in result))
             # under models/.pending until the driver records the row (``publish``): the file a
