@@ -97,15 +97,16 @@ class Widths:
         s = torch.tensor((low + high) / 2, dtype=torch.float64, requires_grad=True)
         macs = self._macs(self.kept(u.detach(), s))
         (slope,) = torch.autograd.grad(macs, s)
-        if float(slope) <= 0:  # at a bound everywhere: the budget cannot move
+        if float(slope) <= 0 or abs(float(macs) - budget) > 1e-3 * budget:
+            # every group at a bound (the budget out of reach): no shift moves the MACs, no Newton step
             return self.kept(u, s.detach())
         shift = s.detach() - (self._macs(self.kept(u, s.detach())) - budget) / slope.detach()
         return self.kept(u, shift)
 
 
 def fit_allocation(model: nn.Module, data: TaskData, target: float, *, steps: int = FIT_STEPS, batch_size: int = 128,
-                   seed: int = 0, temperature: float = TEMPERATURE, mode: str = "soft", settings: PruneSettings = DEFAULT_PRUNING
-                   ) -> FittedAllocation:
+                   seed: int = 0, temperature: float = TEMPERATURE, mode: str = "soft",
+                   settings: PruneSettings = DEFAULT_PRUNING) -> FittedAllocation:
     """Kept fractions and channel scores fitted to ``model`` at ``target`` (a MAC speed-up) with
     ``steps`` Adam steps, one shuffled training batch of ``data`` each."""
     device = next(model.parameters()).device
