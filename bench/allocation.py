@@ -79,7 +79,7 @@ def run_network(record, data, allocations, method: str, targets, budgets, finetu
     return out
 
 
-def table(results: list[dict], allocations, targets, budgets, log) -> None:
+def table(results: list[dict], allocations, targets, budgets, log, pairs=()) -> None:
     cols = [(float(t), s) for t in targets for s in budgets]
     head = " | ".join(f"{t:g}x, {s} steps" for t, s in cols)
     log(f"\nTest accuracy (%), mean over {len(results)} held-out networks; below each allocation its paired "
@@ -95,6 +95,10 @@ def table(results: list[dict], allocations, targets, budgets, log) -> None:
         diffs = [mean_ci([100 * (r["acc"][name, t, s] - r["acc"]["uniform", t, s]) for r in results]) for t, s in cols]
         log(f"| {name} - uniform | " + " | ".join(f"{d}{'' if d.low > 0 or d.high < 0 else ' (cannot tell)'}"
                                                    for d in diffs) + " | |")
+    for a, b in pairs:  # other paired differences asked for (the GNN against the per-group MLP)
+        diffs = [mean_ci([100 * (r["acc"][a, t, s] - r["acc"][b, t, s]) for r in results]) for t, s in cols]
+        log(f"| {a} - {b} | " + " | ".join(f"{d}{'' if d.low > 0 or d.high < 0 else ' (cannot tell)'}"
+                                           for d in diffs) + " | |")
     reference = {s: statistics.mean(100 * r["acc"][UNPRUNED, 0.0, s] for r in results) for s in budgets}
     log(f"| {UNPRUNED} | " + " | ".join(f"{reference[s]:.1f}" for _, s in cols) + " | |")
 
@@ -130,6 +134,8 @@ def main(argv=None) -> None:
     p.add_argument("--finetune", type=int, nargs="+", default=[0, 80], help="finetuning budgets (steps; 0: none)")
     p.add_argument("--candidates", type=int, default=16, help="eagleeye: random allocations per network and target")
     p.add_argument("--reconstruct", action="store_true", help="the least-squares re-fit after the cut (the repair)")
+    p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="also print the paired difference of rows A and B (e.g. learned:gnn learned:mlp)")
     p.add_argument("--networks", type=int, help="at most this many held-out networks (the first ones)")
     p.add_argument("--spread", action="store_true",
                    help="with --networks: evenly spaced over the held-out list instead of the first ones (both "
@@ -148,6 +154,10 @@ def main(argv=None) -> None:
         if not net.head.allocates:
             raise SystemExit(f"allocation: {path}: edit {net.config.edit!r} is not an allocation metanetwork")
         allocators[f"{Learned.name}:{label}"] = (Learned.name, net)
+    rows = [*args.allocations, *allocators]
+    unknown = [name for pair in args.compare for name in pair if name not in rows]
+    if unknown:
+        raise SystemExit(f"allocation: --compare names rows {unknown} that this run has not; it has {rows}")
     setup = set_up(args)
     _, _, held = benchmark_networks(setup.zoo, setup.heldout)
     if args.networks and args.spread and args.networks < len(held):
@@ -161,10 +171,9 @@ def main(argv=None) -> None:
     results = [run_network(r, setup.data, args.allocations, args.method, args.targets, budgets,
                            setup.zoo.finetune_settings(), args, allocators)
                for r in progress(held, desc="held-out networks", unit="network")]
-    rows = [*args.allocations, *allocators]
     print(f"\n{len(held)} held-out networks, method {args.method}, {'with' if args.reconstruct else 'without'} the "
           f"re-fit, eagleeye {args.candidates} candidates; {time.perf_counter() - t0:.0f} s")
-    table(results, rows, args.targets, budgets, print)
+    table(results, rows, args.targets, budgets, print, [tuple(p) for p in args.compare])
     if args.plot:
         plot_widths(results[0], float(args.targets[0]), rows, args.plot,
                     f"{held[0].id}: channels kept per group at {args.targets[0]:g}x")
