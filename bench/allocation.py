@@ -124,8 +124,8 @@ def plot_widths(result: dict, target: float, allocations, path: str, title: str)
 
 def main(argv=None) -> None:
     p = parser(__doc__, zoo_help="the zoo whose test members are pruned", heldout=True)
-    p.add_argument("--allocations", nargs="+", default=[a for a in ALLOCATIONS if a != Learned.name],
-                   choices=[a for a in ALLOCATIONS if a != Learned.name])
+    p.add_argument("--allocations", nargs="+", default=[a for a, c in ALLOCATIONS.items() if not c.reads_allocator],
+                   choices=[a for a, c in ALLOCATIONS.items() if not c.reads_allocator])
     p.add_argument("--allocators", nargs="+", default=[], metavar="NAME=FILE",
                    help="allocation metanetworks, each a row learned:NAME")
     p.add_argument("--method", default="none", choices=names(Level.CHANNELS, hand_crafted=True),

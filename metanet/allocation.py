@@ -79,7 +79,7 @@ class Allocation:
     prunes to it with any criterion ranking the channels inside each group."""
 
     name = ""
-    reads_data = False  # needs ``context.score`` (validation accuracy)
+    reads_data = False  # reads the task's data (``context.score``: validation accuracy; ``context.data``)
     adaptive = False  # serves ``prune_adaptive`` (a floor on accuracy instead of a target)
     one_run = False  # one pruning run passes through every target (else one run per target)
     reads_allocator = False  # needs ``context.allocator`` (an allocation metanetwork)

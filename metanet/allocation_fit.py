@@ -28,6 +28,8 @@ objective, ``metanet.objectives``).
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +41,8 @@ from metanet.data import TaskData
 from metanet.graph import NetworkGraph, network_to_graph
 from metanet.masks import ChannelMask
 from metanet.metanetwork import GROUP_FEATURE_WIDTH, MetaNetwork
-from metanet.prune import DEFAULT_PRUNING, PruneSettings
-from metanet.scoring import ScoreMap, score_map
+from metanet.prune import DEFAULT_PRUNING, PruneSettings, structure
+from metanet.scoring import score_map
 from metanet.widths import MacModel
 
 FIT_STEPS = 60
@@ -87,16 +89,17 @@ class Widths:
         """[G] kept fractions with MACs = ``budget`` (as close as the fractions' bounds allow),
         differentiable in ``u`` at constant MACs (the implicit gradient of the shift)."""
         low, high = -40.0, 40.0
-        with torch.no_grad():
+        with torch.no_grad():  # the shift's value: no gradient through the bisection
             for _ in range(iterations):
                 mid = (low + high) / 2
                 if float(self._macs(self.kept(u, mid))) > budget:
                     high = mid
                 else:
                     low = mid
-        s = torch.tensor((low + high) / 2, dtype=torch.float64, requires_grad=True)
-        macs = self._macs(self.kept(u.detach(), s))
-        (slope,) = torch.autograd.grad(macs, s)
+        with torch.enable_grad():  # the slope is a derivative even for a caller under no_grad
+            s = torch.tensor((low + high) / 2, dtype=torch.float64, requires_grad=True)
+            macs = self._macs(self.kept(u.detach(), s))
+            (slope,) = torch.autograd.grad(macs, s)
         if float(slope) <= 0 or abs(float(macs) - budget) > 1e-3 * budget:
             # every group at a bound (the budget out of reach): no shift moves the MACs, no Newton step
             return self.kept(u, s.detach())
@@ -150,13 +153,32 @@ class GroupInputs:
     widths: Widths
 
 
-def group_inputs(model: nn.Module, graph: NetworkGraph, scores_map: ScoreMap | None = None,
-                 settings: PruneSettings = DEFAULT_PRUNING) -> GroupInputs:
-    """``GroupInputs`` of ``model``'s architecture. Each group's features: log2 of its channel
-    count / 8; its share of the MACs (d log MACs / d log f_g at the unpruned widths, from the MAC
-    model: how much pruning it saves); its depth (its root layer's position among the modules)."""
+_INPUTS: OrderedDict = OrderedDict()  # (graph, structure, settings) -> GroupInputs, least recently used last
+_INPUTS_MAX = 256
+
+
+def group_inputs(model: nn.Module, graph: NetworkGraph, settings: PruneSettings = DEFAULT_PRUNING) -> GroupInputs:
+    """``GroupInputs`` of ``model``'s architecture, computed on the CPU (a copy) and remembered per
+    graph layout, structure (strides and pooling change the MACs, not the layout) and settings.
+    Each group's features: log2 of its channel count / 8; its share of the MACs (d log MACs / d log
+    f_g at the unpruned widths, from the MAC model: how much pruning it saves); its depth (its root
+    layer's position among the modules)."""
     x = torch.zeros(graph.input_shape)
-    scores_map = scores_map or score_map(model, graph)
+    key = (graph.fingerprint, structure(model, x), repr(settings))
+    if key in _INPUTS:
+        _INPUTS.move_to_end(key)
+        return _INPUTS[key]
+    model = copy.deepcopy(model).cpu()
+    with torch.enable_grad():  # Torch-Pruning traces the dependency graph with autograd
+        found = _group_inputs(model, graph.to("cpu") if graph.node_feat.device.type != "cpu" else graph, x, settings)
+    _INPUTS[key] = found
+    if len(_INPUTS) > _INPUTS_MAX:
+        _INPUTS.popitem(last=False)
+    return found
+
+
+def _group_inputs(model: nn.Module, graph: NetworkGraph, x: torch.Tensor, settings: PruneSettings) -> GroupInputs:
+    scores_map = score_map(model, graph)
     masker = scores_map.masker
     widths = Widths(model, x, masker, settings)
     macs = widths.macs
@@ -188,7 +210,7 @@ def learned_kept(metanet: MetaNetwork, model: nn.Module, example_inputs: torch.T
         raise ValueError("an allocation metanetwork reads no calibration statistics: build it with calibration=False")
     metanet.eval().to(example_inputs.device)
     graph = network_to_graph(model, example_inputs)
-    inputs = group_inputs(model, graph, settings=settings)
+    inputs = group_inputs(model, graph, settings)
     with torch.no_grad():
         u = allocation_logits(metanet, graph, inputs, target).double().cpu()
     widths = inputs.widths

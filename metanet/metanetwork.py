@@ -32,7 +32,7 @@ from metanet.files import atomic_write
 EDITABLE_NODE_FEATURES = ("bn_weight", "bn_bias", "bias")
 STATISTICS_WIDTH = 6  # metanet.scoring.channel_statistics: (z, rank) of three statistics
 GRADIENT_WIDTH = 2  # metanet.scoring.gradient_statistics: the curve gradient scaled in its group, and its rank
-# metanet.allocation_fit.group_features: a group's log size, its share of the MACs, its depth
+# metanet.allocation_fit.group_inputs: a group's log size, its share of the MACs, its depth
 GROUP_FEATURE_WIDTH = 3
 EDITS = tuple(HEADS)  # the heads' names, as --edit takes them (metanet.heads)
 

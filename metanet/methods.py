@@ -152,6 +152,9 @@ class Meta(Method):
             raise ValueError("method 'meta' needs a metanetwork")
         if ranks(metanet, Level.WEIGHTS) and level is not Level.WEIGHTS:
             raise ValueError("a weight_scores metanetwork ranks weights: prune with sparsity or N:M, not channels")
+        if metanet.head.allocates:
+            raise ValueError("an allocation metanetwork says how many channels each group keeps, not which: "
+                             "give it as the allocation's (--allocation learned --allocator FILE)")
 
     def reads_target(self, metanet, learned_as):
         # a learned criterion used as gates, which are sized for the target (``gated_by_scores``)

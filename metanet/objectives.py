@@ -76,7 +76,6 @@ class _Cache(OrderedDict):
 _SPARSITY = _Cache()
 _AMOUNTS = _Cache()
 _TARGETS = _Cache()
-_GROUPS = _Cache()
 
 
 @dataclass
@@ -396,7 +395,7 @@ class AllocationCurve(Objective):
         device = graph.node_feat.device
         on_cpu = graph.to("cpu") if device.type != "cpu" else graph
         scores_map = score_map(model.cpu(), on_cpu)
-        inputs = _GROUPS.get_or(graph.fingerprint, lambda: group_inputs(model.cpu(), on_cpu, scores_map))
+        inputs = group_inputs(model, on_cpu)  # remembered per architecture
         work = batch_stat_copy(model).to(device)
         params = {k: v.detach() for k, v in graph_to_params(graph, work).items()}
         return AllocationMember(member_id, graph, work, scores_map, params, scores_map.base(params), inputs)
@@ -404,7 +403,9 @@ class AllocationCurve(Objective):
     def step(self, metanet, members, batches, draw, cfg):
         """Each member's group logits at the target ``lo * (hi / lo) ** draw`` from one metanetwork
         pass, the kept fractions on the target's MACs, the soft mask of each group's top fraction
-        by magnitude (``ChannelMask.kept_mask``), the masked network's mean cross-entropy."""
+        by magnitude (``ChannelMask.kept_mask``; always soft: the straight-through mask moved the
+        per-network fit's fractions less, ``metanet.allocation_fit``), the masked network's mean
+        cross-entropy."""
         lo, hi = cfg.allocation_speedups
         target = lo * (hi / lo) ** draw
 

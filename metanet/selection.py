@@ -69,6 +69,14 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
             network, crit = criterion_of(metanet, m, x, recipe, data, Level.WEIGHTS)
             areas.append(curve_auc(pruning_curve(network, data, recipe, weight_points(sparsities), criterion=crit)))
         return sum(areas) / len(areas)
+    if metanet.head.allocates:  # what it decides is the widths: under the learned allocation, either score
+        run = replace(recipe, allocation=Learned.name)
+        if objective == "auc":
+            return sum(curve_auc(pruning_curve(m, data, run, allocator=metanet)) for m in models) / len(models)
+        scores = [record["val_acc"] for model in models
+                  for _, record in prune_to_targets(model, data, MAGNITUDE, run, targets or [recipe.target],
+                                                    report_test=False, allocator=metanet)]
+        return sum(scores) / len(scores)
     if objective == "auc":
         device = next(metanet.parameters()).device
         x = torch.zeros(data.input_shape, device=device)
@@ -77,12 +85,6 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
             network, crit = criterion_of(metanet, m, x, recipe, data)
             areas.append(curve_auc(pruning_curve(network, data, recipe, criterion=crit)))
         return sum(areas) / len(areas)
-    if metanet.head.allocates:
-        run = replace(recipe, allocation=Learned.name)
-        scores = [record["val_acc"] for model in models
-                  for _, record in prune_to_targets(model, data, MAGNITUDE, run, targets or [recipe.target],
-                                                    report_test=False, allocator=metanet)]
-        return sum(scores) / len(scores)
     scores = [record["val_acc"] for model in models
               for _, record in prune_to_targets(model, data, "meta", recipe, targets or [recipe.target], metanet,
                                                 report_test=False)]

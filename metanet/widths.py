@@ -16,7 +16,7 @@ sides of one), so that at kept fractions f
 Exact for a layer between two groups (a convolution: in x out channels) up to whole-channel
 rounding; approximate for a module shared by several groups (one ``nn.ReLU`` applied at several
 places costs a sum, not a product: such modules cost a few MACs per activation, the convolutions
-thousands). ``tests/test_widths.py`` holds it within 2% of Torch-Pruning's count of networks pruned
+thousands). ``tests/test_allocation_fit.py`` holds it within 2% of Torch-Pruning's count of networks pruned
 to random fractions; the allocation it serves is still scaled to its target by
 ``metanet.allocation.to_target`` on Torch-Pruning's count.
 """

@@ -418,6 +418,15 @@ def test_results_are_reused_only_when_what_produced_them_is_unchanged():
     assert batch.why_recompute(dict(current, settings_sha=old_sha, settings=old_text), current) == \
         "settings changed: before_steps 5 -> 10"
     assert "no fingerprint" in batch.why_recompute({"model_sha": float("nan")}, current)
+    # an allocation metanetwork's content is in the fingerprint of the rows it allocated, not its path
+    learned = dict(settings, allocation="learned", allocator="/a/allocator.pt", allocator_sha="a1")
+    sha, text = batch.settings_digest(learned)
+    current = {"model_sha": "m1", "metanet_sha": "", "settings_sha": sha, "settings": text}
+    assert batch.settings_digest(dict(learned, allocator="/elsewhere/allocator.pt"))[0] == sha
+    old_sha, old_text = batch.settings_digest(dict(learned, allocator_sha="a0"))
+    assert batch.why_recompute(dict(current, settings_sha=old_sha, settings=old_text), current) == \
+        "settings changed: allocator_sha a0 -> a1"
+    assert batch.settings_digest(settings) == batch.settings_digest(dict(settings, allocator=None))
 
 
 def test_growing_a_zoo_never_moves_a_member_between_roles():

@@ -87,3 +87,32 @@ def test_allocation_heads_are_refused_where_they_do_not_fit(trained, digits):
         _allocator(graph).node_scores(graph)
     with pytest.raises(ValueError, match="allocation_speedups must be two speed-ups above 1"):
         MetaTrainConfig(objective="allocation", allocation_speedups=(4.0, 2.0))
+
+
+def test_checkpoints_and_diagnostics_are_judged_under_the_learned_allocation(trained, digits):
+    """``selection.score`` (either score) and ``mean_diagnostics`` prune an allocation metanetwork's
+    validation members under its own allocation: their numbers are the learned allocation's, not
+    uniform's (a metanetwork whose logits differ by group, so the two allocations differ)."""
+    from dataclasses import replace
+
+    from metanet.diagnostics import curve_auc, mean_diagnostics, pruning_curve
+    from metanet.methods import MAGNITUDE
+    from metanet.recipe import prune_to_targets
+    from metanet.selection import score, selection_recipe
+
+    x = torch.zeros(digits.input_shape)
+    net = _allocator(network_to_graph(trained, x), layers=1)
+    torch.nn.init.normal_(net.allocation_decoder[-1].weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    kept = learned_kept(net, trained, x, 3.0)
+    assert max(kept.values()) - min(kept.values()) > 0.05
+    recipe = selection_recipe({"batch_size": 128, "augment": False}, steps=0, target=3.0)
+    learned = replace(recipe, allocation="learned")
+
+    def val_acc(run, allocator=None):
+        [(_, record)] = prune_to_targets(trained, digits, MAGNITUDE, run, [3.0], report_test=False, allocator=allocator)
+        return record["val_acc"]
+
+    assert score(net, [trained], digits, recipe, "recipe") == val_acc(learned, net) != val_acc(recipe)
+    area = curve_auc(pruning_curve(trained, digits, learned, allocator=net))
+    assert score(net, [trained], digits, recipe, "auc") == area != curve_auc(pruning_curve(trained, digits, recipe))
+    assert mean_diagnostics(net, [trained], digits, recipe)["auc"] == area

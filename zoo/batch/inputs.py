@@ -171,7 +171,8 @@ def check_runs_and_methods(config: dict, targets_given: bool) -> None:
     chosen = ALLOCATIONS.get(config["allocation"])
     if chosen is not None and chosen.reads_allocator != bool(config.get("allocator")):
         raise BatchInputError(f"--allocation {config['allocation']} needs --allocator FILE" if chosen.reads_allocator
-                              else f"--allocator is read by --allocation learned only, not {config['allocation']}")
+                              else f"--allocator is read by --allocation {learned_allocation()} only, not "
+                                   f"{config['allocation']}")
     if config["floor"] is not None and chosen is not None and not chosen.adaptive:
         raise BatchInputError(f"--allocation {config['allocation']} prunes to --targets; --floor prunes the same "
                               "fraction of every group")
@@ -223,6 +224,10 @@ def check_metanet_level(metanet, config: dict) -> None:
     """A learned criterion prunes at its own level: a channel-scores metanetwork (objective curve)
     channels, a weight-scores one (weight_curve) weights; the paper's edit either."""
     weights = bool(config["sparsity"] or config["nm"])
+    if metanet.head.allocates:
+        raise BatchInputError(f"--metanet {config['metanet']}: an allocation metanetwork (--objective allocation) "
+                              "says how many channels each group keeps: give it as --allocator with --allocation "
+                              f"{learned_allocation()}")
     if weights and metanet.head.ranks is Level.CHANNELS:
         raise BatchInputError(f"--metanet {config['metanet']}: a channel-scores metanetwork (--objective curve) "
                               "ranks channels; --sparsity/--nm need an edit or weight-scores one")
@@ -231,11 +236,19 @@ def check_metanet_level(metanet, config: dict) -> None:
                               "weight_curve) ranks weights: prune with --sparsity or --nm")
 
 
+def learned_allocation() -> str:
+    """The allocation that reads an allocation metanetwork (``--allocator``)."""
+    return next(name for name, a in ALLOCATIONS.items() if a.reads_allocator)
+
+
 def check_allocator(allocator, config: dict) -> None:
-    """``--allocator`` is an allocation metanetwork (its head allocates)."""
+    """``--allocator`` is an allocation metanetwork (its head allocates) that reads no calibration."""
     if not allocator.head.allocates:
         raise BatchInputError(f"--allocator {config['allocator']}: edit {allocator.config.edit!r} is not an allocation "
                               "metanetwork (meta_train.py --objective allocation)")
+    if allocator.config.calibration:
+        raise BatchInputError(f"--allocator {config['allocator']}: built with calibration=True; an allocation "
+                              "metanetwork reads no calibration statistics")
 
 
 def given(value) -> bool:
