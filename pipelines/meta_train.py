@@ -7,7 +7,8 @@
       python pipelines/meta_train.py --zoo $PWD/runs/zoo-digits --out $PWD/runs/meta-train --workers 2
 
 Inside a job, relative paths are relative to the job's own copy of the code: give ``--zoo`` and
-``--out`` as absolute paths (or URIs); run directly, relative paths are made absolute here.
+``--out`` as absolute paths (or URIs); run directly, relative paths (``--data-root`` too) are made
+absolute here.
 
 Each of ``--workers`` Ray Train workers (gloo on CPU, nccl on GPU) takes its share of the zoo's
 training members every epoch, reading each member's graph from the Arrow zoo when it needs it,

@@ -102,7 +102,7 @@ def test_checkpoints_and_diagnostics_are_judged_under_the_learned_allocation(tra
 
     x = torch.zeros(digits.input_shape)
     net = _allocator(network_to_graph(trained, x), layers=1)
-    torch.nn.init.normal_(net.allocation_decoder[-1].weight, std=1.0, generator=torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(net.allocation_decoder[-1].weight, std=20.0, generator=torch.Generator().manual_seed(0))
     kept = learned_kept(net, trained, x, 3.0)
     assert max(kept.values()) - min(kept.values()) > 0.05
     recipe = selection_recipe({"batch_size": 128, "augment": False}, steps=0, target=3.0)

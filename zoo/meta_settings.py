@@ -134,8 +134,9 @@ def check_settings(config: dict) -> dict:
 
 
 def _absolute(config: dict) -> dict:
-    for key in ("zoo", "out"):
-        if "://" not in config[key] and not os.path.isabs(config[key]):
+    # the Ray workers do not run in the driver's directory: every local path is made absolute here
+    for key in ("zoo", "out", "data_root"):
+        if config.get(key) and "://" not in config[key] and not os.path.isabs(config[key]):
             config[key] = os.path.abspath(config[key])
     return config
 
