@@ -19,6 +19,7 @@ network against ``uniform``, 95% intervals; a row says when the interval holds 0
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import parser, set_up  # noqa: E402
 from distributed.progress import progress  # noqa: E402
 from metanet.allocation import ALLOCATIONS, Learned, out_channels  # noqa: E402
+from metanet.files import atomic_write_text  # noqa: E402
 from metanet.metanetwork import load_metanetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.plotting import pyplot  # noqa: E402
@@ -140,6 +142,7 @@ def main(argv=None) -> None:
     p.add_argument("--spread", action="store_true",
                    help="with --networks: evenly spaced over the held-out list instead of the first ones (both "
                         "families, and the held-out zoo's members, which sit at its end)")
+    p.add_argument("--save", metavar="JSON", help="also write every network's accuracies (to pair rows across runs)")
     p.add_argument("--plot", metavar="PNG", help="each allocation's widths on the first network at the first target")
     args = p.parse_args(argv)
     if "uniform" not in args.allocations:
@@ -174,6 +177,11 @@ def main(argv=None) -> None:
     print(f"\n{len(held)} held-out networks, method {args.method}, {'with' if args.reconstruct else 'without'} the "
           f"re-fit, eagleeye {args.candidates} candidates; {time.perf_counter() - t0:.0f} s")
     table(results, rows, args.targets, budgets, print, [tuple(p) for p in args.compare])
+    if args.save:
+        per_network = {r.id: {f"{name}|{t:g}x|{s}": acc for (name, t, s), acc in result["acc"].items()}
+                       for r, result in zip(held, results)}
+        atomic_write_text(args.save, json.dumps(per_network, indent=1, sort_keys=True))
+        print(f"wrote {args.save}")
     if args.plot:
         plot_widths(results[0], float(args.targets[0]), rows, args.plot,
                     f"{held[0].id}: channels kept per group at {args.targets[0]:g}x")

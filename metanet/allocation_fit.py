@@ -100,7 +100,7 @@ class Widths:
             s = torch.tensor((low + high) / 2, dtype=torch.float64, requires_grad=True)
             macs = self._macs(self.kept(u.detach(), s))
             (slope,) = torch.autograd.grad(macs, s)
-        if float(slope) <= 0 or abs(float(macs) - budget) > 1e-3 * budget:
+        if float(slope) <= 0 or abs(float(macs.detach()) - budget) > 1e-3 * budget:
             # every group at a bound (the budget out of reach): no shift moves the MACs, no Newton step
             return self.kept(u, s.detach())
         shift = s.detach() - (self._macs(self.kept(u, s.detach())) - budget) / slope.detach()

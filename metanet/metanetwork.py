@@ -226,17 +226,20 @@ class MetaNetwork(nn.Module):
                 raise ValueError(f"edge type {t!r} has width {graph.edge_feat[t].shape[1]}, the metanetwork "
                                  f"expects {self.config.edge_widths[t]}")
 
-    def _embed(self, graph: NetworkGraph) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def reads_edges(self) -> bool:
+        """Do its outputs depend on the graph's edges? Not for a head without edge decoders and no
+        message passing (a per-channel MLP over node inputs): such a metanetwork reads any
+        architecture, kernel sizes it never saw included."""
+        return bool(self.config.layers) or self.head.edge_decoders
+
+    def _embed(self, graph: NetworkGraph) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final node states [N, hidden] and edge states [E, hidden] (None where ``reads_edges`` is not)."""
+        if not self.reads_edges:
+            return self.node_encoder(self._node_inputs(graph)), None
         self._check(graph)
         passing_fwd, passing_rev = mp.build(graph, self.config.backend)
-        nodes = graph.node_feat
-        if self.config.calibration:
-            stats = graph.statistics
-            if stats is None:
-                raise ValueError("this metanetwork reads calibration statistics: attach them to the graph "
-                                 "(metanet.scoring.attach_statistics)")
-            nodes = torch.cat([nodes, stats], 1)
-        x = self.node_encoder(nodes)
+        x = self.node_encoder(self._node_inputs(graph))
         e = torch.cat([self.edge_encoders[t](graph.edge_feat[t]) for t in graph.edge_types])
         for layer in self.layers:
             if self.config.recompute and torch.is_grad_enabled():
@@ -244,6 +247,16 @@ class MetaNetwork(nn.Module):
             else:
                 x, e = layer(x, e, passing_fwd, passing_rev, self.sign)
         return x, e
+
+    def _node_inputs(self, graph: NetworkGraph) -> torch.Tensor:
+        nodes = graph.node_feat
+        if self.config.calibration:
+            stats = graph.statistics
+            if stats is None:
+                raise ValueError("this metanetwork reads calibration statistics: attach them to the graph "
+                                 "(metanet.scoring.attach_statistics)")
+            nodes = torch.cat([nodes, stats], 1)
+        return nodes
 
     def _decoder_input(self, graph: NetworkGraph, x: torch.Tensor) -> torch.Tensor:
         features = _norm(x)

@@ -134,10 +134,15 @@ def test_the_allocation_bench_pairs_every_allocation_against_uniform(tmp_path, c
     spec.loader.exec_module(bench)
     bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "global", "eagleeye", "fitted", "--targets", "2",
                 "--finetune", "0", "2", "--candidates", "2", "--plot", str(tmp_path / "widths.png"),
-                "--allocators", f"gnn={tmp_path / 'allocator.pt'}", "--compare", "learned:gnn", "fitted"])
+                "--allocators", f"gnn={tmp_path / 'allocator.pt'}", "--compare", "learned:gnn", "fitted",
+                "--save", str(tmp_path / "per-network.json")])
     out = capsys.readouterr().out
     for row in ("| uniform |", "| global - uniform |", "| eagleeye - uniform |", "| fitted - uniform |",
                 "| learned:gnn - uniform |", "| learned:gnn - fitted |", "| unpruned, finetuned as long |",
                 "| allocation | 2x, 0 steps | 2x, 2 steps | seconds per network |"):
         assert row in out, out
     assert (tmp_path / "widths.png").stat().st_size > 0
+    import json
+
+    saved = json.loads((tmp_path / "per-network.json").read_text())
+    assert saved and all("learned:gnn|2x|2" in per and "uniform|2x|0" in per for per in saved.values())
