@@ -199,39 +199,45 @@ class EagleEye(Allocation):
         return best
 
 
+class KeptFractions(Allocation):
+    """An allocation that says each group's kept fraction at the target (``kept``), then scaled onto
+    the target on Torch-Pruning's count like every other (the fractions removed as pressures)."""
+
+    def amounts(self, model, example_inputs, target, context):
+        removed = {root: 1.0 - k for root, k in self.kept(model, example_inputs, target, context).items()}
+        if max(removed.values()) <= 0:
+            raise ValueError(f"allocation {self.name!r} kept every group whole at {target}x")
+        return to_target(model, example_inputs, target, removed, context.settings)
+
+    def kept(self, model, example_inputs, target, context) -> dict[str, float]:
+        raise NotImplementedError
+
+
 @ALLOCATIONS.register
-class Fitted(Allocation):
+class Fitted(KeptFractions):
     """Kept fractions fitted per network on the curve objective at the target's MACs (the reference)."""
 
     name = "fitted"
     reads_data = True
 
-    def amounts(self, model, example_inputs, target, context):
+    def kept(self, model, example_inputs, target, context):
         if context.data is None:
             raise ValueError(f"allocation {self.name!r} trains on the task's data: give it data")
-        fit = fit_allocation(model, context.data, target, steps=context.fit_steps, seed=context.seed,
-                             settings=context.settings)
-        removed = {root: 1.0 - kept for root, kept in fit.kept.items()}
-        if max(removed.values()) <= 0:
-            raise ValueError(f"allocation {self.name!r}: the fit kept every group whole at {target}x")
-        return to_target(model, example_inputs, target, removed, context.settings)
+        return fit_allocation(model, context.data, target, steps=context.fit_steps, seed=context.seed,
+                              settings=context.settings).kept
 
 
 @ALLOCATIONS.register
-class Learned(Allocation):
+class Learned(KeptFractions):
     """The kept fractions an allocation metanetwork gives the network at the target."""
 
     name = "learned"
     reads_allocator = True
 
-    def amounts(self, model, example_inputs, target, context):
+    def kept(self, model, example_inputs, target, context):
         if context.allocator is None:
             raise ValueError(f"allocation {self.name!r} reads an allocation metanetwork: give one (--allocator FILE)")
-        kept = learned_kept(context.allocator, model, example_inputs, target, context.settings)
-        removed = {root: 1.0 - k for root, k in kept.items()}
-        if max(removed.values()) <= 0:
-            raise ValueError(f"allocation {self.name!r}: the metanetwork kept every group whole at {target}x")
-        return to_target(model, example_inputs, target, removed, context.settings)
+        return learned_kept(context.allocator, model, example_inputs, target, context.settings)
 
 
 def _needs_score(allocation: Allocation, context: AllocationContext) -> Callable[[nn.Module], float]:
