@@ -168,10 +168,6 @@ def parse_args(argv=None) -> dict:
         if not os.path.exists(config["metanet"]):
             raise SystemExit(f"prune_batch: metanetwork file not found: {config['metanet']}")
         require_regular_file(config["metanet"], f"--metanet {config['metanet']}", batch.BatchInputError)
-    if config["allocator"]:
-        if not os.path.exists(config["allocator"]):
-            raise SystemExit(f"prune_batch: allocation metanetwork file not found: {config['allocator']}")
-        require_regular_file(config["allocator"], f"--allocator {config['allocator']}", batch.BatchInputError)
     return config
 
 
@@ -191,12 +187,7 @@ def main(argv=None) -> dict:
         metanet = load_metanetwork(config["metanet"])[0]  # a truncated or foreign file: one line now
         batch.check_metanet_level(metanet, config)
         metanet_sha = batch.file_digest(config["metanet"])
-    if config["allocator"]:
-        from metanet.metanetwork import load_metanetwork
-
-        batch.check_allocator(load_metanetwork(config["allocator"])[0], config)
-        config["allocator_sha"] = batch.file_digest(config["allocator"])  # in the rows' settings fingerprint
-        config["allocator"] = os.path.abspath(config["allocator"])  # read by the Ray tasks
+    batch.settle_allocator(config)  # checked, its digest in the rows' fingerprint
     # the rows of a method whose preparation reads the target are keyed on it too
     per_method = batch.method_settings(config, config["methods"],
                                        lambda m: prepare_reads_target(m, metanet, config["learned_as"]))

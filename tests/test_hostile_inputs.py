@@ -425,7 +425,7 @@ def test_results_are_reused_only_when_what_produced_them_is_unchanged():
     assert batch.settings_digest(dict(learned, allocator="/elsewhere/allocator.pt"))[0] == sha
     old_sha, old_text = batch.settings_digest(dict(learned, allocator_sha="a0"))
     assert batch.why_recompute(dict(current, settings_sha=old_sha, settings=old_text), current) == \
-        "settings changed: allocator_sha a0 -> a1"
+        "settings changed: allocator_sha 'a0' -> 'a1'"
     assert batch.settings_digest(settings) == batch.settings_digest(dict(settings, allocator=None))
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from zoo.batch.inputs import (ACCURACY_DRIFT, BatchInputError, DEFAULT_TARGETS, PRECISION, RECONSTRUCT_HELP,  # noqa: F401
                               RUN_KEYS, Source, arch_file, canonical, canonical_values, check_choices,
                               check_allocator, check_classes, check_finite, check_input, check_metanet_level,
-                              check_runs_and_methods, check_spec, drift_warning, family_of, file_digest,
+                              check_runs_and_methods, check_spec, drift_warning, family_of, file_digest, settle_allocator,
                               find_sources, finetune_defaults, given, is_weight_level, load_data, load_source,
                               member_files, preparation_target, run_label, runs_of)
 from zoo.batch.task import (PENDING, file_sizes, prune_model, publish)  # noqa: F401

@@ -13,6 +13,7 @@ from distributed.schema import load_yaml, require_regular_file
 from metanet.allocation import ALLOCATIONS, DEFAULT_ALLOCATION
 from metanet.criteria import names as criterion_names
 from metanet.levels import Level
+from metanet.metanetwork import load_metanetwork
 from metanet.methods import METHODS, baselines, names
 from metanet.recipe_settings import LEARNED_AS, RECIPE_DEFAULTS
 from metanet.reconstruct import TARGETS
@@ -239,6 +240,21 @@ def check_metanet_level(metanet, config: dict) -> None:
 def learned_allocation() -> str:
     """The allocation that reads an allocation metanetwork (``--allocator``)."""
     return next(name for name, a in ALLOCATIONS.items() if a.reads_allocator)
+
+
+def settle_allocator(config: dict) -> None:
+    """``--allocator``, when given: an allocation metanetwork file (``check_allocator``), its content
+    digest in ``allocator_sha`` (the rows' fingerprint: the file's content, not its path, decides
+    reuse) and its path made absolute (the Ray tasks read it)."""
+    path = config.get("allocator")
+    if not path:
+        return
+    if not os.path.exists(path):
+        raise BatchInputError(f"allocation metanetwork file not found: {path}")
+    require_regular_file(path, f"--allocator {path}", BatchInputError)
+    check_allocator(load_metanetwork(path)[0], config)
+    config["allocator_sha"] = file_digest(path)
+    config["allocator"] = os.path.abspath(path)
 
 
 def check_allocator(allocator, config: dict) -> None:
