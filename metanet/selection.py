@@ -69,25 +69,21 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
             network, crit = criterion_of(metanet, m, x, recipe, data, Level.WEIGHTS)
             areas.append(curve_auc(pruning_curve(network, data, recipe, weight_points(sparsities), criterion=crit)))
         return sum(areas) / len(areas)
-    if metanet.head.allocates:  # what it decides is the widths: under the learned allocation, either score
-        run = replace(recipe, allocation=Learned.name)
-        if objective == "auc":
-            return sum(curve_auc(pruning_curve(m, data, run, allocator=metanet)) for m in models) / len(models)
-        scores = [record["val_acc"] for model in models
-                  for _, record in prune_to_targets(model, data, MAGNITUDE, run, targets or [recipe.target],
-                                                    report_test=False, allocator=metanet)]
-        return sum(scores) / len(scores)
+    allocator = metanet if metanet.head.allocates else None
+    if allocator is not None:  # what it decides is the widths: either score runs under the learned allocation
+        recipe = replace(recipe, allocation=Learned.name)
     if objective == "auc":
         device = next(metanet.parameters()).device
         x = torch.zeros(data.input_shape, device=device)
         areas = []
         for m in models:
-            network, crit = criterion_of(metanet, m, x, recipe, data)
-            areas.append(curve_auc(pruning_curve(network, data, recipe, criterion=crit)))
+            network, crit = (m, None) if allocator is not None else criterion_of(metanet, m, x, recipe, data)
+            areas.append(curve_auc(pruning_curve(network, data, recipe, criterion=crit, allocator=allocator)))
         return sum(areas) / len(areas)
+    method, criterion_net = (MAGNITUDE, None) if allocator is not None else ("meta", metanet)
     scores = [record["val_acc"] for model in models
-              for _, record in prune_to_targets(model, data, "meta", recipe, targets or [recipe.target], metanet,
-                                                report_test=False)]
+              for _, record in prune_to_targets(model, data, method, recipe, targets or [recipe.target], criterion_net,
+                                                report_test=False, allocator=allocator)]
     return sum(scores) / len(scores)
 
 

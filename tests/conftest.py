@@ -90,3 +90,16 @@ def build_digits_zoo(root, members: int = 3, val: float = 0.34, test: float = 0.
         zoo.write(m.id, [build_member(spec, m, data)], manifest=False)
     zoo.write_manifest()
     return zoo
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A digits ResNet wide enough for 2% steps of uniform pruning (16, 24, 32 channels), trained two
+    epochs with seed 0: the allocation tests' network (one per test module, the same in each)."""
+    from metanet.train import TrainConfig, train
+    from zoo.arch import build_model, resnet_spec
+
+    torch.manual_seed(0)
+    model = build_model(resnet_spec(8, (16, 24, 32), in_channels=1))
+    train(model, digits, TrainConfig(epochs=2, lr=0.1, augment=False))
+    return model.eval()

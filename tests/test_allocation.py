@@ -8,16 +8,8 @@ import torch
 from metanet.allocation import ALLOCATIONS, TOLERANCE, AllocationContext, allocation, speedup_of, to_target
 from metanet.criteria import criterion
 from metanet.prune import count, prunable_groups, prune_allocated, prune_to_speedup, recalibrate_bn
-from metanet.train import TrainConfig, evaluate, train
-from zoo.arch import build_model, resnet_spec, vgg_spec
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    torch.manual_seed(0)
-    model = build_model(resnet_spec(8, (16, 24, 32), in_channels=1))  # wide enough for 2% steps of uniform pruning
-    train(model, digits, TrainConfig(epochs=2, lr=0.1, augment=False))
-    return model.eval()
+from metanet.train import evaluate, train
+from zoo.arch import build_model, vgg_spec
 
 
 def _score(digits):

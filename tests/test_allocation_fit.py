@@ -10,17 +10,9 @@ from metanet.allocation import TOLERANCE, keeping, speedup_of, to_target
 from metanet.allocation_fit import Widths, fit_allocation
 from metanet.masks import ChannelMask
 from metanet.prune import prunable_groups, prune_allocated, recalibrate_bn
-from metanet.train import TrainConfig, evaluate, train
+from metanet.train import evaluate, train
 from metanet.widths import MacModel
 from zoo.arch import build_model, resnet_spec, vgg_spec
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    torch.manual_seed(0)
-    model = build_model(resnet_spec(8, (16, 24, 32), in_channels=1))
-    train(model, digits, TrainConfig(epochs=2, lr=0.1, augment=False))
-    return model.eval()
 
 
 def _kept(model, pruned, x, roots):

@@ -13,16 +13,7 @@ from metanet.graph import network_to_graph
 from metanet.meta_training import MetaTrainConfig, make_member, members_step
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, edge_widths_of
 from metanet.prune import prune_allocated, recalibrate_bn
-from metanet.train import TrainConfig, evaluate, train
-from zoo.arch import build_model, resnet_spec
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    torch.manual_seed(0)
-    model = build_model(resnet_spec(8, (16, 24, 32), in_channels=1))
-    train(model, digits, TrainConfig(epochs=2, lr=0.1, augment=False))
-    return model.eval()
+from metanet.train import evaluate, train
 
 
 def _allocator(graph, layers=2) -> MetaNetwork:
