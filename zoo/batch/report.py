@@ -68,8 +68,11 @@ def _paired(ok, hand_crafted, level: Level) -> str:
 def summary_table(frame) -> str:
     """Markdown: per method and target, the mean over models that finished."""
     ok = frame[frame.status == "ok"]
+    timed = "latency_speedup" in ok and ok.latency_speedup.notna().any()
+    batch = f"{ok.latency_batch.dropna().iloc[0]:.0f}" if timed else ""
     lines = ["| method | target | models | reached | test acc before | test acc pruned (BN recal, no ft) | "
-             "test acc after | val acc after | s each |", "|---|---|---|---|---|---|---|---|---|"]
+             "test acc after | val acc after | s each |" + (f" measured speed-up, batch 1 / {batch} |" * timed),
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * timed]
     group = ok.assign(run=[run_label(r) for r in ok.to_dict("records")]).groupby(["run", "method"], sort=False)
     order = sorted(group.groups, key=lambda k: (k[0], k[1]))
     for run, method in order:
@@ -78,7 +81,11 @@ def summary_table(frame) -> str:
                    else f"{g.speedup.mean():.2f}x")
         lines.append(f"| {method} | {run} | {len(g)} | {reached} | {100 * g.test_acc_before.mean():.2f} | "
                      f"{100 * g.test_acc_pruned.mean():.2f} | {100 * g.test_acc.mean():.2f} | "
-                     f"{100 * g.val_acc.mean():.2f} | {g.seconds.mean():.0f} |")
+                     f"{100 * g.val_acc.mean():.2f} | {g.seconds.mean():.0f} |"
+                     + (f" {g.latency_speedup.mean():.2f}x / {g.latency_speedup_batch.mean():.2f}x |" * timed))
+    if timed:
+        lines += ["", "Measured speed-ups: the pruned model's forward pass against the unpruned one's, medians of "
+                  f"interleaved rounds ({ok.latency_device.dropna().iloc[0]}); the MAC speed-up is 'reached'."]
     failed = frame[frame.status != "ok"]
     if len(failed):
         lines += ["", f"{len(failed)} failed:", ""]
@@ -124,6 +131,39 @@ def plot(frame, path: str) -> bool:
     ax.set_title(f"{ok.model.nunique()} models: accuracy vs speed-up")
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+    return True
+
+
+def plot_latency(frame, path: str) -> bool:
+    """Measured against MAC speed-up (left: each row at batch 1 and at the larger batch, the line
+    where they agree) and test accuracy against measured speed-up at batch 1 (right), per method.
+    False when no row was timed (``--latency``)."""
+    plt = pyplot()
+    ok = frame[(frame.status == "ok")]
+    if "latency_speedup" not in ok or ok.latency_speedup.isna().all():
+        return False
+    ok = ok[ok.latency_speedup.notna()]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (method, g), color in zip(ok.groupby("method"), colors):
+        macs = g.speedup.fillna(1.0)
+        left.scatter(macs, g.latency_speedup, color=color, marker="o", s=18, label=f"{method}, batch 1")
+        left.scatter(macs, g.latency_speedup_batch, color=color, marker="^", s=18, alpha=0.6,
+                     label=f"{method}, batch {g.latency_batch.iloc[0]:.0f}")
+        right.scatter(g.latency_speedup, 100 * g.test_acc, color=color, s=18, label=method)
+    top = max(ok.speedup.fillna(1.0).max(), ok.latency_speedup.max(), ok.latency_speedup_batch.max())
+    left.plot([1, top], [1, top], color="gray", ls="--", label="measured = MACs")
+    left.set_xlabel("MAC speed-up")
+    left.set_ylabel("measured speed-up")
+    right.set_xlabel("measured speed-up, batch 1")
+    right.set_ylabel("test accuracy after finetuning (%)")
+    left.set_title(ok.latency_device.dropna().iloc[0], fontsize=9)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
@@ -250,6 +290,9 @@ def mlflow_metrics(frame, wall: float) -> dict[str, float]:
                             f"compressed_mb_{tag}": g.file_bytes_compressed.mean() / 1e6})
         else:
             metrics[f"speedup_{tag}"] = g.speedup.mean()
+        if "latency_speedup" in g and g.latency_speedup.notna().any():
+            metrics.update({f"latency_speedup_{tag}": g.latency_speedup.mean(),
+                            f"latency_speedup_batch_{tag}": g.latency_speedup_batch.mean()})
     return metrics
 
 
@@ -259,5 +302,5 @@ def write_plots(out: str, frame) -> list[str]:
     if not (frame.status == "ok").any():
         return []
     plots = (("accuracy_vs_speedup.png", plot), ("accuracy_vs_sparsity.png", plot_sparsity),
-             ("pruning_curve.png", plot_curves))
+             ("pruning_curve.png", plot_curves), ("latency.png", plot_latency))
     return [name for name, draw in plots if draw(frame, os.path.join(out, name))]

@@ -21,11 +21,14 @@ WEIGHT_COLUMNS = ["sparsity", "nm", "sparsity_measured", "layers_pruned", "param
 # what a reconstructed row records (metanet.reconstruct.ReconstructReport.summary)
 RECONSTRUCT_COLUMNS = ["reconstructed_layers", "reconstruct_error_before", "reconstruct_error_after",
                        "reconstruct_seconds", "reconstruct_peak_mb"]
+# prune_batch --latency (zoo.batch.latency): measured times at batch 1 and the larger batch, and where
+LATENCY_COLUMNS = ["latency_ms", "latency_ms_before", "latency_speedup", "latency_ms_batch",
+                   "latency_ms_before_batch", "latency_speedup_batch", "latency_batch", "latency_device"]
 COLUMNS = ["model", "source", "family", "method", "criterion", "target", "floor", "sparsity", "nm", "status", "error",
            "warning", "speedup", "macs_before", "macs_after", "params_before", "params_after", "val_acc_before",
            "test_acc_before", "val_acc_pruned", "test_acc_pruned", "val_acc", "test_acc", "seconds", "path",
-           *DIAGNOSTICS, *WEIGHT_COLUMNS[2:], *RECONSTRUCT_COLUMNS, "model_sha", "metanet_sha", "settings_sha",
-           "settings", "node"]
+           *DIAGNOSTICS, *WEIGHT_COLUMNS[2:], *RECONSTRUCT_COLUMNS, *LATENCY_COLUMNS, "model_sha", "metanet_sha",
+           "settings_sha", "settings", "node"]
 KEY = ["model", "method", "target", "floor", "sparsity", "nm"]
 
 
