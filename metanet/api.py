@@ -2,10 +2,12 @@
 
 Three calls:
 
-- ``load_metanetwork(path)``: a metanetwork file (``meta_train.py``'s ``metanetwork.pt``);
+- ``load_metanetwork(source)``: a metanetwork file (``meta_train.py``'s ``metanetwork.pt``), an MLflow
+  URI (``models:/NAME/VERSION``, ``runs:/RUN_ID/metanetwork``; the store ``MLFLOW_TRACKING_URI``
+  names), or, with no source, the learned criterion shipped with the package (``metanet.pretrained``);
 - ``importance(model, example_inputs, criterion, ...)``: a Torch-Pruning ``Importance`` for
   ``model``, for ``tp.pruner.MetaPruner`` or any other Torch-Pruning pruner: the learned criterion's
-  scores (``"meta"`` with ``metanet``; ``calibration``: (x, y) batches, for a metanetwork that reads
+  scores (``"meta"``, by ``metanet`` or the shipped one; ``calibration``: (x, y) batches, for a metanetwork that reads
   channel statistics), ``"curve"`` (scores fitted to the network with the curve objective on
   ``data``'s training split), or any registered criterion by name (``magnitude``, ``fpgm``,
   ``taylor``, ... : ``metanet.criteria``);
@@ -17,7 +19,7 @@ Three calls:
     import torch_pruning as tp
     from metanet import api
 
-    imp = api.importance(model, example_inputs, "meta", metanet=api.load_metanetwork("metanetwork.pt"))
+    imp = api.importance(model, example_inputs, "meta", calibration=batches)  # the shipped metanetwork
     pruner = tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=0.5,
                                   ignored_layers=[model.fc])
     pruner.step()
@@ -38,6 +40,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from metanet.allocation import ALLOCATIONS
 from metanet.criteria import criterion as registered
 from metanet.criteria import names as criterion_names
 from metanet.data import TaskData
@@ -50,17 +53,19 @@ from metanet.prune import DEFAULT_PRUNING
 from metanet.recipe import prune_to_targets
 from metanet.recipe_settings import RECIPE_DEFAULTS, recipe_from_settings
 from metanet.scoring import learned_criterion
+from metanet.sources import ALLOCATION, CRITERION, resolve
 
 LEARNED = "meta"  # the learned criterion, as prune_batch's --methods names it
 CURVE = "curve"  # scores fitted to the network (the per-network curve objective)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def load_metanetwork(source: str | os.PathLike | MetaNetwork) -> MetaNetwork:
-    """The metanetwork saved at ``source`` (a file ``meta_train.py`` wrote), or ``source`` itself."""
+def load_metanetwork(source: str | os.PathLike | MetaNetwork | None = None, role: str = CRITERION) -> MetaNetwork:
+    """The metanetwork at ``source`` (a file ``meta_train.py`` wrote, or an MLflow URI), ``source``
+    itself, or with None the shipped metanetwork of ``role`` (``criterion`` or ``allocation``)."""
     if isinstance(source, MetaNetwork):
         return source
-    return _load(os.fspath(source))[0]
+    return _load(resolve(source, role).path)[0]
 
 
 def importance(model: nn.Module, example_inputs: torch.Tensor, criterion: str = LEARNED, *,
@@ -70,8 +75,6 @@ def importance(model: nn.Module, example_inputs: torch.Tensor, criterion: str = 
     """A Torch-Pruning importance of ``model``'s channels by ``criterion`` (see the module docstring);
     ``normalizer``: Torch-Pruning's within-group normaliser (the pruner's default here)."""
     if criterion == LEARNED:
-        if metanet is None:
-            raise ValueError("importance 'meta' needs a metanetwork: metanet=PATH (meta_train.py's metanetwork.pt)")
         net = load_metanetwork(metanet)
         if net.head.ranks is not Level.CHANNELS:
             raise ValueError(f"this metanetwork's edit is {net.config.edit!r}: it does not rank channels "
@@ -103,14 +106,16 @@ def prune(model: nn.Module, data: TaskData, speedup: float, method: str = LEARNE
     """A pruned copy of ``model`` at ``speedup`` (MACs) and its record, by the recipe
     ``prune_batch`` runs: ``method``'s step before pruning and ``before_steps`` finetuning steps,
     the cut (``allocation``: how many channels each group keeps; ``allocator``: the learned
-    allocation's metanetwork), the repair (BatchNorm recalibrated, or the least-squares re-fit with
+    allocation's metanetwork, by default the shipped one), the repair (BatchNorm recalibrated, or the least-squares re-fit with
     ``reconstruct``), ``finetune_steps`` finetuning steps. ``model`` is not changed."""
     method_of(method)  # a known method, or one line naming the known ones
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
     settings = dict(RECIPE_DEFAULTS, before_steps=before_steps, after_steps=finetune_steps, reconstruct=reconstruct,
                     allocation=allocation)
     cfg = recipe_from_settings(settings, seed=seed, target=float(speedup))
-    net = load_metanetwork(metanet) if metanet is not None else None
-    alloc = load_metanetwork(allocator) if allocator is not None else None
+    net = load_metanetwork(metanet) if method_of(method).uses_metanet else None
+    alloc = load_metanetwork(allocator, ALLOCATION) if ALLOCATIONS[allocation].reads_allocator else None
     [(pruned, record)] = prune_to_targets(model, data, method, cfg, [float(speedup)], net, report_test=report_test,
                                           allocator=alloc)
     return pruned, record

@@ -3,8 +3,10 @@
 1. networks as graphs: three networks to graphs, into an Arrow zoo, back, bit-exact;
 2. the zoo: ``pipelines/make_zoo.py`` trains the digits zoo as Ray tasks;
 3. meta-training: a local Ray head on 127.0.0.1, ``ray job submit -- python pipelines/meta_train.py``,
-   the head stopped again;
-4. pruning: ``pipelines/prune_batch.py`` prunes the zoo's held-out members with the metanetwork and
+   the head stopped again; the chosen metanetwork is registered in the MLflow Model Registry
+   (``models:/metaprune-demo/VERSION``);
+4. pruning: ``pipelines/prune_batch.py`` prunes the zoo's held-out members with the metanetwork
+   (read back by that URI) and
    both baselines (same finetuning budget), prints the results table and writes the plot.
 
 Everything is logged to one MLflow store (``runs/demo/mlflow.db``); the last lines say how to open
@@ -34,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 from distributed import local_head  # noqa: E402
 from distributed.job_snapshot import snapshot  # noqa: E402
 from metanet import graph_to_network, network_to_graph  # noqa: E402
+from distributed.model_registry import latest_version  # noqa: E402
 from pipelines.meta_train import completed  # noqa: E402
+from pipelines.meta_train import main as meta_train_main  # noqa: E402
 from zoo.arch import arch_spec, build_model, resnet_spec, vgg_spec  # noqa: E402
 from zoo.store import Zoo, ZooRecord  # noqa: E402
 
@@ -60,6 +64,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ray colours its worker prefixes
 
 
 WORKER_PREFIX = re.compile(r"^\(\w+ pid=\d+[^)]*\)\s*")
+REGISTERED = "metaprune-demo"  # the demo's metanetwork in the MLflow Model Registry
 EPOCH_LINE = "meta-training epoch"  # what rank 0 of pipelines/meta_train.py prints after each epoch
 
 
@@ -187,19 +192,23 @@ def main(argv=None) -> None:
     print(f"  ({time.perf_counter() - t:.0f} s)")
 
     t = step("3. meta-training as a Ray job on a local head (ray job submit -- python pipelines/meta_train.py)")
-    meta_argv = ["--zoo", str(zoo), "--out", str(out / "meta-train"), *meta_args]
+    meta_argv = ["--zoo", str(zoo), "--out", str(out / "meta-train"), "--register", REGISTERED, *meta_args]
     done = completed(meta_argv)
     if done:  # nothing the job would change: no head, no job
         print(f"  already done with this zoo and these settings: {done}")
+        if latest_version(REGISTERED) is None:  # trained before it was registered: registered now, no Ray
+            meta_train_main(meta_argv)
     else:
         meta_train_job(py, out, logs, meta_argv, env, args.verbose)
+    model_uri = latest_version(REGISTERED)
+    print(f"  the metanetwork is registered in MLflow as {model_uri} (store {mlflow_uri})")
     print(f"  ({time.perf_counter() - t:.0f} s)")
 
     t = step("4. pruning the held-out networks: metanetwork vs both baselines (pipelines/prune_batch.py)")
     results = out / "prune-batch"
     print(f"  log: {logs / 'prune-batch.log'}")
     run(py, "pipelines/prune_batch.py", "--zoo", str(zoo), "--split", "test",
-        "--metanet", str(out / "meta-train" / "metanet" / "metanetwork.pt"), "--baselines",
+        "--metanet", model_uri, "--baselines",
         "--targets", *targets, "--out", str(results), log=logs / "prune-batch.log", verbose=args.verbose)
     print(f"  ({time.perf_counter() - t:.0f} s)")
 

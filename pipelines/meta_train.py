@@ -53,7 +53,7 @@ from distributed.faults import FAULT_ENV, inject_fault  # noqa: E402
 from distributed.ray_env import check_total, cluster_address, init_ray, preflight, ray, train_env  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from zoo.data import DatasetError  # noqa: E402
-from zoo.meta_runs import already_done, log_selection, prepare, select, training_folder, training_name  # noqa: E402
+from zoo.meta_runs import already_done, log_model, log_selection, prepare, select, training_folder, training_name  # noqa: E402
 from zoo.meta_settings import DEFAULTS, HELP, LIMITS, TYPES, check_settings  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
 
@@ -225,6 +225,12 @@ def main(argv=None) -> dict:
     if done:
         print(f"meta_train: {done} already comes from this zoo and these settings: nothing to do "
               f"(to train again: another --name, or delete {run_dir})")
+        if config["register"]:  # the training is reused; its metanetwork is registered now, into its own run
+            from distributed.tracking import resumable_run
+
+            run_id = resumable_run("meta-train", config["out"], training_folder(run_dir, config, digest), config["name"],
+                                   config)
+            print(f"mlflow: {done} registered as {log_model(config, done, run_id)}")
         return {"selection": None, "metrics": {}, "run_dir": str(run_dir), "reused": done}
     preflight(config["workers"], f"meta_train: --workers {config['workers']}", config["address"])
     folder = training_folder(run_dir, config, digest)
@@ -272,6 +278,8 @@ def main(argv=None) -> dict:
     print(f"wrote {selection['path']}")
     if config["mlflow"]:
         log_selection(config, selection, config["mlflow_run_id"])
+        selection["model_uri"] = log_model(config, selection["path"], config["mlflow_run_id"])
+        print(f"mlflow: the chosen metanetwork is the MLflow model {selection['model_uri']}")
     return {"selection": selection, "metrics": result.metrics, "run_dir": str(run_dir)}
 
 

@@ -46,10 +46,8 @@ from distributed.cli import run_cli  # noqa: E402
 from distributed.fanout import fan_out  # noqa: E402
 from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import check_fits, init_ray, preflight, ray, shutdown  # noqa: E402
-from distributed.schema import require_regular_file  # noqa: E402
 from distributed.settings import SettingsError  # noqa: E402
 from metanet.metanetwork import MetanetFileError  # noqa: E402
-from metanet.methods import uses_metanet  # noqa: E402
 from metanet.recipe import (RECIPE_DEFAULTS, RECIPE_LIMITS, RECONSTRUCT_DEFAULTS, RECONSTRUCT_LIMITS,  # noqa: E402
                             prepare_reads_target)
 from zoo import batch  # noqa: E402
@@ -67,6 +65,7 @@ DEFAULTS = {
     "augment": None, "sparse_reg": RECIPE_DEFAULTS["sparse_reg"], "seed": 0, "out": "runs/prune-batch", "cpus_per_task": 1.0, "gpu": None,
     "mlflow": True, "diagnostics": False, "learned_as": "criterion",
     "sparsity": [], "nm": None, "sparsity_scope": "global", "prune_ends": False, "damaged_members": "refuse",
+    **batch.LATENCY_DEFAULTS,
 }
 HELP = {
     "sparsity": "instead of targets: fractions of zero weights to prune to (0 < s < 1; unstructured, conv and linear "
@@ -84,7 +83,9 @@ HELP = {
     "trust_pickle": "allow pickled whole modules (runs code from the file)",
     "dataset": "dataset of --models files (digits, cifar10, cifar100, svhn, imagefolder)",
     "data_root": "dataset folder (overrides the zoo spec's)",
-    "metanet": "metanetwork file (meta_train.py's metanetwork.pt), needed for method meta",
+    "metanet": "the learned criterion for method meta: a metanetwork file (meta_train.py's metanetwork.pt) or an MLflow "
+               "URI, models:/NAME/VERSION or runs:/RUN_ID/metanetwork (MLFLOW_TRACKING_URI's store) (default: the "
+               "shipped one, metanet/pretrained)",
     "methods": "methods: meta, none (magnitude), depgraph, the Torch-Pruning criteria taylor, bn_scale, lamp, fpgm, "
                "hessian, random, curve (per-network optimised scores), gate, oracle",
     "criterion": "what ranks channels for meta, depgraph, gate and oracle: magnitude, taylor, bn_scale, lamp, fpgm, "
@@ -94,7 +95,8 @@ HELP = {
                   "validation accuracy), fitted (fitted per network on the curve objective), learned (an "
                   "allocation metanetwork, --allocator), eagleeye (the best of --allocation-candidates random "
                   "allocations by validation accuracy after BatchNorm recalibration)",
-    "allocator": "allocation metanetwork file (meta_train.py --objective allocation), needed for --allocation learned",
+    "allocator": "for --allocation learned: an allocation metanetwork file (meta_train.py --objective allocation) or "
+                 "MLflow URI (default: the shipped one, metanet/pretrained)",
     "allocation_candidates": "eagleeye: random allocations tried per network and target",
     "baselines": "add the baselines none and depgraph",
     "targets": "MAC speed-ups to prune to (finite, > 1)",
@@ -111,6 +113,7 @@ HELP = {
     "out": "output directory: results, models, summary, plots, MLflow store",
     "cpus_per_task": "CPUs per Ray task (one task per model and method)",
     "gpu": "one GPU per task (default: when the cluster has GPUs)",
+    **batch.LATENCY_HELP,
     "mlflow": "log the run to MLflow",
     "diagnostics": "add the prepared models' recalibrated pruning curves and edit selectivity",
     "learned_as": "a learned-criterion metanetwork (meta_train.py --objective curve) in meta: criterion (its scores "
@@ -118,7 +121,7 @@ HELP = {
                   "target, then finetune, then magnitude)",
 }
 FLAG_TYPES = {"floor": float, "gpu": bool, "batch_size": int, "augment": bool, "sparsity": float, "nm": str}
-LIMITS = {**RECIPE_LIMITS, **RECONSTRUCT_LIMITS, "targets": {"gt": 1, "distinct": True}, "methods": {"distinct": True},
+LIMITS = {**RECIPE_LIMITS, **RECONSTRUCT_LIMITS, **batch.LATENCY_LIMITS, "targets": {"gt": 1, "distinct": True}, "methods": {"distinct": True},
           "sparsity": {"gt": 0, "lt": 1, "distinct": True},
           "batch_size": {"ge": 1}, "floor": {"gt": 0, "le": 1}, "cpus_per_task": {"gt": 0}}
 
@@ -136,7 +139,7 @@ def _log_mlflow(config: dict, frame, out: str, wall: float) -> str:
     ok = frame[frame.status == "ok"]
     metrics = batch.mlflow_metrics(frame, wall)
     files = ("results.parquet", "results.csv", "summary.md", "accuracy_vs_speedup.png", "accuracy_vs_sparsity.png",
-             "pruning_curve.png")
+             "pruning_curve.png", "latency.png")
     return log_run("prune-batch", out, run_name=f"prune-batch-{ok.model.nunique()}-models", params=config,
                    metrics=metrics, artifacts=[os.path.join(out, f) for f in files])
 
@@ -162,12 +165,6 @@ def parse_args(argv=None) -> dict:
         batch.check_choices(config)
     except batch.BatchInputError as err:
         raise SystemExit(f"prune_batch: {err}") from None
-    if uses_metanet(config["methods"]):
-        if not config["metanet"]:
-            raise SystemExit("prune_batch: --metanet FILE is needed for method 'meta' (or --methods none depgraph)")
-        if not os.path.exists(config["metanet"]):
-            raise SystemExit(f"prune_batch: metanetwork file not found: {config['metanet']}")
-        require_regular_file(config["metanet"], f"--metanet {config['metanet']}", batch.BatchInputError)
     return config
 
 
@@ -180,14 +177,10 @@ def main(argv=None) -> dict:
         check_server()
     started = time.perf_counter()
     # the inputs are checked before the output is touched: a refused run leaves nothing behind
-    metanet_sha, metanet = "", None
-    if uses_metanet(config["methods"]):
-        from metanet.metanetwork import load_metanetwork
-
-        metanet = load_metanetwork(config["metanet"])[0]  # a truncated or foreign file: one line now
-        batch.check_metanet_level(metanet, config)
-        metanet_sha = batch.file_digest(config["metanet"])
-    batch.settle_allocator(config)  # checked, its digest in the rows' fingerprint
+    # resolved (file, MLflow URI or the shipped one), loaded, checked; digests in the rows' fingerprint
+    metanet, metanet_sha, note = batch.settle_metanet(config)
+    for line in filter(None, (note, batch.settle_allocator(config))):
+        print(f"prune_batch: {line}")
     # the rows of a method whose preparation reads the target are keyed on it too
     per_method = batch.method_settings(config, config["methods"],
                                        lambda m: prepare_reads_target(m, metanet, config["learned_as"]))
@@ -205,7 +198,7 @@ def main(argv=None) -> dict:
 
 def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict | None, sources: list,
           per_method: dict, previous: list[dict]) -> dict:
-    config = dict(config, arch=arch, metanet=os.path.abspath(config["metanet"]) if config["metanet"] else None)
+    config = dict(config, arch=arch)
     runs = batch.runs_of(config)
     todo = batch.plan(sources, config["methods"], runs, previous, metanet_sha,
                       batch.settings_digest(config), per_method)
@@ -225,6 +218,9 @@ def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict |
               f"val {len(data.val[1])}, test {len(data.test[1])})")
         rows, nodes = _run(todo, config, data, out, rows)
         shutdown()
+    if config["latency"]:  # once no task runs: one pair of models at a time, on this machine's device
+        shape = (data if todo.jobs else batch.load_data(config)).input_shape
+        rows = batch.measure_rows(rows, todo.keys, sources, config, shape, batch.row_key, _device())
     frame = batch.write_results(out, rows)
     mine, table = batch.write_summary(out, frame, todo)
     written = ["results.parquet", "results.csv", "summary.md", *batch.write_plots(out, mine)]
@@ -242,6 +238,12 @@ def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict |
     elif config["mlflow"]:
         print("mlflow: every row reused, no new run")
     return {"results": frame, "seconds": wall, "failed": failed}
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _cpus_flag(config: dict) -> str:

@@ -27,15 +27,12 @@ def _demo_like(path) -> str:
     return str(path)
 
 
-def test_the_readme_example_prunes_a_torchvision_resnet18_in_torch_prunings_own_pruner(tmp_path):
-    """The README's Python block, run as written but for the metanetwork file (an untrained one of
-    the demo's settings: it was trained on digits' 3x3 convolutions and reads ResNet-18's 7x7 stem:
-    a per-channel metanetwork reads any architecture)."""
+def test_the_readme_example_prunes_a_torchvision_resnet18_in_torch_prunings_own_pruner():
+    """The README's Python block, run as written, with the shipped metanetwork (meta-trained on the
+    CIFAR-10 zoo's 3x3 ResNets and VGGs, it reads ResNet-18's 7x7 stem: a per-channel metanetwork
+    reads any architecture)."""
     readme = (ROOT / "README.md").read_text()
-    [block] = re.findall(r"```python\n(.*?)```", readme, re.S)
-    path = _demo_like(tmp_path / "metanetwork.pt")
-    code = re.sub(r'metanet_file = "[^"]*"', f"metanet_file = {path!r}", block)
-    assert code != block
+    [code] = re.findall(r"```python\n(.*?)```", readme, re.S)
     scope: dict = {}
     torch.manual_seed(0)
     exec(compile(code, "README.md", "exec"), scope)
@@ -75,11 +72,26 @@ def test_the_recipe_in_one_call(digits):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model itself is not changed
 
 
+def test_the_shipped_metanetworks_choose_which_and_how_many_channels_with_nothing_given(digits):
+    """``api.prune(..., "meta", allocation="learned")`` with no metanetwork: the shipped criterion
+    ranks, the shipped allocator sets the widths (trained on CIFAR-10, they read a digits network)."""
+    torch.manual_seed(0)
+    model = build_model(resnet_spec(8, (8, 12, 16), in_channels=1)).eval()
+    train(model, digits, TrainConfig(steps=30, lr=0.05, batch_size=64, augment=False))
+    found = {}
+    for allocation in ("uniform", "learned"):
+        pruned, record = api.prune(model, digits, 2.0, "meta", allocation=allocation, before_steps=0,
+                                   finetune_steps=0)
+        assert record["criterion"] == "scores" and record["speedup"] >= 2.0 * 0.98
+        found[allocation] = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert found["learned"] != found["uniform"]  # the shipped allocator keeps other widths than uniform
+
+
 def test_bad_inputs_are_named(digits, tmp_path):
     model = build_model(resnet_spec(8, (8, 12, 16), in_channels=1)).eval()
     x = torch.zeros(digits.input_shape)
-    with pytest.raises(ValueError, match="importance 'meta' needs a metanetwork"):
-        api.importance(model, x, "meta")
+    with pytest.raises(ValueError, match="reads calibration statistics: give calibration"):
+        api.importance(model, x, "meta")  # the shipped metanetwork reads them
     with pytest.raises(ValueError, match="unknown criterion 'sharpest'; known: meta, curve, magnitude"):
         api.importance(model, x, "sharpest")
     with pytest.raises(ValueError, match="'curve' fits scores on the task's training split"):
@@ -90,3 +102,5 @@ def test_bad_inputs_are_named(digits, tmp_path):
         api.load_metanetwork("nowhere.pt")
     with pytest.raises(ValueError, match="method must be one of"):
         api.prune(model, digits, 2.0, "sharpest")
+    with pytest.raises(ValueError, match="unknown allocation 'greedy'; known: uniform"):
+        api.prune(model, digits, 2.0, "fpgm", allocation="greedy")

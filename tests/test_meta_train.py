@@ -129,7 +129,7 @@ def test_a_killed_driver_or_worker_resumes_to_the_same_end(tiny_zoo, tmp_path, r
     assert runs.iloc[0]["params.lr"] and runs.iloc[0]["metrics.chosen_epoch"] >= 0  # params and the selection
 
 
-def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
+def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path, capsys):
     """The demo asks `completed` before it starts a head: a metanetwork made from the same zoo
     files and settings is reused; another setting or a changed training member means a new run."""
     from conftest import build_digits_zoo
@@ -154,6 +154,7 @@ def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
             meta_train.main([*argv, *flags, "--check"])
         assert stopped.value.code == code
     assert meta_train.completed([*argv, "--no-mlflow", "--max-failures", "0"]) is not None  # not result settings
+    assert meta_train.completed([*argv, "--register", "x"]) is not None
     assert meta_train.completed([*argv, "--lr", "0.01"]) is None
     # other settings trained since: the current file is theirs, this training's folder kept its copy
     other = meta_train.parse_args([*argv, "--lr", "0.01"])
@@ -168,6 +169,11 @@ def test_a_finished_run_with_the_same_inputs_is_reused_without_ray(tmp_path):
     assert meta_train.completed(argv) == str(current)  # switched back, without training
     assert load_metanetwork(str(current))[1]["inputs"] == digest
     assert meta_train.completed([*argv, "--lr", "0.01"]) is None  # its own copy was never kept
+    # a reused training is registered when asked, without Ray
+    meta_train.main([*argv, "--register", "reused"])
+    assert "registered as models:/reused/1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="registers in MLflow: drop --no-mlflow"):
+        meta_train.parse_args([*argv, "--register", "reused", "--no-mlflow"])
     uri = meta_train.parse_args(["--zoo", str(tmp_path / "zoo"), "--out", f"file://{tmp_path}/remote/"])
     assert prepare(uri)[1] == f"file://{tmp_path}/remote/metanet"  # a URI stays a URI
     assert meta_train.completed(["--zoo", str(tmp_path / "zoo"), "--out", f"file://{tmp_path}/remote"]) is None
@@ -222,10 +228,17 @@ def test_the_curve_objective_trains_a_criterion_with_ray_train(tiny_zoo, tmp_pat
 
     out = subprocess.run([sys.executable, str(ROOT / "pipelines/meta_train.py"),
                           *_meta_args(tiny_zoo, str(tmp_path / "out"), 2, objective=None),
-                          "--no-mlflow"], env=ENV, capture_output=True, text=True, timeout=900)
+                          "--register", "criterion"], env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "'epoch': 1, " in out.stdout and "'sparsity_loss': 0.0," in out.stdout, out.stdout[-2000:]
+    # registered in the run's MLflow store: read back by its URI, the same weights
+    assert "the chosen metanetwork is the MLflow model models:/criterion/1" in out.stdout, out.stdout[-2000:]
+    from distributed.model_registry import local_file
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/out/mlflow.db"
+    registered = load_metanetwork(local_file("models:/criterion/1"))[0]
     net, extra = load_metanetwork(str(tmp_path / "out" / "metanet" / "metanetwork.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), registered.state_dict().values()))
     assert net.config.edit == "scores" and net.config.calibration and net.config.gradient and net.config.evidence
     assert net.config.layers == 0 and "curve area" in extra["selection"]
     zoo = Zoo(tiny_zoo)

@@ -311,7 +311,11 @@ def test_an_imported_architecture_from_a_state_dict(inputs, tmp_path):
     (["--models", ".", "--methods", "none", "--floor", "0.5", "--allocation", "eagleeye"], "--floor prunes the same"),
     (["--models", ".", "--methods", "none", "--nm", "2:4", "--allocation", "lamp"], "a channel-pruning setting"),
     (["--models", ".", "--methods", "none", "--allocation-candidates", "0"], "--allocation-candidates"),
-    (["--models", ".", "--methods", "none", "--allocation", "learned"], "--allocation learned needs --allocator FILE"),
+    (["--models", ".", "--methods", "none", "--allocation", "learned", "--allocator", "models:/alloc/1"],
+     "--allocator models:/alloc/1: models:/alloc/1: set MLFLOW_TRACKING_URI"),
+    (["--models", ".", "--dataset", "digits", "--metanet", "runs:/0123/metanetwork"], "set MLFLOW_TRACKING_URI"),
+    (["--models", ".", "--methods", "none", "--latency", "--latency-repeats", "2"], "--latency-repeats"),
+    (["--models", ".", "--methods", "none", "--latency", "--latency-batch", "1"], "--latency-batch"),
     (["--models", ".", "--methods", "none", "--allocator", "a.pt"], "--allocator is read by --allocation learned only"),
     (["--models", ".", "--methods", "none", "--allocation", "learned", "--allocator", "missing.pt"],
      "allocation metanetwork file not found: missing.pt"),
@@ -359,6 +363,27 @@ def test_an_allocator_that_is_not_one_is_refused_in_one_line(inputs, tmp_path, c
     err = capsys.readouterr().err
     assert "edit 'additive' is not an allocation metanetwork" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_criterion_with_no_metanet_and_measured_latency(inputs, tmp_path):
+    """``--methods none meta`` with no ``--metanet``: the shipped learned criterion, said so; with
+    ``--latency`` every row has its measured time beside the MAC speed-up, the summary a column,
+    the run a plot."""
+    out = tmp_path / "out"
+    done = _run("--zoo", inputs / "zoo", "--methods", "none", "meta", "--targets", "2", "4", "--before-steps", "0",
+                "--after-steps", "0", "--no-mlflow", "--latency", "--latency-repeats", "5", "--latency-warmup", "1",
+                "--latency-batch", "16", "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no metanetwork given: using the shipped criterion metanetwork (criterion-cifar10.pt, trained on" \
+        in done.stdout
+    rows = pd.read_parquet(out / "results.parquet")
+    assert len(rows) == 4 and (rows.status == "ok").all(), rows.error.tolist()
+    assert (rows.latency_ms > 0).all() and (rows.latency_ms_before > 0).all() and (rows.latency_batch == 16).all()
+    ratio = rows.latency_ms_before / rows.latency_ms
+    assert ((rows.latency_speedup - ratio).abs() < 1e-9).all()  # the speed-up is of the pair timed together
+    assert rows.latency_device.str.startswith("cpu: ").all()
+    assert "measured speed-up, batch 1 / 16" in (out / "summary.md").read_text()
+    assert (out / "latency.png").stat().st_size > 0
 
 
 def test_post_training_pruning_with_the_reconstruction_needs_no_training_step(inputs, tmp_path):

@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from distributed.model_registry import log_metanetwork
 from metanet.files import atomic_write
 from metanet.metanetwork import MetaNetConfig, MetaNetwork, MetanetFileError, load_metanetwork, save_metanetwork
 from metanet.selection import choose, score, selection_recipe
@@ -171,6 +172,21 @@ def select(checkpoints: Mapping[int, str], areas: Mapping[int, float], config: d
                          zoo=config["zoo"], inputs=config.get("inputs_digest"))
     return {"epochs": epochs, "scores": [scores[e] for e in epochs], "best_epoch": best_epoch,
             "best_score": best_score, "path": out, "how": how}
+
+
+def log_model(config: dict, path: str, run_id: str) -> str:
+    """The chosen metanetwork (``path``) as an MLflow model in run ``run_id``, registered under
+    ``--register`` when given, with its provenance as the model's metadata; returns the URI to read
+    it by (``models:/NAME/VERSION`` or ``runs:/RUN_ID/metanetwork``)."""
+    from distributed.tracking import use_experiment
+
+    use_experiment("meta-train", config["out"])
+    net, extra = load_metanetwork(path)
+    provenance = {"metanet_config": json.dumps(net.config.to_dict()), "objective": config["objective"],
+                  "zoo": config["zoo"], "zoo_inputs_digest": extra.get("inputs") or "",
+                  "chosen_epoch": extra.get("epoch"), "selection": extra.get("selection"),
+                  "selection_score": extra.get("selection_score"), "file_sha256": file_digest(path)}
+    return log_metanetwork(net, path, run_id, config.get("register"), provenance)
 
 
 def log_selection(config: dict, selection: dict, run_id: str) -> None:

@@ -29,7 +29,7 @@ DEFAULTS = {
     "gpu": False, "max_failures": 2, "keep": 5, "selection": None, "select_target": 2.0,
     "select_finetune_steps": SELECT_STEPS,
     "select_members": 4, "diagnose_every": 1, "data_root": None, "mlflow": True, "min_member_acc": 0.0,
-    "damaged_members": "refuse",
+    "damaged_members": "refuse", "register": None,
     # the objective's settings (metanet.objectives): None until the objective fills them
     "objective": DEFAULT_OBJECTIVE, **{k: None for k in objective_defaults(DEFAULT_OBJECTIVE)},
 }
@@ -65,6 +65,8 @@ HELP = {
     "bn_mode": "BatchNorm mode of members in the meta-objective: eval (the paper) or train",
     "data_root": "dataset folder, overriding the zoo spec's",
     "mlflow": "log params, metrics and artifacts to MLflow",
+    "register": "also register the chosen metanetwork in the MLflow Model Registry under this name (a new version "
+                "each time; read it back as --metanet models:/NAME/VERSION) (default: logged as a model, not registered)",
     "edit": "metanetwork edit: scores (a learned criterion), additive (the paper's), gate or gate+additive",
     "evidence": "give the metanetwork per-channel evidence features",
     "calibration": "a learned criterion also reads per-channel statistics of calibration batches (activations, "
@@ -96,7 +98,7 @@ LIMITS = {"workers": GE1, "epochs": GE1, "lr": GT0, "weight_decay": GE0, "milest
           "min_member_acc": {"ge": 0, "le": 1}, "l1_reg": GE0, "weight_temperature": GT0}
 # settings that do not change the chosen metanetwork (where Ray runs, logging, retries)
 # (which members train is in the digest through their files: zoo.meta_runs.inputs_digest)
-NOT_RESULT_SETTINGS = ("address", "mlflow", "max_failures", "check", "damaged_members", "excluded_members")
+NOT_RESULT_SETTINGS = ("address", "mlflow", "max_failures", "check", "damaged_members", "excluded_members", "register")
 
 
 def _one_of(config: dict, key: str, allowed) -> None:
@@ -118,6 +120,9 @@ def check_settings(config: dict) -> dict:
     _one_of(config, "edit", EDITS)
     _one_of(config, "sparsity_norm", SPARSITY_FORMS)
     _one_of(config, "damaged_members", DAMAGED_MEMBERS)
+    if config["register"] is not None and (not config["mlflow"] or not config["register"].strip()):
+        raise SystemExit(f"meta_train: --register {config['register']!r}: "
+                         + ("an empty model name" if config["mlflow"] else "registers in MLflow: drop --no-mlflow"))
     refusal = edit_refusal(config["objective"], config["edit"])
     if refusal:
         raise SystemExit(f"meta_train: --edit {config['edit']} with --objective {config['objective']}: {refusal}")

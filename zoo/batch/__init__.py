@@ -1,6 +1,7 @@
 """Batch pruning as a library, one module per job: which models to prune and how (``inputs``), one
 model's rows, the work of one Ray task in ``pipelines/prune_batch.py`` (``task``), what a run reuses
-(``plan``), the results store (``results``) and what a run shows (``report``).
+(``plan``), the results store (``results``), the measured speed-ups (``latency``) and what a run
+shows (``report``).
 
 A row is one model, method and target (or accuracy floor). Every row records what produced it:
 content hashes of the model file (or zoo member file) and of the metanetwork file, and the
@@ -14,8 +15,10 @@ from zoo.batch.inputs import (ACCURACY_DRIFT, BatchInputError, DEFAULT_TARGETS, 
                               RUN_KEYS, Source, arch_file, canonical, canonical_values, check_choices,
                               check_allocator, check_classes, check_finite, check_input, check_metanet_level,
                               check_runs_and_methods, check_spec, drift_warning, family_of, file_digest, settle_allocator,
+                              settle_metanet,
                               find_sources, finetune_defaults, given, is_weight_level, load_data, load_source,
                               member_files, preparation_target, run_label, runs_of)
+from zoo.batch.latency import LATENCY_COLUMNS, LATENCY_DEFAULTS, LATENCY_HELP, LATENCY_LIMITS, measure_rows  # noqa: F401
 from zoo.batch.task import (PENDING, file_sizes, prune_model, publish)  # noqa: F401
 from zoo.batch.plan import (Plan, RECONSTRUCT_SETTINGS, RESULT_SETTINGS, WEIGHT_SETTINGS, method_settings,  # noqa: F401
                             plan, row_key, settings_digest, why_recompute)

@@ -9,14 +9,17 @@ from pathlib import Path
 import glob
 import os
 
+from distributed.model_registry import RegistryError
 from distributed.schema import load_yaml, require_regular_file
 from metanet.allocation import ALLOCATIONS, DEFAULT_ALLOCATION
 from metanet.criteria import names as criterion_names
 from metanet.levels import Level
 from metanet.metanetwork import load_metanetwork
-from metanet.methods import METHODS, baselines, names
+from metanet.methods import METHODS, baselines, names, uses_metanet
 from metanet.recipe_settings import LEARNED_AS, RECIPE_DEFAULTS
 from metanet.reconstruct import TARGETS
+from metanet.pretrained import ShippedError
+from metanet.sources import ALLOCATION, CRITERION, resolve
 from metanet.weight_pruning import SCOPES, parse_nm
 from zoo.arch import arch_spec, build_model, parse_import_arch
 from zoo.data import load_dataset
@@ -170,10 +173,9 @@ def check_runs_and_methods(config: dict, targets_given: bool) -> None:
         raise BatchInputError("--allocation says how many channels each group keeps: a channel-pruning setting, not "
                               "one of --sparsity/--nm")
     chosen = ALLOCATIONS.get(config["allocation"])
-    if chosen is not None and chosen.reads_allocator != bool(config.get("allocator")):
-        raise BatchInputError(f"--allocation {config['allocation']} needs --allocator FILE" if chosen.reads_allocator
-                              else f"--allocator is read by --allocation {learned_allocation()} only, not "
-                                   f"{config['allocation']}")
+    if chosen is not None and not chosen.reads_allocator and config.get("allocator"):
+        raise BatchInputError(f"--allocator is read by --allocation {learned_allocation()} only, not "
+                              f"{config['allocation']}")
     if config["floor"] is not None and chosen is not None and not chosen.adaptive:
         raise BatchInputError(f"--allocation {config['allocation']} prunes to --targets; --floor prunes the same "
                               "fraction of every group")
@@ -242,19 +244,46 @@ def learned_allocation() -> str:
     return next(name for name, a in ALLOCATIONS.items() if a.reads_allocator)
 
 
-def settle_allocator(config: dict) -> None:
-    """``--allocator``, when given: an allocation metanetwork file (``check_allocator``), its content
-    digest in ``allocator_sha`` (the rows' fingerprint: the file's content, not its path, decides
-    reuse) and its path made absolute (the Ray tasks read it)."""
-    path = config.get("allocator")
-    if not path:
-        return
-    if not os.path.exists(path):
-        raise BatchInputError(f"allocation metanetwork file not found: {path}")
-    require_regular_file(path, f"--allocator {path}", BatchInputError)
-    check_allocator(load_metanetwork(path)[0], config)
-    config["allocator_sha"] = file_digest(path)
-    config["allocator"] = os.path.abspath(path)
+def settle_metanet(config: dict):
+    """``--metanet`` for the methods that read one: a file, an MLflow URI (downloaded) or, when none
+    is given, the shipped learned criterion (``metanet.sources``); loaded (a truncated or foreign file
+    is one line now), its level checked, its content digest returned with it and its path made
+    absolute (the Ray tasks read it). Returns (metanetwork or None, digest, the line to print or None)."""
+    if not uses_metanet(config["methods"]):
+        return None, "", None
+    source = _resolved(config["metanet"], CRITERION, "--metanet", "metanetwork")
+    config["metanet"] = os.path.abspath(source.path)
+    metanet = load_metanetwork(source.path)[0]
+    check_metanet_level(metanet, config)
+    return metanet, file_digest(source.path), source.note
+
+
+def settle_allocator(config: dict) -> str | None:
+    """``--allocator`` for ``--allocation learned``: a file, an MLflow URI or, when none is given, the
+    shipped allocation metanetwork; checked (``check_allocator``), its content digest in
+    ``allocator_sha`` (the rows' fingerprint: the file's content, not its path, decides reuse) and its
+    path made absolute (the Ray tasks read it). Returns the line to print about it, or None."""
+    chosen = ALLOCATIONS.get(config["allocation"])
+    if chosen is None or not chosen.reads_allocator:
+        return None
+    source = _resolved(config.get("allocator"), ALLOCATION, "--allocator", "allocation metanetwork")
+    config["allocator"] = source.path
+    check_allocator(load_metanetwork(source.path)[0], config)
+    config["allocator_sha"] = file_digest(source.path)
+    config["allocator"] = os.path.abspath(source.path)
+    return source.note
+
+
+def _resolved(given_as: str | None, role: str, flag: str, what: str):
+    """``metanet.sources.resolve`` with its errors as one ``BatchInputError`` line naming the flag."""
+    try:
+        source = resolve(given_as, role)
+    except (RegistryError, ShippedError) as err:
+        raise BatchInputError(f"{flag} {given_as or '(the shipped one)'}: {err}") from None
+    if not os.path.exists(source.path):
+        raise BatchInputError(f"{what} file not found: {source.path}")
+    require_regular_file(source.path, f"{flag} {source.path}", BatchInputError)
+    return source
 
 
 def check_allocator(allocator, config: dict) -> None:
