@@ -14,7 +14,10 @@ their test accuracy right after pruning, paired by network, with 95% intervals, 
 and against the best hand-crafted criterion (chosen per speed-up by its validation accuracy right
 after pruning); ``gap closed`` is (variant - magnitude) / (curve - magnitude) of the means. ``--refine K`` adds each variant's scores
 as the start of K steps of the per-network curve optimisation, beside K steps from magnitude's
-ranking (what the metanetwork adds as a starting point).
+ranking (what the metanetwork adds as a starting point). ``--metanets NAME=FILE`` adds metanetworks
+trained elsewhere (the shipped one, ``meta_train.py``'s) as rows, untouched; with ``--variants`` given
+no value nothing is meta-trained, and the zoo needs no train or val members (``--test-from`` given no
+value: the zoo's own test members are left out, so ``--heldout`` alone says what is pruned).
 
     python bench/learned_criterion.py --zoo runs/zoo-digits --heldout runs/zoo-digits-heldout
     python bench/learned_criterion.py --zoo runs/zoo-digits --heldout runs/zoo-digits-heldout --train-family resnet
@@ -41,7 +44,8 @@ from metanet.curve import fit_scores  # noqa: E402
 from metanet.masks import ChannelMask  # noqa: E402
 from metanet.diagnostics import CURVE_SPEEDUPS, curve_auc, pruning_curve  # noqa: E402
 from metanet.meta_training import MetaTrainConfig, make_member  # noqa: E402
-from metanet.metanetwork import MetaNetConfig, MetaNetwork  # noqa: E402
+from metanet.levels import Level  # noqa: E402
+from metanet.metanetwork import MetaNetConfig, MetaNetwork, load_metanetwork  # noqa: E402
 from metanet.paired import best_by, mean_ci  # noqa: E402
 from metanet.plotting import pyplot  # noqa: E402
 from metanet.prune import amounts_for  # noqa: E402
@@ -86,6 +90,21 @@ def name_of(v: dict) -> str:
                      + [" + curve gradient"] * bool(v["grad"]))
     targets = f", targets x{v['targets']:g}" if v["targets"] else ""
     return f"{kind}{extras}{targets}, lr {v['lr']:g}, {v['epochs']} ep"
+
+
+def given_metanet(text: str) -> tuple[str, MetaNetwork]:
+    """``NAME=FILE`` of ``--metanets``: a learned criterion (a channel-scores metanetwork), loaded."""
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise SystemExit(f"learned_criterion: --metanets {text!r}: not NAME=FILE")
+    try:
+        net = load_metanetwork(path)[0]
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"learned_criterion: --metanets {text!r}: {err}") from None
+    if net.head.ranks is not Level.CHANNELS:
+        raise SystemExit(f"learned_criterion: --metanets {text!r}: edit {net.config.edit!r} does not rank channels "
+                         "(a learned criterion: meta_train.py --objective curve)")
+    return name, net
 
 
 def train_variant(v: dict, zoo: Zoo, train, val, data, cfg: RecipeConfig, batch_size: int, log) -> tuple[MetaNetwork, dict]:
@@ -278,7 +297,10 @@ def gain_table(results: dict[str, list[dict]], speedups, when: str, log) -> None
 def main(argv=None) -> None:
     p = parser(__doc__, zoo_help="the zoo: train members meta-train, val members select", heldout=True)
     p.add_argument("--test-from", nargs="*", help="zoos whose test members are evaluated (default: --zoo)")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+    p.add_argument("--metanets", nargs="*", default=[], metavar="NAME=FILE",
+                   help="also these metanetworks, as they are (learned criteria: meta_train.py --objective curve, or "
+                   "the shipped one, metanet/pretrained/criterion-cifar10.pt)")
+    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
                    help=f"key=value,... over {VARIANT_DEFAULTS} (default: {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--train-family", help="meta-train on members of this family only (resnet, vgg, ...)")
     p.add_argument("--no-curve", action="store_true", help="skip the per-network curve reference")
@@ -329,12 +351,12 @@ def main(argv=None) -> None:
 
     setup = set_up(args)
     zoo, data = setup.zoo, setup.data
-    train, val, held = benchmark_networks(zoo, setup.heldout,
-                                         [checked(p) for p in args.test_from] if args.test_from else None,
-                                         args.train_family)
-    if not train or not val or not held:
-        raise SystemExit(f"learned_criterion: need train ({len(train)}), val ({len(val)}) and held-out ({len(held)}) "
-                         "networks")
+    test_from = None if args.test_from is None else [checked(p) for p in args.test_from]
+    train, val, held = benchmark_networks(zoo, setup.heldout, test_from, args.train_family)
+    given = dict(given_metanet(text) for text in args.metanets)
+    if not held or (args.variants and (not train or not val)):
+        raise SystemExit(f"learned_criterion: need held-out networks ({len(held)}) and, to meta-train --variants, "
+                         f"train ({len(train)}) and val ({len(val)}) members")
     cfg = RecipeConfig()
     x = torch.zeros(data.input_shape)
     kinds = Counter(r.arch["family"] for r in held)
@@ -346,6 +368,8 @@ def main(argv=None) -> None:
     for name, v in variants.items():
         log(f"  {name}:")
         nets[name], info[name] = train_variant(v, zoo, train, val, data, cfg, args.batch_size, log)
+    nets.update(given)
+    variants.update({name: None for name in given})  # rows like the variants', trained elsewhere
     gated = {f"{n} as gates": n for n in variants} if args.gates else {}
     # name -> (variant or None for magnitude's ranking, curve steps from it)
     refined = {f"curve, {k} steps": (None, k) for k in args.refine}

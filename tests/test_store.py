@@ -138,3 +138,4 @@ def test_benchmark_networks_splits_train_val_and_held_out_networks(tmp_path):
     assert [r.id for r in train] == ["net-1"] and len(val) == 1 and [r.id for r in held] == ["net-4", "net-9"]
     assert len(benchmark_networks(zoo, val_limit=1)[1]) == 1  # two val members, the first kept
     assert [r.id for r in benchmark_networks(zoo, test_from=[other])[2]] == []  # the other zoo's members are not test
+    assert [r.id for r in benchmark_networks(zoo, [other], test_from=[])[2]] == ["net-9"]  # no test members: --heldout only

@@ -239,7 +239,7 @@ def benchmark_networks(zoo: Zoo, heldout: Sequence[str | Zoo] = (), test_from: S
     """What a benchmark over ``zoo`` uses, as the bench scripts split it: the built ``train`` members
     (they meta-train), the networks of the first ``val_limit`` ``val`` members (they select a
     checkpoint), and the held-out records: the ``test`` members of the ``test_from`` zoos (default:
-    ``zoo``) and every built member of the ``heldout`` zoos (networks unlike any member).
+    ``zoo``; ``[]``: none) and every built member of the ``heldout`` zoos (networks unlike any member).
     ``family`` keeps one architecture family among the train and val members (transfer)."""
     ok = [r for r in zoo if r.status == "ok" and (family is None or r.arch["family"] == family)]
     train = [r for r in ok if r.role == "train"]
@@ -248,7 +248,7 @@ def benchmark_networks(zoo: Zoo, heldout: Sequence[str | Zoo] = (), test_from: S
     def opened(z: str | Zoo) -> Zoo:  # the bench scripts pass zoos they checked (zoo.integrity)
         return z if isinstance(z, Zoo) else Zoo(z)
 
-    sources = [opened(z) for z in test_from] if test_from else [zoo]
+    sources = [opened(z) for z in test_from] if test_from is not None else [zoo]
     held = [r for z in sources for r in z if r.status == "ok" and r.role == "test"]
     held += [r for z in heldout for r in opened(z) if r.status == "ok"]
     return train, val, held
