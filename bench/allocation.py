@@ -5,7 +5,11 @@ finetuned for the same steps (the benchmark's networks are not trained to conver
 finetune trains them further).
 
 ``--allocators NAME=FILE ...`` adds one row per allocation metanetwork (the ``learned`` allocation,
-``metanet.allocation_fit``; ``bench/allocation_meta.py`` trains them), labelled ``learned:NAME``.
+``metanet.allocation_fit``; ``meta_train.py --objective allocation`` trains them), labelled
+``learned:NAME``. ``--rows uniform+fpgm learned:gnn+meta ...`` adds rows with another method inside
+an allocation (``meta``: the learned criterion ranks channels, so the metanetworks decide both how
+many and which); ``--best`` the row "uniform + best", the hand-crafted criterion chosen per target
+and budget by validation accuracy.
 
 Every allocation prunes with the same criterion (``--method``, magnitude by default: after the
 re-fit the criteria cannot be told apart, docs/benchmarks.md) through the recipe itself
@@ -37,8 +41,9 @@ from metanet.paired import mean_ci  # noqa: E402
 from metanet.plotting import pyplot  # noqa: E402
 from metanet.prune import prunable_groups  # noqa: E402
 from metanet.levels import Level  # noqa: E402
-from metanet.methods import example_input, names  # noqa: E402
+from metanet.methods import example_input, names, uses_metanet  # noqa: E402
 from metanet.recipe import prune_to_targets, recipe_from_settings  # noqa: E402
+from metanet.sources import CRITERION, resolve  # noqa: E402
 from metanet.train import evaluate, train  # noqa: E402
 from zoo.store import benchmark_networks  # noqa: E402
 
@@ -46,28 +51,32 @@ UNPRUNED = "unpruned, finetuned as long"
 
 
 def run_network(record, data, allocations, method: str, targets, budgets, finetune: dict, args,
-                allocators: dict | None = None) -> dict:
-    """{allocation: {(target, steps): test accuracy}, "seconds": ..., "widths": ...} for one network;
-    ``allocators``: {row label: (allocation name, its metanetwork)} rows beside the registered ones."""
+                allocators: dict | None = None, extra: dict | None = None, metanet=None) -> dict:
+    """{"acc" and "val": {(row, target, steps): test / validation accuracy}, "seconds": ..., "widths":
+    ...} for one network; ``allocators``: {row label: (allocation name, its metanetwork)} rows beside
+    the registered ones; ``extra``: {row label: (allocation name, allocator or None, method)} rows with
+    another method than ``method`` (``metanet``: the learned criterion, for ``meta``)."""
     model = record.network().eval()
     x = example_input(model, data)
     sizes = prunable_groups(model, x)
     longest = max(budgets)
-    out: dict = {"acc": {}, "seconds": {}, "widths": {}}
-    rows_of = {name: (name, None) for name in allocations}
-    rows_of.update(allocators or {})
-    for name, (chosen, allocator) in rows_of.items():
+    out: dict = {"acc": {}, "val": {}, "seconds": {}, "widths": {}}
+    rows_of = {name: (name, None, method) for name in allocations}
+    rows_of.update({label: (chosen, net, method) for label, (chosen, net) in (allocators or {}).items()})
+    rows_of.update(extra or {})
+    for name, (chosen, allocator, row_method) in rows_of.items():
         settings = {"before_steps": 0, "before_lr": 0.01, "after_steps": longest, "after_lr": 0.01,
                     "reconstruct": args.reconstruct, "allocation": chosen, "allocation_candidates": args.candidates}
         cfg = recipe_from_settings(settings, **finetune, seed=0)
         start = time.perf_counter()
-        rows = prune_to_targets(model, data, method, cfg, targets, extra_after=[b for b in budgets if 0 < b < longest],
-                                allocator=allocator)
+        rows = prune_to_targets(model, data, row_method, cfg, targets, metanet if uses_metanet([row_method]) else None,
+                                extra_after=[b for b in budgets if 0 < b < longest], allocator=allocator)
         out["seconds"][name] = time.perf_counter() - start
         for target, (pruned, row) in zip(targets, rows):
             for steps in budgets:
-                key = "test_acc_pruned" if steps == 0 else "test_acc" if steps == longest else f"test_acc_ft{steps}"
-                out["acc"][name, float(target), steps] = row[key]
+                key = "acc_pruned" if steps == 0 else "acc" if steps == longest else f"acc_ft{steps}"
+                out["acc"][name, float(target), steps] = row[f"test_{key}"]
+                out["val"][name, float(target), steps] = row[f"val_{key}"]
             modules = dict(pruned.named_modules())
             out["widths"][name, float(target)] = {r: out_channels(modules[r]) for r in sizes}
     out["sizes"] = sizes
@@ -79,6 +88,22 @@ def run_network(record, data, allocations, method: str, targets, budgets, finetu
         train(other, data, replace(cfg.after, steps=steps))
         out["acc"][UNPRUNED, 0.0, steps] = evaluate(other, data, "test")[0]
     return out
+
+
+def best_uniform(results: list[dict], candidates, targets, budgets) -> dict:
+    """Adds the row ``uniform + best`` to every result: at each (target, steps) the candidate row with
+    the highest mean validation accuracy over the networks (the same choice for every network);
+    returns the choices."""
+    chosen = {}
+    for t in map(float, targets):
+        for s in budgets:
+            chosen[t, s] = max(candidates, key=lambda c: statistics.mean(r["val"][c, t, s] for r in results))
+            for r in results:
+                r["acc"]["uniform + best", t, s] = r["acc"][chosen[t, s], t, s]
+                r["val"]["uniform + best", t, s] = r["val"][chosen[t, s], t, s]
+    for r in results:
+        r["seconds"]["uniform + best"] = sum(r["seconds"][c] for c in candidates)  # it ran every candidate
+    return chosen
 
 
 def table(results: list[dict], allocations, targets, budgets, log, pairs=()) -> None:
@@ -132,6 +157,13 @@ def main(argv=None) -> None:
                    help="allocation metanetworks, each a row learned:NAME")
     p.add_argument("--method", default="none", choices=names(Level.CHANNELS, hand_crafted=True),
                    help="the hand-crafted criterion every allocation prunes with (none: magnitude)")
+    p.add_argument("--rows", nargs="+", default=[], metavar="ALLOCATION+METHOD",
+                   help="also rows with another method inside an allocation: uniform+fpgm, learned:gnn+meta (meta: "
+                        "--metanet, by default the shipped learned criterion), each labelled 'ALLOCATION + METHOD'")
+    p.add_argument("--metanet", help="the learned criterion of meta rows (default: the shipped one)")
+    p.add_argument("--best", action="store_true",
+                   help="also the row 'uniform + best': at each target and budget the uniform row (--method and "
+                        "the hand-crafted --rows) with the highest mean validation accuracy")
     p.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0])
     p.add_argument("--finetune", type=int, nargs="+", default=[0, 80], help="finetuning budgets (steps; 0: none)")
     p.add_argument("--candidates", type=int, default=16, help="eagleeye: random allocations per network and target")
@@ -157,7 +189,17 @@ def main(argv=None) -> None:
         if not net.head.allocates:
             raise SystemExit(f"allocation: {path}: edit {net.config.edit!r} is not an allocation metanetwork")
         allocators[f"{Learned.name}:{label}"] = (Learned.name, net)
-    rows = [*args.allocations, *allocators]
+    extra = {}
+    for item in args.rows:
+        where, sep, how = item.rpartition("+")
+        if not sep or (where not in ALLOCATIONS and where not in allocators) or how not in names(Level.CHANNELS):
+            raise SystemExit(f"allocation: --rows {item!r}: not ALLOCATION+METHOD (allocations: {', '.join(ALLOCATIONS)} "
+                             f"or an --allocators label; methods: {', '.join(names(Level.CHANNELS))})")
+        chosen, net = allocators.get(where, (where, None))
+        extra[f"{where} + {how}"] = (chosen, net, how)
+    metanet = (load_metanetwork(resolve(args.metanet, CRITERION).path)[0]
+               if uses_metanet([m for _, _, m in extra.values()]) else None)
+    rows = [*args.allocations, *allocators, *extra, *(["uniform + best"] if args.best else [])]
     unknown = [name for pair in args.compare for name in pair if name not in rows]
     if unknown:
         raise SystemExit(f"allocation: --compare names rows {unknown} that this run has not; it has {rows}")
@@ -172,10 +214,16 @@ def main(argv=None) -> None:
         raise SystemExit("allocation: no held-out networks (the zoo's test members and --heldout zoos)")
     t0 = time.perf_counter()
     results = [run_network(r, setup.data, args.allocations, args.method, args.targets, budgets,
-                           setup.zoo.finetune_settings(), args, allocators)
+                           setup.zoo.finetune_settings(), args, allocators, extra, metanet)
                for r in progress(held, desc="held-out networks", unit="network")]
     print(f"\n{len(held)} held-out networks, method {args.method}, {'with' if args.reconstruct else 'without'} the "
           f"re-fit, eagleeye {args.candidates} candidates; {time.perf_counter() - t0:.0f} s")
+    if args.best:
+        hand = set(names(Level.CHANNELS, hand_crafted=True))
+        candidates = ["uniform", *(label for label, (a, _, m) in extra.items() if a == "uniform" and m in hand)]
+        chosen = best_uniform(results, candidates, args.targets, budgets)
+        print("uniform + best, by mean validation accuracy: "
+              + ", ".join(f"{t:g}x/{s} steps {c}" for (t, s), c in chosen.items()))
     table(results, rows, args.targets, budgets, print, [tuple(p) for p in args.compare])
     if args.save:
         per_network = {r.id: {f"{name}|{t:g}x|{s}": acc for (name, t, s), acc in result["acc"].items()}
@@ -183,7 +231,8 @@ def main(argv=None) -> None:
         atomic_write_text(args.save, json.dumps(per_network, indent=1, sort_keys=True))
         print(f"wrote {args.save}")
     if args.plot:
-        plot_widths(results[0], float(args.targets[0]), rows, args.plot,
+        plot_widths(results[0], float(args.targets[0]), [r for r in rows if (r, float(args.targets[0]))
+                                                          in results[0]["widths"]], args.plot,
                     f"{held[0].id}: channels kept per group at {args.targets[0]:g}x")
         print(f"wrote {args.plot}")
 

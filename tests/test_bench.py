@@ -135,10 +135,15 @@ def test_the_allocation_bench_pairs_every_allocation_against_uniform(tmp_path, c
     bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "global", "eagleeye", "fitted", "--targets", "2",
                 "--finetune", "0", "2", "--candidates", "2", "--plot", str(tmp_path / "widths.png"),
                 "--allocators", f"gnn={tmp_path / 'allocator.pt'}", "--compare", "learned:gnn", "fitted",
+                "--rows", "uniform+fpgm", "learned:gnn+meta", "--best",
+                "--compare", "learned:gnn + meta", "uniform + best",
                 "--save", str(tmp_path / "per-network.json")])
     out = capsys.readouterr().out
+    assert "uniform + best, by mean validation accuracy: 2x/0 steps " in out
     for row in ("| uniform |", "| global - uniform |", "| eagleeye - uniform |", "| fitted - uniform |",
                 "| learned:gnn - uniform |", "| learned:gnn - fitted |", "| unpruned, finetuned as long |",
+                "| uniform + fpgm - uniform |", "| uniform + best - uniform |",
+                "| learned:gnn + meta - uniform + best |",
                 "| allocation | 2x, 0 steps | 2x, 2 steps | seconds per network |"):
         assert row in out, out
     assert (tmp_path / "widths.png").stat().st_size > 0
