@@ -38,8 +38,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
+# two pytest workers: the slow tests (Ray clusters, pipelines as subprocesses) one after another on
+# one of them (tests/conftest.py puts them in one xdist group), the rest on the other meanwhile;
+# the slow ones spend much of their time waiting (Ray start-ups), which the other worker fills
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
@@ -71,10 +74,11 @@ tune: install
 	$(PY) pipelines/tune.py $(TUNE_ARGS)
 
 PRUNE_ARGS ?= --targets 2 4 8
+# METANET: a metanetwork file or MLflow URI; empty: the shipped one (prune_batch says so)
 METANET ?= runs/meta-train/metanet/metanetwork.pt
 prune-batch: install
-	@test -f $(METANET) || { echo "make prune-batch: no metanetwork at $(METANET): run make meta-train, or pass METANET=FILE (after make demo: METANET=runs/demo/meta-train/metanet/metanetwork.pt ZOO=runs/demo/zoo)" >&2; exit 2; }
-	$(PY) pipelines/prune_batch.py --zoo $(ZOO) --metanet $(METANET) --baselines \
+	@case "$(METANET)" in ""|models:/*|runs:/*) ;; *) test -f $(METANET) || { echo "make prune-batch: no metanetwork at $(METANET): run make meta-train, pass METANET=FILE|URI (after make demo: METANET=runs/demo/meta-train/metanet/metanetwork.pt ZOO=runs/demo/zoo), or METANET= for the shipped one" >&2; exit 2; };; esac
+	$(PY) pipelines/prune_batch.py --zoo $(ZOO) $(if $(METANET),--metanet $(METANET)) --baselines \
 	  --out runs/prune-batch $(PRUNE_ARGS)
 
 bench: install

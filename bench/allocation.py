@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parser, set_up  # noqa: E402
 from distributed.progress import progress  # noqa: E402
-from metanet.allocation import ALLOCATIONS, Learned, out_channels  # noqa: E402
+from metanet.allocation import ALLOCATIONS, Learned, Uniform, out_channels  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
 from metanet.metanetwork import load_metanetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
@@ -43,7 +43,7 @@ from metanet.prune import prunable_groups  # noqa: E402
 from metanet.levels import Level  # noqa: E402
 from metanet.methods import example_input, names, uses_metanet  # noqa: E402
 from metanet.recipe import prune_to_targets, recipe_from_settings  # noqa: E402
-from metanet.sources import CRITERION, resolve  # noqa: E402
+from metanet.sources import ALLOCATION, CRITERION, resolve  # noqa: E402
 from metanet.train import evaluate, train  # noqa: E402
 from zoo.store import benchmark_networks  # noqa: E402
 
@@ -196,6 +196,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"allocation: --rows {item!r}: not ALLOCATION+METHOD (allocations: {', '.join(ALLOCATIONS)} "
                              f"or an --allocators label; methods: {', '.join(names(Level.CHANNELS))})")
         chosen, net = allocators.get(where, (where, None))
+        if net is None and ALLOCATIONS[chosen].reads_allocator:  # learned with no --allocators label: the shipped
+            net = load_metanetwork(resolve(None, ALLOCATION).path)[0]
         extra[f"{where} + {how}"] = (chosen, net, how)
     metanet = (load_metanetwork(resolve(args.metanet, CRITERION).path)[0]
                if uses_metanet([m for _, _, m in extra.values()]) else None)
@@ -220,7 +222,7 @@ def main(argv=None) -> None:
           f"re-fit, eagleeye {args.candidates} candidates; {time.perf_counter() - t0:.0f} s")
     if args.best:
         hand = set(names(Level.CHANNELS, hand_crafted=True))
-        candidates = ["uniform", *(label for label, (a, _, m) in extra.items() if a == "uniform" and m in hand)]
+        candidates = [Uniform.name, *(label for label, (a, _, m) in extra.items() if a == Uniform.name and m in hand)]
         chosen = best_uniform(results, candidates, args.targets, budgets)
         print("uniform + best, by mean validation accuracy: "
               + ", ".join(f"{t:g}x/{s} steps {c}" for (t, s), c in chosen.items()))

@@ -19,7 +19,12 @@ import shutil
 import tempfile
 from importlib import metadata as package_metadata
 
+# as distributed.tracking sets them: a store that went away fails a call in well under a minute
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
 URI_SCHEMES = ("models:/", "runs:/")
+DIGEST_TAG = "file_sha256"  # a registered version's tag: the metanetwork file's content digest
 FILE_NAME = "metanetwork.pt"  # this project's file inside a logged model (extra_files/)
 MODEL_NAME = "metanetwork"  # the logged model's name inside its run (runs:/RUN_ID/metanetwork)
 
@@ -47,7 +52,7 @@ def local_file(uri: str) -> str:
     store = os.environ.get("MLFLOW_TRACKING_URI")
     if not store:
         raise RegistryError(f"{uri}: set MLFLOW_TRACKING_URI to the MLflow store that holds it (a server, or "
-                            "sqlite:///PATH/mlflow.db: the demo's is runs/demo/meta-train/mlflow.db)")
+                            "sqlite:///PATH/mlflow.db: the demo's is runs/demo/mlflow.db, meta_train.py's <out>/mlflow.db)")
     mlflow.set_tracking_uri(store)
     root = os.path.join(cache_dir(), "mlflow")
     os.makedirs(root, exist_ok=True)
@@ -90,20 +95,36 @@ def log_metanetwork(net, path: str, run_id: str, register: str | None = None, pr
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
                 net, name=MODEL_NAME, serialization_format="pickle", extra_files=[path],
-                pip_requirements=[f"metaprune=={package_metadata.version('metaprune')}",
-                                  f"torch=={package_metadata.version('torch')}"],
+                pip_requirements=_requirements(),
                 metadata={str(k): v for k, v in (provenance or {}).items()}, registered_model_name=register)
     if register:
+        if (provenance or {}).get(DIGEST_TAG):  # which version holds which file (registered_version)
+            mlflow.MlflowClient().set_model_version_tag(register, str(info.registered_model_version), DIGEST_TAG,
+                                                        str(provenance[DIGEST_TAG]))
         return f"models:/{register}/{info.registered_model_version}"
     return f"runs:/{run_id}/{MODEL_NAME}"
 
 
-def latest_version(name: str) -> str | None:
+def _requirements() -> list[str]:
+    """The logged model's pip requirements: this package and torch, where installed (a checkout run
+    without ``pip install``, or a Ray job's uploaded copy, has no metaprune distribution)."""
+    found = []
+    for name in ("metaprune", "torch"):
+        try:
+            found.append(f"{name}=={package_metadata.version(name)}")
+        except package_metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def latest_version(name: str, digest: str | None = None) -> str | None:
     """``models:/NAME/VERSION`` of the newest version registered under ``name`` in the current
-    store (``MLFLOW_TRACKING_URI``), or None when there is none."""
+    store (``MLFLOW_TRACKING_URI``), with ``digest``: the newest whose file has that content digest
+    (``zoo.store.file_sha256``'s); None when there is none."""
     import mlflow
 
     if os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    versions = [v for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+                if digest is None or v.tags.get(DIGEST_TAG) == digest]
     return f"models:/{name}/{max(int(v.version) for v in versions)}" if versions else None

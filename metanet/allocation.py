@@ -236,7 +236,8 @@ class Learned(KeptFractions):
 
     def kept(self, model, example_inputs, target, context):
         if context.allocator is None:
-            raise ValueError(f"allocation {self.name!r} reads an allocation metanetwork: give one (--allocator FILE)")
+            raise ValueError(f"allocation {self.name!r} reads an allocation metanetwork: give one (--allocator FILE; "
+                             "prune_batch and metanet.api use the shipped one when none is given)")
         return learned_kept(context.allocator, model, example_inputs, target, context.settings)
 
 

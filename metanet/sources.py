@@ -1,7 +1,7 @@
 """Where a metanetwork comes from: a file, an MLflow URI (``models:/NAME/VERSION``, ``runs:/ID/PATH``:
 ``distributed.model_registry``) or, when none is given, the one shipped with the package
-(``metanet.pretrained``). Every caller (the API, ``prune_batch``, Tune) resolves through here, so a
-URI or the shipped file means the same everywhere."""
+(``metanet.pretrained``). The API, ``prune_batch`` and the benchmarks resolve through here, so a URI
+or the shipped file means the same everywhere (Tune takes no metanetwork: each trial trains its own)."""
 
 from __future__ import annotations
 

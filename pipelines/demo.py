@@ -38,6 +38,7 @@ from distributed.job_snapshot import snapshot  # noqa: E402
 from metanet import graph_to_network, network_to_graph  # noqa: E402
 from distributed.model_registry import latest_version  # noqa: E402
 from pipelines.meta_train import completed  # noqa: E402
+from zoo.batch import file_digest  # noqa: E402
 from pipelines.meta_train import main as meta_train_main  # noqa: E402
 from zoo.arch import arch_spec, build_model, resnet_spec, vgg_spec  # noqa: E402
 from zoo.store import Zoo, ZooRecord  # noqa: E402
@@ -196,11 +197,12 @@ def main(argv=None) -> None:
     done = completed(meta_argv)
     if done:  # nothing the job would change: no head, no job
         print(f"  already done with this zoo and these settings: {done}")
-        if latest_version(REGISTERED) is None:  # trained before it was registered: registered now, no Ray
+        if latest_version(REGISTERED, file_digest(done)) is None:  # not registered yet: now, without Ray
             meta_train_main(meta_argv)
     else:
         meta_train_job(py, out, logs, meta_argv, env, args.verbose)
-    model_uri = latest_version(REGISTERED)
+    # the version of this metanetwork (another demo, --quick or not, may have registered a newer one)
+    model_uri = latest_version(REGISTERED, file_digest(str(out / "meta-train" / "metanet" / "metanetwork.pt")))
     print(f"  the metanetwork is registered in MLflow as {model_uri} (store {mlflow_uri})")
     print(f"  ({time.perf_counter() - t:.0f} s)")
 

@@ -226,17 +226,18 @@ def main(argv=None) -> dict:
         print(f"meta_train: {done} already comes from this zoo and these settings: nothing to do "
               f"(to train again: another --name, or delete {run_dir})")
         if config["register"]:  # the training is reused; its metanetwork is registered now, into its own run
-            from distributed.tracking import resumable_run
+            from distributed.tracking import resumable_run, tracking_uri
 
             run_id = resumable_run("meta-train", config["out"], training_folder(run_dir, config, digest), config["name"],
                                    config)
-            print(f"mlflow: {done} registered as {log_model(config, done, run_id)}")
+            uri = log_model(config, done, run_id)
+            print(f"mlflow: {done} registered as {uri} (store {tracking_uri(config['out'])})")
         return {"selection": None, "metrics": {}, "run_dir": str(run_dir), "reused": done}
     preflight(config["workers"], f"meta_train: --workers {config['workers']}", config["address"])
     folder = training_folder(run_dir, config, digest)
     config["inputs_digest"] = digest
     if config["mlflow"]:
-        from distributed.tracking import check_server, resumable_run
+        from distributed.tracking import check_server, resumable_run, tracking_uri
 
         check_server()
 
@@ -279,7 +280,8 @@ def main(argv=None) -> dict:
     if config["mlflow"]:
         log_selection(config, selection, config["mlflow_run_id"])
         selection["model_uri"] = log_model(config, selection["path"], config["mlflow_run_id"])
-        print(f"mlflow: the chosen metanetwork is the MLflow model {selection['model_uri']}")
+        print(f"mlflow: the chosen metanetwork is the MLflow model {selection['model_uri']} (store "
+              f"{tracking_uri(config['out'])})")
     return {"selection": selection, "metrics": result.metrics, "run_dir": str(run_dir)}
 
 

@@ -193,6 +193,7 @@ def main(argv=None) -> dict:
     with exclusive(out, "prune_batch"):  # also the check that --out is writable
         previous = batch.read_results(out).to_dict("records")  # an unreadable one is refused before --out changes
         os.makedirs(os.path.join(out, "models"), exist_ok=True)
+        batch.stage_metanetworks(config, out)  # a downloaded or shipped one where every node reads it
         return _main(config, out, started, metanet_sha, arch, sources, per_method, previous)
 
 
@@ -232,7 +233,7 @@ def _main(config: dict, out: str, started: float, metanet_sha: str, arch: dict |
         print(f"prune_batch: warning: {warning}", file=sys.stderr)
     if failed:
         print(f"prune_batch: {failed} of {len(mine)} rows failed (reasons above); exit code 1", file=sys.stderr)
-    if config["mlflow"] and todo.jobs:
+    if config["mlflow"] and (todo.jobs or config["latency"]):  # new rows, or new timings of old ones
         uri = _log_mlflow({k: v for k, v in config.items() if k not in ("address", "num_cpus")}, mine, out, wall)
         print(f"mlflow: run logged to {uri} (experiment prune-batch)")
     elif config["mlflow"]:

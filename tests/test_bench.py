@@ -151,3 +151,21 @@ def test_the_allocation_bench_pairs_every_allocation_against_uniform(tmp_path, c
 
     saved = json.loads((tmp_path / "per-network.json").read_text())
     assert saved and all("learned:gnn|2x|2" in per and "uniform|2x|0" in per for per in saved.values())
+
+
+def test_the_latency_bench_times_each_allocation_against_the_unpruned_network(tmp_path, capsys):
+    """bench/latency.py on a tiny digits zoo: MAC and measured speed-ups per allocation and target."""
+    import importlib.util
+
+    from conftest import build_digits_zoo
+
+    build_digits_zoo(tmp_path / "zoo", members=3)
+    spec = importlib.util.spec_from_file_location("latency_bench", ROOT / "bench/latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--zoo", str(tmp_path / "zoo"), "--targets", "2", "--repeats", "3", "--batch", "8"])
+    out = capsys.readouterr().out
+    assert "| allocation | target | MAC speed-up | measured, batch 1 | measured, batch 8 |" in out
+    for allocation in bench.DEFAULT_ROWS:
+        assert f"| {allocation} | 2x | " in out, out
+

@@ -177,10 +177,21 @@ def select(checkpoints: Mapping[int, str], areas: Mapping[int, float], config: d
 def log_model(config: dict, path: str, run_id: str) -> str:
     """The chosen metanetwork (``path``) as an MLflow model in run ``run_id``, registered under
     ``--register`` when given, with its provenance as the model's metadata; returns the URI to read
-    it by (``models:/NAME/VERSION`` or ``runs:/RUN_ID/metanetwork``)."""
+    it by (``models:/NAME/VERSION`` or ``runs:/RUN_ID/metanetwork``). A ``path`` behind a URI
+    (``--out s3://...``) is read through a local copy."""
+    import tempfile
+
+    import pyarrow.fs
+
     from distributed.tracking import use_experiment
 
     use_experiment("meta-train", config["out"])
+    if "://" in str(path):
+        with tempfile.TemporaryDirectory() as d:
+            local = os.path.join(d, "metanetwork.pt")
+            fs, inside = pyarrow.fs.FileSystem.from_uri(str(path))
+            pyarrow.fs.copy_files(inside, local, source_filesystem=fs)
+            return log_model(config, local, run_id)
     net, extra = load_metanetwork(path)
     provenance = {"metanet_config": json.dumps(net.config.to_dict()), "objective": config["objective"],
                   "zoo": config["zoo"], "zoo_inputs_digest": extra.get("inputs") or "",

@@ -15,7 +15,7 @@ from zoo.batch.inputs import (ACCURACY_DRIFT, BatchInputError, DEFAULT_TARGETS, 
                               RUN_KEYS, Source, arch_file, canonical, canonical_values, check_choices,
                               check_allocator, check_classes, check_finite, check_input, check_metanet_level,
                               check_runs_and_methods, check_spec, drift_warning, family_of, file_digest, settle_allocator,
-                              settle_metanet,
+                              settle_metanet, stage_metanetworks,
                               find_sources, finetune_defaults, given, is_weight_level, load_data, load_source,
                               member_files, preparation_target, run_label, runs_of)
 from zoo.batch.latency import LATENCY_COLUMNS, LATENCY_DEFAULTS, LATENCY_HELP, LATENCY_LIMITS, measure_rows  # noqa: F401

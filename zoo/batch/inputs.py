@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 import glob
 import os
+import shutil
 
-from distributed.model_registry import RegistryError
+from distributed.model_registry import RegistryError, is_uri
 from distributed.schema import load_yaml, require_regular_file
 from metanet.allocation import ALLOCATIONS, DEFAULT_ALLOCATION
 from metanet.criteria import names as criterion_names
+from metanet.files import atomic_write
 from metanet.levels import Level
-from metanet.metanetwork import load_metanetwork
+from metanet.metanetwork import MetanetFileError, load_metanetwork
 from metanet.methods import METHODS, baselines, names, uses_metanet
 from metanet.recipe_settings import LEARNED_AS, RECIPE_DEFAULTS
 from metanet.reconstruct import TARGETS
@@ -252,8 +254,9 @@ def settle_metanet(config: dict):
     if not uses_metanet(config["methods"]):
         return None, "", None
     source = _resolved(config["metanet"], CRITERION, "--metanet", "metanetwork")
+    config["metanet_source"] = source.given or SHIPPED + os.path.basename(source.path)  # what the user asked for
     config["metanet"] = os.path.abspath(source.path)
-    metanet = load_metanetwork(source.path)[0]
+    metanet = _loaded(source, "--metanet")
     check_metanet_level(metanet, config)
     return metanet, file_digest(source.path), source.note
 
@@ -267,11 +270,41 @@ def settle_allocator(config: dict) -> str | None:
     if chosen is None or not chosen.reads_allocator:
         return None
     source = _resolved(config.get("allocator"), ALLOCATION, "--allocator", "allocation metanetwork")
+    config["allocator_source"] = source.given or SHIPPED + os.path.basename(source.path)
     config["allocator"] = source.path
-    check_allocator(load_metanetwork(source.path)[0], config)
+    check_allocator(_loaded(source, "--allocator"), config)
     config["allocator_sha"] = file_digest(source.path)
     config["allocator"] = os.path.abspath(source.path)
     return source.note
+
+
+SHIPPED = "shipped: "  # a ``*_source`` of a metanetwork shipped with the package, before its file name
+
+
+def stage_metanetworks(config: dict, out: str) -> None:
+    """A metanetwork that is not the user's own file (downloaded from MLflow into this machine's
+    cache, or shipped inside the package, whose path differs on nodes that run an uploaded copy)
+    copied under ``--out``, which every node of a cluster reads, by content digest; the tasks read
+    the copy. A user's file stays where it is (on a cluster, where every node reads it)."""
+    for key in ("metanet", "allocator"):
+        given = config.get(f"{key}_source")
+        if given is None or not (is_uri(given) or given.startswith(SHIPPED)):
+            continue
+        staged = os.path.join(out, "metanetworks", f"{file_digest(config[key])}.pt")
+        if not os.path.exists(staged):
+            os.makedirs(os.path.dirname(staged), exist_ok=True)
+            atomic_write(staged, lambda tmp, src=config[key]: shutil.copyfile(src, tmp))
+        config[key] = staged
+
+
+def _loaded(source, flag: str):
+    """The metanetwork of ``source``; a file downloaded from MLflow that is not one is named by its URI."""
+    try:
+        return load_metanetwork(source.path)[0]
+    except MetanetFileError as err:
+        if source.given is None or not is_uri(source.given):
+            raise
+        raise BatchInputError(f"{flag} {source.given}: {err}") from None
 
 
 def _resolved(given_as: str | None, role: str, flag: str, what: str):

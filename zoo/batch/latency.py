@@ -37,20 +37,29 @@ def measure_rows(rows: list[dict], keys: set, sources: list[Source], config: dic
     set anew (the others as they were); the unpruned model is loaded once per source."""
     settings = latency_settings(config)
     by_name = {s.name: s for s in sources}
-    todo = [i for i, r in enumerate(rows) if key_of(r) in keys and r.get("status") == "ok" and r.get("path")
-            and r["model"] in by_name]
+    todo = sorted((i for i, r in enumerate(rows) if key_of(r) in keys and r.get("status") == "ok" and r.get("path")
+                   and r["model"] in by_name), key=lambda i: rows[i]["model"])  # each unpruned model loaded once
     out = list(rows)
     unpruned: dict[str, object] = {}
-    started = time.perf_counter()
+    started, failed = time.perf_counter(), 0
     for i in progress(todo, desc="latency", unit="model"):
         row = out[i]
-        if row["model"] not in unpruned:
-            unpruned[row["model"]] = load_source(by_name[row["model"]], config["arch"], config["trust_pickle"])
-        # this run wrote the pruned file: a pickled module only where the source was one it was trusted with
-        pruned = load_model(row["path"], trust_pickle=config["trust_pickle"])[0]
-        out[i] = dict(row, latency_batch=settings.batch,
-                      **compare(unpruned[row["model"]], pruned, input_shape, settings, device))
+        try:
+            if row["model"] not in unpruned:
+                unpruned.clear()  # the previous model's rows are done: its memory (a GPU's too) goes
+                unpruned[row["model"]] = load_source(by_name[row["model"]], config["arch"], config["trust_pickle"])
+            # this run wrote the pruned file: a pickled module only where the source was one it was trusted with
+            pruned = load_model(row["path"], trust_pickle=config["trust_pickle"])[0]
+            out[i] = dict(row, latency_batch=settings.batch,
+                          **compare(unpruned[row["model"]], pruned, input_shape, settings, device))
+        except Exception as err:  # a moved file, memory at a large batch: this row untimed, the rest go on
+            failed += 1
+            note = f"latency not measured: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+            earlier = row.get("warning") if isinstance(row.get("warning"), str) else None  # NaN in a reused row
+            out[i] = dict(row, warning="; ".join(filter(None, [earlier, note])))
     if todo:
-        print(f"latency: {len(todo)} pruned models timed against their unpruned ones "
-              f"({out[todo[0]]['latency_device']}; {time.perf_counter() - started:.0f} s)")
+        device_label = next((out[i]["latency_device"] for i in todo if out[i].get("latency_device")), device)
+        print(f"latency: {len(todo) - failed} pruned models timed against their unpruned ones ({device_label}; "
+              f"{time.perf_counter() - started:.0f} s)" + (f"; {failed} could not be (their rows' warning says why)"
+                                                          if failed else ""))
     return out

@@ -68,7 +68,7 @@ def _paired(ok, hand_crafted, level: Level) -> str:
 def summary_table(frame) -> str:
     """Markdown: per method and target, the mean over models that finished."""
     ok = frame[frame.status == "ok"]
-    timed = "latency_speedup" in ok and ok.latency_speedup.notna().any()
+    timed = bool("latency_speedup" in ok and ok.latency_speedup.notna().any())
     batch = f"{ok.latency_batch.dropna().iloc[0]:.0f}" if timed else ""
     lines = ["| method | target | models | reached | test acc before | test acc pruned (BN recal, no ft) | "
              "test acc after | val acc after | s each |" + (f" measured speed-up, batch 1 / {batch} |" * timed),
