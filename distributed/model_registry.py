@@ -22,6 +22,8 @@ from importlib import metadata as package_metadata
 # as distributed.tracking sets them: a store that went away fails a call in well under a minute
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# a download is a few files: a redrawn progress bar only litters logs (make demo > demo.log)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 URI_SCHEMES = ("models:/", "runs:/")
 DIGEST_TAG = "file_sha256"  # a registered version's tag: the metanetwork file's content digest
