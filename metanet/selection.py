@@ -53,11 +53,12 @@ def selection_recipe(finetune: Mapping, steps: int = SELECT_STEPS, *, lr: float 
 
 def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, recipe: RecipeConfig,
           objective: str = "recipe", targets: Sequence[float] | None = None,
-          sparsities: Sequence[float] | None = None) -> float:
+          sparsities: Sequence[float] | None = None, allocator: MetaNetwork | None = None) -> float:
     """The validation score of ``metanet`` on ``models`` (see the module docstring); ``targets``
     defaults to ``recipe.target``. With ``sparsities``, a weight-level metanetwork's: the mean
     validation accuracy right after pruning to each fraction of zeros, BatchNorm recalibrated
-    (``metanet.diagnostics.criterion_of``). Never reads the test split."""
+    (``metanet.diagnostics.criterion_of``). ``allocator``: the allocation metanetwork when
+    ``recipe.allocation`` reads one and ``metanet`` is a criterion. Never reads the test split."""
     if objective not in SELECTIONS:
         raise ValueError(f"selection objective must be one of {', '.join(SELECTIONS)}, not {objective!r}")
     if not models:
@@ -69,18 +70,20 @@ def score(metanet: MetaNetwork, models: Sequence[nn.Module], data: TaskData, rec
             network, crit = criterion_of(metanet, m, x, recipe, data, Level.WEIGHTS)
             areas.append(curve_auc(pruning_curve(network, data, recipe, weight_points(sparsities), criterion=crit)))
         return sum(areas) / len(areas)
-    allocator = metanet if metanet.head.allocates else None
-    if allocator is not None:  # what it decides is the widths: either score runs under the learned allocation
-        recipe = replace(recipe, allocation=Learned.name)
+    decides_widths = metanet.head.allocates
+    if decides_widths:  # what it decides is the widths: either score runs under the learned allocation
+        allocator, recipe = metanet, replace(recipe, allocation=Learned.name)
+    # else ``allocator``: the allocation metanetwork of a recipe whose allocation reads one (a Tune
+    # trial that prunes with its criterion inside the shipped learned allocation)
     if objective == "auc":
         device = next(metanet.parameters()).device
         x = torch.zeros(data.input_shape, device=device)
         areas = []
         for m in models:
-            network, crit = (m, None) if allocator is not None else criterion_of(metanet, m, x, recipe, data)
+            network, crit = (m, None) if decides_widths else criterion_of(metanet, m, x, recipe, data)
             areas.append(curve_auc(pruning_curve(network, data, recipe, criterion=crit, allocator=allocator)))
         return sum(areas) / len(areas)
-    method, criterion_net = (MAGNITUDE, None) if allocator is not None else ("meta", metanet)
+    method, criterion_net = (MAGNITUDE, None) if decides_widths else ("meta", metanet)
     scores = [record["val_acc"] for model in models
               for _, record in prune_to_targets(model, data, method, recipe, targets or [recipe.target], criterion_net,
                                                 report_test=False, allocator=allocator)]

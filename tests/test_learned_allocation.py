@@ -107,3 +107,28 @@ def test_checkpoints_and_diagnostics_are_judged_under_the_learned_allocation(tra
     area = curve_auc(pruning_curve(trained, digits, learned, allocator=net))
     assert score(net, [trained], digits, recipe, "auc") == area != curve_auc(pruning_curve(trained, digits, recipe))
     assert mean_diagnostics(net, [trained], digits, recipe)["auc"] == area
+
+
+def test_a_criterion_is_scored_inside_the_allocation_an_allocation_metanetwork_gives(trained, digits):
+    """A Tune trial that draws ``allocation: learned`` scores its criterion with the shipped
+    allocation metanetwork deciding the widths: ``score(..., allocator=)`` is ``meta`` pruned under
+    that allocation, not under uniform's."""
+    from dataclasses import replace
+
+    from metanet.metanetwork import load_metanetwork
+    from metanet.recipe import prune_to_targets
+    from metanet.selection import score, selection_recipe
+    from metanet.sources import ALLOCATION, CRITERION, resolve
+
+    criterion_net = load_metanetwork(resolve(None, CRITERION).path)[0]
+    allocator = load_metanetwork(resolve(None, ALLOCATION).path)[0]
+    recipe = selection_recipe({"batch_size": 128, "augment": False}, steps=0, target=3.0)
+    learned = replace(recipe, allocation="learned")
+
+    def val_acc(run, allocator=None):
+        [(_, record)] = prune_to_targets(trained, digits, "meta", run, [3.0], criterion_net, report_test=False,
+                                         allocator=allocator)
+        return record["val_acc"]
+
+    inside = score(criterion_net, [trained], digits, learned, "recipe", allocator=allocator)
+    assert inside == val_acc(learned, allocator) != val_acc(recipe) == score(criterion_net, [trained], digits, recipe)

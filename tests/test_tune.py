@@ -155,6 +155,21 @@ def test_a_resumed_trial_logs_into_the_run_it_started(tmp_path, monkeypatch):
     assert runs[runs["tags.trial_id"] == "abc_00002"].iloc[0]["status"] == "FAILED"
 
 
+def test_a_search_may_draw_every_allocation_the_learned_one_from_the_shipped_file(tmp_path, capsys):
+    import tune
+    from zoo.tuning import trial_allocator
+
+    assert trial_allocator({"allocation": "uniform"}) is None and trial_allocator({}) is None
+    assert trial_allocator({"allocation": "learned"}).head.allocates  # the shipped allocation metanetwork
+    search = yaml.safe_load((ROOT / "pipelines/searches/digits.yaml").read_text())
+    search["space"]["allocation"] = {"choice": ["learned", "nope"]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(search))
+    with pytest.raises(SystemExit):  # refused before Ray starts, naming the value and every allocation
+        tune.cli(["--search", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "space.allocation.choice: 'nope' is not one of" in err and "learned" in err and "'learned'" not in err, err
+
+
 def test_the_default_trial_is_the_default_objective_and_a_trial_follows_its_objective():
     from zoo.search import default_trial, param_space, with_objective_defaults
 

@@ -166,12 +166,13 @@ def _trial_model():
 @functools.lru_cache(maxsize=1)
 def _choices() -> dict[str, tuple]:
     # a trial meta-trains the criterion it prunes with: an allocation metanetwork (its objective,
-    # its head, the allocation that reads one) is trained by meta_train.py, not searched here
+    # its head) is trained by meta_train.py, not searched here; the allocation that reads one is
+    # searched with the shipped allocation metanetwork (zoo.tuning.trial_allocator)
     allocating = {name for name, o in OBJECTIVES.items() if o.head is not None and HEADS[o.head].allocates}
     return {"edit": tuple(e for e in EDITS if not HEADS[e].allocates),
             "objective": tuple(o for o in OBJECTIVES if o not in allocating), "sparsity_norm": SPARSITY_FORMS,
             "criterion": criterion_names(Level.CHANNELS), "reconstruct_targets": TARGETS,
-            "allocation": tuple(a for a, chosen in ALLOCATIONS.items() if not chosen.reads_allocator)}
+            "allocation": tuple(ALLOCATIONS)}
 
 
 def _check_value(where: str, key: str, value) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from distributed.cli import ANSI, training_error
+from metanet.allocation import ALLOCATIONS, DEFAULT_ALLOCATION
 from metanet.files import atomic_write, atomic_write_text
 from metanet.levels import Level
 from metanet.meta_training import MetaTrainConfig, make_member
@@ -19,6 +20,7 @@ from metanet.metanetwork import MetaNetConfig, MetaNetwork, load_metanetwork, sa
 from metanet.plotting import pyplot
 from metanet.recipe import prepare, prune_and_finetune, prune_to_targets, recipe_from_settings
 from metanet.selection import choose, score, train_and_select
+from metanet.sources import ALLOCATION, resolve
 from metanet.weight_pruning import WeightPruning
 from zoo.arch import build_model
 from zoo.search import META_KEYS, PRUNE_KEYS, default_trial, with_objective_defaults
@@ -52,9 +54,12 @@ def trial(config: dict, search: dict, data) -> None:
                                         calibration=config["calibration"] or config["gradient"],
                                         gradient=config["gradient"]))
     recipe = recipe_from_settings(config, **zoo.finetune_settings(), seed=search.get("seed", 0))
+    allocator = trial_allocator(config)
+
     def validate(net) -> float:
         # the trial's own recipe settings score it: the search compares recipes, not just metanetworks
-        return score(net, val, data, recipe, search["objective"], search.get("targets"), search.get("sparsities"))
+        return score(net, val, data, recipe, search["objective"], search.get("targets"), search.get("sparsities"),
+                     allocator=allocator)
 
     def report(epoch: int, metrics: dict, net, row: dict | None) -> None:
         if row is None:
@@ -148,6 +153,14 @@ def no_score_message(results) -> str:
     return f"no trial reported a score; trial {i} failed: {trial_error(result.error)}{where}{more}"
 
 
+def trial_allocator(config: dict) -> MetaNetwork | None:
+    """The allocation metanetwork a configuration's allocation reads (the shipped one: a trial
+    meta-trains a criterion, not an allocation), else None."""
+    if not ALLOCATIONS[config.get("allocation", DEFAULT_ALLOCATION)].reads_allocator:
+        return None
+    return load_metanetwork(resolve(None, ALLOCATION).path)[0]
+
+
 def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dict:
     """Test accuracy of the best configuration on the held-out (role 'test') members, per target."""
     held_out = Zoo(search["zoo"], exclude=search.get("excluded_members")).built("test")
@@ -158,7 +171,9 @@ def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dic
         return _held_out_weights(net, held_out, search["sparsities"], data, recipe)
     scores: dict[float, list[float]] = {float(t): [] for t in search["targets"]}
     for record in held_out:
-        for target, (_, row) in zip(scores, prune_to_targets(record.network(), data, "meta", recipe, list(scores), net)):
+        pruned = prune_to_targets(record.network(), data, "meta", recipe, list(scores), net,
+                                  allocator=trial_allocator(config))
+        for target, (_, row) in zip(scores, pruned):
             scores[target].append(row["test_acc"])
     return {t: sum(v) / len(v) for t, v in scores.items()} | {"members": len(held_out)}
 
