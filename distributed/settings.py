@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, ValidationError, create_model
@@ -54,7 +55,12 @@ def settings_model(defaults: dict[str, Any], types: dict[str, type] | None = Non
         if value is None:
             kind = kind | None if kind is not Any else Any
         fields[key] = (kind, value)
-    return create_model(name, __base__=Strict, **fields)
+    # a setting may share a name with a class attribute pydantic's base inherits (``register``,
+    # ABCMeta's): the model only checks values, never reads them as attributes, so the shadowing
+    # is harmless and its warning would only litter every log (make demo's)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Field name .* shadows an attribute in parent", category=UserWarning)
+        return create_model(name, __base__=Strict, **fields)
 
 
 def check_values(config: dict[str, Any], defaults: dict[str, Any], program: str,

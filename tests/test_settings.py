@@ -48,3 +48,11 @@ def test_bad_values_name_the_key_and_value(text, message, tmp_path):
     with pytest.raises(SystemExit) as err:
         _parse(["--config", str(path)])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_setting_named_like_a_class_attribute_builds_without_a_warning(recwarn):
+    # meta_train's --register: ABCMeta's `register` on pydantic's base; the warning littered make demo's log
+    from distributed.settings import settings_model
+
+    assert settings_model({"register": None}).model_validate({"register": "name"}).model_dump() == {"register": "name"}
+    assert not [w for w in recwarn if "shadows an attribute" in str(w.message)]
