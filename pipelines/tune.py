@@ -40,7 +40,8 @@ from distributed.locks import exclusive  # noqa: E402
 from distributed.ray_env import check_fits, init_ray, preflight, shutdown  # noqa: E402
 from zoo.search import SearchError, check_same_search, default_trial, load_search, param_space  # noqa: E402
 from zoo.store import ZooFormatError  # noqa: E402
-from zoo.tuning import best_configuration, print_report, trial  # noqa: E402
+from zoo.batch.inputs import BatchInputError  # noqa: E402
+from zoo.tuning import best_configuration, print_report, settle_search_allocator, trial  # noqa: E402
 
 SEARCH_DIR = Path(__file__).resolve().parent / "searches"
 DEFAULT_SEARCH = SEARCH_DIR / "digits.yaml"
@@ -78,6 +79,12 @@ def main(argv=None) -> dict:
         if not ((meta.status == "ok") & (meta.role == role)).any():
             raise SystemExit(f"tune: {search['zoo']} has no '{role}' members; the search needs both")
     search["zoo"] = str(Path(search["zoo"]).resolve()) if "://" not in search["zoo"] else search["zoo"]
+    try:
+        note = settle_search_allocator(search, str(out))
+    except BatchInputError as err:
+        raise SystemExit(f"tune: {err}")
+    if note:
+        print(f"tune: {note}")
     preflight(float(search.get("cpus_per_trial", 1)), f"tune: cpus_per_trial {search.get('cpus_per_trial', 1):g}",
               args.address, args.num_cpus)
     if args.mlflow:

@@ -132,3 +132,36 @@ def test_prune_batch_reads_a_registered_metanetwork_from_a_real_mlflow_server(ml
     rows = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert (rows.status == "ok").all() and (rows.criterion == "scores").all(), rows.error.tolist()
     assert f"mlflow: run logged to {mlflow_server}" in done.stdout  # and the run went to the same server
+
+
+def test_a_tune_search_reads_its_allocation_metanetwork_by_uri_and_stages_it(tmp_path, monkeypatch):
+    import mlflow
+
+    from metanet.sources import ALLOCATION, resolve
+    from zoo.batch.inputs import BatchInputError
+    from zoo.tuning import settle_search_allocator, trial_allocator
+
+    monkeypatch.setenv("METAPRUNE_CACHE", str(tmp_path / "cache"))
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)
+    mlflow.set_experiment("meta-train")
+    with mlflow.start_run() as run:
+        pass
+    shipped = resolve(None, ALLOCATION).path
+    net = load_metanetwork(shipped)[0]
+    uri = log_metanetwork(net, shipped, run.info.run_id, "alloc")
+    search = {"space": {"allocation": {"choice": ["uniform", "learned"]}}, "fixed": {}, "allocator": uri}
+    settle_search_allocator(search, str(tmp_path / "out"))
+    assert search["allocator"].startswith(str(tmp_path / "out" / "metanetworks"))  # every node reads it there
+    drawn = trial_allocator({"allocation": "learned"}, search)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), drawn.state_dict().values()))
+    assert trial_allocator({"allocation": "uniform"}, search) is None
+    # a criterion is not an allocation metanetwork; an allocator no trial reads is a mistake: one line each
+    _metanetwork(tmp_path / "criterion.pt")
+    wrong = {"space": {"lr": {"choice": [0.01]}}, "fixed": {"allocation": "learned"}, "allocator": str(tmp_path / "criterion.pt")}
+    with pytest.raises(BatchInputError, match=r"^allocator .*criterion.pt: edit 'scores' is not an allocation"):
+        settle_search_allocator(wrong, str(tmp_path / "out"))
+    unread = {"space": {"lr": {"choice": [0.01]}}, "fixed": {}, "allocator": uri}
+    with pytest.raises(BatchInputError, match="no trial draws an allocation that reads one"):
+        settle_search_allocator(unread, str(tmp_path / "out"))

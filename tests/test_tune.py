@@ -170,6 +170,22 @@ def test_a_search_may_draw_every_allocation_the_learned_one_from_the_shipped_fil
     assert "space.allocation.choice: 'nope' is not one of" in err and "learned" in err and "'learned'" not in err, err
 
 
+@pytest.mark.slow
+def test_a_search_that_fixes_the_learned_allocation_hands_its_allocation_metanetwork_to_prune_batch(tmp_path):
+    build_digits_zoo(tmp_path / "zoo")
+    search = yaml.safe_load((ROOT / "pipelines/searches/digits.yaml").read_text())
+    search.update(zoo=str(tmp_path / "zoo"), num_samples=1, max_epochs=1, grace_period=1, val_members=1)
+    search["space"] = {"lr": {"choice": [0.003]}}
+    search["fixed"].update(allocation="learned", before_steps=5, after_steps=5)
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
+    out = _run("--search", tmp_path / "search.yaml", "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tune: no metanetwork given: using the shipped allocation metanetwork" in out.stdout
+    best = yaml.safe_load((tmp_path / "out/best_config.yaml").read_text())["prune_batch"]
+    assert best["allocation"] == "learned" and best["allocator"].startswith(str(tmp_path / "out/metanetworks/"))
+    assert os.path.isfile(best["allocator"])
+
+
 def test_the_default_trial_is_the_default_objective_and_a_trial_follows_its_objective():
     from zoo.search import default_trial, param_space, with_objective_defaults
 

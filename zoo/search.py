@@ -101,6 +101,9 @@ class SearchFile(Strict):
     damaged_members: Literal[DAMAGED_MEMBERS] = "refuse"  # type: ignore[valid-type]
     fixed: dict[Tunable, Any] = {}
     space: Annotated[dict[Tunable, Sampler], Field(min_length=1)]
+    # the allocation metanetwork of trials that draw `allocation: learned`: a file, a models:/ or
+    # runs:/ URI; none: the shipped one (zoo.tuning.settle_search_allocator)
+    allocator: str | None = None
 
     @model_validator(mode="after")
     def _targets_or_sparsities(self):

@@ -23,6 +23,7 @@ from metanet.selection import choose, score, train_and_select
 from metanet.sources import ALLOCATION, resolve
 from metanet.weight_pruning import WeightPruning
 from zoo.arch import build_model
+from zoo.batch.inputs import BatchInputError, settle_allocator, stage_metanetworks
 from zoo.search import META_KEYS, PRUNE_KEYS, default_trial, with_objective_defaults
 from zoo.store import Zoo
 
@@ -54,7 +55,7 @@ def trial(config: dict, search: dict, data) -> None:
                                         calibration=config["calibration"] or config["gradient"],
                                         gradient=config["gradient"]))
     recipe = recipe_from_settings(config, **zoo.finetune_settings(), seed=search.get("seed", 0))
-    allocator = trial_allocator(config)
+    allocator = trial_allocator(config, search)
 
     def validate(net) -> float:
         # the trial's own recipe settings score it: the search compares recipes, not just metanetworks
@@ -109,7 +110,11 @@ def best_configuration(results, search: dict, out: Path, data, finetune: dict) -
         "meta_train": {**{k: config[k] for k in META_KEYS}, "epochs": best["epoch"] + 1, "milestones": [best["epoch"] + 1]},
         "prune_batch": {**{k: config[k] for k in PRUNE_KEYS},
                         **({"targets": list(map(float, search["targets"]))} if search.get("targets") else
-                           {"sparsity": list(map(float, search["sparsities"]))})},
+                           {"sparsity": list(map(float, search["sparsities"]))}),
+                        # the allocation metanetwork the best trial pruned with (staged under the search's output)
+                        **({"allocator": search["allocator"]} if ALLOCATIONS[config["allocation"]].reads_allocator
+                           and search.get("allocator")
+                           else {})},
         "tune": {"search": search["name"], "trial": best["trial"], "val_score": best["best"],
                  "default_val_score": default.get("best"), "default_evaluations": default.get("iterations")},
     }
@@ -153,12 +158,34 @@ def no_score_message(results) -> str:
     return f"no trial reported a score; trial {i} failed: {trial_error(result.error)}{where}{more}"
 
 
-def trial_allocator(config: dict) -> MetaNetwork | None:
-    """The allocation metanetwork a configuration's allocation reads (the shipped one: a trial
-    meta-trains a criterion, not an allocation), else None."""
+def settle_search_allocator(search: dict, out: str) -> str | None:
+    """Where trials can draw an allocation that reads an allocation metanetwork (``learned``, fixed
+    or among the choices): the search file's ``allocator`` (a file, a ``models:/`` or ``runs:/``
+    URI) or the shipped one, checked and copied under ``out`` (every node reads it; a URI is
+    downloaded once, here), its path in ``search['allocator']``. The line to print, or None when
+    no trial reads one; ``BatchInputError`` names a bad one."""
+    sampled = search["space"].get("allocation")
+    drawn = next(iter(sampled.values())) if sampled else [search["fixed"].get("allocation", DEFAULT_ALLOCATION)]
+    reading = [a for a in drawn if ALLOCATIONS[a].reads_allocator]
+    if not reading:
+        if search.get("allocator"):
+            raise BatchInputError(f"allocator {search['allocator']}: no trial draws an allocation that reads one "
+                                  f"(allocation: {', '.join(a for a, c in ALLOCATIONS.items() if c.reads_allocator)})")
+        return None
+    config = {"allocation": reading[0], "allocator": search.get("allocator")}
+    note = settle_allocator(config, flag="allocator")
+    stage_metanetworks(config, out)
+    search["allocator"] = config["allocator"]
+    return note
+
+
+def trial_allocator(config: dict, search: dict | None = None) -> MetaNetwork | None:
+    """The allocation metanetwork a configuration's allocation reads (``search['allocator']``, as
+    ``settle_search_allocator`` left it, else the shipped one: a trial meta-trains a criterion, not an
+    allocation), else None."""
     if not ALLOCATIONS[config.get("allocation", DEFAULT_ALLOCATION)].reads_allocator:
         return None
-    return load_metanetwork(resolve(None, ALLOCATION).path)[0]
+    return load_metanetwork((search or {}).get("allocator") or resolve(None, ALLOCATION).path)[0]
 
 
 def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dict:
@@ -172,7 +199,7 @@ def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dic
     scores: dict[float, list[float]] = {float(t): [] for t in search["targets"]}
     for record in held_out:
         pruned = prune_to_targets(record.network(), data, "meta", recipe, list(scores), net,
-                                  allocator=trial_allocator(config))
+                                  allocator=trial_allocator(config, search))
         for target, (_, row) in zip(scores, pruned):
             scores[target].append(row["test_acc"])
     return {t: sum(v) / len(v) for t, v in scores.items()} | {"members": len(held_out)}

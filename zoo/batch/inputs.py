@@ -261,18 +261,19 @@ def settle_metanet(config: dict):
     return metanet, file_digest(source.path), source.note
 
 
-def settle_allocator(config: dict) -> str | None:
+def settle_allocator(config: dict, flag: str = "--allocator") -> str | None:
     """``--allocator`` for ``--allocation learned``: a file, an MLflow URI or, when none is given, the
     shipped allocation metanetwork; checked (``check_allocator``), its content digest in
     ``allocator_sha`` (the rows' fingerprint: the file's content, not its path, decides reuse) and its
-    path made absolute (the Ray tasks read it). Returns the line to print about it, or None."""
+    path made absolute (the Ray tasks read it). Returns the line to print about it, or None.
+    ``flag``: how errors name the setting (a Tune search file's key is ``allocator``)."""
     chosen = ALLOCATIONS.get(config["allocation"])
     if chosen is None or not chosen.reads_allocator:
         return None
-    source = _resolved(config.get("allocator"), ALLOCATION, "--allocator", "allocation metanetwork")
+    source = _resolved(config.get("allocator"), ALLOCATION, flag, "allocation metanetwork")
     config["allocator_source"] = source.given or SHIPPED + os.path.basename(source.path)
     config["allocator"] = source.path
-    check_allocator(_loaded(source, "--allocator"), config)
+    check_allocator(_loaded(source, flag), config, flag)
     config["allocator_sha"] = file_digest(source.path)
     config["allocator"] = os.path.abspath(source.path)
     return source.note
@@ -319,13 +320,13 @@ def _resolved(given_as: str | None, role: str, flag: str, what: str):
     return source
 
 
-def check_allocator(allocator, config: dict) -> None:
+def check_allocator(allocator, config: dict, flag: str = "--allocator") -> None:
     """``--allocator`` is an allocation metanetwork (its head allocates) that reads no calibration."""
     if not allocator.head.allocates:
-        raise BatchInputError(f"--allocator {config['allocator']}: edit {allocator.config.edit!r} is not an allocation "
+        raise BatchInputError(f"{flag} {config['allocator']}: edit {allocator.config.edit!r} is not an allocation "
                               "metanetwork (meta_train.py --objective allocation)")
     if allocator.config.calibration:
-        raise BatchInputError(f"--allocator {config['allocator']}: built with calibration=True; an allocation "
+        raise BatchInputError(f"{flag} {config['allocator']}: built with calibration=True; an allocation "
                               "metanetwork reads no calibration statistics")
 
 
