@@ -197,9 +197,9 @@ def held_out_score(net, config: dict, search: dict, data, finetune: dict) -> dic
     if search.get("sparsities"):
         return _held_out_weights(net, held_out, search["sparsities"], data, recipe)
     scores: dict[float, list[float]] = {float(t): [] for t in search["targets"]}
+    allocator = trial_allocator(config, search)
     for record in held_out:
-        pruned = prune_to_targets(record.network(), data, "meta", recipe, list(scores), net,
-                                  allocator=trial_allocator(config, search))
+        pruned = prune_to_targets(record.network(), data, "meta", recipe, list(scores), net, allocator=allocator)
         for target, (_, row) in zip(scores, pruned):
             scores[target].append(row["test_acc"])
     return {t: sum(v) / len(v) for t, v in scores.items()} | {"members": len(held_out)}
