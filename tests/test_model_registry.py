@@ -148,9 +148,11 @@ def test_a_tune_search_reads_its_allocation_metanetwork_by_uri_and_stages_it(tmp
     mlflow.set_experiment("meta-train")
     with mlflow.start_run() as run:
         pass
-    shipped = resolve(None, ALLOCATION).path
-    net = load_metanetwork(shipped)[0]
-    uri = log_metanetwork(net, shipped, run.info.run_id, "alloc")
+    net = load_metanetwork(resolve(None, ALLOCATION).path)[0]
+    with torch.no_grad():  # not the shipped one: a trial that ignored the URI would read that instead
+        next(net.parameters()).add_(1.0)
+    save_metanetwork(net, str(tmp_path / "allocator.pt"))
+    uri = log_metanetwork(net, str(tmp_path / "allocator.pt"), run.info.run_id, "alloc")
     search = {"space": {"allocation": {"choice": ["uniform", "learned"]}}, "fixed": {}, "allocator": uri}
     settle_search_allocator(search, str(tmp_path / "out"))
     assert search["allocator"].startswith(str(tmp_path / "out" / "metanetworks"))  # every node reads it there
