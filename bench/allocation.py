@@ -8,8 +8,10 @@ finetune trains them further).
 ``metanet.allocation_fit``; ``meta_train.py --objective allocation`` trains them), labelled
 ``learned:NAME``. ``--rows uniform+fpgm learned:gnn+meta ...`` adds rows with another method inside
 an allocation (``meta``: the learned criterion ranks channels, so the metanetworks decide both how
-many and which); ``--best`` the row "uniform + best", the hand-crafted criterion chosen per target
-and budget by validation accuracy.
+many and which); ``--best`` the rows "uniform + best" and "learned:gnn + best" (for an allocation
+with hand-crafted ``--rows``), the hand-crafted criterion chosen per target and budget by validation
+accuracy. ``--save`` keeps every network's accuracies and ``--pair-with`` pairs each row with the
+same row of such a file (a run without ``--reconstruct`` against one with it: the re-fit's gain).
 
 Every allocation prunes with the same criterion (``--method``, magnitude by default: after the
 re-fit the criteria cannot be told apart, docs/benchmarks.md) through the recipe itself
@@ -90,20 +92,41 @@ def run_network(record, data, allocations, method: str, targets, budgets, finetu
     return out
 
 
-def best_uniform(results: list[dict], candidates, targets, budgets) -> dict:
-    """Adds the row ``uniform + best`` to every result: at each (target, steps) the candidate row with
-    the highest mean validation accuracy over the networks (the same choice for every network);
-    returns the choices."""
+def best_rows(results: list[dict], groups: dict, targets, budgets) -> dict:
+    """Adds a row ``ALLOCATION + best`` per group ({its label: candidate rows, the same allocation under
+    each hand-crafted criterion}) to every result: at each (target, steps) the candidate with the
+    highest mean validation accuracy over the networks (the same choice for every network); returns
+    the choices, {(label, target, steps): row}."""
     chosen = {}
-    for t in map(float, targets):
-        for s in budgets:
-            chosen[t, s] = max(candidates, key=lambda c: statistics.mean(r["val"][c, t, s] for r in results))
-            for r in results:
-                r["acc"]["uniform + best", t, s] = r["acc"][chosen[t, s], t, s]
-                r["val"]["uniform + best", t, s] = r["val"][chosen[t, s], t, s]
-    for r in results:
-        r["seconds"]["uniform + best"] = sum(r["seconds"][c] for c in candidates)  # it ran every candidate
+    for label, candidates in groups.items():
+        for t in map(float, targets):
+            for s in budgets:
+                pick = chosen[label, t, s] = max(
+                    candidates, key=lambda c: statistics.mean(r["val"][c, t, s] for r in results))
+                for r in results:
+                    r["acc"][label, t, s] = r["acc"][pick, t, s]
+                    r["val"][label, t, s] = r["val"][pick, t, s]
+        for r in results:
+            r["seconds"][label] = sum(r["seconds"][c] for c in candidates)  # it ran every candidate
     return chosen
+
+
+def across_runs(results: list[dict], ids: list[str], rows, targets, budgets, other: dict, log) -> None:
+    """Each row's paired difference to the same row of another run (``--save``'s file), network by
+    network: what one setting of the run changes (the re-fit: a run with ``--reconstruct`` against one
+    without)."""
+    cols = [(float(t), s) for t in targets for s in budgets]
+    log(f"\nThis run minus the paired run, network by network (points, 95% interval):\n")
+    log("| row | " + " | ".join(f"{t:g}x, {s} steps" for t, s in cols) + " |")
+    log("|---|" + "---|" * len(cols))
+    for name in rows:
+        keys = [f"{name}|{t:g}x|{s}" for t, s in cols]
+        if not all(k in other[i] for k in keys for i in ids):
+            continue
+        diffs = [mean_ci([100 * (r["acc"][name, t, s] - other[i][k]) for r, i in zip(results, ids)])
+                 for (t, s), k in zip(cols, keys)]
+        log(f"| {name} | " + " | ".join(f"{d}{'' if d.low > 0 or d.high < 0 else ' (cannot tell)'}"
+                                        for d in diffs) + " |")
 
 
 def table(results: list[dict], allocations, targets, budgets, log, pairs=()) -> None:
@@ -162,8 +185,9 @@ def main(argv=None) -> None:
                         "--metanet, by default the shipped learned criterion), each labelled 'ALLOCATION + METHOD'")
     p.add_argument("--metanet", help="the learned criterion of meta rows (default: the shipped one)")
     p.add_argument("--best", action="store_true",
-                   help="also the row 'uniform + best': at each target and budget the uniform row (--method and "
-                        "the hand-crafted --rows) with the highest mean validation accuracy")
+                   help="also a row 'ALLOCATION + best' for uniform and for each allocation with hand-crafted "
+                        "--rows: at each target and budget the row of that allocation (--method and the "
+                        "hand-crafted --rows) with the highest mean validation accuracy")
     p.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0])
     p.add_argument("--finetune", type=int, nargs="+", default=[0, 80], help="finetuning budgets (steps; 0: none)")
     p.add_argument("--candidates", type=int, default=16, help="eagleeye: random allocations per network and target")
@@ -175,6 +199,8 @@ def main(argv=None) -> None:
                    help="with --networks: evenly spaced over the held-out list instead of the first ones (both "
                         "families, and the held-out zoo's members, which sit at its end)")
     p.add_argument("--save", metavar="JSON", help="also write every network's accuracies (to pair rows across runs)")
+    p.add_argument("--pair-with", metavar="JSON",
+                   help="another run's --save file over the same networks: each row's paired difference to it")
     p.add_argument("--plot", metavar="PNG", help="each allocation's widths on the first network at the first target")
     args = p.parse_args(argv)
     if "uniform" not in args.allocations:
@@ -189,7 +215,7 @@ def main(argv=None) -> None:
         if not net.head.allocates:
             raise SystemExit(f"allocation: {path}: edit {net.config.edit!r} is not an allocation metanetwork")
         allocators[f"{Learned.name}:{label}"] = (Learned.name, net)
-    extra = {}
+    extra, home = {}, {}
     for item in args.rows:
         where, sep, how = item.rpartition("+")
         if not sep or (where not in ALLOCATIONS and where not in allocators) or how not in names(Level.CHANNELS):
@@ -199,9 +225,18 @@ def main(argv=None) -> None:
         if net is None and ALLOCATIONS[chosen].reads_allocator:  # learned with no --allocators label: the shipped
             net = load_metanetwork(resolve(None, ALLOCATION).path)[0]
         extra[f"{where} + {how}"] = (chosen, net, how)
+        home[f"{where} + {how}"] = where
     metanet = (load_metanetwork(resolve(args.metanet, CRITERION).path)[0]
                if uses_metanet([m for _, _, m in extra.values()]) else None)
-    rows = [*args.allocations, *allocators, *extra, *(["uniform + best"] if args.best else [])]
+    hand = set(names(Level.CHANNELS, hand_crafted=True))
+    best_of = {}  # 'ALLOCATION + best': its candidate rows (the allocation under each hand-crafted criterion)
+    if args.best:
+        for where in [*args.allocations, *allocators]:
+            others = [label for label, (_, _, m) in extra.items() if home[label] == where and m in hand]
+            if where == Uniform.name or others:
+                best_of[f"{where} + best"] = [where, *others]
+    rows = [*args.allocations, *allocators, *extra, *best_of]
+    other_run = json.loads(Path(args.pair_with).read_text()) if args.pair_with else None
     unknown = [name for pair in args.compare for name in pair if name not in rows]
     if unknown:
         raise SystemExit(f"allocation: --compare names rows {unknown} that this run has not; it has {rows}")
@@ -214,19 +249,24 @@ def main(argv=None) -> None:
         held = held[: args.networks]
     if not held:
         raise SystemExit("allocation: no held-out networks (the zoo's test members and --heldout zoos)")
+    missing = [r.id for r in held if other_run is not None and r.id not in other_run]
+    if missing:  # checked before the run, not after it
+        raise SystemExit(f"allocation: {args.pair_with} holds no network {missing[0]} ({len(missing)} of this "
+                         f"run's {len(held)} missing): --pair-with needs a run over the same networks")
     t0 = time.perf_counter()
     results = [run_network(r, setup.data, args.allocations, args.method, args.targets, budgets,
                            setup.zoo.finetune_settings(), args, allocators, extra, metanet)
                for r in progress(held, desc="held-out networks", unit="network")]
     print(f"\n{len(held)} held-out networks, method {args.method}, {'with' if args.reconstruct else 'without'} the "
           f"re-fit, eagleeye {args.candidates} candidates; {time.perf_counter() - t0:.0f} s")
-    if args.best:
-        hand = set(names(Level.CHANNELS, hand_crafted=True))
-        candidates = [Uniform.name, *(label for label, (a, _, m) in extra.items() if a == Uniform.name and m in hand)]
-        chosen = best_uniform(results, candidates, args.targets, budgets)
-        print("uniform + best, by mean validation accuracy: "
-              + ", ".join(f"{t:g}x/{s} steps {c}" for (t, s), c in chosen.items()))
+    if best_of:
+        chosen = best_rows(results, best_of, args.targets, budgets)
+        for label in best_of:
+            print(f"{label}, by mean validation accuracy: "
+                  + ", ".join(f"{t:g}x/{s} steps {c}" for (lab, t, s), c in chosen.items() if lab == label))
     table(results, rows, args.targets, budgets, print, [tuple(p) for p in args.compare])
+    if other_run is not None:
+        across_runs(results, [r.id for r in held], rows, args.targets, budgets, other_run, print)
     if args.save:
         per_network = {r.id: {f"{name}|{t:g}x|{s}": acc for (name, t, s), acc in result["acc"].items()}
                        for r, result in zip(held, results)}

@@ -135,15 +135,17 @@ def test_the_allocation_bench_pairs_every_allocation_against_uniform(tmp_path, c
     bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "global", "eagleeye", "fitted", "--targets", "2",
                 "--finetune", "0", "2", "--candidates", "2", "--plot", str(tmp_path / "widths.png"),
                 "--allocators", f"gnn={tmp_path / 'allocator.pt'}", "--compare", "learned:gnn", "fitted",
-                "--rows", "uniform+fpgm", "learned:gnn+meta", "--best",
+                "--rows", "uniform+fpgm", "learned:gnn+meta", "learned:gnn+fpgm", "--best",
                 "--compare", "learned:gnn + meta", "uniform + best",
                 "--save", str(tmp_path / "per-network.json")])
     out = capsys.readouterr().out
     assert "uniform + best, by mean validation accuracy: 2x/0 steps " in out
+    assert "learned:gnn + best, by mean validation accuracy: 2x/0 steps " in out
     for row in ("| uniform |", "| global - uniform |", "| eagleeye - uniform |", "| fitted - uniform |",
                 "| learned:gnn - uniform |", "| learned:gnn - fitted |", "| unpruned, finetuned as long |",
                 "| uniform + fpgm - uniform |", "| uniform + best - uniform |",
                 "| learned:gnn + meta - uniform + best |",
+                "| learned:gnn + best - uniform |", "| learned:gnn + fpgm - uniform |",
                 "| allocation | 2x, 0 steps | 2x, 2 steps | seconds per network |"):
         assert row in out, out
     assert (tmp_path / "widths.png").stat().st_size > 0
@@ -151,6 +153,15 @@ def test_the_allocation_bench_pairs_every_allocation_against_uniform(tmp_path, c
 
     saved = json.loads((tmp_path / "per-network.json").read_text())
     assert saved and all("learned:gnn|2x|2" in per and "uniform|2x|0" in per for per in saved.values())
+    # a second run paired with the first, network by network: with the re-fit, on the first network only
+    bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "uniform", "--targets", "2", "--finetune", "0", "2",
+                "--networks", "1", "--reconstruct", "--pair-with", str(tmp_path / "per-network.json")])
+    out = capsys.readouterr().out
+    assert "This run minus the paired run" in out and "| uniform | " in out.split("This run minus")[1], out
+    with pytest.raises(SystemExit, match="holds no network .*--pair-with needs a run over the same"):
+        (tmp_path / "one.json").write_text(json.dumps({"someone-else": {}}))
+        bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "uniform", "--targets", "2", "--finetune", "0",
+                    "--networks", "1", "--pair-with", str(tmp_path / "one.json")])
 
 
 def test_the_latency_bench_times_each_allocation_against_the_unpruned_network(tmp_path, capsys):
