@@ -32,12 +32,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import parser, set_up  # noqa: E402
 from distributed.progress import progress  # noqa: E402
 from metanet.allocation import ALLOCATIONS, Learned, Uniform, out_channels  # noqa: E402
 from metanet.files import atomic_write_text  # noqa: E402
+from metanet.latency import LatencySettings, compare  # noqa: E402
 from metanet.metanetwork import load_metanetwork  # noqa: E402
 from metanet.paired import mean_ci  # noqa: E402
 from metanet.plotting import pyplot  # noqa: E402
@@ -62,7 +65,8 @@ def run_network(record, data, allocations, method: str, targets, budgets, finetu
     x = example_input(model, data)
     sizes = prunable_groups(model, x)
     longest = max(budgets)
-    out: dict = {"acc": {}, "val": {}, "seconds": {}, "widths": {}}
+    out: dict = {"acc": {}, "val": {}, "seconds": {}, "widths": {}, "speed": {}}
+    timing = LatencySettings(batch=args.latency_batch, threads=1) if args.latency else None
     rows_of = {name: (name, None, method) for name in allocations}
     rows_of.update({label: (chosen, net, method) for label, (chosen, net) in (allocators or {}).items()})
     rows_of.update(extra or {})
@@ -81,6 +85,10 @@ def run_network(record, data, allocations, method: str, targets, budgets, finetu
                 out["val"][name, float(target), steps] = row[f"val_{key}"]
             modules = dict(pruned.named_modules())
             out["widths"][name, float(target)] = {r: out_channels(modules[r]) for r in sizes}
+            if timing is not None:  # the shapes decide the time, not the weights: the finetuned network will do
+                timed = compare(model, pruned, tuple(x.shape), timing)
+                out["speed"][name, float(target)] = {1: timed["latency_speedup"],
+                                                     timing.batch: timed["latency_speedup_batch"]}
     out["sizes"] = sizes
     for steps in budgets:  # the reference: the unpruned network finetuned for the same steps
         if steps == 0:
@@ -120,13 +128,16 @@ def across_runs(results: list[dict], ids: list[str], rows, targets, budgets, oth
     log("| row | " + " | ".join(f"{t:g}x, {s} steps" for t, s in cols) + " |")
     log("|---|" + "---|" * len(cols))
     for name in rows:
-        keys = [f"{name}|{t:g}x|{s}" for t, s in cols]
-        if not all(k in other[i] for k in keys for i in ids):
-            continue
-        diffs = [mean_ci([100 * (r["acc"][name, t, s] - other[i][k]) for r, i in zip(results, ids)])
-                 for (t, s), k in zip(cols, keys)]
-        log(f"| {name} | " + " | ".join(f"{d}{'' if d.low > 0 or d.high < 0 else ' (cannot tell)'}"
-                                        for d in diffs) + " |")
+        cells = []
+        for t, s in cols:
+            key = f"{name}|{t:g}x|{s}"
+            if not all(key in other[i] for i in ids):
+                cells.append("not in the paired run")
+                continue
+            d = mean_ci([100 * (r["acc"][name, t, s] - other[i][key]) for r, i in zip(results, ids)])
+            cells.append(f"{d}{'' if d.low > 0 or d.high < 0 else ' (cannot tell)'}")
+        if any(c != "not in the paired run" for c in cells):
+            log(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def table(results: list[dict], allocations, targets, budgets, log, pairs=()) -> None:
@@ -151,6 +162,37 @@ def table(results: list[dict], allocations, targets, budgets, log, pairs=()) -> 
                                            for d in diffs) + " | |")
     reference = {s: statistics.mean(100 * r["acc"][UNPRUNED, 0.0, s] for r in results) for s in budgets}
     log(f"| {UNPRUNED} | " + " | ".join(f"{reference[s]:.1f}" for _, s in cols) + " | |")
+
+
+def at_equal_speed(results: list[dict], a: str, b: str, targets, budgets, log) -> None:
+    """Row ``a`` against row ``b`` at the speed-up ``b`` measured, network by network: ``a``'s accuracy
+    linearly interpolated over its own targets at the measured speed-up of ``b`` at each target (a
+    network where ``b``'s speed-up lies outside ``a``'s measured range is left out and counted)."""
+    batches = sorted(next(iter(results[0]["speed"].values())))
+    cols = [(float(t), s) for t in targets for s in budgets]
+    log(f"\n{a} - {b} at the speed-up {b} measured (CPU, 1 thread; {a}'s accuracy interpolated between its "
+        "targets by measured speed-up; points, 95% interval, networks compared):\n")
+    log("| batch | " + " | ".join(f"{b} at {t:g}x, {s} steps" for t, s in cols) + " |")
+    log("|---|" + "---|" * len(cols))
+    for batch in batches:
+        cells = []
+        for t, steps in cols:
+            diffs = []
+            for r in results:
+                points = sorted((r["speed"][a, float(u)][batch], r["acc"][a, float(u), steps]) for u in targets)
+                speed = r["speed"][b, t][batch]
+                if points[0][0] <= speed <= points[-1][0]:
+                    diffs.append(100 * (float(np.interp(speed, *zip(*points))) - r["acc"][b, t, steps]))
+            if len(diffs) < 2:
+                cells.append(f"({len(diffs)} of {len(results)} in range)")
+                continue
+            d = mean_ci(diffs)
+            cells.append(f"{d}{'' if d.low > 0 or d.high < 0 else ' (cannot tell)'}, {len(diffs)}/{len(results)}")
+        log(f"| {batch} | " + " | ".join(cells) + " |")
+    for batch in batches:
+        log(f"measured speed-up at batch {batch}: " + "; ".join(
+            f"{name} " + " / ".join(f"{statistics.mean(r['speed'][name, float(t)][batch] for r in results):.2f}"
+                                    for t in targets) for name in (a, b)) + f" (at {' / '.join(f'{t:g}x' for t in targets)} MACs)")
 
 
 def plot_widths(result: dict, target: float, allocations, path: str, title: str) -> None:
@@ -194,6 +236,13 @@ def main(argv=None) -> None:
     p.add_argument("--reconstruct", action="store_true", help="the least-squares re-fit after the cut (the repair)")
     p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
                    help="also print the paired difference of rows A and B (e.g. learned:gnn learned:mlp)")
+    p.add_argument("--latency", action="store_true",
+                   help="also time every pruned network against its unpruned self (CPU, 1 thread, batch 1 and "
+                        "--latency-batch; nothing else should run)")
+    p.add_argument("--latency-batch", type=int, default=64)
+    p.add_argument("--equal-speed", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="with --latency: row A against row B at the speed-up B measured at each target, A's "
+                        "accuracy interpolated over its targets by measured speed-up")
     p.add_argument("--networks", type=int, help="at most this many held-out networks (the first ones)")
     p.add_argument("--spread", action="store_true",
                    help="with --networks: evenly spaced over the held-out list instead of the first ones (both "
@@ -237,7 +286,9 @@ def main(argv=None) -> None:
                 best_of[f"{where} + best"] = [where, *others]
     rows = [*args.allocations, *allocators, *extra, *best_of]
     other_run = json.loads(Path(args.pair_with).read_text()) if args.pair_with else None
-    unknown = [name for pair in args.compare for name in pair if name not in rows]
+    if args.equal_speed and not args.latency:
+        raise SystemExit("allocation: --equal-speed compares at measured speed-ups: it needs --latency")
+    unknown = [name for pair in [*args.compare, *args.equal_speed] for name in pair if name not in rows]
     if unknown:
         raise SystemExit(f"allocation: --compare names rows {unknown} that this run has not; it has {rows}")
     setup = set_up(args)
@@ -265,10 +316,14 @@ def main(argv=None) -> None:
             print(f"{label}, by mean validation accuracy: "
                   + ", ".join(f"{t:g}x/{s} steps {c}" for (lab, t, s), c in chosen.items() if lab == label))
     table(results, rows, args.targets, budgets, print, [tuple(p) for p in args.compare])
+    for a, b in args.equal_speed:
+        at_equal_speed(results, a, b, args.targets, budgets, print)
     if other_run is not None:
         across_runs(results, [r.id for r in held], rows, args.targets, budgets, other_run, print)
     if args.save:
-        per_network = {r.id: {f"{name}|{t:g}x|{s}": acc for (name, t, s), acc in result["acc"].items()}
+        per_network = {r.id: {**{f"{name}|{t:g}x|{s}": acc for (name, t, s), acc in result["acc"].items()},
+                              **{f"speed, batch {n}|{name}|{t:g}x": v for (name, t), by in result["speed"].items()
+                                 for n, v in by.items()}}
                        for r, result in zip(held, results)}
         atomic_write_text(args.save, json.dumps(per_network, indent=1, sort_keys=True))
         print(f"wrote {args.save}")

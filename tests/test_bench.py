@@ -153,15 +153,49 @@ def test_the_allocation_bench_pairs_every_allocation_against_uniform(tmp_path, c
 
     saved = json.loads((tmp_path / "per-network.json").read_text())
     assert saved and all("learned:gnn|2x|2" in per and "uniform|2x|0" in per for per in saved.values())
-    # a second run paired with the first, network by network: with the re-fit, on the first network only
-    bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "uniform", "--targets", "2", "--finetune", "0", "2",
-                "--networks", "1", "--reconstruct", "--pair-with", str(tmp_path / "per-network.json")])
+    # a second run paired with the first, network by network: with the re-fit, on the first two networks;
+    # with the pruned networks timed and the learned allocation compared at uniform's measured speed-ups
+    bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "uniform", "--targets", "1.5", "2", "3",
+                "--finetune", "0", "2", "--networks", "2", "--reconstruct", "--pair-with",
+                str(tmp_path / "per-network.json"), "--allocators", f"gnn={tmp_path / 'allocator.pt'}",
+                "--latency", "--latency-batch", "8", "--equal-speed", "learned:gnn", "uniform"])
     out = capsys.readouterr().out
-    assert "This run minus the paired run" in out and "| uniform | " in out.split("This run minus")[1], out
+    paired = out.split("This run minus")[1]
+    assert "| uniform | not in the paired run | not in the paired run | " in paired, out  # the first run: 2x only
+    assert "learned:gnn - uniform at the speed-up uniform measured" in out, out
+    assert "| batch | uniform at 1.5x, 0 steps |" in out and "| 8 | " in out and "| 1 | " in out, out
+    assert "measured speed-up at batch 8: learned:gnn " in out, out
+    with pytest.raises(SystemExit, match="--equal-speed compares at measured speed-ups: it needs --latency"):
+        bench.main(["--zoo", str(tmp_path / "zoo"), "--equal-speed", "uniform", "uniform"])
     with pytest.raises(SystemExit, match="holds no network .*--pair-with needs a run over the same"):
         (tmp_path / "one.json").write_text(json.dumps({"someone-else": {}}))
         bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "uniform", "--targets", "2", "--finetune", "0",
                     "--networks", "1", "--pair-with", str(tmp_path / "one.json")])
+
+
+def test_equal_speed_interpolates_each_network_at_the_other_rows_measured_speed_up():
+    """Row a's accuracy read off its own (measured speed-up, accuracy) points at the speed-up row b
+    measured, per network; a network whose b speed-up is outside a's range is left out and counted."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("allocation_bench", ROOT / "bench/allocation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def network(a_acc, b_speed, b_acc):
+        speeds = {2.0: 1.5, 3.0: 2.0, 4.0: 3.0}  # a's measured speed-up at its MAC targets
+        return {"speed": {**{("a", t): {1: v} for t, v in speeds.items()},
+                          **{("b", t): {1: b_speed} for t in speeds}},
+                "acc": {**{("a", t, 0): acc for t, acc in zip(speeds, a_acc)},
+                        **{("b", t, 0): b_acc for t in speeds}}}
+
+    results = [network((0.6, 0.5, 0.4), 2.5, 0.40),   # a at 2.5x measured: 0.45, +5 points
+               network((0.6, 0.5, 0.4), 1.75, 0.50),  # a at 1.75x: 0.55, +5 points
+               network((0.6, 0.5, 0.4), 3.5, 0.10)]   # beyond a's fastest: left out
+    lines = []
+    bench.at_equal_speed(results, "a", "b", [2, 3, 4], [0], lines.append)
+    row = next(line for line in lines if line.startswith("| 1 | "))
+    assert row.count("+5.0 [+5.0, +5.0], 2/3") == 3, row
 
 
 def test_the_latency_bench_times_each_allocation_against_the_unpruned_network(tmp_path, capsys):
