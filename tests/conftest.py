@@ -104,12 +104,3 @@ def trained(digits):
     train(model, digits, TrainConfig(epochs=2, lr=0.1, augment=False))
     return model.eval()
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) the slow tests run on one worker,
-    one at a time: each starts Ray clusters or pipelines that take every core, and two at once on a
-    2-core machine would starve each other past their timeouts."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("slow"))
-
