@@ -38,11 +38,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip check
 	touch $(STAMP)
 
-# two pytest workers: the slow tests (Ray clusters, pipelines as subprocesses) one after another on
-# one of them (tests/conftest.py puts them in one xdist group), the rest on the other meanwhile;
-# the slow ones spend much of their time waiting (Ray start-ups), which the other worker fills
+# two pytest workers, one per core: the slow tests (Ray clusters, pipelines as subprocesses) spend
+# much of their time waiting (Ray start-ups, a killed driver's agents), which the other worker fills;
+# three workers were no faster (docs/performance.md)
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
