@@ -124,7 +124,7 @@ def across_runs(results: list[dict], ids: list[str], rows, targets, budgets, oth
     network: what one setting of the run changes (the re-fit: a run with ``--reconstruct`` against one
     without)."""
     cols = [(float(t), s) for t in targets for s in budgets]
-    log(f"\nThis run minus the paired run, network by network (points, 95% interval):\n")
+    log("\nThis run minus the paired run, network by network (points, 95% interval):\n")
     log("| row | " + " | ".join(f"{t:g}x, {s} steps" for t, s in cols) + " |")
     log("|---|" + "---|" * len(cols))
     for name in rows:
@@ -285,12 +285,15 @@ def main(argv=None) -> None:
             if where == Uniform.name or others:
                 best_of[f"{where} + best"] = [where, *others]
     rows = [*args.allocations, *allocators, *extra, *best_of]
-    other_run = json.loads(Path(args.pair_with).read_text()) if args.pair_with else None
+    try:
+        other_run = json.loads(Path(args.pair_with).read_text()) if args.pair_with else None
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"allocation: --pair-with {args.pair_with}: not a file --save wrote ({e})") from None
     if args.equal_speed and not args.latency:
         raise SystemExit("allocation: --equal-speed compares at measured speed-ups: it needs --latency")
     unknown = [name for pair in [*args.compare, *args.equal_speed] for name in pair if name not in rows]
     if unknown:
-        raise SystemExit(f"allocation: --compare names rows {unknown} that this run has not; it has {rows}")
+        raise SystemExit(f"allocation: --compare/--equal-speed name rows {unknown} that this run has not; it has {rows}")
     setup = set_up(args)
     _, _, held = benchmark_networks(setup.zoo, setup.heldout)
     if args.networks and args.spread and args.networks < len(held):

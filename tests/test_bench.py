@@ -167,6 +167,8 @@ def test_the_allocation_bench_pairs_every_allocation_against_uniform(tmp_path, c
     assert "measured speed-up at batch 8: learned:gnn " in out, out
     with pytest.raises(SystemExit, match="--equal-speed compares at measured speed-ups: it needs --latency"):
         bench.main(["--zoo", str(tmp_path / "zoo"), "--equal-speed", "uniform", "uniform"])
+    with pytest.raises(SystemExit, match=r"--pair-with .*nothing.json: not a file --save wrote"):
+        bench.main(["--zoo", str(tmp_path / "zoo"), "--pair-with", str(tmp_path / "nothing.json")])
     with pytest.raises(SystemExit, match="holds no network .*--pair-with needs a run over the same"):
         (tmp_path / "one.json").write_text(json.dumps({"someone-else": {}}))
         bench.main(["--zoo", str(tmp_path / "zoo"), "--allocations", "uniform", "--targets", "2", "--finetune", "0",
