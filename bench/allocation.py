@@ -50,7 +50,7 @@ from metanet.methods import example_input, names, uses_metanet  # noqa: E402
 from metanet.recipe import prune_to_targets, recipe_from_settings  # noqa: E402
 from metanet.sources import ALLOCATION, CRITERION, resolve  # noqa: E402
 from metanet.train import evaluate, train  # noqa: E402
-from zoo.store import benchmark_networks  # noqa: E402
+from zoo.store import SeenNetworkError, benchmark_networks, refuse_seen  # noqa: E402
 
 UNPRUNED = "unpruned, finetuned as long"
 
@@ -255,12 +255,13 @@ def main(argv=None) -> None:
     if "uniform" not in args.allocations:
         args.allocations = ["uniform", *args.allocations]
     budgets = sorted(set(args.finetune))
-    allocators = {}
+    allocators, paths = {}, []  # paths: every metanetwork file the run evaluates
     for item in args.allocators:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:
             raise SystemExit(f"allocation: --allocators takes NAME=FILE, not {item!r}")
         net, _ = load_metanetwork(path)
+        paths.append(path)
         if not net.head.allocates:
             raise SystemExit(f"allocation: {path}: edit {net.config.edit!r} is not an allocation metanetwork")
         allocators[f"{Learned.name}:{label}"] = (Learned.name, net)
@@ -272,11 +273,14 @@ def main(argv=None) -> None:
                              f"or an --allocators label; methods: {', '.join(names(Level.CHANNELS))})")
         chosen, net = allocators.get(where, (where, None))
         if net is None and ALLOCATIONS[chosen].reads_allocator:  # learned with no --allocators label: the shipped
-            net = load_metanetwork(resolve(None, ALLOCATION).path)[0]
+            paths.append(resolve(None, ALLOCATION).path)
+            net = load_metanetwork(paths[-1])[0]
         extra[f"{where} + {how}"] = (chosen, net, how)
         home[f"{where} + {how}"] = where
-    metanet = (load_metanetwork(resolve(args.metanet, CRITERION).path)[0]
-               if uses_metanet([m for _, _, m in extra.values()]) else None)
+    metanet = None
+    if uses_metanet([m for _, _, m in extra.values()]):
+        paths.append(resolve(args.metanet, CRITERION).path)
+        metanet = load_metanetwork(paths[-1])[0]
     hand = set(names(Level.CHANNELS, hand_crafted=True))
     best_of = {}  # 'ALLOCATION + best': its candidate rows (the allocation under each hand-crafted criterion)
     if args.best:
@@ -303,6 +307,10 @@ def main(argv=None) -> None:
         held = held[: args.networks]
     if not held:
         raise SystemExit("allocation: no held-out networks (the zoo's test members and --heldout zoos)")
+    try:  # a shipped metanetwork is judged on networks it never saw, whatever ids this build gave them
+        refuse_seen(held, paths)
+    except SeenNetworkError as err:
+        raise SystemExit(f"allocation: {err}") from None
     missing = [r.id for r in held if other_run is not None and r.id not in other_run]
     if missing:  # checked before the run, not after it
         raise SystemExit(f"allocation: {args.pair_with} holds no network {missing[0]} ({len(missing)} of this "

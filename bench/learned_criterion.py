@@ -55,7 +55,7 @@ from metanet.scoring import gated_by_scores, learned_criterion, refined_criterio
 from metanet.selection import train_and_select  # noqa: E402
 from zoo.arch import build_model  # noqa: E402
 from zoo.integrity import checked  # noqa: E402
-from zoo.store import Zoo, benchmark_networks  # noqa: E402
+from zoo.store import SeenNetworkError, Zoo, benchmark_networks, refuse_seen  # noqa: E402
 
 DEFAULT_VARIANTS = ["layers=4", "layers=4,stats=1", "layers=0,stats=1", "layers=4,stats=1,targets=1"]
 MAGNITUDE, PER_NETWORK = "magnitude", "curve"  # the reference rows: every table's first, the gap's other end
@@ -354,6 +354,10 @@ def main(argv=None) -> None:
     test_from = None if args.test_from is None else [checked(p) for p in args.test_from]
     train, val, held = benchmark_networks(zoo, setup.heldout, test_from, args.train_family)
     given = dict(given_metanet(text) for text in args.metanets)
+    try:  # a shipped metanetwork is judged on networks it never saw, whatever ids this build gave them
+        refuse_seen(held, [text.partition("=")[2] for text in args.metanets])
+    except SeenNetworkError as err:
+        raise SystemExit(f"learned_criterion: {err}") from None
     if not held or (args.variants and (not train or not val)):
         raise SystemExit(f"learned_criterion: need held-out networks ({len(held)}) and, to meta-train --variants, "
                          f"train ({len(train)}) and val ({len(val)}) members")

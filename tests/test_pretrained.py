@@ -62,3 +62,39 @@ def test_shipping_records_the_digest_and_refuses_a_file_that_cannot_serve(packag
     entry = pretrained.record(CRITERION, criterion, "digits", "the digits zoo", "python ...", "docs/x.md")
     assert entry.file == "criterion-digits.pt" and pretrained.shipped(CRITERION).trained_on == "the digits zoo"
     assert json.loads((package / "manifest.json").read_text())[ALLOCATION]["file"] == "allocation-cifar10.pt"
+
+
+def test_a_network_the_shipped_metanetwork_saw_is_refused_as_held_out_under_any_id(package, tmp_path):
+    """The lineage of a member ignores where its data sits (one spec, two dataset folders: other ids
+    and roles, the same networks); a benchmark refuses to judge a shipped metanetwork on a network
+    whose lineage it learned from, whatever file name it is given under; a user's own file is not
+    checked (its zoo's roles keep its members apart)."""
+    from conftest import build_digits_zoo
+
+    from zoo.spec import lineage, load_spec, members
+    from zoo.store import SeenNetworkError, Zoo, lineages, refuse_seen
+
+    spec = load_spec("zoo/specs/cifar10-bench.yaml")
+    here, there = (members({**spec, "dataset": {**spec["dataset"], "root": root}}, 3, 10, 16)
+                   for root in ("/work/main/data/cifar10-jpeg", "data/cifar10-jpeg"))
+    assert [m.id for m in here] != [m.id for m in there]  # the root is part of the id
+    assert ([lineage("imagefolder:cifar10-jpeg", m.arch, m.seed) for m in here]
+            == [lineage("imagefolder:elsewhere", m.arch, m.seed) for m in there])
+    assert [m.role for m in here] != [m.role for m in there]  # and so the roles
+
+    build_digits_zoo(tmp_path / "zoo", members=3)
+    zoo = Zoo(str(tmp_path / "zoo"))
+    trained, held = [r for r in zoo if r.role == "train"], [r for r in zoo if r.role == "test"]
+    assert trained and held
+    (tmp_path / "seen.txt").write_text("\n".join(lineages(zoo, ("train",))))
+    from metanet.pretrained.__main__ import main as ship
+
+    ship([CRITERION, str(package / "criterion-cifar10.pt"), "--dataset", "digits", "--trained-on", "a zoo",
+          "--command", "cmd", "--measured", "docs", "--seen", str(tmp_path / "seen.txt")])
+    shipped = pretrained.shipped(CRITERION)
+    assert shipped.seen == tuple(sorted(lineages(zoo, ("train",))))
+    refuse_seen(held, [shipped.path])  # held-out members: unseen
+    copy = shutil.copy(shipped.path, tmp_path / "renamed.pt")
+    with pytest.raises(SeenNetworkError, match=f"{trained[0].id}: .*renamed.pt learned from this network"):
+        refuse_seen(trained, [str(copy)])  # recognised by content, not by name
+    refuse_seen(trained, [str(package / "allocation-cifar10.pt")])  # it saw other networks

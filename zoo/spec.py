@@ -213,6 +213,16 @@ def member_id(spec: dict, arch: dict, seed: int) -> str:
     return f"{name}-{digest}"
 
 
+def lineage(dataset: str, arch: dict, seed: int) -> str:
+    """What makes a member the network it is, apart from where its data sits: the dataset's kind
+    (``imagefolder`` of ``imagefolder:cifar10-jpeg``), its architecture and its seed. The id hashes
+    the whole ``dataset`` section, root included, so one spec built from two folders gives the same
+    networks under other ids and other roles; the lineage is the same, so a network a shipped
+    metanetwork learned from is recognised under any id (``metanet.pretrained.seen_by``)."""
+    key = {"dataset": dataset.split(":", 1)[0], "arch": arch, "seed": int(seed)}
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def members(spec: dict, in_channels: int, num_classes: int, image_size: int) -> list[MemberSpec]:
     """The members a spec describes, in order; the same spec gives the same list."""
     weights = [float(f.get("weight", 1.0)) for f in spec["families"]]

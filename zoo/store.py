@@ -14,11 +14,12 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from metanet.pretrained import seen_by
 from zoo.data import load_from_config
 from zoo.members_file import (GRAPH_COLUMNS, INT_METRICS, METRICS, SCHEMA, SCHEMA_VERSION,  # noqa: F401
                               ZooFormatError, ZooRecord, atomic_write_bytes, file_sha256, open_fs, read_members,
                               read_table, record_from_row, require_file, write_ipc, write_members)
-from zoo.spec import role_of
+from zoo.spec import lineage, role_of
 
 
 class Zoo:
@@ -232,6 +233,31 @@ class Zoo:
         fs, path = open_fs(root)
         fs.create_dir(f"{path}/members", recursive=True)
         return cls(root)
+
+
+def lineages(zoo: Zoo, roles: Sequence[str]) -> list[str]:
+    """The lineages (``zoo.spec.lineage``) of the built members of ``roles``, in the zoo's order."""
+    return [lineage(r.dataset, r.arch, r.seed) for r in zoo if r.status == "ok" and r.role in roles]
+
+
+class SeenNetworkError(ValueError):
+    """A held-out network that a metanetwork under evaluation learned from or was chosen on."""
+
+
+def refuse_seen(records: Sequence[ZooRecord], metanet_paths: Sequence[str]) -> None:
+    """Stops an evaluation of a shipped metanetwork on a network it learned from or was chosen on,
+    naming the first such network: a zoo built from the same spec with its data in another folder
+    gives those networks other ids and other roles (``zoo.spec.lineage``), and would pass them off
+    as held out."""
+    for path in metanet_paths:
+        seen = seen_by(path)
+        for r in records:
+            if lineage(r.dataset, r.arch, r.seed) in seen:
+                raise SeenNetworkError(
+                    f"{r.id}: {path} learned from this network or was chosen on it (the same spec's member "
+                    f"under another id: the zoo was built with its data in another folder); held-out "
+                    f"networks must be unseen: rebuild the zoo with the dataset root the shipped "
+                    f"metanetwork's manifest names, or leave this network out")
 
 
 def benchmark_networks(zoo: Zoo, heldout: Sequence[str | Zoo] = (), test_from: Sequence[str | Zoo] | None = None,

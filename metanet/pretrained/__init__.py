@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from metanet.files import atomic_write, atomic_write_text
 from metanet.levels import Level
@@ -39,6 +40,7 @@ class Shipped:
     trained_on: str
     command: str
     measured: str
+    seen: tuple[str, ...] = ()  # lineages (zoo.spec.lineage) of the members it learned from or was chosen on
 
     @property
     def path(self) -> str:
@@ -68,7 +70,7 @@ def shipped(role: str) -> Shipped:
     entries = _manifest()
     if role not in entries:
         raise ShippedError(f"no shipped metanetwork for {role!r}; shipped: {', '.join(sorted(entries))}")
-    entry = Shipped(role=role, **entries[role])
+    entry = Shipped(role=role, **{**entries[role], "seen": tuple(entries[role].get("seen", ()))})
     if not os.path.isfile(entry.path):
         raise ShippedError(f"{entry.path}: the shipped {role} metanetwork is missing from the package")
     with open(entry.path, "rb") as f:
@@ -79,7 +81,18 @@ def shipped(role: str) -> Shipped:
     return entry
 
 
-def record(role: str, source: str, dataset: str, trained_on: str, command: str, measured: str) -> Shipped:
+def seen_by(path: str) -> frozenset[str]:
+    """The lineages of the networks the metanetwork file at ``path`` learned from or was chosen on,
+    if it is a shipped one (recognised by its content, wherever it was copied); empty otherwise (a
+    user's own metanetwork: its zoo's roles already keep its training members out of the test split)."""
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return frozenset(name for entry in _manifest().values() if entry["sha256"] == digest
+                     for name in entry.get("seen", ()))
+
+
+def record(role: str, source: str, dataset: str, trained_on: str, command: str, measured: str,
+           seen: Sequence[str] = ()) -> Shipped:
     """Ships ``source`` (a ``meta_train.py`` metanetwork file) as the metanetwork of ``role``: copied
     here as ``<role>-<dataset>.pt`` and entered in the manifest with its digest and provenance (each
     file through a temporary name, then a rename). For maintainers: ``python -m metanet.pretrained``."""
@@ -92,6 +105,6 @@ def record(role: str, source: str, dataset: str, trained_on: str, command: str, 
         digest = hashlib.sha256(f.read()).hexdigest()
     entries = _manifest() if MANIFEST.exists() else {}
     entries[role] = {"file": name, "sha256": digest, "trained_on": trained_on, "command": command,
-                     "measured": measured}
+                     "measured": measured, "seen": sorted(seen)}
     atomic_write_text(str(MANIFEST), json.dumps(entries, indent=1, sort_keys=True) + "\n")
     return shipped(role)
