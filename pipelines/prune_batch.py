@@ -188,6 +188,9 @@ def main(argv=None) -> dict:
         print(f"prune_batch: {batch.post_training_note(config, metanet)}")
     arch = batch.arch_file(config["arch"])
     sources = batch.find_sources(config)
+    seen = batch.seen_note(config, sources)
+    if seen:
+        print(f"prune_batch: {seen}")
     config = batch.finetune_defaults(config)
     out = os.path.abspath(config["out"])
     with exclusive(out, "prune_batch"):  # also the check that --out is writable

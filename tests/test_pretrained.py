@@ -98,3 +98,15 @@ def test_a_network_the_shipped_metanetwork_saw_is_refused_as_held_out_under_any_
     with pytest.raises(SeenNetworkError, match=f"{trained[0].id}: .*renamed.pt learned from this network"):
         refuse_seen(trained, [str(copy)])  # recognised by content, not by name
     refuse_seen(trained, [str(package / "allocation-cifar10.pt")])  # it saw other networks
+    # prune_batch prunes such networks (that is fine) and says their rows are not held-out results
+    from zoo.batch import Source, seen_note
+
+    zoo_path = str(tmp_path / "zoo")
+    config = {"zoo": zoo_path, "metanet": shipped.path, "methods": ["meta", "none"], "allocator": None}
+    everyone = [Source(r.id, f"{zoo_path}#{r.id}", zoo_path) for r in zoo]
+    note = seen_note(config, everyone)
+    assert note.startswith(f"warning: {len(trained)} of the members pruned here ({trained[0].id}") and \
+        "their rows are not held-out results" in note, note
+    assert seen_note(config, [s for s in everyone if s.name in {r.id for r in held}]) is None
+    assert seen_note(dict(config, methods=["none"]), everyone) is None  # no metanetwork in this run
+    assert seen_note(dict(config, metanet=None, allocator=str(copy)), everyone) is not None

@@ -260,6 +260,15 @@ def refuse_seen(records: Sequence[ZooRecord], metanet_paths: Sequence[str]) -> N
                     f"metanetwork's manifest names, or leave this network out")
 
 
+def seen_members(zoo: Zoo, metanet_paths: Sequence[str]) -> list[str]:
+    """The ids of ``zoo``'s members that a shipped metanetwork among ``metanet_paths`` learned from
+    or was chosen on (``refuse_seen``), read from the zoo's metadata (no network is loaded)."""
+    seen = frozenset().union(*(seen_by(p) for p in metanet_paths))
+    if not seen:
+        return []
+    return [m.id for m in zoo.metadata().itertuples() if lineage(m.dataset, json.loads(m.arch), m.seed) in seen]
+
+
 def benchmark_networks(zoo: Zoo, heldout: Sequence[str | Zoo] = (), test_from: Sequence[str | Zoo] | None = None,
                        family: str | None = None, val_limit: int = 4) -> tuple[list[ZooRecord], list, list[ZooRecord]]:
     """What a benchmark over ``zoo`` uses, as the bench scripts split it: the built ``train`` members

@@ -25,4 +25,4 @@ from zoo.batch.plan import (Plan, RECONSTRUCT_SETTINGS, RESULT_SETTINGS, WEIGHT_
 from zoo.batch.results import (COLUMNS, DIAGNOSTICS, KEY, RECONSTRUCT_COLUMNS, WEIGHT_COLUMNS, read_results,  # noqa: F401
                                write_results)
 from zoo.batch.report import (mlflow_metrics, paired_summary, plot, plot_curves, plot_sparsity,  # noqa: F401
-                              post_training_note, summary_table, write_plots, write_summary)
+                              post_training_note, seen_note, summary_table, write_plots, write_summary)

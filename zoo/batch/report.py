@@ -9,12 +9,13 @@ import re
 from metanet.diagnostics import CURVE_SPEEDUPS
 from metanet.files import atomic_write, atomic_write_text
 from metanet.levels import Level
-from metanet.methods import HAND_CRAFTED, baselines, leads
+from metanet.methods import HAND_CRAFTED, baselines, leads, uses_metanet
 from metanet.paired import mean_ci, paired_key_table, paired_table, target_label, with_best
 from metanet.plotting import pyplot
 from metanet.recipe import reads_labels, recipe_from_settings
 from zoo.batch.inputs import run_label
 from zoo.batch.plan import Plan, row_key
+from zoo.store import Zoo, seen_members
 
 
 def paired_summary(frame) -> str:
@@ -274,6 +275,24 @@ def post_training_note(config: dict, metanet) -> str:
             + ("the reconstruction reads calibration inputs only; " if config["reconstruct"] else "")
             + (f"{', '.join(labelled)} also read labelled training batches (a task loss or its gradient)"
                if labelled else "no method reads labels (they are used only to report accuracy)"))
+
+
+def seen_note(config: dict, sources: list) -> str | None:
+    """A warning when zoo members pruned here are networks a shipped metanetwork of this run learned
+    from or was chosen on (``zoo.store.seen_members``: the same spec built with its data in another
+    folder gives them other ids and roles); pruning them is fine, calling their rows held-out
+    results is not. None when there are none."""
+    if not config["zoo"]:
+        return None
+    paths = [config["metanet"]] if config.get("metanet") and uses_metanet(config["methods"]) else []
+    paths += [config["allocator"]] if config.get("allocator") else []  # set only for --allocation learned
+    pruned = {s.name for s in sources if s.zoo}
+    seen = sorted(set(seen_members(Zoo(config["zoo"], skip_unreadable=True), paths)) & pruned)
+    if not seen:
+        return None
+    return (f"warning: {len(seen)} of the members pruned here ({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}) "
+            "are networks the shipped metanetwork learned from or was chosen on (the zoo was built with its data "
+            "in another folder): their rows are not held-out results")
 
 
 def mlflow_metrics(frame, wall: float) -> dict[str, float]:
