@@ -291,8 +291,8 @@ def seen_note(config: dict, sources: list) -> str | None:
     if not seen:
         return None
     return (f"warning: {len(seen)} of the members pruned here ({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}) "
-            "are networks the shipped metanetwork learned from or was chosen on (the zoo was built with its data "
-            "in another folder): their rows are not held-out results")
+            "are networks the shipped metanetwork learned from or was chosen on (its training zoo's train or val "
+            "members, whatever folder the zoo was built from): their rows are not held-out results")
 
 
 def mlflow_metrics(frame, wall: float) -> dict[str, float]:
