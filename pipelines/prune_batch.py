@@ -179,18 +179,15 @@ def main(argv=None) -> dict:
     # the inputs are checked before the output is touched: a refused run leaves nothing behind
     # resolved (file, MLflow URI or the shipped one), loaded, checked; digests in the rows' fingerprint
     metanet, metanet_sha, note = batch.settle_metanet(config)
-    for line in filter(None, (note, batch.settle_allocator(config))):
+    allocator_note = batch.settle_allocator(config)
+    arch = batch.arch_file(config["arch"])
+    sources = batch.find_sources(config)  # then a line if a shipped metanetwork learned from any of them
+    for line in filter(None, (note, allocator_note, batch.seen_note(config, sources))):
         print(f"prune_batch: {line}")
     # the rows of a method whose preparation reads the target are keyed on it too
-    per_method = batch.method_settings(config, config["methods"],
-                                       lambda m: prepare_reads_target(m, metanet, config["learned_as"]))
+    per_method = batch.method_settings(config, config["methods"], lambda m: prepare_reads_target(m, metanet, config["learned_as"]))
     if config["before_steps"] == 0 and config["after_steps"] == 0:  # post-training: say what reads labels
         print(f"prune_batch: {batch.post_training_note(config, metanet)}")
-    arch = batch.arch_file(config["arch"])
-    sources = batch.find_sources(config)
-    seen = batch.seen_note(config, sources)
-    if seen:
-        print(f"prune_batch: {seen}")
     config = batch.finetune_defaults(config)
     out = os.path.abspath(config["out"])
     with exclusive(out, "prune_batch"):  # also the check that --out is writable
