@@ -251,7 +251,7 @@ def refuse_seen(records: Sequence[ZooRecord], metanet_paths: Sequence[str]) -> N
     as held out."""
     for path in metanet_paths:
         seen = seen_by(path)
-        for r in records:
+        for r in records if seen else ():
             if lineage(r.dataset, r.arch, r.seed) in seen:
                 raise SeenNetworkError(
                     f"{r.id}: {path} learned from this network or was chosen on it (the same spec's member "

@@ -61,6 +61,11 @@ def _manifest() -> dict:
         return json.load(f)
 
 
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def roles() -> list[str]:
     return sorted(_manifest())
 
@@ -73,8 +78,7 @@ def shipped(role: str) -> Shipped:
     entry = Shipped(role=role, **{**entries[role], "seen": tuple(entries[role].get("seen", ()))})
     if not os.path.isfile(entry.path):
         raise ShippedError(f"{entry.path}: the shipped {role} metanetwork is missing from the package")
-    with open(entry.path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = _sha256(entry.path)
     if digest != entry.sha256:
         raise ShippedError(f"{entry.path}: SHA-256 {digest[:12]}... is not the manifest's {entry.sha256[:12]}...: "
                            "not the shipped file (reinstall the package)")
@@ -85,8 +89,7 @@ def seen_by(path: str) -> frozenset[str]:
     """The lineages of the networks the metanetwork file at ``path`` learned from or was chosen on,
     if it is a shipped one (recognised by its content, wherever it was copied); empty otherwise (a
     user's own metanetwork: its zoo's roles already keep its training members out of the test split)."""
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = _sha256(path)
     return frozenset(name for entry in _manifest().values() if entry["sha256"] == digest
                      for name in entry.get("seen", ()))
 
@@ -101,8 +104,7 @@ def record(role: str, source: str, dataset: str, trained_on: str, command: str, 
         raise ShippedError(f"{source}: edit {net.config.edit!r} cannot serve as the {role} metanetwork")
     name = f"{role}-{dataset}.pt"
     atomic_write(str(HERE / name), lambda tmp: shutil.copyfile(source, tmp))
-    with open(HERE / name, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = _sha256(str(HERE / name))
     entries = _manifest() if MANIFEST.exists() else {}
     entries[role] = {"file": name, "sha256": digest, "trained_on": trained_on, "command": command,
                      "measured": measured, "seen": sorted(seen)}
